@@ -1,0 +1,37 @@
+"""moe_router: a fast, exact Mixture-of-Experts token router.
+
+Route router logits (or hidden states) to experts with exact, documented
+semantics: top-k with a total tie order, exact-decimal capacity, drop policies,
+load-balance and z losses. The hot path runs in a Rust core, in parallel, on
+NumPy buffers without copying and with the GIL released.
+
+>>> import numpy as np, moe_router as mr
+>>> cfg = mr.RouterConfig(num_experts=8, top_k=2, capacity_factor=1.25)
+>>> dec = mr.route_logits(np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32), cfg)
+>>> dec.expert_indices.shape, dec.capacity
+((64, 2), 20)
+"""
+
+from ._core import ConfigError, InputError, RouterError, get_num_threads, set_num_threads
+from .config import RouterConfig
+from .decision import ExpertAssignment, RoutingDecision
+from .routing import route_logits
+
+__all__ = [
+    "ConfigError",
+    "ExpertAssignment",
+    "InputError",
+    "RouterConfig",
+    "RouterError",
+    "RoutingDecision",
+    "get_num_threads",
+    "route_logits",
+    "set_num_threads",
+]
+
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("moe_router")
+except Exception:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"

@@ -1,0 +1,97 @@
+"""The one place where loose Python input becomes what the Rust core reads.
+
+Arrays that are already float32/float64 and C-contiguous pass through without
+a copy (NumPy arrays and views, torch CPU tensors through ``__array__``, any
+``__dlpack__`` producer). Other float dtypes (float16, longdouble) and other
+layouts are converted once. Everything else is refused with an exception that
+names the argument.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from ._core import InputError
+
+_FLOAT_OK = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_array(x: Any, name: str) -> np.ndarray:
+    """View ``x`` as a NumPy array without copying when possible."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "__array__") or isinstance(x, (list, tuple)):
+        try:
+            return np.asarray(x)
+        except Exception as exc:  # e.g. a CUDA tensor
+            raise TypeError(f"{name} cannot be read as a CPU array: {exc}") from exc
+    if hasattr(x, "__dlpack__"):
+        try:
+            return np.from_dlpack(x)
+        except Exception as exc:
+            raise TypeError(f"{name} cannot be read through __dlpack__: {exc}") from exc
+    raise TypeError(f"{name} must be an array (NumPy, torch CPU tensor, or anything with __array__ "
+                    f"or __dlpack__), got {type(x).__name__}")
+
+
+def float_rows(x: Any, name: str, width: int, width_name: str) -> Tuple[np.ndarray, Tuple[int, ...]]:
+    """``x`` as a C-contiguous float32/float64 ``[T, width]`` array plus its batch shape.
+
+    Accepts ``[T, width]`` and ``[B, S, width]``.
+
+    Raises
+    ------
+    TypeError
+        Not a floating-point array.
+    InputError
+        Wrong rank or last dimension.
+    """
+    a = as_array(x, name)
+    if a.dtype not in _FLOAT_OK:
+        if a.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating-point array (float32 or float64; float16 is "
+                            f"converted), got dtype {a.dtype}")
+        a = a.astype(np.float64 if a.dtype.itemsize > 8 else np.float32)
+    if a.ndim not in (2, 3):
+        raise InputError(f"{name} has shape {list(a.shape)}, expected [T, {width}] or [B, S, {width}] "
+                         f"({width_name} = {width})")
+    if a.shape[-1] != width:
+        raise InputError(f"{name} has shape {list(a.shape)}, expected last dimension {width} "
+                         f"({width_name} = {width})")
+    batch_shape = tuple(int(d) for d in a.shape[:-1])
+    a = np.ascontiguousarray(a).reshape(-1, width)
+    return a, batch_shape
+
+
+def token_mask(mask: Any, batch_shape: Tuple[int, ...]) -> Optional[np.ndarray]:
+    """``mask`` as a C-contiguous bool ``[T]`` array (or None).
+
+    Accepts shape ``[T]`` or the logits' batch shape (``[B, S]``); integer arrays
+    holding only 0 and 1 are accepted as booleans.
+    """
+    if mask is None:
+        return None
+    m = as_array(mask, "token_mask")
+    t = int(np.prod(batch_shape))
+    if m.dtype != np.bool_:
+        if m.dtype.kind not in "iu" or (m.size and not np.isin(m, (0, 1)).all()):
+            raise TypeError(f"token_mask must be a bool array (True = route the token), got dtype {m.dtype}")
+        m = m.astype(np.bool_)
+    if m.shape not in ((t,), batch_shape):
+        raise InputError(f"token_mask has shape {list(m.shape)}, expected [{t}] or {list(batch_shape)} "
+                         f"(one flag per token)")
+    return np.ascontiguousarray(m).reshape(-1)
+
+
+def expert_bias(bias: Any, num_experts: int) -> Optional[np.ndarray]:
+    """``bias`` as a C-contiguous float64 ``[E]`` array (or None)."""
+    if bias is None:
+        return None
+    b = as_array(bias, "expert_bias")
+    if b.dtype.kind not in "fiu":
+        raise TypeError(f"expert_bias must be a real-valued array, got dtype {b.dtype}")
+    if b.shape != (num_experts,):
+        raise InputError(f"expert_bias has shape {list(b.shape)}, expected [{num_experts}] (one value per expert)")
+    return np.ascontiguousarray(b, dtype=np.float64)

@@ -1,0 +1,68 @@
+//! The one error type of the core. Every variant names the argument at fault,
+//! the value seen and what is allowed, so the bindings can pass the message on
+//! unchanged.
+
+use thiserror::Error;
+
+/// Why a routing call or a configuration was refused.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum RouterError {
+    /// A configuration field has a value outside its domain.
+    #[error("invalid {field}: got {value}; {allowed}")]
+    InvalidConfig {
+        /// Field name as the Python API spells it (`top_k`, `capacity_factor`, ...).
+        field: &'static str,
+        /// The offending value, printed.
+        value: String,
+        /// What would have been accepted.
+        allowed: String,
+    },
+
+    /// An input array has the wrong shape.
+    #[error("{argument} has shape {actual}, expected {expected}")]
+    Shape {
+        /// Argument name (`logits`, `token_mask`, `expert_bias`, `hidden`, `weight`).
+        argument: &'static str,
+        /// Expected shape, printed.
+        expected: String,
+        /// Actual shape, printed.
+        actual: String,
+    },
+
+    /// A value inside an input array is not allowed (NaN, +inf, a row with no eligible expert).
+    #[error("{argument} {problem} at token {token} (the first offending token; {hint})")]
+    BadValue {
+        /// Argument name.
+        argument: &'static str,
+        /// What is wrong, e.g. "contains NaN".
+        problem: &'static str,
+        /// Index of the first offending token (row), in flattened token order.
+        token: usize,
+        /// What the caller can do about it.
+        hint: &'static str,
+    },
+
+    /// A per-expert input vector (expert bias) holds a non-finite value.
+    #[error("{argument}[{index}] is {value}; every entry must be finite")]
+    NonFiniteParameter {
+        /// Argument name.
+        argument: &'static str,
+        /// Position of the first non-finite entry.
+        index: usize,
+        /// The value, printed.
+        value: String,
+    },
+}
+
+/// Result type of the core.
+pub type Result<T> = std::result::Result<T, RouterError>;
+
+impl RouterError {
+    pub(crate) fn config(field: &'static str, value: impl ToString, allowed: impl Into<String>) -> Self {
+        RouterError::InvalidConfig { field, value: value.to_string(), allowed: allowed.into() }
+    }
+
+    pub(crate) fn shape(argument: &'static str, expected: impl Into<String>, actual: impl Into<String>) -> Self {
+        RouterError::Shape { argument, expected: expected.into(), actual: actual.into() }
+    }
+}

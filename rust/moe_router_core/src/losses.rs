@@ -1,0 +1,147 @@
+//! Auxiliary losses, accumulated per chunk and reduced in chunk order.
+//!
+//! - `load_balance_loss = E * sum_e f_e * P_e` (Switch Transformer, Fedus et al. 2021,
+//!   eq. 4; GShard; Megatron-Core `switch_load_balancing_loss_func` with its 1/k):
+//!   `f_e` = fraction of the `T_active * k` choices routed to e (before capacity,
+//!   after groups and bias), `P_e` = mean over active tokens of e's share of the
+//!   token's score distribution. 1.0 when perfectly balanced, for any k.
+//!   Hugging Face's `load_balancing_loss_func` equals k times this.
+//! - `router_z_loss = mean_t logsumexp(z_t)^2` (ST-MoE, Zoph et al. 2022, eq. 5).
+//! - sequence-level balance loss (DeepSeek-V3, Liu et al. 2024, eqs. 17-20): the
+//!   load-balance loss of each sequence on its own, averaged over sequences.
+
+use crate::score::RowScores;
+
+/// Running sums of one chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossSums {
+    /// `sum_t score_{t,e} / score_sum_t` over active tokens, per expert.
+    pub prob_sum: Vec<f64>,
+    /// `sum_t lse_t^2` over active tokens.
+    pub z_sum: f64,
+    /// Active (unmasked) tokens.
+    pub active: u64,
+    /// Sum of the per-sequence balance losses of the sequences ending in this chunk.
+    pub seq_loss_sum: f64,
+    /// Sequences (with at least one active token) ending in this chunk.
+    pub sequences: u64,
+}
+
+impl LossSums {
+    /// Zero sums for `experts` experts.
+    pub fn new(experts: usize) -> Self {
+        LossSums { prob_sum: vec![0.0; experts], z_sum: 0.0, active: 0, seq_loss_sum: 0.0, sequences: 0 }
+    }
+
+    /// Add one active token with scores `scores` (length E).
+    #[inline]
+    pub fn add_token(&mut self, scores: &[f64], row: RowScores) {
+        if row.score_sum > 0.0 {
+            let inv = 1.0 / row.score_sum;
+            for (acc, &s) in self.prob_sum.iter_mut().zip(scores) {
+                *acc += s * inv;
+            }
+        }
+        self.z_sum += row.lse * row.lse;
+        self.active += 1;
+    }
+
+    /// Add `other` (the next chunk) to these sums.
+    pub fn merge(&mut self, other: &LossSums) {
+        for (a, b) in self.prob_sum.iter_mut().zip(&other.prob_sum) {
+            *a += b;
+        }
+        self.z_sum += other.z_sum;
+        self.active += other.active;
+        self.seq_loss_sum += other.seq_loss_sum;
+        self.sequences += other.sequences;
+    }
+}
+
+/// `E * sum_e (routed_e / (T k)) * (prob_sum_e / T)`; 0 when no token is active.
+pub fn load_balance_loss(routed_per_expert: &[u64], prob_sum: &[f64], active_tokens: u64, top_k: usize) -> f64 {
+    if active_tokens == 0 {
+        return 0.0;
+    }
+    let t = active_tokens as f64;
+    let e = prob_sum.len() as f64;
+    let dot: f64 = routed_per_expert.iter().zip(prob_sum).map(|(&n, &p)| n as f64 * p).sum();
+    e * dot / (t * top_k as f64 * t)
+}
+
+/// Mean of `lse^2`; 0 when no token is active.
+pub fn router_z_loss(z_sum: f64, active_tokens: u64) -> f64 {
+    if active_tokens == 0 {
+        0.0
+    } else {
+        z_sum / active_tokens as f64
+    }
+}
+
+/// Accumulates one sequence at a time (tokens arrive in order) and adds each
+/// finished sequence's balance loss to a `LossSums`.
+#[derive(Debug, Clone)]
+pub struct SequenceLoss {
+    length: usize,
+    top_k: usize,
+    counts: Vec<u64>,
+    prob_sum: Vec<f64>,
+    active: u64,
+}
+
+impl SequenceLoss {
+    /// For sequences of `length` tokens.
+    pub fn new(length: usize, experts: usize, top_k: usize) -> Self {
+        SequenceLoss { length, top_k, counts: vec![0; experts], prob_sum: vec![0.0; experts], active: 0 }
+    }
+
+    /// Add an active token's routed experts and scores.
+    pub fn add_token(&mut self, routed_experts: impl Iterator<Item = usize>, scores: &[f64], row: RowScores) {
+        for e in routed_experts {
+            self.counts[e] += 1;
+        }
+        if row.score_sum > 0.0 {
+            let inv = 1.0 / row.score_sum;
+            for (acc, &s) in self.prob_sum.iter_mut().zip(scores) {
+                *acc += s * inv;
+            }
+        }
+        self.active += 1;
+    }
+
+    /// Call after every token (active or not) with its index; closes the
+    /// sequence when `token` is its last.
+    pub fn end_token(&mut self, token: usize, sums: &mut LossSums) {
+        if (token + 1) % self.length != 0 {
+            return;
+        }
+        if self.active > 0 {
+            sums.seq_loss_sum += load_balance_loss(&self.counts, &self.prob_sum, self.active, self.top_k);
+            sums.sequences += 1;
+        }
+        self.counts.fill(0);
+        self.prob_sum.fill(0.0);
+        self.active = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn balanced_routing_gives_one_for_any_k() {
+        // 4 tokens, 4 experts, uniform scores, every expert chosen k times in total.
+        for k in [1usize, 2, 4] {
+            let routed = vec![k as u64; 4];
+            let prob_sum = vec![1.0; 4];
+            assert!((load_balance_loss(&routed, &prob_sum, 4, k) - 1.0).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn empty_batch_has_zero_losses() {
+        assert_eq!(load_balance_loss(&[0, 0], &[0.0, 0.0], 0, 1), 0.0);
+        assert_eq!(router_z_loss(0.0, 0), 0.0);
+    }
+}

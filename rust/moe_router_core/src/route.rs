@@ -1,0 +1,470 @@
+//! The routing pipeline: logits in, a complete routing decision out.
+//!
+//! Three passes, each parallel over fixed chunks of `CHUNK_TOKENS` tokens (the
+//! chunking depends only on T, never on the thread count, so every float sum is
+//! added in the same order and results are bit-identical for any pool size):
+//!
+//! 1. per token: validate, score, select the top k, weigh; per chunk: routed
+//!    counts per expert, the loss sums (`tally`);
+//! 2. capacity from the active-token count, then slots and drops in the order of
+//!    the drop policy (`crate::assign`);
+//! 3. per token: zero dropped weights, optional renormalization, drop counts.
+//!
+//! Extra memory beyond the outputs is O(E * chunks) plus O(T) for the
+//! policies that reorder tokens (`bpr`) or rank weights (`probs`).
+
+use ndarray::ArrayView2;
+use rayon::prelude::*;
+
+use crate::assign::{self, Assignments};
+use crate::capacity::expert_capacity;
+use crate::config::{DropPolicy, Overflow, RouterOptions};
+use crate::error::{Result, RouterError};
+use crate::losses::{self, LossSums, SequenceLoss};
+use crate::reroute;
+use crate::row::{RowContext, RowRouter, TokenOut};
+
+/// Tokens per parallel work item.
+pub const CHUNK_TOKENS: usize = 512;
+
+/// Element types the router reads: float32 and float64.
+pub trait Logit: Copy + Send + Sync + 'static {
+    /// Widen to float64 (exact for both types).
+    fn to_f64(self) -> f64;
+}
+
+impl Logit for f32 {
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+}
+
+impl Logit for f64 {
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+
+/// Where router logits come from: an array in memory, or a GEMM computed
+/// chunk by chunk (the hidden-state path), so no `[T, E]` array need exist.
+pub trait LogitSource: Sync {
+    /// Element type of the rows.
+    type Elem: Logit;
+    /// Argument name used in error messages (`logits`, `hidden`).
+    fn argument(&self) -> &'static str;
+    /// T.
+    fn num_tokens(&self) -> usize;
+    /// E.
+    fn num_experts(&self) -> usize;
+    /// Rows `start..end`, row-major `[(end - start), E]`, either borrowed from
+    /// the source or computed into `scratch`.
+    fn chunk<'s>(&'s self, start: usize, end: usize, scratch: &'s mut Vec<Self::Elem>) -> &'s [Self::Elem];
+}
+
+/// Logits held in a row-major slice.
+#[derive(Debug, Clone, Copy)]
+pub struct SliceLogits<'a, F> {
+    data: &'a [F],
+    tokens: usize,
+    experts: usize,
+}
+
+impl<'a, F: Logit> SliceLogits<'a, F> {
+    /// Wrap `data` as `[tokens, experts]`; the length must match.
+    pub fn new(data: &'a [F], tokens: usize, experts: usize) -> Result<Self> {
+        if tokens.checked_mul(experts) != Some(data.len()) {
+            return Err(RouterError::shape(
+                "logits",
+                format!("[{tokens}, {experts}] ({} values)", tokens.saturating_mul(experts)),
+                format!("a buffer of {} values", data.len()),
+            ));
+        }
+        Ok(SliceLogits { data, tokens, experts })
+    }
+}
+
+impl<F: Logit> LogitSource for SliceLogits<'_, F> {
+    type Elem = F;
+    fn argument(&self) -> &'static str {
+        "logits"
+    }
+    fn num_tokens(&self) -> usize {
+        self.tokens
+    }
+    fn num_experts(&self) -> usize {
+        self.experts
+    }
+    fn chunk<'s>(&'s self, start: usize, end: usize, _scratch: &'s mut Vec<F>) -> &'s [F] {
+        &self.data[start * self.experts..end * self.experts]
+    }
+}
+
+/// Per-call arguments besides the logits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouteCall<'a> {
+    /// Training mode: noise, reroute draws and the training capacity factor apply.
+    pub training: bool,
+    /// `true` = route this token; `false` = padding, counted nowhere. Length T.
+    pub token_mask: Option<&'a [bool]>,
+    /// Per-expert selection bias (length E), added to the scores for selection only.
+    pub expert_bias: Option<&'a [f64]>,
+    /// Training step, part of the RNG key of noise and reroute draws.
+    pub step: u64,
+    /// Tokens per sequence, for the sequence-level balance loss (T must divide by it).
+    pub sequence_length: Option<usize>,
+}
+
+/// The result of routing T tokens to E experts with k choices each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    /// T.
+    pub num_tokens: usize,
+    /// E.
+    pub num_experts: usize,
+    /// k.
+    pub top_k: usize,
+    /// `[T, k]` chosen experts by rank (row-major).
+    pub expert_indices: Vec<i32>,
+    /// `[T, k]` combine weights; 0 where the assignment is not kept.
+    pub expert_weights: Vec<f32>,
+    /// `[T, k]` slot in the expert's buffer, `-1` where not kept.
+    pub expert_slots: Vec<i32>,
+    /// `[T, k]` whether the assignment survived capacity.
+    pub kept: Vec<bool>,
+    /// `[T, k]` whether the assignment was moved to another expert on overflow.
+    pub rerouted: Vec<bool>,
+    /// `[E]` kept assignments per expert.
+    pub tokens_per_expert: Vec<i64>,
+    /// `[E]` routed assignments per expert before capacity (after groups and bias).
+    pub pre_drop_tokens_per_expert: Vec<i64>,
+    /// Per-expert capacity; for dropless routing, the largest kept count.
+    pub capacity: usize,
+    /// True when no capacity limit applied.
+    pub dropless: bool,
+    /// Tokens not masked out.
+    pub active_tokens: usize,
+    /// Kept assignments.
+    pub kept_assignments: usize,
+    /// `active_tokens * k - kept_assignments`.
+    pub dropped_assignments: usize,
+    /// Active tokens with no kept assignment at all.
+    pub tokens_dropped: usize,
+    /// `E * sum_e f_e * P_e` (Switch / GShard / Megatron normalization: 1.0 when balanced).
+    pub load_balance_loss: f64,
+    /// Mean over active tokens of `logsumexp(logits)^2` (ST-MoE).
+    pub router_z_loss: f64,
+    /// Mean over sequences of the per-sequence balance loss (DeepSeek-V3), if requested.
+    pub seq_load_balance_loss: Option<f64>,
+}
+
+/// Route an `[T, E]` array of logits. Non-standard layouts are copied once.
+pub fn route_logits<F: Logit>(logits: ArrayView2<F>, options: &RouterOptions, call: &RouteCall) -> Result<Routing> {
+    let (tokens, experts) = logits.dim();
+    match logits.as_slice() {
+        Some(data) => route(&SliceLogits::new(data, tokens, experts)?, options, call),
+        None => {
+            let owned = logits.as_standard_layout().into_owned();
+            let data = owned.as_slice().unwrap_or(&[]);
+            route(&SliceLogits::new(data, tokens, experts)?, options, call)
+        }
+    }
+}
+
+/// Route every token of `source`.
+pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCall) -> Result<Routing> {
+    options.validate()?;
+    check_call(source, options, call)?;
+    let t = source.num_tokens();
+    let (e, k) = (options.num_experts, options.top_k);
+    let policy = options.drop_policy;
+    let reroute = options.overflow == Overflow::Reroute;
+
+    let n = t * k;
+    let mut expert_indices = vec![0i32; n];
+    let mut expert_weights = vec![0f32; n];
+    let mut kept = vec![false; n];
+    let mut expert_slots = vec![-1i32; n];
+    let mut top1 = vec![0f32; if policy == DropPolicy::Bpr || reroute { t } else { 0 }];
+
+    // Pass 1: score and select.
+    let ranks = if policy == DropPolicy::Rank { k } else { 1 };
+    let tallies =
+        score_and_select(source, options, call, ranks, &mut expert_indices, &mut expert_weights, &mut kept, &mut top1)?;
+    let mut sums = LossSums::new(e);
+    let mut routed_counts = vec![0u64; e];
+    for tally in &tallies {
+        sums.merge(&tally.losses);
+        for (i, &c) in tally.counts.iter().enumerate() {
+            routed_counts[i % e] += u64::from(c);
+        }
+    }
+    let active = sums.active as usize;
+
+    // Pass 2: capacity and slots.
+    let factor = options.capacity_factor_for(call.training);
+    let limit = expert_capacity(factor, options.capacity_rounding, options.min_capacity, active, k, e);
+    let capacity = limit.unwrap_or(usize::MAX);
+    let counts: Vec<Vec<u32>> = tallies.into_iter().map(|t| t.counts).collect();
+    let reroute_now = reroute && limit.is_some();
+    let routed = if reroute_now { kept.clone() } else { Vec::new() };
+    {
+        let a = Assignments {
+            top_k: k,
+            num_experts: e,
+            experts: &expert_indices,
+            kept: &mut kept,
+            slots: &mut expert_slots,
+        };
+        match policy {
+            DropPolicy::Position => assign::assign_in_token_order(a, capacity, &counts, false),
+            DropPolicy::Rank => assign::assign_in_token_order(a, capacity, &counts, true),
+            DropPolicy::Bpr => assign::assign_batch_prioritized(a, capacity, &top1),
+            DropPolicy::Probs => assign::assign_by_weight(a, capacity, &expert_weights, &counts),
+        }
+    }
+    let mut rerouted = vec![false; n];
+    if reroute_now {
+        let overflow = reroute::Overflowed { routed: &routed, top1: &top1 };
+        let out = reroute::Placement {
+            experts: &mut expert_indices,
+            kept: &mut kept,
+            slots: &mut expert_slots,
+            weights: &mut expert_weights,
+            rerouted: &mut rerouted,
+        };
+        reroute::reroute_overflow(options, call, capacity, overflow, out);
+    }
+
+    // Pass 3: weights of dropped assignments, renormalization, counts.
+    let (kept_assignments, tokens_dropped) = finish_tokens(options, call, &kept, &mut expert_weights);
+    let mut tokens_per_expert = vec![0i64; e];
+    for (&x, &kp) in expert_indices.iter().zip(&kept) {
+        if kp {
+            tokens_per_expert[x as usize] += 1;
+        }
+    }
+    let reported_capacity = match limit {
+        Some(c) => c,
+        None => tokens_per_expert.iter().copied().max().unwrap_or(0) as usize,
+    };
+
+    Ok(Routing {
+        num_tokens: t,
+        num_experts: e,
+        top_k: k,
+        expert_indices,
+        expert_weights,
+        expert_slots,
+        kept,
+        rerouted,
+        tokens_per_expert,
+        pre_drop_tokens_per_expert: routed_counts.iter().map(|&c| c as i64).collect(),
+        capacity: reported_capacity,
+        dropless: limit.is_none(),
+        active_tokens: active,
+        kept_assignments,
+        dropped_assignments: active * k - kept_assignments,
+        tokens_dropped,
+        load_balance_loss: losses::load_balance_loss(&routed_counts, &sums.prob_sum, sums.active, k),
+        router_z_loss: losses::router_z_loss(sums.z_sum, sums.active),
+        seq_load_balance_loss: call.sequence_length.map(|_| {
+            if sums.sequences == 0 {
+                0.0
+            } else {
+                sums.seq_loss_sum / sums.sequences as f64
+            }
+        }),
+    })
+}
+
+/// Pass 1 over all chunks; returns each chunk's tally, in chunk order, or the
+/// error of the first offending token.
+#[allow(clippy::too_many_arguments)]
+fn score_and_select<S: LogitSource>(
+    source: &S,
+    options: &RouterOptions,
+    call: &RouteCall,
+    ranks: usize,
+    experts: &mut [i32],
+    weights: &mut [f32],
+    routed: &mut [bool],
+    top1: &mut [f32],
+) -> Result<Vec<Tally>> {
+    let t = source.num_tokens();
+    let (e, k) = (options.num_experts, options.top_k);
+    let ctx = RowContext::new(options, call, source.argument());
+    // Whole sequences per chunk when the sequence loss is asked for.
+    let chunk = match call.sequence_length {
+        Some(s) => CHUNK_TOKENS.div_ceil(s) * s,
+        None => CHUNK_TOKENS,
+    };
+    let chunks = t.div_ceil(chunk);
+    let mut top1_parts: Vec<&mut [f32]> = top1.chunks_mut(chunk).collect();
+    top1_parts.resize_with(chunks, Default::default);
+
+    let one_chunk = |c: usize,
+                     idx: &mut [i32],
+                     w: &mut [f32],
+                     r: &mut [bool],
+                     top1: &mut [f32],
+                     state: &mut (RowRouter, Vec<S::Elem>)|
+     -> Result<Tally> {
+        let (router, scratch) = state;
+        let start = c * chunk;
+        let end = (start + chunk).min(t);
+        let rows = source.chunk(start, end, scratch);
+        let mut tally = Tally::new(e, ranks);
+        let mut seq = call.sequence_length.map(|s| SequenceLoss::new(s, e, k));
+        for i in 0..end - start {
+            let out = TokenOut {
+                experts: &mut idx[i * k..(i + 1) * k],
+                weights: &mut w[i * k..(i + 1) * k],
+                routed: &mut r[i * k..(i + 1) * k],
+            };
+            router.route_token(
+                &ctx,
+                start + i,
+                &rows[i * e..(i + 1) * e],
+                out,
+                &mut tally.counts,
+                &mut tally.losses,
+                seq.as_mut(),
+            )?;
+            if !top1.is_empty() {
+                top1[i] = router.last_top1;
+            }
+        }
+        Ok(tally)
+    };
+    let init = || (RowRouter::new(options), Vec::new());
+
+    let results: Vec<Result<Tally>> = if chunks <= 1 {
+        // Decode-sized batches: no thread-pool round trip.
+        let mut state = init();
+        let part = top1_parts.pop().unwrap_or_default();
+        if t == 0 {
+            Vec::new()
+        } else {
+            vec![one_chunk(0, experts, weights, routed, part, &mut state)]
+        }
+    } else {
+        experts
+            .par_chunks_mut(chunk * k)
+            .zip(weights.par_chunks_mut(chunk * k))
+            .zip(routed.par_chunks_mut(chunk * k))
+            .zip(top1_parts.into_par_iter())
+            .enumerate()
+            .map_init(init, |state, (c, (((idx, w), r), top1))| one_chunk(c, idx, w, r, top1, state))
+            .collect()
+    };
+    results.into_iter().collect()
+}
+
+/// Pass 3: zero the weights of assignments that were not kept, renormalize the
+/// kept ones if asked, and count kept assignments and fully dropped tokens.
+fn finish_tokens(options: &RouterOptions, call: &RouteCall, kept: &[bool], weights: &mut [f32]) -> (usize, usize) {
+    let k = options.top_k;
+    let renormalize = options.renormalize_after_drop;
+    let scale = options.weight_scale;
+    let step = CHUNK_TOKENS * k;
+    weights
+        .par_chunks_mut(step)
+        .zip(kept.par_chunks(step))
+        .enumerate()
+        .map(|(c, (w, kp))| {
+            let (mut kept_total, mut dropped_tokens) = (0usize, 0usize);
+            for (i, (w, kp)) in w.chunks_mut(k).zip(kp.chunks(k)).enumerate() {
+                let mut sum = 0.0f64;
+                let mut n = 0;
+                for (x, &keep) in w.iter_mut().zip(kp) {
+                    if keep {
+                        sum += f64::from(*x);
+                        n += 1;
+                    } else {
+                        *x = 0.0;
+                    }
+                }
+                if renormalize && n > 0 {
+                    let factor = if sum != 0.0 { scale / sum } else { 0.0 };
+                    for x in w.iter_mut() {
+                        *x = (f64::from(*x) * factor) as f32;
+                    }
+                }
+                kept_total += n;
+                let token = c * CHUNK_TOKENS + i;
+                if n == 0 && call.token_mask.is_none_or(|m| m[token]) {
+                    dropped_tokens += 1;
+                }
+            }
+            (kept_total, dropped_tokens)
+        })
+        .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+/// Validate the per-call arguments against the source and options.
+fn check_call<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCall) -> Result<()> {
+    let t = source.num_tokens();
+    let e = options.num_experts;
+    if source.num_experts() != e {
+        return Err(RouterError::shape(
+            source.argument(),
+            format!("[T, {e}] (num_experts = {e})"),
+            format!("[{t}, {}]", source.num_experts()),
+        ));
+    }
+    if t.checked_mul(options.top_k).is_none_or(|n| n > i32::MAX as usize) {
+        return Err(RouterError::shape(
+            source.argument(),
+            format!("at most {} tokens for top_k = {}", i32::MAX as usize / options.top_k, options.top_k),
+            format!("{t} tokens"),
+        ));
+    }
+    if let Some(mask) = call.token_mask {
+        if mask.len() != t {
+            return Err(RouterError::shape(
+                "token_mask",
+                format!("[{t}] (one flag per token)"),
+                format!("[{}]", mask.len()),
+            ));
+        }
+    }
+    if let Some(bias) = call.expert_bias {
+        if bias.len() != e {
+            return Err(RouterError::shape(
+                "expert_bias",
+                format!("[{e}] (one value per expert)"),
+                format!("[{}]", bias.len()),
+            ));
+        }
+        if let Some((i, v)) = bias.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(RouterError::NonFiniteParameter { argument: "expert_bias", index: i, value: v.to_string() });
+        }
+    }
+    if let Some(s) = call.sequence_length {
+        if s == 0 || t % s != 0 {
+            return Err(RouterError::shape(
+                "logits",
+                format!("T divisible by the sequence length {s}"),
+                format!("T = {t}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Per-chunk sums of pass 1.
+#[derive(Debug, Clone)]
+pub(crate) struct Tally {
+    /// Routed assignments per expert (per rank and expert when the policy is rank-major: `j * E + e`).
+    pub counts: Vec<u32>,
+    /// Loss sums.
+    pub losses: LossSums,
+}
+
+impl Tally {
+    pub(crate) fn new(experts: usize, ranks: usize) -> Self {
+        Tally { counts: vec![0; experts * ranks], losses: LossSums::new(experts) }
+    }
+}

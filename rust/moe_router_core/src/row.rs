@@ -1,0 +1,210 @@
+//! Routing of one token: validate its logits, add training noise, score,
+//! limit to the best groups, select the top k, weigh the choices.
+
+use crate::config::RouterOptions;
+use crate::error::{Result, RouterError};
+use crate::losses::{LossSums, SequenceLoss};
+use crate::rng::{self, Stream};
+use crate::route::{Logit, RouteCall};
+use crate::score::score_row;
+use crate::topk::{limit_to_best_groups, select_top_k};
+
+/// What every token of one call shares.
+pub(crate) struct RowContext<'a> {
+    pub options: &'a RouterOptions,
+    pub call: &'a RouteCall<'a>,
+    pub argument: &'static str,
+    noise: bool,
+}
+
+impl<'a> RowContext<'a> {
+    pub(crate) fn new(options: &'a RouterOptions, call: &'a RouteCall<'a>, argument: &'static str) -> Self {
+        let noise = call.training && (options.jitter_eps > 0.0 || options.noise_std > 0.0);
+        RowContext { options, call, argument, noise }
+    }
+
+    #[inline]
+    pub(crate) fn is_active(&self, token: usize) -> bool {
+        self.call.token_mask.is_none_or(|m| m[token])
+    }
+}
+
+/// Per-thread scratch for routing rows of E experts.
+pub(crate) struct RowRouter {
+    logits: Vec<f64>,
+    scores: Vec<f64>,
+    keys: Vec<f64>,
+    group_keys: Vec<f64>,
+    group_scores: Vec<f64>,
+    best: Vec<f64>,
+    /// Score of the last token's first choice (0 if it has none), for batch-prioritized routing.
+    pub last_top1: f32,
+}
+
+/// Where one token's outputs go: `[k]` slices of the `[T, k]` arrays.
+pub(crate) struct TokenOut<'o> {
+    pub experts: &'o mut [i32],
+    pub weights: &'o mut [f32],
+    pub routed: &'o mut [bool],
+}
+
+impl RowRouter {
+    pub(crate) fn new(options: &RouterOptions) -> Self {
+        let e = options.num_experts;
+        RowRouter {
+            logits: vec![0.0; e],
+            scores: vec![0.0; e],
+            keys: vec![0.0; e],
+            group_keys: vec![0.0; e],
+            group_scores: vec![0.0; options.groups.map_or(0, |g| g.num_groups)],
+            best: vec![0.0; options.top_k],
+            last_top1: 0.0,
+        }
+    }
+
+    /// Route token `token` whose logits are `raw` (length E). Writes its
+    /// choices into `out`, adds it to `counts` (per expert, or per rank and
+    /// expert when `counts` has k * E entries) and to the loss sums.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn route_token<F: Logit>(
+        &mut self,
+        ctx: &RowContext,
+        token: usize,
+        raw: &[F],
+        out: TokenOut,
+        counts: &mut [u32],
+        sums: &mut LossSums,
+        seq: Option<&mut SequenceLoss>,
+    ) -> Result<()> {
+        let options = ctx.options;
+        let e = options.num_experts;
+        if !ctx.is_active(token) {
+            // Padding: not read, not routed; valid expert ids keep gathers safe.
+            for (j, x) in out.experts.iter_mut().enumerate() {
+                *x = j as i32;
+            }
+            out.weights.fill(0.0);
+            out.routed.fill(false);
+            self.last_top1 = 0.0;
+            if let Some(seq) = seq {
+                seq.end_token(token, sums);
+            }
+            return Ok(());
+        }
+
+        let mut max = self.read_row(ctx, token, raw)?;
+        if ctx.noise {
+            max = self.add_noise(options, ctx.call.step, token);
+        }
+        let row = score_row(options.score_function, &self.logits, max, &mut self.scores);
+
+        // Selection keys: logits when there is no bias (same order as the exact
+        // scores, and immune to ties that rounding of the scores would create),
+        // scores plus bias otherwise.
+        let bias = ctx.call.expert_bias;
+        let keys: &[f64] = if bias.is_none() && options.groups.is_none() {
+            &self.logits
+        } else {
+            for i in 0..e {
+                let z = self.logits[i];
+                let eligible = z > f64::NEG_INFINITY;
+                self.group_keys[i] =
+                    if eligible { self.scores[i] + bias.map_or(0.0, |b| b[i]) } else { f64::NEG_INFINITY };
+                self.keys[i] = if bias.is_some() { self.group_keys[i] } else { z };
+            }
+            if let Some(limit) = &options.groups {
+                limit_to_best_groups(limit, &self.group_keys, &mut self.keys, &mut self.group_scores);
+            }
+            &self.keys
+        };
+        select_top_k(keys, out.experts, out.routed, &mut self.best);
+        self.write_weights(options, out.experts, out.routed, out.weights);
+        self.last_top1 = if out.routed[0] { self.scores[out.experts[0] as usize] as f32 } else { 0.0 };
+
+        let per_rank = counts.len() > e;
+        for (j, (&x, &r)) in out.experts.iter().zip(out.routed.iter()).enumerate() {
+            if r {
+                counts[if per_rank { j * e } else { 0 } + x as usize] += 1;
+            }
+        }
+        sums.add_token(&self.scores, row);
+        if let Some(seq) = seq {
+            let routed_experts =
+                out.experts.iter().zip(out.routed.iter()).filter(|(_, &r)| r).map(|(&x, _)| x as usize);
+            seq.add_token(routed_experts, &self.scores, row);
+            seq.end_token(token, sums);
+        }
+        Ok(())
+    }
+
+    /// Copy the row into float64, rejecting NaN, +inf and rows with no finite logit.
+    /// Returns the largest logit.
+    fn read_row<F: Logit>(&mut self, ctx: &RowContext, token: usize, raw: &[F]) -> Result<f64> {
+        let mut max = f64::NEG_INFINITY;
+        let mut bad = false;
+        for (z, &r) in self.logits.iter_mut().zip(raw) {
+            let v = r.to_f64();
+            *z = v;
+            // One test for both NaN and +inf on the hot path.
+            bad |= v.is_nan() | (v == f64::INFINITY);
+            max = if v > max { v } else { max };
+        }
+        if bad {
+            let nan = self.logits.iter().any(|v| v.is_nan());
+            return Err(RouterError::BadValue {
+                argument: ctx.argument,
+                problem: if nan { "contains NaN" } else { "contains +inf" },
+                token,
+                hint: "router logits must be finite or -inf (-inf marks an expert as not eligible)",
+            });
+        }
+        if max == f64::NEG_INFINITY {
+            return Err(RouterError::BadValue {
+                argument: ctx.argument,
+                problem: "has no eligible expert (every logit is -inf)",
+                token,
+                hint: "mask such tokens out with token_mask instead",
+            });
+        }
+        Ok(max)
+    }
+
+    /// Training noise: multiplicative jitter U(1-eps, 1+eps) (Switch Transformer)
+    /// and additive N(0, std^2) (noisy top-k, Shazeer et al. 2017), keyed by
+    /// (seed, step, token, expert). Returns the new largest logit.
+    fn add_noise(&mut self, options: &RouterOptions, step: u64, token: usize) -> f64 {
+        let mut max = f64::NEG_INFINITY;
+        for (x, z) in self.logits.iter_mut().enumerate() {
+            if options.jitter_eps > 0.0 {
+                let u = rng::uniform(options.seed, Stream::Jitter, step, token as u64, x as u64);
+                *z *= 1.0 - options.jitter_eps + 2.0 * options.jitter_eps * u;
+            }
+            if options.noise_std > 0.0 {
+                *z += options.noise_std * rng::normal(options.seed, Stream::Gaussian, step, token as u64, x as u64);
+            }
+            max = max.max(*z);
+        }
+        max
+    }
+
+    /// Weights of the chosen experts: their scores, optionally divided by
+    /// their sum (0 when the sum is 0), times `weight_scale`.
+    fn write_weights(&self, options: &RouterOptions, experts: &[i32], routed: &[bool], weights: &mut [f32]) {
+        let mut sum = 0.0;
+        for (&x, &r) in experts.iter().zip(routed) {
+            if r {
+                sum += self.scores[x as usize];
+            }
+        }
+        let factor = if !options.normalize_weights {
+            options.weight_scale
+        } else if sum > 0.0 {
+            options.weight_scale / sum
+        } else {
+            0.0
+        };
+        for ((w, &x), &r) in weights.iter_mut().zip(experts).zip(routed) {
+            *w = if r { (self.scores[x as usize] * factor) as f32 } else { 0.0 };
+        }
+    }
+}
