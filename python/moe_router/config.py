@@ -148,6 +148,32 @@ class RouterConfig:
         (a ``ValueError``) naming the field, the value and what is allowed.
     """
 
+    num_experts: int
+    top_k: int
+    capacity_factor: Optional[float]
+    eval_capacity_factor: Union[float, str, None]
+    min_capacity: int
+    capacity_rounding: str
+    drop_policy: str
+    renormalize_after_drop: bool
+    score_function: str
+    normalize_weights: bool
+    weight_scale: float
+    load_balance_loss_coeff: float
+    router_z_loss_coeff: float
+    seq_load_balance_loss_coeff: float
+    expert_dropout: float
+    enable_load_balancing: bool
+    overflow: str
+    reroute_weight_scale: float
+    num_groups: Optional[int]
+    group_top_k: Optional[int]
+    group_score: str
+    jitter_eps: float
+    noise_std: float
+    seed: int
+    _options: "_core.RouteOptions"
+
     __slots__ = (
         "num_experts", "top_k", "capacity_factor", "eval_capacity_factor", "min_capacity",
         "capacity_rounding", "drop_policy", "renormalize_after_drop", "score_function",

@@ -92,6 +92,27 @@ class RoutingDecision:
         Leading shape of the input (``(T,)`` or ``(B, S)``).
     """
 
+    expert_indices: np.ndarray
+    expert_weights: np.ndarray
+    expert_slots: np.ndarray
+    kept: np.ndarray
+    rerouted: np.ndarray
+    tokens_per_expert: np.ndarray
+    pre_drop_tokens_per_expert: np.ndarray
+    capacity: int
+    dropless: bool
+    total_tokens: int
+    active_tokens: int
+    kept_assignments: int
+    dropped_assignments: int
+    tokens_dropped: int
+    load_balance_loss: float
+    router_z_loss: float
+    seq_load_balance_loss: Optional[float]
+    auxiliary_loss: float
+    router_probs: Optional[np.ndarray]
+    batch_shape: Tuple[int, ...]
+
     __slots__ = (
         "expert_indices", "expert_weights", "expert_slots", "kept", "rerouted", "tokens_per_expert",
         "pre_drop_tokens_per_expert", "capacity", "dropless", "total_tokens", "active_tokens",

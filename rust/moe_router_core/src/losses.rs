@@ -10,12 +10,13 @@
 //! - sequence-level balance loss (DeepSeek-V3, Liu et al. 2024, eqs. 17-20): the
 //!   load-balance loss of each sequence on its own, averaged over sequences.
 
+use crate::math::add_scaled;
 use crate::score::RowScores;
 
 /// Running sums of one chunk.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossSums {
-    /// `sum_t score_{t,e} / score_sum_t` over active tokens, per expert.
+    /// Sum over active tokens of each token's score distribution, per expert.
     pub prob_sum: Vec<f64>,
     /// `sum_t lse_t^2` over active tokens.
     pub z_sum: f64,
@@ -33,14 +34,11 @@ impl LossSums {
         LossSums { prob_sum: vec![0.0; experts], z_sum: 0.0, active: 0, seq_loss_sum: 0.0, sequences: 0 }
     }
 
-    /// Add one active token with scores `scores` (length E).
+    /// Add one active token whose scored row is `scores` (length E, read through `row`).
     #[inline]
     pub fn add_token(&mut self, scores: &[f64], row: RowScores) {
-        if row.score_sum > 0.0 {
-            let inv = 1.0 / row.score_sum;
-            for (acc, &s) in self.prob_sum.iter_mut().zip(scores) {
-                *acc += s * inv;
-            }
+        if row.prob_scale > 0.0 {
+            add_scaled(&mut self.prob_sum, row.prob_scale, scores);
         }
         self.z_sum += row.lse * row.lse;
         self.active += 1;
@@ -100,11 +98,8 @@ impl SequenceLoss {
         for e in routed_experts {
             self.counts[e] += 1;
         }
-        if row.score_sum > 0.0 {
-            let inv = 1.0 / row.score_sum;
-            for (acc, &s) in self.prob_sum.iter_mut().zip(scores) {
-                *acc += s * inv;
-            }
+        if row.prob_scale > 0.0 {
+            add_scaled(&mut self.prob_sum, row.prob_scale, scores);
         }
         self.active += 1;
     }

@@ -1,7 +1,360 @@
-//! Scalar kernels shared by the scoring code.
+//! Vectorizable row kernels: read + validate + max, shifted `exp` with its sum,
+//! and scaled accumulation.
+//!
+//! Each kernel is a branch-free loop that LLVM turns into SIMD code. On x86-64
+//! the same body is compiled a second time with AVX2 + FMA enabled and chosen
+//! at run time, so a portable build still uses the wide units where present.
+//! Results do not depend on which version runs: every sum is taken over the
+//! same fixed lanes in the same order, and FMA is only used where the scalar
+//! path uses `mul_add` too.
 
-/// `e^x` in float64; `exp_f64(-inf) = 0`.
+use crate::route::Logit;
+
+/// Lanes of the row kernels.
+pub const LANES: usize = 8;
+
+/// `e^x` in float64 for `x <= 700`, branch-free; 0 below -708 (and for -inf).
+///
+/// Cody-Waite range reduction `x = n ln2 + r`, `|r| <= ln2/2`, then the
+/// degree-11 Taylor polynomial of `e^r` (truncation error < 7e-15 relative), then
+/// scaling by `2^n` built in the exponent bits. `n` comes from the
+/// 1.5 * 2^52 rounding trick so no float-to-int conversion is needed.
 #[inline(always)]
 pub fn exp_f64(x: f64) -> f64 {
-    x.exp()
+    const LOG2E: f64 = std::f64::consts::LOG2_E;
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000); // ln 2, upper bits
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76); // ln 2 - LN2_HI
+    const SHIFT: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52
+    let xc = x.clamp(-708.0, 700.0);
+    let t = xc.mul_add(LOG2E, SHIFT);
+    let n = t - SHIFT;
+    let r = (-n).mul_add(LN2_HI, xc);
+    let r = (-n).mul_add(LN2_LO, r);
+    let mut p: f64 = 1.0 / 39_916_800.0;
+    p = p.mul_add(r, 1.0 / 3_628_800.0);
+    p = p.mul_add(r, 1.0 / 362_880.0);
+    p = p.mul_add(r, 1.0 / 40_320.0);
+    p = p.mul_add(r, 1.0 / 5_040.0);
+    p = p.mul_add(r, 1.0 / 720.0);
+    p = p.mul_add(r, 1.0 / 120.0);
+    p = p.mul_add(r, 1.0 / 24.0);
+    p = p.mul_add(r, 1.0 / 6.0);
+    p = p.mul_add(r, 0.5);
+    p = p.mul_add(r, 1.0);
+    p = p.mul_add(r, 1.0);
+    // Low bits of t hold n; (n + 1023) << 52 is 2^n.
+    let scale = f64::from_bits(t.to_bits().wrapping_add(1023) << 52);
+    let y = p * scale;
+    if x < -708.0 {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// Run `$f` compiled for AVX2 + FMA when the CPU has them, else the portable build.
+macro_rules! dispatch {
+    ($f:ident($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports the features the function is compiled for.
+                return unsafe { wide::$f($($arg),*) };
+            }
+        }
+        // SAFETY: the portable build needs no CPU feature.
+        unsafe { portable::$f($($arg),*) }
+    }};
+}
+
+/// What a read pass learns about a row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowRead {
+    /// The largest value.
+    pub max: f64,
+    /// Whether any value is NaN or +inf.
+    pub bad: bool,
+    /// `lane_max[l]` = largest value at the positions `e` with `e % 8 == l`
+    /// (`-inf` for lanes without elements). Each is an element of the row, so
+    /// the k-th largest lane maximum (k <= 8) bounds the k-th largest value from below.
+    pub lane_max: [f64; LANES],
+}
+
+/// Copy `raw` into `out` as float64 and summarize it.
+#[inline]
+pub fn read_row<F: Logit>(raw: &[F], out: &mut [f64]) -> RowRead {
+    dispatch!(read_row_impl(raw, out))
+}
+
+/// `out[e] = exp(z[e] - shift)`; returns the sum of `out`.
+#[inline]
+pub fn exp_shifted(z: &[f64], shift: f64, out: &mut [f64]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA.
+            return unsafe { wide::exp_shifted_avx2(z, shift, out) };
+        }
+    }
+    // SAFETY: the portable build needs no CPU feature.
+    unsafe { portable::exp_shifted_impl(z, shift, out) }
+}
+
+/// `acc[e] += a * x[e]`.
+#[inline]
+pub fn add_scaled(acc: &mut [f64], a: f64, x: &[f64]) {
+    dispatch!(add_scaled_impl(acc, a, x))
+}
+
+/// `out[e] = sigmoid(z[e])` (0 for -inf); returns the sum.
+#[inline]
+pub fn sigmoid_row(z: &[f64], out: &mut [f64]) -> f64 {
+    dispatch!(sigmoid_row_impl(z, out))
+}
+
+macro_rules! kernels {
+    ($($attr:meta)?) => {
+        #[allow(unused_imports)]
+        use super::*;
+
+        $(#[$attr])?
+        pub unsafe fn read_row_impl<F: Logit>(raw: &[F], out: &mut [f64]) -> RowRead {
+            let mut max = [f64::NEG_INFINITY; LANES];
+            let mut bad = [false; LANES];
+            let mut r = raw.chunks_exact(LANES);
+            let mut o = out.chunks_exact_mut(LANES);
+            for (rc, oc) in (&mut r).zip(&mut o) {
+                for l in 0..LANES {
+                    let v = rc[l].to_f64();
+                    oc[l] = v;
+                    bad[l] |= v.is_nan() | (v == f64::INFINITY);
+                    max[l] = if v > max[l] { v } else { max[l] };
+                }
+            }
+            let mut b = bad.iter().any(|&x| x);
+            for (l, (&rv, ov)) in r.remainder().iter().zip(o.into_remainder()).enumerate() {
+                let v = rv.to_f64();
+                *ov = v;
+                b |= v.is_nan() | (v == f64::INFINITY);
+                max[l] = if v > max[l] { v } else { max[l] };
+            }
+            let m = max.iter().copied().fold(f64::NEG_INFINITY, |a, v| if v > a { v } else { a });
+            RowRead { max: m, bad: b, lane_max: max }
+        }
+
+        $(#[$attr])?
+        #[allow(dead_code)] // the x86-64 build has a hand-vectorized version
+        pub unsafe fn exp_shifted_impl(z: &[f64], shift: f64, out: &mut [f64]) -> f64 {
+            let mut acc = [0.0f64; LANES];
+            let mut zc = z.chunks_exact(LANES);
+            let mut oc = out.chunks_exact_mut(LANES);
+            for (zs, os) in (&mut zc).zip(&mut oc) {
+                for l in 0..LANES {
+                    let v = exp_f64(zs[l] - shift);
+                    os[l] = v;
+                    acc[l] += v;
+                }
+            }
+            let mut tail = 0.0;
+            for (&zv, ov) in zc.remainder().iter().zip(oc.into_remainder()) {
+                let v = exp_f64(zv - shift);
+                *ov = v;
+                tail += v;
+            }
+            lane_sum(&acc) + tail
+        }
+
+        $(#[$attr])?
+        pub unsafe fn add_scaled_impl(acc: &mut [f64], a: f64, x: &[f64]) {
+            for (s, &v) in acc.iter_mut().zip(x) {
+                *s += a * v;
+            }
+        }
+
+        $(#[$attr])?
+        pub unsafe fn sigmoid_row_impl(z: &[f64], out: &mut [f64]) -> f64 {
+            let mut acc = [0.0f64; LANES];
+            let mut zc = z.chunks_exact(LANES);
+            let mut oc = out.chunks_exact_mut(LANES);
+            for (zs, os) in (&mut zc).zip(&mut oc) {
+                for l in 0..LANES {
+                    let v = sigmoid(zs[l]);
+                    os[l] = v;
+                    acc[l] += v;
+                }
+            }
+            let mut tail = 0.0;
+            for (&zv, ov) in zc.remainder().iter().zip(oc.into_remainder()) {
+                let v = sigmoid(zv);
+                *ov = v;
+                tail += v;
+            }
+            lane_sum(&acc) + tail
+        }
+    };
+}
+
+/// Logistic sigmoid `1 / (1 + e^-z)`; exactly 0 for -inf and 1 for large z.
+#[inline(always)]
+pub fn sigmoid(z: f64) -> f64 {
+    let v = 1.0 / (1.0 + exp_f64(-z));
+    if z == f64::NEG_INFINITY {
+        0.0
+    } else {
+        v
+    }
+}
+
+/// Sum of the lanes in a fixed order (pairwise), the same in every build.
+#[inline(always)]
+fn lane_sum(acc: &[f64; LANES]) -> f64 {
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
+mod portable {
+    kernels!();
+}
+
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    kernels!(target_feature(enable = "avx2,fma"));
+
+    use std::arch::x86_64::*;
+
+    /// `exp_f64` on 4 lanes, the same operations in the same order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp4(x: __m256d) -> __m256d {
+        let log2e = _mm256_set1_pd(std::f64::consts::LOG2_E);
+        let shift = _mm256_set1_pd(6_755_399_441_055_744.0);
+        let ln2_hi = _mm256_set1_pd(f64::from_bits(0x3fe6_2e42_fee0_0000));
+        let ln2_lo = _mm256_set1_pd(f64::from_bits(0x3dea_39ef_3579_3c76));
+        let lo = _mm256_set1_pd(-708.0);
+        let xc = _mm256_min_pd(_mm256_max_pd(x, lo), _mm256_set1_pd(700.0));
+        let t = _mm256_fmadd_pd(xc, log2e, shift);
+        let n = _mm256_sub_pd(t, shift);
+        let r = _mm256_fnmadd_pd(n, ln2_hi, xc);
+        let r = _mm256_fnmadd_pd(n, ln2_lo, r);
+        let mut p = _mm256_set1_pd(1.0 / 39_916_800.0);
+        for c in [
+            1.0 / 3_628_800.0,
+            1.0 / 362_880.0,
+            1.0 / 40_320.0,
+            1.0 / 5_040.0,
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
+            p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(c));
+        }
+        let bits = _mm256_slli_epi64::<52>(_mm256_add_epi64(_mm256_castpd_si256(t), _mm256_set1_epi64x(1023)));
+        let y = _mm256_mul_pd(p, _mm256_castsi256_pd(bits));
+        let below = _mm256_cmp_pd::<_CMP_LT_OQ>(x, lo);
+        _mm256_andnot_pd(below, y)
+    }
+
+    /// `exp_shifted` with explicit 256-bit vectors (LLVM's SLP vectorizer
+    /// chose 128-bit ones for the generic body); lanes as in the portable sum.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_shifted_avx2(z: &[f64], shift: f64, out: &mut [f64]) -> f64 {
+        let n = z.len().min(out.len());
+        let full = n / LANES * LANES;
+        let s = _mm256_set1_pd(shift);
+        let mut acc0 = _mm256_setzero_pd();
+        let mut acc1 = _mm256_setzero_pd();
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 8 <= n <= both lengths.
+            unsafe {
+                let a = exp4(_mm256_sub_pd(_mm256_loadu_pd(z.as_ptr().add(i)), s));
+                let b = exp4(_mm256_sub_pd(_mm256_loadu_pd(z.as_ptr().add(i + 4)), s));
+                _mm256_storeu_pd(out.as_mut_ptr().add(i), a);
+                _mm256_storeu_pd(out.as_mut_ptr().add(i + 4), b);
+                acc0 = _mm256_add_pd(acc0, a);
+                acc1 = _mm256_add_pd(acc1, b);
+            }
+            i += LANES;
+        }
+        let mut lanes = [0.0f64; LANES];
+        // SAFETY: `lanes` holds 8 values.
+        unsafe {
+            _mm256_storeu_pd(lanes.as_mut_ptr(), acc0);
+            _mm256_storeu_pd(lanes.as_mut_ptr().add(4), acc1);
+        }
+        let mut tail = 0.0;
+        for (&zv, ov) in z[full..n].iter().zip(&mut out[full..n]) {
+            let v = exp_f64(zv - shift);
+            *ov = v;
+            tail += v;
+        }
+        lane_sum(&lanes) + tail
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_libm() {
+        let mut worst = 0.0f64;
+        let mut x = -700.0;
+        while x < 700.0 {
+            let rel = ((exp_f64(x) - x.exp()) / x.exp()).abs();
+            worst = worst.max(rel);
+            x += 0.0137;
+        }
+        assert!(worst < 2e-14, "worst relative error {worst}");
+        assert_eq!(exp_f64(f64::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f64(-800.0), 0.0);
+        assert_eq!(exp_f64(0.0), 1.0);
+    }
+
+    #[test]
+    fn every_build_gives_the_same_bits() {
+        let z: Vec<f64> =
+            (0..203).map(|i| (i as f64 * 1.37).sin() * 40.0 - if i % 17 == 0 { f64::INFINITY } else { 0.0 }).collect();
+        let mut a = vec![0.0; z.len()];
+        let mut b = vec![0.0; z.len()];
+        // SAFETY: portable code.
+        let sa = unsafe { portable::exp_shifted_impl(&z, 3.0, &mut a) };
+        let sb = exp_shifted(&z, 3.0, &mut b);
+        assert_eq!(sa.to_bits(), sb.to_bits());
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+
+    #[test]
+    fn sigmoid_limits() {
+        assert_eq!(sigmoid(f64::NEG_INFINITY), 0.0);
+        assert_eq!(sigmoid(0.0), 0.5);
+        assert!((sigmoid(800.0) - 1.0).abs() < 1e-300);
+        assert!(sigmoid(-800.0) < 1e-300);
+    }
+
+    #[test]
+    fn kernels_agree_with_scalar_code() {
+        let z: Vec<f64> = (0..37).map(|i| (i as f64 * 0.77).sin() * 5.0).collect();
+        let mut out = vec![0.0; z.len()];
+        let s = exp_shifted(&z, 5.0, &mut out);
+        for (o, &v) in out.iter().zip(&z) {
+            assert!((o - (v - 5.0).exp()).abs() < 1e-14);
+        }
+        assert!((s - out.iter().sum::<f64>()).abs() < 1e-12);
+        let raw: Vec<f32> = z.iter().map(|&v| v as f32).collect();
+        let mut back = vec![0.0; z.len()];
+        let read = read_row(&raw, &mut back);
+        assert!(!read.bad);
+        assert_eq!(read.max, raw.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64);
+        for l in 0..LANES {
+            let lane = raw.iter().skip(l).step_by(LANES).copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(read.lane_max[l], lane as f64);
+        }
+        let mut raw2 = raw.clone();
+        raw2[33] = f32::NAN;
+        assert!(read_row(&raw2, &mut back).bad);
+    }
 }

@@ -4,10 +4,11 @@
 use crate::config::RouterOptions;
 use crate::error::{Result, RouterError};
 use crate::losses::{LossSums, SequenceLoss};
+use crate::math::{read_row, RowRead, LANES};
 use crate::rng::{self, Stream};
 use crate::route::{Logit, RouteCall};
 use crate::score::score_row;
-use crate::topk::{limit_to_best_groups, select_top_k};
+use crate::topk::{block_lower_bound, kth_largest, limit_to_best_groups, select_top_k};
 
 /// What every token of one call shares.
 pub(crate) struct RowContext<'a> {
@@ -92,7 +93,8 @@ impl RowRouter {
             return Ok(());
         }
 
-        let mut max = self.read_row(ctx, token, raw)?;
+        let read = self.read_row(ctx, token, raw)?;
+        let mut max = read.max;
         if ctx.noise {
             max = self.add_noise(options, ctx.call.step, token);
         }
@@ -102,7 +104,8 @@ impl RowRouter {
         // scores, and immune to ties that rounding of the scores would create),
         // scores plus bias otherwise.
         let bias = ctx.call.expert_bias;
-        let keys: &[f64] = if bias.is_none() && options.groups.is_none() {
+        let keys_are_logits = bias.is_none() && options.groups.is_none();
+        let keys: &[f64] = if keys_are_logits {
             &self.logits
         } else {
             for i in 0..e {
@@ -117,9 +120,15 @@ impl RowRouter {
             }
             &self.keys
         };
-        select_top_k(keys, out.experts, out.routed, &mut self.best);
-        self.write_weights(options, out.experts, out.routed, out.weights);
-        self.last_top1 = if out.routed[0] { self.scores[out.experts[0] as usize] as f32 } else { 0.0 };
+        let bound = if keys_are_logits && !ctx.noise && options.top_k <= LANES {
+            // The read pass's lane maxima are elements of the row: free bound.
+            kth_largest(&read.lane_max, &mut self.best)
+        } else {
+            block_lower_bound(keys, options.top_k, &mut self.best)
+        };
+        select_top_k(keys, out.experts, out.routed, &mut self.best, bound);
+        self.write_weights(options, row.scale, out.experts, out.routed, out.weights);
+        self.last_top1 = if out.routed[0] { (self.scores[out.experts[0] as usize] * row.scale) as f32 } else { 0.0 };
 
         let per_rank = counts.len() > e;
         for (j, (&x, &r)) in out.experts.iter().zip(out.routed.iter()).enumerate() {
@@ -138,17 +147,10 @@ impl RowRouter {
     }
 
     /// Copy the row into float64, rejecting NaN, +inf and rows with no finite logit.
-    /// Returns the largest logit.
-    fn read_row<F: Logit>(&mut self, ctx: &RowContext, token: usize, raw: &[F]) -> Result<f64> {
-        let mut max = f64::NEG_INFINITY;
-        let mut bad = false;
-        for (z, &r) in self.logits.iter_mut().zip(raw) {
-            let v = r.to_f64();
-            *z = v;
-            // One test for both NaN and +inf on the hot path.
-            bad |= v.is_nan() | (v == f64::INFINITY);
-            max = if v > max { v } else { max };
-        }
+    /// Returns what the read pass learned about the row.
+    fn read_row<F: Logit>(&mut self, ctx: &RowContext, token: usize, raw: &[F]) -> Result<RowRead> {
+        let read = read_row(raw, &mut self.logits);
+        let (max, bad) = (read.max, read.bad);
         if bad {
             let nan = self.logits.iter().any(|v| v.is_nan());
             return Err(RouterError::BadValue {
@@ -166,7 +168,7 @@ impl RowRouter {
                 hint: "mask such tokens out with token_mask instead",
             });
         }
-        Ok(max)
+        Ok(read)
     }
 
     /// Training noise: multiplicative jitter U(1-eps, 1+eps) (Switch Transformer)
@@ -189,17 +191,24 @@ impl RowRouter {
 
     /// Weights of the chosen experts: their scores, optionally divided by
     /// their sum (0 when the sum is 0), times `weight_scale`.
-    fn write_weights(&self, options: &RouterOptions, experts: &[i32], routed: &[bool], weights: &mut [f32]) {
+    fn write_weights(
+        &self,
+        options: &RouterOptions,
+        scale: f64,
+        experts: &[i32],
+        routed: &[bool],
+        weights: &mut [f32],
+    ) {
         let mut sum = 0.0;
         for (&x, &r) in experts.iter().zip(routed) {
             if r {
-                sum += self.scores[x as usize];
+                sum += self.scores[x as usize] * scale;
             }
         }
         let factor = if !options.normalize_weights {
-            options.weight_scale
+            options.weight_scale * scale
         } else if sum > 0.0 {
-            options.weight_scale / sum
+            options.weight_scale * scale / sum
         } else {
             0.0
         };

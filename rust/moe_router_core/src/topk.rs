@@ -7,26 +7,20 @@
 
 use crate::config::{GroupLimit, GroupScore};
 
+const BLOCK: usize = 8;
+
 /// Select the k best experts of `keys` into `experts` (by rank) and mark in
 /// `routed` which choices are real (eligible). `best` is scratch of length k.
-pub fn select_top_k(keys: &[f64], experts: &mut [i32], routed: &mut [bool], best: &mut [f64]) {
+///
+/// `lower_bound` must be at most the k-th largest key (`-inf` when unknown):
+/// only keys at or above it are candidates, found by a vectorizable pass, so
+/// the insertion step sees a few keys instead of all E. The result is the same
+/// as inserting every key.
+pub fn select_top_k(keys: &[f64], experts: &mut [i32], routed: &mut [bool], best: &mut [f64], lower_bound: f64) {
     let k = experts.len();
     best.fill(f64::NEG_INFINITY);
     let mut filled = 0usize;
-    for (e, &key) in keys.iter().enumerate() {
-        // Strictly greater: an equal key at a higher index loses the tie.
-        if key > best[k - 1] {
-            let mut pos = k - 1;
-            while pos > 0 && key > best[pos - 1] {
-                best[pos] = best[pos - 1];
-                experts[pos] = experts[pos - 1];
-                pos -= 1;
-            }
-            best[pos] = key;
-            experts[pos] = e as i32;
-            filled = (filled + 1).min(k);
-        }
-    }
+    for_each_candidate(keys, lower_bound, |e| insert(keys[e], e, experts, best, &mut filled));
     routed[..filled].fill(true);
     routed[filled..].fill(false);
     if filled < k {
@@ -41,6 +35,137 @@ pub fn select_top_k(keys: &[f64], experts: &mut [i32], routed: &mut [bool], best
                 slot += 1;
             }
         }
+    }
+}
+
+/// Call `f(e)` for every `e` with `keys[e] >= bound`, in increasing order.
+#[inline]
+fn for_each_candidate(keys: &[f64], bound: f64, mut f: impl FnMut(usize)) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2.
+            let masks = unsafe { candidate_masks_avx2(keys, bound) };
+            for (b, mut mask) in masks.enumerate_blocks() {
+                while mask != 0 {
+                    f(b * 4 + mask.trailing_zeros() as usize);
+                    mask &= mask - 1;
+                }
+            }
+            return;
+        }
+    }
+    for (e, &key) in keys.iter().enumerate() {
+        if key >= bound {
+            f(e);
+        }
+    }
+}
+
+/// Compare masks of 4 keys each, as one 64-bit word per 64 keys.
+struct Masks {
+    words: [u64; 8],
+    extra: Vec<u64>,
+    len: usize,
+}
+
+impl Masks {
+    fn enumerate_blocks(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
+        let nibbles = self.len.div_ceil(4);
+        (0..nibbles).filter_map(move |i| {
+            let word = if i / 16 < 8 { self.words[i / 16] } else { self.extra[i / 16 - 8] };
+            let m = ((word >> ((i % 16) * 4)) & 0xf) as u32;
+            (m != 0).then_some((i, m))
+        })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn candidate_masks_avx2(keys: &[f64], bound: f64) -> Masks {
+    use std::arch::x86_64::*;
+    let n = keys.len();
+    let words_needed = n.div_ceil(64);
+    let mut masks = Masks { words: [0; 8], extra: vec![0; words_needed.saturating_sub(8)], len: n };
+    let b = _mm256_set1_pd(bound);
+    let full = n / 4 * 4;
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + 4 <= n.
+        let v = unsafe { _mm256_loadu_pd(keys.as_ptr().add(i)) };
+        let m = _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(v, b)) as u64;
+        let (w, shift) = (i / 64, i % 64);
+        if w < 8 {
+            masks.words[w] |= m << shift;
+        } else {
+            masks.extra[w - 8] |= m << shift;
+        }
+        i += 4;
+    }
+    for (j, &key) in keys[full..].iter().enumerate() {
+        let pos = full + j;
+        let bit = u64::from(key >= bound) << (pos % 64);
+        if pos / 64 < 8 {
+            masks.words[pos / 64] |= bit;
+        } else {
+            masks.extra[pos / 64 - 8] |= bit;
+        }
+    }
+    masks
+}
+
+/// A lower bound of the k-th largest key: the k-th largest of the maxima of
+/// blocks of 8 (k blocks each hold a key at least that large); `-inf` when
+/// there are fewer than k blocks. `scratch` has length k.
+pub fn block_lower_bound(keys: &[f64], k: usize, scratch: &mut [f64]) -> f64 {
+    if keys.len() / BLOCK < k.max(2) {
+        return f64::NEG_INFINITY;
+    }
+    scratch.fill(f64::NEG_INFINITY);
+    for block in keys.chunks_exact(BLOCK) {
+        let m = block.iter().copied().fold(f64::NEG_INFINITY, |a, b| if b > a { b } else { a });
+        push_descending(m, scratch);
+    }
+    scratch[k - 1]
+}
+
+/// The k-th largest of `values` (`-inf` if there are fewer than k), using `scratch` (length k).
+pub fn kth_largest(values: &[f64], scratch: &mut [f64]) -> f64 {
+    scratch.fill(f64::NEG_INFINITY);
+    for &v in values {
+        push_descending(v, scratch);
+    }
+    scratch[scratch.len() - 1]
+}
+
+#[inline(always)]
+fn push_descending(v: f64, list: &mut [f64]) {
+    let k = list.len();
+    if v > list[k - 1] {
+        let mut pos = k - 1;
+        while pos > 0 && v > list[pos - 1] {
+            list[pos] = list[pos - 1];
+            pos -= 1;
+        }
+        list[pos] = v;
+    }
+}
+
+/// Insert `key` of expert `e` into the descending list `best`/`experts`.
+/// Strictly greater: an equal key arriving later (higher index) loses the tie.
+#[inline(always)]
+fn insert(key: f64, e: usize, experts: &mut [i32], best: &mut [f64], filled: &mut usize) {
+    let k = best.len();
+    if key > best[k - 1] {
+        let mut pos = k - 1;
+        while pos > 0 && key > best[pos - 1] {
+            best[pos] = best[pos - 1];
+            experts[pos] = experts[pos - 1];
+            pos -= 1;
+        }
+        best[pos] = key;
+        experts[pos] = e as i32;
+        *filled = (*filled + 1).min(k);
     }
 }
 
@@ -95,7 +220,8 @@ mod tests {
         let mut ex = vec![0; k];
         let mut r = vec![false; k];
         let mut b = vec![0.0; k];
-        select_top_k(keys, &mut ex, &mut r, &mut b);
+        let bound = block_lower_bound(keys, k, &mut b);
+        select_top_k(keys, &mut ex, &mut r, &mut b, bound);
         (ex, r)
     }
 
@@ -103,6 +229,34 @@ mod tests {
     fn ties_go_to_the_lower_index() {
         assert_eq!(top(&[0.0; 8], 3).0, vec![0, 1, 2]);
         assert_eq!(top(&[1.0, 2.0, 2.0, 1.0], 3).0, vec![1, 2, 0]);
+    }
+
+    #[test]
+    fn prefiltered_selection_equals_plain_insertion() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for trial in 0..2000 {
+            let e = 1 + trial % 70;
+            let k = 1 + trial % e.min(9);
+            let keys: Vec<f64> = (0..e)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    match state % 10 {
+                        0 => f64::NEG_INFINITY,
+                        1..=3 => (state % 4) as f64, // many ties
+                        _ => (state % 1000) as f64 / 37.0,
+                    }
+                })
+                .collect();
+            // Plain insertion over all keys, in index order.
+            let mut order: Vec<usize> = (0..e).filter(|&i| keys[i] > f64::NEG_INFINITY).collect();
+            order.sort_by(|&a, &b| keys[b].total_cmp(&keys[a]).then(a.cmp(&b)));
+            order.truncate(k);
+            let (ex, r) = top(&keys, k);
+            let got: Vec<usize> = ex.iter().zip(&r).filter(|(_, &r)| r).map(|(&x, _)| x as usize).collect();
+            assert_eq!(got, order, "keys {keys:?} k {k}");
+        }
     }
 
     #[test]

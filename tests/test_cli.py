@@ -1,0 +1,309 @@
+"""The ``moe-router`` command line: reports, inputs, options and error paths."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import moe_router as mr
+from moe_router.cli import main
+from moe_router.data import default_logits
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REAL_L5 = SHARED / "data" / "real_router" / "minilm_l5.npz"
+needs_shared = pytest.mark.skipif(not REAL_L5.exists(), reason="../shared/data/real_router is not present")
+
+#: Report fields that must equal the RoutingDecision's own values.
+DECISION_FIELDS = {
+    "capacity": "capacity",
+    "dropless": "dropless",
+    "kept_assignments": "kept_assignments",
+    "dropped_assignments": "dropped_assignments",
+    "tokens_dropped": "tokens_dropped",
+    "routing_efficiency": "routing_efficiency",
+    "load_balance_cv": "load_balance_cv",
+    "load_balance_loss": "load_balance_loss",
+    "router_z_loss": "router_z_loss",
+    "seq_load_balance_loss": "seq_load_balance_loss",
+    "auxiliary_loss": "auxiliary_loss",
+    "tokens_per_expert": "tokens_per_expert",
+    "pre_drop_tokens_per_expert": "pre_drop_tokens_per_expert",
+    "tokens": "total_tokens",
+    "experts": "num_experts",
+    "top_k": "top_k",
+}
+
+
+def run_json(capsys: pytest.CaptureFixture, *argv: str) -> dict:
+    assert main(["route", *argv, "--json", "--repeat", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    return json.loads(out)
+
+
+def assert_matches(report: dict, decision: mr.RoutingDecision) -> None:
+    expected = decision.to_dict()
+    for field, key in DECISION_FIELDS.items():
+        assert report[field] == expected[key], field
+
+
+def run_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    assert main(list(argv)) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("moe-router: error: ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def logits8(tmp_path: Path) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return rng.normal(size=(300, 8)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- embedded default
+
+
+def test_default_data_is_the_real_sample() -> None:
+    logits, meta = default_logits()
+    assert logits.shape == (4096, 64) and logits.dtype == np.float32 and logits.flags.c_contiguous
+    assert np.isfinite(logits).all()
+    assert meta["layer"] == 5 and meta["num_experts"] == 64 and meta["tokens"] == 4096
+    assert meta["key"] == "logits_e64" and meta["source"].endswith("minilm_l5.npz")
+
+
+@needs_shared
+def test_default_data_equals_the_first_4096_shared_tokens() -> None:
+    logits, _ = default_logits()
+    with np.load(REAL_L5) as z:
+        source = z["logits_e64"][:4096]
+    assert source.dtype == logits.dtype
+    assert np.array_equal(source.view(np.uint32), logits.view(np.uint32))  # bit for bit
+
+
+def test_default_json_equals_route_logits(capsys: pytest.CaptureFixture) -> None:
+    report = run_json(capsys)
+    assert (report["tokens"], report["experts"], report["top_k"]) == (4096, 64, 2)
+    assert report["source"]["kind"] == "embedded"
+    logits, _ = default_logits()
+    decision = mr.route_logits(logits, mr.RouterConfig(num_experts=64, top_k=2))
+    assert_matches(report, decision)
+    assert report["capacity"] == 160 and not report["dropless"]  # ceil(1.25 * 4096 * 2 / 64)
+    assert report["dropped_assignments"] > 0 and report["tokens_dropped"] > 0
+    assert report["timing"]["calls"] == 1 and report["timing"]["min_ms"] > 0
+
+
+def test_default_text_report(capsys: pytest.CaptureFixture) -> None:
+    assert main(["route", "--repeat", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    logits, _ = default_logits()
+    decision = mr.route_logits(logits, mr.RouterConfig(num_experts=64, top_k=2))
+    lines = out.splitlines()
+
+    def row(label: str) -> str:
+        found = [line for line in lines if line.startswith(label)]
+        assert found, f"no line starting with {label!r} in:\n{out}"
+        return found[0]
+
+    assert row("tokens").split()[1] == "4096"
+    assert row("experts").split()[1] == "64"
+    assert row("top_k").split()[1] == "2"
+    assert row("capacity").split()[1] == "160"
+    assert row("dropped assignments").split()[2] == str(decision.dropped_assignments)
+    assert row("tokens dropped").split()[2] == str(decision.tokens_dropped)
+    assert row("routing efficiency").split()[2] == f"{decision.routing_efficiency():.4f}"
+    assert row("load_balance_cv").split()[1] == f"{decision.load_balance_cv():.4f}"
+    assert row("load_balance_loss").split()[1] == f"{decision.load_balance_loss:.6g}"
+    assert row("router_z_loss").split()[1] == f"{decision.router_z_loss:.6g}"
+    assert row("auxiliary_loss").split()[1] == f"{decision.auxiliary_loss:.6g}"
+    assert "median of 2 calls" in row("routing time")
+    # The chart names the busiest and the idlest expert with their routed counts.
+    pre = decision.pre_drop_tokens_per_expert
+    chart = [line.split() for line in lines if line.split()[:1] and line.split()[0].isdigit()]
+    shown = {int(cells[0]): int(cells[-2]) for cells in chart}  # expert -> routed count
+    assert len(shown) == 16 and "48 more experts" in out
+    busiest = int(np.argmax(pre))
+    assert shown[busiest] == pre.max()
+    assert min(shown.values()) == pre.min()
+    assert all(shown[e] == pre[e] for e in shown)
+
+
+def test_text_report_on_an_ascii_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", stream)
+    assert main(["route", "--repeat", "1"]) == 0
+    stream.flush()
+    text = raw.getvalue().decode("ascii")  # nothing outside ASCII was written
+    assert "| capacity" in text and "... 48 more experts ..." in text
+
+
+def test_help_and_version(capsys: pytest.CaptureFixture) -> None:
+    assert main(["route", "--help"]) == 0
+    assert "--capacity-factor" in capsys.readouterr().out
+    assert main(["--version"]) == 0
+    assert "moe-router" in capsys.readouterr().out
+    assert main([]) == 2  # no command: usage on stderr
+    assert "route" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- inputs and options
+
+
+def test_npy_input(tmp_path: Path, capsys: pytest.CaptureFixture, logits8: np.ndarray) -> None:
+    path = tmp_path / "logits.npy"
+    np.save(path, logits8)
+    report = run_json(capsys, str(path), "--top-k", "1", "--capacity-factor", "1.1")
+    decision = mr.route_logits(logits8, mr.RouterConfig(num_experts=8, top_k=1, capacity_factor=1.1))
+    assert_matches(report, decision)
+    assert report["capacity"] == 42  # ceil(11/10 * 300 / 8) = ceil(41.25)
+    assert report["source"]["path"] == str(path) and report["source"]["key"] is None
+
+
+def test_npz_with_key(tmp_path: Path, capsys: pytest.CaptureFixture, logits8: np.ndarray) -> None:
+    path = tmp_path / "many.npz"
+    np.savez(path, first=logits8, second=logits8[::-1].copy(), ids=np.arange(5))
+    report = run_json(capsys, str(path), "--key", "second", "--num-experts", "8",
+                      "--drop-policy", "rank", "--normalize-weights")
+    cfg = mr.RouterConfig(num_experts=8, top_k=2, drop_policy="rank", normalize_weights=True)
+    assert_matches(report, mr.route_logits(logits8[::-1].copy(), cfg))
+    assert report["source"]["key"] == "second"
+    assert report["config"]["drop_policy"] == "rank" and report["config"]["normalize_weights"] is True
+
+
+def test_npz_single_float_array_is_chosen(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                         logits8: np.ndarray) -> None:
+    path = tmp_path / "one.npz"
+    batched = logits8.reshape(3, 100, 8)
+    np.savez_compressed(path, logits=batched, token_ids=np.arange(300, dtype=np.int32))
+    report = run_json(capsys, str(path), "--score-function", "sigmoid", "--capacity-factor", "none")
+    cfg = mr.RouterConfig(num_experts=8, top_k=2, score_function="sigmoid", capacity_factor=None)
+    decision = mr.route_logits(batched, cfg)
+    assert_matches(report, decision)
+    assert report["dropless"] and report["dropped_assignments"] == 0
+    assert report["seq_load_balance_loss"] is not None  # [B, S, E] input
+    assert report["source"]["key"] == "logits" and report["source"]["shape"] == [3, 100, 8]
+
+
+@pytest.mark.parametrize("policy", ["position", "rank", "probs", "bpr"])
+def test_drop_policies(policy: str, tmp_path: Path, capsys: pytest.CaptureFixture, logits8: np.ndarray) -> None:
+    path = tmp_path / "l.npy"
+    np.save(path, logits8 * 3)
+    report = run_json(capsys, str(path), "--drop-policy", policy, "--capacity-factor", "0.8")
+    cfg = mr.RouterConfig(num_experts=8, top_k=2, capacity_factor=0.8, drop_policy=policy)
+    assert_matches(report, mr.route_logits(logits8 * 3, cfg))
+
+
+@needs_shared
+def test_real_data_e256_k8_drops_tokens(capsys: pytest.CaptureFixture) -> None:
+    report = run_json(capsys, str(REAL_L5), "--key", "logits_e256", "--num-experts", "256", "--top-k", "8")
+    assert (report["tokens"], report["experts"], report["top_k"]) == (16384, 256, 8)
+    assert report["capacity"] == 640  # ceil(1.25 * 16384 * 8 / 256)
+    assert report["tokens_dropped"] > 0
+    assert report["dropped_assignments"] > report["tokens_dropped"]
+    assert report["experts_over_capacity"] > 0
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_error_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    err = run_error(capsys, "route", str(tmp_path / "nope.npy"))
+    assert "no such file" in err
+
+
+def test_error_unknown_key_lists_keys(tmp_path: Path, capsys: pytest.CaptureFixture, logits8: np.ndarray) -> None:
+    path = tmp_path / "a.npz"
+    np.savez(path, alpha=logits8, beta=logits8)
+    err = run_error(capsys, "route", str(path), "--key", "gamma")
+    assert "'gamma'" in err and "alpha" in err and "beta" in err
+
+
+def test_error_ambiguous_npz_lists_candidates(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                              logits8: np.ndarray) -> None:
+    path = tmp_path / "a.npz"
+    np.savez(path, alpha=logits8, beta=logits8, ids=np.arange(3))
+    err = run_error(capsys, "route", str(path))
+    assert "--key" in err and "alpha" in err and "beta" in err and "ids" not in err
+
+
+def test_error_nan_logits_names_the_token(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          logits8: np.ndarray) -> None:
+    bad = logits8.copy()
+    bad[17, 3] = np.nan
+    path = tmp_path / "nan.npy"
+    np.save(path, bad)
+    err = run_error(capsys, "route", str(path))
+    assert "NaN" in err and "17" in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--num-experts", "16"], "does not match"),
+    (["--top-k", "9"], "top_k"),
+    (["--top-k", "0"], "--top-k"),
+    (["--capacity-factor", "0"], "none"),
+    (["--capacity-factor", "-1.5"], "none"),
+    (["--capacity-factor", "lots"], "--capacity-factor"),
+    (["--drop-policy", "random"], "--drop-policy"),
+    (["--score-function", "relu"], "--score-function"),
+    (["--repeat", "0"], "--repeat"),
+    (["--key", "x"], "--key"),
+    (["--no-such-option"], "no-such-option"),
+])
+def test_error_bad_options(argv: list, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture,
+                           logits8: np.ndarray) -> None:
+    path = tmp_path / "l.npy"
+    np.save(path, logits8)
+    err = run_error(capsys, "route", str(path), *argv)
+    assert needle in err
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p: np.save(p / "i.npy", np.arange(12).reshape(3, 4)), "floating point"),
+    (lambda p: np.save(p / "i.npy", np.zeros(5, dtype=np.float32)), "shape"),
+    (lambda p: (p / "i.npz").write_bytes(b"not a zip"), "cannot read"),
+    (lambda p: (p / "i.txt").write_text("1 2 3"), ".npy or .npz"),
+])
+def test_error_bad_files(make, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    make(tmp_path)
+    (path,) = list(tmp_path.iterdir())
+    err = run_error(capsys, "route", str(path))
+    assert needle in err
+
+
+def test_error_key_without_file(capsys: pytest.CaptureFixture) -> None:
+    assert "--key" in run_error(capsys, "route", "--key", "logits")
+
+
+# --------------------------------------------------------------------------- as a process
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+def test_python_m_route_json() -> None:
+    proc = subprocess.run([sys.executable, "-m", "moe_router", "route", "--json", "--repeat", "1"],
+                          capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert (report["tokens"], report["experts"], report["top_k"], report["capacity"]) == (4096, 64, 2, 160)
+
+
+def test_python_m_error_exits_2_without_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "moe_router", "route", str(tmp_path / "missing.npz")],
+                          capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 2
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("moe-router: error: no such file")
