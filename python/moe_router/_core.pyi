@@ -35,6 +35,7 @@ class RouteOptions:
         jitter_eps: float,
         noise_std: float,
         seed: int,
+        expert_capacity: Optional[int] = None,
     ) -> RouteOptions: ...
     def capacity(self, active_tokens: int, training: bool = False) -> Optional[int]: ...
 

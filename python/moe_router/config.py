@@ -97,6 +97,10 @@ class RouterConfig:
         evaluation only.
     min_capacity : int
         Lower bound on the capacity (DeepSpeed ``min_capacity``; default 0).
+    expert_capacity : int or None
+        A fixed per-expert capacity, whatever T (Hugging Face Switch Transformers'
+        ``expert_capacity``); replaces the ``capacity_factor`` formula when set
+        (``min_capacity`` still applies).
     capacity_rounding : {"exact", "megatron", "deepspeed"}
         "exact" (default): exact decimal arithmetic. "megatron": Megatron-Core's
         float64 ``ceil((T*k/E) * cf)``. "deepspeed": DeepSpeed's float32
@@ -153,6 +157,7 @@ class RouterConfig:
     capacity_factor: Optional[float]
     eval_capacity_factor: Union[float, str, None]
     min_capacity: int
+    expert_capacity: Optional[int]
     capacity_rounding: str
     drop_policy: str
     renormalize_after_drop: bool
@@ -175,7 +180,7 @@ class RouterConfig:
     _options: "_core.RouteOptions"
 
     __slots__ = (
-        "num_experts", "top_k", "capacity_factor", "eval_capacity_factor", "min_capacity",
+        "num_experts", "top_k", "capacity_factor", "eval_capacity_factor", "min_capacity", "expert_capacity",
         "capacity_rounding", "drop_policy", "renormalize_after_drop", "score_function",
         "normalize_weights", "weight_scale", "load_balance_loss_coeff", "router_z_loss_coeff",
         "seq_load_balance_loss_coeff", "expert_dropout", "enable_load_balancing", "overflow",
@@ -191,6 +196,7 @@ class RouterConfig:
         capacity_factor: Optional[Number] = 1.25,
         eval_capacity_factor: Union[Number, str, None] = None,
         min_capacity: int = 0,
+        expert_capacity: Optional[int] = None,
         capacity_rounding: str = "exact",
         drop_policy: str = "position",
         renormalize_after_drop: bool = False,
@@ -235,6 +241,7 @@ class RouterConfig:
         s(self, "eval_capacity_factor", eval_text if eval_text in (None, "dropless")
           else float(eval_capacity_factor))  # type: ignore[arg-type]
         s(self, "min_capacity", _as_int("min_capacity", min_capacity, 0))
+        s(self, "expert_capacity", None if expert_capacity is None else _as_int("expert_capacity", expert_capacity, 0))
         s(self, "capacity_rounding", _as_choice("capacity_rounding", capacity_rounding))
         s(self, "drop_policy", _as_choice("drop_policy", drop_policy))
         s(self, "renormalize_after_drop", _as_bool("renormalize_after_drop", renormalize_after_drop))
@@ -272,6 +279,7 @@ class RouterConfig:
             group_top_k=self.group_top_k, group_score=self.group_score, overflow=self.overflow,
             reroute_weight_scale=self.reroute_weight_scale, expert_dropout=self.expert_dropout,
             jitter_eps=self.jitter_eps, noise_std=self.noise_std, seed=self.seed,
+            expert_capacity=self.expert_capacity,
         ))
 
     @property

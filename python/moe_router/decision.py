@@ -63,6 +63,9 @@ class RoutingDecision:
         Kept assignments per expert (the seed's ``expert_capacities``).
     pre_drop_tokens_per_expert : numpy.ndarray, int64, shape [E]
         Routed assignments per expert before capacity (DeepSpeed ``exp_counts``).
+    expert_prob_mean : numpy.ndarray, float64, shape [E]
+        ``P_e``: mean over active tokens of expert e's share of the token's score
+        distribution (softmax probabilities, or sigmoid scores normalized per token).
     capacity : int
         Per-expert capacity; for dropless routing, the largest kept count.
     dropless : bool
@@ -99,6 +102,7 @@ class RoutingDecision:
     rerouted: np.ndarray
     tokens_per_expert: np.ndarray
     pre_drop_tokens_per_expert: np.ndarray
+    expert_prob_mean: np.ndarray
     capacity: int
     dropless: bool
     total_tokens: int
@@ -115,7 +119,7 @@ class RoutingDecision:
 
     __slots__ = (
         "expert_indices", "expert_weights", "expert_slots", "kept", "rerouted", "tokens_per_expert",
-        "pre_drop_tokens_per_expert", "capacity", "dropless", "total_tokens", "active_tokens",
+        "pre_drop_tokens_per_expert", "expert_prob_mean", "capacity", "dropless", "total_tokens", "active_tokens",
         "kept_assignments", "dropped_assignments", "tokens_dropped", "load_balance_loss",
         "router_z_loss", "seq_load_balance_loss", "auxiliary_loss", "router_probs", "batch_shape",
         "_assignments",
@@ -124,7 +128,7 @@ class RoutingDecision:
     def __init__(self, fields: Dict[str, Any], *, auxiliary_loss: float, batch_shape: Tuple[int, ...],
                  router_probs: Optional[np.ndarray] = None) -> None:
         for name in ("expert_indices", "expert_weights", "expert_slots", "kept", "rerouted",
-                     "tokens_per_expert", "pre_drop_tokens_per_expert", "capacity", "dropless",
+                     "tokens_per_expert", "pre_drop_tokens_per_expert", "expert_prob_mean", "capacity", "dropless",
                      "active_tokens", "kept_assignments", "dropped_assignments", "tokens_dropped",
                      "load_balance_loss", "router_z_loss", "seq_load_balance_loss"):
             setattr(self, name, fields[name])

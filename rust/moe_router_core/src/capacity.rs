@@ -150,7 +150,11 @@ pub fn expert_capacity(
     top_k: usize,
     num_experts: usize,
 ) -> Option<usize> {
-    let CapacityFactor::Factor(cf) = factor else { return None };
+    let cf = match factor {
+        CapacityFactor::Dropless => return None,
+        CapacityFactor::Fixed(n) => return Some((*n).max(min_capacity)),
+        CapacityFactor::Factor(cf) => cf,
+    };
     let t = active_tokens as u64;
     let e = num_experts.max(1) as u64;
     let k = top_k as u64;

@@ -76,6 +76,8 @@ pub enum CapacityFactor {
     Dropless,
     /// `capacity = max(min_capacity, round(factor * T * k / E))`.
     Factor(Decimal),
+    /// A fixed capacity per expert, whatever T (Hugging Face Switch `expert_capacity`).
+    Fixed(usize),
 }
 
 /// Everything the routing engine reads from a router configuration.

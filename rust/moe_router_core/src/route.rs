@@ -139,6 +139,9 @@ pub struct Routing {
     pub tokens_per_expert: Vec<i64>,
     /// `[E]` routed assignments per expert before capacity (after groups and bias).
     pub pre_drop_tokens_per_expert: Vec<i64>,
+    /// `[E]` mean over active tokens of each expert's share of the token's score
+    /// distribution (`P_e` of the load-balance loss).
+    pub expert_prob_mean: Vec<f64>,
     /// Per-expert capacity; for dropless routing, the largest kept count.
     pub capacity: usize,
     /// True when no capacity limit applied.
@@ -261,6 +264,7 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
         rerouted,
         tokens_per_expert,
         pre_drop_tokens_per_expert: routed_counts.iter().map(|&c| c as i64).collect(),
+        expert_prob_mean: sums.prob_sum.iter().map(|&p| if sums.active == 0 { 0.0 } else { p / sums.active as f64 }).collect(),
         capacity: reported_capacity,
         dropless: limit.is_none(),
         active_tokens: active,

@@ -73,6 +73,7 @@ fn decision_dict(py: Python<'_>, r: Routing) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("rerouted", arrays::matrix(py, r.rerouted, t, k)?)?;
     d.set_item("tokens_per_expert", arrays::vector(py, r.tokens_per_expert))?;
     d.set_item("pre_drop_tokens_per_expert", arrays::vector(py, r.pre_drop_tokens_per_expert))?;
+    d.set_item("expert_prob_mean", arrays::vector(py, r.expert_prob_mean))?;
     d.set_item("capacity", r.capacity)?;
     d.set_item("dropless", r.dropless)?;
     d.set_item("active_tokens", r.active_tokens)?;

@@ -39,7 +39,8 @@ impl PyRouteOptions {
     #[new]
     #[pyo3(signature = (*, num_experts, top_k, score_function, normalize_weights, weight_scale, capacity_factor,
         eval_capacity_factor, min_capacity, capacity_rounding, drop_policy, renormalize_after_drop, num_groups,
-        group_top_k, group_score, overflow, reroute_weight_scale, expert_dropout, jitter_eps, noise_std, seed))]
+        group_top_k, group_score, overflow, reroute_weight_scale, expert_dropout, jitter_eps, noise_std, seed,
+        expert_capacity=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         num_experts: usize,
@@ -62,6 +63,7 @@ impl PyRouteOptions {
         jitter_eps: f64,
         noise_std: f64,
         seed: u64,
+        expert_capacity: Option<usize>,
     ) -> PyResult<Self> {
         let score_function = choice(
             "score_function",
@@ -119,7 +121,10 @@ impl PyRouteOptions {
             score_function,
             normalize_weights,
             weight_scale,
-            capacity_factor: factor("capacity_factor", capacity_factor)?,
+            capacity_factor: match expert_capacity {
+                Some(n) => CapacityFactor::Fixed(n),
+                None => factor("capacity_factor", capacity_factor)?,
+            },
             eval_capacity_factor,
             min_capacity,
             capacity_rounding,
