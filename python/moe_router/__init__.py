@@ -13,18 +13,31 @@ NumPy buffers without copying and with the GIL released.
 """
 
 from ._core import ConfigError, InputError, RouterError, get_num_threads, set_num_threads
+from .balancer import LoadBalancer, LoadBalancingStats
 from .config import RouterConfig
 from .decision import ExpertAssignment, RoutingDecision
+from .gate import GateNetwork
+from .presets import PRESETS, peer_load_balance_loss, preset
+from .router import ExpertRouter
 from .routing import route_logits
+from .stats import RoutingStats
 
 __all__ = [
     "ConfigError",
     "ExpertAssignment",
+    "ExpertRouter",
+    "GateNetwork",
     "InputError",
+    "LoadBalancer",
+    "LoadBalancingStats",
+    "PRESETS",
     "RouterConfig",
     "RouterError",
     "RoutingDecision",
+    "RoutingStats",
     "get_num_threads",
+    "peer_load_balance_loss",
+    "preset",
     "route_logits",
     "set_num_threads",
 ]

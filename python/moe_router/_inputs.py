@@ -22,10 +22,19 @@ def as_array(x: Any, name: str) -> np.ndarray:
     """View ``x`` as a NumPy array without copying when possible."""
     if isinstance(x, np.ndarray):
         return x
+    if getattr(x, "requires_grad", False) is True and callable(getattr(x, "detach", None)):
+        # A tensor that takes part in autograd (torch refuses to export it): the router
+        # only reads values, and detach() shares the memory.
+        x = x.detach()
     if hasattr(x, "__array__") or isinstance(x, (list, tuple)):
         try:
             return np.asarray(x)
         except Exception as exc:  # e.g. a CUDA tensor
+            if hasattr(x, "__dlpack__"):
+                try:
+                    return np.from_dlpack(x)
+                except Exception:
+                    pass
             raise TypeError(f"{name} cannot be read as a CPU array: {exc}") from exc
     if hasattr(x, "__dlpack__"):
         try:
@@ -36,10 +45,13 @@ def as_array(x: Any, name: str) -> np.ndarray:
                     f"or __dlpack__), got {type(x).__name__}")
 
 
-def float_rows(x: Any, name: str, width: int, width_name: str) -> Tuple[np.ndarray, Tuple[int, ...]]:
+def float_rows(x: Any, name: str, width: int, width_name: str,
+               dtype: Optional[np.dtype] = None) -> Tuple[np.ndarray, Tuple[int, ...]]:
     """``x`` as a C-contiguous float32/float64 ``[T, width]`` array plus its batch shape.
 
-    Accepts ``[T, width]`` and ``[B, S, width]``.
+    Accepts ``[T, width]`` and ``[B, S, width]``. ``dtype`` forces float32 or
+    float64 (a converted copy when it differs); by default float32/float64 stay
+    as they are and float16 becomes float32.
 
     Raises
     ------
@@ -54,6 +66,8 @@ def float_rows(x: Any, name: str, width: int, width_name: str) -> Tuple[np.ndarr
             raise TypeError(f"{name} must be a floating-point array (float32 or float64; float16 is "
                             f"converted), got dtype {a.dtype}")
         a = a.astype(np.float64 if a.dtype.itemsize > 8 else np.float32)
+    if dtype is not None and a.dtype != dtype:
+        a = a.astype(dtype)
     if a.ndim not in (2, 3):
         raise InputError(f"{name} has shape {list(a.shape)}, expected [T, {width}] or [B, S, {width}] "
                          f"({width_name} = {width})")

@@ -6,6 +6,11 @@ Commands
     Route router logits (the embedded real-data sample when FILE is omitted)
     and print a report: capacity, per-expert load, drops, losses and the time
     the routing call took. ``--json`` prints the same content as one JSON object.
+``moe-router balance [FILE] --steps N [--rate R] [--plot OUT.png] [options]``
+    Route one batch N times in training mode with the ``LoadBalancer``'s
+    expert bias (aux-loss-free balancing) and print, per step, the max/mean
+    pre-drop load, dropped assignments and dropped tokens; ``--plot`` draws the
+    per-expert load of the first and last step (matplotlib, extra ``plot``).
 
 Layout: one ``_add_<command>_parser`` and one ``_run_<command>`` per command,
 registered in ``build_parser``; input loading (``load_array``), configuration
@@ -35,6 +40,7 @@ from rich.text import Text
 from . import __version__, get_num_threads, set_num_threads
 from ._core import RouterError
 from .config import RouterConfig
+from .balancer import DEFAULT_RELATIVE_BIAS_RATE, LoadBalancer
 from .data import DEFAULT_LOGITS_FILE, default_logits
 from .decision import RoutingDecision
 from .routing import route_logits
@@ -50,6 +56,8 @@ BAR_WIDTH = 32
 CAPACITY_COLUMN = 20
 #: Routing calls timed when ``--repeat`` is not given (after one warm-up call).
 DEFAULT_REPEAT = 5
+#: Routing steps of ``moe-router balance`` when ``--steps`` is not given.
+DEFAULT_BALANCE_STEPS = 50
 
 
 class CliError(Exception):
@@ -144,6 +152,46 @@ def _add_route_parser(sub: Any) -> None:
     p.set_defaults(handler=_run_route)
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value != float("inf")):  # also NaN
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _add_balance_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "balance", help="route one batch repeatedly with the load balancer's expert bias; show loads fall",
+        description="Route the same batch STEPS times in training mode (step = 0, 1, ...) with "
+                    "aux-loss-free balancing on: after each step the LoadBalancer moves every expert's "
+                    "selection bias by RATE toward balance (b_e += RATE * sign(mean load - load_e), "
+                    "DeepSeek-V3), and the next step ranks experts by score + bias. Prints, per step, the "
+                    "largest and mean per-expert load before capacity, dropped assignments and dropped "
+                    "tokens. Without FILE, routes the embedded sample (4096 real tokens, 64 experts).")
+    p.add_argument("file", nargs="?", metavar="FILE",
+                   help=".npy or .npz file of float logits [T, E] or [B, S, E] (default: embedded sample)")
+    p.add_argument("--key", metavar="NAME",
+                   help="array inside an .npz file (optional when it holds a single 2-D/3-D float array)")
+    g = p.add_argument_group("balancing")
+    g.add_argument("--steps", "-s", type=_positive_int, default=DEFAULT_BALANCE_STEPS, metavar="N",
+                   help=f"routing steps (default: {DEFAULT_BALANCE_STEPS})")
+    g.add_argument("--rate", "-r", type=_non_negative_float, metavar="R",
+                   help=f"bias change per step, in score units (default: {DEFAULT_RELATIVE_BIAS_RATE:g}/E, "
+                        f"the LoadBalancer default; DeepSeek-V3 uses 1e-3 on sigmoid scores)")
+    _add_routing_options(p)
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    o.add_argument("--plot", metavar="OUT.png",
+                   help="draw the per-expert load of the first and the last step as bar charts "
+                        "(needs matplotlib: pip install 'moe_router[plot]')")
+    o.add_argument("--threads", type=_non_negative_int, metavar="N",
+                   help="routing threads (0: one per core; default: MOE_ROUTER_NUM_THREADS or one per core)")
+    p.set_defaults(handler=_run_balance)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``moe-router`` argument parser (one subparser per command)."""
     parser = _Parser(prog="moe-router",
@@ -151,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moe-router {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_route_parser(sub)
+    _add_balance_parser(sub)
     return parser
 
 
@@ -475,6 +524,204 @@ def _run_route(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
         render_text(report, Console(file=sys.stdout, highlight=False))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- balance
+
+
+def _balance_step(step: int, decision: RoutingDecision, bias: np.ndarray) -> Dict[str, Any]:
+    """One row of the balance report: pre-drop load extremes, drops, the bias this step used."""
+    pre = decision.pre_drop_tokens_per_expert
+    num_experts = int(pre.shape[0])
+    mean = (decision.active_tokens * decision.top_k) / num_experts if num_experts else 0.0
+    max_load = int(pre.max()) if num_experts else 0
+    return {
+        "step": step,
+        "max_load": max_load,
+        "min_load": int(pre.min()) if num_experts else 0,
+        "mean_load": mean,
+        "max_over_mean": None if mean <= 0 else max_load / mean,
+        "dropped_assignments": decision.dropped_assignments,
+        "tokens_dropped": decision.tokens_dropped,
+        "load_balance_loss": decision.load_balance_loss,
+        "bias_spread": float(bias.max() - bias.min()) if num_experts else 0.0,
+    }
+
+
+def run_balance(logits: np.ndarray, config: RouterConfig, steps: int,
+                balancer: LoadBalancer) -> Tuple[List[Dict[str, Any]], RoutingDecision, RoutingDecision]:
+    """Route ``logits`` ``steps`` times in training mode, feeding ``balancer`` after each step.
+
+    Step ``i`` is routed with ``step=i`` and the bias the balancer holds after
+    steps ``0 .. i-1``; an all-zero bias is passed as None, as ``ExpertRouter``
+    does, so step 0 ranks by the logits. Returns one row per step (see
+    ``_balance_step``) and the first and last decisions.
+    """
+    rows: List[Dict[str, Any]] = []
+    first: Optional[RoutingDecision] = None
+    decision: Optional[RoutingDecision] = None
+    for i in range(steps):
+        bias = balancer.expert_bias
+        decision = route_logits(logits, config, training=True,
+                                expert_bias=bias if bias.any() else None, step=i)
+        rows.append(_balance_step(i, decision, bias))
+        balancer.update(decision)
+        if first is None:
+            first = decision
+    assert first is not None and decision is not None
+    return rows, first, decision
+
+
+def build_balance_report(rows: List[Dict[str, Any]], first: RoutingDecision, last: RoutingDecision,
+                         config: RouterConfig, balancer: LoadBalancer, source: Dict[str, Any],
+                         plot: Optional[str]) -> Dict[str, Any]:
+    """The balance run as JSON-ready data (the text and JSON renderings both read it)."""
+    stats = balancer.get_stats()
+    return {
+        "command": "balance",
+        "source": source,
+        "tokens": last.total_tokens,
+        "active_tokens": last.active_tokens,
+        "experts": last.num_experts,
+        "top_k": last.top_k,
+        "config": {
+            "capacity_factor": config.capacity_factor,
+            "score_function": config.score_function,
+            "normalize_weights": config.normalize_weights,
+            "drop_policy": config.drop_policy,
+            "training": True,
+        },
+        "capacity": last.capacity,
+        "dropless": last.dropless,
+        "assignments": last.active_tokens * last.top_k,
+        "rate": balancer.bias_update_rate,
+        "steps": rows,
+        "first": rows[0],
+        "last": rows[-1],
+        "pre_drop_tokens_per_expert": {"first": first.pre_drop_tokens_per_expert.tolist(),
+                                       "last": last.pre_drop_tokens_per_expert.tolist()},
+        "expert_bias": stats.expert_bias.tolist(),
+        "balancer": {"ema_imbalance_ratio": stats.imbalance_ratio, "imbalanced": stats.imbalanced,
+                     "load_cv": stats.load_cv(), "well_balanced": stats.is_well_balanced()},
+        "plot": plot,
+    }
+
+
+def _fmt_ratio(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def render_balance_text(report: Dict[str, Any], console: Console) -> None:
+    """Print the balance run with rich: setup, one table row per step, first-to-last summary."""
+    cfg = report["config"]
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("source", Text(report["source"]["label"]))
+    summary.add_row("tokens", str(report["tokens"]))
+    summary.add_row("experts", str(report["experts"]))
+    summary.add_row("top_k", str(report["top_k"]))
+    if report["dropless"]:
+        summary.add_row("capacity", "dropless (no limit)")
+    else:
+        summary.add_row("capacity", f"{report['capacity']} per expert  (capacity_factor "
+                                    f"{cfg['capacity_factor']!r}, drop_policy {cfg['drop_policy']})")
+    summary.add_row("bias rate", f"{report['rate']:g} per step  (b_e += rate * sign(mean load - load_e))")
+    console.print(Text("moe-router balance", style="bold"))
+    console.print(summary)
+    console.print()
+    table = Table(title="Per step (loads are routed assignments, before capacity)", title_justify="left",
+                  box=None, pad_edge=False, show_edge=False)
+    for name in ("step", "max load", "mean load", "max/mean", "dropped assignments", "tokens dropped"):
+        table.add_column(name, justify="right")
+    for r in report["steps"]:
+        table.add_row(str(r["step"]), str(r["max_load"]), f"{r['mean_load']:.1f}", _fmt_ratio(r["max_over_mean"]),
+                      str(r["dropped_assignments"]), str(r["tokens_dropped"]))
+    console.print(table)
+    console.print()
+    first, last = report["first"], report["last"]
+    done = Table.grid(padding=(0, 2))
+    done.add_column(style="bold")
+    done.add_column()
+    done.add_row("max/mean load", f"{_fmt_ratio(first['max_over_mean'])} -> {_fmt_ratio(last['max_over_mean'])}  "
+                                  f"(step {first['step']} -> step {last['step']})")
+    done.add_row("dropped assignments", f"{first['dropped_assignments']} -> {last['dropped_assignments']}  "
+                                        f"(of {report['assignments']})")
+    done.add_row("tokens dropped", f"{first['tokens_dropped']} -> {last['tokens_dropped']}")
+    if report["plot"] is not None:
+        done.add_row("plot", Text(report["plot"]))
+    console.print(done)
+
+
+def _plot_figure_class() -> Any:
+    """matplotlib's ``Figure`` (imported lazily: matplotlib is the optional extra ``plot``)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CliError("--plot needs matplotlib, which is not installed; install the optional extra with "
+                       "pip install 'moe_router[plot]'") from None
+    return Figure
+
+
+def _check_plot_path(path: str, figure_class: Any) -> None:
+    out = Path(path)
+    if out.is_dir():
+        raise CliError(f"--plot {path} is a directory; give a file name such as load.png")
+    if not out.parent.is_dir():
+        raise CliError(f"--plot {path}: no such directory {str(out.parent)!r}")
+    formats = figure_class().canvas.get_supported_filetypes()
+    suffix = out.suffix.lower().lstrip(".")
+    if suffix and suffix not in formats:
+        raise CliError(f"--plot {path}: unsupported image type {out.suffix!r}; use one of "
+                       + ", ".join("." + f for f in sorted(formats)))
+
+
+def write_balance_plot(path: str, report: Dict[str, Any], figure_class: Any) -> None:
+    """Bar charts of each expert's pre-drop load at the first and the last step, saved to ``path``."""
+    first_load = report["pre_drop_tokens_per_expert"]["first"]
+    last_load = report["pre_drop_tokens_per_expert"]["last"]
+    experts = list(range(len(first_load)))
+    fig = figure_class(figsize=(max(6.0, min(16.0, 0.12 * len(experts) + 4.0)), 6.0), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True, sharey=True)
+    panels = ((axes[0], first_load, report["first"], "before", "tab:red"),
+              (axes[1], last_load, report["last"], "after", "tab:blue"))
+    for ax, load, row, when, color in panels:
+        ax.bar(experts, load, width=0.85, color=color)
+        ax.axhline(row["mean_load"], color="black", linestyle="--", linewidth=1, label="mean load")
+        if not report["dropless"]:
+            ax.axhline(report["capacity"], color="tab:orange", linewidth=1, label="capacity")
+        ax.set_title(f"{when}: step {row['step']}  (max/mean {_fmt_ratio(row['max_over_mean'])}, "
+                     f"dropped assignments {row['dropped_assignments']})", fontsize=10)
+        ax.set_ylabel("routed assignments")
+        ax.legend(loc="upper right", fontsize=8)
+    axes[1].set_xlabel("expert")
+    fig.suptitle(f"moe-router balance: {report['source']['label']}, E={report['experts']}, k={report['top_k']}, "
+                 f"rate {report['rate']:.3g}", fontsize=11)
+    try:
+        fig.savefig(path, dpi=100)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot write the plot {path}: {exc}") from None
+
+
+def _run_balance(args: argparse.Namespace) -> int:
+    figure_class = None
+    if args.plot is not None:
+        figure_class = _plot_figure_class()
+        _check_plot_path(args.plot, figure_class)
+    logits, source = load_logits(args)
+    if args.threads is not None:
+        set_num_threads(args.threads)
+    config = config_from_args(args, int(logits.shape[-1]), source["label"])
+    balancer = LoadBalancer(config.num_experts, bias_update_rate=args.rate)
+    rows, first, last = run_balance(logits, config, args.steps, balancer)
+    report = build_balance_report(rows, first, last, config, balancer, source, args.plot)
+    if figure_class is not None:
+        write_balance_plot(args.plot, report, figure_class)
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        render_balance_text(report, Console(file=sys.stdout, highlight=False))
     return EXIT_OK
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import decimal
 import math
 import numbers
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 from . import _core
 from ._core import ConfigError
@@ -19,6 +21,12 @@ _CHOICES = {
     "group_score": ("max", "top2_sum"),
     "overflow": ("drop", "reroute"),
 }
+
+#: Values of ``RouterConfig.peer``: the framework conventions a preset reproduces
+#: (see :mod:`moe_router.presets`). DeepSpeed has one entry per gating function
+#: because their loss normalizations differ.
+PEERS = ("megatron", "deepspeed_top1", "deepspeed_top2", "deepspeed_topk", "mixtral", "qwen_moe",
+         "deepseek_v3", "switch")
 
 
 def _bad(field: str, value: Any, allowed: str) -> ConfigError:
@@ -49,6 +57,33 @@ def _as_bool(field: str, value: Any) -> bool:
 def _as_choice(field: str, value: Any) -> str:
     if value not in _CHOICES[field]:
         raise _bad(field, value, "must be one of " + ", ".join(repr(c) for c in _CHOICES[field]))
+    return str(value)
+
+
+def _as_bias(value: Any, num_experts: int) -> Optional[Tuple[float, ...]]:
+    """A fixed selection bias as a tuple of E finite floats (or None)."""
+    if value is None:
+        return None
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # pragma: no cover - exotic input
+        raise _bad("expert_bias", value, f"must be a sequence of {num_experts} real numbers") from exc
+    if arr.dtype.kind not in "fiu" or arr.shape != (num_experts,):
+        raise _bad("expert_bias", value,
+                   f"must be a sequence of {num_experts} real numbers (one per expert), "
+                   f"got shape {list(arr.shape)} dtype {arr.dtype}")
+    out = tuple(float(v) for v in arr.astype(np.float64).tolist())
+    for i, v in enumerate(out):
+        if not math.isfinite(v):
+            raise _bad("expert_bias", value, f"must be finite; expert_bias[{i}] = {v!r}")
+    return out
+
+
+def _as_peer(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if value not in PEERS:
+        raise _bad("peer", value, "must be None or one of " + ", ".join(repr(p) for p in PEERS))
     return str(value)
 
 
@@ -145,6 +180,17 @@ class RouterConfig:
         (Switch) and additive ``N(0, noise_std^2)`` (noisy top-k).
     seed : int
         Seed of the counter-based RNG for noise and reroute draws.
+    expert_bias : sequence of E floats or None
+        A fixed per-expert selection bias (Hugging Face DeepSeek-V3
+        ``e_score_correction_bias``, a Megatron-Core expert bias), used by
+        ``route_logits`` when its ``expert_bias`` argument is None. Like that
+        argument it changes which experts win, never the weights. Stored as a tuple.
+    peer : str or None
+        The framework whose conventions a preset reproduces (one of
+        :data:`PEERS`); set by :meth:`preset`, None for native configurations.
+        It changes no routing: it selects how
+        ``RoutingDecision.peer_load_balance_loss`` is normalized (see
+        :func:`moe_router.presets.peer_load_balance_loss`).
 
     Raises
     ------
@@ -177,6 +223,8 @@ class RouterConfig:
     jitter_eps: float
     noise_std: float
     seed: int
+    expert_bias: Optional[Tuple[float, ...]]
+    peer: Optional[str]
     _options: "_core.RouteOptions"
 
     __slots__ = (
@@ -185,7 +233,7 @@ class RouterConfig:
         "normalize_weights", "weight_scale", "load_balance_loss_coeff", "router_z_loss_coeff",
         "seq_load_balance_loss_coeff", "expert_dropout", "enable_load_balancing", "overflow",
         "reroute_weight_scale", "num_groups", "group_top_k", "group_score", "jitter_eps",
-        "noise_std", "seed", "_options",
+        "noise_std", "seed", "expert_bias", "peer", "_options",
     )
 
     def __init__(
@@ -216,6 +264,8 @@ class RouterConfig:
         jitter_eps: float = 0.0,
         noise_std: float = 0.0,
         seed: int = 0,
+        expert_bias: Optional[Sequence[float]] = None,
+        peer: Optional[str] = None,
         num_experts_per_token: Optional[int] = None,
     ) -> None:
         if num_experts_per_token is not None:
@@ -269,6 +319,8 @@ class RouterConfig:
         s(self, "seed", _as_int("seed", seed, 0))
         if self.seed >= 2**64:
             raise _bad("seed", seed, "must be < 2**64")
+        s(self, "expert_bias", _as_bias(expert_bias, self.num_experts))
+        s(self, "peer", _as_peer(peer))
         # Semantic checks (ranges, combinations) live in the Rust core, in one place.
         s(self, "_options", _core.RouteOptions(
             num_experts=self.num_experts, top_k=self.top_k, score_function=self.score_function,
@@ -281,6 +333,28 @@ class RouterConfig:
             jitter_eps=self.jitter_eps, noise_std=self.noise_std, seed=self.seed,
             expert_capacity=self.expert_capacity,
         ))
+
+    @classmethod
+    def preset(cls, name: str, num_experts: int, top_k: Optional[int] = None,
+               **overrides: Any) -> "RouterConfig":
+        """A configuration that routes like Megatron-Core, DeepSpeed or a Hugging Face model.
+
+        Shorthand for :func:`moe_router.presets.preset`; ``name`` is one of
+        ``"megatron"``, ``"deepspeed"``, ``"mixtral"``, ``"qwen_moe"``,
+        ``"deepseek_v3"``, ``"switch"``. ``overrides`` take this class's field
+        names or the peer's own parameter names (e.g. ``pre_softmax``,
+        ``norm_topk_prob``, ``min_capacity``).
+
+        Examples
+        --------
+        >>> import moe_router as mr
+        >>> cfg = mr.RouterConfig.preset("mixtral", num_experts=8, top_k=2)
+        >>> cfg.normalize_weights, cfg.capacity_factor, cfg.peer
+        (True, None, 'mixtral')
+        """
+        from .presets import preset
+
+        return preset(name, num_experts, top_k, **overrides)
 
     @property
     def num_experts_per_token(self) -> int:

@@ -89,6 +89,12 @@ class RoutingDecision:
     auxiliary_loss : float
         ``load_balance_loss_coeff * load_balance_loss + router_z_loss_coeff *
         router_z_loss`` (+ ``seq_load_balance_loss_coeff * seq_load_balance_loss``).
+    peer_load_balance_loss : float or None
+        For a configuration made by a preset (``config.peer`` set), the load-balance
+        loss as that framework computes it (coefficient 1): k times ours for
+        Hugging Face Mixtral/Qwen, first choices only for DeepSpeed top-1/top-2,
+        a plain top-k count for Megatron-Core; see
+        :func:`moe_router.presets.peer_load_balance_loss`. None otherwise.
     router_probs : numpy.ndarray or None
         float32 ``[T, E]`` scores of the logits as given, when asked for.
     batch_shape : tuple of int
@@ -114,6 +120,7 @@ class RoutingDecision:
     router_z_loss: float
     seq_load_balance_loss: Optional[float]
     auxiliary_loss: float
+    peer_load_balance_loss: Optional[float]
     router_probs: Optional[np.ndarray]
     batch_shape: Tuple[int, ...]
 
@@ -121,8 +128,8 @@ class RoutingDecision:
         "expert_indices", "expert_weights", "expert_slots", "kept", "rerouted", "tokens_per_expert",
         "pre_drop_tokens_per_expert", "expert_prob_mean", "capacity", "dropless", "total_tokens", "active_tokens",
         "kept_assignments", "dropped_assignments", "tokens_dropped", "load_balance_loss",
-        "router_z_loss", "seq_load_balance_loss", "auxiliary_loss", "router_probs", "batch_shape",
-        "_assignments",
+        "router_z_loss", "seq_load_balance_loss", "auxiliary_loss", "peer_load_balance_loss", "router_probs",
+        "batch_shape", "_assignments",
     )
 
     def __init__(self, fields: Dict[str, Any], *, auxiliary_loss: float, batch_shape: Tuple[int, ...],
@@ -134,6 +141,7 @@ class RoutingDecision:
             setattr(self, name, fields[name])
         self.total_tokens = int(self.expert_indices.shape[0])
         self.auxiliary_loss = float(auxiliary_loss)
+        self.peer_load_balance_loss = None
         self.router_probs = router_probs
         self.batch_shape = tuple(batch_shape)
         self._assignments: Optional[List[List[ExpertAssignment]]] = None
@@ -224,6 +232,7 @@ class RoutingDecision:
             "router_z_loss": self.router_z_loss,
             "seq_load_balance_loss": self.seq_load_balance_loss,
             "auxiliary_loss": self.auxiliary_loss,
+            "peer_load_balance_loss": self.peer_load_balance_loss,
         }
 
     def __repr__(self) -> str:

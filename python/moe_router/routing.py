@@ -40,7 +40,8 @@ def route_logits(
         False marks padding: not read, not routed, counted in no load, loss or capacity.
     expert_bias : array_like of float, shape [E], optional
         Per-expert selection bias (aux-loss-free balancing, DeepSeek-V3): added to
-        the scores to choose experts, never to the weights.
+        the scores to choose experts, never to the weights. When None,
+        ``config.expert_bias`` (if set) is used.
     step : int
         Training step, part of the RNG key of the noise and reroute draws.
     return_probs : bool
@@ -49,6 +50,8 @@ def route_logits(
     Returns
     -------
     RoutingDecision
+        With ``peer_load_balance_loss`` set when ``config.peer`` is (a preset's
+        configuration).
 
     Raises
     ------
@@ -77,12 +80,26 @@ def route_logits(
         raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}")
     rows, batch_shape = _inputs.float_rows(logits, "logits", config.num_experts, "num_experts")
     mask = _inputs.token_mask(token_mask, batch_shape)
+    if expert_bias is None:
+        expert_bias = config.expert_bias
     bias = _inputs.expert_bias(expert_bias, config.num_experts)
-    seq_len = batch_shape[1] if len(batch_shape) == 2 and batch_shape[1] > 0 else None
+    seq_len = batch_shape[1] if len(batch_shape) == 2 else None
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise TypeError(f"step must be a non-negative integer, got {step!r}")
     fields = _core.route_logits(rows, config._options, bool(training), mask, bias, int(step), seq_len)
-    return decision_from_core(fields, config, batch_shape, rows if return_probs else None)
+    decision = decision_from_core(fields, config, batch_shape, rows if return_probs else None)
+    if config.peer is not None:
+        from . import presets
+
+        plain = None
+        if presets.counts_plain_topk(config, bias is not None):
+            # Megatron-Core counts a plain top-k (no bias, no groups) in its aux loss:
+            # route once more without them, on the same (noised) logits.
+            plain_cfg = presets.plain_topk_config(config)
+            plain = _core.route_logits(rows, plain_cfg._options, bool(training), mask, None, int(step),
+                                       None)["pre_drop_tokens_per_expert"]
+        decision.peer_load_balance_loss = presets.peer_loss_from_counts(decision, config.peer, mask, plain)
+    return decision
 
 
 def decision_from_core(fields: dict, config: RouterConfig, batch_shape: tuple,

@@ -18,6 +18,8 @@ use crate::route::CHUNK_TOKENS;
 
 /// The `[T, k]` arrays an assignment pass reads and writes.
 pub(crate) struct Assignments<'a> {
+    /// Tokens per chunk of the per-chunk counts (pass 1's chunking).
+    pub chunk: usize,
     pub top_k: usize,
     pub num_experts: usize,
     pub experts: &'a [i32],
@@ -50,7 +52,7 @@ pub(crate) fn assign_in_token_order(a: Assignments, capacity: usize, counts: &[V
     let (k, e) = (a.top_k, a.num_experts);
     let base = if rank_major { rank_bases(counts, k, e) } else { vec![0u32; e] };
     let offsets = exclusive_prefix(counts, &base);
-    let step = CHUNK_TOKENS * k;
+    let step = a.chunk * k;
     a.experts
         .par_chunks(step)
         .zip(a.kept.par_chunks_mut(step))
@@ -173,13 +175,13 @@ pub(crate) fn assign_by_weight(a: Assignments, capacity: usize, weights: &[f32],
     if full.iter().any(|&f| f) {
         let thresholds = weight_thresholds(&a, capacity, weights, counts, &totals, &full);
         // Drop every assignment of a full expert that ranks below its threshold.
-        let step = CHUNK_TOKENS * k;
+        let step = a.chunk * k;
         a.experts.par_chunks(step).zip(a.kept.par_chunks_mut(step)).zip(weights.par_chunks(step)).enumerate().for_each(
             |(c, ((experts, kept), w))| {
                 for i in 0..experts.len() {
                     let x = experts[i] as usize;
                     if kept[i] && full[x] {
-                        let token = (c * CHUNK_TOKENS + i / k) as u32;
+                        let token = (c * a.chunk + i / k) as u32;
                         kept[i] = match thresholds[x] {
                             Some((tw, tt)) => w[i] > tw || (w[i] == tw && token <= tt),
                             None => false,
@@ -190,7 +192,7 @@ pub(crate) fn assign_by_weight(a: Assignments, capacity: usize, weights: &[f32],
         );
     }
     // Slots in token order among the kept.
-    let step = CHUNK_TOKENS * k;
+    let step = a.chunk * k;
     let kept_counts: Vec<Vec<u32>> = a
         .experts
         .par_chunks(step)
@@ -233,7 +235,7 @@ fn weight_thresholds(
     let mut entries = vec![(0f32, 0u32); size as usize];
     {
         let writer = DisjointWriter::new(&mut entries);
-        let step = CHUNK_TOKENS * k;
+        let step = a.chunk * k;
         a.experts
             .par_chunks(step)
             .zip(a.kept.par_chunks(step))
@@ -244,7 +246,7 @@ fn weight_thresholds(
                 for i in 0..experts.len() {
                     let x = experts[i] as usize;
                     if kept[i] && full[x] {
-                        let token = (c * CHUNK_TOKENS + i / k) as u32;
+                        let token = (c * a.chunk + i / k) as u32;
                         // SAFETY: chunk c of expert x owns positions
                         // offsets[c][x] .. offsets[c + 1][x]: disjoint across chunks.
                         unsafe { writer.write(next[x] as usize, (w[i], token)) };

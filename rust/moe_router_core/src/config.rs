@@ -14,6 +14,9 @@ pub enum ScoreFunction {
     Softmax,
     /// Element-wise logistic sigmoid (DeepSeek-V3).
     Sigmoid,
+    /// The rows already hold non-negative scores (a gate's probabilities); 0 marks
+    /// an expert as not eligible. Used by the hierarchical gate.
+    Probabilities,
 }
 
 /// Which assignments survive when an expert receives more than `capacity`.
@@ -224,6 +227,13 @@ impl RouterOptions {
         }
         if !(0.0..=1.0).contains(&self.reroute_probability) {
             return Err(RouterError::config("expert_dropout", self.reroute_probability, "must be in [0, 1]"));
+        }
+        if self.score_function == ScoreFunction::Probabilities && (self.jitter_eps > 0.0 || self.noise_std > 0.0) {
+            return Err(RouterError::config(
+                "jitter_eps",
+                self.jitter_eps.max(self.noise_std),
+                "noise applies to logits; it is not available when routing a gate's probabilities",
+            ));
         }
         if !(self.jitter_eps.is_finite() && (0.0..1.0).contains(&self.jitter_eps)) {
             return Err(RouterError::config("jitter_eps", self.jitter_eps, "must be in [0, 1)"));

@@ -20,6 +20,8 @@ mod assign;
 pub mod capacity;
 pub mod config;
 pub mod error;
+pub mod gate;
+pub mod linear;
 pub mod losses;
 mod math;
 mod reroute;
@@ -34,4 +36,8 @@ pub use config::{
     CapacityFactor, CapacityRounding, DropPolicy, GroupLimit, GroupScore, Overflow, RouterOptions, ScoreFunction,
 };
 pub use error::{Result, RouterError};
-pub use route::{route, route_logits, Logit, LogitSource, RouteCall, Routing, SliceLogits, CHUNK_TOKENS};
+pub use gate::{gate_probabilities, GateShape, HierarchicalGate};
+pub use linear::{GemmScalar, LinearLogits};
+pub use route::{
+    route, route_logits, ChunkBuf, ChunkRows, Logit, LogitSource, RouteCall, Routing, SliceLogits, CHUNK_TOKENS,
+};

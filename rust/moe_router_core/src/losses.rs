@@ -40,7 +40,7 @@ impl LossSums {
         if row.prob_scale > 0.0 {
             add_scaled(&mut self.prob_sum, row.prob_scale, scores);
         }
-        self.z_sum += row.lse * row.lse;
+        self.z_sum += row.z_term;
         self.active += 1;
     }
 

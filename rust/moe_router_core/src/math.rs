@@ -13,44 +13,55 @@ use crate::route::Logit;
 /// Lanes of the row kernels.
 pub const LANES: usize = 8;
 
-/// `e^x` in float64 for `x <= 700`, branch-free; 0 below -708 (and for -inf).
+/// `e^x` in float64, branch-free, accurate to a few ulp for `x <= 709`,
+/// down into the subnormal range (0 below about -745, and for -inf).
 ///
 /// Cody-Waite range reduction `x = n ln2 + r`, `|r| <= ln2/2`, then the
 /// degree-11 Taylor polynomial of `e^r` (truncation error < 7e-15 relative), then
-/// scaling by `2^n` built in the exponent bits. `n` comes from the
-/// 1.5 * 2^52 rounding trick so no float-to-int conversion is needed.
+/// scaling by `2^n` as two exponent-built factors `2^(n/2) * 2^(n - n/2)`, so
+/// results below 2^-1022 come out as subnormals instead of 0. `n` comes from
+/// the 1.5 * 2^52 rounding trick, so no float-to-int conversion is needed.
 #[inline(always)]
 pub fn exp_f64(x: f64) -> f64 {
-    const LOG2E: f64 = std::f64::consts::LOG2_E;
-    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000); // ln 2, upper bits
-    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76); // ln 2 - LN2_HI
-    const SHIFT: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52
-    let xc = x.clamp(-708.0, 700.0);
+    let xc = x.clamp(EXP_LO, EXP_HI);
     let t = xc.mul_add(LOG2E, SHIFT);
     let n = t - SHIFT;
     let r = (-n).mul_add(LN2_HI, xc);
     let r = (-n).mul_add(LN2_LO, r);
-    let mut p: f64 = 1.0 / 39_916_800.0;
-    p = p.mul_add(r, 1.0 / 3_628_800.0);
-    p = p.mul_add(r, 1.0 / 362_880.0);
-    p = p.mul_add(r, 1.0 / 40_320.0);
-    p = p.mul_add(r, 1.0 / 5_040.0);
-    p = p.mul_add(r, 1.0 / 720.0);
-    p = p.mul_add(r, 1.0 / 120.0);
-    p = p.mul_add(r, 1.0 / 24.0);
-    p = p.mul_add(r, 1.0 / 6.0);
-    p = p.mul_add(r, 0.5);
-    p = p.mul_add(r, 1.0);
-    p = p.mul_add(r, 1.0);
-    // Low bits of t hold n; (n + 1023) << 52 is 2^n.
-    let scale = f64::from_bits(t.to_bits().wrapping_add(1023) << 52);
-    let y = p * scale;
-    if x < -708.0 {
-        0.0
-    } else {
-        y
+    let mut p: f64 = TAYLOR[0];
+    for &c in &TAYLOR[1..] {
+        p = p.mul_add(r, c);
     }
+    // Low bits of t hold n; m = n + 2048 > 0, so logical shifts split it.
+    let m = t.to_bits().wrapping_sub(SHIFT.to_bits()).wrapping_add(2048);
+    let n1 = (m >> 1).wrapping_sub(1024); // floor(n / 2)
+    let n2 = m.wrapping_sub(2048).wrapping_sub(n1); // n - floor(n / 2)
+    let s1 = f64::from_bits(n1.wrapping_add(1023) << 52);
+    let s2 = f64::from_bits(n2.wrapping_add(1023) << 52);
+    (p * s1) * s2
 }
+
+const LOG2E: f64 = std::f64::consts::LOG2_E;
+const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000); // ln 2, upper bits
+const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76); // ln 2 - LN2_HI
+const SHIFT: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52
+const EXP_LO: f64 = -746.0; // e^-746 rounds to 0
+const EXP_HI: f64 = 709.0; // e^709 is the largest with both factors finite
+/// 1/11!, 1/10!, ..., 1/1!, 1/0! (Horner order).
+const TAYLOR: [f64; 12] = [
+    1.0 / 39_916_800.0,
+    1.0 / 3_628_800.0,
+    1.0 / 362_880.0,
+    1.0 / 40_320.0,
+    1.0 / 5_040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
 
 /// Run `$f` compiled for AVX2 + FMA when the CPU has them, else the portable build.
 macro_rules! dispatch {
@@ -194,15 +205,13 @@ macro_rules! kernels {
     };
 }
 
-/// Logistic sigmoid `1 / (1 + e^-z)`; exactly 0 for -inf and 1 for large z.
+/// Logistic sigmoid in its stable form: `1 / (1 + e^-z)` for `z >= 0`,
+/// `e^z / (1 + e^z)` below, so it is accurate down to about -745 (0 for -inf).
 #[inline(always)]
 pub fn sigmoid(z: f64) -> f64 {
-    let v = 1.0 / (1.0 + exp_f64(-z));
-    if z == f64::NEG_INFINITY {
-        0.0
-    } else {
-        v
-    }
+    let e = exp_f64(-z.abs());
+    let num = if z >= 0.0 { 1.0 } else { e };
+    num / (1.0 + e)
 }
 
 /// Sum of the lanes in a fixed order (pairwise), the same in every build.
@@ -225,36 +234,26 @@ mod wide {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn exp4(x: __m256d) -> __m256d {
-        let log2e = _mm256_set1_pd(std::f64::consts::LOG2_E);
-        let shift = _mm256_set1_pd(6_755_399_441_055_744.0);
-        let ln2_hi = _mm256_set1_pd(f64::from_bits(0x3fe6_2e42_fee0_0000));
-        let ln2_lo = _mm256_set1_pd(f64::from_bits(0x3dea_39ef_3579_3c76));
-        let lo = _mm256_set1_pd(-708.0);
-        let xc = _mm256_min_pd(_mm256_max_pd(x, lo), _mm256_set1_pd(700.0));
-        let t = _mm256_fmadd_pd(xc, log2e, shift);
+        let shift = _mm256_set1_pd(SHIFT);
+        let xc = _mm256_min_pd(_mm256_max_pd(x, _mm256_set1_pd(EXP_LO)), _mm256_set1_pd(EXP_HI));
+        let t = _mm256_fmadd_pd(xc, _mm256_set1_pd(LOG2E), shift);
         let n = _mm256_sub_pd(t, shift);
-        let r = _mm256_fnmadd_pd(n, ln2_hi, xc);
-        let r = _mm256_fnmadd_pd(n, ln2_lo, r);
-        let mut p = _mm256_set1_pd(1.0 / 39_916_800.0);
-        for c in [
-            1.0 / 3_628_800.0,
-            1.0 / 362_880.0,
-            1.0 / 40_320.0,
-            1.0 / 5_040.0,
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
+        let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(LN2_HI), xc);
+        let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(LN2_LO), r);
+        let mut p = _mm256_set1_pd(TAYLOR[0]);
+        for &c in &TAYLOR[1..] {
             p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(c));
         }
-        let bits = _mm256_slli_epi64::<52>(_mm256_add_epi64(_mm256_castpd_si256(t), _mm256_set1_epi64x(1023)));
-        let y = _mm256_mul_pd(p, _mm256_castsi256_pd(bits));
-        let below = _mm256_cmp_pd::<_CMP_LT_OQ>(x, lo);
-        _mm256_andnot_pd(below, y)
+        let m = _mm256_add_epi64(
+            _mm256_sub_epi64(_mm256_castpd_si256(t), _mm256_set1_epi64x(SHIFT.to_bits() as i64)),
+            _mm256_set1_epi64x(2048),
+        );
+        let n1 = _mm256_sub_epi64(_mm256_srli_epi64::<1>(m), _mm256_set1_epi64x(1024));
+        let n2 = _mm256_sub_epi64(_mm256_sub_epi64(m, _mm256_set1_epi64x(2048)), n1);
+        let bias = _mm256_set1_epi64x(1023);
+        let s1 = _mm256_castsi256_pd(_mm256_slli_epi64::<52>(_mm256_add_epi64(n1, bias)));
+        let s2 = _mm256_castsi256_pd(_mm256_slli_epi64::<52>(_mm256_add_epi64(n2, bias)));
+        _mm256_mul_pd(_mm256_mul_pd(p, s1), s2)
     }
 
     /// `exp_shifted` with explicit 256-bit vectors (LLVM's SLP vectorizer
@@ -302,8 +301,8 @@ mod tests {
     #[test]
     fn exp_matches_libm() {
         let mut worst = 0.0f64;
-        let mut x = -700.0;
-        while x < 700.0 {
+        let mut x = -708.0;
+        while x < 709.0 {
             let rel = ((exp_f64(x) - x.exp()) / x.exp()).abs();
             worst = worst.max(rel);
             x += 0.0137;
@@ -311,6 +310,10 @@ mod tests {
         assert!(worst < 2e-14, "worst relative error {worst}");
         assert_eq!(exp_f64(f64::NEG_INFINITY), 0.0);
         assert_eq!(exp_f64(-800.0), 0.0);
+        // Subnormal results keep their value (to the precision subnormals have).
+        for x in [-709.5, -720.0, -740.0] {
+            assert!((exp_f64(x) / x.exp() - 1.0).abs() < 1e-6, "{x}");
+        }
         assert_eq!(exp_f64(0.0), 1.0);
     }
 
@@ -332,7 +335,9 @@ mod tests {
         assert_eq!(sigmoid(f64::NEG_INFINITY), 0.0);
         assert_eq!(sigmoid(0.0), 0.5);
         assert!((sigmoid(800.0) - 1.0).abs() < 1e-300);
-        assert!(sigmoid(-800.0) < 1e-300);
+        assert_eq!(sigmoid(-800.0), 0.0);
+        assert!((sigmoid(-705.0) / (-705.0f64).exp() - 1.0).abs() < 1e-12);
+        assert!((sigmoid(-720.0) / sigmoid(-721.0) - 1f64.exp()).abs() < 1e-6);
     }
 
     #[test]

@@ -47,6 +47,36 @@ impl Logit for f64 {
     }
 }
 
+/// Reusable per-task buffers a source may compute a chunk into.
+#[derive(Debug, Clone)]
+pub struct ChunkBuf<E> {
+    /// Row-major `[chunk, E]` values.
+    pub rows: Vec<E>,
+    /// Per-token z-loss terms, for sources that define their own (the hierarchical gate).
+    pub z_squared: Vec<f64>,
+    /// Scratch for intermediate products (group logits, gathered rows).
+    pub work: Vec<E>,
+    /// Scratch for intermediate results in float64.
+    pub work64: Vec<f64>,
+    /// Scratch token lists.
+    pub index: Vec<u32>,
+}
+
+impl<E> Default for ChunkBuf<E> {
+    fn default() -> Self {
+        ChunkBuf { rows: Vec::new(), z_squared: Vec::new(), work: Vec::new(), work64: Vec::new(), index: Vec::new() }
+    }
+}
+
+/// One chunk of rows, as a source hands it to the router.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkRows<'s, E> {
+    /// Row-major `[chunk, E]` logits (or probabilities, for `ScoreFunction::Probabilities`).
+    pub rows: &'s [E],
+    /// Per-token `z`-loss term replacing `logsumexp(row)^2`, when the source defines one.
+    pub z_squared: Option<&'s [f64]>,
+}
+
 /// Where router logits come from: an array in memory, or a GEMM computed
 /// chunk by chunk (the hidden-state path), so no `[T, E]` array need exist.
 pub trait LogitSource: Sync {
@@ -59,8 +89,8 @@ pub trait LogitSource: Sync {
     /// E.
     fn num_experts(&self) -> usize;
     /// Rows `start..end`, row-major `[(end - start), E]`, either borrowed from
-    /// the source or computed into `scratch`.
-    fn chunk<'s>(&'s self, start: usize, end: usize, scratch: &'s mut Vec<Self::Elem>) -> &'s [Self::Elem];
+    /// the source or computed into `buf`.
+    fn chunk<'s>(&'s self, start: usize, end: usize, buf: &'s mut ChunkBuf<Self::Elem>) -> ChunkRows<'s, Self::Elem>;
 }
 
 /// Logits held in a row-major slice.
@@ -96,8 +126,8 @@ impl<F: Logit> LogitSource for SliceLogits<'_, F> {
     fn num_experts(&self) -> usize {
         self.experts
     }
-    fn chunk<'s>(&'s self, start: usize, end: usize, _scratch: &'s mut Vec<F>) -> &'s [F] {
-        &self.data[start * self.experts..end * self.experts]
+    fn chunk<'s>(&'s self, start: usize, end: usize, _buf: &'s mut ChunkBuf<F>) -> ChunkRows<'s, F> {
+        ChunkRows { rows: &self.data[start * self.experts..end * self.experts], z_squared: None }
     }
 }
 
@@ -191,10 +221,15 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
     let mut expert_slots = vec![-1i32; n];
     let mut top1 = vec![0f32; if policy == DropPolicy::Bpr || reroute { t } else { 0 }];
 
-    // Pass 1: score and select.
+    // Pass 1: score and select. Whole sequences per chunk when the sequence
+    // loss is asked for; every later pass uses the same chunks.
+    let chunk = match call.sequence_length {
+        Some(s) if s > 0 => CHUNK_TOKENS.div_ceil(s) * s,
+        _ => CHUNK_TOKENS,
+    };
     let ranks = if policy == DropPolicy::Rank { k } else { 1 };
-    let tallies =
-        score_and_select(source, options, call, ranks, &mut expert_indices, &mut expert_weights, &mut kept, &mut top1)?;
+    let (idx, w, r, t1) = (&mut expert_indices, &mut expert_weights, &mut kept, &mut top1);
+    let tallies = score_and_select(source, options, call, chunk, ranks, idx, w, r, t1)?;
     let mut sums = LossSums::new(e);
     let mut routed_counts = vec![0u64; e];
     for tally in &tallies {
@@ -214,6 +249,7 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
     let routed = if reroute_now { kept.clone() } else { Vec::new() };
     {
         let a = Assignments {
+            chunk,
             top_k: k,
             num_experts: e,
             experts: &expert_indices,
@@ -241,7 +277,7 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
     }
 
     // Pass 3: weights of dropped assignments, renormalization, counts.
-    let (kept_assignments, tokens_dropped) = finish_tokens(options, call, &kept, &mut expert_weights);
+    let (kept_assignments, tokens_dropped) = finish_tokens(options, call, chunk, &kept, &mut expert_weights);
     let mut tokens_per_expert = vec![0i64; e];
     for (&x, &kp) in expert_indices.iter().zip(&kept) {
         if kp {
@@ -264,7 +300,11 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
         rerouted,
         tokens_per_expert,
         pre_drop_tokens_per_expert: routed_counts.iter().map(|&c| c as i64).collect(),
-        expert_prob_mean: sums.prob_sum.iter().map(|&p| if sums.active == 0 { 0.0 } else { p / sums.active as f64 }).collect(),
+        expert_prob_mean: sums
+            .prob_sum
+            .iter()
+            .map(|&p| if sums.active == 0 { 0.0 } else { p / sums.active as f64 })
+            .collect(),
         capacity: reported_capacity,
         dropless: limit.is_none(),
         active_tokens: active,
@@ -290,6 +330,7 @@ fn score_and_select<S: LogitSource>(
     source: &S,
     options: &RouterOptions,
     call: &RouteCall,
+    chunk: usize,
     ranks: usize,
     experts: &mut [i32],
     weights: &mut [f32],
@@ -299,11 +340,6 @@ fn score_and_select<S: LogitSource>(
     let t = source.num_tokens();
     let (e, k) = (options.num_experts, options.top_k);
     let ctx = RowContext::new(options, call, source.argument());
-    // Whole sequences per chunk when the sequence loss is asked for.
-    let chunk = match call.sequence_length {
-        Some(s) => CHUNK_TOKENS.div_ceil(s) * s,
-        None => CHUNK_TOKENS,
-    };
     let chunks = t.div_ceil(chunk);
     let mut top1_parts: Vec<&mut [f32]> = top1.chunks_mut(chunk).collect();
     top1_parts.resize_with(chunks, Default::default);
@@ -313,12 +349,13 @@ fn score_and_select<S: LogitSource>(
                      w: &mut [f32],
                      r: &mut [bool],
                      top1: &mut [f32],
-                     state: &mut (RowRouter, Vec<S::Elem>)|
+                     state: &mut (RowRouter, ChunkBuf<S::Elem>)|
      -> Result<Tally> {
         let (router, scratch) = state;
         let start = c * chunk;
         let end = (start + chunk).min(t);
-        let rows = source.chunk(start, end, scratch);
+        let chunk_rows = source.chunk(start, end, scratch);
+        let rows = chunk_rows.rows;
         let mut tally = Tally::new(e, ranks);
         let mut seq = call.sequence_length.map(|s| SequenceLoss::new(s, e, k));
         for i in 0..end - start {
@@ -331,6 +368,7 @@ fn score_and_select<S: LogitSource>(
                 &ctx,
                 start + i,
                 &rows[i * e..(i + 1) * e],
+                chunk_rows.z_squared.map(|z| z[i]),
                 out,
                 &mut tally.counts,
                 &mut tally.losses,
@@ -342,7 +380,7 @@ fn score_and_select<S: LogitSource>(
         }
         Ok(tally)
     };
-    let init = || (RowRouter::new(options), Vec::new());
+    let init = || (RowRouter::new(options), ChunkBuf::default());
 
     let results: Vec<Result<Tally>> = if chunks <= 1 {
         // Decode-sized batches: no thread-pool round trip.
@@ -368,11 +406,17 @@ fn score_and_select<S: LogitSource>(
 
 /// Pass 3: zero the weights of assignments that were not kept, renormalize the
 /// kept ones if asked, and count kept assignments and fully dropped tokens.
-fn finish_tokens(options: &RouterOptions, call: &RouteCall, kept: &[bool], weights: &mut [f32]) -> (usize, usize) {
+fn finish_tokens(
+    options: &RouterOptions,
+    call: &RouteCall,
+    chunk: usize,
+    kept: &[bool],
+    weights: &mut [f32],
+) -> (usize, usize) {
     let k = options.top_k;
     let renormalize = options.renormalize_after_drop;
     let scale = options.weight_scale;
-    let step = CHUNK_TOKENS * k;
+    let step = chunk * k;
     weights
         .par_chunks_mut(step)
         .zip(kept.par_chunks(step))
@@ -397,7 +441,7 @@ fn finish_tokens(options: &RouterOptions, call: &RouteCall, kept: &[bool], weigh
                     }
                 }
                 kept_total += n;
-                let token = c * CHUNK_TOKENS + i;
+                let token = c * chunk + i;
                 if n == 0 && call.token_mask.is_none_or(|m| m[token]) {
                     dropped_tokens += 1;
                 }
@@ -447,7 +491,7 @@ fn check_call<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteC
         }
     }
     if let Some(s) = call.sequence_length {
-        if s == 0 || t % s != 0 {
+        if (s == 0 && t != 0) || (s != 0 && t % s != 0) {
             return Err(RouterError::shape(
                 "logits",
                 format!("T divisible by the sequence length {s}"),

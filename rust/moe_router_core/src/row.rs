@@ -1,7 +1,7 @@
 //! Routing of one token: validate its logits, add training noise, score,
 //! limit to the best groups, select the top k, weigh the choices.
 
-use crate::config::RouterOptions;
+use crate::config::{RouterOptions, ScoreFunction};
 use crate::error::{Result, RouterError};
 use crate::losses::{LossSums, SequenceLoss};
 use crate::math::{read_row, RowRead, LANES};
@@ -20,7 +20,9 @@ pub(crate) struct RowContext<'a> {
 
 impl<'a> RowContext<'a> {
     pub(crate) fn new(options: &'a RouterOptions, call: &'a RouteCall<'a>, argument: &'static str) -> Self {
-        let noise = call.training && (options.jitter_eps > 0.0 || options.noise_std > 0.0);
+        let noise = call.training
+            && options.score_function != ScoreFunction::Probabilities
+            && (options.jitter_eps > 0.0 || options.noise_std > 0.0);
         RowContext { options, call, argument, noise }
     }
 
@@ -72,6 +74,7 @@ impl RowRouter {
         ctx: &RowContext,
         token: usize,
         raw: &[F],
+        z_squared: Option<f64>,
         out: TokenOut,
         counts: &mut [u32],
         sums: &mut LossSums,
@@ -98,7 +101,10 @@ impl RowRouter {
         if ctx.noise {
             max = self.add_noise(options, ctx.call.step, token);
         }
-        let row = score_row(options.score_function, &self.logits, max, &mut self.scores);
+        let mut row = score_row(options.score_function, &self.logits, max, &mut self.scores);
+        if let Some(z) = z_squared {
+            row.z_term = z;
+        }
 
         // Selection keys: logits when there is no bias (same order as the exact
         // scores, and immune to ties that rounding of the scores would create),
@@ -112,7 +118,7 @@ impl RowRouter {
                 let z = self.logits[i];
                 let eligible = z > f64::NEG_INFINITY;
                 self.group_keys[i] =
-                    if eligible { self.scores[i] + bias.map_or(0.0, |b| b[i]) } else { f64::NEG_INFINITY };
+                    if eligible { self.scores[i] * row.scale + bias.map_or(0.0, |b| b[i]) } else { f64::NEG_INFINITY };
                 self.keys[i] = if bias.is_some() { self.group_keys[i] } else { z };
             }
             if let Some(limit) = &options.groups {
@@ -149,7 +155,25 @@ impl RowRouter {
     /// Copy the row into float64, rejecting NaN, +inf and rows with no finite logit.
     /// Returns what the read pass learned about the row.
     fn read_row<F: Logit>(&mut self, ctx: &RowContext, token: usize, raw: &[F]) -> Result<RowRead> {
-        let read = read_row(raw, &mut self.logits);
+        let mut read = read_row(raw, &mut self.logits);
+        if ctx.options.score_function == ScoreFunction::Probabilities && !read.bad {
+            // Probabilities: 0 means "not eligible"; negative values are refused.
+            if self.logits.iter().any(|&p| p < 0.0) {
+                return Err(RouterError::BadValue {
+                    argument: ctx.argument,
+                    problem: "contains a negative probability",
+                    token,
+                    hint: "gate probabilities must be >= 0",
+                });
+            }
+            for p in self.logits.iter_mut() {
+                if *p == 0.0 {
+                    *p = f64::NEG_INFINITY;
+                }
+            }
+            read.max = self.logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            read.lane_max = [f64::NEG_INFINITY; LANES];
+        }
         let (max, bad) = (read.max, read.bad);
         if bad {
             let nan = self.logits.iter().any(|v| v.is_nan());
@@ -199,16 +223,18 @@ impl RowRouter {
         routed: &[bool],
         weights: &mut [f32],
     ) {
+        // The sum of the buffer values (scores / scale): normalization cancels
+        // `scale`, so tiny scores are never divided by a subnormal sum.
         let mut sum = 0.0;
         for (&x, &r) in experts.iter().zip(routed) {
             if r {
-                sum += self.scores[x as usize] * scale;
+                sum += self.scores[x as usize];
             }
         }
         let factor = if !options.normalize_weights {
             options.weight_scale * scale
         } else if sum > 0.0 {
-            options.weight_scale * scale / sum
+            options.weight_scale / sum
         } else {
             0.0
         };

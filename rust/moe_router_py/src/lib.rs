@@ -7,8 +7,11 @@ mod errors;
 mod options;
 mod threads;
 
-use moe_router_core::{route_logits as core_route, RouteCall, Routing};
-use numpy::{PyArray2, PyArrayMethods, PyReadonlyArray1};
+use moe_router_core::{
+    self as core, gate_probabilities, route_logits as core_route, HierarchicalGate, LinearLogits, RouteCall,
+    RouterError as CoreError, Routing, ScoreFunction,
+};
+use numpy::{PyArray1, PyArray2, PyArray3, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -34,24 +37,15 @@ fn route_logits<'py>(
     step: u64,
     sequence_length: Option<usize>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let mask = token_mask
-        .as_ref()
-        .map(|m| m.as_slice())
-        .transpose()
-        .map_err(|_| PyValueError::new_err("token_mask must be C-contiguous"))?;
-    let bias = expert_bias
-        .as_ref()
-        .map(|b| b.as_slice())
-        .transpose()
-        .map_err(|_| PyValueError::new_err("expert_bias must be C-contiguous"))?;
+    let (mask, bias) = (contiguous(&token_mask, "token_mask")?, contiguous(&expert_bias, "expert_bias")?);
     let call = RouteCall { training, token_mask: mask, expert_bias: bias, step, sequence_length };
     let opts = &options.inner;
     let routing = if let Ok(a) = logits.cast::<PyArray2<f32>>() {
-        let view = a.try_readonly().map_err(|e| PyValueError::new_err(format!("logits cannot be read: {e}")))?;
+        let view = readonly(a, "logits")?;
         let view = view.as_array();
         py.detach(|| threads::install(|| core_route(view, opts, &call)))
     } else if let Ok(a) = logits.cast::<PyArray2<f64>>() {
-        let view = a.try_readonly().map_err(|e| PyValueError::new_err(format!("logits cannot be read: {e}")))?;
+        let view = readonly(a, "logits")?;
         let view = view.as_array();
         py.detach(|| threads::install(|| core_route(view, opts, &call)))
     } else {
@@ -61,6 +55,182 @@ fn route_logits<'py>(
         )));
     };
     decision_dict(py, routing.map_err(to_py)?)
+}
+
+/// Route `[T, D]` hidden states through the linear router `hidden @ weight + bias`
+/// (weight `[D, E]`, bias `[E]` or None, all of the hidden states' dtype). The
+/// product is computed chunk by chunk inside the routing pass.
+#[pyfunction]
+#[pyo3(signature = (hidden, weight, bias, options, training=false, token_mask=None, expert_bias=None, step=0, sequence_length=None))]
+#[allow(clippy::too_many_arguments)]
+fn route_hidden<'py>(
+    py: Python<'py>,
+    hidden: &Bound<'py, PyAny>,
+    weight: &Bound<'py, PyAny>,
+    bias: Option<&Bound<'py, PyAny>>,
+    options: &PyRouteOptions,
+    training: bool,
+    token_mask: Option<PyReadonlyArray1<'py, bool>>,
+    expert_bias: Option<PyReadonlyArray1<'py, f64>>,
+    step: u64,
+    sequence_length: Option<usize>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let (mask, ebias) = (contiguous(&token_mask, "token_mask")?, contiguous(&expert_bias, "expert_bias")?);
+    let call = RouteCall { training, token_mask: mask, expert_bias: ebias, step, sequence_length };
+    let opts = &options.inner;
+    macro_rules! typed {
+        ($t:ty) => {{
+            let h = readonly(hidden.cast::<PyArray2<$t>>()?, "hidden")?;
+            let w = readonly(weight.cast::<PyArray2<$t>>().map_err(|_| same_dtype("weight"))?, "weight")?;
+            let b = match bias {
+                Some(b) => Some(readonly(b.cast::<PyArray1<$t>>().map_err(|_| same_dtype("bias"))?, "bias")?),
+                None => None,
+            };
+            let (t, d) = (h.shape()[0], h.shape()[1]);
+            let (wd, e) = (w.shape()[0], w.shape()[1]);
+            if wd != d {
+                return Err(to_py(CoreError::Shape {
+                    argument: "weight",
+                    expected: format!("[{d}, E] (input_dim = {d} rows, one per hidden feature)"),
+                    actual: format!("[{wd}, {e}]"),
+                }));
+            }
+            let hs = h.as_slice().map_err(|_| PyValueError::new_err("hidden must be C-contiguous"))?;
+            let ws = w.as_slice().map_err(|_| PyValueError::new_err("weight must be C-contiguous"))?;
+            let bs = match &b {
+                Some(b) => Some(b.as_slice().map_err(|_| PyValueError::new_err("bias must be C-contiguous"))?),
+                None => None,
+            };
+            let source = LinearLogits::new(hs, t, d, ws, e, bs).map_err(to_py)?;
+            py.detach(|| threads::install(|| core::route(&source, opts, &call)))
+        }};
+    }
+    let routing = if hidden.cast::<PyArray2<f32>>().is_ok() {
+        typed!(f32)
+    } else if hidden.cast::<PyArray2<f64>>().is_ok() {
+        typed!(f64)
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "hidden must be a 2-D float32 or float64 NumPy array, got {}",
+            hidden.get_type().name()?
+        )));
+    };
+    decision_dict(py, routing.map_err(to_py)?)
+}
+
+/// Route `[T, D]` hidden states through the hierarchical gate (group weight
+/// `[D, G]`, expert weights `[G, D, P]`); `group_top_k` None is the dense gate.
+/// The routing treats the gate's probabilities as the scores; the z-loss is the
+/// group router's.
+#[pyfunction]
+#[pyo3(signature = (hidden, group_weight, expert_weight, group_top_k, options, training=false, token_mask=None, expert_bias=None, step=0, sequence_length=None))]
+#[allow(clippy::too_many_arguments)]
+fn route_gate<'py>(
+    py: Python<'py>,
+    hidden: &Bound<'py, PyAny>,
+    group_weight: &Bound<'py, PyAny>,
+    expert_weight: &Bound<'py, PyAny>,
+    group_top_k: Option<usize>,
+    options: &PyRouteOptions,
+    training: bool,
+    token_mask: Option<PyReadonlyArray1<'py, bool>>,
+    expert_bias: Option<PyReadonlyArray1<'py, f64>>,
+    step: u64,
+    sequence_length: Option<usize>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let (mask, ebias) = (contiguous(&token_mask, "token_mask")?, contiguous(&expert_bias, "expert_bias")?);
+    let call = RouteCall { training, token_mask: mask, expert_bias: ebias, step, sequence_length };
+    let mut opts = options.inner.clone();
+    opts.score_function = ScoreFunction::Probabilities;
+    opts.jitter_eps = 0.0;
+    opts.noise_std = 0.0;
+    let e = opts.num_experts;
+    macro_rules! typed {
+        ($t:ty) => {{
+            let h = readonly(hidden.cast::<PyArray2<$t>>()?, "hidden")?;
+            let gw =
+                readonly(group_weight.cast::<PyArray2<$t>>().map_err(|_| same_dtype("group_weight"))?, "group_weight")?;
+            let ew = readonly(
+                expert_weight.cast::<PyArray3<$t>>().map_err(|_| same_dtype("expert_weight"))?,
+                "expert_weight",
+            )?;
+            let (t, d) = (h.shape()[0], h.shape()[1]);
+            let hs = h.as_slice().map_err(|_| PyValueError::new_err("hidden must be C-contiguous"))?;
+            let gs = gw.as_slice().map_err(|_| PyValueError::new_err("group_weight must be C-contiguous"))?;
+            let es = ew.as_slice().map_err(|_| PyValueError::new_err("expert_weight must be C-contiguous"))?;
+            let gate = HierarchicalGate::new(hs, t, d, gs, es, e, group_top_k).map_err(to_py)?;
+            py.detach(|| threads::install(|| core::route(&gate, &opts, &call)))
+        }};
+    }
+    let routing = if hidden.cast::<PyArray2<f32>>().is_ok() {
+        typed!(f32)
+    } else if hidden.cast::<PyArray2<f64>>().is_ok() {
+        typed!(f64)
+    } else {
+        return Err(PyTypeError::new_err("hidden must be a 2-D float32 or float64 NumPy array"));
+    };
+    decision_dict(py, routing.map_err(to_py)?)
+}
+
+/// The hierarchical gate's probabilities `[T, E]` and per-token z-loss terms `[T]`.
+#[pyfunction]
+#[pyo3(signature = (hidden, group_weight, expert_weight, num_experts, group_top_k=None))]
+fn gate_forward<'py>(
+    py: Python<'py>,
+    hidden: &Bound<'py, PyAny>,
+    group_weight: &Bound<'py, PyAny>,
+    expert_weight: &Bound<'py, PyAny>,
+    num_experts: usize,
+    group_top_k: Option<usize>,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    macro_rules! typed {
+        ($t:ty) => {{
+            let h = readonly(hidden.cast::<PyArray2<$t>>()?, "hidden")?;
+            let gw =
+                readonly(group_weight.cast::<PyArray2<$t>>().map_err(|_| same_dtype("group_weight"))?, "group_weight")?;
+            let ew = readonly(
+                expert_weight.cast::<PyArray3<$t>>().map_err(|_| same_dtype("expert_weight"))?,
+                "expert_weight",
+            )?;
+            let (t, d) = (h.shape()[0], h.shape()[1]);
+            let hs = h.as_slice().map_err(|_| PyValueError::new_err("hidden must be C-contiguous"))?;
+            let gs = gw.as_slice().map_err(|_| PyValueError::new_err("group_weight must be C-contiguous"))?;
+            let es = ew.as_slice().map_err(|_| PyValueError::new_err("expert_weight must be C-contiguous"))?;
+            let gate = HierarchicalGate::new(hs, t, d, gs, es, num_experts, group_top_k).map_err(to_py)?;
+            let (probs, z) = py.detach(|| threads::install(|| gate_probabilities(&gate)));
+            let probs = arrays::matrix(py, probs, t, num_experts)?.into_any();
+            let z = arrays::vector(py, z).into_any();
+            Ok((probs, z))
+        }};
+    }
+    if hidden.cast::<PyArray2<f32>>().is_ok() {
+        typed!(f32)
+    } else if hidden.cast::<PyArray2<f64>>().is_ok() {
+        typed!(f64)
+    } else {
+        Err(PyTypeError::new_err("hidden must be a 2-D float32 or float64 NumPy array"))
+    }
+}
+
+fn same_dtype(argument: &str) -> PyErr {
+    PyTypeError::new_err(format!("{argument} must be a C-contiguous NumPy array of the hidden states' dtype"))
+}
+
+fn readonly<'py, T: numpy::Element, D: ndarray::Dimension>(
+    a: &Bound<'py, numpy::PyArray<T, D>>,
+    argument: &str,
+) -> PyResult<numpy::PyReadonlyArray<'py, T, D>> {
+    a.try_readonly().map_err(|e| PyValueError::new_err(format!("{argument} cannot be read: {e}")))
+}
+
+fn contiguous<'a, T: numpy::Element>(
+    a: &'a Option<PyReadonlyArray1<'_, T>>,
+    argument: &str,
+) -> PyResult<Option<&'a [T]>> {
+    a.as_ref()
+        .map(|m| m.as_slice())
+        .transpose()
+        .map_err(|_| PyValueError::new_err(format!("{argument} must be C-contiguous")))
 }
 
 fn decision_dict(py: Python<'_>, r: Routing) -> PyResult<Bound<'_, PyDict>> {
@@ -102,6 +272,9 @@ fn get_num_threads() -> usize {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyRouteOptions>()?;
     m.add_function(wrap_pyfunction!(route_logits, m)?)?;
+    m.add_function(wrap_pyfunction!(route_hidden, m)?)?;
+    m.add_function(wrap_pyfunction!(route_gate, m)?)?;
+    m.add_function(wrap_pyfunction!(gate_forward, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add("RouterError", m.py().get_type::<errors::RouterError>())?;

@@ -1,0 +1,146 @@
+"""``GateNetwork``: the seed's hierarchical gate, with a sparse mode that saves work."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from . import _core, _inputs
+from ._core import ConfigError
+
+
+def gate_layout(num_experts: int) -> Tuple[int, int]:
+    """``(G, P)``: ``G = ceil(sqrt(E))`` groups of ``P = ceil(E / G)`` experts (the seed's layout)."""
+    groups = max(1, math.isqrt(num_experts - 1) + 1) if num_experts > 1 else 1
+    return groups, -(-num_experts // groups)
+
+
+class GateNetwork:
+    """Hierarchical gate: ``p(e) = p(group) * p(e | group)`` (torsh-distributed's ``GateNetwork``).
+
+    E experts form ``G = ceil(sqrt(E))`` contiguous groups of ``P = ceil(E/G)``
+    (the last group may be smaller). ``p(group)`` is the softmax of ``x @ W_group``
+    (``[D, G]``); ``p(e | group g)`` is the softmax of ``x @ W_g`` (``[D, P]``)
+    over group g's real experts, so every token's probabilities sum to 1 (the
+    seed let the last group's missing experts take probability mass).
+
+    With ``group_top_k=None`` every group's expert logits are computed (the
+    seed's dense gate). With ``group_top_k=m`` only each token's m best groups
+    (by group logit, ties to the lower group) are computed and the other experts
+    get probability 0: the same values on the computed experts, for
+    ``(G + m*P) / (G + E)`` of the dense FLOPs. Both run in Rust, in parallel,
+    as cache-blocked GEMMs (tokens gathered per group in sparse mode).
+
+    Parameters
+    ----------
+    input_dim : int
+        D, the hidden size.
+    num_experts : int
+        E (>= 1).
+    seed : int
+        Seed of the weight initialization: normal with std ``1/sqrt(D)``
+        (the seed used std 1, which saturates the softmax).
+    group_top_k : int or None
+        Groups computed per token (1..G), or None for the dense gate.
+    dtype : numpy dtype
+        float32 (default) or float64 weights; hidden states of the other dtype
+        use a converted copy of the weights.
+
+    Raises
+    ------
+    ConfigError
+        Bad ``input_dim``, ``num_experts`` or ``group_top_k``.
+    """
+
+    def __init__(self, input_dim: int, num_experts: int, seed: int = 0,
+                 group_top_k: Optional[int] = None, dtype: Any = np.float32) -> None:
+        if isinstance(input_dim, bool) or not isinstance(input_dim, (int, np.integer)) or input_dim < 1:
+            raise ConfigError(f"invalid input_dim: got {input_dim!r}; must be an integer >= 1")
+        if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or num_experts < 1:
+            raise ConfigError(f"invalid num_experts: got {num_experts!r}; must be an integer >= 1")
+        self._dim = int(input_dim)
+        self._experts = int(num_experts)
+        self._groups, self._per_group = gate_layout(self._experts)
+        if group_top_k is not None and (isinstance(group_top_k, bool) or not isinstance(group_top_k, (int, np.integer))
+                                        or not 1 <= group_top_k <= self._groups):
+            raise ConfigError(f"invalid group_top_k: got {group_top_k!r}; must be None or an integer in "
+                              f"[1, num_groups = {self._groups}]")
+        self.group_top_k = None if group_top_k is None else int(group_top_k)
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        rng = np.random.default_rng(seed)
+        std = 1.0 / math.sqrt(self._dim)
+        self.group_weight = (rng.standard_normal((self._dim, self._groups)) * std).astype(dtype)
+        self.expert_weight = (rng.standard_normal((self._groups, self._dim, self._per_group)) * std).astype(dtype)
+        self._cast: Dict[np.dtype, Tuple[np.ndarray, np.ndarray]] = {}
+
+    def weights_for(self, dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
+        """``(group_weight, expert_weight)`` as C-contiguous arrays of ``dtype`` (cached)."""
+        if self.group_weight.dtype == dtype:
+            return np.ascontiguousarray(self.group_weight), np.ascontiguousarray(self.expert_weight)
+        if dtype not in self._cast:
+            self._cast[dtype] = (np.ascontiguousarray(self.group_weight, dtype=dtype),
+                                 np.ascontiguousarray(self.expert_weight, dtype=dtype))
+        return self._cast[dtype]
+
+    def forward(self, hidden: Any) -> np.ndarray:
+        """Expert probabilities of ``hidden``.
+
+        Parameters
+        ----------
+        hidden : array_like, float, shape [T, D] or [B, S, D]
+
+        Returns
+        -------
+        numpy.ndarray
+            ``[T, E]`` (or ``[B, S, E]``) probabilities in the hidden states' dtype
+            (float16 input is computed in float32); rows sum to 1 for the dense
+            gate, to the mass of the chosen groups for the sparse one.
+
+        Raises
+        ------
+        InputError
+            Wrong rank or last dimension (must be ``input_dim``).
+        """
+        rows, batch_shape = _inputs.float_rows(hidden, "hidden", self._dim, "input_dim")
+        gw, ew = self.weights_for(rows.dtype)
+        probs, _ = _core.gate_forward(rows, gw, ew, self._experts, self.group_top_k)
+        return probs.reshape(*batch_shape, self._experts)
+
+    __call__ = forward
+
+    def num_groups(self) -> int:
+        """G, the number of expert groups."""
+        return self._groups
+
+    def experts_per_group(self) -> int:
+        """P, the experts per group (the last group may hold fewer)."""
+        return self._per_group
+
+    def get_hierarchy_stats(self) -> Dict[str, Any]:
+        """Layout, parameter counts and FLOPs per token (multiply-adds x 2).
+
+        ``flop_fraction`` is the sparse gate's share of the dense gate's FLOPs
+        (1.0 when dense).
+        """
+        d, g, p, e = self._dim, self._groups, self._per_group, self._experts
+        dense = 2 * d * (g + g * p)
+        sparse = dense if self.group_top_k is None else 2 * d * (g + self.group_top_k * p)
+        return {
+            "num_groups": g,
+            "experts_per_group": p,
+            "total_experts": e,
+            "group_top_k": self.group_top_k,
+            "group_router_params": d * g,
+            "expert_router_params": g * d * p,
+            "dense_flops_per_token": dense,
+            "flops_per_token": sparse,
+            "flop_fraction": sparse / dense,
+        }
+
+    def __repr__(self) -> str:
+        return (f"GateNetwork(input_dim={self._dim}, num_experts={self._experts}, groups={self._groups}x"
+                f"{self._per_group}, group_top_k={self.group_top_k})")

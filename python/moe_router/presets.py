@@ -1,0 +1,783 @@
+"""Compatibility presets: route like Megatron-Core, DeepSpeed or a Hugging Face model.
+
+``preset(name, num_experts, top_k, **overrides)`` returns a :class:`RouterConfig`
+whose routing reproduces the named framework's router on the same logits: the
+same experts, kept assignments, slots where the framework exposes them,
+capacity, weights and losses (checked against the framework's own outputs in
+``tests/test_conformance.py``). Each preset has its own function below whose
+docstring lists every behaviour it sets and every known difference.
+
+Overrides take this package's field names (any :class:`RouterConfig` argument)
+or the framework's own parameter names, so a model's settings can be pasted
+as they are::
+
+    preset("megatron", 64, 8, moe_router_pre_softmax=True, moe_expert_capacity_factor=1.25)
+    preset("deepspeed", 64, 2, min_capacity=4, drop_tokens=False)
+    preset("deepseek_v3", 256, 8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
+
+A setting that changes routing in a way this package cannot reproduce (random
+token selection, Gumbel sampling, input jitter) is refused with an explanation
+rather than approximated. Where the frameworks' loss definitions differ from
+ours, the preset records the framework in ``config.peer`` and every decision
+routed with it carries ``peer_load_balance_loss``, the framework's own value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
+
+import numpy as np
+
+from . import _inputs
+from ._core import ConfigError
+from .config import PEERS, RouterConfig
+from .decision import RoutingDecision
+
+__all__ = [
+    "PRESETS",
+    "accepted_names",
+    "deepseek_v3",
+    "deepspeed",
+    "megatron",
+    "mixtral",
+    "peer_load_balance_loss",
+    "preset",
+    "qwen_moe",
+    "switch",
+]
+
+#: Names accepted by :func:`preset`.
+PRESETS = ("megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch")
+
+_OUR_NAMES = tuple(name for name in RouterConfig().to_dict() if name not in ("num_experts", "top_k", "peer"))
+
+
+class _Param(NamedTuple):
+    names: Tuple[str, ...]          # accepted spellings; the first is the canonical one
+    default: Any
+    fields: Tuple[str, ...]         # RouterConfig fields it determines (for conflict checks)
+
+
+class _Spec(NamedTuple):
+    params: Dict[str, _Param]
+    expert_names: Tuple[str, ...]   # the framework's names for E (must agree with num_experts)
+    topk_names: Tuple[str, ...]     # the framework's names for k
+    default_top_k: int
+    translate: Callable[[int, int, Dict[str, Any]], Tuple[Dict[str, Any], str]]
+
+
+def _err(preset_name: str, message: str) -> ConfigError:
+    return ConfigError(f"preset {preset_name!r}: {message}")
+
+
+def _flag(preset_name: str, name: str, value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise _err(preset_name, f"{name} must be True or False, got {value!r}")
+
+
+def _number(preset_name: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise _err(preset_name, f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _only(preset_name: str, name: str, value: Any, allowed: Iterable[Any], why: str) -> None:
+    if value not in tuple(allowed):
+        raise _err(preset_name, f"{name}={value!r} is not supported: {why}")
+
+
+# ---------------------------------------------------------------------------
+# translations: framework settings -> RouterConfig arguments
+# ---------------------------------------------------------------------------
+def _megatron(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
+    name = "megatron"
+    score = p["score_function"]
+    _only(name, "score_function", score, ("softmax", "sigmoid"),
+          "moe_router supports the softmax and sigmoid score functions (not sqrtsoftplus)")
+    pre = _flag(name, "pre_softmax", p["pre_softmax"])
+    # softmax after top-k (Megatron's default) is the renormalized top-k of the full
+    # softmax; sigmoid scores are renormalized only for k > 1.
+    normalize = (not pre) if score == "softmax" else k > 1
+    scale = 1.0 if p["scaling_factor"] is None else _number(name, "scaling_factor", p["scaling_factor"])
+    groups, group_topk = p["num_groups"], p["group_topk"]
+    group_score = "max"
+    if (groups is None) != (group_topk is None):
+        raise _err(name, "num_groups and group_topk go together (Megatron-Core requires both)")
+    if group_topk is not None:
+        per_group = k // int(group_topk) if int(group_topk) > 0 else 0
+        if per_group not in (1, 2):
+            raise _err(name, f"Megatron-Core scores a group by the sum of its top topk // group_topk = "
+                             f"{per_group} scores; moe_router supports 1 (group_score='max') and 2 "
+                             f"(group_score='top2_sum')")
+        group_score = "max" if per_group == 1 else "top2_sum"
+    cf = p["capacity_factor"]
+    if cf is not None and _number(name, "capacity_factor", cf) < 0:
+        cf = None  # Megatron-Core turns a negative factor into dropless routing
+    _only(name, "drop_policy", p["drop_policy"], ("probs", "position"),
+          "Megatron-Core's moe_token_drop_policy is 'probs' or 'position'")
+    _flag(name, "pad_to_capacity", p["pad_to_capacity"])
+    bias_on = _flag(name, "moe_router_enable_expert_bias", p["enable_expert_bias"])
+    if (bias_on or p["expert_bias"] is not None) and score != "sigmoid":
+        raise _err(name, "Megatron-Core allows an expert bias only with score_function='sigmoid'")
+    lb_type = p["load_balancing_type"]
+    _only(name, "moe_router_load_balancing_type", lb_type, ("aux_loss", "seq_aux_loss", "none"),
+          "moe_router computes the micro-batch ('aux_loss') and sequence ('seq_aux_loss') losses; "
+          "sinkhorn and global_aux_loss are not available")
+    coeff = _number(name, "aux_loss_coeff", p["aux_loss_coeff"])
+    z = 0.0 if p["z_loss_coeff"] is None else _number(name, "z_loss_coeff", p["z_loss_coeff"])
+    _only(name, "moe_input_jitter_eps", p["input_jitter_eps"], (None, 0, 0.0),
+          "Megatron-Core jitters the router input (also in evaluation); moe_router's jitter_eps acts on "
+          "the logits, so it is not the same noise")
+    kwargs = dict(
+        score_function=score, normalize_weights=normalize, weight_scale=scale,
+        num_groups=groups, group_top_k=group_topk, group_score=group_score,
+        capacity_factor=cf, eval_capacity_factor=None, capacity_rounding="megatron", min_capacity=0,
+        expert_capacity=None, drop_policy=p["drop_policy"], renormalize_after_drop=False,
+        load_balance_loss_coeff=coeff if lb_type == "aux_loss" else 0.0,
+        seq_load_balance_loss_coeff=coeff if lb_type == "seq_aux_loss" else 0.0,
+        router_z_loss_coeff=z, expert_bias=p["expert_bias"],
+    )
+    return kwargs, "megatron"
+
+
+def _deepspeed(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
+    name = "deepspeed"
+    gate = p["gate"] if p["gate"] is not None else ("top1" if k == 1 else "top2" if k == 2 else "topk")
+    _only(name, "gate", gate, ("top1", "top2", "topk"), "DeepSpeed's gating functions are top1, top2, topk")
+    if (gate == "top1" and k != 1) or (gate == "top2" and k != 2):
+        raise _err(name, f"gate={gate!r} routes {gate[-1]} expert(s) per token, but top_k = {k}")
+    if _flag(name, "use_rts", p["use_rts"]):
+        raise _err(name, "use_rts=True (random token selection) keeps the tokens of an overflowing expert "
+                         "by torch's RNG, which cannot be reproduced; pass use_rts=False for DeepSpeed's "
+                         "deterministic order (tokens in order, drop_policy='position')")
+    if _flag(name, "top2_2nd_expert_sampling", p["top2_2nd_expert_sampling"]) and gate == "top2":
+        raise _err(name, "top2_2nd_expert_sampling=True draws the second expert with Gumbel noise from "
+                         "torch's RNG (also in evaluation), which cannot be reproduced; pass False")
+    _only(name, "noisy_gate_policy", p["noisy_gate_policy"], (None, "None"),
+          "DeepSpeed's 'Jitter' and 'RSample' draw from torch's RNG and cannot be reproduced")
+    drop = _flag(name, "drop_tokens", p["drop_tokens"])
+    policy = p["drop_policy"]
+    if policy is None:
+        policy = {"top1": "position", "top2": "rank", "topk": "probs"}[gate]
+    kwargs = dict(
+        score_function="softmax", normalize_weights=False, weight_scale=1.0,
+        capacity_factor=p["capacity_factor"] if drop else None,
+        eval_capacity_factor=p["eval_capacity_factor"] if drop else None,
+        capacity_rounding="deepspeed", min_capacity=p["min_capacity"], expert_capacity=None,
+        drop_policy=policy, renormalize_after_drop=gate != "top1",
+        router_z_loss_coeff=0.0,
+    )
+    return kwargs, "deepspeed_" + gate
+
+
+def _hf_common(name: str, k: int, p: Dict[str, Any]) -> Dict[str, Any]:
+    if "router_jitter_noise" in p:
+        _only(name, "router_jitter_noise", p["router_jitter_noise"], (0, 0.0, None),
+              "Hugging Face multiplies the router input (and, for Mixtral, the experts' input) by "
+              "U(1-eps, 1+eps) in training; moe_router's jitter_eps acts on the logits, so it is not the "
+              "same noise; use router_jitter_noise=0 (or our jitter_eps knowingly)")
+    coef = _number(name, "router_aux_loss_coef", p["router_aux_loss_coef"])
+    # HF's loss is k times ours: the same strength on ours needs k times the coefficient.
+    return dict(score_function="softmax", capacity_factor=None, eval_capacity_factor=None,
+                expert_capacity=None, weight_scale=1.0, load_balance_loss_coeff=coef * k,
+                router_z_loss_coeff=0.0)
+
+
+def _mixtral(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
+    kwargs = _hf_common("mixtral", k, p)
+    kwargs.update(normalize_weights=True)
+    return kwargs, "mixtral"
+
+
+def _qwen_moe(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
+    kwargs = _hf_common("qwen_moe", k, p)
+    kwargs.update(normalize_weights=_flag("qwen_moe", "norm_topk_prob", p["norm_topk_prob"]))
+    return kwargs, "qwen_moe"
+
+
+def _deepseek_v3(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
+    name = "deepseek_v3"
+    _only(name, "scoring_func", p["scoring_func"], ("sigmoid",), "DeepSeek-V3 routes on sigmoid scores")
+    _only(name, "topk_method", p["topk_method"], ("noaux_tc",),
+          "DeepSeek-V3's router is 'noaux_tc' (bias-corrected, group-limited top-k)")
+    groups, group_topk = p["n_group"], p["topk_group"]
+    if (groups is None) != (group_topk is None):
+        raise _err(name, "n_group and topk_group go together")
+    alpha = _number(name, "aux_loss_alpha", p["aux_loss_alpha"])
+    seq = _flag(name, "seq_aux", p["seq_aux"])
+    kwargs = dict(
+        score_function="sigmoid", num_groups=groups, group_top_k=group_topk, group_score="top2_sum",
+        normalize_weights=_flag(name, "norm_topk_prob", p["norm_topk_prob"]),
+        weight_scale=_number(name, "routed_scaling_factor", p["routed_scaling_factor"]),
+        expert_bias=p["e_score_correction_bias"],
+        capacity_factor=None, eval_capacity_factor=None, expert_capacity=None,
+        load_balance_loss_coeff=0.0 if seq else alpha, seq_load_balance_loss_coeff=alpha if seq else 0.0,
+        router_z_loss_coeff=0.0,
+    )
+    return kwargs, "deepseek_v3"
+
+
+def _switch(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
+    name = "switch"
+    if k != 1:
+        raise _err(name, f"the Switch Transformers router is top-1, got top_k = {k}")
+    _only(name, "router_jitter_noise", p["router_jitter_noise"], (0, 0.0, None),
+          "Hugging Face multiplies the router input by U(1-eps, 1+eps) in training (default 0.01); "
+          "moe_router's jitter_eps acts on the logits, so it is not the same noise; use "
+          "router_jitter_noise=0 (or our jitter_eps knowingly)")
+    kwargs = dict(
+        score_function="softmax", normalize_weights=False, weight_scale=1.0,
+        capacity_factor=None, eval_capacity_factor=None, expert_capacity=p["expert_capacity"],
+        min_capacity=0, drop_policy="position", renormalize_after_drop=False,
+        load_balance_loss_coeff=_number(name, "router_aux_loss_coef", p["router_aux_loss_coef"]),
+        router_z_loss_coeff=_number(name, "router_z_loss_coef", p["router_z_loss_coef"]),
+    )
+    return kwargs, "switch"
+
+
+_HF_LOSS = {"router_aux_loss_coef": _Param(("router_aux_loss_coef",), 0.001, ("load_balance_loss_coeff",))}
+
+_SPECS: Dict[str, _Spec] = {
+    "megatron": _Spec(
+        params={
+            "score_function": _Param(("score_function", "moe_router_score_function"), "softmax",
+                                     ("score_function", "normalize_weights")),
+            "pre_softmax": _Param(("pre_softmax", "moe_router_pre_softmax", "use_pre_softmax"), False,
+                                  ("normalize_weights",)),
+            "scaling_factor": _Param(("scaling_factor", "moe_router_topk_scaling_factor"), None,
+                                     ("weight_scale",)),
+            "num_groups": _Param(("num_groups", "moe_router_num_groups"), None, ("num_groups",)),
+            "group_topk": _Param(("group_topk", "moe_router_group_topk"), None, ("group_top_k", "group_score")),
+            "capacity_factor": _Param(("capacity_factor", "moe_expert_capacity_factor"), None,
+                                      ("capacity_factor",)),
+            "drop_policy": _Param(("drop_policy", "moe_token_drop_policy"), "probs", ("drop_policy",)),
+            "pad_to_capacity": _Param(("pad_to_capacity", "moe_pad_expert_input_to_capacity"), False, ()),
+            "expert_bias": _Param(("expert_bias",), None, ("expert_bias",)),
+            "enable_expert_bias": _Param(("moe_router_enable_expert_bias", "enable_expert_bias"), False, ()),
+            "aux_loss_coeff": _Param(("aux_loss_coeff", "moe_aux_loss_coeff"), 0.0,
+                                     ("load_balance_loss_coeff", "seq_load_balance_loss_coeff")),
+            "z_loss_coeff": _Param(("z_loss_coeff", "moe_z_loss_coeff"), None, ("router_z_loss_coeff",)),
+            "load_balancing_type": _Param(("moe_router_load_balancing_type", "load_balancing_type"), "aux_loss",
+                                          ("load_balance_loss_coeff", "seq_load_balance_loss_coeff")),
+            "input_jitter_eps": _Param(("moe_input_jitter_eps", "input_jitter_eps"), None, ()),
+        },
+        expert_names=("num_moe_experts",), topk_names=("topk", "moe_router_topk"), default_top_k=2,
+        translate=_megatron,
+    ),
+    "deepspeed": _Spec(
+        params={
+            "gate": _Param(("gate",), None, ("drop_policy", "renormalize_after_drop")),
+            "capacity_factor": _Param(("capacity_factor",), 1.0, ("capacity_factor",)),
+            "eval_capacity_factor": _Param(("eval_capacity_factor",), 1.0, ("eval_capacity_factor",)),
+            "min_capacity": _Param(("min_capacity",), 4, ("min_capacity",)),
+            "drop_tokens": _Param(("drop_tokens",), True, ("capacity_factor", "eval_capacity_factor")),
+            "drop_policy": _Param(("drop_policy",), None, ("drop_policy",)),
+            "use_rts": _Param(("use_rts",), False, ()),
+            "top2_2nd_expert_sampling": _Param(("top2_2nd_expert_sampling",), False, ()),
+            "noisy_gate_policy": _Param(("noisy_gate_policy",), None, ()),
+        },
+        expert_names=(), topk_names=("k",), default_top_k=1, translate=_deepspeed,
+    ),
+    "mixtral": _Spec(
+        params=dict(_HF_LOSS, router_jitter_noise=_Param(("router_jitter_noise",), 0.0, ())),
+        expert_names=("num_local_experts",), topk_names=("num_experts_per_tok",), default_top_k=2,
+        translate=_mixtral,
+    ),
+    "qwen_moe": _Spec(
+        params=dict(_HF_LOSS, norm_topk_prob=_Param(("norm_topk_prob",), False, ("normalize_weights",))),
+        expert_names=(), topk_names=("num_experts_per_tok",), default_top_k=4, translate=_qwen_moe,
+    ),
+    "deepseek_v3": _Spec(
+        params={
+            "n_group": _Param(("n_group",), 8, ("num_groups",)),
+            "topk_group": _Param(("topk_group",), 4, ("group_top_k",)),
+            "routed_scaling_factor": _Param(("routed_scaling_factor",), 2.5, ("weight_scale",)),
+            "norm_topk_prob": _Param(("norm_topk_prob",), True, ("normalize_weights",)),
+            "e_score_correction_bias": _Param(("e_score_correction_bias",), None, ("expert_bias",)),
+            "scoring_func": _Param(("scoring_func",), "sigmoid", ("score_function",)),
+            "topk_method": _Param(("topk_method",), "noaux_tc", ()),
+            "aux_loss_alpha": _Param(("aux_loss_alpha",), 0.001,
+                                     ("load_balance_loss_coeff", "seq_load_balance_loss_coeff")),
+            "seq_aux": _Param(("seq_aux",), True, ("load_balance_loss_coeff", "seq_load_balance_loss_coeff")),
+        },
+        expert_names=("n_routed_experts",), topk_names=("num_experts_per_tok",), default_top_k=8,
+        translate=_deepseek_v3,
+    ),
+    "switch": _Spec(
+        params={
+            "expert_capacity": _Param(("expert_capacity",), 64, ("expert_capacity",)),
+            "router_aux_loss_coef": _Param(("router_aux_loss_coef",), 0.001, ("load_balance_loss_coeff",)),
+            "router_z_loss_coef": _Param(("router_z_loss_coef",), 0.001, ("router_z_loss_coeff",)),
+            "router_jitter_noise": _Param(("router_jitter_noise",), 0.0, ()),
+        },
+        expert_names=(), topk_names=(), default_top_k=1, translate=_switch,
+    ),
+}
+
+
+def _names(name: str) -> Tuple[List[str], List[str]]:
+    spec = _spec(name)
+    peer: List[str] = []
+    for param in spec.params.values():
+        peer.extend(param.names)
+    peer.extend(spec.expert_names + spec.topk_names)
+    return sorted(set(peer)), sorted(set(_OUR_NAMES + ("num_experts_per_token",)) - set(peer))
+
+
+def accepted_names(name: str) -> List[str]:
+    """Every override name :func:`preset` accepts for ``name``: the framework's, then ours."""
+    framework, ours = _names(name)
+    return framework + ours
+
+
+def _spec(name: str) -> _Spec:
+    if name not in _SPECS:
+        raise ValueError(f"unknown preset {name!r}; expected one of " + ", ".join(repr(p) for p in PRESETS))
+    return _SPECS[name]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is b
+    try:
+        return bool(np.array_equal(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)))
+    except (TypeError, ValueError):
+        return bool(a == b)
+
+
+def _pop_aliases(name: str, what: str, names: Iterable[str], overrides: Dict[str, Any]) -> Tuple[Optional[str], Any]:
+    """Pop every spelling of one setting; they must agree. Returns (name used, value)."""
+    used: Optional[str] = None
+    value: Any = None
+    for n in names:
+        if n in overrides:
+            v = overrides.pop(n)
+            if used is not None and not _same(v, value):
+                raise _err(name, f"{used}={value!r} and {n}={v!r} both set {what} and disagree")
+            used, value = n, v
+    return used, value
+
+
+def preset(name: str, num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> RouterConfig:
+    """A :class:`RouterConfig` that routes like the named framework.
+
+    Parameters
+    ----------
+    name : {"megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch"}
+        The framework; see the function of the same name in this module for
+        every behaviour it sets.
+    num_experts : int
+        E. The framework's own name for it (``num_moe_experts``,
+        ``num_local_experts``, ``n_routed_experts``) may also be given and must agree.
+    top_k : int, optional
+        k. The framework's name (``moe_router_topk``/``topk``, DeepSpeed ``k``,
+        Hugging Face ``num_experts_per_tok``) may be given instead. Default: the
+        framework's default (Megatron 2, DeepSpeed 1, Mixtral 2, Qwen-MoE 4,
+        DeepSeek-V3 8, Switch 1).
+    **overrides
+        Framework parameter names (see :func:`accepted_names`) and
+        :class:`RouterConfig` field names. Our names are applied last; giving a
+        framework name and our name for the same setting with different values
+        is an error.
+
+    Returns
+    -------
+    RouterConfig
+        With ``peer`` set, so that decisions carry ``peer_load_balance_loss``.
+
+    Raises
+    ------
+    ValueError
+        Unknown preset name.
+    TypeError
+        Unknown override name (the message lists the accepted ones).
+    ConfigError
+        A value the framework or this package rejects, or a setting whose
+        behaviour cannot be reproduced (the message says why).
+
+    Examples
+    --------
+    >>> import moe_router as mr
+    >>> cfg = mr.preset("megatron", 64, 8, moe_router_pre_softmax=True, moe_expert_capacity_factor=1.25)
+    >>> cfg.normalize_weights, cfg.capacity_rounding, cfg.drop_policy, cfg.capacity(4096)
+    (False, 'megatron', 'probs', 640)
+    """
+    spec = _spec(name)
+    overrides = dict(overrides)
+    # E and k under the framework's names
+    used, value = _pop_aliases(name, "num_experts", spec.expert_names, overrides)
+    if used is not None and not _same(value, num_experts):
+        raise _err(name, f"{used}={value!r} disagrees with num_experts={num_experts!r}")
+    used, value = _pop_aliases(name, "top_k", spec.topk_names + ("num_experts_per_token",), overrides)
+    if used is not None:
+        if top_k is not None and not _same(value, top_k):
+            raise _err(name, f"{used}={value!r} disagrees with top_k={top_k!r}")
+        top_k = value
+    if top_k is None:
+        top_k = spec.default_top_k
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise _err(name, f"top_k must be an integer >= 1, got {top_k!r}")
+    top_k = int(top_k)
+    # the framework's settings
+    settings: Dict[str, Any] = {}
+    given: Dict[str, str] = {}
+    for key, param in spec.params.items():
+        used, value = _pop_aliases(name, key, param.names, overrides)
+        if used is None:
+            settings[key] = param.default
+        else:
+            settings[key] = value
+            given[key] = used
+    ours = {}
+    for key in list(overrides):
+        if key in _OUR_NAMES:
+            ours[key] = overrides.pop(key)
+    if overrides:
+        framework, our_names = _names(name)
+        raise TypeError(f"preset {name!r} got unknown setting(s) {sorted(overrides)}; accepted: the "
+                        f"framework's names {', '.join(framework)}; and RouterConfig's names "
+                        f"{', '.join(our_names)}")
+    kwargs, peer = spec.translate(num_experts, top_k, settings)
+    for field, value in ours.items():
+        for key, used in given.items():
+            if field in spec.params[key].fields and field in kwargs and not _same(kwargs[field], value):
+                raise _err(name, f"{used}={settings[key]!r} sets {field}={kwargs[field]!r}, but "
+                                 f"{field}={value!r} was also given")
+        kwargs[field] = value
+    return RouterConfig(num_experts=num_experts, top_k=top_k, peer=peer, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# one function per preset: the documentation of what each one sets
+# ---------------------------------------------------------------------------
+def megatron(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> RouterConfig:
+    """Megatron-Core's ``TopKRouter`` (``moe_utils.topk_routing_with_score_function``,
+    ``get_capacity``, ``apply_router_token_dropping``, ``switch_load_balancing_loss_func``,
+    ``z_loss_func``; version 0.16).
+
+    Behaviour set:
+
+    - **Score function and where the softmax happens**: ``score_function="softmax"``
+      (``moe_router_score_function``). With ``pre_softmax=False`` (default) the top-k is
+      taken on the logits and the softmax runs over the k chosen logits, which equals our
+      softmax over all E followed by ``normalize_weights=True``. With ``pre_softmax=True``
+      the softmax runs over all E first and the chosen probabilities are not
+      renormalized (``normalize_weights=False``). ``score_function="sigmoid"``: sigmoid
+      scores, renormalized over the chosen experts only when k > 1 (as Megatron).
+    - **Scaling**: ``scaling_factor`` / ``moe_router_topk_scaling_factor`` ->
+      ``weight_scale`` (None = 1).
+    - **Groups**: ``num_groups`` / ``group_topk`` (``moe_router_num_groups``,
+      ``moe_router_group_topk``); a group is scored by the sum of its top
+      ``topk // group_topk`` scores: 1 -> ``group_score="max"``, 2 -> ``"top2_sum"``;
+      other values are refused.
+    - **Expert bias**: ``expert_bias`` (values, stored on the config) or
+      ``moe_router_enable_expert_bias=True`` (pass the bias to ``route_logits``);
+      selection only, sigmoid only (Megatron's rule).
+    - **Capacity**: ``capacity_factor`` / ``moe_expert_capacity_factor`` (default None =
+      dropless; negative = dropless, as Megatron) with Megatron's float64 formula
+      ``ceil((T*k/E) * cf)`` (``capacity_rounding="megatron"``), no ``min_capacity``
+      (Megatron does not pass it when dropping), the same factor in evaluation.
+    - **Drop order**: ``drop_policy`` / ``moe_token_drop_policy``: ``"probs"`` (default:
+      each expert keeps its C highest final weights; we break ties to the lower token,
+      Megatron leaves them to ``torch.topk``) or ``"position"`` (each expert keeps its
+      first C tokens; Megatron takes the C returned by ``torch.topk`` over a 0/1 map,
+      which on CPU are *not* the first ones when more than C tie, so only the counts
+      agree). No renormalization after drops.
+    - **Loss normalization**: our ``load_balance_loss`` has Megatron's normalization
+      (``E / (k*T) * sum_e n_e P_e`` with ``n_e`` assignments to expert e, 1.0 at
+      balance), but Megatron counts ``n_e`` with a fresh plain top-k that ignores the
+      expert bias and the group limit (and capacity), while ours counts the routing used. ``peer_load_balance_loss`` reproduces
+      Megatron's plain count (re-routing the logits without bias and groups when the
+      config has either). ``router_z_loss`` equals ``z_loss_func``. Coefficients:
+      ``moe_aux_loss_coeff`` (default 0) -> ``load_balance_loss_coeff`` (or, with
+      ``moe_router_load_balancing_type="seq_aux_loss"``, ``seq_load_balance_loss_coeff``);
+      ``moe_z_loss_coeff`` (default None = 0) -> ``router_z_loss_coeff``.
+
+    Differences, documented rather than faked:
+
+    - Post-softmax routing (``pre_softmax=False``) with ``group_topk`` such that groups
+      are scored by a top-2 sum: Megatron sums the *logits* of a group, we sum the
+      softmax probabilities, so the chosen groups can differ.
+    - ``pad_to_capacity`` / ``moe_pad_expert_input_to_capacity`` is accepted and changes
+      no routing: the kept assignments and weights are those of Megatron; Megatron's
+      padding rows (weight 0, ``tokens_per_expert = C``) are a dispatcher matter: size
+      each expert buffer ``decision.capacity``.
+    - Megatron refuses ``softmax`` with k = 1 unless ``pre_softmax`` (a gradient concern);
+      we route it as Megatron's functions do (every weight 1).
+    - Selection on float32 probabilities in Megatron can tie where the logits do not
+      (underflow); we rank by the exact scores, ties to the lower expert index.
+    - ``moe_input_jitter_eps``, Sinkhorn and ``global_aux_loss`` are refused.
+    """
+    return preset("megatron", num_experts, top_k, **overrides)
+
+
+def deepspeed(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> RouterConfig:
+    """DeepSpeed-MoE's ``TopKGate`` (``sharded_moe.top1gating`` / ``top2gating`` /
+    ``topkgating``; version 0.19), chosen by k as ``TopKGate`` dispatches: k = 1 ->
+    top-1, k = 2 -> top-2, k >= 3 -> top-k (override with ``gate="top1"|"top2"|"topk"``).
+
+    Behaviour set:
+
+    - **Score function**: softmax over all E (DeepSpeed's ``gates``); experts chosen by
+      the highest probability (argmax for the first, and for top-2's second among the
+      rest). The weights are the raw probabilities (``normalize_weights=False``).
+    - **Renormalization**: top-2 and top-k renormalize each token's weights over its
+      *surviving* experts after drops (``renormalize_after_drop=True``); top-1 keeps
+      the raw probability.
+    - **Capacity**: DeepSpeed's float32 formula ``max(ceil(float32(T/E) *
+      float32(k*cf)), min_capacity)`` (``capacity_rounding="deepspeed"``) with the
+      DeepSpeed ``MoE`` layer defaults ``capacity_factor=1.0``,
+      ``eval_capacity_factor=1.0`` (used when ``training=False``), ``min_capacity=4``
+      (``TopKGate``'s own default is 8). ``drop_tokens=False`` is dropless.
+    - **Drop order and slots**: top-1: tokens in order (``"position"``); top-2: every
+      first choice before any second choice (``"rank"``), with DeepSpeed's slots (a
+      second choice's slot counts all first choices of its expert); top-k:
+      ``drop_policy="probs"`` (default; each expert keeps its C highest probabilities,
+      slots in token order) or ``"position"`` (token order over all choices).
+    - **Loss normalization**: top-1 and top-2 ``l_aux = E * sum_e f1_e P_e`` counts
+      first choices only, top-k ``l_aux`` = ours. ``peer_load_balance_loss`` gives
+      DeepSpeed's value; ``load_balance_loss`` stays ours (all k choices). DeepSpeed has
+      no z-loss (``router_z_loss_coeff=0``); ``load_balance_loss_coeff`` keeps our
+      default (DeepSpeed leaves the coefficient to the caller).
+
+    Differences, documented rather than faked (refused when asked for):
+
+    - Random token selection (``use_rts=True``, DeepSpeed's default for top-1) and
+      top-2's Gumbel sampling of the second expert (``top2_2nd_expert_sampling=True``,
+      its default) draw from torch's RNG, in evaluation too; they are refused, so pass
+      ``False``. Top-1 without RTS keeps whichever C tokens ``torch.topk`` returns
+      among equal 0/1 values (on CPU not the first ones); we keep the first C in token
+      order, so the counts agree but the set can differ when an expert overflows.
+    - ``noisy_gate_policy`` ``'Jitter'``/``'RSample'`` are refused (RNG).
+    - DeepSpeed's top-1 asserts ``T >= min_capacity``; we route any T (a capacity above
+      T is simply not binding).
+    - DeepSpeed's dense ``[T, E, C]`` output silently loses routes whose weight
+      underflowed to 0; we keep them, as its ``sparse_routes`` path does.
+    """
+    return preset("deepspeed", num_experts, top_k, **overrides)
+
+
+def mixtral(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> RouterConfig:
+    """Hugging Face Mixtral's ``MixtralTopKRouter`` and ``load_balancing_loss_func``
+    (transformers 5).
+
+    Behaviour set:
+
+    - **Score function**: float32 softmax over all E, then top-k, then the k weights are
+      renormalized to sum 1 (``normalize_weights=True``); no scaling.
+    - **Capacity**: none (dropless: every expert processes every token routed to it);
+      no drop order applies.
+    - **Loss normalization**: Mixtral's loss is ``E * sum_e f_e P_e`` with ``f_e`` over
+      all k choices *not* divided by k: it equals k times our ``load_balance_loss``
+      (k at balance, ours 1). ``peer_load_balance_loss`` gives Mixtral's value. Mixtral
+      pools the logits of all layers into one loss; ours is per call (per layer).
+      ``router_aux_loss_coef`` (default 0.001) becomes ``load_balance_loss_coeff =
+      coef * k``, so ``auxiliary_loss`` equals Mixtral's added term. No z-loss.
+
+    Differences: ``router_jitter_noise`` multiplies the hidden states (router *and*
+    experts) in Hugging Face; only 0 is accepted. Float32 probabilities can tie where
+    the logits do not (underflow); we break ties by the exact scores, then the lower
+    expert index.
+    """
+    return preset("mixtral", num_experts, top_k, **overrides)
+
+
+def qwen_moe(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> RouterConfig:
+    """Hugging Face Qwen2-MoE / Qwen3-MoE (``Qwen2MoeTopKRouter``, ``Qwen3MoeTopKRouter``)
+    and their ``load_balancing_loss_func`` (transformers 5).
+
+    Behaviour set:
+
+    - **Score function**: float32 softmax over all E, top-k; the k weights are
+      renormalized only with ``norm_topk_prob=True`` (default False, as
+      ``Qwen2MoeConfig``; Qwen3 checkpoints usually set True) -> ``normalize_weights``.
+    - **Capacity**: none (dropless); no drop order applies.
+    - **Loss normalization**: as Mixtral, k times our ``load_balance_loss``
+      (``peer_load_balance_loss``); ``router_aux_loss_coef`` (0.001) becomes
+      ``load_balance_loss_coeff = coef * k``. No z-loss.
+
+    Differences: Qwen2-MoE's shared expert (gated by its own sigmoid) is outside the
+    router and not modelled. Ties as for Mixtral.
+    """
+    return preset("qwen_moe", num_experts, top_k, **overrides)
+
+
+def deepseek_v3(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> RouterConfig:
+    """Hugging Face DeepSeek-V3's ``DeepseekV3TopkRouter`` (transformers 5), the
+    ``noaux_tc`` router of the DeepSeek-V3 report.
+
+    Behaviour set:
+
+    - **Score function**: element-wise sigmoid (``scoring_func="sigmoid"``), no softmax.
+    - **Selection**: scores plus ``e_score_correction_bias`` (the selection bias, stored
+      on the config; it never reaches the weights); ``n_group`` (8) contiguous groups,
+      each scored by the sum of its two best biased scores (``group_score="top2_sum"``);
+      only the best ``topk_group`` (4) groups are eligible; then top-k.
+    - **Renormalization and scaling**: with ``norm_topk_prob=True`` (default) the k
+      unbiased scores are divided by their sum; then times ``routed_scaling_factor``
+      (2.5) -> ``weight_scale``.
+    - **Capacity**: none (dropless); no drop order applies.
+    - **Loss normalization**: Hugging Face computes no balance loss for DeepSeek-V3.
+      The report's sequence-wise loss has our normalization (1 at balance, sigmoid
+      scores normalized per token): ``aux_loss_alpha`` (0.001) with ``seq_aux=True``
+      becomes ``seq_load_balance_loss_coeff`` (for ``[B, S, E]`` input), or
+      ``load_balance_loss_coeff`` with ``seq_aux=False``. ``peer_load_balance_loss`` =
+      ours. No z-loss.
+
+    Differences, documented rather than faked:
+
+    - Hugging Face sets the experts of excluded groups to 0.0 before the top-k, not to
+      -inf; when a token's allowed groups hold fewer than k experts (or biased scores
+      <= 0), it can pick excluded experts with weight from their real score. We never
+      route outside the allowed groups (missing choices are unrouted fillers).
+    - Hugging Face fails on groups of a single expert (``topk(2)`` inside a group); our
+      ``top2_sum`` of a one-expert group is that expert's score.
+    - The order of ``topk_idx`` in Hugging Face is unspecified (``sorted=False``); ours
+      is best first. Compare the sets.
+    - It adds 1e-20 to the renormalization denominator (negligible).
+    """
+    return preset("deepseek_v3", num_experts, top_k, **overrides)
+
+
+def switch(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> RouterConfig:
+    """Hugging Face Switch Transformers' ``SwitchTransformersTop1Router`` and its
+    ``load_balancing_loss_func`` / ``router_z_loss_func`` (transformers 5).
+
+    Behaviour set:
+
+    - **Score function**: float32 softmax over all E; top-1 (argmax, the lower index on
+      ties); the weight is the raw top-1 probability (no renormalization). k must be 1.
+    - **Capacity**: a fixed ``expert_capacity`` per expert (default 64), whatever T; no
+      capacity factor. ``expert_capacity=None`` with our ``capacity_factor`` uses the
+      formula instead.
+    - **Drop order**: tokens in order (``"position"``): an expert keeps its first
+      ``expert_capacity`` tokens; a dropped token has no expert (residual only).
+    - **Loss normalization**: Switch's ``E * sum_e f_e P_e`` on first (only) choices and
+      its z-loss equal ours; ``router_aux_loss_coef`` and ``router_z_loss_coef``
+      (0.001 each) map to ``load_balance_loss_coeff`` and ``router_z_loss_coeff``.
+
+    Differences: Hugging Face applies ``expert_capacity`` per sequence of a
+    ``[B, S, E]`` batch; we apply it per call (route each sequence separately, or pass
+    ``[S, E]``, to match). Hugging Face's model passes the capacity-masked argmax to the
+    loss, so dropped tokens count as routed to expert 0; ``peer_load_balance_loss``
+    follows the loss function (pre-drop choices), as the vectors do.
+    ``router_jitter_noise`` (Hugging Face default 0.01, on the router input) is refused
+    unless 0.
+    """
+    return preset("switch", num_experts, top_k, **overrides)
+
+
+# ---------------------------------------------------------------------------
+# the frameworks' load-balance losses
+# ---------------------------------------------------------------------------
+def counts_plain_topk(config: RouterConfig, has_bias: bool) -> bool:
+    """Whether Megatron-Core's loss count differs from the routing used (bias or groups)."""
+    return config.peer == "megatron" and (has_bias or config.num_groups is not None)
+
+
+def plain_topk_config(config: RouterConfig) -> RouterConfig:
+    """``config`` without bias, groups and capacity: the plain top-k Megatron counts."""
+    return config.replace(num_groups=None, group_top_k=None, group_score="max", capacity_factor=None,
+                          eval_capacity_factor=None, expert_capacity=None, min_capacity=0,
+                          overflow="drop", expert_bias=None, peer=None)
+
+
+def _resolve_peer(decision: RoutingDecision, config_or_name: Union[RouterConfig, str]) -> str:
+    if isinstance(config_or_name, RouterConfig):
+        if config_or_name.peer is None:
+            raise ValueError("the configuration has no peer (it was not made by a preset); pass a preset "
+                             "name, e.g. peer_load_balance_loss(decision, 'mixtral')")
+        return config_or_name.peer
+    name = config_or_name
+    if name == "deepspeed":
+        k = decision.top_k
+        return "deepspeed_" + ("top1" if k == 1 else "top2" if k == 2 else "topk")
+    if name not in PEERS:
+        raise ValueError(f"unknown peer {name!r}; expected a preset name (" + ", ".join(map(repr, PRESETS))
+                         + ") or a RouterConfig.peer value (" + ", ".join(map(repr, PEERS)) + ")")
+    return name
+
+
+def peer_loss_from_counts(decision: RoutingDecision, peer: str, token_mask: Optional[np.ndarray],
+                          plain_counts: Optional[np.ndarray]) -> float:
+    """The framework's load-balance loss from a decision (internal; see :func:`peer_load_balance_loss`)."""
+    E, k = decision.num_experts, decision.top_k
+    active = decision.active_tokens
+    if active == 0:
+        return 0.0
+    P = np.asarray(decision.expert_prob_mean, dtype=np.float64)
+    if peer in ("mixtral", "qwen_moe"):
+        return float(k * decision.load_balance_loss)
+    if peer in ("deepspeed_top1", "deepspeed_top2"):
+        first = decision.expert_indices[:, 0]
+        if token_mask is not None:
+            first = first[np.asarray(token_mask, dtype=bool).reshape(-1)]
+        f1 = np.bincount(first.astype(np.int64), minlength=E)[:E] / float(active)
+        return float(E * np.dot(f1, P))
+    if peer == "megatron" and plain_counts is not None:
+        n = np.asarray(plain_counts, dtype=np.float64)
+        return float(E / (k * float(active)) * np.dot(n, P))
+    return float(decision.load_balance_loss)
+
+
+def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Union[RouterConfig, str], *,
+                           logits: Any = None, token_mask: Any = None) -> float:
+    """The load-balance loss of ``decision`` as the framework computes it (coefficient 1).
+
+    Parameters
+    ----------
+    decision : RoutingDecision
+        A routing result (its ``expert_prob_mean`` is ``P_e``).
+    config_or_preset_name : RouterConfig or str
+        A preset's configuration (its ``peer``), a preset name (``"deepspeed"`` picks
+        the gate by the decision's k) or a ``RouterConfig.peer`` value such as
+        ``"deepspeed_top2"``.
+    logits : array_like [T, E] or [B, S, E], optional
+        Megatron-Core only: the logits as routed. Megatron counts ``f_e`` with a
+        plain top-k that ignores the expert bias and groups; when the decision was
+        routed with either, pass the logits to reproduce that count. Without them the
+        decision's own pre-drop counts are used (exact when there was no bias and no
+        group limit).
+    token_mask : array_like of bool, optional
+        The mask the decision was routed with. Needed for the DeepSpeed top-1/top-2
+        count when some tokens were masked.
+
+    Returns
+    -------
+    float
+        - Hugging Face Mixtral / Qwen-MoE: ``k * load_balance_loss`` (``E * sum_e f_e
+          P_e`` with ``f_e`` summing to k).
+        - DeepSpeed top-1 / top-2: ``E * sum_e f1_e P_e`` with ``f1_e`` the fraction of
+          tokens whose *first* choice is e (before drops).
+        - DeepSpeed top-k, Switch, DeepSeek-V3: ``load_balance_loss`` (same
+          normalization).
+        - Megatron-Core: ``E / (k*T) * sum_e n_e P_e`` with ``n_e`` counted by a plain
+          top-k (no bias, no groups).
+
+    Examples
+    --------
+    >>> import numpy as np, moe_router as mr
+    >>> x = np.random.default_rng(0).normal(size=(64, 8))
+    >>> dec = mr.route_logits(x, mr.preset("mixtral", 8, 2))
+    >>> bool(np.isclose(dec.peer_load_balance_loss, 2 * dec.load_balance_loss))
+    True
+    """
+    peer = _resolve_peer(decision, config_or_preset_name)
+    mask = _inputs.token_mask(token_mask, decision.batch_shape)
+    if (peer in ("deepspeed_top1", "deepspeed_top2") and mask is None
+            and decision.active_tokens != decision.total_tokens):
+        raise ValueError("the decision has masked tokens: pass the token_mask it was routed with")
+    plain = None
+    if peer == "megatron" and logits is not None:
+        rows, batch_shape = _inputs.float_rows(logits, "logits", decision.num_experts, "num_experts")
+        if batch_shape != decision.batch_shape:
+            raise ValueError(f"logits have batch shape {list(batch_shape)}, the decision "
+                             f"{list(decision.batch_shape)}")
+        from . import _core
+
+        plain_cfg = RouterConfig(num_experts=decision.num_experts, top_k=decision.top_k, capacity_factor=None)
+        plain = _core.route_logits(rows, plain_cfg._options, False, mask, None, 0,
+                                   None)["pre_drop_tokens_per_expert"]
+    return peer_loss_from_counts(decision, peer, mask, plain)
+

@@ -1,0 +1,295 @@
+"""``ExpertRouter``: route hidden states (or logits) with statistics and load balancing."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from . import _core, _inputs
+from ._core import ConfigError, InputError
+from .balancer import LoadBalancer
+from .config import RouterConfig
+from .decision import RoutingDecision
+from .gate import GateNetwork
+from .routing import decision_from_core
+from .stats import RoutingStats
+
+_GATES = ("auto", "linear", "hierarchical")
+
+
+class ExpertRouter:
+    """A token router with its own weights, statistics and load balancer (the seed's ``ExpertRouter``).
+
+    ``route_tokens(hidden)`` computes the router logits ``hidden @ weight + bias``
+    in Rust, chunk by chunk inside the parallel routing pass (a cache-blocked
+    GEMM per chunk of 512 tokens), so no ``[T, E]`` logits array is ever
+    materialized; or, with the hierarchical gate, ``p(e) = p(group) * p(e | group)``
+    (:class:`GateNetwork`). Every call records latency and loads in
+    :class:`RoutingStats`; training calls feed the :class:`LoadBalancer`, whose
+    expert bias (aux-loss-free balancing, DeepSeek-V3) steers the next call's
+    selection when ``config.enable_load_balancing`` is True. Safe to call from
+    several Python threads at once.
+
+    Parameters
+    ----------
+    config : RouterConfig
+        Routing semantics; ``num_experts`` is E.
+    input_dim : int
+        D, the hidden size.
+    seed : int
+        Seed of the default weight initialization (normal, std ``1/sqrt(D)``; the
+        seed's std 1 saturates the softmax).
+    weight : array_like, float, shape [D, E], optional
+        Router weight; float32 or float64 (others are converted to float32).
+    bias : array_like, float, shape [E], optional
+        Router bias.
+    gate : {"auto", "linear", "hierarchical"}
+        "auto" picks the hierarchical gate when E > 32 and no ``weight`` is given
+        (the seed's rule), the linear router otherwise.
+    group_top_k : int, optional
+        For the hierarchical gate: groups computed per token (None = dense).
+    balancer : LoadBalancer, optional
+        A configured balancer (default ``LoadBalancer(E)``).
+    router_dtype : {None, "float32", "float64"}
+        Precision of the router GEMM (Megatron-Core's ``moe_router_dtype``). None:
+        float32 hidden states use float32, float64 and float16 hidden states use
+        float64 (float16 x float32 products are exact in float64, so the routing
+        equals the float64 reference). Router logits can be ill-conditioned: on the
+        real MiniLM data, NumPy's own float32 ``hidden @ W`` picks different top-2
+        experts than float64 for about 1% of tokens.
+
+    Raises
+    ------
+    ConfigError
+        Bad ``input_dim``, ``gate`` or ``group_top_k``.
+    InputError
+        ``weight`` or ``bias`` of the wrong shape, or not finite.
+    TypeError
+        ``config`` is not a RouterConfig.
+    """
+
+    def __init__(self, config: RouterConfig, input_dim: int, seed: int = 0, weight: Any = None,
+                 bias: Any = None, gate: str = "auto", group_top_k: Optional[int] = None,
+                 balancer: Optional[LoadBalancer] = None, router_dtype: Optional[str] = None) -> None:
+        if not isinstance(config, RouterConfig):
+            raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}")
+        if isinstance(input_dim, bool) or not isinstance(input_dim, (int, np.integer)) or input_dim < 1:
+            raise ConfigError(f"invalid input_dim: got {input_dim!r}; must be an integer >= 1")
+        if gate not in _GATES:
+            raise ConfigError(f"invalid gate: got {gate!r}; must be one of {', '.join(map(repr, _GATES))}")
+        if router_dtype not in (None, "float32", "float64"):
+            raise ConfigError(f"invalid router_dtype: got {router_dtype!r}; must be None, 'float32' or 'float64'")
+        self.config = config
+        self.input_dim = int(input_dim)
+        self.router_dtype = router_dtype
+        e = config.num_experts
+        hierarchical = gate == "hierarchical" or (gate == "auto" and weight is None and e > 32)
+        if hierarchical and (weight is not None or bias is not None):
+            raise ConfigError("invalid gate: 'hierarchical' has its own weights; weight and bias apply to "
+                              "the linear router (gate='linear')")
+        self._lock = threading.RLock()
+        self._step = 0
+        self._gate: Optional[GateNetwork] = None
+        self._weight: Optional[np.ndarray] = None
+        self._bias: Optional[np.ndarray] = None
+        self._cast: Dict[np.dtype, Any] = {}
+        if hierarchical:
+            self._gate = GateNetwork(self.input_dim, e, seed=seed, group_top_k=group_top_k)
+        else:
+            if group_top_k is not None:
+                raise ConfigError("invalid group_top_k: only the hierarchical gate computes groups "
+                                  "(use num_groups/group_top_k in RouterConfig for group-limited routing)")
+            if weight is None:
+                rng = np.random.default_rng(seed)
+                weight = (rng.standard_normal((self.input_dim, e)) / math.sqrt(self.input_dim)).astype(np.float32)
+            self._weight = self._checked_weight(weight, (self.input_dim, e))
+            self._bias = None if bias is None else self._checked_bias(bias, e, self._weight.dtype)
+        self._stats = RoutingStats()
+        self._balancer = balancer if balancer is not None else LoadBalancer(e)
+        if self._balancer.num_experts != e:
+            raise ConfigError(f"invalid balancer: it tracks {self._balancer.num_experts} experts, "
+                              f"the config has num_experts = {e}")
+
+    # -- weights ---------------------------------------------------------------
+    @staticmethod
+    def _checked_weight(weight: Any, shape: tuple) -> np.ndarray:
+        w = _inputs.as_array(weight, "weight")
+        if w.dtype.kind != "f":
+            raise TypeError(f"weight must be a floating-point array, got dtype {w.dtype}")
+        if w.dtype not in (np.float32, np.float64):
+            w = w.astype(np.float32)
+        if w.shape != shape:
+            raise InputError(f"weight has shape {list(w.shape)}, expected {list(shape)} (input_dim x num_experts)")
+        if not np.isfinite(w).all():
+            raise InputError("weight contains NaN or infinite values")
+        return np.ascontiguousarray(w)
+
+    @staticmethod
+    def _checked_bias(bias: Any, e: int, dtype: np.dtype) -> np.ndarray:
+        b = _inputs.as_array(bias, "bias")
+        if b.dtype.kind not in "fiu":
+            raise TypeError(f"bias must be a real-valued array, got dtype {b.dtype}")
+        if b.shape != (e,):
+            raise InputError(f"bias has shape {list(b.shape)}, expected [{e}] (one value per expert)")
+        if not np.isfinite(b).all():
+            raise InputError("bias contains NaN or infinite values")
+        return np.ascontiguousarray(b, dtype=dtype)
+
+    @property
+    def weight(self) -> Optional[np.ndarray]:
+        """The linear router's weight ``[D, E]`` (None for the hierarchical gate)."""
+        return self._weight
+
+    @property
+    def bias(self) -> Optional[np.ndarray]:
+        """The linear router's bias ``[E]`` or None."""
+        return self._bias
+
+    @property
+    def gate(self) -> Optional[GateNetwork]:
+        """The hierarchical gate, or None for the linear router."""
+        return self._gate
+
+    def update_router_weights(self, new_weights: Any, bias: Any = None) -> None:
+        """Replace the linear router's weight (and optionally its bias).
+
+        Raises
+        ------
+        InputError
+            The new weight's shape differs from the current ``[D, E]`` (both shapes
+            are named), or it holds NaN/inf.
+        ConfigError
+            The router uses the hierarchical gate, which has no single weight.
+        """
+        if self._weight is None:
+            raise ConfigError("invalid update_router_weights: this router uses the hierarchical gate "
+                              "(gate='hierarchical'), which has no single weight matrix")
+        w = _inputs.as_array(new_weights, "new_weights")
+        if w.shape != self._weight.shape:
+            raise InputError(f"new_weights has shape {list(w.shape)}, but the router weight has shape "
+                             f"{list(self._weight.shape)} (input_dim x num_experts)")
+        checked = self._checked_weight(w, self._weight.shape)
+        new_bias = self._bias if bias is None else self._checked_bias(bias, self.config.num_experts, checked.dtype)
+        with self._lock:
+            self._weight, self._bias = checked, new_bias
+            self._cast = {}
+
+    def _weights_for(self, dtype: np.dtype):
+        with self._lock:
+            w, b = self._weight, self._bias
+            assert w is not None
+            if w.dtype == dtype:
+                return w, b
+            if dtype not in self._cast:
+                self._cast[dtype] = (np.ascontiguousarray(w, dtype=dtype),
+                                     None if b is None else np.ascontiguousarray(b, dtype=dtype))
+            return self._cast[dtype]
+
+    # -- routing ---------------------------------------------------------------
+    def _call_state(self, training: bool):
+        with self._lock:
+            step = self._step
+            if training:
+                self._step += 1
+        bias = None
+        if self.config.enable_load_balancing:
+            b = self._balancer.expert_bias
+            if np.any(b != 0):
+                bias = np.ascontiguousarray(b, dtype=np.float64)
+        return step, bias
+
+    def _finish(self, fields: dict, batch_shape: tuple, latency: float, training: bool) -> RoutingDecision:
+        dec = decision_from_core(fields, self.config, batch_shape)
+        self._stats.record(dec, latency)
+        if training and self.config.enable_load_balancing:
+            self._balancer.update(dec)
+        return dec
+
+    def route_tokens(self, hidden: Any, training: bool = False, token_mask: Any = None) -> RoutingDecision:
+        """Route hidden states to experts.
+
+        Parameters
+        ----------
+        hidden : array_like, float, shape [B, S, D] or [T, D]
+            Hidden states (float32/float64 read in place; float16 converted once).
+        training : bool
+            Training mode: noise and reroute draws apply, the step counter advances
+            and the load balancer is updated.
+        token_mask : array_like of bool, shape [T] or [B, S], optional
+            False marks padding (counted nowhere).
+
+        Returns
+        -------
+        RoutingDecision
+
+        Raises
+        ------
+        InputError
+            Wrong rank, or last dimension != ``input_dim``; NaN/inf in the hidden
+            states (reported as the router logits of the first offending token).
+        TypeError
+            Non-floating-point input.
+        """
+        rows, batch_shape = _inputs.float_rows(hidden, "hidden", self.input_dim, "input_dim",
+                                               dtype=self._compute_dtype(hidden))
+        mask = _inputs.token_mask(token_mask, batch_shape)
+        seq_len = batch_shape[1] if len(batch_shape) == 2 else None
+        step, bias = self._call_state(training)
+        t0 = time.perf_counter()
+        if self._gate is not None:
+            gw, ew = self._gate.weights_for(rows.dtype)
+            fields = _core.route_gate(rows, gw, ew, self._gate.group_top_k, self.config._options, bool(training),
+                                      mask, bias, step, seq_len)
+        else:
+            w, b = self._weights_for(rows.dtype)
+            fields = _core.route_hidden(rows, w, b, self.config._options, bool(training), mask, bias, step, seq_len)
+        latency = time.perf_counter() - t0
+        return self._finish(fields, batch_shape, latency, training)
+
+    def _compute_dtype(self, hidden: Any) -> Optional[np.dtype]:
+        if self.router_dtype is not None:
+            return np.dtype(self.router_dtype)
+        dtype = getattr(hidden, "dtype", None)
+        return np.dtype(np.float64) if dtype == np.float16 else None
+
+    def route_logits(self, logits: Any, training: bool = False, token_mask: Any = None) -> RoutingDecision:
+        """Route precomputed ``[T, E]`` / ``[B, S, E]`` logits through this router's
+        statistics and load balancer (see :func:`moe_router.route_logits`)."""
+        rows, batch_shape = _inputs.float_rows(logits, "logits", self.config.num_experts, "num_experts")
+        mask = _inputs.token_mask(token_mask, batch_shape)
+        seq_len = batch_shape[1] if len(batch_shape) == 2 else None
+        step, bias = self._call_state(training)
+        t0 = time.perf_counter()
+        fields = _core.route_logits(rows, self.config._options, bool(training), mask, bias, step, seq_len)
+        latency = time.perf_counter() - t0
+        return self._finish(fields, batch_shape, latency, training)
+
+    # -- accessors (the seed's names) ------------------------------------------
+    def get_num_experts(self) -> int:
+        """E."""
+        return self.config.num_experts
+
+    def get_stats(self) -> RoutingStats:
+        """The live :class:`RoutingStats` of this router."""
+        return self._stats
+
+    def reset_stats(self) -> None:
+        """Clear the statistics (not the load balancer)."""
+        self._stats.reset()
+
+    def get_load_balancer(self) -> LoadBalancer:
+        """The :class:`LoadBalancer` whose expert bias this router applies."""
+        return self._balancer
+
+    @property
+    def step(self) -> int:
+        """Training calls so far (the RNG step of the next training call)."""
+        return self._step
+
+    def __repr__(self) -> str:
+        kind = repr(self._gate) if self._gate is not None else f"linear[{self.input_dim}x{self.config.num_experts}]"
+        return f"ExpertRouter({self.config!r}, input_dim={self.input_dim}, gate={kind})"

@@ -1,0 +1,522 @@
+"""Routing statistics accumulated over many routing calls: ``RoutingStats``.
+
+An ``ExpertRouter`` owns one ``RoutingStats`` and calls :meth:`RoutingStats.record`
+after every ``route_tokens``/``route_logits`` call with the decision and the
+wall-clock time the call took. The object can also be used on its own, with
+decisions from :func:`moe_router.route_logits`.
+
+Differences from the torsh-distributed seed (``RoutingStats``/``CapacityStats``):
+
+- capacity utilization divides by the capacity each call really offered
+  (``RoutingDecision.capacity``), not an assumed 100 slots per expert;
+- the mean utilization is the mean over experts of kept / offered, not a
+  formula that always evaluates to 1/E;
+- the drop rates are 0.0, not a division by zero, before any token was routed;
+- per-call averages are plain arithmetic means over the calls that routed at
+  least one token (an empty batch has no loss to average);
+- every update and every read holds one lock, so routers shared by threads
+  report consistent totals.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from typing import Any, Deque, Dict, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["RoutingStats"]
+
+#: Default number of recent calls whose latencies feed the percentiles.
+DEFAULT_WINDOW = 1024
+#: Default number of per-call load variances kept.
+DEFAULT_HISTORY = 1024
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _finite_or_none(x: float) -> Optional[float]:
+    return float(x) if math.isfinite(x) else None
+
+
+class RoutingStats:
+    """Totals, averages, per-expert utilization and latency of routing calls.
+
+    Thread-safe: :meth:`record`, :meth:`reset` and every read take the same
+    lock, so eight threads routing through one router see totals equal to the
+    sum of their decisions.
+
+    Parameters
+    ----------
+    window : int, default 1024
+        Number of most recent timed calls whose latencies are kept for the
+        p50/p95/p99 percentiles (a bounded ``deque``; older ones are forgotten).
+    history : int, default 1024
+        Number of most recent per-call load variances kept in
+        :attr:`load_variance_history`.
+
+    Attributes
+    ----------
+    calls : int
+        Decisions recorded (the seed's ``total_routings``).
+    total_tokens : int
+        Sum of ``RoutingDecision.total_tokens`` (rows, padding included).
+    active_tokens : int
+        Sum of ``RoutingDecision.active_tokens`` (rows not masked out).
+    total_assignments : int
+        Sum of ``active_tokens * k``: the (token, expert) choices that were routed.
+    kept_assignments, dropped_assignments : int
+        Sums of the decisions' fields; ``kept + dropped == total_assignments``.
+    tokens_dropped : int
+        Sum of ``RoutingDecision.tokens_dropped``: active tokens left with no
+        kept expert at all.
+    num_experts : int or None
+        E, fixed by the first decision recorded (None before it).
+
+    Notes
+    -----
+    Per-expert utilization (:attr:`expert_utilization`) is the cumulative
+    number of kept assignments of each expert divided by the cumulative
+    capacity offered to it, ``sum_calls tokens_per_expert[e] / sum_calls
+    capacity``. Each call's capacity is the one the decision reports: the
+    ``capacity_factor`` formula (GShard, Lepikhin et al. 2020; Switch
+    Transformer, Fedus et al. 2021, eq. 3), a fixed ``expert_capacity``, or for
+    dropless routing the largest kept load of that call (so the busiest expert
+    of a dropless call is at 100 %).
+
+    Latencies are seconds, as measured by the caller (an ``ExpertRouter`` uses
+    ``time.perf_counter()`` around the routing call). Percentiles use linear
+    interpolation between order statistics (NumPy's default, Hyndman and Fan
+    1996 type 7) over the last ``window`` timed calls. Throughput is
+    ``active tokens / total routing time`` over every timed call since the
+    last :meth:`reset`.
+
+    Examples
+    --------
+    >>> import numpy as np, moe_router as mr
+    >>> cfg = mr.RouterConfig(num_experts=4, top_k=1, capacity_factor=1.0)
+    >>> stats = mr.RoutingStats()
+    >>> dec = mr.route_logits(np.eye(4, dtype=np.float32)[[0, 0, 1, 2]], cfg)
+    >>> stats.record(dec, latency_s=0.002)
+    >>> stats.calls, stats.kept_assignments, stats.dropped_assignments
+    (1, 3, 1)
+    >>> stats.expert_utilization.tolist()  # capacity 1 per expert in this call
+    [1.0, 1.0, 1.0, 0.0]
+    >>> stats.throughput  # 4 active tokens in 2 ms
+    2000.0
+    """
+
+    __slots__ = (
+        "_lock", "_window", "_history", "calls", "routed_calls", "timed_calls", "total_tokens",
+        "active_tokens", "total_assignments", "kept_assignments", "dropped_assignments",
+        "tokens_dropped", "num_experts", "_sum_lb", "_sum_z", "_sum_aux", "_sum_eff",
+        "_kept_per_expert", "_pre_drop_per_expert", "_capacity_offered", "_variances",
+        "_latencies", "_total_time", "_timed_active_tokens", "_max_latency", "_min_latency",
+    )
+
+    def __init__(self, window: int = DEFAULT_WINDOW, history: int = DEFAULT_HISTORY) -> None:
+        self._lock = threading.RLock()
+        self._window = _positive_int("window", window)
+        self._history = _positive_int("history", history)
+        self._clear()
+
+    def _clear(self) -> None:
+        self.calls = 0
+        self.routed_calls = 0
+        self.timed_calls = 0
+        self.total_tokens = 0
+        self.active_tokens = 0
+        self.total_assignments = 0
+        self.kept_assignments = 0
+        self.dropped_assignments = 0
+        self.tokens_dropped = 0
+        self.num_experts: Optional[int] = None
+        self._sum_lb = 0.0
+        self._sum_z = 0.0
+        self._sum_aux = 0.0
+        self._sum_eff = 0.0
+        self._kept_per_expert: Optional[np.ndarray] = None
+        self._pre_drop_per_expert: Optional[np.ndarray] = None
+        self._capacity_offered = 0
+        self._variances: Deque[float] = deque(maxlen=self._history)
+        self._latencies: Deque[float] = deque(maxlen=self._window)
+        self._total_time = 0.0
+        self._timed_active_tokens = 0
+        self._max_latency: Optional[float] = None
+        self._min_latency: Optional[float] = None
+
+    # ------------------------------------------------------------------ update
+
+    def record(self, decision: Any, latency_s: Optional[float] = None) -> None:
+        """Add one routing call to the statistics.
+
+        Parameters
+        ----------
+        decision : RoutingDecision
+            The call's result. Read: ``tokens_per_expert``,
+            ``pre_drop_tokens_per_expert``, ``capacity``, ``total_tokens``,
+            ``active_tokens``, ``kept_assignments``, ``dropped_assignments``,
+            ``tokens_dropped``, the three losses and ``routing_efficiency()``.
+        latency_s : float, optional
+            Wall-clock duration of the routing call in seconds (finite, >= 0).
+            None records the decision without timing it: it then counts in no
+            latency percentile and not in the throughput.
+
+        Raises
+        ------
+        ValueError
+            ``latency_s`` is negative or not finite, or the decision has a
+            different number of experts than the decisions recorded before.
+        """
+        if latency_s is not None:
+            latency = float(latency_s)
+            if not (math.isfinite(latency) and latency >= 0.0):
+                raise ValueError(f"latency_s must be a finite number of seconds >= 0, got {latency_s!r}")
+        kept_e = np.asarray(decision.tokens_per_expert, dtype=np.int64)
+        pre_e = np.asarray(decision.pre_drop_tokens_per_expert, dtype=np.int64)
+        num_experts = int(kept_e.shape[0])
+        kept = int(decision.kept_assignments)
+        dropped = int(decision.dropped_assignments)
+        active = int(decision.active_tokens)
+        capacity = int(decision.capacity)
+        variance = float(kept_e.astype(np.float64).var()) if num_experts else 0.0
+        lb = float(decision.load_balance_loss)
+        z = float(decision.router_z_loss)
+        aux = float(decision.auxiliary_loss)
+        eff = float(decision.routing_efficiency())
+        with self._lock:
+            if self.num_experts is None:
+                self.num_experts = num_experts
+                self._kept_per_expert = np.zeros(num_experts, dtype=np.int64)
+                self._pre_drop_per_expert = np.zeros(num_experts, dtype=np.int64)
+            elif num_experts != self.num_experts:
+                raise ValueError(f"decision has {num_experts} experts but these statistics hold "
+                                 f"{self.num_experts}; use one RoutingStats per expert count, or reset()")
+            assert self._kept_per_expert is not None and self._pre_drop_per_expert is not None
+            self.calls += 1
+            self.total_tokens += int(decision.total_tokens)
+            self.active_tokens += active
+            self.total_assignments += kept + dropped
+            self.kept_assignments += kept
+            self.dropped_assignments += dropped
+            self.tokens_dropped += int(decision.tokens_dropped)
+            if kept + dropped > 0:
+                self.routed_calls += 1
+                self._sum_lb += lb
+                self._sum_z += z
+                self._sum_aux += aux
+                self._sum_eff += eff
+            self._kept_per_expert += kept_e
+            self._pre_drop_per_expert += pre_e
+            self._capacity_offered += capacity
+            self._variances.append(variance)
+            if latency_s is not None:
+                self.timed_calls += 1
+                self._latencies.append(latency)
+                self._total_time += latency
+                self._timed_active_tokens += active
+                self._max_latency = latency if self._max_latency is None else max(self._max_latency, latency)
+                self._min_latency = latency if self._min_latency is None else min(self._min_latency, latency)
+
+    def reset(self) -> None:
+        """Forget everything recorded (``window`` and ``history`` are kept)."""
+        with self._lock:
+            self._clear()
+
+    # ------------------------------------------------------------------ averages and rates
+
+    def _mean(self, total: float) -> Optional[float]:
+        return None if self.routed_calls == 0 else total / self.routed_calls
+
+    @property
+    def total_routings(self) -> int:
+        """Alias of :attr:`calls` (the seed's name)."""
+        return self.calls
+
+    @property
+    def average_load_balance_loss(self) -> Optional[float]:
+        """Mean ``load_balance_loss`` over calls that routed a token (None before any)."""
+        with self._lock:
+            return self._mean(self._sum_lb)
+
+    @property
+    def average_router_z_loss(self) -> Optional[float]:
+        """Mean ``router_z_loss`` over calls that routed a token (None before any)."""
+        with self._lock:
+            return self._mean(self._sum_z)
+
+    @property
+    def average_auxiliary_loss(self) -> Optional[float]:
+        """Mean ``auxiliary_loss`` over calls that routed a token (None before any)."""
+        with self._lock:
+            return self._mean(self._sum_aux)
+
+    @property
+    def average_routing_efficiency(self) -> Optional[float]:
+        """Mean of the per-call ``routing_efficiency()`` (kept / routed) over calls that routed a token.
+
+        Every call weighs the same; :attr:`routing_efficiency` weighs by assignments.
+        """
+        with self._lock:
+            return self._mean(self._sum_eff)
+
+    @property
+    def routing_efficiency(self) -> float:
+        """``kept_assignments / total_assignments`` over all calls; 1.0 when nothing was routed."""
+        with self._lock:
+            return 1.0 if self.total_assignments == 0 else self.kept_assignments / self.total_assignments
+
+    @property
+    def tokens_dropped_rate(self) -> float:
+        """``tokens_dropped / active_tokens`` (fraction of tokens with no kept expert); 0.0 when empty."""
+        with self._lock:
+            return 0.0 if self.active_tokens == 0 else self.tokens_dropped / self.active_tokens
+
+    @property
+    def assignment_drop_rate(self) -> float:
+        """``dropped_assignments / total_assignments``; 0.0 when nothing was routed."""
+        with self._lock:
+            return 0.0 if self.total_assignments == 0 else self.dropped_assignments / self.total_assignments
+
+    # ------------------------------------------------------------------ per expert
+
+    def _zeros(self) -> np.ndarray:
+        return np.zeros(self.num_experts or 0, dtype=np.int64)
+
+    @property
+    def expert_token_counts(self) -> np.ndarray:
+        """int64 [E]: cumulative kept assignments per expert (a copy; empty before any call)."""
+        with self._lock:
+            return self._zeros() if self._kept_per_expert is None else self._kept_per_expert.copy()
+
+    @property
+    def pre_drop_token_counts(self) -> np.ndarray:
+        """int64 [E]: cumulative routed (pre-capacity) assignments per expert (a copy)."""
+        with self._lock:
+            return self._zeros() if self._pre_drop_per_expert is None else self._pre_drop_per_expert.copy()
+
+    @property
+    def capacity_offered(self) -> int:
+        """Cumulative per-expert capacity: the sum of ``decision.capacity`` over all calls (slots)."""
+        with self._lock:
+            return self._capacity_offered
+
+    def _utilization(self) -> np.ndarray:
+        if self._kept_per_expert is None:
+            return np.zeros(0, dtype=np.float64)
+        if self._capacity_offered == 0:
+            return np.zeros(self._kept_per_expert.shape[0], dtype=np.float64)
+        return self._kept_per_expert.astype(np.float64) / float(self._capacity_offered)
+
+    @property
+    def expert_utilization(self) -> np.ndarray:
+        """float64 [E]: cumulative kept / cumulative capacity offered, per expert, in [0, 1].
+
+        0 for every expert while no capacity was offered (empty batches only).
+        """
+        with self._lock:
+            return self._utilization()
+
+    def utilization_cv(self) -> float:
+        """Coefficient of variation (population std / mean) of :attr:`expert_utilization`.
+
+        0.0 before any call or when no assignment was kept. Equals the CV of
+        the cumulative kept counts (the capacity is a common factor).
+        """
+        with self._lock:
+            u = self._utilization()
+            mean = float(u.mean()) if u.size else 0.0
+            return 0.0 if mean <= 0.0 else float(u.std() / mean)
+
+    def _extreme(self, pick: Any) -> Optional[Tuple[int, float]]:
+        u = self._utilization()
+        if u.size == 0:
+            return None
+        e = int(pick(u))
+        return e, float(u[e])
+
+    def most_utilized_expert(self) -> Optional[Tuple[int, float]]:
+        """``(expert, utilization)`` of the busiest expert (lowest index on ties); None before any call."""
+        with self._lock:
+            return self._extreme(np.argmax)
+
+    def least_utilized_expert(self) -> Optional[Tuple[int, float]]:
+        """``(expert, utilization)`` of the idlest expert (lowest index on ties); None before any call."""
+        with self._lock:
+            return self._extreme(np.argmin)
+
+    @property
+    def load_variance_history(self) -> np.ndarray:
+        """float64 [n]: population variance of ``tokens_per_expert`` (kept, tokens^2) of each of the last calls.
+
+        At most ``history`` entries, oldest first.
+        """
+        with self._lock:
+            return np.array(self._variances, dtype=np.float64)
+
+    def utilization_summary(self) -> Dict[str, Any]:
+        """Per-expert utilization and drop figures in one dict.
+
+        Returns
+        -------
+        dict
+            ``mean_utilization``, ``min_utilization``, ``max_utilization`` (of
+            :attr:`expert_utilization`; the mean is total kept over ``E x``
+            capacity offered), ``utilization_cv``, ``most_utilized_expert`` and
+            ``least_utilized_expert`` (``[expert, utilization]`` or None),
+            ``routing_efficiency``, ``average_routing_efficiency``,
+            ``tokens_dropped_rate``, ``assignment_drop_rate``,
+            ``average_load_balance_loss``, ``average_router_z_loss``. Rates and
+            utilizations are fractions in [0, 1].
+        """
+        with self._lock:
+            u = self._utilization()
+            most = self._extreme(np.argmax)
+            least = self._extreme(np.argmin)
+            return {
+                "mean_utilization": float(u.mean()) if u.size else 0.0,
+                "min_utilization": float(u.min()) if u.size else 0.0,
+                "max_utilization": float(u.max()) if u.size else 0.0,
+                "utilization_cv": self.utilization_cv(),
+                "most_utilized_expert": None if most is None else [most[0], most[1]],
+                "least_utilized_expert": None if least is None else [least[0], least[1]],
+                "routing_efficiency": self.routing_efficiency,
+                "average_routing_efficiency": self._mean(self._sum_eff),
+                "tokens_dropped_rate": self.tokens_dropped_rate,
+                "assignment_drop_rate": self.assignment_drop_rate,
+                "average_load_balance_loss": self._mean(self._sum_lb),
+                "average_router_z_loss": self._mean(self._sum_z),
+            }
+
+    # ------------------------------------------------------------------ latency and throughput
+
+    def latency_percentile(self, q: float) -> Optional[float]:
+        """The ``q``-th percentile (0..100) of the recent latencies, in seconds; None before any timed call.
+
+        Raises
+        ------
+        ValueError
+            ``q`` outside [0, 100].
+        """
+        q = float(q)
+        if not 0.0 <= q <= 100.0:
+            raise ValueError(f"q must be a percentile in [0, 100], got {q!r}")
+        with self._lock:
+            if not self._latencies:
+                return None
+            return float(np.percentile(np.fromiter(self._latencies, dtype=np.float64), q))
+
+    @property
+    def latency_p50(self) -> Optional[float]:
+        """Median latency of the last ``window`` timed calls, seconds (None before any)."""
+        return self.latency_percentile(50.0)
+
+    @property
+    def latency_p95(self) -> Optional[float]:
+        """95th-percentile latency of the last ``window`` timed calls, seconds (None before any)."""
+        return self.latency_percentile(95.0)
+
+    @property
+    def latency_p99(self) -> Optional[float]:
+        """99th-percentile latency of the last ``window`` timed calls, seconds (None before any)."""
+        return self.latency_percentile(99.0)
+
+    @property
+    def mean_latency(self) -> Optional[float]:
+        """Mean latency over every timed call since the last reset, seconds (None before any)."""
+        with self._lock:
+            return None if self.timed_calls == 0 else self._total_time / self.timed_calls
+
+    @property
+    def total_time(self) -> float:
+        """Sum of the recorded latencies, seconds."""
+        with self._lock:
+            return self._total_time
+
+    @property
+    def throughput(self) -> Optional[float]:
+        """Active tokens per second of routing time, over the timed calls; None before any.
+
+        ``inf`` if the timed calls took no measurable time but routed tokens;
+        0.0 if they routed no token.
+        """
+        with self._lock:
+            return self._throughput()
+
+    def _throughput(self) -> Optional[float]:
+        if self.timed_calls == 0:
+            return None
+        if self._total_time > 0.0:
+            return self._timed_active_tokens / self._total_time
+        return math.inf if self._timed_active_tokens > 0 else 0.0
+
+    # ------------------------------------------------------------------ export
+
+    def to_dict(self) -> Dict[str, Any]:
+        """All statistics as plain Python values; ``json.dumps`` accepts the result.
+
+        Latencies appear in seconds (``latency_s``) and milliseconds
+        (``latency_ms``); an undefined value (no call yet, infinite throughput)
+        is None.
+        """
+        with self._lock:
+            pcts = {"p50": None, "p95": None, "p99": None}
+            if self._latencies:
+                lat = np.fromiter(self._latencies, dtype=np.float64)
+                p50, p95, p99 = np.percentile(lat, [50.0, 95.0, 99.0]).tolist()
+                pcts = {"p50": p50, "p95": p95, "p99": p99}
+            mean_lat = None if self.timed_calls == 0 else self._total_time / self.timed_calls
+            lat_s = dict(pcts, mean=mean_lat, min=self._min_latency, max=self._max_latency)
+            lat_ms = {k: None if v is None else 1e3 * v for k, v in lat_s.items()}
+            tput = self._throughput()
+            kept = [] if self._kept_per_expert is None else self._kept_per_expert.tolist()
+            pre = [] if self._pre_drop_per_expert is None else self._pre_drop_per_expert.tolist()
+            return {
+                "calls": self.calls,
+                "routed_calls": self.routed_calls,
+                "timed_calls": self.timed_calls,
+                "num_experts": self.num_experts,
+                "total_tokens": self.total_tokens,
+                "active_tokens": self.active_tokens,
+                "total_assignments": self.total_assignments,
+                "kept_assignments": self.kept_assignments,
+                "dropped_assignments": self.dropped_assignments,
+                "tokens_dropped": self.tokens_dropped,
+                "tokens_dropped_rate": self.tokens_dropped_rate,
+                "assignment_drop_rate": self.assignment_drop_rate,
+                "routing_efficiency": self.routing_efficiency,
+                "average_routing_efficiency": self._mean(self._sum_eff),
+                "average_load_balance_loss": self._mean(self._sum_lb),
+                "average_router_z_loss": self._mean(self._sum_z),
+                "average_auxiliary_loss": self._mean(self._sum_aux),
+                "expert_token_counts": kept,
+                "pre_drop_token_counts": pre,
+                "capacity_offered": self._capacity_offered,
+                "expert_utilization": self._utilization().tolist(),
+                "utilization_summary": self.utilization_summary(),
+                "load_variance_history": list(self._variances),
+                "latency_window": self._window,
+                "latency_s": lat_s,
+                "latency_ms": lat_ms,
+                "total_time_s": self._total_time,
+                "throughput_tokens_per_s": None if tput is None else _finite_or_none(tput),
+            }
+
+    def __repr__(self) -> str:
+        with self._lock:
+            p50 = None
+            if self._latencies:
+                p50 = float(np.percentile(np.fromiter(self._latencies, dtype=np.float64), 50.0))
+            lat = "n/a" if p50 is None else f"{1e3 * p50:.3g} ms"
+            tput = self._throughput()
+            tp = "n/a" if tput is None else f"{tput:.4g} tokens/s"
+            return (f"RoutingStats(calls={self.calls}, active_tokens={self.active_tokens}, "
+                    f"kept_assignments={self.kept_assignments}, dropped_assignments={self.dropped_assignments}, "
+                    f"tokens_dropped={self.tokens_dropped}, utilization_cv={self.utilization_cv():.4g}, "
+                    f"latency_p50={lat}, throughput={tp})")
