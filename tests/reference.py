@@ -74,14 +74,10 @@ def group_limit(keys: List[float], group_keys: List[float], num_groups: int, gro
         members = group_keys[g * size:(g + 1) * size]
         if group_score == "max":
             scores.append(max(members))
-        elif group_score == "top2_sum":
+        elif group_score.startswith("top") and group_score.endswith("_sum"):
+            n = int(group_score[3:-4])
             finite = sorted((v for v in members if v != NEG_INF), reverse=True)
-            if not finite:
-                scores.append(NEG_INF)
-            elif len(finite) == 1:
-                scores.append(finite[0])
-            else:
-                scores.append(finite[0] + finite[1])
+            scores.append(sum(finite[:n]) if finite else NEG_INF)
         else:
             raise ValueError(group_score)
     ranked = sorted(range(num_groups), key=lambda g: (-scores[g], g))
@@ -221,7 +217,8 @@ def reference_route(logits: Any, config: Any, training: bool = False, token_mask
         else:
             keys = [float(s[i]) + bias[i] if eligible[i] else NEG_INF for i in range(E)]
         if num_groups is not None:
-            gkeys = [float(s[i]) + (0.0 if bias is None else bias[i]) if eligible[i] else NEG_INF
+            base = z if _cfg(config, "group_score_input", "scores") == "logits" else s
+            gkeys = [float(base[i]) + (0.0 if bias is None else bias[i]) if eligible[i] else NEG_INF
                      for i in range(E)]
             keys = group_limit(keys, gkeys, int(num_groups), int(group_top_k), group_score)
         chosen, is_routed = top_k_choice(keys, k)

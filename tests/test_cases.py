@@ -773,17 +773,14 @@ def test_sigmoid_of_very_negative_logits():
                                    err_msg=f"logits [{z}, {z - 1}]")
 
 
-@pytest.mark.package_bug
 def test_sigmoid_of_subnormal_range_logits():
     """Between about -708 and -745 the float64 sigmoid is a subnormal number, not 0.
 
-    Weights and losses must stay finite and keep the ratio of the two scores.
-
-    BUG (package): logits [-720, -721] with sigmoid + normalize_weights give weights
-    [inf, inf] and load_balance_loss = inf in the build of 02:59 (the normalization
-    multiplies by scale / sum, and 1 / 2.7e-313 overflows); the build of 02:55
-    gave [0, 0] (exp flushed to 0 below -708). float64: sigmoid(-720) = 2.0e-313,
-    sigmoid(-721) = 7.5e-314, normalized [0.731, 0.269].
+    Weights and losses must stay finite and keep the ratio of the two scores
+    (float64: sigmoid(-720) = 2.0e-313, sigmoid(-721) = 7.5e-314, normalized
+    [0.731, 0.269]). Regression: earlier builds gave [0, 0] (exp flushed to 0
+    below -708), then [inf, inf] with an infinite load-balance loss (the
+    normalization multiplied by scale / sum, and 1 / 2.7e-313 overflows).
     """
     assert np.exp(-720.0) > 0 and np.exp(-744.0) > 0
     cfg = mr.RouterConfig(num_experts=2, top_k=2, capacity_factor=None, score_function="sigmoid",
@@ -888,12 +885,12 @@ def test_empty_batch(policy, cf, overflow, shape):
             assert dec.seq_load_balance_loss is None and dec.auxiliary_loss == 0.0
 
 
-@pytest.mark.parametrize("shape", [(0, 5, 4), pytest.param((3, 0, 4), marks=pytest.mark.package_bug)], ids=str)
+@pytest.mark.parametrize("shape", [(0, 5, 4), (3, 0, 4)], ids=str)
 def test_empty_batch_seq_loss_of_3d_input_is_zero(shape):
     """Semantics item 12: [B, S, E] input has a sequence loss, 0 when no token is active.
 
-    BUG (package) for [B, 0, E]: seq_load_balance_loss is None (routing.py passes no
-    sequence length when S = 0), while [0, S, E] gives 0.0.
+    Regression: an earlier build returned None for [B, 0, E] (and 0.0 for [0, S, E]);
+    a later one raised InputError for [B, 0, E].
     """
     cfg = mr.RouterConfig(num_experts=4, top_k=2, seq_load_balance_loss_coeff=1.0)
     dec = mr.route_logits(np.zeros(shape), cfg)

@@ -48,16 +48,6 @@ VECTORS_DIR = SHARED_DIR / "peers" / "vectors"
 RTOL, ATOL = 1e-5, 1e-7
 LOSS_RTOL = 1e-5
 
-# Variants whose peer behaviour the core cannot express yet: (case, variant id) -> reason.
-# Megatron-Core, post-softmax routing with groups scored by a top-2 sum, ranks groups by
-# the sum of their two best *logits*; the core sums softmax scores (docs/semantics.md 4).
-CORE_GAP_GROUP_LOGITS = ("core lacks Megatron's group score on raw logits (post-softmax routing with a "
-                         "top-2-sum group score)")
-# Megatron-Core scores a group by the sum of its top (topk // group_topk) scores; the core has
-# the max (1) and the top-2 sum (2) only, and the preset refuses other values.
-CORE_GAP_GROUP_TOPN = "core lacks a group score summing the top n > 2 scores (Megatron topk // group_topk = {n})"
-
-
 # ---------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------
@@ -125,18 +115,6 @@ def config_for(peer: str, params: Dict[str, Any], E: int) -> mr.RouterConfig:
     if peer == "hf-switch":
         return mr.preset("switch", E, expert_capacity=p["expert_capacity"])
     raise AssertionError(f"no preset mapping for peer {peer!r}")
-
-
-def core_gap(peer: str, params: Dict[str, Any]) -> Optional[str]:
-    """Why the core cannot reproduce this variant yet (None when it can)."""
-    if peer != "megatron" or not params.get("group_topk"):
-        return None
-    per_group = params["topk"] // params["group_topk"]
-    if per_group > 2:
-        return CORE_GAP_GROUP_TOPN.format(n=per_group)
-    if per_group == 2 and params.get("score_function", "softmax") == "softmax" and not params.get("pre_softmax"):
-        return CORE_GAP_GROUP_LOGITS
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -437,9 +415,6 @@ def run_variant(case: str, vid: str) -> str:
         return "skipped: " + check_refusal(peer, params, status, logits)
     if any(isinstance(x, str) and "rng-dependent" in x for x in meta.values()):
         return "skipped: rng-dependent: DeepSpeed random token selection (use_rts) keeps tokens by torch's RNG"
-    gap = core_gap(peer, params)
-    if gap is not None:
-        return "skipped: " + gap
     try:
         cfg = config_for(peer, params, E)
     except Skip as exc:

@@ -207,7 +207,7 @@ def test_unknown_names_are_refused_with_the_accepted_list():
     ("mixtral", dict(router_jitter_noise=0.1), "jitter"),
     ("megatron", dict(top_k=2, expert_bias=[0.0] * 8), "sigmoid"),
     ("megatron", dict(top_k=2, moe_router_score_function="sqrtsoftplus"), "sqrtsoftplus"),
-    ("megatron", dict(top_k=8, num_groups=4, group_topk=2), "top topk // group_topk = 4"),
+    ("megatron", dict(top_k=2, num_groups=4, group_topk=4), "topk must be >= group_topk"),
     ("megatron", dict(top_k=2, num_groups=4), "go together"),
     ("megatron", dict(top_k=2, drop_policy="rank"), "'probs' or 'position'"),
     ("megatron", dict(top_k=2, moe_router_load_balancing_type="sinkhorn"), "sinkhorn"),
@@ -217,6 +217,16 @@ def test_unknown_names_are_refused_with_the_accepted_list():
 def test_unreproducible_settings_are_refused(name, kwargs, text):
     with pytest.raises(mr.ConfigError, match=text):
         mr.preset(name, 8, **kwargs)
+
+
+@pytest.mark.parametrize("pre_softmax,score,want_input", [
+    (False, "softmax", "logits"), (True, "softmax", "scores"), (False, "sigmoid", "scores")])
+def test_megatron_groups_sum_top_n_on_the_selection_tensor(pre_softmax, score, want_input):
+    """Megatron scores a group by the sum of its top topk // group_topk values of the
+    tensor selection runs on: raw logits in post-softmax mode."""
+    cfg = mr.preset("megatron", 64, 8, num_groups=4, group_topk=2, pre_softmax=pre_softmax, score_function=score)
+    assert (cfg.group_score, cfg.group_score_input) == ("top4_sum", want_input)
+    assert mr.preset("megatron", 64, 4, num_groups=8, group_topk=4).group_score == "max"
 
 
 # ---------------------------------------------------------------------------

@@ -229,25 +229,28 @@ def test_chunk_boundaries(T, policy):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.package_bug
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("cf", [None, 1.0])
-def test_batch_seq_input_sequence_not_dividing_chunk(policy, cf):
-    """BUG (package): [B, S, E] input with T > 512 and S not dividing 512 (here S = 100).
+@pytest.mark.parametrize("B,S", [(7, 100), (2, 600), (5, 513)])
+def test_batch_seq_input_sequence_not_dividing_chunk(B, S, cf, policy):
+    """[B, S, E] input with T > 512 and S not dividing the 512-token chunk.
 
-    Pass 1 then works in sequence-aligned chunks (600 tokens) while the position/rank
-    slot assignment assumes 512-token chunks: tokens past 512 get slot -1 while kept,
-    capacity is not enforced, and some inputs raise pyo3_runtime.PanicException
-    ("disjoint write out of bounds").
+    Regression: an earlier build worked in sequence-aligned chunks in the scoring
+    pass but assumed 512-token chunks when giving slots, so tokens past 512 were
+    kept with slot -1, capacity was not enforced, and some inputs raised
+    pyo3_runtime.PanicException ("disjoint write out of bounds").
     """
-    rng = np.random.default_rng(11)
-    cfg = mr.RouterConfig(num_experts=8, top_k=2, capacity_factor=cf, drop_policy=policy)
-    x = random_logits(rng, (7, 100, 8), neg_inf=0.0)
-    try:
-        dec = mr.route_logits(x, cfg)
-    except BaseException as exc:  # a PanicException is a BaseException
-        pytest.fail(f"route_logits raised {type(exc).__name__}: {exc}")
-    assert_parity(dec, reference_route(x, cfg))
+    rng = np.random.default_rng(B * 1000 + S)
+    cfg = mr.RouterConfig(num_experts=8, top_k=2, capacity_factor=cf, drop_policy=policy,
+                          seq_load_balance_loss_coeff=0.3)
+    x = random_logits(rng, (B, S, 8), neg_inf=0.0)
+    mask = rng.random((B, S)) < 0.9
+    for call in ({}, {"token_mask": mask}):
+        try:
+            dec = mr.route_logits(x, cfg, **call)
+        except BaseException as exc:  # a PanicException is a BaseException
+            pytest.fail(f"route_logits raised {type(exc).__name__}: {exc}")
+        assert_parity(dec, reference_route(x, cfg, **call))
 
 
 # --------------------------------------------------------------------------
@@ -332,9 +335,19 @@ def test_odd_expert_counts_ties_and_wide_ranges(E):
         ties = np.round(random_logits(rng, (300, E), ints=True, neg_inf=0.0) / 3)
         sparse = random_logits(rng, (300, E), neg_inf=0.9)
         wide = rng.uniform(-800, 800, size=(300, E))
-        if cfg.score_function == "sigmoid":
-            # Below -708 the core's sigmoid flushes subnormal scores to 0: a known bug
-            # with its own test (test_cases.py::test_sigmoid_of_subnormal_range_logits).
-            wide = np.maximum(wide, -700.0)
         for x in (ties, sparse, wide, wide.astype(np.float32)):
             check(x, cfg)
+
+
+@pytest.mark.parametrize("group_score", ["top3_sum", "top4_sum"])
+@pytest.mark.parametrize("group_score_input", ["scores", "logits"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_group_scores_top_n_on_scores_or_logits(group_score, group_score_input, with_bias):
+    """Group scores summing the n best keys, on scores or on raw logits (Megatron post-softmax)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1500, 32))
+    bias = rng.uniform(-0.05, 0.05, 32) if with_bias else None
+    cfg = mr.RouterConfig(num_experts=32, top_k=4, capacity_factor=1.25, num_groups=4, group_top_k=2,
+                          group_score=group_score, group_score_input=group_score_input)
+    dec = mr.route_logits(x, cfg, expert_bias=bias)
+    assert_parity(dec, reference_route(x, cfg, expert_bias=bias))

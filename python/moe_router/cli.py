@@ -649,9 +649,9 @@ def render_balance_text(report: Dict[str, Any], console: Console) -> None:
     done.add_row("dropped assignments", f"{first['dropped_assignments']} -> {last['dropped_assignments']}  "
                                         f"(of {report['assignments']})")
     done.add_row("tokens dropped", f"{first['tokens_dropped']} -> {last['tokens_dropped']}")
-    if report["plot"] is not None:
-        done.add_row("plot", Text(report["plot"]))
     console.print(done)
+    if report["plot"] is not None:
+        console.print(Text(f"plot written to {report['plot']}"), soft_wrap=True)
 
 
 def _plot_figure_class() -> Any:

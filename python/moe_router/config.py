@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import decimal
 import math
+import re
 import numbers
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -18,7 +19,7 @@ _CHOICES = {
     "score_function": ("softmax", "sigmoid"),
     "drop_policy": ("position", "rank", "probs", "bpr"),
     "capacity_rounding": ("exact", "megatron", "deepspeed"),
-    "group_score": ("max", "top2_sum"),
+    "group_score_input": ("scores", "logits"),
     "overflow": ("drop", "reroute"),
 }
 
@@ -52,6 +53,12 @@ def _as_bool(field: str, value: Any) -> bool:
     if not isinstance(value, (bool, int)) or value not in (0, 1):
         raise _bad(field, value, "must be True or False")
     return bool(value)
+
+
+def _as_group_score(value: Any) -> str:
+    if isinstance(value, str) and (value == "max" or re.fullmatch(r"top[1-9][0-9]*_sum", value)):
+        return value
+    raise _bad("group_score", value, 'must be "max", "top2_sum" or "top<n>_sum" (n >= 1)')
 
 
 def _as_choice(field: str, value: Any) -> str:
@@ -173,8 +180,12 @@ class RouterConfig:
         Group-limited routing (DeepSeek-V2/V3): E splits into ``num_groups``
         contiguous groups and each token routes only into its ``group_top_k``
         best groups. Both or neither.
-    group_score : {"max", "top2_sum"}
-        Group score: its best expert score, or the sum of its two best.
+    group_score : {"max", "top2_sum", "top<n>_sum"}
+        Group score: its best expert score (DeepSeek-V2), or the sum of its two
+        best (DeepSeek-V3), or of its n best (Megatron-Core: n = top_k // group_top_k).
+    group_score_input : {"scores", "logits"}
+        What groups are scored on: scores plus selection bias (default; DeepSeek,
+        vLLM), or raw logits plus bias (Megatron-Core's default post-softmax routing).
     jitter_eps, noise_std : float
         Training-only noise on logits: multiplicative ``U(1-eps, 1+eps)``
         (Switch) and additive ``N(0, noise_std^2)`` (noisy top-k).
@@ -220,6 +231,7 @@ class RouterConfig:
     num_groups: Optional[int]
     group_top_k: Optional[int]
     group_score: str
+    group_score_input: str
     jitter_eps: float
     noise_std: float
     seed: int
@@ -232,7 +244,7 @@ class RouterConfig:
         "capacity_rounding", "drop_policy", "renormalize_after_drop", "score_function",
         "normalize_weights", "weight_scale", "load_balance_loss_coeff", "router_z_loss_coeff",
         "seq_load_balance_loss_coeff", "expert_dropout", "enable_load_balancing", "overflow",
-        "reroute_weight_scale", "num_groups", "group_top_k", "group_score", "jitter_eps",
+        "reroute_weight_scale", "num_groups", "group_top_k", "group_score", "group_score_input", "jitter_eps",
         "noise_std", "seed", "expert_bias", "peer", "_options",
     )
 
@@ -261,6 +273,7 @@ class RouterConfig:
         num_groups: Optional[int] = None,
         group_top_k: Optional[int] = None,
         group_score: str = "max",
+        group_score_input: str = "scores",
         jitter_eps: float = 0.0,
         noise_std: float = 0.0,
         seed: int = 0,
@@ -313,7 +326,8 @@ class RouterConfig:
         s(self, "reroute_weight_scale", _as_float("reroute_weight_scale", reroute_weight_scale))
         s(self, "num_groups", None if num_groups is None else _as_int("num_groups", num_groups, 1))
         s(self, "group_top_k", None if group_top_k is None else _as_int("group_top_k", group_top_k, 1))
-        s(self, "group_score", _as_choice("group_score", group_score))
+        s(self, "group_score", _as_group_score(group_score))
+        s(self, "group_score_input", _as_choice("group_score_input", group_score_input))
         s(self, "jitter_eps", _as_float("jitter_eps", jitter_eps))
         s(self, "noise_std", _as_float("noise_std", noise_std))
         s(self, "seed", _as_int("seed", seed, 0))
@@ -329,6 +343,7 @@ class RouterConfig:
             capacity_rounding=self.capacity_rounding, drop_policy=self.drop_policy,
             renormalize_after_drop=self.renormalize_after_drop, num_groups=self.num_groups,
             group_top_k=self.group_top_k, group_score=self.group_score, overflow=self.overflow,
+            group_score_input=self.group_score_input,
             reroute_weight_scale=self.reroute_weight_scale, expert_dropout=self.expert_dropout,
             jitter_eps=self.jitter_eps, noise_std=self.noise_std, seed=self.seed,
             expert_capacity=self.expert_capacity,

@@ -106,11 +106,12 @@ def _megatron(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
         raise _err(name, "num_groups and group_topk go together (Megatron-Core requires both)")
     if group_topk is not None:
         per_group = k // int(group_topk) if int(group_topk) > 0 else 0
-        if per_group not in (1, 2):
+        if per_group < 1:
             raise _err(name, f"Megatron-Core scores a group by the sum of its top topk // group_topk = "
-                             f"{per_group} scores; moe_router supports 1 (group_score='max') and 2 "
-                             f"(group_score='top2_sum')")
-        group_score = "max" if per_group == 1 else "top2_sum"
+                             f"{per_group} scores; topk must be >= group_topk")
+        group_score = "max" if per_group == 1 else f"top{per_group}_sum"
+    # Groups are ranked on the tensor selection runs on: raw logits in post-softmax mode.
+    group_input = "logits" if score == "softmax" and not pre else "scores"
     cf = p["capacity_factor"]
     if cf is not None and _number(name, "capacity_factor", cf) < 0:
         cf = None  # Megatron-Core turns a negative factor into dropless routing
@@ -131,7 +132,7 @@ def _megatron(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
           "the logits, so it is not the same noise")
     kwargs = dict(
         score_function=score, normalize_weights=normalize, weight_scale=scale,
-        num_groups=groups, group_top_k=group_topk, group_score=group_score,
+        num_groups=groups, group_top_k=group_topk, group_score=group_score, group_score_input=group_input,
         capacity_factor=cf, eval_capacity_factor=None, capacity_rounding="megatron", min_capacity=0,
         expert_capacity=None, drop_policy=p["drop_policy"], renormalize_after_drop=False,
         load_balance_loss_coeff=coeff if lb_type == "aux_loss" else 0.0,
@@ -469,8 +470,10 @@ def megatron(num_experts: int, top_k: Optional[int] = None, **overrides: Any) ->
       ``weight_scale`` (None = 1).
     - **Groups**: ``num_groups`` / ``group_topk`` (``moe_router_num_groups``,
       ``moe_router_group_topk``); a group is scored by the sum of its top
-      ``topk // group_topk`` scores: 1 -> ``group_score="max"``, 2 -> ``"top2_sum"``;
-      other values are refused.
+      ``topk // group_topk`` scores (``group_score="max"`` for 1, ``"top<n>_sum"``
+      otherwise), ranked on the tensor selection runs on: raw logits in the default
+      post-softmax mode (``group_score_input="logits"``), probabilities with
+      ``pre_softmax``, biased sigmoid scores with ``sigmoid``.
     - **Expert bias**: ``expert_bias`` (values, stored on the config) or
       ``moe_router_enable_expert_bias=True`` (pass the bias to ``route_logits``);
       selection only, sigmoid only (Megatron's rule).

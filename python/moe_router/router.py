@@ -191,19 +191,35 @@ class ExpertRouter:
 
     # -- routing ---------------------------------------------------------------
     def _call_state(self, training: bool):
+        """The RNG step of this call and the selection bias: the config's static
+        ``expert_bias`` plus the balancer's learned one (None when both are zero)."""
         with self._lock:
             step = self._step
             if training:
                 self._step += 1
-        bias = None
+        bias = np.zeros(self.config.num_experts)
+        if self.config.expert_bias is not None:
+            bias += np.asarray(self.config.expert_bias, dtype=np.float64)
         if self.config.enable_load_balancing:
-            b = self._balancer.expert_bias
-            if np.any(b != 0):
-                bias = np.ascontiguousarray(b, dtype=np.float64)
-        return step, bias
+            bias += self._balancer.expert_bias
+        return step, (bias if np.any(bias != 0) else None)
 
-    def _finish(self, fields: dict, batch_shape: tuple, latency: float, training: bool) -> RoutingDecision:
+    def _finish(self, fields: dict, batch_shape: tuple, latency: float, training: bool,
+                mask: Optional[np.ndarray], bias: Optional[np.ndarray],
+                logits_rows: Optional[np.ndarray] = None, step: int = 0) -> RoutingDecision:
         dec = decision_from_core(fields, self.config, batch_shape)
+        if self.config.peer is not None:
+            from . import presets
+
+            plain = None
+            if presets.counts_plain_topk(self.config, bias is not None):
+                # Megatron counts a plain top-k in its loss; that needs the logits,
+                # which the fused hidden-state path never materializes.
+                if logits_rows is not None:
+                    plain = _core.route_logits(logits_rows, presets.plain_topk_config(self.config)._options,
+                                               bool(training), mask, None, step, None)["pre_drop_tokens_per_expert"]
+            if plain is not None or not presets.counts_plain_topk(self.config, bias is not None):
+                dec.peer_load_balance_loss = presets.peer_loss_from_counts(dec, self.config.peer, mask, plain)
         self._stats.record(dec, latency)
         if training and self.config.enable_load_balancing:
             self._balancer.update(dec)
@@ -248,7 +264,7 @@ class ExpertRouter:
             w, b = self._weights_for(rows.dtype)
             fields = _core.route_hidden(rows, w, b, self.config._options, bool(training), mask, bias, step, seq_len)
         latency = time.perf_counter() - t0
-        return self._finish(fields, batch_shape, latency, training)
+        return self._finish(fields, batch_shape, latency, training, mask, bias)
 
     def _compute_dtype(self, hidden: Any) -> Optional[np.dtype]:
         if self.router_dtype is not None:
@@ -266,7 +282,7 @@ class ExpertRouter:
         t0 = time.perf_counter()
         fields = _core.route_logits(rows, self.config._options, bool(training), mask, bias, step, seq_len)
         latency = time.perf_counter() - t0
-        return self._finish(fields, batch_shape, latency, training)
+        return self._finish(fields, batch_shape, latency, training, mask, bias, rows, step)
 
     # -- accessors (the seed's names) ------------------------------------------
     def get_num_experts(self) -> int:

@@ -137,5 +137,10 @@ fn capacity(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, score_topk, capacity);
+criterion_group! {
+    name = benches;
+    // No plots: rendering them for 80 benchmarks costs more than measuring some.
+    config = Criterion::default().without_plots();
+    targets = score_topk, capacity
+}
 criterion_main!(benches);

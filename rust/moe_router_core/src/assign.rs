@@ -183,7 +183,8 @@ pub(crate) fn assign_by_weight(a: Assignments, capacity: usize, weights: &[f32],
                     if kept[i] && full[x] {
                         let token = (c * a.chunk + i / k) as u32;
                         kept[i] = match thresholds[x] {
-                            Some((tw, tt)) => w[i] > tw || (w[i] == tw && token <= tt),
+                            // The same total order as the selection below.
+                            Some((tw, tt)) => w[i].total_cmp(&tw).then(tt.cmp(&token)).is_ge(),
                             None => false,
                         };
                     }

@@ -50,6 +50,17 @@ pub enum GroupScore {
     Max,
     /// The sum of the group's two best expert scores (DeepSeek-V3 with bias).
     Top2Sum,
+    /// The sum of the group's n best expert scores (Megatron-Core: n = top_k / group_top_k).
+    TopSum(usize),
+}
+
+/// What a group is scored on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupScoreInput {
+    /// Scores plus selection bias (DeepSeek-V2/V3, vLLM, Megatron with pre-softmax or sigmoid).
+    Scores,
+    /// Raw logits plus selection bias (Megatron-Core's post-softmax routing).
+    Logits,
 }
 
 /// What happens to an assignment whose expert is full.
@@ -110,6 +121,8 @@ pub struct RouterOptions {
     pub renormalize_after_drop: bool,
     /// Optional group-limited routing.
     pub groups: Option<GroupLimit>,
+    /// What groups are scored on.
+    pub group_score_input: GroupScoreInput,
     /// Drop or reroute overflowing assignments.
     pub overflow: Overflow,
     /// Weight multiplier of a rerouted assignment (seed: 0.5).
@@ -140,6 +153,7 @@ impl RouterOptions {
             drop_policy: DropPolicy::Position,
             renormalize_after_drop: false,
             groups: None,
+            group_score_input: GroupScoreInput::Scores,
             overflow: Overflow::Drop,
             reroute_weight_scale: 0.5,
             reroute_probability: 1.0,
@@ -173,8 +187,8 @@ impl RouterOptions {
                 format!("must satisfy 1 <= top_k <= num_experts = {e}"),
             ));
         }
-        if !self.weight_scale.is_finite() {
-            return Err(RouterError::config("weight_scale", self.weight_scale, "must be finite"));
+        if !(self.weight_scale.is_finite() && self.weight_scale > 0.0) {
+            return Err(RouterError::config("weight_scale", self.weight_scale, "must be a finite number > 0"));
         }
         for (field, factor) in [
             ("capacity_factor", Some(&self.capacity_factor)),
@@ -204,6 +218,15 @@ impl RouterOptions {
                     g.group_top_k,
                     format!("must satisfy 1 <= group_top_k <= num_groups = {}", g.num_groups),
                 ));
+            }
+            if let GroupScore::TopSum(n) = g.group_score {
+                if n == 0 || n > e / g.num_groups {
+                    return Err(RouterError::config(
+                        "group_score",
+                        format!("top{n}_sum"),
+                        format!("n must satisfy 1 <= n <= experts per group = {}", e / g.num_groups),
+                    ));
+                }
             }
             let reachable = g.group_top_k * (e / g.num_groups);
             if self.top_k > reachable {

@@ -33,7 +33,8 @@ pub mod topk;
 
 pub use capacity::{expert_capacity, Decimal};
 pub use config::{
-    CapacityFactor, CapacityRounding, DropPolicy, GroupLimit, GroupScore, Overflow, RouterOptions, ScoreFunction,
+    CapacityFactor, CapacityRounding, DropPolicy, GroupLimit, GroupScore, GroupScoreInput, Overflow, RouterOptions,
+    ScoreFunction,
 };
 pub use error::{Result, RouterError};
 pub use gate::{gate_probabilities, GateShape, HierarchicalGate};

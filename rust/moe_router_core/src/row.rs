@@ -1,7 +1,7 @@
 //! Routing of one token: validate its logits, add training noise, score,
 //! limit to the best groups, select the top k, weigh the choices.
 
-use crate::config::{RouterOptions, ScoreFunction};
+use crate::config::{GroupScoreInput, RouterOptions, ScoreFunction};
 use crate::error::{Result, RouterError};
 use crate::losses::{LossSums, SequenceLoss};
 use crate::math::{read_row, RowRead, LANES};
@@ -40,6 +40,7 @@ pub(crate) struct RowRouter {
     group_keys: Vec<f64>,
     group_scores: Vec<f64>,
     best: Vec<f64>,
+    top_n: Vec<f64>,
     /// Score of the last token's first choice (0 if it has none), for batch-prioritized routing.
     pub last_top1: f32,
 }
@@ -61,6 +62,7 @@ impl RowRouter {
             group_keys: vec![0.0; e],
             group_scores: vec![0.0; options.groups.map_or(0, |g| g.num_groups)],
             best: vec![0.0; options.top_k],
+            top_n: Vec::new(),
             last_top1: 0.0,
         }
     }
@@ -117,12 +119,19 @@ impl RowRouter {
             for i in 0..e {
                 let z = self.logits[i];
                 let eligible = z > f64::NEG_INFINITY;
-                self.group_keys[i] =
-                    if eligible { self.scores[i] * row.scale + bias.map_or(0.0, |b| b[i]) } else { f64::NEG_INFINITY };
-                self.keys[i] = if bias.is_some() { self.group_keys[i] } else { z };
+                let base = match options.group_score_input {
+                    GroupScoreInput::Scores => self.scores[i] * row.scale,
+                    GroupScoreInput::Logits => z,
+                };
+                self.group_keys[i] = if eligible { base + bias.map_or(0.0, |b| b[i]) } else { f64::NEG_INFINITY };
+                self.keys[i] = match bias {
+                    Some(b) if eligible => self.scores[i] * row.scale + b[i],
+                    Some(_) => f64::NEG_INFINITY,
+                    None => z,
+                };
             }
             if let Some(limit) = &options.groups {
-                limit_to_best_groups(limit, &self.group_keys, &mut self.keys, &mut self.group_scores);
+                limit_to_best_groups(limit, &self.group_keys, &mut self.keys, &mut self.group_scores, &mut self.top_n);
             }
             &self.keys
         };

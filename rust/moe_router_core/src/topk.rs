@@ -175,13 +175,20 @@ fn insert(key: f64, e: usize, experts: &mut [i32], best: &mut [f64], filled: &mu
 /// `group_keys` are the per-expert values a group is scored on (score plus
 /// selection bias; `-inf` for ineligible experts). `group_scores` is scratch of
 /// length `num_groups`.
-pub fn limit_to_best_groups(limit: &GroupLimit, group_keys: &[f64], keys: &mut [f64], group_scores: &mut [f64]) {
+pub fn limit_to_best_groups(
+    limit: &GroupLimit,
+    group_keys: &[f64],
+    keys: &mut [f64],
+    group_scores: &mut [f64],
+    scratch: &mut Vec<f64>,
+) {
     let size = keys.len() / limit.num_groups;
     for (g, score) in group_scores.iter_mut().enumerate() {
         let members = &group_keys[g * size..(g + 1) * size];
         *score = match limit.group_score {
             GroupScore::Max => members.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             GroupScore::Top2Sum => top2_sum(members),
+            GroupScore::TopSum(n) => top_n_sum(members, n, scratch),
         };
     }
     // Mark the winners by rank: a group is kept if fewer than group_top_k groups beat it.
@@ -191,6 +198,21 @@ pub fn limit_to_best_groups(limit: &GroupLimit, group_keys: &[f64], keys: &mut [
         if better >= limit.group_top_k {
             keys[g * size..(g + 1) * size].fill(f64::NEG_INFINITY);
         }
+    }
+}
+
+/// Sum of the n largest finite values (fewer if fewer are finite; `-inf` if none).
+fn top_n_sum(values: &[f64], n: usize, scratch: &mut Vec<f64>) -> f64 {
+    scratch.clear();
+    scratch.resize(n, f64::NEG_INFINITY);
+    for &v in values {
+        push_descending(v, scratch);
+    }
+    let finite: Vec<f64> = scratch.iter().copied().filter(|v| *v > f64::NEG_INFINITY).collect();
+    if finite.is_empty() {
+        f64::NEG_INFINITY
+    } else {
+        finite.iter().sum()
     }
 }
 
@@ -273,8 +295,18 @@ mod tests {
         let gk = [-0.9, -0.8, -0.1, -0.3];
         let mut keys = gk;
         let mut gs = [0.0; 2];
-        limit_to_best_groups(&limit, &gk, &mut keys, &mut gs);
+        limit_to_best_groups(&limit, &gk, &mut keys, &mut gs, &mut Vec::new());
         assert_eq!(top(&keys, 2).0, vec![2, 3]);
+    }
+
+    #[test]
+    fn top_n_sum_generalizes_max_and_top2() {
+        let v = [0.5, f64::NEG_INFINITY, 0.25, 0.125];
+        let mut s = Vec::new();
+        assert_eq!(top_n_sum(&v, 1, &mut s), 0.5);
+        assert_eq!(top_n_sum(&v, 2, &mut s), top2_sum(&v));
+        assert_eq!(top_n_sum(&v, 4, &mut s), 0.875);
+        assert_eq!(top_n_sum(&[f64::NEG_INFINITY; 3], 2, &mut s), f64::NEG_INFINITY);
     }
 
     #[test]
@@ -284,7 +316,7 @@ mod tests {
         let gk = [0.9, 0.0, 0.6, 0.5];
         let mut keys = gk;
         let mut gs = [0.0; 2];
-        limit_to_best_groups(&limit, &gk, &mut keys, &mut gs);
+        limit_to_best_groups(&limit, &gk, &mut keys, &mut gs, &mut Vec::new());
         assert_eq!(top(&keys, 1).0, vec![2]);
     }
 }

@@ -336,25 +336,29 @@ fn ties_go_to_the_lower_expert_and_the_lower_token() {
     }
 }
 
-/// Megatron "probs" keeps the highest weights, ties to the lower token. With a
-/// negative `weight_scale` (accepted by `validate`) a weight can be `-0.0`, and
-/// one whose normalization sum is 0 is `+0.0`: equal values, so the tie rule
-/// applies and capacity must hold (a `total_cmp` selection with an `==`
-/// threshold test once kept both). Guarded by the invariants, whatever the
-/// sigmoid returns for -1000.
+/// Megatron "probs" keeps the highest weights, ties to the lower token. Zero
+/// weights (scores that underflow to 0, so the normalization sum is 0) tie, and
+/// capacity must still hold. A negative `weight_scale`, which could make a
+/// weight `-0.0`, is refused by `validate`.
 #[test]
-fn probs_policy_keeps_capacity_with_signed_zero_weights() {
+fn probs_policy_keeps_capacity_with_zero_weights() {
     let mut case = plain_case(2, 4, 2, 0);
     case.logits = vec![-1000.0, 5.0, -1000.0, -1000.0, -1000.0, -1000.0, -1000.0, -1000.0];
     case.options.score_function = ScoreFunction::Sigmoid;
     case.options.normalize_weights = true;
-    case.options.weight_scale = -1.0;
     case.options.drop_policy = DropPolicy::Probs;
     case.options.capacity_factor = factor("1.0"); // C = ceil(2 * 2 / 4) = 1
     let view = ArrayView2::from_shape((2, 4), &case.logits).expect("shape");
     let r = route_logits(view, &case.options, &case.call()).expect("valid");
-    check_invariants("probs with signed zero weights", &r).unwrap_or_else(|m| panic!("{m}"));
+    check_invariants("probs with zero weights", &r).unwrap_or_else(|m| panic!("{m}"));
     assert_eq!(r.tokens_per_expert[0], 1, "{r:?}");
+    // Token 0 keeps expert 1 (weight 1) and wins the zero-weight tie on expert 0;
+    // token 1 (both weights 0) loses both.
+    assert_eq!(r.expert_indices, vec![1, 0, 0, 1], "{r:?}");
+    assert_eq!(r.kept, vec![true, true, false, false], "{r:?}");
+    let mut negative = case.options.clone();
+    negative.weight_scale = -1.0;
+    assert!(negative.validate().unwrap_err().to_string().contains("weight_scale"));
 }
 
 /// Minimal reproduction: softmax scores plus `expert_bias` select the experts

@@ -1,8 +1,8 @@
 //! `RouteOptions`: the validated, typed form of a Python `RouterConfig`.
 
 use moe_router_core::{
-    CapacityFactor, CapacityRounding, Decimal, DropPolicy, GroupLimit, GroupScore, Overflow, RouterError as CoreError,
-    RouterOptions, ScoreFunction,
+    CapacityFactor, CapacityRounding, Decimal, DropPolicy, GroupLimit, GroupScore, GroupScoreInput, Overflow,
+    RouterError as CoreError, RouterOptions, ScoreFunction,
 };
 use pyo3::prelude::*;
 
@@ -25,6 +25,27 @@ fn choice<T: Copy>(field: &'static str, value: &str, table: &[(&str, T)]) -> PyR
     })
 }
 
+/// "max", "top2_sum" or "top{n}_sum".
+fn parse_group_score(text: &str) -> PyResult<GroupScore> {
+    match text {
+        "max" => Ok(GroupScore::Max),
+        "top2_sum" => Ok(GroupScore::Top2Sum),
+        _ => text
+            .strip_prefix("top")
+            .and_then(|r| r.strip_suffix("_sum"))
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&n| n >= 1)
+            .map(GroupScore::TopSum)
+            .ok_or_else(|| {
+                to_py(CoreError::InvalidConfig {
+                    field: "group_score",
+                    value: format!("{text:?}"),
+                    allowed: "must be \"max\", \"top2_sum\" or \"top<n>_sum\" (n >= 1)".into(),
+                })
+            }),
+    }
+}
+
 fn factor(field: &'static str, text: Option<&str>) -> PyResult<CapacityFactor> {
     match text {
         None => Ok(CapacityFactor::Dropless),
@@ -40,7 +61,7 @@ impl PyRouteOptions {
     #[pyo3(signature = (*, num_experts, top_k, score_function, normalize_weights, weight_scale, capacity_factor,
         eval_capacity_factor, min_capacity, capacity_rounding, drop_policy, renormalize_after_drop, num_groups,
         group_top_k, group_score, overflow, reroute_weight_scale, expert_dropout, jitter_eps, noise_std, seed,
-        expert_capacity=None))]
+        expert_capacity=None, group_score_input="scores"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         num_experts: usize,
@@ -64,6 +85,7 @@ impl PyRouteOptions {
         noise_std: f64,
         seed: u64,
         expert_capacity: Option<usize>,
+        group_score_input: &str,
     ) -> PyResult<Self> {
         let score_function = choice(
             "score_function",
@@ -89,8 +111,12 @@ impl PyRouteOptions {
                 ("bpr", DropPolicy::Bpr),
             ],
         )?;
-        let group_score =
-            choice("group_score", group_score, &[("max", GroupScore::Max), ("top2_sum", GroupScore::Top2Sum)])?;
+        let group_score = parse_group_score(group_score)?;
+        let group_score_input = choice(
+            "group_score_input",
+            group_score_input,
+            &[("scores", GroupScoreInput::Scores), ("logits", GroupScoreInput::Logits)],
+        )?;
         let overflow = choice("overflow", overflow, &[("drop", Overflow::Drop), ("reroute", Overflow::Reroute)])?;
         let groups = match (num_groups, group_top_k) {
             (None, None) => None,
@@ -131,6 +157,7 @@ impl PyRouteOptions {
             drop_policy,
             renormalize_after_drop,
             groups,
+            group_score_input,
             overflow,
             reroute_weight_scale,
             reroute_probability: expert_dropout,

@@ -306,12 +306,13 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterOptions,
                 members.sort_by(|a, b| b.partial_cmp(a).expect("no NaN"));
                 let s = match g.group_score {
                     GroupScore::Max => members[0],
-                    GroupScore::Top2Sum => {
+                    GroupScore::Top2Sum | GroupScore::TopSum(_) => {
+                        let n = if let GroupScore::TopSum(n) = g.group_score { n } else { 2 };
                         let finite: Vec<f64> = members.iter().copied().filter(|v| v.is_finite()).collect();
-                        match finite.len() {
-                            0 => f64::NEG_INFINITY,
-                            1 => finite[0],
-                            _ => finite[0] + finite[1],
+                        if finite.is_empty() {
+                            f64::NEG_INFINITY
+                        } else {
+                            finite.iter().take(n).sum()
                         }
                     }
                 };
