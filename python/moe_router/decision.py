@@ -138,7 +138,10 @@ class RoutingDecision:
                      "tokens_per_expert", "pre_drop_tokens_per_expert", "expert_prob_mean", "capacity", "dropless",
                      "active_tokens", "kept_assignments", "dropped_assignments", "tokens_dropped",
                      "load_balance_loss", "router_z_loss", "seq_load_balance_loss"):
-            setattr(self, name, fields[name])
+            setattr(self, name, fields[name] if name != "rerouted" else
+                    fields.get(name, None))
+        if self.rerouted is None:  # no reroute possible: np.zeros maps pages lazily
+            self.rerouted = np.zeros(self.kept.shape, dtype=np.bool_)
         self.total_tokens = int(self.expert_indices.shape[0])
         self.auxiliary_loss = float(auxiliary_loss)
         self.peer_load_balance_loss = None

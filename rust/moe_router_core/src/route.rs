@@ -163,7 +163,8 @@ pub struct Routing {
     pub expert_slots: Vec<i32>,
     /// `[T, k]` whether the assignment survived capacity.
     pub kept: Vec<bool>,
-    /// `[T, k]` whether the assignment was moved to another expert on overflow.
+    /// `[T, k]` whether the assignment was moved to another expert on overflow;
+    /// empty when no reroute could happen (`overflow = Drop`, or dropless).
     pub rerouted: Vec<bool>,
     /// `[E]` kept assignments per expert.
     pub tokens_per_expert: Vec<i64>,
@@ -263,7 +264,7 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
             DropPolicy::Probs => assign::assign_by_weight(a, capacity, &expert_weights, &counts),
         }
     }
-    let mut rerouted = vec![false; n];
+    let mut rerouted = if reroute_now { vec![false; n] } else { Vec::new() };
     if reroute_now {
         let overflow = reroute::Overflowed { routed: &routed, top1: &top1 };
         let out = reroute::Placement {

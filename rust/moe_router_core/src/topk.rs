@@ -44,11 +44,11 @@ fn for_each_candidate(keys: &[f64], bound: f64, mut f: impl FnMut(usize)) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2.
-            let masks = unsafe { candidate_masks_avx2(keys, bound) };
-            for (b, mut mask) in masks.enumerate_blocks() {
+            for (w, chunk) in keys.chunks(64).enumerate() {
+                // SAFETY: the CPU supports AVX2.
+                let mut mask = unsafe { candidate_mask_avx2(chunk, bound) };
                 while mask != 0 {
-                    f(b * 4 + mask.trailing_zeros() as usize);
+                    f(w * 64 + mask.trailing_zeros() as usize);
                     mask &= mask - 1;
                 }
             }
@@ -62,56 +62,26 @@ fn for_each_candidate(keys: &[f64], bound: f64, mut f: impl FnMut(usize)) {
     }
 }
 
-/// Compare masks of 4 keys each, as one 64-bit word per 64 keys.
-struct Masks {
-    words: [u64; 8],
-    extra: Vec<u64>,
-    len: usize,
-}
-
-impl Masks {
-    fn enumerate_blocks(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
-        let nibbles = self.len.div_ceil(4);
-        (0..nibbles).filter_map(move |i| {
-            let word = if i / 16 < 8 { self.words[i / 16] } else { self.extra[i / 16 - 8] };
-            let m = ((word >> ((i % 16) * 4)) & 0xf) as u32;
-            (m != 0).then_some((i, m))
-        })
-    }
-}
-
+/// Bit i set when `keys[i] >= bound`, for up to 64 keys.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn candidate_masks_avx2(keys: &[f64], bound: f64) -> Masks {
+unsafe fn candidate_mask_avx2(keys: &[f64], bound: f64) -> u64 {
     use std::arch::x86_64::*;
-    let n = keys.len();
-    let words_needed = n.div_ceil(64);
-    let mut masks = Masks { words: [0; 8], extra: vec![0; words_needed.saturating_sub(8)], len: n };
+    debug_assert!(keys.len() <= 64);
     let b = _mm256_set1_pd(bound);
-    let full = n / 4 * 4;
+    let full = keys.len() / 4 * 4;
+    let mut mask = 0u64;
     let mut i = 0;
     while i < full {
-        // SAFETY: i + 4 <= n.
+        // SAFETY: i + 4 <= keys.len().
         let v = unsafe { _mm256_loadu_pd(keys.as_ptr().add(i)) };
-        let m = _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(v, b)) as u64;
-        let (w, shift) = (i / 64, i % 64);
-        if w < 8 {
-            masks.words[w] |= m << shift;
-        } else {
-            masks.extra[w - 8] |= m << shift;
-        }
+        mask |= (_mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(v, b)) as u64) << i;
         i += 4;
     }
     for (j, &key) in keys[full..].iter().enumerate() {
-        let pos = full + j;
-        let bit = u64::from(key >= bound) << (pos % 64);
-        if pos / 64 < 8 {
-            masks.words[pos / 64] |= bit;
-        } else {
-            masks.extra[pos / 64 - 8] |= bit;
-        }
+        mask |= u64::from(key >= bound) << (full + j);
     }
-    masks
+    mask
 }
 
 /// A lower bound of the k-th largest key: the k-th largest of the maxima of

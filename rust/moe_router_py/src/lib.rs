@@ -240,7 +240,10 @@ fn decision_dict(py: Python<'_>, r: Routing) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("expert_weights", arrays::matrix(py, r.expert_weights, t, k)?)?;
     d.set_item("expert_slots", arrays::matrix(py, r.expert_slots, t, k)?)?;
     d.set_item("kept", arrays::matrix(py, r.kept, t, k)?)?;
-    d.set_item("rerouted", arrays::matrix(py, r.rerouted, t, k)?)?;
+    // Empty when no reroute can happen: the Python layer fills in a lazily zeroed array.
+    if !r.rerouted.is_empty() {
+        d.set_item("rerouted", arrays::matrix(py, r.rerouted, t, k)?)?;
+    }
     d.set_item("tokens_per_expert", arrays::vector(py, r.tokens_per_expert))?;
     d.set_item("pre_drop_tokens_per_expert", arrays::vector(py, r.pre_drop_tokens_per_expert))?;
     d.set_item("expert_prob_mean", arrays::vector(py, r.expert_prob_mean))?;
