@@ -6,6 +6,11 @@ Commands
     Route router logits (the embedded real-data sample when FILE is omitted)
     and print a report: capacity, per-expert load, drops, losses and the time
     the routing call took. ``--json`` prints the same content as one JSON object.
+``moe-router route --hidden FILE.npz --weight-key W [--bias-key B] [options]``
+    The hidden-state path: route ``hidden @ W + b`` with ``ExpertRouter`` (the
+    router GEMM fused with the routing, in Rust), all three arrays read from one
+    .npz file (hidden states from ``--hidden-key``, default ``hidden``); the same
+    report, plus the router (linear, D, compute dtype).
 ``moe-router balance [FILE] --steps N [--rate R] [--plot OUT.png] [options]``
     Route one batch N times in training mode with the ``LoadBalancer``'s
     expert bias (aux-loss-free balancing) and print, per step, the max/mean
@@ -43,6 +48,7 @@ from .config import RouterConfig
 from .balancer import DEFAULT_RELATIVE_BIAS_RATE, LoadBalancer
 from .data import DEFAULT_LOGITS_FILE, default_logits
 from .decision import RoutingDecision
+from .router import ExpertRouter
 from .routing import route_logits
 
 EXIT_OK = 0
@@ -58,6 +64,10 @@ CAPACITY_COLUMN = 20
 DEFAULT_REPEAT = 5
 #: Routing steps of ``moe-router balance`` when ``--steps`` is not given.
 DEFAULT_BALANCE_STEPS = 50
+#: Array holding the hidden states in a ``route --hidden`` file when ``--hidden-key`` is not given.
+DEFAULT_HIDDEN_KEY = "hidden"
+#: Values of ``route --router-dtype``.
+ROUTER_DTYPES = ("float32", "float64")
 
 
 class CliError(Exception):
@@ -147,6 +157,19 @@ def _add_route_parser(sub: Any) -> None:
                    help=".npy or .npz file of float logits [T, E] or [B, S, E] (default: embedded sample)")
     p.add_argument("--key", metavar="NAME",
                    help="array inside an .npz file (optional when it holds a single 2-D/3-D float array)")
+    h = p.add_argument_group(
+        "hidden states", "route hidden states through a linear router instead of logits: "
+                         "logits = hidden @ W + b, computed in Rust and fused with the routing")
+    h.add_argument("--hidden", metavar="FILE.npz",
+                   help=".npz file holding the hidden states [T, D] or [B, S, D] and the router weight [D, E] "
+                        "(replaces FILE)")
+    h.add_argument("--weight-key", metavar="NAME", help="router weight [D, E] in the --hidden file (required)")
+    h.add_argument("--bias-key", metavar="NAME", help="router bias [E] in the --hidden file (default: no bias)")
+    h.add_argument("--hidden-key", metavar="NAME",
+                   help=f"hidden states in the --hidden file (default: {DEFAULT_HIDDEN_KEY})")
+    h.add_argument("--router-dtype", choices=ROUTER_DTYPES,
+                   help="precision of the router GEMM (default: float32 for float32 hidden states, "
+                        "float64 for float64 and float16 ones)")
     _add_routing_options(p)
     _add_output_options(p)
     p.set_defaults(handler=_run_route)
@@ -299,6 +322,91 @@ def load_logits(args: argparse.Namespace) -> Tuple[np.ndarray, Dict[str, Any]]:
     return load_array(args.file, args.key)
 
 
+def _hidden_options_given(args: argparse.Namespace) -> List[str]:
+    names = (("weight_key", "--weight-key"), ("bias_key", "--bias-key"), ("hidden_key", "--hidden-key"),
+             ("router_dtype", "--router-dtype"))
+    return [flag for attr, flag in names if getattr(args, attr, None) is not None]
+
+
+def _npz_array(path: Path, members: Dict[str, Tuple[Tuple[int, ...], np.dtype]], key: str,
+               option: str, file: str) -> np.ndarray:
+    """One named array of an .npz (``option`` names the flag that chose it, for messages)."""
+    if key not in members:
+        raise CliError(f"{option} {key}: {file} has no array {key!r}; its keys are: "
+                       + ", ".join(f"{k} {_describe(*v)}" for k, v in members.items()))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            array = z[key]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CliError(f"cannot read {file}[{key}]: {exc}") from None
+    if array.dtype.kind != "f":
+        raise CliError(f"{option} {key}: {file}[{key}] has dtype {array.dtype}; expected floating point")
+    return array
+
+
+def effective_router_dtype(hidden_dtype: np.dtype, router_dtype: Optional[str]) -> str:
+    """The dtype ``ExpertRouter`` computes the GEMM in (its ``router_dtype`` rule)."""
+    if router_dtype is not None:
+        return router_dtype
+    return "float32" if np.dtype(hidden_dtype) == np.float32 else "float64"
+
+
+def load_hidden(args: argparse.Namespace) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray],
+                                                   Dict[str, Any], Dict[str, Any]]:
+    """Hidden states, router weight and bias of ``route --hidden``; plus the source and
+    router descriptions of the report.
+
+    Raises
+    ------
+    CliError
+        FILE or ``--key`` given as well, no ``--weight-key``, a file that is not a
+        readable .npz, a missing key, or arrays whose shapes do not fit together.
+    """
+    file = args.hidden
+    if args.file is not None:
+        raise CliError(f"give either FILE ({args.file}) or --hidden {file}, not both")
+    if args.key is not None:
+        raise CliError("--key selects logits in FILE; with --hidden, choose the arrays with "
+                       "--hidden-key, --weight-key and --bias-key")
+    if args.weight_key is None:
+        raise CliError("--hidden needs --weight-key NAME (the router weight [D, E] in the same file)")
+    path = Path(file)
+    if not path.exists():
+        raise CliError(f"no such file: {file}")
+    if path.is_dir() or path.suffix.lower() != ".npz":
+        raise CliError(f"--hidden {file}: expected an .npz file holding the hidden states and the router weight")
+    try:
+        members = _npz_members(path)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CliError(f"cannot read {file}: {exc}") from None
+    hidden_key = DEFAULT_HIDDEN_KEY if args.hidden_key is None else args.hidden_key
+    hidden = _npz_array(path, members, hidden_key, "--hidden-key", file)
+    if hidden.ndim not in (2, 3):
+        raise CliError(f"--hidden-key {hidden_key}: {file}[{hidden_key}] has shape {list(hidden.shape)}; "
+                       f"expected hidden states [T, D] or [B, S, D]")
+    dim = int(hidden.shape[-1])
+    weight = _npz_array(path, members, args.weight_key, "--weight-key", file)
+    if weight.ndim != 2 or weight.shape[0] != dim:
+        raise CliError(f"--weight-key {args.weight_key}: {file}[{args.weight_key}] has shape "
+                       f"{list(weight.shape)}; expected [D, E] with D = {dim} (the hidden size of "
+                       f"{hidden_key} {list(hidden.shape)})")
+    experts = int(weight.shape[1])
+    bias = None
+    if args.bias_key is not None:
+        bias = _npz_array(path, members, args.bias_key, "--bias-key", file)
+        if bias.shape != (experts,):
+            raise CliError(f"--bias-key {args.bias_key}: {file}[{args.bias_key}] has shape {list(bias.shape)}; "
+                           f"expected [{experts}] (E of {args.weight_key} {list(weight.shape)})")
+    label = f"{file}[{hidden_key}] @ {args.weight_key}" + ("" if bias is None else f" + {args.bias_key}")
+    source = {"kind": "hidden", "path": str(file), "key": hidden_key, "shape": list(hidden.shape),
+              "dtype": str(hidden.dtype), "label": label}
+    router = {"kind": "linear", "input_dim": dim, "num_experts": experts,
+              "dtype": effective_router_dtype(hidden.dtype, args.router_dtype),
+              "router_dtype": args.router_dtype, "weight_key": args.weight_key, "bias_key": args.bias_key,
+              "hidden_key": hidden_key}
+    return hidden, weight, bias, source, router
+
+
 # --------------------------------------------------------------------------- routing
 
 
@@ -330,6 +438,18 @@ def time_routing(logits: np.ndarray, config: RouterConfig,
     for _ in range(repeat):
         start = time.perf_counter()
         route_logits(logits, config)
+        times.append(time.perf_counter() - start)
+    return decision, times
+
+
+def time_hidden_routing(router: ExpertRouter, hidden: np.ndarray,
+                        repeat: int) -> Tuple[RoutingDecision, List[float]]:
+    """As ``time_routing``, for ``router.route_tokens(hidden)`` (GEMM and routing; evaluation mode)."""
+    decision = router.route_tokens(hidden)
+    times: List[float] = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        router.route_tokens(hidden)
         times.append(time.perf_counter() - start)
     return decision, times
 
@@ -446,6 +566,9 @@ def render_text(report: Dict[str, Any], console: Console) -> None:
     summary.add_column(style="bold")
     summary.add_column()
     summary.add_row("source", Text(report["source"]["label"]))
+    router = report.get("router")
+    if router is not None:
+        summary.add_row("router", f"{router['kind']}, D={router['input_dim']}, dtype {router['dtype']}")
     shape = " x ".join(str(n) for n in report["source"]["shape"])
     summary.add_row("tokens", f"{report['tokens']}  (input {shape}, {report['source']['dtype']})")
     summary.add_row("experts", str(report["experts"]))
@@ -514,12 +637,36 @@ def render_text(report: Dict[str, Any], console: Console) -> None:
 
 
 def _run_route(args: argparse.Namespace) -> int:
+    if args.hidden is not None:
+        return _run_route_hidden(args)
+    given = _hidden_options_given(args)
+    if given:
+        raise CliError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the hidden-state path; "
+                       f"add --hidden FILE.npz")
     logits, source = load_logits(args)
     if args.threads is not None:
         set_num_threads(args.threads)
     config = config_from_args(args, int(logits.shape[-1]), source["label"])
     decision, times = time_routing(logits, config, args.repeat)
     report = build_report(decision, config, source, times)
+    return _print_route_report(report, args)
+
+
+def _run_route_hidden(args: argparse.Namespace) -> int:
+    hidden, weight, bias, source, router_info = load_hidden(args)
+    if args.threads is not None:
+        set_num_threads(args.threads)
+    config = config_from_args(args, router_info["num_experts"],
+                              f"{args.hidden}[{args.weight_key}] {list(weight.shape)}")
+    router = ExpertRouter(config, router_info["input_dim"], weight=weight, bias=bias, gate="linear",
+                          router_dtype=args.router_dtype)
+    decision, times = time_hidden_routing(router, hidden, args.repeat)
+    report = build_report(decision, config, source, times)
+    report["router"] = router_info
+    return _print_route_report(report, args)
+
+
+def _print_route_report(report: Dict[str, Any], args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:

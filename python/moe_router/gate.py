@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from . import _core, _inputs
-from ._core import ConfigError
+from ._core import ConfigError, InputError
 
 
 def gate_layout(num_experts: int) -> Tuple[int, int]:
@@ -30,7 +30,7 @@ class GateNetwork:
     seed's dense gate). With ``group_top_k=m`` only each token's m best groups
     (by group logit, ties to the lower group) are computed and the other experts
     get probability 0: the same values on the computed experts, for
-    ``(G + m*P) / (G + E)`` of the dense FLOPs. Both run in Rust, in parallel,
+    ``(G + m*P) / (G + G*P)`` of the dense FLOPs. Both run in Rust, in parallel,
     as cache-blocked GEMMs (tokens gathered per group in sparse mode).
 
     Parameters
@@ -73,9 +73,41 @@ class GateNetwork:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         rng = np.random.default_rng(seed)
         std = 1.0 / math.sqrt(self._dim)
+        self._cast: Dict[np.dtype, Tuple[np.ndarray, np.ndarray]] = {}
         self.group_weight = (rng.standard_normal((self._dim, self._groups)) * std).astype(dtype)
         self.expert_weight = (rng.standard_normal((self._groups, self._dim, self._per_group)) * std).astype(dtype)
-        self._cast: Dict[np.dtype, Tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def group_weight(self) -> np.ndarray:
+        """Group router weight, float ``[D, G]`` (read-only; assign a new array to change it)."""
+        return self._group_weight
+
+    @group_weight.setter
+    def group_weight(self, value: Any) -> None:
+        self._group_weight = self._frozen(value, (self._dim, self._groups), "group_weight")
+
+    @property
+    def expert_weight(self) -> np.ndarray:
+        """Within-group expert routers, float ``[G, D, P]`` (read-only; assign a new array to change it)."""
+        return self._expert_weight
+
+    @expert_weight.setter
+    def expert_weight(self, value: Any) -> None:
+        self._expert_weight = self._frozen(value, (self._groups, self._dim, self._per_group), "expert_weight")
+
+    def _frozen(self, value: Any, shape: Tuple[int, ...], name: str) -> np.ndarray:
+        """A private read-only copy of ``value`` (so cached conversions cannot go stale)."""
+        a = _inputs.as_array(value, name)
+        if a.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{name} must be float32 or float64, got dtype {a.dtype}")
+        if a.shape != shape:
+            raise InputError(f"{name} has shape {list(a.shape)}, expected {list(shape)}")
+        if not np.isfinite(a).all():
+            raise InputError(f"{name} contains NaN or infinite values")
+        a = np.array(a, order="C")
+        a.setflags(write=False)
+        self._cast = {}
+        return a
 
     def weights_for(self, dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
         """``(group_weight, expert_weight)`` as C-contiguous arrays of ``dtype`` (cached)."""
@@ -124,7 +156,8 @@ class GateNetwork:
         """Layout, parameter counts and FLOPs per token (multiply-adds x 2).
 
         ``flop_fraction`` is the sparse gate's share of the dense gate's FLOPs
-        (1.0 when dense).
+        (1.0 when dense): ``(G + m*P) / (G + G*P)``, counting the last group at its
+        padded width P as the GEMMs compute it (``(G + m*P) / (G + E)`` when P divides E).
         """
         d, g, p, e = self._dim, self._groups, self._per_group, self._experts
         dense = 2 * d * (g + g * p)

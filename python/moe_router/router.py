@@ -98,6 +98,9 @@ class ExpertRouter:
         self._bias: Optional[np.ndarray] = None
         self._cast: Dict[np.dtype, Any] = {}
         if hierarchical:
+            if config.jitter_eps > 0 or config.noise_std > 0:
+                raise ConfigError("invalid gate: jitter_eps and noise_std perturb logits; the hierarchical "
+                                  "gate routes probabilities (use gate='linear' for noisy routing)")
             self._gate = GateNetwork(self.input_dim, e, seed=seed, group_top_k=group_top_k)
         else:
             if group_top_k is not None:
@@ -120,13 +123,15 @@ class ExpertRouter:
         w = _inputs.as_array(weight, "weight")
         if w.dtype.kind != "f":
             raise TypeError(f"weight must be a floating-point array, got dtype {w.dtype}")
-        if w.dtype not in (np.float32, np.float64):
-            w = w.astype(np.float32)
         if w.shape != shape:
             raise InputError(f"weight has shape {list(w.shape)}, expected {list(shape)} (input_dim x num_experts)")
         if not np.isfinite(w).all():
             raise InputError("weight contains NaN or infinite values")
-        return np.ascontiguousarray(w)
+        # A private, read-only copy: later changes to the caller's array cannot make
+        # the float32 and float64 paths (one of them a cached conversion) disagree.
+        w = np.array(w, dtype=w.dtype if w.dtype in (np.float32, np.float64) else np.float32, order="C")
+        w.setflags(write=False)
+        return w
 
     @staticmethod
     def _checked_bias(bias: Any, e: int, dtype: np.dtype) -> np.ndarray:
@@ -137,7 +142,9 @@ class ExpertRouter:
             raise InputError(f"bias has shape {list(b.shape)}, expected [{e}] (one value per expert)")
         if not np.isfinite(b).all():
             raise InputError("bias contains NaN or infinite values")
-        return np.ascontiguousarray(b, dtype=dtype)
+        b = np.array(b, dtype=dtype, order="C")
+        b.setflags(write=False)
+        return b
 
     @property
     def weight(self) -> Optional[np.ndarray]:
@@ -173,7 +180,10 @@ class ExpertRouter:
             raise InputError(f"new_weights has shape {list(w.shape)}, but the router weight has shape "
                              f"{list(self._weight.shape)} (input_dim x num_experts)")
         checked = self._checked_weight(w, self._weight.shape)
-        new_bias = self._bias if bias is None else self._checked_bias(bias, self.config.num_experts, checked.dtype)
+        # The bias follows the weight's dtype (the kept one is converted).
+        new_bias = self._bias if bias is None else bias
+        if new_bias is not None:
+            new_bias = self._checked_bias(new_bias, self.config.num_experts, checked.dtype)
         with self._lock:
             self._weight, self._bias = checked, new_bias
             self._cast = {}

@@ -177,9 +177,13 @@ impl<F: GemmScalar> LogitSource for HierarchicalGate<'_, F> {
                 buf.index.clear();
                 let mut chosen = vec![0u32; m * top];
                 let mut best = vec![f64::NEG_INFINITY; top];
+                let mut logits = vec![0.0f64; g_count];
                 for t in 0..m {
-                    let scores = &buf.work64[t * g_count..(t + 1) * g_count];
-                    best_groups(scores, &mut chosen[t * top..(t + 1) * top], &mut best);
+                    // Rank by group logit: rounded probabilities could tie where logits do not.
+                    for (l, v) in logits.iter_mut().zip(&buf.work[t * g_count..(t + 1) * g_count]) {
+                        *l = v.to_f64();
+                    }
+                    best_groups(&logits, &mut chosen[t * top..(t + 1) * top], &mut best);
                 }
                 let mut gathered: Vec<F> = Vec::new();
                 for g in 0..g_count {

@@ -91,10 +91,11 @@ pub struct RowRead {
     pub lane_max: [f64; LANES],
 }
 
-/// Copy `raw` into `out` as float64 and summarize it.
+/// Copy `raw` into `out` as float64 and summarize it; `block_max[b]` receives
+/// the largest of `raw[8b..8b+8]` for every full block of 8.
 #[inline]
-pub fn read_row<F: Logit>(raw: &[F], out: &mut [f64]) -> RowRead {
-    dispatch!(read_row_impl(raw, out))
+pub fn read_row<F: Logit>(raw: &[F], out: &mut [f64], block_max: &mut [f64]) -> RowRead {
+    dispatch!(read_row_impl(raw, out, block_max))
 }
 
 /// `out[e] = exp(z[e] - shift)`; returns the sum of `out`.
@@ -102,6 +103,10 @@ pub fn read_row<F: Logit>(raw: &[F], out: &mut [f64]) -> RowRead {
 pub fn exp_shifted(z: &[f64], shift: f64, out: &mut [f64]) -> f64 {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F.
+            return unsafe { wide::exp_shifted_avx512(z, shift, out) };
+        }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports AVX2 and FMA.
             return unsafe { wide::exp_shifted_avx2(z, shift, out) };
@@ -129,18 +134,25 @@ macro_rules! kernels {
         use super::*;
 
         $(#[$attr])?
-        pub unsafe fn read_row_impl<F: Logit>(raw: &[F], out: &mut [f64]) -> RowRead {
+        pub unsafe fn read_row_impl<F: Logit>(raw: &[F], out: &mut [f64], block_max: &mut [f64]) -> RowRead {
             let mut max = [f64::NEG_INFINITY; LANES];
             let mut bad = [false; LANES];
             let mut r = raw.chunks_exact(LANES);
             let mut o = out.chunks_exact_mut(LANES);
-            for (rc, oc) in (&mut r).zip(&mut o) {
+            for ((rc, oc), bm) in (&mut r).zip(&mut o).zip(block_max.iter_mut()) {
                 for l in 0..LANES {
                     let v = rc[l].to_f64();
                     oc[l] = v;
                     bad[l] |= v.is_nan() | (v == f64::INFINITY);
                     max[l] = if v > max[l] { v } else { max[l] };
                 }
+                let m01 = if oc[1] > oc[0] { oc[1] } else { oc[0] };
+                let m23 = if oc[3] > oc[2] { oc[3] } else { oc[2] };
+                let m45 = if oc[5] > oc[4] { oc[5] } else { oc[4] };
+                let m67 = if oc[7] > oc[6] { oc[7] } else { oc[6] };
+                let a = if m23 > m01 { m23 } else { m01 };
+                let b = if m67 > m45 { m67 } else { m45 };
+                *bm = if b > a { b } else { a };
             }
             let mut b = bad.iter().any(|&x| x);
             for (l, (&rv, ov)) in r.remainder().iter().zip(o.into_remainder()).enumerate() {
@@ -256,6 +268,62 @@ mod wide {
         _mm256_mul_pd(_mm256_mul_pd(p, s1), s2)
     }
 
+    /// `exp_f64` on 8 lanes (AVX-512F), the same operations in the same order.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp8(x: __m512d) -> __m512d {
+        let shift = _mm512_set1_pd(SHIFT);
+        let xc = _mm512_min_pd(_mm512_max_pd(x, _mm512_set1_pd(EXP_LO)), _mm512_set1_pd(EXP_HI));
+        let t = _mm512_fmadd_pd(xc, _mm512_set1_pd(LOG2E), shift);
+        let n = _mm512_sub_pd(t, shift);
+        let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(LN2_HI), xc);
+        let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(LN2_LO), r);
+        let mut p = _mm512_set1_pd(TAYLOR[0]);
+        for &c in &TAYLOR[1..] {
+            p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(c));
+        }
+        let m = _mm512_add_epi64(
+            _mm512_sub_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(SHIFT.to_bits() as i64)),
+            _mm512_set1_epi64(2048),
+        );
+        let n1 = _mm512_sub_epi64(_mm512_srli_epi64::<1>(m), _mm512_set1_epi64(1024));
+        let n2 = _mm512_sub_epi64(_mm512_sub_epi64(m, _mm512_set1_epi64(2048)), n1);
+        let bias = _mm512_set1_epi64(1023);
+        let s1 = _mm512_castsi512_pd(_mm512_slli_epi64::<52>(_mm512_add_epi64(n1, bias)));
+        let s2 = _mm512_castsi512_pd(_mm512_slli_epi64::<52>(_mm512_add_epi64(n2, bias)));
+        _mm512_mul_pd(_mm512_mul_pd(p, s1), s2)
+    }
+
+    /// `exp_shifted` on 8-lane AVX-512 vectors: lane l of the accumulator is
+    /// lane l of the portable sum, so the result is bit-identical.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_shifted_avx512(z: &[f64], shift: f64, out: &mut [f64]) -> f64 {
+        let n = z.len().min(out.len());
+        let full = n / LANES * LANES;
+        let s = _mm512_set1_pd(shift);
+        let mut acc = _mm512_setzero_pd();
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 8 <= n <= both lengths.
+            unsafe {
+                let a = exp8(_mm512_sub_pd(_mm512_loadu_pd(z.as_ptr().add(i)), s));
+                _mm512_storeu_pd(out.as_mut_ptr().add(i), a);
+                acc = _mm512_add_pd(acc, a);
+            }
+            i += LANES;
+        }
+        let mut lanes = [0.0f64; LANES];
+        // SAFETY: `lanes` holds 8 values.
+        unsafe { _mm512_storeu_pd(lanes.as_mut_ptr(), acc) };
+        let mut tail = 0.0;
+        for (&zv, ov) in z[full..n].iter().zip(&mut out[full..n]) {
+            let v = exp_f64(zv - shift);
+            *ov = v;
+            tail += v;
+        }
+        lane_sum(&lanes) + tail
+    }
+
     /// `exp_shifted` with explicit 256-bit vectors (LLVM's SLP vectorizer
     /// chose 128-bit ones for the generic body); lanes as in the portable sum.
     #[target_feature(enable = "avx2,fma")]
@@ -328,6 +396,14 @@ mod tests {
         let sb = exp_shifted(&z, 3.0, &mut b);
         assert_eq!(sa.to_bits(), sb.to_bits());
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            let mut c = vec![0.0; z.len()];
+            // SAFETY: the CPU supports AVX2 and FMA.
+            let sc = unsafe { wide::exp_shifted_avx2(&z, 3.0, &mut c) };
+            assert_eq!(sa.to_bits(), sc.to_bits());
+            assert!(a.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
     }
 
     #[test]
@@ -351,7 +427,11 @@ mod tests {
         assert!((s - out.iter().sum::<f64>()).abs() < 1e-12);
         let raw: Vec<f32> = z.iter().map(|&v| v as f32).collect();
         let mut back = vec![0.0; z.len()];
-        let read = read_row(&raw, &mut back);
+        let mut blocks = vec![0.0; raw.len() / 8];
+        let read = read_row(&raw, &mut back, &mut blocks);
+        for (b, &m) in blocks.iter().enumerate() {
+            assert_eq!(m, raw[8 * b..8 * b + 8].iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64);
+        }
         assert!(!read.bad);
         assert_eq!(read.max, raw.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64);
         for l in 0..LANES {
@@ -360,6 +440,6 @@ mod tests {
         }
         let mut raw2 = raw.clone();
         raw2[33] = f32::NAN;
-        assert!(read_row(&raw2, &mut back).bad);
+        assert!(read_row(&raw2, &mut back, &mut blocks).bad);
     }
 }

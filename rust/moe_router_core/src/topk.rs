@@ -19,8 +19,35 @@ const BLOCK: usize = 8;
 pub fn select_top_k(keys: &[f64], experts: &mut [i32], routed: &mut [bool], best: &mut [f64], lower_bound: f64) {
     let k = experts.len();
     best.fill(f64::NEG_INFINITY);
-    let mut filled = 0usize;
-    for_each_candidate(keys, lower_bound, |e| insert(keys[e], e, experts, best, &mut filled));
+    macro_rules! fixed {
+        ($($n:literal)*) => {
+            match k {
+                $($n => select_fixed::<$n>(keys, lower_bound, experts, best),)*
+                _ => {
+                    let mut filled = 0usize;
+                    for_each_candidate(keys, lower_bound, |e| insert(keys[e], e, experts, best, &mut filled));
+                    filled
+                }
+            }
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    let simd = k <= 8 && std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = false;
+    let filled = if simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: the CPU supports AVX2.
+            unsafe { select8_avx2(keys, lower_bound, experts, best) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            0
+        }
+    } else {
+        fixed!(1 2 3 4 5 6 7 8)
+    };
     routed[..filled].fill(true);
     routed[filled..].fill(false);
     if filled < k {
@@ -99,6 +126,51 @@ pub fn block_lower_bound(keys: &[f64], k: usize, scratch: &mut [f64]) -> f64 {
     scratch[k - 1]
 }
 
+/// The second largest value (the largest if it occurs twice), branch-free.
+#[inline]
+pub fn second_largest(values: &[f64]) -> f64 {
+    let (mut first, mut second) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+    for &v in values {
+        second = second.max(first.min(v));
+        first = first.max(v);
+    }
+    second
+}
+
+/// The values sorted in descending order by a branch-free 19-comparator
+/// sorting network (Knuth, TAOCP vol. 3, 5.3.4: optimal for 8 inputs).
+#[inline]
+pub fn sort8_descending(mut v: [f64; 8]) -> [f64; 8] {
+    const NET: [(usize, usize); 19] = [
+        (0, 2),
+        (1, 3),
+        (4, 6),
+        (5, 7),
+        (0, 4),
+        (1, 5),
+        (2, 6),
+        (3, 7),
+        (0, 1),
+        (2, 3),
+        (4, 5),
+        (6, 7),
+        (2, 4),
+        (3, 5),
+        (1, 4),
+        (3, 6),
+        (1, 2),
+        (3, 4),
+        (5, 6),
+    ];
+    for (a, b) in NET {
+        // f64::max/min compile to maxsd/minsd (no branches); the values hold no NaN.
+        let (x, y) = (v[a], v[b]);
+        v[a] = x.max(y);
+        v[b] = x.min(y);
+    }
+    v
+}
+
 /// The k-th largest of `values` (`-inf` if there are fewer than k), using `scratch` (length k).
 pub fn kth_largest(values: &[f64], scratch: &mut [f64]) -> f64 {
     scratch.fill(f64::NEG_INFINITY);
@@ -119,6 +191,102 @@ fn push_descending(v: f64, list: &mut [f64]) {
         }
         list[pos] = v;
     }
+}
+
+/// Top-k (k <= 8) with the 8 best keys and their indices held in AVX2
+/// registers: each candidate is merged by compare, shift-by-one-lane and blend,
+/// without branches. The same strict order as `insert` (an equal key arriving
+/// later loses). Returns the number of finite keys taken among the first k.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn select8_avx2(keys: &[f64], lower_bound: f64, experts: &mut [i32], best_out: &mut [f64]) -> usize {
+    use std::arch::x86_64::*;
+    let k = experts.len();
+    let ninf = _mm256_set1_pd(f64::NEG_INFINITY);
+    let (mut b0, mut b1) = (ninf, ninf);
+    let (mut i0, mut i1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+    let lane0 = _mm256_castsi256_pd(_mm256_set_epi64x(0, 0, 0, -1));
+    for (w, chunk) in keys.chunks(64).enumerate() {
+        // SAFETY: the CPU supports AVX2.
+        let mut mask = unsafe { candidate_mask_avx2(chunk, lower_bound) };
+        while mask != 0 {
+            let e = w * 64 + mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            let kv = _mm256_set1_pd(keys[e]);
+            let ev = _mm256_set1_pd(e as f64);
+            let gt0 = _mm256_cmp_pd::<_CMP_GT_OQ>(kv, b0);
+            let gt1 = _mm256_cmp_pd::<_CMP_GT_OQ>(kv, b1);
+            // Lane p of the "from above" vectors holds lane p - 1 of the list.
+            let up = |lo: __m256d, hi: __m256d| -> (__m256d, __m256d) {
+                let lo_s = _mm256_permute4x64_pd::<0b10_01_00_00>(lo);
+                let hi_s = _mm256_permute4x64_pd::<0b10_01_00_00>(hi);
+                let carry = _mm256_permute4x64_pd::<0b11_11_11_11>(lo);
+                (lo_s, _mm256_blendv_pd(hi_s, carry, lane0))
+            };
+            let (ga0, ga1) = up(gt0, gt1);
+            let ga0 = _mm256_andnot_pd(lane0, ga0); // nothing is above lane 0
+            let (sb0, sb1) = up(b0, b1);
+            let (si0, si1) = up(i0, i1);
+            b0 = _mm256_blendv_pd(_mm256_blendv_pd(b0, kv, gt0), sb0, ga0);
+            b1 = _mm256_blendv_pd(_mm256_blendv_pd(b1, kv, gt1), sb1, ga1);
+            i0 = _mm256_blendv_pd(_mm256_blendv_pd(i0, ev, gt0), si0, ga0);
+            i1 = _mm256_blendv_pd(_mm256_blendv_pd(i1, ev, gt1), si1, ga1);
+        }
+    }
+    let mut best = [0.0f64; 8];
+    let mut idx = [0.0f64; 8];
+    // SAFETY: both arrays hold 8 values.
+    unsafe {
+        _mm256_storeu_pd(best.as_mut_ptr(), b0);
+        _mm256_storeu_pd(best.as_mut_ptr().add(4), b1);
+        _mm256_storeu_pd(idx.as_mut_ptr(), i0);
+        _mm256_storeu_pd(idx.as_mut_ptr().add(4), i1);
+    }
+    let filled = best[..k].iter().filter(|&&b| b > f64::NEG_INFINITY).count();
+    for (x, &v) in experts[..filled].iter_mut().zip(&idx[..filled]) {
+        *x = v as i32;
+    }
+    best_out.copy_from_slice(&best[..k]);
+    filled
+}
+
+/// Top-k for a k known at compile time: each candidate is inserted without
+/// branches (every position selects "keep", "shift down" or "take the new key"
+/// from the old list), so unpredictable comparisons near the threshold cost no
+/// mispredictions. Returns the number of finite keys taken.
+#[inline]
+fn select_fixed<const K: usize>(keys: &[f64], lower_bound: f64, experts: &mut [i32], best_out: &mut [f64]) -> usize {
+    let mut best = [f64::NEG_INFINITY; K];
+    let mut idx = [0i32; K];
+    for_each_candidate(keys, lower_bound, |e| {
+        let key = keys[e];
+        let old_best = best;
+        let old_idx = idx;
+        for p in 0..K {
+            // Strictly greater: an equal key arriving later (higher index) loses.
+            let beats_here = key > old_best[p];
+            let beats_above = p > 0 && key > old_best[p.saturating_sub(1)];
+            let from_above = p.saturating_sub(1);
+            best[p] = if beats_above {
+                old_best[from_above]
+            } else if beats_here {
+                key
+            } else {
+                old_best[p]
+            };
+            idx[p] = if beats_above {
+                old_idx[from_above]
+            } else if beats_here {
+                e as i32
+            } else {
+                old_idx[p]
+            };
+        }
+    });
+    let filled = best.iter().filter(|&&b| b > f64::NEG_INFINITY).count();
+    experts[..filled].copy_from_slice(&idx[..filled]);
+    best_out.copy_from_slice(&best);
+    filled
 }
 
 /// Insert `key` of expert `e` into the descending list `best`/`experts`.
@@ -248,6 +416,22 @@ mod tests {
             let (ex, r) = top(&keys, k);
             let got: Vec<usize> = ex.iter().zip(&r).filter(|(_, &r)| r).map(|(&x, _)| x as usize).collect();
             assert_eq!(got, order, "keys {keys:?} k {k}");
+        }
+    }
+
+    #[test]
+    fn sorting_network_sorts() {
+        let mut state = 7u64;
+        for _ in 0..5000 {
+            let mut v = [0.0; 8];
+            for x in v.iter_mut() {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                *x = if state >> 60 == 0 { f64::NEG_INFINITY } else { ((state >> 33) % 7) as f64 };
+            }
+            let mut want = v;
+            want.sort_by(|a, b| b.total_cmp(a));
+            assert_eq!(sort8_descending(v), want);
+            assert_eq!(second_largest(&v), want[1]);
         }
     }
 
