@@ -1,6 +1,6 @@
 """Type stubs of the compiled core (checked against the module by mypy.stubtest)."""
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple, final
 
 import numpy as np
 import numpy.typing as npt
@@ -11,6 +11,7 @@ class RouterError(ValueError): ...
 class ConfigError(RouterError): ...
 class InputError(RouterError): ...
 
+@final
 class RouteOptions:
     def __new__(
         cls,
@@ -36,6 +37,7 @@ class RouteOptions:
         noise_std: float,
         seed: int,
         expert_capacity: Optional[int] = None,
+        group_score_input: str = "scores",
     ) -> RouteOptions: ...
     def capacity(self, active_tokens: int, training: bool = False) -> Optional[int]: ...
 
@@ -48,5 +50,35 @@ def route_logits(
     step: int = 0,
     sequence_length: Optional[int] = None,
 ) -> Dict[str, Any]: ...
+def route_hidden(
+    hidden: npt.NDArray[Any],
+    weight: npt.NDArray[Any],
+    bias: Optional[npt.NDArray[Any]],
+    options: RouteOptions,
+    training: bool = False,
+    token_mask: Optional[npt.NDArray[np.bool_]] = None,
+    expert_bias: Optional[npt.NDArray[np.float64]] = None,
+    step: int = 0,
+    sequence_length: Optional[int] = None,
+) -> Dict[str, Any]: ...
+def route_gate(
+    hidden: npt.NDArray[Any],
+    group_weight: npt.NDArray[Any],
+    expert_weight: npt.NDArray[Any],
+    group_top_k: Optional[int],
+    options: RouteOptions,
+    training: bool = False,
+    token_mask: Optional[npt.NDArray[np.bool_]] = None,
+    expert_bias: Optional[npt.NDArray[np.float64]] = None,
+    step: int = 0,
+    sequence_length: Optional[int] = None,
+) -> Dict[str, Any]: ...
+def gate_forward(
+    hidden: npt.NDArray[Any],
+    group_weight: npt.NDArray[Any],
+    expert_weight: npt.NDArray[Any],
+    num_experts: int,
+    group_top_k: Optional[int] = None,
+) -> Tuple[npt.NDArray[Any], npt.NDArray[np.float64]]: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
