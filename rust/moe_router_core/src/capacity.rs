@@ -59,7 +59,7 @@ impl Decimal {
         let frac_len = i32::try_from(frac_part.len()).ok()?;
         let mut exp10 = exponent.checked_sub(frac_len)?;
         // Canonical form: strip trailing zeros so equal values compare equal.
-        while digits != 0 && digits % 10 == 0 {
+        while digits != 0 && digits.is_multiple_of(10) {
             digits /= 10;
             exp10 += 1;
         }

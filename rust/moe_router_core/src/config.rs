@@ -205,7 +205,7 @@ impl RouterOptions {
             }
         }
         if let Some(g) = self.groups {
-            if g.num_groups == 0 || g.num_groups > e || e % g.num_groups != 0 {
+            if g.num_groups == 0 || g.num_groups > e || !e.is_multiple_of(g.num_groups) {
                 return Err(RouterError::config(
                     "num_groups",
                     g.num_groups,

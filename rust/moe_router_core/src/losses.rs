@@ -107,7 +107,7 @@ impl SequenceLoss {
     /// Call after every token (active or not) with its index; closes the
     /// sequence when `token` is its last.
     pub fn end_token(&mut self, token: usize, sums: &mut LossSums) {
-        if (token + 1) % self.length != 0 {
+        if !(token + 1).is_multiple_of(self.length) {
             return;
         }
         if self.active > 0 {

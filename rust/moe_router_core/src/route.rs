@@ -279,10 +279,14 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
 
     // Pass 3: weights of dropped assignments, renormalization, counts.
     let (kept_assignments, tokens_dropped) = finish_tokens(options, call, chunk, &kept, &mut expert_weights);
-    let mut tokens_per_expert = vec![0i64; e];
-    for (&x, &kp) in expert_indices.iter().zip(&kept) {
-        if kp {
-            tokens_per_expert[x as usize] += 1;
+    // Every policy keeps min(routed, capacity) per expert; reroutes add to that.
+    let mut tokens_per_expert: Vec<i64> = routed_counts.iter().map(|&n| n.min(capacity as u64) as i64).collect();
+    if reroute_now {
+        tokens_per_expert.fill(0);
+        for (&x, &kp) in expert_indices.iter().zip(&kept) {
+            if kp {
+                tokens_per_expert[x as usize] += 1;
+            }
         }
     }
     let reported_capacity = match limit {
@@ -492,7 +496,7 @@ fn check_call<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteC
         }
     }
     if let Some(s) = call.sequence_length {
-        if (s == 0 && t != 0) || (s != 0 && t % s != 0) {
+        if (s == 0 && t != 0) || (s != 0 && !t.is_multiple_of(s)) {
             return Err(RouterError::shape(
                 "logits",
                 format!("T divisible by the sequence length {s}"),

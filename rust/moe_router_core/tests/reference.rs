@@ -70,7 +70,7 @@ impl Case {
 fn sequence_lengths(t: usize) -> Vec<usize> {
     match t {
         0 => vec![4],
-        _ => [1, 7, 19, 27, 64, 73, 128, 300, 512, 1000, 3000].into_iter().filter(|s| t % s == 0).collect(),
+        _ => [1, 7, 19, 27, 64, 73, 128, 300, 512, 1000, 3000].into_iter().filter(|s| t.is_multiple_of(*s)).collect(),
     }
 }
 
