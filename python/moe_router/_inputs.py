@@ -2,8 +2,9 @@
 
 Arrays that are already float32/float64 and C-contiguous pass through without
 a copy (NumPy arrays and views, torch CPU tensors through ``__array__``, any
-``__dlpack__`` producer). Other float dtypes (float16, longdouble) and other
-layouts are converted once. Everything else is refused with an exception that
+``__dlpack__`` producer). Other float dtypes (float16, longdouble), integer
+arrays (exact in float64) and other layouts are converted once; an empty 1-D
+input is zero tokens. Everything else is refused with an exception that
 names the argument.
 """
 
@@ -56,16 +57,22 @@ def float_rows(x: Any, name: str, width: int, width_name: str,
     Raises
     ------
     TypeError
-        Not a floating-point array.
+        Not a real-valued array (bool, complex, object, strings).
     InputError
         Wrong rank or last dimension.
     """
     a = as_array(x, name)
+    if a.ndim == 1 and a.size == 0:
+        a = a.reshape(0, width)  # an empty list: zero tokens
     if a.dtype not in _FLOAT_OK:
-        if a.dtype.kind != "f":
-            raise TypeError(f"{name} must be a floating-point array (float32 or float64; float16 is "
-                            f"converted), got dtype {a.dtype}")
-        a = a.astype(np.float64 if a.dtype.itemsize > 8 else np.float32)
+        if a.dtype.kind in "iu":
+            # Integer-valued logits (e.g. read from JSON) are exact in float64.
+            a = a.astype(np.float64)
+        elif a.dtype.kind != "f":
+            raise TypeError(f"{name} must be a real-valued array (float32 or float64 are read in place; "
+                            f"float16 and integers are converted), got dtype {a.dtype}")
+        else:
+            a = a.astype(np.float64 if a.dtype.itemsize > 8 else np.float32)
     if dtype is not None and a.dtype != dtype:
         a = a.astype(dtype)
     if a.ndim not in (2, 3):
