@@ -20,6 +20,7 @@ use crate::error::{Result, RouterError};
 use crate::linear::GemmScalar;
 use crate::math::exp_f64;
 use crate::route::{ChunkBuf, ChunkRows, LogitSource, CHUNK_TOKENS};
+use crate::topk::select_top_k;
 use rayon::prelude::*;
 
 /// Group layout of a hierarchical gate over `experts` experts.
@@ -237,20 +238,10 @@ fn softmax_into<F: GemmScalar>(logits: &[F], out: &mut [f64]) -> f64 {
 
 /// The `chosen.len()` best groups by score (ties to the lower index).
 fn best_groups(scores: &[f64], chosen: &mut [u32], best: &mut [f64]) {
-    let k = chosen.len();
-    best.fill(f64::NEG_INFINITY);
-    chosen.fill(0);
-    for (g, &s) in scores.iter().enumerate() {
-        if s > best[k - 1] {
-            let mut pos = k - 1;
-            while pos > 0 && s > best[pos - 1] {
-                best[pos] = best[pos - 1];
-                chosen[pos] = chosen[pos - 1];
-                pos -= 1;
-            }
-            best[pos] = s;
-            chosen[pos] = g as u32;
-        }
+    let (mut experts, mut routed) = (vec![0i32; chosen.len()], vec![false; chosen.len()]);
+    select_top_k(scores, &mut experts, &mut routed, best, f64::NEG_INFINITY);
+    for (c, &g) in chosen.iter_mut().zip(&experts) {
+        *c = g as u32;
     }
 }
 

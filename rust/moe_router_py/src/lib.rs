@@ -8,8 +8,8 @@ mod options;
 mod threads;
 
 use moe_router_core::{
-    self as core, gate_probabilities, route_logits as core_route, HierarchicalGate, LinearLogits, RouteCall,
-    RouterError as CoreError, Routing, ScoreFunction,
+    self as core, gate_probabilities, route_logits as core_route, GemmScalar, HierarchicalGate, LinearLogits,
+    RouteCall, RouterError as CoreError, Routing, ScoreFunction,
 };
 use numpy::{PyArray1, PyArray2, PyArray3, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -145,31 +145,38 @@ fn route_gate<'py>(
     opts.jitter_eps = 0.0;
     opts.noise_std = 0.0;
     let e = opts.num_experts;
-    macro_rules! typed {
-        ($t:ty) => {{
-            let h = readonly(hidden.cast::<PyArray2<$t>>()?, "hidden")?;
-            let gw =
-                readonly(group_weight.cast::<PyArray2<$t>>().map_err(|_| same_dtype("group_weight"))?, "group_weight")?;
-            let ew = readonly(
-                expert_weight.cast::<PyArray3<$t>>().map_err(|_| same_dtype("expert_weight"))?,
-                "expert_weight",
-            )?;
-            let (t, d) = (h.shape()[0], h.shape()[1]);
-            let hs = h.as_slice().map_err(|_| PyValueError::new_err("hidden must be C-contiguous"))?;
-            let gs = gw.as_slice().map_err(|_| PyValueError::new_err("group_weight must be C-contiguous"))?;
-            let es = ew.as_slice().map_err(|_| PyValueError::new_err("expert_weight must be C-contiguous"))?;
-            let gate = HierarchicalGate::new(hs, t, d, gs, es, e, group_top_k).map_err(to_py)?;
-            py.detach(|| threads::install(|| core::route(&gate, &opts, &call)))
-        }};
-    }
     let routing = if hidden.cast::<PyArray2<f32>>().is_ok() {
-        typed!(f32)
+        with_gate::<f32, _>(hidden, group_weight, expert_weight, e, group_top_k, |gate| {
+            Ok(py.detach(|| threads::install(|| core::route(gate, &opts, &call))))
+        })?
     } else if hidden.cast::<PyArray2<f64>>().is_ok() {
-        typed!(f64)
+        with_gate::<f64, _>(hidden, group_weight, expert_weight, e, group_top_k, |gate| {
+            Ok(py.detach(|| threads::install(|| core::route(gate, &opts, &call))))
+        })?
     } else {
         return Err(PyTypeError::new_err("hidden must be a 2-D float32 or float64 NumPy array"));
     };
     decision_dict(py, routing.map_err(to_py)?)
+}
+
+/// Borrow the gate's arrays as `T` (the hidden states' dtype) and run `f` on the gate.
+fn with_gate<'py, T: GemmScalar + numpy::Element, R>(
+    hidden: &Bound<'py, PyAny>,
+    group_weight: &Bound<'py, PyAny>,
+    expert_weight: &Bound<'py, PyAny>,
+    num_experts: usize,
+    group_top_k: Option<usize>,
+    f: impl FnOnce(&HierarchicalGate<'_, T>) -> PyResult<R>,
+) -> PyResult<R> {
+    let h = readonly(hidden.cast::<PyArray2<T>>()?, "hidden")?;
+    let gw = readonly(group_weight.cast::<PyArray2<T>>().map_err(|_| same_dtype("group_weight"))?, "group_weight")?;
+    let ew = readonly(expert_weight.cast::<PyArray3<T>>().map_err(|_| same_dtype("expert_weight"))?, "expert_weight")?;
+    let (t, d) = (h.shape()[0], h.shape()[1]);
+    let hs = h.as_slice().map_err(|_| PyValueError::new_err("hidden must be C-contiguous"))?;
+    let gs = gw.as_slice().map_err(|_| PyValueError::new_err("group_weight must be C-contiguous"))?;
+    let es = ew.as_slice().map_err(|_| PyValueError::new_err("expert_weight must be C-contiguous"))?;
+    let gate = HierarchicalGate::new(hs, t, d, gs, es, num_experts, group_top_k).map_err(to_py)?;
+    f(&gate)
 }
 
 /// The hierarchical gate's probabilities `[T, E]` and per-token z-loss terms `[T]`.
@@ -183,30 +190,19 @@ fn gate_forward<'py>(
     num_experts: usize,
     group_top_k: Option<usize>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-    macro_rules! typed {
-        ($t:ty) => {{
-            let h = readonly(hidden.cast::<PyArray2<$t>>()?, "hidden")?;
-            let gw =
-                readonly(group_weight.cast::<PyArray2<$t>>().map_err(|_| same_dtype("group_weight"))?, "group_weight")?;
-            let ew = readonly(
-                expert_weight.cast::<PyArray3<$t>>().map_err(|_| same_dtype("expert_weight"))?,
-                "expert_weight",
-            )?;
-            let (t, d) = (h.shape()[0], h.shape()[1]);
-            let hs = h.as_slice().map_err(|_| PyValueError::new_err("hidden must be C-contiguous"))?;
-            let gs = gw.as_slice().map_err(|_| PyValueError::new_err("group_weight must be C-contiguous"))?;
-            let es = ew.as_slice().map_err(|_| PyValueError::new_err("expert_weight must be C-contiguous"))?;
-            let gate = HierarchicalGate::new(hs, t, d, gs, es, num_experts, group_top_k).map_err(to_py)?;
-            let (probs, z) = py.detach(|| threads::install(|| gate_probabilities(&gate)));
-            let probs = arrays::matrix(py, probs, t, num_experts)?.into_any();
-            let z = arrays::vector(py, z).into_any();
-            Ok((probs, z))
-        }};
+    macro_rules! forward {
+        ($t:ty) => {
+            with_gate::<$t, _>(hidden, group_weight, expert_weight, num_experts, group_top_k, |gate| {
+                let (probs, z) = py.detach(|| threads::install(|| gate_probabilities(gate)));
+                let t = z.len();
+                Ok((arrays::matrix(py, probs, t, num_experts)?.into_any(), arrays::vector(py, z).into_any()))
+            })
+        };
     }
     if hidden.cast::<PyArray2<f32>>().is_ok() {
-        typed!(f32)
+        forward!(f32)
     } else if hidden.cast::<PyArray2<f64>>().is_ok() {
-        typed!(f64)
+        forward!(f64)
     } else {
         Err(PyTypeError::new_err("hidden must be a 2-D float32 or float64 NumPy array"))
     }
