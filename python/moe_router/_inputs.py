@@ -47,7 +47,7 @@ def as_array(x: Any, name: str) -> np.ndarray:
 
 
 def float_rows(x: Any, name: str, width: int, width_name: str,
-               dtype: Optional[np.dtype] = None) -> Tuple[np.ndarray, Tuple[int, ...]]:
+               dtype: Optional[np.dtype] = None, integers: bool = False) -> Tuple[np.ndarray, Tuple[int, ...]]:
     """``x`` as a C-contiguous float32/float64 ``[T, width]`` array plus its batch shape.
 
     Accepts ``[T, width]`` and ``[B, S, width]``. ``dtype`` forces float32 or
@@ -65,7 +65,7 @@ def float_rows(x: Any, name: str, width: int, width_name: str,
     if a.ndim == 1 and a.size == 0:
         a = a.reshape(0, width)  # an empty list: zero tokens
     if a.dtype not in _FLOAT_OK:
-        if a.dtype.kind in "iu":
+        if integers and a.dtype.kind in "iu":
             # Integer-valued logits (e.g. read from JSON) are exact in float64.
             a = a.astype(np.float64)
         elif a.dtype.kind != "f":

@@ -285,7 +285,7 @@ class ExpertRouter:
     def route_logits(self, logits: Any, training: bool = False, token_mask: Any = None) -> RoutingDecision:
         """Route precomputed ``[T, E]`` / ``[B, S, E]`` logits through this router's
         statistics and load balancer (see :func:`moe_router.route_logits`)."""
-        rows, batch_shape = _inputs.float_rows(logits, "logits", self.config.num_experts, "num_experts")
+        rows, batch_shape = _inputs.float_rows(logits, "logits", self.config.num_experts, "num_experts", integers=True)
         mask = _inputs.token_mask(token_mask, batch_shape)
         seq_len = batch_shape[1] if len(batch_shape) == 2 else None
         step, bias = self._call_state(training)

@@ -78,7 +78,7 @@ def route_logits(
     """
     if not isinstance(config, RouterConfig):
         raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}")
-    rows, batch_shape = _inputs.float_rows(logits, "logits", config.num_experts, "num_experts")
+    rows, batch_shape = _inputs.float_rows(logits, "logits", config.num_experts, "num_experts", integers=True)
     mask = _inputs.token_mask(token_mask, batch_shape)
     if expert_bias is None:
         expert_bias = config.expert_bias
