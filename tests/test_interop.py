@@ -137,7 +137,9 @@ def test_non_arrays_are_refused_with_the_argument_named():
     with pytest.raises(TypeError, match="logits"):
         mr.route_logits(object(), CFG)
     with pytest.raises(TypeError, match="logits"):
-        mr.route_logits(np.zeros((4, 8), dtype=np.int32), CFG)
+        mr.route_logits(np.zeros((4, 8), dtype=np.complex64), CFG)
+    with pytest.raises(TypeError, match="hidden"):
+        mr.ExpertRouter(CFG, input_dim=8, gate="linear").route_tokens(np.zeros((4, 8), dtype=np.int32))
 
 
 def test_route_tokens_reads_hidden_states_in_place(spy):
