@@ -203,6 +203,33 @@ def machine() -> str:
             f"Python {platform.python_version()}, NumPy {np.__version__}")
 
 
+def cpu_snapshot() -> Tuple[float, float, float]:
+    """(machine busy CPU-seconds from /proc/stat, this process + children CPU-seconds, wall)."""
+    import resource
+
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    busy = (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / os.sysconf("SC_CLK_TCK")
+    own = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        own += r.ru_utime + r.ru_stime
+    return busy, own, time.time()
+
+
+def other_cores(a: Tuple[float, float, float], b: Tuple[float, float, float]) -> float:
+    """Average cores used by OTHER processes between two snapshots (steal included)."""
+    wall = max(b[2] - a[2], 1e-9)
+    return max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / wall)
+
+
+def own_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def loadavg() -> str:
     try:
         return " ".join(open("/proc/loadavg").read().split()[:3])
@@ -246,6 +273,7 @@ def main(argv=None) -> int:
     fp0, load0 = so_fingerprint(), loadavg()
     started = _dt.datetime.now().astimezone()
 
+    snap0 = cpu_snapshot()
     mr.set_num_threads(a.threads)
     R: Dict[Tuple[int, int, int], Dict[str, Any]] = {}
     extra: Dict[str, Any] = {"threads1": {}, "threadsN": {}, "dropless": {}, "core": {}, "latency": {}}
@@ -263,8 +291,10 @@ def main(argv=None) -> int:
                 extra["threads1"][(E, k)] = time_calls(lambda: mr.route_logits(x, cfg), budget,
                                                        max_repeats(T))
                 mr.set_num_threads(a.threads)
+                c0, w0 = own_cpu(), time.perf_counter()
                 extra["threadsN"][(E, k)] = time_calls(lambda: mr.route_logits(x, cfg), budget,
                                                        max_repeats(T))
+                extra["threadsN"][(E, k)]["cores"] = (own_cpu() - c0) / (time.perf_counter() - w0)
                 # stage split: the same call without capacity; the bare core call
                 dl = mr.RouterConfig(num_experts=E, top_k=k, capacity_factor=None)
                 extra["dropless"][(E, k)] = time_calls(lambda: mr.route_logits(x, dl), budget,
@@ -298,8 +328,10 @@ def main(argv=None) -> int:
         r["mr_mb"] = run_mem_worker("moe_router", T, E, k, a.threads)
         r["np_mb"] = run_mem_worker("numpy-ref", T, E, k, a.threads)
     fp1 = so_fingerprint()
+    snap1 = cpu_snapshot()
 
     peers, peers_note = run_peers(a, Ts, shapes)
+    snap2 = cpu_snapshot()
     print(peers_note, file=sys.stderr, flush=True)
     P: Dict[Tuple[int, int, int], Dict[str, Any]] = {}
     if peers:
@@ -346,6 +378,9 @@ def main(argv=None) -> int:
              f"{max_repeats(64)}/{max_repeats(4096)}/{max_repeats(65536)}/{max_repeats(BIG_T)} "
              f"calls (T=64/4096/65536/262144, within a {budget:g} s budget) after one warm-up "
              f"call; peers: median of up to {3 if a.quick else 7} calls (their harness).  ")
+    L.append(f"CPU used by other processes (average cores, from /proc/stat minus this run's "
+             f"own CPU): {other_cores(snap0, snap1):.2f} while moe_router / numpy-ref were "
+             f"measured, {other_cores(snap1, snap2):.2f} during the peers harness.  ")
     L.append(f"Wall time of this run: {wall:.0f} s. {peers_note}.\n")
     if fp0 != fp1:
         L.append(f"**WARNING: the extension changed while moe_router was measured** ({fp0} -> "
@@ -407,18 +442,20 @@ def main(argv=None) -> int:
         L.append("`1 thr` and `N thr` are measured back to back; `dropless` = the same call with "
                  "capacity_factor=None (no capacity assignment); `core` = the bare "
                  "`moe_router._core.route_logits` call without the Python wrapper; "
-                 "`t(4T)/t(T)` uses the main table's times at T=65536 and 262144.\n")
-        L.append(f"| E | k | 1 thr | {a.threads} thr | speed-up | dropless | capacity cost "
-                 "| core only | Python wrapper | t(4T)/t(T) |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|")
+                 "`t(4T)/t(T)` uses the main table's times at T=65536 and 262144; `cores busy` = "
+                 "this process's CPU time / wall time over the 2-thread timing.\n")
+        L.append(f"| E | k | 1 thr | {a.threads} thr | speed-up | cores busy ({a.threads} thr) "
+                 "| dropless | capacity cost | core only | Python wrapper | t(4T)/t(T) |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for (E, k), v1 in extra["threads1"].items():
             vn = extra["threadsN"][(E, k)]["median_s"]
             dl = extra["dropless"][(E, k)]["median_s"]
             co = extra["core"][(E, k)]["median_s"]
             full = R[(BIG_T, E, k)]["mr"]["median_s"]
             lin = (full / R[(65536, E, k)]["mr"]["median_s"]) if (65536, E, k) in R else None
+            cores = extra["threadsN"][(E, k)]["cores"]
             L.append(f"| {E} | {k} | {fms(v1['median_s'])} | {fms(vn)} | {fx(v1['median_s'] / vn)} "
-                     f"| {fms(dl)} | {fms(vn - dl)} | {fms(co)} | {fms(vn - co)} | {fx(lin)} |")
+                     f"| {cores:.2f} | {fms(dl)} | {fms(vn - dl)} | {fms(co)} | {fms(vn - co)} | {fx(lin)} |")
 
     # --------------------------------------------------------------- targets
     L.append("\n## Targets (issue 5)\n")

@@ -29,6 +29,12 @@ pub(crate) struct Assignments<'a> {
     pub slots: &'a mut [i32],
 }
 
+/// Chunks per task for the light per-assignment passes: enough tokens that a
+/// fork costs less than the work it splits (small batches stay on one thread).
+pub(crate) fn light_pass_min_chunks(chunk: usize) -> usize {
+    (4096 / chunk.max(1)).max(1)
+}
+
 /// `offsets[c][i] = base[i] + sum_{c' < c} counts[c'][i]`.
 pub(crate) fn exclusive_prefix(counts: &[Vec<u32>], base: &[u32]) -> Vec<Vec<u32>> {
     let mut running = base.to_vec();
@@ -58,6 +64,7 @@ pub(crate) fn assign_in_token_order(a: Assignments, capacity: usize, counts: &[V
         .zip(a.kept.par_chunks_mut(step))
         .zip(a.slots.par_chunks_mut(step))
         .zip(offsets.into_par_iter())
+        .with_min_len(light_pass_min_chunks(a.chunk))
         .for_each(|(((experts, kept), slots), mut next)| {
             for i in 0..experts.len() {
                 if !kept[i] {

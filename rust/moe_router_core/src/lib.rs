@@ -40,5 +40,6 @@ pub use error::{Result, RouterError};
 pub use gate::{gate_probabilities, GateShape, HierarchicalGate};
 pub use linear::{GemmScalar, LinearLogits};
 pub use route::{
-    route, route_logits, ChunkBuf, ChunkRows, Logit, LogitSource, RouteCall, Routing, SliceLogits, CHUNK_TOKENS,
+    chunk_tokens, route, route_logits, ChunkBuf, ChunkRows, Logit, LogitSource, RouteCall, Routing, SliceLogits,
+    CHUNK_TOKENS,
 };

@@ -27,10 +27,29 @@ use crate::row::{RowContext, RowRouter, TokenOut};
 /// Tokens per parallel work item.
 pub const CHUNK_TOKENS: usize = 512;
 
+/// Logits in a batch of at most `CHUNK_TOKENS` tokens above which it is split
+/// in two chunks, so a decode-sized batch with wide rows uses two threads.
+pub const SPLIT_LOGITS: usize = 8192;
+
+/// Tokens per chunk for an input of `tokens` x `experts` (whole sequences per
+/// chunk when `sequence_length` is given). It depends on the shape only, never on
+/// the thread count, so float sums are added in the same order on any pool.
+pub fn chunk_tokens(tokens: usize, experts: usize, sequence_length: Option<usize>) -> usize {
+    match sequence_length {
+        Some(s) if s > 0 => CHUNK_TOKENS.div_ceil(s) * s,
+        _ if tokens <= CHUNK_TOKENS && tokens.saturating_mul(experts) >= SPLIT_LOGITS => tokens.div_ceil(2),
+        _ => CHUNK_TOKENS,
+    }
+}
+
 /// Element types the router reads: float32 and float64.
 pub trait Logit: Copy + Send + Sync + 'static {
     /// Widen to float64 (exact for both types).
     fn to_f64(self) -> f64;
+    /// The slice as float32, if that is what it is (for the vectorized read).
+    fn as_f32(values: &[Self]) -> Option<&[f32]>;
+    /// The slice as float64, if that is what it is.
+    fn as_f64(values: &[Self]) -> Option<&[f64]>;
 }
 
 impl Logit for f32 {
@@ -38,12 +57,28 @@ impl Logit for f32 {
     fn to_f64(self) -> f64 {
         f64::from(self)
     }
+    #[inline(always)]
+    fn as_f32(values: &[Self]) -> Option<&[f32]> {
+        Some(values)
+    }
+    #[inline(always)]
+    fn as_f64(_: &[Self]) -> Option<&[f64]> {
+        None
+    }
 }
 
 impl Logit for f64 {
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self
+    }
+    #[inline(always)]
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    #[inline(always)]
+    fn as_f64(values: &[Self]) -> Option<&[f64]> {
+        Some(values)
     }
 }
 
@@ -222,12 +257,8 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
     let mut expert_slots = vec![-1i32; n];
     let mut top1 = vec![0f32; if policy == DropPolicy::Bpr || reroute { t } else { 0 }];
 
-    // Pass 1: score and select. Whole sequences per chunk when the sequence
-    // loss is asked for; every later pass uses the same chunks.
-    let chunk = match call.sequence_length {
-        Some(s) if s > 0 => CHUNK_TOKENS.div_ceil(s) * s,
-        _ => CHUNK_TOKENS,
-    };
+    // Pass 1: score and select; every later pass uses the same chunks.
+    let chunk = chunk_tokens(t, e, call.sequence_length);
     let ranks = if policy == DropPolicy::Rank { k } else { 1 };
     let (idx, w, r, t1) = (&mut expert_indices, &mut expert_weights, &mut kept, &mut top1);
     let tallies = score_and_select(source, options, call, chunk, ranks, idx, w, r, t1)?;
@@ -426,6 +457,7 @@ fn finish_tokens(
         .par_chunks_mut(step)
         .zip(kept.par_chunks(step))
         .enumerate()
+        .with_min_len(assign::light_pass_min_chunks(chunk))
         .map(|(c, (w, kp))| {
             let (mut kept_total, mut dropped_tokens) = (0usize, 0usize);
             for (i, (w, kp)) in w.chunks_mut(k).zip(kp.chunks(k)).enumerate() {

@@ -8,9 +8,7 @@ use crate::math::{read_row, RowRead, LANES};
 use crate::rng::{self, Stream};
 use crate::route::{Logit, RouteCall};
 use crate::score::score_row;
-use crate::topk::{
-    block_lower_bound, kth_largest, limit_to_best_groups, second_largest, select_top_k, sort8_descending,
-};
+use crate::topk::{block_lower_bound, limit_to_best_groups, second_largest, select_top_k, sort8_descending};
 
 /// What every token of one call shares.
 pub(crate) struct RowContext<'a> {
@@ -42,7 +40,6 @@ pub(crate) struct RowRouter {
     group_keys: Vec<f64>,
     group_scores: Vec<f64>,
     best: Vec<f64>,
-    block_max: Vec<f64>,
     top_n: Vec<f64>,
     /// Score of the last token's first choice (0 if it has none), for batch-prioritized routing.
     pub last_top1: f32,
@@ -65,7 +62,6 @@ impl RowRouter {
             group_keys: vec![0.0; e],
             group_scores: vec![0.0; options.groups.map_or(0, |g| g.num_groups)],
             best: vec![0.0; options.top_k],
-            block_max: vec![f64::NEG_INFINITY; e / 8],
             top_n: Vec::new(),
             last_top1: 0.0,
         }
@@ -142,20 +138,18 @@ impl RowRouter {
         let bound = if keys_are_logits && !ctx.noise && options.score_function != ScoreFunction::Probabilities {
             // The read pass's block and lane maxima are elements of the row: the
             // k-th largest of either bounds the k-th largest logit from below.
-            // (8 lane maxima are cheaper to rank than E/8 block maxima; use the
-            // blocks only when k > 8.)
             if e <= 2 * LANES {
                 f64::NEG_INFINITY // every key is a candidate anyway
             } else if options.top_k == 1 {
                 read.max
             } else if options.top_k == 2 {
                 second_largest(&read.lane_max)
-            } else if options.top_k <= LANES {
+            } else if options.top_k == LANES {
+                read.lane_max.iter().copied().fold(f64::INFINITY, f64::min)
+            } else if options.top_k < LANES {
                 sort8_descending(read.lane_max)[options.top_k - 1]
-            } else if self.block_max.len() >= options.top_k {
-                kth_largest(&self.block_max, &mut self.best)
             } else {
-                f64::NEG_INFINITY
+                block_lower_bound(&self.logits, options.top_k, &mut self.best)
             }
         } else {
             block_lower_bound(keys, options.top_k, &mut self.best)
@@ -183,7 +177,7 @@ impl RowRouter {
     /// Copy the row into float64, rejecting NaN, +inf and rows with no finite logit.
     /// Returns what the read pass learned about the row.
     fn read_row<F: Logit>(&mut self, ctx: &RowContext, token: usize, raw: &[F]) -> Result<RowRead> {
-        let mut read = read_row(raw, &mut self.logits, &mut self.block_max);
+        let mut read = read_row(raw, &mut self.logits);
         if ctx.options.score_function == ScoreFunction::Probabilities && !read.bad {
             // Probabilities: 0 means "not eligible"; negative values are refused.
             if self.logits.iter().any(|&p| p < 0.0) {

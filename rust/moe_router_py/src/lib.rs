@@ -9,7 +9,7 @@ mod threads;
 
 use moe_router_core::{
     self as core, gate_probabilities, route_logits as core_route, GemmScalar, HierarchicalGate, LinearLogits,
-    RouteCall, RouterError as CoreError, Routing, ScoreFunction,
+    LogitSource, RouteCall, RouterError as CoreError, Routing, ScoreFunction,
 };
 use numpy::{PyArray1, PyArray2, PyArray3, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -43,11 +43,11 @@ fn route_logits<'py>(
     let routing = if let Ok(a) = logits.cast::<PyArray2<f32>>() {
         let view = readonly(a, "logits")?;
         let view = view.as_array();
-        py.detach(|| threads::install(|| core_route(view, opts, &call)))
+        py.detach(|| threads::install(view.nrows(), view.ncols(), || core_route(view, opts, &call)))
     } else if let Ok(a) = logits.cast::<PyArray2<f64>>() {
         let view = readonly(a, "logits")?;
         let view = view.as_array();
-        py.detach(|| threads::install(|| core_route(view, opts, &call)))
+        py.detach(|| threads::install(view.nrows(), view.ncols(), || core_route(view, opts, &call)))
     } else {
         return Err(PyTypeError::new_err(format!(
             "logits must be a 2-D float32 or float64 NumPy array, got {}",
@@ -102,7 +102,7 @@ fn route_hidden<'py>(
                 None => None,
             };
             let source = LinearLogits::new(hs, t, d, ws, e, bs).map_err(to_py)?;
-            py.detach(|| threads::install(|| core::route(&source, opts, &call)))
+            py.detach(|| threads::install(t, e, || core::route(&source, opts, &call)))
         }};
     }
     let routing = if hidden.cast::<PyArray2<f32>>().is_ok() {
@@ -147,11 +147,13 @@ fn route_gate<'py>(
     let e = opts.num_experts;
     let routing = if hidden.cast::<PyArray2<f32>>().is_ok() {
         with_gate::<f32, _>(hidden, group_weight, expert_weight, e, group_top_k, |gate| {
-            Ok(py.detach(|| threads::install(|| core::route(gate, &opts, &call))))
+            Ok(py
+                .detach(|| threads::install(gate.num_tokens(), gate.num_experts(), || core::route(gate, &opts, &call))))
         })?
     } else if hidden.cast::<PyArray2<f64>>().is_ok() {
         with_gate::<f64, _>(hidden, group_weight, expert_weight, e, group_top_k, |gate| {
-            Ok(py.detach(|| threads::install(|| core::route(gate, &opts, &call))))
+            Ok(py
+                .detach(|| threads::install(gate.num_tokens(), gate.num_experts(), || core::route(gate, &opts, &call))))
         })?
     } else {
         return Err(PyTypeError::new_err("hidden must be a 2-D float32 or float64 NumPy array"));
@@ -193,7 +195,8 @@ fn gate_forward<'py>(
     macro_rules! forward {
         ($t:ty) => {
             with_gate::<$t, _>(hidden, group_weight, expert_weight, num_experts, group_top_k, |gate| {
-                let (probs, z) = py.detach(|| threads::install(|| gate_probabilities(gate)));
+                let (probs, z) =
+                    py.detach(|| threads::install(gate.num_tokens(), gate.num_experts(), || gate_probabilities(gate)));
                 let t = z.len();
                 Ok((arrays::matrix(py, probs, t, num_experts)?.into_any(), arrays::vector(py, z).into_any()))
             })

@@ -1,5 +1,9 @@
 //! The thread-count knob: `MOE_ROUTER_NUM_THREADS` at first use, or
-//! `set_num_threads(n)` at run time; 0 or unset means rayon's global pool.
+//! `set_num_threads(n)` at run time; 0 or unset means one thread per core.
+//!
+//! Routing runs in a pool of its own, entered once per call: every pass of a
+//! call then splits work among workers that are already awake, instead of
+//! injecting each pass into rayon's global pool from the Python thread.
 
 use std::sync::{Arc, OnceLock, RwLock};
 
@@ -10,19 +14,25 @@ static POOL: OnceLock<RwLock<Option<Arc<ThreadPool>>>> = OnceLock::new();
 fn cell() -> &'static RwLock<Option<Arc<ThreadPool>>> {
     POOL.get_or_init(|| {
         let from_env = std::env::var("MOE_ROUTER_NUM_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok());
-        RwLock::new(from_env.filter(|&n| n > 0).and_then(|n| build(n).ok()))
+        RwLock::new(build(from_env.unwrap_or(0)).ok())
     })
 }
 
+/// A pool of `n` threads (0: one per core, as rayon's default).
 fn build(n: usize) -> Result<Arc<ThreadPool>, String> {
-    rayon::ThreadPoolBuilder::new().num_threads(n).build().map(Arc::new).map_err(|e| e.to_string())
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("moe-router-{i}"))
+        .build()
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
 }
 
-/// Use `n` threads from now on (0: rayon's global pool).
+/// Use `n` threads from now on (0: one per core).
 pub fn set_num_threads(n: usize) -> Result<(), String> {
-    let pool = if n == 0 { None } else { Some(build(n)?) };
+    let pool = build(n)?;
     let mut guard = cell().write().map_err(|_| "thread-pool lock poisoned".to_string())?;
-    *guard = pool;
+    *guard = Some(pool);
     Ok(())
 }
 
@@ -35,10 +45,13 @@ fn current() -> Option<Arc<ThreadPool>> {
     cell().read().ok().and_then(|g| g.clone())
 }
 
-/// Run `f` in the configured pool.
-pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+/// Run `f` (routing a `tokens` x `experts` input) in the pool. A batch of one
+/// chunk runs on the calling thread: the core does not split it, and handing it
+/// to a pool costs a cross-thread round trip worth more than the work.
+pub fn install<R: Send>(tokens: usize, experts: usize, f: impl FnOnce() -> R + Send) -> R {
+    let split = moe_router_core::chunk_tokens(tokens, experts, None) < tokens;
     match current() {
-        Some(pool) => pool.install(f),
-        None => f(),
+        Some(pool) if split => pool.install(f),
+        _ => f(),
     }
 }
