@@ -195,3 +195,12 @@ def test_torch_hidden_states(spy):
     dec = router.route_tokens(hidden)
     assert same_buffer(spy[-1], hidden.numpy())
     assert_same_routing(dec, router.route_tokens(hidden.numpy().copy()))
+
+
+def test_torch_bfloat16_is_widened_once():
+    torch = pytest.importorskip("torch")
+    t = torch.randn(300, CFG.num_experts).to(torch.bfloat16)
+    want = mr.route_logits(t.float().numpy(), CFG)
+    got = mr.route_logits(t, CFG)
+    np.testing.assert_array_equal(got.expert_indices, want.expert_indices)
+    np.testing.assert_array_equal(got.expert_weights, want.expert_weights)

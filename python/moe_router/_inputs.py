@@ -27,6 +27,9 @@ def as_array(x: Any, name: str) -> np.ndarray:
         # A tensor that takes part in autograd (torch refuses to export it): the router
         # only reads values, and detach() shares the memory.
         x = x.detach()
+    if "bfloat16" in str(getattr(x, "dtype", "")) and callable(getattr(x, "float", None)):
+        # NumPy has no bfloat16: widen once to float32 (exact), as float16 is.
+        x = x.float()
     if hasattr(x, "__array__") or isinstance(x, (list, tuple)):
         try:
             return np.asarray(x)
