@@ -203,6 +203,7 @@ def reference_route(logits: Any, config: Any, training: bool = False, token_mask
     top1 = [0.0] * T  # float32 score of the rank-0 choice (bpr)
     prob_rows: List[Optional[np.ndarray]] = [None] * T  # score_e / sum score_e
     lse_sq: List[float] = []
+    allowed = np.zeros((T, E), dtype=bool)  # experts a token may use at all (reroute candidates)
 
     # Items 2-7, per token.
     for t in range(T):
@@ -221,6 +222,7 @@ def reference_route(logits: Any, config: Any, training: bool = False, token_mask
             gkeys = [float(base[i]) + (0.0 if bias is None else bias[i]) if eligible[i] else NEG_INF
                      for i in range(E)]
             keys = group_limit(keys, gkeys, int(num_groups), int(group_top_k), group_score)
+        allowed[t] = [key != NEG_INF for key in keys]
         chosen, is_routed = top_k_choice(keys, k)
         indices[t] = chosen
         routed[t] = is_routed
@@ -315,7 +317,7 @@ def reference_route(logits: Any, config: Any, training: bool = False, token_mask
                 if coin is not None and not coin(t, j):
                     continue
                 taken = set(int(v) for v in indices[t])
-                cands = [e for e in range(E) if load[e] < C and e not in taken]
+                cands = [e for e in range(E) if load[e] < C and allowed[t, e] and e not in taken]
                 if not cands:
                     continue
                 target = min(cands, key=lambda e: (load[e], e))

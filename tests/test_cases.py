@@ -916,3 +916,29 @@ def test_helpers_agree_with_reference(rng):
     assert ref["router_z_loss"] == pytest.approx(np.mean(np_lse(x) ** 2), rel=1e-12)
     w = np.take_along_axis(np_scores(x), ref["expert_indices"].astype(np.int64), axis=1)
     np.testing.assert_allclose(ref["expert_weights"], w, rtol=1e-7)
+
+
+@pytest.mark.parametrize("policy", ["position", "rank", "probs", "bpr"])
+def test_reroute_only_to_experts_the_token_may_use(policy):
+    """A rerouted assignment never lands on an ineligible (-inf) expert or outside the
+    token's allowed groups (semantics item 13)."""
+    rng = np.random.default_rng(3)
+    T, E = 400, 8
+    x = rng.standard_normal((T, E))
+    x[:, 0] += 4.0                      # everybody wants expert 0: heavy overflow
+    x[::3, 1:] = -np.inf                # every third token may only use expert 0
+    cfg = mr.RouterConfig(num_experts=E, top_k=1, capacity_factor=1.0, drop_policy=policy,
+                          overflow="reroute")
+    dec = mr.route_logits(x, cfg)
+    assert dec.rerouted.any()
+    moved = np.nonzero(dec.rerouted)
+    assert np.isfinite(x[moved[0], dec.expert_indices[moved]]).all()
+    assert not dec.rerouted[::3].any()  # tokens that may only use expert 0 are never moved
+    # Groups: 4 groups of 2, one group per token; reroutes stay in the token's group.
+    g = cfg.replace(num_groups=4, group_top_k=1, score_function="sigmoid")
+    y = rng.standard_normal((T, E))
+    y[:, 0] += 4.0
+    d = mr.route_logits(y, g)
+    t, j = np.nonzero(d.rerouted)
+    assert t.size > 0
+    assert ((d.expert_indices[t, j] // 2) == 0).all()  # group 0 holds experts 0 and 1

@@ -33,12 +33,14 @@ pub(crate) struct Placement<'a> {
     pub rerouted: &'a mut [bool],
 }
 
+/// `eligible(token, out)` writes which experts the token may be routed to.
 pub(crate) fn reroute_overflow(
     options: &RouterOptions,
     call: &RouteCall,
     capacity: usize,
     before: Overflowed,
     out: Placement,
+    mut eligible: impl FnMut(usize, &mut [bool]),
 ) {
     let (e, k) = (options.num_experts, options.top_k);
     let t = out.experts.len() / k.max(1);
@@ -49,6 +51,8 @@ pub(crate) fn reroute_overflow(
         }
     }
     let probability = if call.training { options.reroute_probability } else { 1.0 };
+    let mut allowed = vec![false; e];
+    let mut allowed_token = usize::MAX;
     let mut visit = |tok: usize, j: usize| {
         let i = tok * k + j;
         if !before.routed[i] || out.kept[i] {
@@ -60,9 +64,14 @@ pub(crate) fn reroute_overflow(
                 return;
             }
         }
+        if allowed_token != tok {
+            eligible(tok, &mut allowed);
+            allowed_token = tok;
+        }
         let chosen = &out.experts[tok * k..(tok + 1) * k];
-        let target =
-            (0..e).filter(|&x| load[x] < capacity && !chosen.contains(&(x as i32))).min_by_key(|&x| (load[x], x));
+        let target = (0..e)
+            .filter(|&x| load[x] < capacity && allowed[x] && !chosen.contains(&(x as i32)))
+            .min_by_key(|&x| (load[x], x));
         if let Some(x) = target {
             out.experts[i] = x as i32;
             out.slots[i] = load[x] as i32;

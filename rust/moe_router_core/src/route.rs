@@ -305,7 +305,14 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
             weights: &mut expert_weights,
             rerouted: &mut rerouted,
         };
-        reroute::reroute_overflow(options, call, capacity, overflow, out);
+        // Reroute candidates must be experts the token may use: score its row again.
+        let ctx = RowContext::new(options, call, source.argument());
+        let (mut router, mut buf) = (RowRouter::new(options), ChunkBuf::default());
+        let eligible = |tok: usize, allowed: &mut [bool]| {
+            let rows = source.chunk(tok, tok + 1, &mut buf);
+            router.eligible_experts(&ctx, tok, rows.rows, allowed);
+        };
+        reroute::reroute_overflow(options, call, capacity, overflow, out, eligible);
     }
 
     // Pass 3: weights of dropped assignments, renormalization, counts.

@@ -108,33 +108,8 @@ impl RowRouter {
             row.z_term = z;
         }
 
-        // Selection keys: logits when there is no bias (same order as the exact
-        // scores, and immune to ties that rounding of the scores would create),
-        // scores plus bias otherwise.
-        let bias = ctx.call.expert_bias;
-        let keys_are_logits = bias.is_none() && options.groups.is_none();
-        let keys: &[f64] = if keys_are_logits {
-            &self.logits
-        } else {
-            for i in 0..e {
-                let z = self.logits[i];
-                let eligible = z > f64::NEG_INFINITY;
-                let base = match options.group_score_input {
-                    GroupScoreInput::Scores => self.scores[i] * row.scale,
-                    GroupScoreInput::Logits => z,
-                };
-                self.group_keys[i] = if eligible { base + bias.map_or(0.0, |b| b[i]) } else { f64::NEG_INFINITY };
-                self.keys[i] = match bias {
-                    Some(b) if eligible => self.scores[i] * row.scale + b[i],
-                    Some(_) => f64::NEG_INFINITY,
-                    None => z,
-                };
-            }
-            if let Some(limit) = &options.groups {
-                limit_to_best_groups(limit, &self.group_keys, &mut self.keys, &mut self.group_scores, &mut self.top_n);
-            }
-            &self.keys
-        };
+        let keys_are_logits = self.compute_keys(ctx, row.scale);
+        let keys: &[f64] = if keys_are_logits { &self.logits } else { &self.keys };
         let bound = if keys_are_logits && !ctx.noise && options.score_function != ScoreFunction::Probabilities {
             // The read pass's block and lane maxima are elements of the row: the
             // k-th largest of either bounds the k-th largest logit from below.
@@ -172,6 +147,57 @@ impl RowRouter {
             seq.end_token(token, sums);
         }
         Ok(())
+    }
+
+    /// Selection keys: the logits when there is no bias and no group limit (the
+    /// same order as the exact scores, immune to ties that rounding of the scores
+    /// would create; returns true), otherwise scores plus bias with the rejected
+    /// groups at `-inf`, in `self.keys` (returns false). `scale` reads the scores.
+    fn compute_keys(&mut self, ctx: &RowContext, scale: f64) -> bool {
+        let options = ctx.options;
+        let bias = ctx.call.expert_bias;
+        if bias.is_none() && options.groups.is_none() {
+            return true;
+        }
+        for i in 0..options.num_experts {
+            let z = self.logits[i];
+            let eligible = z > f64::NEG_INFINITY;
+            let base = match options.group_score_input {
+                GroupScoreInput::Scores => self.scores[i] * scale,
+                GroupScoreInput::Logits => z,
+            };
+            self.group_keys[i] = if eligible { base + bias.map_or(0.0, |b| b[i]) } else { f64::NEG_INFINITY };
+            self.keys[i] = match bias {
+                Some(b) if eligible => self.scores[i] * scale + b[i],
+                Some(_) => f64::NEG_INFINITY,
+                None => z,
+            };
+        }
+        if let Some(limit) = &options.groups {
+            limit_to_best_groups(limit, &self.group_keys, &mut self.keys, &mut self.group_scores, &mut self.top_n);
+        }
+        false
+    }
+
+    /// Which experts token `token` may be routed to at all (finite logit, inside
+    /// its allowed groups): the candidates of an overflow reroute. The row is
+    /// scored exactly as in the routing pass (same noise draws), so the answer
+    /// matches the selection; `raw` was validated by that pass.
+    pub(crate) fn eligible_experts<F: Logit>(&mut self, ctx: &RowContext, token: usize, raw: &[F], out: &mut [bool]) {
+        let Ok(read) = self.read_row(ctx, token, raw) else {
+            out.fill(false);
+            return;
+        };
+        let mut max = read.max;
+        if ctx.noise {
+            max = self.add_noise(ctx.options, ctx.call.step, token);
+        }
+        let row = score_row(ctx.options.score_function, &self.logits, max, &mut self.scores);
+        let keys_are_logits = self.compute_keys(ctx, row.scale);
+        let keys = if keys_are_logits { &self.logits } else { &self.keys };
+        for (o, &key) in out.iter_mut().zip(keys) {
+            *o = key > f64::NEG_INFINITY;
+        }
     }
 
     /// Copy the row into float64, rejecting NaN, +inf and rows with no finite logit.

@@ -238,6 +238,8 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterOptions,
     // Per token: its normalized score distribution (for the losses) and lse.
     let mut dist = vec![0f64; t * e];
     let mut lse = vec![0f64; t];
+    // Per token: the experts it may use at all (finite key after groups): reroute candidates.
+    let mut allowed = vec![false; t * e];
     let noise = call.training && (o.jitter_eps > 0.0 || o.noise_std > 0.0);
 
     for i in 0..t {
@@ -325,6 +327,10 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterOptions,
                     *key = f64::NEG_INFINITY;
                 }
             }
+        }
+
+        for x in 0..e {
+            allowed[i * e + x] = keys[x] > f64::NEG_INFINITY;
         }
 
         // Item 5.
@@ -482,7 +488,7 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterOptions,
             let mine: Vec<i32> = idx[i * k..(i + 1) * k].to_vec();
             let mut best: Option<usize> = None;
             for x in 0..e {
-                if load[x] >= cap || mine.contains(&(x as i32)) {
+                if load[x] >= cap || !allowed[i * e + x] || mine.contains(&(x as i32)) {
                     continue;
                 }
                 if best.is_none_or(|b| load[x] < load[b]) {
