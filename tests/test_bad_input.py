@@ -103,7 +103,41 @@ def test_config_must_be_a_router_config():
 @pytest.mark.parametrize("step", [-1, 1.5, True, "0"])
 def test_bad_step(step):
     exc = route_error(np.zeros((2, 4)), step=step)
-    assert isinstance(exc, TypeError) and "step" in str(exc)
+    # A negative step is a bad value (InputError, a ValueError); the others have the wrong type.
+    assert isinstance(exc, mr.InputError if step == -1 else TypeError) and "step" in str(exc)
+
+
+@pytest.mark.parametrize("value", ["no", 2, None, 0.5])
+def test_training_and_return_probs_must_be_flags(value):
+    for name in ("training", "return_probs"):
+        exc = route_error(np.zeros((2, 4)), **{name: value})
+        assert isinstance(exc, TypeError) and name in str(exc)
+
+
+@pytest.mark.parametrize("n", [-1, 1025, 10**20, "2", 2.0, True])
+def test_thread_counts_are_bounded(n, restore_threads):
+    with pytest.raises(mr.ConfigError, match="num_threads"):
+        mr.set_num_threads(n)
+
+
+def test_hidden_messages_name_the_computed_logits():
+    router = mr.ExpertRouter(CFG, input_dim=3, gate="linear", weight=np.ones((3, 4), np.float32))
+    for bad, text in ((np.inf, r"\+inf router logit"), (np.nan, "NaN router logit")):
+        h = np.zeros((2, 3), np.float32)
+        h[1, 0] = bad
+        with pytest.raises(mr.InputError, match=f"hidden gives a {text}.*token 1"):
+            router.route_tokens(h)
+    gate = mr.GateNetwork(3, 40)
+    with pytest.raises(mr.InputError, match="hidden contains NaN or infinite values at token 1"):
+        gate.forward(np.array([[0.0, 0, 0], [np.nan, 0, 0]]))
+
+
+def test_jitter_overflow_is_an_error_not_nan():
+    cfg = mr.RouterConfig(num_experts=4, top_k=2, jitter_eps=0.5)
+    x = np.array([[1.7e308, 0.0, 0.0, 0.0]])
+    with pytest.raises(mr.InputError, match="training noise"):
+        mr.route_logits(x, cfg, training=True)
+    assert mr.route_logits(x, cfg).expert_indices.tolist() == [[0, 1]]  # no noise in evaluation
 
 
 # --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ NumPy buffers without copying and with the GIL released.
 ((64, 2), 20)
 """
 
-from ._core import ConfigError, InputError, RouterError, get_num_threads, set_num_threads
+from ._core import ConfigError, InputError, RouterError
 from .balancer import LoadBalancer, LoadBalancingStats
 from .config import RouterConfig
 from .decision import ExpertAssignment, RoutingDecision
@@ -41,6 +41,11 @@ __all__ = [
     "route_logits",
     "set_num_threads",
 ]
+
+from .threads import check_environment as _check_thread_env
+from .threads import get_num_threads, set_num_threads
+
+_check_thread_env()
 
 try:
     from importlib.metadata import version as _version

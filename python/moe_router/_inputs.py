@@ -72,8 +72,9 @@ def float_rows(x: Any, name: str, width: int, width_name: str,
             # Integer-valued logits (e.g. read from JSON) are exact in float64.
             a = a.astype(np.float64)
         elif a.dtype.kind != "f":
-            raise TypeError(f"{name} must be a real-valued array (float32 or float64 are read in place; "
-                            f"float16 and integers are converted), got dtype {a.dtype}")
+            accepted = "float16 and integers are converted" if integers else "float16 is converted"
+            raise TypeError(f"{name} must be a floating-point array (float32 or float64 are read in place; "
+                            f"{accepted}), got dtype {a.dtype}")
         else:
             a = a.astype(np.float64 if a.dtype.itemsize > 8 else np.float32)
     if dtype is not None and a.dtype != dtype:
@@ -101,12 +102,20 @@ def token_mask(mask: Any, batch_shape: Tuple[int, ...]) -> Optional[np.ndarray]:
     t = int(np.prod(batch_shape))
     if m.dtype != np.bool_:
         if m.dtype.kind not in "iu" or (m.size and not np.isin(m, (0, 1)).all()):
-            raise TypeError(f"token_mask must be a bool array (True = route the token), got dtype {m.dtype}")
+            raise TypeError(f"token_mask must be a bool array, or integers 0/1 (True = route the token), "
+                            f"got dtype {m.dtype}" + (" with values other than 0 and 1" if m.dtype.kind in "iu" else ""))
         m = m.astype(np.bool_)
     if m.shape not in ((t,), batch_shape):
-        raise InputError(f"token_mask has shape {list(m.shape)}, expected [{t}] or {list(batch_shape)} "
-                         f"(one flag per token)")
+        wanted = f"[{t}]" if batch_shape == (t,) else f"[{t}] or {list(batch_shape)}"
+        raise InputError(f"token_mask has shape {list(m.shape)}, expected {wanted} (one flag per token)")
     return np.ascontiguousarray(m).reshape(-1)
+
+
+def flag(value: Any, name: str) -> bool:
+    """``value`` as a bool; only bools and the integers 0 and 1 are accepted."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def expert_bias(bias: Any, num_experts: int) -> Optional[np.ndarray]:

@@ -211,8 +211,8 @@ class RouterConfig:
 
     num_experts: int
     top_k: int
-    capacity_factor: Optional[float]
-    eval_capacity_factor: Union[float, str, None]
+    capacity_factor: Union[float, decimal.Decimal, None]
+    eval_capacity_factor: Union[float, decimal.Decimal, str, None]
     min_capacity: int
     expert_capacity: Optional[int]
     capacity_rounding: str
@@ -292,7 +292,9 @@ class RouterConfig:
         s(self, "num_experts", _as_int("num_experts", num_experts, 1))
         s(self, "top_k", _as_int("top_k", top_k, 1))
         cf_text = _factor_text("capacity_factor", capacity_factor)
-        s(self, "capacity_factor", None if cf_text is None else float(capacity_factor))  # type: ignore[arg-type]
+        # A Decimal keeps its exact value (replace() and pickling rebuild the same capacity).
+        s(self, "capacity_factor", None if cf_text is None else
+          capacity_factor if isinstance(capacity_factor, decimal.Decimal) else float(capacity_factor))  # type: ignore[arg-type]
         eval_text: Optional[str] = None
         if isinstance(eval_capacity_factor, str):
             if eval_capacity_factor != "dropless":
@@ -302,9 +304,10 @@ class RouterConfig:
         elif eval_capacity_factor is not None:
             eval_text = _factor_text("eval_capacity_factor", eval_capacity_factor) or "dropless"
         s(self, "eval_capacity_factor", eval_text if eval_text in (None, "dropless")
+          else eval_capacity_factor if isinstance(eval_capacity_factor, decimal.Decimal)
           else float(eval_capacity_factor))  # type: ignore[arg-type]
         s(self, "min_capacity", _as_int("min_capacity", min_capacity, 0))
-        s(self, "expert_capacity", None if expert_capacity is None else _as_int("expert_capacity", expert_capacity, 0))
+        s(self, "expert_capacity", None if expert_capacity is None else _as_int("expert_capacity", expert_capacity, 1))
         s(self, "capacity_rounding", _as_choice("capacity_rounding", capacity_rounding))
         s(self, "drop_policy", _as_choice("drop_policy", drop_policy))
         s(self, "renormalize_after_drop", _as_bool("renormalize_after_drop", renormalize_after_drop))

@@ -30,7 +30,8 @@ class GateNetwork:
     seed's dense gate). With ``group_top_k=m`` only each token's m best groups
     (by group logit, ties to the lower group) are computed and the other experts
     get probability 0: the same values on the computed experts, for
-    ``(G + m*P) / (G + G*P)`` of the dense FLOPs. Both run in Rust, in parallel,
+    ``(G + m*P) / (G + G*P)`` of the dense FLOPs. The gate's z-loss is that of
+    its group router, ``logsumexp(x @ W_group)^2`` (ST-MoE's z-loss on the first stage). Both run in Rust, in parallel,
     as cache-blocked GEMMs (tokens gathered per group in sparse mode).
 
     Parameters
@@ -110,12 +111,14 @@ class GateNetwork:
         return a
 
     def weights_for(self, dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
-        """``(group_weight, expert_weight)`` as C-contiguous arrays of ``dtype`` (cached)."""
-        if self.group_weight.dtype == dtype:
-            return np.ascontiguousarray(self.group_weight), np.ascontiguousarray(self.expert_weight)
+        """``(group_weight [D, G], expert_weight [G, D, P])`` as C-contiguous arrays of
+        ``dtype`` (float32 or float64), each converted on its own and cached."""
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         if dtype not in self._cast:
-            self._cast[dtype] = (np.ascontiguousarray(self.group_weight, dtype=dtype),
-                                 np.ascontiguousarray(self.expert_weight, dtype=dtype))
+            self._cast[dtype] = (np.ascontiguousarray(self._group_weight, dtype=dtype),
+                                 np.ascontiguousarray(self._expert_weight, dtype=dtype))
         return self._cast[dtype]
 
     def forward(self, hidden: Any) -> np.ndarray:
@@ -138,6 +141,10 @@ class GateNetwork:
             Wrong rank or last dimension (must be ``input_dim``).
         """
         rows, batch_shape = _inputs.float_rows(hidden, "hidden", self._dim, "input_dim")
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():
+            raise InputError(f"hidden contains NaN or infinite values at token {int(np.argmin(finite))} "
+                             f"(the first offending token)")
         gw, ew = self.weights_for(rows.dtype)
         probs, _ = _core.gate_forward(rows, gw, ew, self._experts, self.group_top_k)
         return probs.reshape(*batch_shape, self._experts)

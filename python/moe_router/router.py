@@ -98,6 +98,10 @@ class ExpertRouter:
         self._bias: Optional[np.ndarray] = None
         self._cast: Dict[np.dtype, Any] = {}
         if hierarchical:
+            if config.score_function != "softmax":
+                raise ConfigError(f"invalid gate: the hierarchical gate computes its own probabilities "
+                                  f"(softmax of groups times softmax within groups); score_function="
+                                  f"{config.score_function!r} applies to the linear router (gate='linear')")
             if config.jitter_eps > 0 or config.noise_std > 0:
                 raise ConfigError("invalid gate: jitter_eps and noise_std perturb logits; the hierarchical "
                                   "gate routes probabilities (use gate='linear' for noisy routing)")
@@ -260,6 +264,7 @@ class ExpertRouter:
         TypeError
             Non-floating-point input.
         """
+        training = _inputs.flag(training, "training")
         rows, batch_shape = _inputs.float_rows(hidden, "hidden", self.input_dim, "input_dim",
                                                dtype=self._compute_dtype(hidden))
         mask = _inputs.token_mask(token_mask, batch_shape)
@@ -277,14 +282,16 @@ class ExpertRouter:
         return self._finish(fields, batch_shape, latency, training, mask, bias)
 
     def _compute_dtype(self, hidden: Any) -> Optional[np.dtype]:
+        """float64 for half-precision input (NumPy or torch float16/bfloat16), unless set."""
         if self.router_dtype is not None:
             return np.dtype(self.router_dtype)
-        dtype = getattr(hidden, "dtype", None)
-        return np.dtype(np.float64) if dtype == np.float16 else None
+        name = str(getattr(hidden, "dtype", ""))
+        return np.dtype(np.float64) if ("float16" in name or "half" in name) else None
 
     def route_logits(self, logits: Any, training: bool = False, token_mask: Any = None) -> RoutingDecision:
         """Route precomputed ``[T, E]`` / ``[B, S, E]`` logits through this router's
         statistics and load balancer (see :func:`moe_router.route_logits`)."""
+        training = _inputs.flag(training, "training")
         rows, batch_shape = _inputs.float_rows(logits, "logits", self.config.num_experts, "num_experts", integers=True)
         mask = _inputs.token_mask(token_mask, batch_shape)
         seq_len = batch_shape[1] if len(batch_shape) == 2 else None

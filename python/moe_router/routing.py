@@ -7,6 +7,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core, _inputs
+from ._core import InputError
 from .config import RouterConfig
 from .decision import RoutingDecision
 
@@ -84,10 +85,14 @@ def route_logits(
         expert_bias = config.expert_bias
     bias = _inputs.expert_bias(expert_bias, config.num_experts)
     seq_len = batch_shape[1] if len(batch_shape) == 2 else None
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
         raise TypeError(f"step must be a non-negative integer, got {step!r}")
+    if step < 0:
+        raise InputError(f"step must be a non-negative integer, got {step}")
+    training = _inputs.flag(training, "training")
+    return_probs = _inputs.flag(return_probs, "return_probs")
     fields = _core.route_logits(rows, config._options, bool(training), mask, bias, int(step), seq_len)
-    decision = decision_from_core(fields, config, batch_shape, rows if return_probs else None)
+    decision = decision_from_core(fields, config, batch_shape, rows if return_probs else None, mask)
     if config.peer is not None:
         from . import presets
 
@@ -103,13 +108,20 @@ def route_logits(
 
 
 def decision_from_core(fields: dict, config: RouterConfig, batch_shape: tuple,
-                       rows_for_probs: Optional[np.ndarray] = None) -> RoutingDecision:
+                       rows_for_probs: Optional[np.ndarray] = None,
+                       token_mask: Optional[np.ndarray] = None) -> RoutingDecision:
     """Wrap the core's result dict; adds ``auxiliary_loss`` and, if asked, ``router_probs``."""
     aux = (config.load_balance_loss_coeff * fields["load_balance_loss"]
            + config.router_z_loss_coeff * fields["router_z_loss"])
     if fields["seq_load_balance_loss"] is not None:
         aux += config.seq_load_balance_loss_coeff * fields["seq_load_balance_loss"]
-    probs = None if rows_for_probs is None else scores_of(rows_for_probs, config.score_function)
+    probs = None
+    if rows_for_probs is not None:
+        # Masked rows are never read (they may hold garbage): their scores are 0.
+        mask = token_mask
+        probs = np.zeros(rows_for_probs.shape, dtype=np.float32)
+        active = slice(None) if mask is None else mask
+        probs[active] = scores_of(rows_for_probs[active], config.score_function)
     return RoutingDecision(fields, auxiliary_loss=aux, batch_shape=batch_shape, router_probs=probs)
 
 

@@ -61,7 +61,7 @@ impl Decimal {
         // Canonical form: strip trailing zeros so equal values compare equal.
         while digits != 0 && digits.is_multiple_of(10) {
             digits /= 10;
-            exp10 += 1;
+            exp10 = exp10.checked_add(1)?;
         }
         if digits == 0 {
             exp10 = 0;
@@ -199,6 +199,7 @@ mod tests {
         assert!(Decimal::from_decimal_str("nan").is_none());
         assert!(Decimal::from_decimal_str("inf").is_none());
         assert!(Decimal::from_decimal_str(".").is_none());
+        assert!(Decimal::from_decimal_str("10e2147483647").is_none());
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! - Sparse (`group_top_k = m`): only each token's m best groups (by group
 //!   logit, ties to the lower group) get expert logits; the other experts get
 //!   probability 0. The values on the computed experts are the dense values,
-//!   at `(G + m P) / (G + E)` of the dense FLOPs. Tokens are gathered per group
+//!   at `(G + m P) / (G + G P)` of the dense FLOPs. Tokens are gathered per group
 //!   so every product is a GEMM.
 //!
 //! The z-loss of the gate is that of its group router: `logsumexp(x @ W_group)^2`.
@@ -146,11 +146,9 @@ impl<F: GemmScalar> LogitSource for HierarchicalGate<'_, F> {
         buf.work64.clear();
         buf.work64.resize(m * g_count, 0.0);
         buf.z_squared.clear();
-        for (t, (logits, probs)) in buf.work.chunks_exact(g_count).zip(buf.work64.chunks_exact_mut(g_count)).enumerate()
-        {
+        for (logits, probs) in buf.work.chunks_exact(g_count).zip(buf.work64.chunks_exact_mut(g_count)) {
             let lse = softmax_into(logits, probs);
             buf.z_squared.push(lse * lse);
-            let _ = t;
         }
 
         buf.rows.clear();

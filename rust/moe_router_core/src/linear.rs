@@ -140,13 +140,6 @@ impl<F: GemmScalar> LogitSource for LinearLogits<'_, F> {
     }
 }
 
-/// `hidden @ weight + bias` for every token, `[tokens, experts]` (for tests and references).
-pub fn linear_logits<F: GemmScalar>(source: &LinearLogits<F>) -> Vec<F> {
-    let mut buf = ChunkBuf::default();
-    source.chunk(0, source.tokens, &mut buf);
-    buf.rows
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

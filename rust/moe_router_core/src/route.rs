@@ -10,8 +10,9 @@
 //!    the drop policy (`crate::assign`);
 //! 3. per token: zero dropped weights, optional renormalization, drop counts.
 //!
-//! Extra memory beyond the outputs is O(E * chunks) plus O(T) for the
-//! policies that reorder tokens (`bpr`) or rank weights (`probs`).
+//! Extra memory beyond the outputs is O(E * chunks), plus O(T * k) for `bpr`
+//! (its priority order and slots), for `probs` (the assignments of over-full
+//! experts) and for rerouting (the routed flags before capacity).
 
 use ndarray::ArrayView2;
 use rayon::prelude::*;

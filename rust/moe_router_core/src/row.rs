@@ -10,6 +10,10 @@ use crate::route::{Logit, RouteCall};
 use crate::score::score_row;
 use crate::topk::{block_lower_bound, limit_to_best_groups, second_largest, select_top_k, sort8_descending};
 
+const LOGIT_HINT: &str = "router logits must be finite or -inf (-inf marks an expert as not eligible)";
+const HIDDEN_HINT: &str = "check the hidden states and the router weight for NaN, inf or values so large \
+     that the product overflows";
+
 /// What every token of one call shares.
 pub(crate) struct RowContext<'a> {
     pub options: &'a RouterOptions,
@@ -102,6 +106,14 @@ impl RowRouter {
         let mut max = read.max;
         if ctx.noise {
             max = self.add_noise(options, ctx.call.step, token);
+            if !(max.is_finite() || max == f64::NEG_INFINITY) || self.logits.iter().any(|v| v.is_nan()) {
+                return Err(RouterError::BadValue {
+                    argument: ctx.argument,
+                    problem: "overflows float64 under the training noise",
+                    token,
+                    hint: "logits near the float64 limit cannot be jittered; rescale them",
+                });
+            }
         }
         let mut row = score_row(options.score_function, &self.logits, max, &mut self.scores);
         if let Some(z) = z_squared {
@@ -223,21 +235,28 @@ impl RowRouter {
             read.lane_max = [f64::NEG_INFINITY; LANES];
         }
         let (max, bad) = (read.max, read.bad);
+        // The hidden-state path reports the logits it computed, not the hidden states.
+        let from_hidden = ctx.argument == "hidden";
         if bad {
             let nan = self.logits.iter().any(|v| v.is_nan());
-            return Err(RouterError::BadValue {
-                argument: ctx.argument,
-                problem: if nan { "contains NaN" } else { "contains +inf" },
-                token,
-                hint: "router logits must be finite or -inf (-inf marks an expert as not eligible)",
-            });
+            let (problem, hint) = match (from_hidden, nan) {
+                (false, true) => ("contains NaN", LOGIT_HINT),
+                (false, false) => ("contains +inf", LOGIT_HINT),
+                (true, true) => ("gives a NaN router logit (hidden @ weight + bias)", HIDDEN_HINT),
+                (true, false) => ("gives a +inf router logit (hidden @ weight + bias)", HIDDEN_HINT),
+            };
+            return Err(RouterError::BadValue { argument: ctx.argument, problem, token, hint });
         }
         if max == f64::NEG_INFINITY {
             return Err(RouterError::BadValue {
                 argument: ctx.argument,
-                problem: "has no eligible expert (every logit is -inf)",
+                problem: if from_hidden {
+                    "gives every expert a -inf router logit (hidden @ weight + bias)"
+                } else {
+                    "has no eligible expert (every logit is -inf)"
+                },
                 token,
-                hint: "mask such tokens out with token_mask instead",
+                hint: if from_hidden { HIDDEN_HINT } else { "mask such tokens out with token_mask instead" },
             });
         }
         Ok(read)

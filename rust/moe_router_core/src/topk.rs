@@ -171,15 +171,6 @@ pub fn sort8_descending(mut v: [f64; 8]) -> [f64; 8] {
     v
 }
 
-/// The k-th largest of `values` (`-inf` if there are fewer than k), using `scratch` (length k).
-pub fn kth_largest(values: &[f64], scratch: &mut [f64]) -> f64 {
-    scratch.fill(f64::NEG_INFINITY);
-    for &v in values {
-        push_descending(v, scratch);
-    }
-    scratch[scratch.len() - 1]
-}
-
 #[inline(always)]
 fn push_descending(v: f64, list: &mut [f64]) {
     let k = list.len();

@@ -11,9 +11,15 @@ use rayon::ThreadPool;
 
 static POOL: OnceLock<RwLock<Option<Arc<ThreadPool>>>> = OnceLock::new();
 
+/// Largest pool accepted (threads are created eagerly).
+pub const MAX_THREADS: usize = 1024;
+
 fn cell() -> &'static RwLock<Option<Arc<ThreadPool>>> {
     POOL.get_or_init(|| {
-        let from_env = std::env::var("MOE_ROUTER_NUM_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok());
+        let from_env = std::env::var("MOE_ROUTER_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&n| n <= MAX_THREADS);
         RwLock::new(build(from_env.unwrap_or(0)).ok())
     })
 }
@@ -30,6 +36,9 @@ fn build(n: usize) -> Result<Arc<ThreadPool>, String> {
 
 /// Use `n` threads from now on (0: one per core).
 pub fn set_num_threads(n: usize) -> Result<(), String> {
+    if n > MAX_THREADS {
+        return Err(format!("invalid num_threads: got {n}; must be at most {MAX_THREADS}"));
+    }
     let pool = build(n)?;
     let mut guard = cell().write().map_err(|_| "thread-pool lock poisoned".to_string())?;
     *guard = Some(pool);
