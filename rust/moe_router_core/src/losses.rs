@@ -76,32 +76,74 @@ pub fn router_z_loss(z_sum: f64, active_tokens: u64) -> f64 {
     }
 }
 
-/// Accumulates one sequence at a time (tokens arrive in order) and adds each
-/// finished sequence's balance loss to a `LossSums`.
+/// The sums of part of one sequence, for sequences that cross chunk boundaries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SequencePart {
+    /// Which sequence (token index / sequence length).
+    pub sequence: usize,
+    /// Routed assignments per expert in this part.
+    pub counts: Vec<u64>,
+    /// Score distributions summed over this part's active tokens.
+    pub prob_sum: Vec<f64>,
+    /// Active tokens in this part.
+    pub active: u64,
+}
+
+impl SequencePart {
+    fn add(&mut self, other: &SequencePart) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        for (a, b) in self.prob_sum.iter_mut().zip(&other.prob_sum) {
+            *a += b;
+        }
+        self.active += other.active;
+    }
+}
+
+/// Accumulates the sequences of one chunk (tokens arrive in order). A sequence
+/// that lies wholly in the chunk adds its balance loss to the chunk's sums; the
+/// parts of a sequence that crosses a chunk boundary are handed out as
+/// `SequencePart`s, merged in chunk order by `merge_sequence_parts`, so the
+/// chunking never depends on the sequence length.
 #[derive(Debug, Clone)]
 pub struct SequenceLoss {
     length: usize,
     top_k: usize,
-    counts: Vec<u64>,
-    prob_sum: Vec<f64>,
-    active: u64,
+    current: SequencePart,
+    /// Whether the current sequence started inside this chunk.
+    whole: bool,
+    /// Parts of sequences that cross this chunk's boundaries, in order.
+    pub parts: Vec<SequencePart>,
 }
 
 impl SequenceLoss {
-    /// For sequences of `length` tokens.
-    pub fn new(length: usize, experts: usize, top_k: usize) -> Self {
-        SequenceLoss { length, top_k, counts: vec![0; experts], prob_sum: vec![0.0; experts], active: 0 }
+    /// For sequences of `length` tokens, in a chunk starting at token `first_token`.
+    pub fn new(length: usize, experts: usize, top_k: usize, first_token: usize) -> Self {
+        let length = length.max(1);
+        SequenceLoss {
+            length,
+            top_k,
+            current: SequencePart {
+                sequence: first_token / length,
+                counts: vec![0; experts],
+                prob_sum: vec![0.0; experts],
+                active: 0,
+            },
+            whole: first_token.is_multiple_of(length),
+            parts: Vec::new(),
+        }
     }
 
     /// Add an active token's routed experts and scores.
     pub fn add_token(&mut self, routed_experts: impl Iterator<Item = usize>, scores: &[f64], row: RowScores) {
         for e in routed_experts {
-            self.counts[e] += 1;
+            self.current.counts[e] += 1;
         }
         if row.prob_scale > 0.0 {
-            add_scaled(&mut self.prob_sum, row.prob_scale, scores);
+            add_scaled(&mut self.current.prob_sum, row.prob_scale, scores);
         }
-        self.active += 1;
+        self.current.active += 1;
     }
 
     /// Call after every token (active or not) with its index; closes the
@@ -110,13 +152,51 @@ impl SequenceLoss {
         if !(token + 1).is_multiple_of(self.length) {
             return;
         }
-        if self.active > 0 {
-            sums.seq_loss_sum += load_balance_loss(&self.counts, &self.prob_sum, self.active, self.top_k);
-            sums.sequences += 1;
+        if self.whole {
+            add_sequence(&self.current, self.top_k, sums);
+        } else {
+            self.parts.push(self.current.clone());
         }
-        self.counts.fill(0);
-        self.prob_sum.fill(0.0);
-        self.active = 0;
+        self.current.sequence = (token + 1) / self.length;
+        self.current.counts.fill(0);
+        self.current.prob_sum.fill(0.0);
+        self.current.active = 0;
+        self.whole = true;
+    }
+
+    /// Call after the chunk's last token `end - 1`: an unfinished sequence is a part.
+    pub fn finish_chunk(&mut self, end: usize) {
+        if !end.is_multiple_of(self.length) {
+            self.parts.push(self.current.clone());
+        }
+    }
+}
+
+/// Add one complete sequence's balance loss (if it has active tokens).
+fn add_sequence(sequence: &SequencePart, top_k: usize, sums: &mut LossSums) {
+    if sequence.active > 0 {
+        sums.seq_loss_sum += load_balance_loss(&sequence.counts, &sequence.prob_sum, sequence.active, top_k);
+        sums.sequences += 1;
+    }
+}
+
+/// Merge the parts of sequences that cross chunk boundaries (given in chunk
+/// order) and add each merged sequence's loss.
+pub fn merge_sequence_parts<'a>(parts: impl Iterator<Item = &'a SequencePart>, top_k: usize, sums: &mut LossSums) {
+    let mut open: Option<SequencePart> = None;
+    for part in parts {
+        match &mut open {
+            Some(seq) if seq.sequence == part.sequence => seq.add(part),
+            _ => {
+                if let Some(done) = open.take() {
+                    add_sequence(&done, top_k, sums);
+                }
+                open = Some(part.clone());
+            }
+        }
+    }
+    if let Some(done) = open {
+        add_sequence(&done, top_k, sums);
     }
 }
 
@@ -132,6 +212,35 @@ mod tests {
             let prob_sum = vec![1.0; 4];
             assert!((load_balance_loss(&routed, &prob_sum, 4, k) - 1.0).abs() < 1e-12);
         }
+    }
+
+    #[test]
+    fn sequence_parts_merge_to_the_whole_sequence() {
+        // One sequence of 6 tokens split over chunks [0, 4) and [4, 6): same loss as unsplit.
+        let row = RowScores { z_term: 0.0, scale: 1.0, prob_scale: 1.0 };
+        let tokens: Vec<(usize, [f64; 2])> =
+            (0..6).map(|t| (t % 2, [0.25 + 0.1 * t as f64, 0.75 - 0.1 * t as f64])).collect();
+        let mut whole = LossSums::new(2);
+        let mut one = SequenceLoss::new(6, 2, 1, 0);
+        for (t, (x, p)) in tokens.iter().enumerate() {
+            one.add_token(std::iter::once(*x), p, row);
+            one.end_token(t, &mut whole);
+        }
+        let mut split = LossSums::new(2);
+        let mut parts = Vec::new();
+        for (start, end) in [(0usize, 4usize), (4, 6)] {
+            let mut s = SequenceLoss::new(6, 2, 1, start);
+            for (t, (x, p)) in tokens.iter().enumerate().take(end).skip(start) {
+                s.add_token(std::iter::once(*x), p, row);
+                s.end_token(t, &mut split);
+            }
+            s.finish_chunk(end);
+            parts.extend(s.parts);
+        }
+        merge_sequence_parts(parts.iter(), 1, &mut split);
+        assert_eq!(whole.sequences, 1);
+        assert_eq!(split.sequences, 1);
+        assert!((whole.seq_loss_sum - split.seq_loss_sum).abs() < 1e-15);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::assign::{self, Assignments};
 use crate::capacity::expert_capacity;
 use crate::config::{DropPolicy, Overflow, RouterOptions};
 use crate::error::{Result, RouterError};
-use crate::losses::{self, LossSums, SequenceLoss};
+use crate::losses::{self, LossSums, SequenceLoss, SequencePart};
 use crate::reroute;
 use crate::row::{RowContext, RowRouter, TokenOut};
 
@@ -32,14 +32,14 @@ pub const CHUNK_TOKENS: usize = 512;
 /// in two chunks, so a decode-sized batch with wide rows uses two threads.
 pub const SPLIT_LOGITS: usize = 8192;
 
-/// Tokens per chunk for an input of `tokens` x `experts` (whole sequences per
-/// chunk when `sequence_length` is given). It depends on the shape only, never on
-/// the thread count, so float sums are added in the same order on any pool.
-pub fn chunk_tokens(tokens: usize, experts: usize, sequence_length: Option<usize>) -> usize {
-    match sequence_length {
-        Some(s) if s > 0 => CHUNK_TOKENS.div_ceil(s) * s,
-        _ if tokens <= CHUNK_TOKENS && tokens.saturating_mul(experts) >= SPLIT_LOGITS => tokens.div_ceil(2),
-        _ => CHUNK_TOKENS,
+/// Tokens per chunk for an input of `tokens` x `experts`. It depends on the
+/// shape only, never on the thread count, so float sums are added in the same
+/// order on any pool.
+pub fn chunk_tokens(tokens: usize, experts: usize) -> usize {
+    if tokens <= CHUNK_TOKENS && tokens.saturating_mul(experts) >= SPLIT_LOGITS {
+        tokens.div_ceil(2)
+    } else {
+        CHUNK_TOKENS
     }
 }
 
@@ -259,7 +259,7 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
     let mut top1 = vec![0f32; if policy == DropPolicy::Bpr || reroute { t } else { 0 }];
 
     // Pass 1: score and select; every later pass uses the same chunks.
-    let chunk = chunk_tokens(t, e, call.sequence_length);
+    let chunk = chunk_tokens(t, e);
     let ranks = if policy == DropPolicy::Rank { k } else { 1 };
     let (idx, w, r, t1) = (&mut expert_indices, &mut expert_weights, &mut kept, &mut top1);
     let tallies = score_and_select(source, options, call, chunk, ranks, idx, w, r, t1)?;
@@ -271,6 +271,7 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
             routed_counts[i % e] += u64::from(c);
         }
     }
+    losses::merge_sequence_parts(tallies.iter().flat_map(|t| &t.sequence_parts), k, &mut sums);
     let active = sums.active as usize;
 
     // Pass 2: capacity and slots.
@@ -401,7 +402,7 @@ fn score_and_select<S: LogitSource>(
         let chunk_rows = source.chunk(start, end, scratch);
         let rows = chunk_rows.rows;
         let mut tally = Tally::new(e, ranks);
-        let mut seq = call.sequence_length.map(|s| SequenceLoss::new(s, e, k));
+        let mut seq = call.sequence_length.map(|s| SequenceLoss::new(s, e, k, start));
         for i in 0..end - start {
             let out = TokenOut {
                 experts: &mut idx[i * k..(i + 1) * k],
@@ -421,6 +422,10 @@ fn score_and_select<S: LogitSource>(
             if !top1.is_empty() {
                 top1[i] = router.last_top1;
             }
+        }
+        if let Some(mut seq) = seq {
+            seq.finish_chunk(end);
+            tally.sequence_parts = seq.parts;
         }
         Ok(tally)
     };
@@ -554,10 +559,12 @@ pub(crate) struct Tally {
     pub counts: Vec<u32>,
     /// Loss sums.
     pub losses: LossSums,
+    /// Parts of sequences that cross this chunk's boundaries.
+    pub sequence_parts: Vec<SequencePart>,
 }
 
 impl Tally {
     pub(crate) fn new(experts: usize, ranks: usize) -> Self {
-        Tally { counts: vec![0; experts * ranks], losses: LossSums::new(experts) }
+        Tally { counts: vec![0; experts * ranks], losses: LossSums::new(experts), sequence_parts: Vec::new() }
     }
 }

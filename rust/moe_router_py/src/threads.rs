@@ -58,7 +58,7 @@ fn current() -> Option<Arc<ThreadPool>> {
 /// chunk runs on the calling thread: the core does not split it, and handing it
 /// to a pool costs a cross-thread round trip worth more than the work.
 pub fn install<R: Send>(tokens: usize, experts: usize, f: impl FnOnce() -> R + Send) -> R {
-    let split = moe_router_core::chunk_tokens(tokens, experts, None) < tokens;
+    let split = moe_router_core::chunk_tokens(tokens, experts) < tokens;
     match current() {
         Some(pool) if split => pool.install(f),
         _ => f(),
