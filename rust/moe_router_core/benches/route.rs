@@ -9,6 +9,9 @@
 //! - Losses (load-balance and z-loss) are accumulated in every call, inside the
 //!   scoring pass, so `score_topk` already includes them: there is no separate
 //!   loss group.
+//! - `fused_gemm`: routing `[T, D]` hidden states through `hidden @ W + b`
+//!   computed chunk by chunk inside the routing pass (`LinearLogits`), D in
+//!   {1024, 4096}, E = 64, k = 2, cf 1.25, T in {4096, 16384}.
 //!
 //! T in {64, 4096, 65536, 262144}, (E, k) in {(8, 2), (64, 2), (64, 8), (256, 8)};
 //! throughput is reported in tokens (`Throughput::Elements(T)`). Logits are
@@ -23,7 +26,9 @@ use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput};
-use moe_router_core::{route_logits, CapacityFactor, Decimal, DropPolicy, RouteCall, RouterOptions};
+use moe_router_core::{
+    route, route_logits, CapacityFactor, Decimal, DropPolicy, LinearLogits, RouteCall, RouterOptions,
+};
 use ndarray::{s, Array2, ArrayView2};
 
 const TOKENS: [usize; 4] = [64, 4096, 65_536, 262_144];
@@ -137,10 +142,33 @@ fn capacity(c: &mut Criterion) {
     }
 }
 
+/// (c) The fused GEMM path: router logits computed per chunk, never as a whole.
+fn fused_gemm(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fused_gemm");
+    let (e, k) = (64, 2);
+    let options = RouterOptions::new(e, k);
+    for d in [1024usize, 4096] {
+        let mut normal = Normal::new(d as u64);
+        let weight: Vec<f32> = (0..d * e).map(|_| (normal.sample() / (d as f64).sqrt()) as f32).collect();
+        let bias: Vec<f32> = (0..e).map(|_| normal.sample() as f32 * 0.1).collect();
+        for t in [4096usize, 16_384] {
+            let hidden: Vec<f32> = (0..t * d).map(|_| normal.sample() as f32).collect();
+            timing_for(&mut group, 65_536);
+            group.throughput(Throughput::Elements(t as u64));
+            group.bench_function(BenchmarkId::new(format!("D{d}_E{e}_k{k}"), t), |b| {
+                let source = LinearLogits::new(&hidden, t, d, &weight, e, Some(&bias)).expect("valid shapes");
+                let call = RouteCall::default();
+                b.iter(|| route(black_box(&source), &options, &call).expect("valid input"))
+            });
+        }
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     // No plots: rendering them for 80 benchmarks costs more than measuring some.
     config = Criterion::default().without_plots();
-    targets = score_topk, capacity
+    targets = score_topk, capacity, fused_gemm
 }
 criterion_main!(benches);
