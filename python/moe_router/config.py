@@ -388,6 +388,17 @@ class RouterConfig:
             Unmasked tokens in the batch (T_active).
         training : bool
             Use ``capacity_factor`` (True) or ``eval_capacity_factor`` (False).
+
+        Returns
+        -------
+        int or None
+            ``max(min_capacity, ceil(cf * T * k / E))`` with the configured rounding
+            (exact decimal by default), or ``expert_capacity``; None when dropless.
+
+        Raises
+        ------
+        ConfigError
+            ``num_tokens`` is not a non-negative integer.
         """
         return self._options.capacity(_as_int("num_tokens", num_tokens, 0), bool(training))
 
@@ -396,7 +407,15 @@ class RouterConfig:
         return {name: getattr(self, name) for name in self.__slots__ if name != "_options"}
 
     def replace(self, **changes: Any) -> "RouterConfig":
-        """A copy with ``changes`` applied (validated again)."""
+        """A copy with ``changes`` applied (validated again).
+
+        Raises
+        ------
+        TypeError
+            A name that is not a field.
+        ConfigError
+            A changed value is invalid.
+        """
         fields = self.to_dict()
         if "num_experts_per_token" in changes:
             changes["top_k"] = changes.pop("num_experts_per_token")

@@ -168,7 +168,17 @@ class ExpertRouter:
     def update_router_weights(self, new_weights: Any, bias: Any = None) -> None:
         """Replace the linear router's weight (and optionally its bias).
 
+        Parameters
+        ----------
+        new_weights : array_like, float32 or float64, shape [D, E]
+            The new router weight (other float dtypes become float32); copied.
+        bias : array_like, float, shape [E], optional
+            A new bias; by default the current one is kept (converted to the new dtype).
+
         Raises
+        ------
+        TypeError
+            ``new_weights`` is not a floating-point array.
         ------
         InputError
             The new weight's shape differs from the current ``[D, E]`` (both shapes
@@ -289,8 +299,30 @@ class ExpertRouter:
         return np.dtype(np.float64) if ("float16" in name or "half" in name) else None
 
     def route_logits(self, logits: Any, training: bool = False, token_mask: Any = None) -> RoutingDecision:
-        """Route precomputed ``[T, E]`` / ``[B, S, E]`` logits through this router's
-        statistics and load balancer (see :func:`moe_router.route_logits`)."""
+        """Route precomputed logits through this router's statistics and load balancer.
+
+        Parameters
+        ----------
+        logits : array_like, float, shape [T, E] or [B, S, E]
+            Router logits (float32/float64 read in place; float16 and integers converted).
+        training : bool
+            Training mode (noise, reroute coin, balancer update, step counter).
+        token_mask : array_like of bool, shape [T] or [B, S], optional
+            False marks padding.
+
+        Returns
+        -------
+        RoutingDecision
+            As :func:`moe_router.route_logits` (same formulas and sources), with this
+            router's balancer bias applied to the selection.
+
+        Raises
+        ------
+        InputError
+            Wrong shape; NaN/+inf logits or an all -inf row (first offending token named).
+        TypeError
+            Not a real-valued array, or a non-bool flag.
+        """
         training = _inputs.flag(training, "training")
         rows, batch_shape = _inputs.float_rows(logits, "logits", self.config.num_experts, "num_experts", integers=True)
         mask = _inputs.token_mask(token_mask, batch_shape)
