@@ -221,11 +221,18 @@ def capacity_of(dec: mr.RoutingDecision) -> Optional[int]:
 # ---------------------------------------------------------------------------
 # checks
 # ---------------------------------------------------------------------------
+def plain_topk_config(cfg: mr.RouterConfig) -> mr.RouterConfig:
+    """``cfg`` without bias, groups and capacity: the plain top-k Megatron counts in its loss."""
+    return cfg.replace(num_groups=None, group_top_k=None, group_score="max", capacity_factor=None,
+                       eval_capacity_factor=None, expert_capacity=None, min_capacity=0, overflow="drop",
+                       expert_bias=None, peer=None)
+
+
 def check_losses(peer: str, cfg: mr.RouterConfig, dec: mr.RoutingDecision, a: Dict[str, np.ndarray],
                  logits: np.ndarray) -> None:
     if peer == "megatron":
         close(dec.router_z_loss, a["z_loss"], "Megatron z_loss", LOSS_RTOL, 0.0)
-        plain = mr.route_logits(logits, presets.plain_topk_config(cfg)).pre_drop_tokens_per_expert
+        plain = mr.route_logits(logits, plain_topk_config(cfg)).pre_drop_tokens_per_expert
         if cfg.num_groups is None and cfg.expert_bias is None:
             assert dec.peer_load_balance_loss == pytest.approx(dec.load_balance_loss, rel=1e-12)
         if near_tie_rows(logits, dec.top_k).any():

@@ -128,3 +128,17 @@ def expert_bias(bias: Any, num_experts: int) -> Optional[np.ndarray]:
     if b.shape != (num_experts,):
         raise InputError(f"expert_bias has shape {list(b.shape)}, expected [{num_experts}] (one value per expert)")
     return np.ascontiguousarray(b, dtype=np.float64)
+
+
+def step(value: Any) -> int:
+    """A training step: a non-negative integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"step must be a non-negative integer, got {value!r}")
+    if value < 0:
+        raise InputError(f"step must be a non-negative integer, got {value}")
+    return int(value)
+
+
+def sequence_length(batch_shape: Tuple[int, ...]) -> Optional[int]:
+    """S of a ``[B, S]`` batch (for the sequence-level loss), None for ``[T]``."""
+    return batch_shape[1] if len(batch_shape) == 2 else None

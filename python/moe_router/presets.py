@@ -28,10 +28,8 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tu
 
 import numpy as np
 
-from . import _inputs
-from ._core import ConfigError
-from .config import PEERS, RouterConfig
-from .decision import RoutingDecision
+from . import _core, _inputs
+from ._core import PEERS, ConfigError, InputError, RouterConfig, RoutingDecision
 
 __all__ = [
     "PRESETS",
@@ -334,7 +332,7 @@ def accepted_names(name: str) -> List[str]:
 
 def _spec(name: str) -> _Spec:
     if name not in _SPECS:
-        raise ValueError(f"unknown preset {name!r}; expected one of " + ", ".join(repr(p) for p in PRESETS))
+        raise ConfigError(f"unknown preset {name!r}; expected one of " + ", ".join(repr(p) for p in PRESETS))
     return _SPECS[name]
 
 
@@ -674,54 +672,20 @@ def switch(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> R
 # ---------------------------------------------------------------------------
 # the frameworks' load-balance losses
 # ---------------------------------------------------------------------------
-def counts_plain_topk(config: RouterConfig, has_bias: bool) -> bool:
-    """Whether Megatron-Core's loss count differs from the routing used (bias or groups)."""
-    return config.peer == "megatron" and (has_bias or config.num_groups is not None)
-
-
-def plain_topk_config(config: RouterConfig) -> RouterConfig:
-    """``config`` without bias, groups and capacity: the plain top-k Megatron counts."""
-    return config.replace(num_groups=None, group_top_k=None, group_score="max", capacity_factor=None,
-                          eval_capacity_factor=None, expert_capacity=None, min_capacity=0,
-                          overflow="drop", expert_bias=None, peer=None)
-
-
 def _resolve_peer(decision: RoutingDecision, config_or_name: Union[RouterConfig, str]) -> str:
     if isinstance(config_or_name, RouterConfig):
         if config_or_name.peer is None:
-            raise ValueError("the configuration has no peer (it was not made by a preset); pass a preset "
-                             "name, e.g. peer_load_balance_loss(decision, 'mixtral')")
+            raise ConfigError("the configuration has no peer (it was not made by a preset); pass a preset "
+                              "name, e.g. peer_load_balance_loss(decision, 'mixtral')")
         return config_or_name.peer
     name = config_or_name
     if name == "deepspeed":
         k = decision.top_k
         return "deepspeed_" + ("top1" if k == 1 else "top2" if k == 2 else "topk")
     if name not in PEERS:
-        raise ValueError(f"unknown peer {name!r}; expected a preset name (" + ", ".join(map(repr, PRESETS))
-                         + ") or a RouterConfig.peer value (" + ", ".join(map(repr, PEERS)) + ")")
+        raise ConfigError(f"unknown peer {name!r}; expected a preset name (" + ", ".join(map(repr, PRESETS))
+                          + ") or a RouterConfig.peer value (" + ", ".join(map(repr, PEERS)) + ")")
     return name
-
-
-def peer_loss_from_counts(decision: RoutingDecision, peer: str, token_mask: Optional[np.ndarray],
-                          plain_counts: Optional[np.ndarray]) -> float:
-    """The framework's load-balance loss from a decision (internal; see :func:`peer_load_balance_loss`)."""
-    E, k = decision.num_experts, decision.top_k
-    active = decision.active_tokens
-    if active == 0:
-        return 0.0
-    P = np.asarray(decision.expert_prob_mean, dtype=np.float64)
-    if peer in ("mixtral", "qwen_moe"):
-        return float(k * decision.load_balance_loss)
-    if peer in ("deepspeed_top1", "deepspeed_top2"):
-        first = decision.expert_indices[:, 0]
-        if token_mask is not None:
-            first = first[np.asarray(token_mask, dtype=bool).reshape(-1)]
-        f1 = np.bincount(first.astype(np.int64), minlength=E)[:E] / float(active)
-        return float(E * np.dot(f1, P))
-    if peer == "megatron" and plain_counts is not None:
-        n = np.asarray(plain_counts, dtype=np.float64)
-        return float(E / (k * float(active)) * np.dot(n, P))
-    return float(decision.load_balance_loss)
 
 
 def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Union[RouterConfig, str], *,
@@ -743,8 +707,7 @@ def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Uni
         decision's own pre-drop counts are used (exact when there was no bias and no
         group limit).
     token_mask : array_like of bool, optional
-        The mask the decision was routed with. Needed for the DeepSpeed top-1/top-2
-        count when some tokens were masked.
+        Megatron-Core with ``logits``: the mask the decision was routed with.
 
     Returns
     -------
@@ -767,20 +730,13 @@ def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Uni
     True
     """
     peer = _resolve_peer(decision, config_or_preset_name)
-    mask = _inputs.token_mask(token_mask, decision.batch_shape)
-    if (peer in ("deepspeed_top1", "deepspeed_top2") and mask is None
-            and decision.active_tokens != decision.total_tokens):
-        raise ValueError("the decision has masked tokens: pass the token_mask it was routed with")
     plain = None
     if peer == "megatron" and logits is not None:
         rows, batch_shape = _inputs.float_rows(logits, "logits", decision.num_experts, "num_experts")
         if batch_shape != decision.batch_shape:
-            raise ValueError(f"logits have batch shape {list(batch_shape)}, the decision "
+            raise InputError(f"logits have batch shape {list(batch_shape)}, the decision "
                              f"{list(decision.batch_shape)}")
-        from . import _core
-
+        mask = _inputs.token_mask(token_mask, decision.batch_shape)
         plain_cfg = RouterConfig(num_experts=decision.num_experts, top_k=decision.top_k, capacity_factor=None)
-        plain = _core.route_logits(rows, plain_cfg._options, False, mask, None, 0,
-                                   None)["pre_drop_tokens_per_expert"]
-    return peer_loss_from_counts(decision, peer, mask, plain)
-
+        plain = _core.route_logits(rows, plain_cfg, token_mask=mask).pre_drop_tokens_per_expert.tolist()
+    return _core.peer_load_balance_loss(decision, peer, plain)

@@ -15,7 +15,6 @@ from .balancer import LoadBalancer
 from .config import RouterConfig
 from .decision import RoutingDecision
 from .gate import GateNetwork
-from .routing import decision_from_core
 from .stats import RoutingStats
 
 _GATES = ("auto", "linear", "hierarchical")
@@ -228,22 +227,7 @@ class ExpertRouter:
             bias += self._balancer.expert_bias
         return step, (bias if np.any(bias != 0) else None)
 
-    def _finish(self, fields: dict, batch_shape: tuple, latency: float, training: bool,
-                mask: Optional[np.ndarray], bias: Optional[np.ndarray],
-                logits_rows: Optional[np.ndarray] = None, step: int = 0) -> RoutingDecision:
-        dec = decision_from_core(fields, self.config, batch_shape)
-        if self.config.peer is not None:
-            from . import presets
-
-            plain = None
-            if presets.counts_plain_topk(self.config, bias is not None):
-                # Megatron counts a plain top-k in its loss; that needs the logits,
-                # which the fused hidden-state path never materializes.
-                if logits_rows is not None:
-                    plain = _core.route_logits(logits_rows, presets.plain_topk_config(self.config)._options,
-                                               bool(training), mask, None, step, None)["pre_drop_tokens_per_expert"]
-            if plain is not None or not presets.counts_plain_topk(self.config, bias is not None):
-                dec.peer_load_balance_loss = presets.peer_loss_from_counts(dec, self.config.peer, mask, plain)
+    def _finish(self, dec: RoutingDecision, latency: float, training: bool) -> RoutingDecision:
         self._stats.record(dec, latency)
         if training and self.config.enable_load_balancing:
             self._balancer.update(dec)
@@ -278,18 +262,16 @@ class ExpertRouter:
         rows, batch_shape = _inputs.float_rows(hidden, "hidden", self.input_dim, "input_dim",
                                                dtype=self._compute_dtype(hidden))
         mask = _inputs.token_mask(token_mask, batch_shape)
-        seq_len = batch_shape[1] if len(batch_shape) == 2 else None
         step, bias = self._call_state(training)
+        call = (self.config, training, mask, bias, step, _inputs.sequence_length(batch_shape), False, batch_shape)
         t0 = time.perf_counter()
         if self._gate is not None:
             gw, ew = self._gate.weights_for(rows.dtype)
-            fields = _core.route_gate(rows, gw, ew, self._gate.group_top_k, self.config._options, bool(training),
-                                      mask, bias, step, seq_len)
+            dec = _core.route_gate(rows, gw, ew, self._gate.group_top_k, *call)
         else:
             w, b = self._weights_for(rows.dtype)
-            fields = _core.route_hidden(rows, w, b, self.config._options, bool(training), mask, bias, step, seq_len)
-        latency = time.perf_counter() - t0
-        return self._finish(fields, batch_shape, latency, training, mask, bias)
+            dec = _core.route_hidden(rows, w, b, *call)
+        return self._finish(dec, time.perf_counter() - t0, training)
 
     def _compute_dtype(self, hidden: Any) -> Optional[np.dtype]:
         """float64 for half-precision input (NumPy or torch float16/bfloat16), unless set."""
@@ -326,12 +308,11 @@ class ExpertRouter:
         training = _inputs.flag(training, "training")
         rows, batch_shape = _inputs.float_rows(logits, "logits", self.config.num_experts, "num_experts", integers=True)
         mask = _inputs.token_mask(token_mask, batch_shape)
-        seq_len = batch_shape[1] if len(batch_shape) == 2 else None
         step, bias = self._call_state(training)
         t0 = time.perf_counter()
-        fields = _core.route_logits(rows, self.config._options, bool(training), mask, bias, step, seq_len)
-        latency = time.perf_counter() - t0
-        return self._finish(fields, batch_shape, latency, training, mask, bias, rows, step)
+        dec = _core.route_logits(rows, self.config, training, mask, bias, step, _inputs.sequence_length(batch_shape),
+                                 False, batch_shape)
+        return self._finish(dec, time.perf_counter() - t0, training)
 
     # -- accessors (the seed's names) ------------------------------------------
     def get_num_experts(self) -> int:

@@ -9,7 +9,7 @@ from . import _core
 from ._core import ConfigError
 
 #: Largest thread count accepted (a pool of threads is created eagerly).
-MAX_THREADS = 1024
+MAX_THREADS: int = _core.MAX_THREADS
 
 
 def set_num_threads(n: int) -> None:

@@ -1,11 +1,56 @@
-//! Router options and their validation.
+//! `RouterConfig`: every configuration field, its default, its spelling and
+//! its range, in one place.
 //!
-//! `RouterOptions` is the core's view of the Python `RouterConfig`: every field
-//! the routing engine reads, already typed. `validate` is the single place where
-//! combinations are checked; the Python layer relies on it.
+//! The Python class `moe_router.RouterConfig` is this struct: the bindings set
+//! and read fields by name through [`RouterConfig::set_field`] and
+//! [`RouterConfig::field`], so a field exists here and nowhere else (the type
+//! stub lists it for type checkers, and a test checks the stub against
+//! [`RouterConfig::FIELDS`]).
+
+use std::fmt;
+use std::str::FromStr;
 
 use crate::capacity::Decimal;
 use crate::error::{Result, RouterError};
+
+/// A keyword spelling table shared by `FromStr` and `Display` of an enum.
+trait Spelled: Copy + PartialEq + 'static {
+    /// Field name, for error messages.
+    const FIELD: &'static str;
+    /// Every value with its spelling.
+    const SPELLINGS: &'static [(&'static str, Self)];
+
+    fn spelling(self) -> &'static str {
+        Self::SPELLINGS.iter().find(|(_, v)| *v == self).map_or("?", |(s, _)| s)
+    }
+
+    fn parse_spelling(text: &str) -> Result<Self> {
+        Self::SPELLINGS.iter().find(|(s, _)| *s == text).map(|(_, v)| *v).ok_or_else(|| {
+            let allowed: Vec<String> = Self::SPELLINGS.iter().map(|(s, _)| format!("'{s}'")).collect();
+            RouterError::config(Self::FIELD, format!("'{text}'"), format!("must be one of {}", allowed.join(", ")))
+        })
+    }
+}
+
+macro_rules! spelled_enum {
+    ($ty:ident, $field:literal, [$($text:literal => $variant:ident),+ $(,)?]) => {
+        impl Spelled for $ty {
+            const FIELD: &'static str = $field;
+            const SPELLINGS: &'static [(&'static str, Self)] = &[$(($text, $ty::$variant)),+];
+        }
+        impl FromStr for $ty {
+            type Err = RouterError;
+            fn from_str(text: &str) -> Result<Self> {
+                Self::parse_spelling(text)
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.spelling())
+            }
+        }
+    };
+}
 
 /// How a token's scores are derived from its logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,14 +60,15 @@ pub enum ScoreFunction {
     /// Element-wise logistic sigmoid (DeepSeek-V3).
     Sigmoid,
     /// The rows already hold non-negative scores (a gate's probabilities); 0 marks
-    /// an expert as not eligible. Used by the hierarchical gate.
+    /// an expert as not eligible. Set by the hierarchical gate, not by users.
     Probabilities,
 }
+spelled_enum!(ScoreFunction, "score_function", ["softmax" => Softmax, "sigmoid" => Sigmoid]);
 
 /// Which assignments survive when an expert receives more than `capacity`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropPolicy {
-    /// Tokens in order, within a token by rank (seed order; Megatron "position").
+    /// Tokens in order, within a token by rank (Megatron "position").
     Position,
     /// Every token's first choice before any token's second choice (GShard, DeepSpeed top-2).
     Rank,
@@ -31,6 +77,7 @@ pub enum DropPolicy {
     /// Batch-prioritized routing: tokens by top-1 score, highest first (stable), then as `Position`.
     Bpr,
 }
+spelled_enum!(DropPolicy, "drop_policy", ["position" => Position, "rank" => Rank, "probs" => Probs, "bpr" => Bpr]);
 
 /// How `capacity_factor * T * k / E` is rounded to an integer capacity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +88,62 @@ pub enum CapacityRounding {
     Megatron,
     /// DeepSpeed: `ceil(f32(T / E) * f32(cf * k))` in float32.
     DeepSpeed,
+}
+spelled_enum!(CapacityRounding, "capacity_rounding", [
+    "exact" => Exact, "megatron" => Megatron, "deepspeed" => DeepSpeed,
+]);
+
+/// What a group is scored on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupScoreInput {
+    /// Scores plus selection bias (DeepSeek-V2/V3, vLLM, Megatron with pre-softmax or sigmoid).
+    Scores,
+    /// Raw logits plus selection bias (Megatron-Core's post-softmax routing).
+    Logits,
+}
+spelled_enum!(GroupScoreInput, "group_score_input", ["scores" => Scores, "logits" => Logits]);
+
+/// What happens to an assignment whose expert is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// The assignment is dropped (weight 0, no slot).
+    Drop,
+    /// The assignment moves to the least-loaded expert with room that the token has not chosen.
+    Reroute,
+}
+spelled_enum!(Overflow, "overflow", ["drop" => Drop, "reroute" => Reroute]);
+
+/// The framework whose load-balance loss normalization `peer_load_balance_loss` reproduces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// Megatron-Core: `E / (k*T) * sum_e n_e P_e`, `n_e` from a plain top-k (no bias, no groups).
+    Megatron,
+    /// DeepSpeed top-1 gate: first choices only.
+    DeepSpeedTop1,
+    /// DeepSpeed top-2 gate: first choices only.
+    DeepSpeedTop2,
+    /// DeepSpeed top-k gate: the Switch normalization.
+    DeepSpeedTopK,
+    /// Hugging Face Mixtral: k times the Switch normalization.
+    Mixtral,
+    /// Hugging Face Qwen-MoE: k times the Switch normalization.
+    QwenMoe,
+    /// Hugging Face DeepSeek-V3: the Switch normalization.
+    DeepSeekV3,
+    /// Hugging Face Switch Transformers: the Switch normalization.
+    Switch,
+}
+spelled_enum!(Peer, "peer", [
+    "megatron" => Megatron, "deepspeed_top1" => DeepSpeedTop1, "deepspeed_top2" => DeepSpeedTop2,
+    "deepspeed_topk" => DeepSpeedTopK, "mixtral" => Mixtral, "qwen_moe" => QwenMoe,
+    "deepseek_v3" => DeepSeekV3, "switch" => Switch,
+]);
+
+impl Peer {
+    /// Every spelling, in declaration order.
+    pub fn spellings() -> impl Iterator<Item = &'static str> {
+        Self::SPELLINGS.iter().map(|(s, _)| *s)
+    }
 }
 
 /// How a group of experts is scored in group-limited routing.
@@ -54,22 +157,35 @@ pub enum GroupScore {
     TopSum(usize),
 }
 
-/// What a group is scored on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupScoreInput {
-    /// Scores plus selection bias (DeepSeek-V2/V3, vLLM, Megatron with pre-softmax or sigmoid).
-    Scores,
-    /// Raw logits plus selection bias (Megatron-Core's post-softmax routing).
-    Logits,
+impl FromStr for GroupScore {
+    type Err = RouterError;
+    /// `"max"`, `"top2_sum"` or `"top<n>_sum"` with n >= 1.
+    fn from_str(text: &str) -> Result<Self> {
+        match text {
+            "max" => Ok(GroupScore::Max),
+            "top2_sum" => Ok(GroupScore::Top2Sum),
+            _ => text
+                .strip_prefix("top")
+                .and_then(|r| r.strip_suffix("_sum"))
+                .filter(|n| !n.starts_with(['0', '+']))
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|&n| n >= 1)
+                .map(GroupScore::TopSum)
+                .ok_or_else(|| {
+                    RouterError::config("group_score", format!("'{text}'"), "must be 'max', 'top2_sum' or 'top<n>_sum' (n >= 1)")
+                }),
+        }
+    }
 }
 
-/// What happens to an assignment whose expert is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Overflow {
-    /// The assignment is dropped (weight 0, no slot).
-    Drop,
-    /// The assignment moves to the least-loaded expert with room that the token has not chosen.
-    Reroute,
+impl fmt::Display for GroupScore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GroupScore::Max => f.write_str("max"),
+            GroupScore::Top2Sum => f.write_str("top2_sum"),
+            GroupScore::TopSum(n) => write!(f, "top{n}_sum"),
+        }
+    }
 }
 
 /// Group-limited routing: `num_groups` contiguous groups, only the best `group_top_k` are eligible.
@@ -94,84 +210,367 @@ pub enum CapacityFactor {
     Fixed(usize),
 }
 
-/// Everything the routing engine reads from a router configuration.
+/// A configuration value as the bindings pass it: the Python object's kind,
+/// without Python types.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RouterOptions {
+pub enum FieldValue {
+    /// Python `None`.
+    None,
+    /// A bool.
+    Bool(bool),
+    /// An integer (Python ints are unbounded; the bindings pass those that fit).
+    Int(i128),
+    /// A float or decimal: its value and its exact decimal text (`repr(float)` or `str(Decimal)`).
+    Real {
+        /// The nearest float64.
+        value: f64,
+        /// The decimal it prints as; `exact` on the way out says whether `value` is that decimal.
+        text: String,
+        /// True when `value` prints as `text` (a float suffices to carry it).
+        exact: bool,
+    },
+    /// A string.
+    Text(String),
+    /// A sequence of reals.
+    Reals(Vec<f64>),
+}
+
+impl fmt::Display for FieldValue {
+    /// The value as Python's `repr` would print it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FieldValue::None => f.write_str("None"),
+            FieldValue::Bool(b) => f.write_str(if *b { "True" } else { "False" }),
+            FieldValue::Int(i) => write!(f, "{i}"),
+            FieldValue::Real { text, .. } => f.write_str(text),
+            FieldValue::Text(s) => write!(f, "'{s}'"),
+            FieldValue::Reals(v) => {
+                let items: Vec<String> = v.iter().map(|x| format!("{x:?}")).collect();
+                write!(f, "({})", items.join(", "))
+            }
+        }
+    }
+}
+
+/// Everything that configures a router: routing, capacity, losses, balancing.
+///
+/// Defaults: `num_experts=8, top_k=2, capacity_factor=1.25,
+/// load_balance_loss_coeff=0.01, router_z_loss_coeff=0.001` and the
+/// specification's native semantics elsewhere ([`RouterConfig::default`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterConfig {
     /// E, the number of experts (>= 1).
     pub num_experts: usize,
     /// k, the number of experts per token (1 <= k <= E).
     pub top_k: usize,
-    /// Softmax or sigmoid scores.
-    pub score_function: ScoreFunction,
-    /// Divide the k chosen scores by their sum.
-    pub normalize_weights: bool,
-    /// Multiplies every weight (DeepSeek `routed_scaling_factor`).
-    pub weight_scale: f64,
     /// Capacity factor in training (and in evaluation unless `eval_capacity_factor` is set).
     pub capacity_factor: CapacityFactor,
     /// Capacity factor in evaluation; `None` means "same as `capacity_factor`".
     pub eval_capacity_factor: Option<CapacityFactor>,
     /// Lower bound on the capacity.
     pub min_capacity: usize,
+    /// A fixed per-expert capacity replacing the formula (Hugging Face Switch), if set.
+    pub expert_capacity: Option<usize>,
     /// Rounding of the capacity formula.
     pub capacity_rounding: CapacityRounding,
     /// Order in which assignments claim capacity.
     pub drop_policy: DropPolicy,
     /// After drops, rescale each token's kept weights to sum to `weight_scale` (DeepSpeed, fairseq).
     pub renormalize_after_drop: bool,
-    /// Optional group-limited routing.
-    pub groups: Option<GroupLimit>,
-    /// What groups are scored on.
-    pub group_score_input: GroupScoreInput,
+    /// Softmax or sigmoid scores.
+    pub score_function: ScoreFunction,
+    /// Divide the k chosen scores by their sum.
+    pub normalize_weights: bool,
+    /// Multiplies every weight (DeepSeek `routed_scaling_factor`).
+    pub weight_scale: f64,
+    /// Coefficient of `load_balance_loss` in `auxiliary_loss`.
+    pub load_balance_loss_coeff: f64,
+    /// Coefficient of `router_z_loss` in `auxiliary_loss`.
+    pub router_z_loss_coeff: f64,
+    /// Coefficient of the sequence-level balance loss in `auxiliary_loss`.
+    pub seq_load_balance_loss_coeff: f64,
+    /// Probability, in training, that an overflowing assignment tries a reroute.
+    pub expert_dropout: f64,
+    /// Whether an `ExpertRouter` feeds its load balancer in training.
+    pub enable_load_balancing: bool,
     /// Drop or reroute overflowing assignments.
     pub overflow: Overflow,
-    /// Weight multiplier of a rerouted assignment (seed: 0.5).
+    /// Weight multiplier of a rerouted assignment.
     pub reroute_weight_scale: f64,
-    /// Probability, in training, that an overflowing assignment tries a reroute (the seed's `expert_dropout`).
-    pub reroute_probability: f64,
+    /// Number of contiguous expert groups of group-limited routing (with `group_top_k`).
+    pub num_groups: Option<usize>,
+    /// Groups each token may route into (with `num_groups`).
+    pub group_top_k: Option<usize>,
+    /// How a group is scored.
+    pub group_score: GroupScore,
+    /// What groups are scored on.
+    pub group_score_input: GroupScoreInput,
     /// Multiplicative jitter half-width: training logits are multiplied by U(1-eps, 1+eps).
     pub jitter_eps: f64,
     /// Standard deviation of additive Gaussian noise on training logits.
     pub noise_std: f64,
     /// Seed of the counter-based RNG used for noise and reroute draws.
     pub seed: u64,
+    /// A fixed per-expert selection bias, used when a call passes none.
+    pub expert_bias: Option<Vec<f64>>,
+    /// The framework whose loss normalization `peer_load_balance_loss` follows (set by presets).
+    pub peer: Option<Peer>,
 }
 
-impl RouterOptions {
-    /// Options with the seed's defaults for `num_experts` experts and `top_k` per token.
-    pub fn new(num_experts: usize, top_k: usize) -> Self {
-        RouterOptions {
-            num_experts,
-            top_k,
-            score_function: ScoreFunction::Softmax,
-            normalize_weights: false,
-            weight_scale: 1.0,
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            num_experts: 8,
+            top_k: 2,
             capacity_factor: CapacityFactor::Factor(Decimal::from_parts(125, -2)),
             eval_capacity_factor: None,
             min_capacity: 0,
+            expert_capacity: None,
             capacity_rounding: CapacityRounding::Exact,
             drop_policy: DropPolicy::Position,
             renormalize_after_drop: false,
-            groups: None,
-            group_score_input: GroupScoreInput::Scores,
+            score_function: ScoreFunction::Softmax,
+            normalize_weights: false,
+            weight_scale: 1.0,
+            load_balance_loss_coeff: 0.01,
+            router_z_loss_coeff: 0.001,
+            seq_load_balance_loss_coeff: 0.0,
+            expert_dropout: 0.0,
+            enable_load_balancing: true,
             overflow: Overflow::Drop,
             reroute_weight_scale: 0.5,
-            reroute_probability: 1.0,
+            num_groups: None,
+            group_top_k: None,
+            group_score: GroupScore::Max,
+            group_score_input: GroupScoreInput::Scores,
             jitter_eps: 0.0,
             noise_std: 0.0,
             seed: 0,
+            expert_bias: None,
+            peer: None,
+        }
+    }
+}
+
+/// Former name of [`RouterConfig`], kept while the modules move.
+pub type RouterOptions = RouterConfig;
+
+/// The alias the seed design used for `top_k`.
+pub const TOP_K_ALIAS: &str = "num_experts_per_token";
+
+impl RouterConfig {
+    /// Every field's name, in declaration order (the Python class's keyword arguments).
+    pub const FIELDS: &'static [&'static str] = &[
+        "num_experts",
+        "top_k",
+        "capacity_factor",
+        "eval_capacity_factor",
+        "min_capacity",
+        "expert_capacity",
+        "capacity_rounding",
+        "drop_policy",
+        "renormalize_after_drop",
+        "score_function",
+        "normalize_weights",
+        "weight_scale",
+        "load_balance_loss_coeff",
+        "router_z_loss_coeff",
+        "seq_load_balance_loss_coeff",
+        "expert_dropout",
+        "enable_load_balancing",
+        "overflow",
+        "reroute_weight_scale",
+        "num_groups",
+        "group_top_k",
+        "group_score",
+        "group_score_input",
+        "jitter_eps",
+        "noise_std",
+        "seed",
+        "expert_bias",
+        "peer",
+    ];
+
+    /// The defaults with `num_experts` experts and `top_k` per token.
+    pub fn new(num_experts: usize, top_k: usize) -> Self {
+        RouterConfig { num_experts, top_k, ..RouterConfig::default() }
+    }
+
+    /// Build from `(name, value)` pairs over the defaults, then validate.
+    ///
+    /// `num_experts_per_token` is accepted as an alias of `top_k` (they must agree
+    /// when both are given). Errors: [`RouterError::UnknownField`] for a name that
+    /// is not a field, [`RouterError::InvalidConfig`] for a bad value.
+    pub fn from_fields<'a>(fields: impl IntoIterator<Item = (&'a str, FieldValue)>) -> Result<Self> {
+        RouterConfig::default().with_fields(fields)
+    }
+
+    /// A copy with `(name, value)` changes applied, validated again.
+    pub fn with_fields<'a>(&self, fields: impl IntoIterator<Item = (&'a str, FieldValue)>) -> Result<Self> {
+        let mut config = self.clone();
+        let mut top_k: Option<FieldValue> = None;
+        let mut alias: Option<FieldValue> = None;
+        for (name, value) in fields {
+            match name {
+                "top_k" => top_k = Some(value),
+                TOP_K_ALIAS => alias = Some(value),
+                _ => config.set_field(name, value)?,
+            }
+        }
+        match (top_k, alias) {
+            (Some(FieldValue::None), None) => {} // `top_k=None`: the default
+            (Some(k), None) | (None, Some(k)) => config.set_field("top_k", k)?,
+            (Some(k), Some(a)) => {
+                if !matches!(k, FieldValue::None) && k != a {
+                    return Err(RouterError::config(
+                        TOP_K_ALIAS,
+                        &a,
+                        format!("is an alias of top_k and must agree with top_k = {k}"),
+                    ));
+                }
+                config.set_field("top_k", a)?;
+            }
+            (None, None) => {}
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Set one field from a value, checking its type and its own range; combinations
+    /// are checked by [`RouterConfig::validate`].
+    pub fn set_field(&mut self, name: &str, value: FieldValue) -> Result<()> {
+        let v = &value;
+        match name {
+            "num_experts" => self.num_experts = integer("num_experts", v, 1)?,
+            "top_k" => self.top_k = integer("top_k", v, 1)?,
+            "capacity_factor" => self.capacity_factor = factor("capacity_factor", v)?,
+            "eval_capacity_factor" => {
+                self.eval_capacity_factor = match v {
+                    FieldValue::None => None,
+                    FieldValue::Text(t) if t == "dropless" => Some(CapacityFactor::Dropless),
+                    FieldValue::Text(_) => {
+                        return Err(RouterError::config(
+                            "eval_capacity_factor",
+                            v,
+                            "must be a number > 0, 'dropless', or None (same as capacity_factor)",
+                        ))
+                    }
+                    _ => Some(factor("eval_capacity_factor", v)?),
+                }
+            }
+            "min_capacity" => self.min_capacity = integer("min_capacity", v, 0)?,
+            "expert_capacity" => self.expert_capacity = optional(v, |v| integer("expert_capacity", v, 1))?,
+            "capacity_rounding" => self.capacity_rounding = spelled(v)?,
+            "drop_policy" => self.drop_policy = spelled(v)?,
+            "renormalize_after_drop" => self.renormalize_after_drop = boolean("renormalize_after_drop", v)?,
+            "score_function" => self.score_function = spelled(v)?,
+            "normalize_weights" => self.normalize_weights = boolean("normalize_weights", v)?,
+            "weight_scale" => self.weight_scale = real("weight_scale", v)?,
+            "load_balance_loss_coeff" => self.load_balance_loss_coeff = real("load_balance_loss_coeff", v)?,
+            "router_z_loss_coeff" => self.router_z_loss_coeff = real("router_z_loss_coeff", v)?,
+            "seq_load_balance_loss_coeff" => {
+                self.seq_load_balance_loss_coeff = real("seq_load_balance_loss_coeff", v)?
+            }
+            "expert_dropout" => self.expert_dropout = real("expert_dropout", v)?,
+            "enable_load_balancing" => self.enable_load_balancing = boolean("enable_load_balancing", v)?,
+            "overflow" => self.overflow = spelled(v)?,
+            "reroute_weight_scale" => self.reroute_weight_scale = real("reroute_weight_scale", v)?,
+            "num_groups" => self.num_groups = optional(v, |v| integer("num_groups", v, 1))?,
+            "group_top_k" => self.group_top_k = optional(v, |v| integer("group_top_k", v, 1))?,
+            "group_score" => self.group_score = text("group_score", v)?.parse()?,
+            "group_score_input" => self.group_score_input = spelled(v)?,
+            "jitter_eps" => self.jitter_eps = real("jitter_eps", v)?,
+            "noise_std" => self.noise_std = real("noise_std", v)?,
+            "seed" => {
+                let seed: u128 = integer("seed", v, 0)?;
+                self.seed = u64::try_from(seed).map_err(|_| RouterError::config("seed", v, "must be < 2**64"))?;
+            }
+            "expert_bias" => {
+                self.expert_bias = match v {
+                    FieldValue::None => None,
+                    FieldValue::Reals(b) => Some(b.clone()),
+                    _ => {
+                        let e = self.num_experts;
+                        return Err(RouterError::config("expert_bias", v, format!("must be None or a sequence of {e} real numbers")));
+                    }
+                }
+            }
+            "peer" => self.peer = optional(v, spelled)?,
+            _ => return Err(RouterError::UnknownField { name: name.to_string() }),
+        }
+        Ok(())
+    }
+
+    /// The value of field `name` (one of [`RouterConfig::FIELDS`] or the `top_k` alias).
+    pub fn field(&self, name: &str) -> Option<FieldValue> {
+        let int = |n: usize| FieldValue::Int(n as i128);
+        let opt_int = |n: Option<usize>| n.map_or(FieldValue::None, int);
+        let word = |s: String| FieldValue::Text(s);
+        Some(match name {
+            "num_experts" => int(self.num_experts),
+            "top_k" | TOP_K_ALIAS => int(self.top_k),
+            "capacity_factor" => factor_value(&self.capacity_factor),
+            "eval_capacity_factor" => match &self.eval_capacity_factor {
+                None => FieldValue::None,
+                Some(CapacityFactor::Dropless) => word("dropless".into()),
+                Some(f) => factor_value(f),
+            },
+            "min_capacity" => int(self.min_capacity),
+            "expert_capacity" => opt_int(self.expert_capacity),
+            "capacity_rounding" => word(self.capacity_rounding.to_string()),
+            "drop_policy" => word(self.drop_policy.to_string()),
+            "renormalize_after_drop" => FieldValue::Bool(self.renormalize_after_drop),
+            "score_function" => word(self.score_function.to_string()),
+            "normalize_weights" => FieldValue::Bool(self.normalize_weights),
+            "weight_scale" => float_value(self.weight_scale),
+            "load_balance_loss_coeff" => float_value(self.load_balance_loss_coeff),
+            "router_z_loss_coeff" => float_value(self.router_z_loss_coeff),
+            "seq_load_balance_loss_coeff" => float_value(self.seq_load_balance_loss_coeff),
+            "expert_dropout" => float_value(self.expert_dropout),
+            "enable_load_balancing" => FieldValue::Bool(self.enable_load_balancing),
+            "overflow" => word(self.overflow.to_string()),
+            "reroute_weight_scale" => float_value(self.reroute_weight_scale),
+            "num_groups" => opt_int(self.num_groups),
+            "group_top_k" => opt_int(self.group_top_k),
+            "group_score" => word(self.group_score.to_string()),
+            "group_score_input" => word(self.group_score_input.to_string()),
+            "jitter_eps" => float_value(self.jitter_eps),
+            "noise_std" => float_value(self.noise_std),
+            "seed" => FieldValue::Int(i128::from(self.seed)),
+            "expert_bias" => self.expert_bias.clone().map_or(FieldValue::None, FieldValue::Reals),
+            "peer" => self.peer.map_or(FieldValue::None, |p| word(p.to_string())),
+            _ => return None,
+        })
+    }
+
+    /// This configuration for routing a gate's probabilities: the rows are the
+    /// scores, and noise (which applies to logits) is off.
+    pub fn for_gate(&self) -> RouterConfig {
+        RouterConfig { score_function: ScoreFunction::Probabilities, jitter_eps: 0.0, noise_std: 0.0, ..self.clone() }
+    }
+
+    /// Group-limited routing, when `num_groups` and `group_top_k` are set.
+    pub fn groups(&self) -> Option<GroupLimit> {
+        match (self.num_groups, self.group_top_k) {
+            (Some(num_groups), Some(group_top_k)) => {
+                Some(GroupLimit { num_groups, group_top_k, group_score: self.group_score })
+            }
+            _ => None,
         }
     }
 
-    /// The capacity factor that applies in training or in evaluation.
-    pub fn capacity_factor_for(&self, training: bool) -> &CapacityFactor {
+    /// The capacity rule that applies in training or in evaluation.
+    pub fn capacity_factor_for(&self, training: bool) -> CapacityFactor {
+        if let Some(n) = self.expert_capacity {
+            return CapacityFactor::Fixed(n);
+        }
         match (&self.eval_capacity_factor, training) {
-            (Some(eval), false) => eval,
-            _ => &self.capacity_factor,
+            (Some(eval), false) => eval.clone(),
+            _ => self.capacity_factor.clone(),
         }
     }
 
-    /// Check every field and every combination; the error names the field.
+    /// Check every range and every combination; the error names the field.
     pub fn validate(&self) -> Result<()> {
         let e = self.num_experts;
         if e == 0 {
@@ -190,6 +589,15 @@ impl RouterOptions {
         if !(self.weight_scale.is_finite() && self.weight_scale > 0.0) {
             return Err(RouterError::config("weight_scale", self.weight_scale, "must be a finite number > 0"));
         }
+        for (field, value) in [
+            ("load_balance_loss_coeff", self.load_balance_loss_coeff),
+            ("router_z_loss_coeff", self.router_z_loss_coeff),
+            ("seq_load_balance_loss_coeff", self.seq_load_balance_loss_coeff),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(RouterError::config(field, value, "must be a finite number >= 0"));
+            }
+        }
         for (field, factor) in [
             ("capacity_factor", Some(&self.capacity_factor)),
             ("eval_capacity_factor", self.eval_capacity_factor.as_ref()),
@@ -204,7 +612,20 @@ impl RouterOptions {
                 }
             }
         }
-        if let Some(g) = self.groups {
+        match (self.num_groups, self.group_top_k) {
+            (Some(_), None) => {
+                return Err(RouterError::config("group_top_k", "None", "must be set when num_groups is set"))
+            }
+            (None, Some(m)) => {
+                return Err(RouterError::config(
+                    "num_groups",
+                    "None",
+                    format!("must be set when group_top_k = {m} is set"),
+                ))
+            }
+            _ => {}
+        }
+        if let Some(g) = self.groups() {
             if g.num_groups == 0 || g.num_groups > e || !e.is_multiple_of(g.num_groups) {
                 return Err(RouterError::config(
                     "num_groups",
@@ -248,8 +669,8 @@ impl RouterOptions {
                 "must be finite and >= 0",
             ));
         }
-        if !(0.0..=1.0).contains(&self.reroute_probability) {
-            return Err(RouterError::config("expert_dropout", self.reroute_probability, "must be in [0, 1]"));
+        if !(0.0..=1.0).contains(&self.expert_dropout) {
+            return Err(RouterError::config("expert_dropout", self.expert_dropout, "must be in [0, 1]"));
         }
         if self.score_function == ScoreFunction::Probabilities && (self.jitter_eps > 0.0 || self.noise_std > 0.0) {
             return Err(RouterError::config(
@@ -264,32 +685,165 @@ impl RouterOptions {
         if !(self.noise_std.is_finite() && self.noise_std >= 0.0) {
             return Err(RouterError::config("noise_std", self.noise_std, "must be finite and >= 0"));
         }
+        if let Some(bias) = &self.expert_bias {
+            if bias.len() != e {
+                return Err(RouterError::config(
+                    "expert_bias",
+                    format!("{} values", bias.len()),
+                    format!("must be a sequence of {e} real numbers (one per expert)"),
+                ));
+            }
+            if let Some((i, v)) = bias.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(RouterError::config("expert_bias", format!("{v}"), format!("must be finite; expert_bias[{i}] = {v}")));
+            }
+        }
         Ok(())
     }
+}
+
+fn integer<T: TryFrom<i128>>(field: &'static str, value: &FieldValue, minimum: i128) -> Result<T> {
+    let wrong = || RouterError::config(field, value, format!("must be an integer >= {minimum}"));
+    match value {
+        FieldValue::Int(i) if *i >= minimum => T::try_from(*i).map_err(|_| wrong()),
+        _ => Err(wrong()),
+    }
+}
+
+fn boolean(field: &'static str, value: &FieldValue) -> Result<bool> {
+    match value {
+        FieldValue::Bool(b) => Ok(*b),
+        FieldValue::Int(0) => Ok(false),
+        FieldValue::Int(1) => Ok(true),
+        _ => Err(RouterError::config(field, value, "must be True or False")),
+    }
+}
+
+fn real(field: &'static str, value: &FieldValue) -> Result<f64> {
+    match value {
+        FieldValue::Real { value, .. } => Ok(*value),
+        FieldValue::Int(i) => Ok(*i as f64),
+        _ => Err(RouterError::config(field, value, "must be a real number")),
+    }
+}
+
+fn text<'v>(field: &'static str, value: &'v FieldValue) -> Result<&'v str> {
+    match value {
+        FieldValue::Text(t) => Ok(t),
+        _ => Err(RouterError::config(field, value, "must be a string")),
+    }
+}
+
+fn spelled<T: Spelled>(value: &FieldValue) -> Result<T> {
+    match value {
+        FieldValue::Text(t) => T::parse_spelling(t),
+        _ => {
+            let allowed: Vec<String> = T::SPELLINGS.iter().map(|(s, _)| format!("'{s}'")).collect();
+            Err(RouterError::config(T::FIELD, value, format!("must be one of {}", allowed.join(", "))))
+        }
+    }
+}
+
+fn optional<T>(value: &FieldValue, parse: impl FnOnce(&FieldValue) -> Result<T>) -> Result<Option<T>> {
+    match value {
+        FieldValue::None => Ok(None),
+        v => parse(v).map(Some),
+    }
+}
+
+/// A capacity factor: a number > 0 (exact decimal), or None / +inf for dropless.
+fn factor(field: &'static str, value: &FieldValue) -> Result<CapacityFactor> {
+    let refuse = |why: &str| RouterError::config(field, value, why.to_string());
+    match value {
+        FieldValue::None => Ok(CapacityFactor::Dropless),
+        FieldValue::Real { value: v, .. } if *v == f64::INFINITY => Ok(CapacityFactor::Dropless),
+        FieldValue::Real { value: v, .. } if !(v.is_finite() && *v > 0.0) => {
+            Err(refuse("must be a finite number > 0; use None for dropless routing (no capacity limit)"))
+        }
+        FieldValue::Real { text, .. } => Decimal::parse_factor(field, text).map(CapacityFactor::Factor),
+        FieldValue::Int(i) if *i > 0 => Decimal::parse_factor(field, &i.to_string()).map(CapacityFactor::Factor),
+        FieldValue::Int(_) => Err(refuse("must be > 0; use None for dropless routing (no capacity limit)")),
+        _ => Err(refuse("must be a number > 0, or None for dropless routing")),
+    }
+}
+
+fn factor_value(factor: &CapacityFactor) -> FieldValue {
+    match factor {
+        CapacityFactor::Factor(d) => {
+            let value = d.to_f64();
+            // Shortest round-trip text of the float; if it is the same decimal, a float carries it.
+            let exact = Decimal::from_decimal_str(&format!("{value}")) == Some(*d);
+            FieldValue::Real { value, text: d.to_string(), exact }
+        }
+        CapacityFactor::Fixed(n) => FieldValue::Int(*n as i128),
+        CapacityFactor::Dropless => FieldValue::None,
+    }
+}
+
+fn float_value(value: f64) -> FieldValue {
+    FieldValue::Real { value, text: format!("{value:?}"), exact: true }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn int(i: i128) -> FieldValue {
+        FieldValue::Int(i)
+    }
+
     #[test]
     fn defaults_are_valid() {
-        assert!(RouterOptions::new(8, 2).validate().is_ok());
+        assert!(RouterConfig::default().validate().is_ok());
+        assert!(RouterConfig::new(8, 2).validate().is_ok());
     }
 
     #[test]
     fn top_k_above_experts_names_the_field() {
-        let err = RouterOptions::new(4, 5).validate().unwrap_err();
+        let err = RouterConfig::new(4, 5).validate().unwrap_err();
         assert!(err.to_string().contains("top_k"), "{err}");
     }
 
     #[test]
     fn groups_must_divide_experts_and_reach_k() {
-        let mut o = RouterOptions::new(6, 2);
-        o.groups = Some(GroupLimit { num_groups: 4, group_top_k: 1, group_score: GroupScore::Max });
-        assert!(o.validate().unwrap_err().to_string().contains("num_groups"));
-        let mut o = RouterOptions::new(8, 3);
-        o.groups = Some(GroupLimit { num_groups: 4, group_top_k: 1, group_score: GroupScore::Max });
-        assert!(o.validate().unwrap_err().to_string().contains("top_k"));
+        let err = RouterConfig::from_fields([("num_experts", int(6)), ("num_groups", int(4)), ("group_top_k", int(1))])
+            .unwrap_err();
+        assert!(err.to_string().contains("num_groups"), "{err}");
+        let err = RouterConfig::from_fields([
+            ("num_experts", int(8)),
+            ("top_k", int(3)),
+            ("num_groups", int(4)),
+            ("group_top_k", int(1)),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("top_k"), "{err}");
+    }
+
+    #[test]
+    fn every_field_reads_back_what_was_set() {
+        let defaults = RouterConfig::default();
+        for name in RouterConfig::FIELDS {
+            let value = defaults.field(name).unwrap_or_else(|| panic!("no getter for {name}"));
+            let again = RouterConfig::from_fields([(*name, value.clone())]).expect(name);
+            assert_eq!(again, defaults, "{name} = {value}");
+        }
+    }
+
+    #[test]
+    fn spellings_round_trip() {
+        for p in Peer::spellings() {
+            assert_eq!(p.parse::<Peer>().map(|x| x.to_string()).as_deref(), Ok(p));
+        }
+        for s in ["max", "top2_sum", "top3_sum"] {
+            assert_eq!(s.parse::<GroupScore>().map(|x| x.to_string()).as_deref(), Ok(s));
+        }
+        assert!("top0_sum".parse::<GroupScore>().is_err() && "Position".parse::<DropPolicy>().is_err());
+    }
+
+    #[test]
+    fn alias_of_top_k() {
+        let c = RouterConfig::from_fields([(TOP_K_ALIAS, int(3))]).expect("alias");
+        assert_eq!(c.top_k, 3);
+        let err = RouterConfig::from_fields([("top_k", int(2)), (TOP_K_ALIAS, int(3))]).unwrap_err();
+        assert!(err.to_string().contains(TOP_K_ALIAS) && err.to_string().contains("top_k"));
     }
 }

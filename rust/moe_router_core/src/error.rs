@@ -18,6 +18,13 @@ pub enum RouterError {
         allowed: String,
     },
 
+    /// A configuration field name that does not exist.
+    #[error("RouterConfig has no field '{name}'")]
+    UnknownField {
+        /// The name given.
+        name: String,
+    },
+
     /// An input array has the wrong shape.
     #[error("{argument} has shape {actual}, expected {expected}")]
     Shape {

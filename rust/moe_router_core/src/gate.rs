@@ -16,6 +16,7 @@
 //!
 //! The z-loss of the gate is that of its group router: `logsumexp(x @ W_group)^2`.
 
+use crate::array_arg::ArrayArg;
 use crate::error::{Result, RouterError};
 use crate::linear::GemmScalar;
 use crate::math::exp_f64;
@@ -108,6 +109,25 @@ impl<'a, F: GemmScalar> HierarchicalGate<'a, F> {
             }
         }
         Ok(HierarchicalGate { hidden, tokens, dim, group_weight, expert_weight, shape, group_top_k })
+    }
+
+    /// From the caller's arrays: `hidden [T, D]`, `group_weight [D, G]`,
+    /// `expert_weight [G, D, P]` with the layout of `experts` experts.
+    pub fn from_arrays(
+        hidden: ArrayArg<'a, F>,
+        group_weight: ArrayArg<'a, F>,
+        expert_weight: ArrayArg<'a, F>,
+        experts: usize,
+        group_top_k: Option<usize>,
+    ) -> Result<Self> {
+        let h = hidden.expect(&[None, None], "[T, D]")?;
+        let (t, d) = (hidden.shape[0], hidden.shape[1]);
+        let s = GateShape::for_experts(experts);
+        let (g, p) = (s.groups, s.per_group);
+        let gw = group_weight.expect(&[Some(d), Some(g)], &format!("[{d}, {g}] (input_dim x groups)"))?;
+        let ew = expert_weight
+            .expect(&[Some(g), Some(d), Some(p)], &format!("[{g}, {d}, {p}] (groups x input_dim x experts per group)"))?;
+        HierarchicalGate::new(h, t, d, gw, ew, experts, group_top_k)
     }
 
     /// The group layout.

@@ -16,6 +16,7 @@
 //! assert_eq!(r.expert_indices, vec![0, 1, 1, 2]);
 //! ```
 
+mod array_arg;
 mod assign;
 pub mod capacity;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod error;
 pub mod gate;
 pub mod linear;
 pub mod losses;
+mod peer_loss;
 mod math;
 mod reroute;
 pub mod rng;
@@ -31,11 +33,14 @@ mod row;
 pub mod score;
 pub mod topk;
 
+pub use array_arg::ArrayArg;
 pub use capacity::{expert_capacity, Decimal};
 pub use config::{
-    CapacityFactor, CapacityRounding, DropPolicy, GroupLimit, GroupScore, GroupScoreInput, Overflow, RouterOptions,
-    ScoreFunction,
+    CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore, GroupScoreInput, Overflow, Peer,
+    RouterConfig, ScoreFunction, TOP_K_ALIAS,
 };
+pub use peer_loss::{peer_load_balance_loss, LossInputs};
+pub use config::RouterOptions;
 pub use error::{Result, RouterError};
 pub use gate::{gate_probabilities, GateShape, HierarchicalGate};
 pub use linear::{GemmScalar, LinearLogits};

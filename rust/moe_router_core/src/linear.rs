@@ -6,6 +6,7 @@
 //! The product uses the `gemm` crate (cache-blocked, packed, with run-time
 //! AVX2 / AVX-512 / NEON kernels), single-threaded inside each task.
 
+use crate::array_arg::ArrayArg;
 use crate::error::{Result, RouterError};
 use crate::route::{ChunkBuf, ChunkRows, Logit, LogitSource};
 
@@ -108,6 +109,19 @@ impl<'a, F: GemmScalar> LinearLogits<'a, F> {
             }
         }
         Ok(LinearLogits { hidden, tokens, dim, weight, bias, experts })
+    }
+}
+
+impl<'a, F: GemmScalar> LinearLogits<'a, F> {
+    /// From the caller's arrays: `hidden [T, D]`, `weight [D, E]`, `bias [E]`; the
+    /// error names the array whose shape does not fit.
+    pub fn from_arrays(hidden: ArrayArg<'a, F>, weight: ArrayArg<'a, F>, bias: Option<ArrayArg<'a, F>>) -> Result<Self> {
+        let h = hidden.expect(&[None, None], "[T, D]")?;
+        let (t, d) = (hidden.shape[0], hidden.shape[1]);
+        let w = weight.expect(&[Some(d), None], &format!("[{d}, E] (input_dim = {d} rows, one per hidden feature)"))?;
+        let e = weight.shape[1];
+        let b = bias.map(|b| b.expect(&[Some(e)], &format!("[{e}] (one value per expert)"))).transpose()?;
+        LinearLogits::new(h, t, d, w, e, b)
     }
 }
 

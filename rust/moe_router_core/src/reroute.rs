@@ -50,7 +50,7 @@ pub(crate) fn reroute_overflow(
             load[x as usize] += 1;
         }
     }
-    let probability = if call.training { options.reroute_probability } else { 1.0 };
+    let probability = if call.training { options.expert_dropout } else { 1.0 };
     let mut allowed = vec![false; e];
     let mut allowed_token = usize::MAX;
     let mut visit = |tok: usize, j: usize| {

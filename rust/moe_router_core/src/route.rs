@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use crate::assign::{self, Assignments};
 use crate::capacity::expert_capacity;
 use crate::config::{DropPolicy, Overflow, RouterOptions};
+use crate::peer_loss;
 use crate::error::{Result, RouterError};
 use crate::losses::{self, LossSums, SequenceLoss, SequencePart};
 use crate::reroute;
@@ -180,6 +181,8 @@ pub struct RouteCall<'a> {
     pub step: u64,
     /// Tokens per sequence, for the sequence-level balance loss (T must divide by it).
     pub sequence_length: Option<usize>,
+    /// Also return each token's score distribution (`Routing::router_probs`).
+    pub return_probs: bool,
 }
 
 /// The result of routing T tokens to E experts with k choices each.
@@ -227,6 +230,17 @@ pub struct Routing {
     pub router_z_loss: f64,
     /// Mean over sequences of the per-sequence balance loss (DeepSeek-V3), if requested.
     pub seq_load_balance_loss: Option<f64>,
+    /// `[T, E]` score distributions (0 for padding), when asked for; else empty.
+    pub router_probs: Vec<f32>,
+    /// `[E]` active tokens whose first choice is e (before drops).
+    pub first_choice_tokens_per_expert: Vec<i64>,
+    /// `[E]` plain top-k counts (no bias, no groups), when asked for; else empty.
+    pub plain_tokens_per_expert: Vec<i64>,
+    /// `load_balance_loss_coeff * load_balance_loss + router_z_loss_coeff * router_z_loss
+    /// (+ seq_load_balance_loss_coeff * seq_load_balance_loss)`.
+    pub auxiliary_loss: f64,
+    /// The load-balance loss as `config.peer` computes it, when a peer is set.
+    pub peer_load_balance_loss: Option<f64>,
 }
 
 /// Route an `[T, E]` array of logits. Non-standard layouts are copied once.
@@ -245,6 +259,8 @@ pub fn route_logits<F: Logit>(logits: ArrayView2<F>, options: &RouterOptions, ca
 /// Route every token of `source`.
 pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCall) -> Result<Routing> {
     options.validate()?;
+    // A call without a selection bias uses the configuration's fixed one.
+    let call = &RouteCall { expert_bias: call.expert_bias.or(options.expert_bias.as_deref()), ..*call };
     check_call(source, options, call)?;
     let t = source.num_tokens();
     let (e, k) = (options.num_experts, options.top_k);
@@ -276,7 +292,7 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
 
     // Pass 2: capacity and slots.
     let factor = options.capacity_factor_for(call.training);
-    let limit = expert_capacity(factor, options.capacity_rounding, options.min_capacity, active, k, e);
+    let limit = expert_capacity(&factor, options.capacity_rounding, options.min_capacity, active, k, e);
     let capacity = limit.unwrap_or(usize::MAX);
     let counts: Vec<Vec<u32>> = tallies.into_iter().map(|t| t.counts).collect();
     let reroute_now = reroute && limit.is_some();
@@ -334,7 +350,14 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
         None => tokens_per_expert.iter().copied().max().unwrap_or(0) as usize,
     };
 
-    Ok(Routing {
+    // Temporary: first choices counted after pass 1 (moves into pass 1).
+    let mut first_choice_tokens_per_expert = vec![0i64; e];
+    for tok in 0..t {
+        if call.token_mask.is_none_or(|m| m[tok]) {
+            first_choice_tokens_per_expert[expert_indices[tok * k] as usize] += 1;
+        }
+    }
+    let mut routing = Routing {
         num_tokens: t,
         num_experts: e,
         top_k: k,
@@ -345,6 +368,9 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
         rerouted,
         tokens_per_expert,
         pre_drop_tokens_per_expert: routed_counts.iter().map(|&c| c as i64).collect(),
+        first_choice_tokens_per_expert,
+        plain_tokens_per_expert: Vec::new(),
+        router_probs: Vec::new(),
         expert_prob_mean: sums
             .prob_sum
             .iter()
@@ -365,7 +391,29 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
                 sums.seq_loss_sum / sums.sequences as f64
             }
         }),
-    })
+        auxiliary_loss: 0.0,
+        peer_load_balance_loss: None,
+    };
+    routing.auxiliary_loss = options.load_balance_loss_coeff * routing.load_balance_loss
+        + options.router_z_loss_coeff * routing.router_z_loss
+        + routing.seq_load_balance_loss.map_or(0.0, |s| options.seq_load_balance_loss_coeff * s);
+    routing.peer_load_balance_loss = options.peer.map(|peer| peer_loss::peer_load_balance_loss(peer, &routing.loss_inputs()));
+    Ok(routing)
+}
+
+impl Routing {
+    /// What the peers' load-balance losses read from this result.
+    pub fn loss_inputs(&self) -> peer_loss::LossInputs<'_> {
+        peer_loss::LossInputs {
+            num_experts: self.num_experts,
+            top_k: self.top_k,
+            active_tokens: self.active_tokens,
+            load_balance_loss: self.load_balance_loss,
+            expert_prob_mean: &self.expert_prob_mean,
+            first_choice_tokens_per_expert: &self.first_choice_tokens_per_expert,
+            plain_tokens_per_expert: &self.plain_tokens_per_expert,
+        }
+    }
 }
 
 /// Pass 1 over all chunks; returns each chunk's tally, in chunk order, or the

@@ -64,7 +64,7 @@ impl RowRouter {
             scores: vec![0.0; e],
             keys: vec![0.0; e],
             group_keys: vec![0.0; e],
-            group_scores: vec![0.0; options.groups.map_or(0, |g| g.num_groups)],
+            group_scores: vec![0.0; options.groups().map_or(0, |g| g.num_groups)],
             best: vec![0.0; options.top_k],
             top_n: Vec::new(),
             last_top1: 0.0,
@@ -168,7 +168,7 @@ impl RowRouter {
     fn compute_keys(&mut self, ctx: &RowContext, scale: f64) -> bool {
         let options = ctx.options;
         let bias = ctx.call.expert_bias;
-        if bias.is_none() && options.groups.is_none() {
+        if bias.is_none() && options.groups().is_none() {
             return true;
         }
         for i in 0..options.num_experts {
@@ -185,7 +185,7 @@ impl RowRouter {
                 None => z,
             };
         }
-        if let Some(limit) = &options.groups {
+        if let Some(limit) = &options.groups() {
             limit_to_best_groups(limit, &self.group_keys, &mut self.keys, &mut self.group_scores, &mut self.top_n);
         }
         false

@@ -1,0 +1,389 @@
+//! `RoutingDecision` and `ExpertAssignment`: the core's result as Python objects.
+//!
+//! The arrays move from Rust into NumPy once, when the decision is built; the
+//! getters hand out those arrays, and the summaries read the core's counts.
+
+use std::sync::OnceLock;
+
+use moe_router_core::{LossInputs, Routing};
+use numpy::{PyArray2, PyArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+
+use crate::arrays;
+
+/// One kept (token, expert) assignment.
+///
+/// Attributes
+/// ----------
+/// expert_id : int
+///     The expert, in ``[0, E)``.
+/// probability : float
+///     The assignment's combine weight (``expert_weights[token_idx, expert_rank]``).
+/// token_idx : int
+///     The token, in flattened ``[T]`` order.
+/// expert_rank : int
+///     0 for the token's best expert, 1 for the next, ...
+#[pyclass(frozen, eq, get_all, module = "moe_router")]
+#[derive(Clone, PartialEq)]
+pub struct ExpertAssignment {
+    expert_id: i64,
+    probability: f64,
+    token_idx: i64,
+    expert_rank: i64,
+}
+
+#[pymethods]
+impl ExpertAssignment {
+    #[new]
+    #[pyo3(signature = (expert_id, probability, token_idx, expert_rank))]
+    fn new(expert_id: i64, probability: f64, token_idx: i64, expert_rank: i64) -> Self {
+        ExpertAssignment { expert_id, probability, token_idx, expert_rank }
+    }
+
+    /// True when ``0 <= probability <= 1`` (a ``weight_scale`` > 1 can exceed it).
+    fn is_valid(&self) -> bool {
+        (0.0..=1.0).contains(&self.probability)
+    }
+
+    /// ``probability / (expert_rank + 1)``: the rank-discounted weight.
+    fn weighted_contribution(&self) -> f64 {
+        self.probability / (self.expert_rank as f64 + 1.0)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ExpertAssignment(expert_id={}, probability={:?}, token_idx={}, expert_rank={})",
+            self.expert_id, self.probability, self.token_idx, self.expert_rank
+        )
+    }
+}
+
+/// How a batch of T tokens is routed to E experts, k choices each.
+///
+/// Produced by :func:`moe_router.route_logits`, ``ExpertRouter.route_tokens``
+/// and ``ExpertRouter.route_logits``; the arrays are owned by the decision
+/// (moved from Rust, not copied). Semantics: docs/semantics.md.
+///
+/// Attributes
+/// ----------
+/// expert_indices : numpy.ndarray, int32, shape [T, k]
+///     Chosen experts by rank (best first; ties to the lower expert index).
+///     Padding tokens and choices beyond the eligible experts hold the
+///     lowest-index remaining experts, never kept.
+/// expert_weights : numpy.ndarray, float32, shape [T, k]
+///     Combine weights; 0 where the assignment is not kept. Not renormalized
+///     after drops unless ``renormalize_after_drop``.
+/// expert_slots : numpy.ndarray, int32, shape [T, k]
+///     Row of the assignment in its expert's buffer, in ``[0, capacity)``; -1 where not kept.
+/// kept : numpy.ndarray, bool, shape [T, k]
+///     Whether the assignment survived capacity.
+/// rerouted : numpy.ndarray, bool, shape [T, k]
+///     Whether the assignment was moved to another expert (``overflow="reroute"``).
+/// tokens_per_expert : numpy.ndarray, int64, shape [E]
+///     Kept assignments per expert (``expert_capacities`` is an alias).
+/// pre_drop_tokens_per_expert : numpy.ndarray, int64, shape [E]
+///     Routed assignments per expert before capacity (DeepSpeed ``exp_counts``).
+/// expert_prob_mean : numpy.ndarray, float64, shape [E]
+///     ``P_e``: mean over active tokens of expert e's share of the token's score
+///     distribution (softmax probabilities, or sigmoid scores normalized per token).
+/// capacity : int
+///     Per-expert capacity; for dropless routing, the largest kept count.
+/// dropless : bool
+///     True when no capacity limit applied.
+/// total_tokens : int
+///     T, every row including padding.
+/// active_tokens : int
+///     Tokens not masked out by ``token_mask``.
+/// kept_assignments, dropped_assignments : int
+///     ``dropped_assignments = active_tokens * k - kept_assignments``.
+/// tokens_dropped : int
+///     Active tokens left with no expert at all.
+/// load_balance_loss : float
+///     ``E * sum_e f_e * P_e`` (Switch Transformer eq. 4, GShard, Megatron-Core):
+///     1.0 at perfect balance for any k. Hugging Face Mixtral's loss is k times this.
+/// router_z_loss : float
+///     Mean over active tokens of ``logsumexp(logits)^2`` (ST-MoE eq. 5).
+/// seq_load_balance_loss : float or None
+///     Mean over sequences of each sequence's load-balance loss (DeepSeek-V3),
+///     for ``[B, S, E]`` input; None for ``[T, E]`` input.
+/// auxiliary_loss : float
+///     ``load_balance_loss_coeff * load_balance_loss + router_z_loss_coeff *
+///     router_z_loss`` (+ ``seq_load_balance_loss_coeff * seq_load_balance_loss``).
+/// peer_load_balance_loss : float or None
+///     For a configuration made by a preset (``config.peer`` set), the load-balance
+///     loss as that framework computes it (coefficient 1); see
+///     :func:`moe_router.presets.peer_load_balance_loss`. None otherwise.
+/// router_probs : numpy.ndarray or None
+///     float32 ``[T, E]`` score distribution of each token as the router computed
+///     it (0 for padding), when asked for with ``return_probs=True``.
+/// batch_shape : tuple of int
+///     Leading shape of the input (``(T,)`` or ``(B, S)``).
+#[pyclass(frozen, module = "moe_router")]
+pub struct RoutingDecision {
+    #[pyo3(get)]
+    expert_indices: Py<PyAny>,
+    #[pyo3(get)]
+    expert_weights: Py<PyAny>,
+    #[pyo3(get)]
+    expert_slots: Py<PyAny>,
+    #[pyo3(get)]
+    kept: Py<PyAny>,
+    #[pyo3(get)]
+    rerouted: Py<PyAny>,
+    #[pyo3(get)]
+    tokens_per_expert: Py<PyAny>,
+    #[pyo3(get)]
+    pre_drop_tokens_per_expert: Py<PyAny>,
+    #[pyo3(get)]
+    expert_prob_mean: Py<PyAny>,
+    #[pyo3(get)]
+    router_probs: Option<Py<PyAny>>,
+    #[pyo3(get)]
+    batch_shape: Py<PyTuple>,
+    #[pyo3(get)]
+    capacity: usize,
+    #[pyo3(get)]
+    dropless: bool,
+    #[pyo3(get)]
+    total_tokens: usize,
+    #[pyo3(get)]
+    active_tokens: usize,
+    #[pyo3(get)]
+    kept_assignments: usize,
+    #[pyo3(get)]
+    dropped_assignments: usize,
+    #[pyo3(get)]
+    tokens_dropped: usize,
+    #[pyo3(get)]
+    load_balance_loss: f64,
+    #[pyo3(get)]
+    router_z_loss: f64,
+    #[pyo3(get)]
+    seq_load_balance_loss: Option<f64>,
+    #[pyo3(get)]
+    auxiliary_loss: f64,
+    #[pyo3(get)]
+    peer_load_balance_loss: Option<f64>,
+    #[pyo3(get)]
+    num_experts: usize,
+    #[pyo3(get)]
+    top_k: usize,
+    /// Summaries kept in Rust for the peer losses and the per-expert views.
+    tokens_per_expert_counts: Vec<i64>,
+    expert_prob_mean_values: Vec<f64>,
+    first_choice_tokens_per_expert: Vec<i64>,
+    assignments: OnceLock<Py<PyList>>,
+}
+
+impl RoutingDecision {
+    /// Move a core result into NumPy arrays; `batch_shape` is the input's leading shape.
+    pub fn new(py: Python<'_>, r: Routing, batch_shape: &[usize]) -> PyResult<Self> {
+        let (t, k, e) = (r.num_tokens, r.top_k, r.num_experts);
+        let rerouted = if r.rerouted.is_empty() {
+            // No reroute could happen: zeros are mapped lazily by the allocator.
+            PyArray2::<bool>::zeros(py, [t, k], false).into_any().unbind()
+        } else {
+            arrays::matrix(py, r.rerouted, t, k)?.into_any().unbind()
+        };
+        let router_probs = if r.router_probs.is_empty() {
+            None
+        } else {
+            Some(arrays::matrix(py, r.router_probs, t, e)?.into_any().unbind())
+        };
+        Ok(RoutingDecision {
+            expert_indices: arrays::matrix(py, r.expert_indices, t, k)?.into_any().unbind(),
+            expert_weights: arrays::matrix(py, r.expert_weights, t, k)?.into_any().unbind(),
+            expert_slots: arrays::matrix(py, r.expert_slots, t, k)?.into_any().unbind(),
+            kept: arrays::matrix(py, r.kept, t, k)?.into_any().unbind(),
+            rerouted,
+            tokens_per_expert: arrays::vector(py, r.tokens_per_expert.clone()).into_any().unbind(),
+            pre_drop_tokens_per_expert: arrays::vector(py, r.pre_drop_tokens_per_expert).into_any().unbind(),
+            expert_prob_mean: arrays::vector(py, r.expert_prob_mean.clone()).into_any().unbind(),
+            router_probs,
+            batch_shape: PyTuple::new(py, batch_shape)?.unbind(),
+            capacity: r.capacity,
+            dropless: r.dropless,
+            total_tokens: t,
+            active_tokens: r.active_tokens,
+            kept_assignments: r.kept_assignments,
+            dropped_assignments: r.dropped_assignments,
+            tokens_dropped: r.tokens_dropped,
+            load_balance_loss: r.load_balance_loss,
+            router_z_loss: r.router_z_loss,
+            seq_load_balance_loss: r.seq_load_balance_loss,
+            auxiliary_loss: r.auxiliary_loss,
+            peer_load_balance_loss: r.peer_load_balance_loss,
+            num_experts: e,
+            top_k: k,
+            tokens_per_expert_counts: r.tokens_per_expert,
+            expert_prob_mean_values: r.expert_prob_mean,
+            first_choice_tokens_per_expert: r.first_choice_tokens_per_expert,
+            assignments: OnceLock::new(),
+        })
+    }
+
+    /// What the peers' losses read, with Megatron's plain counts if known.
+    pub fn loss_inputs<'a>(&'a self, plain_tokens_per_expert: &'a [i64]) -> LossInputs<'a> {
+        LossInputs {
+            num_experts: self.num_experts,
+            top_k: self.top_k,
+            active_tokens: self.active_tokens,
+            load_balance_loss: self.load_balance_loss,
+            expert_prob_mean: &self.expert_prob_mean_values,
+            first_choice_tokens_per_expert: &self.first_choice_tokens_per_expert,
+            plain_tokens_per_expert,
+        }
+    }
+
+    fn efficiency(&self) -> f64 {
+        let total = self.active_tokens * self.top_k;
+        if total == 0 {
+            1.0
+        } else {
+            self.kept_assignments as f64 / total as f64
+        }
+    }
+
+    fn cv(&self) -> f64 {
+        let loads = &self.tokens_per_expert_counts;
+        if loads.is_empty() {
+            return 0.0;
+        }
+        let n = loads.len() as f64;
+        let mean = loads.iter().map(|&x| x as f64).sum::<f64>() / n;
+        if mean <= 0.0 {
+            return 0.0;
+        }
+        let var = loads.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+        var.sqrt() / mean
+    }
+}
+
+#[pymethods]
+impl RoutingDecision {
+    /// Alias of :attr:`tokens_per_expert` (kept assignments per expert).
+    #[getter]
+    fn expert_capacities(&self, py: Python<'_>) -> Py<PyAny> {
+        self.tokens_per_expert.clone_ref(py)
+    }
+
+    /// Kept assignments over ``active_tokens * k``; 1.0 for an empty batch.
+    fn routing_efficiency(&self) -> f64 {
+        self.efficiency()
+    }
+
+    /// Coefficient of variation (population std / mean) of ``tokens_per_expert``; 0 if no token is kept.
+    fn load_balance_cv(&self) -> f64 {
+        self.cv()
+    }
+
+    /// Buffer use per expert, ``tokens_per_expert / capacity``, summarized.
+    ///
+    /// Returns
+    /// -------
+    /// dict
+    ///     ``min_utilization``, ``max_utilization``, ``mean_utilization`` (0 when
+    ///     the capacity is 0), ``tokens_dropped_rate`` (``tokens_dropped /
+    ///     active_tokens``, 0 for an empty batch), ``assignment_drop_rate`` and
+    ///     ``routing_efficiency``.
+    fn expert_utilization<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let loads = &self.tokens_per_expert_counts;
+        let (lo, hi, mean) = if self.capacity > 0 && !loads.is_empty() {
+            let c = self.capacity as f64;
+            let u = loads.iter().map(|&x| x as f64 / c);
+            let lo = u.clone().fold(f64::INFINITY, f64::min);
+            let hi = u.clone().fold(f64::NEG_INFINITY, f64::max);
+            (lo, hi, u.sum::<f64>() / loads.len() as f64)
+        } else {
+            (0.0, 0.0, 0.0)
+        };
+        let active = self.active_tokens;
+        let d = PyDict::new(py);
+        d.set_item("min_utilization", lo)?;
+        d.set_item("max_utilization", hi)?;
+        d.set_item("mean_utilization", mean)?;
+        d.set_item("tokens_dropped_rate", if active == 0 { 0.0 } else { self.tokens_dropped as f64 / active as f64 })?;
+        d.set_item("assignment_drop_rate", 1.0 - self.efficiency())?;
+        d.set_item("routing_efficiency", self.efficiency())?;
+        Ok(d)
+    }
+
+    /// Per token, its kept assignments as ``ExpertAssignment`` (built on first use).
+    #[getter]
+    fn expert_assignments(&self, py: Python<'_>) -> PyResult<Py<PyList>> {
+        if let Some(list) = self.assignments.get() {
+            return Ok(list.clone_ref(py));
+        }
+        let experts = self.expert_indices.bind(py).cast::<PyArray2<i32>>()?.readonly();
+        let weights = self.expert_weights.bind(py).cast::<PyArray2<f32>>()?.readonly();
+        let kept = self.kept.bind(py).cast::<PyArray2<bool>>()?.readonly();
+        let (experts, weights, kept) = (experts.as_array(), weights.as_array(), kept.as_array());
+        let out = PyList::empty(py);
+        for tok in 0..self.total_tokens {
+            let row = PyList::empty(py);
+            for rank in 0..self.top_k {
+                if kept[[tok, rank]] {
+                    let a = ExpertAssignment {
+                        expert_id: i64::from(experts[[tok, rank]]),
+                        probability: f64::from(weights[[tok, rank]]),
+                        token_idx: tok as i64,
+                        expert_rank: rank as i64,
+                    };
+                    row.append(Py::new(py, a)?)?;
+                }
+            }
+            out.append(row)?;
+        }
+        let list = out.unbind();
+        Ok(self.assignments.get_or_init(|| list).clone_ref(py))
+    }
+
+    /// Scalars and per-expert counts as JSON-ready Python values (no ``[T, k]`` arrays).
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("total_tokens", self.total_tokens)?;
+        d.set_item("active_tokens", self.active_tokens)?;
+        d.set_item("num_experts", self.num_experts)?;
+        d.set_item("top_k", self.top_k)?;
+        d.set_item("capacity", self.capacity)?;
+        d.set_item("dropless", self.dropless)?;
+        d.set_item("tokens_per_expert", self.tokens_per_expert.bind(py).call_method0("tolist")?)?;
+        d.set_item("pre_drop_tokens_per_expert", self.pre_drop_tokens_per_expert.bind(py).call_method0("tolist")?)?;
+        d.set_item("kept_assignments", self.kept_assignments)?;
+        d.set_item("dropped_assignments", self.dropped_assignments)?;
+        d.set_item("tokens_dropped", self.tokens_dropped)?;
+        d.set_item("routing_efficiency", self.efficiency())?;
+        d.set_item("load_balance_cv", self.cv())?;
+        d.set_item("load_balance_loss", self.load_balance_loss)?;
+        d.set_item("router_z_loss", self.router_z_loss)?;
+        d.set_item("seq_load_balance_loss", self.seq_load_balance_loss)?;
+        d.set_item("auxiliary_loss", self.auxiliary_loss)?;
+        d.set_item("peer_load_balance_loss", self.peer_load_balance_loss)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "RoutingDecision(T={}, E={}, k={}, capacity={}, dropped_assignments={}, load_balance_loss={}, router_z_loss={})",
+            self.total_tokens,
+            self.num_experts,
+            self.top_k,
+            self.capacity,
+            self.dropped_assignments,
+            g6(self.load_balance_loss),
+            g6(self.router_z_loss)
+        )
+    }
+}
+
+/// `format(x, ".6g")` as Python prints it.
+fn g6(x: f64) -> String {
+    Python::attach(|py| {
+        py.import("builtins")
+            .and_then(|b| b.getattr("format"))
+            .and_then(|f| f.call1((x, ".6g")))
+            .and_then(|s| s.extract::<String>())
+            .unwrap_or_else(|_| format!("{x}"))
+    })
+}
