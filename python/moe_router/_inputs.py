@@ -10,7 +10,7 @@ names the argument.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -142,3 +142,47 @@ def step(value: Any) -> int:
 def sequence_length(batch_shape: Tuple[int, ...]) -> Optional[int]:
     """S of a ``[B, S]`` batch (for the sequence-level loss), None for ``[T]``."""
     return batch_shape[1] if len(batch_shape) == 2 else None
+
+
+def weight(value: Any, name: str, shape: Tuple[int, ...], what: str = "", dtype: Any = None,
+           kinds: str = "f") -> np.ndarray:
+    """A private, read-only, C-contiguous copy of a router weight.
+
+    Private so that later changes to the caller's array cannot make a cached
+    conversion (:class:`Casts`) go stale. ``dtype`` None keeps float32/float64
+    and makes other floats float32; ``kinds`` are the accepted dtype kinds.
+
+    Raises
+    ------
+    TypeError
+        A dtype outside ``kinds``.
+    InputError
+        Another shape than ``shape`` (``what`` explains it), or NaN/inf values.
+    """
+    a = as_array(value, name)
+    if a.dtype.kind not in kinds:
+        raise TypeError(f"{name} must be a {'floating-point' if kinds == 'f' else 'real-valued'} array, "
+                        f"got dtype {a.dtype}")
+    if a.shape != tuple(shape):
+        raise InputError(f"{name} has shape {list(a.shape)}, expected {list(shape)}{what}")
+    if not np.isfinite(a).all():
+        raise InputError(f"{name} contains NaN or infinite values")
+    a = np.array(a, dtype=dtype or (a.dtype if a.dtype in _FLOAT_OK else np.float32), order="C")
+    a.setflags(write=False)
+    return a
+
+
+class Casts:
+    """Weights and their conversions to the hidden states' dtype, each made once."""
+
+    def __init__(self, *arrays: Optional[np.ndarray]) -> None:
+        self.arrays = arrays
+        self._by_dtype: Dict[np.dtype, Tuple[Optional[np.ndarray], ...]] = {}
+
+    def get(self, dtype: Any) -> Tuple[Optional[np.ndarray], ...]:
+        """The arrays as C-contiguous ``dtype`` (None stays None; no copy when already so)."""
+        dtype = np.dtype(dtype)
+        if dtype not in self._by_dtype:
+            self._by_dtype[dtype] = tuple(None if a is None else np.ascontiguousarray(a, dtype=dtype)
+                                          for a in self.arrays)
+        return self._by_dtype[dtype]

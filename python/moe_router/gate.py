@@ -11,10 +11,12 @@ from . import _core, _inputs
 from ._core import ConfigError, InputError
 
 
-def gate_layout(num_experts: int) -> Tuple[int, int]:
-    """``(G, P)``: ``G = ceil(sqrt(E))`` groups of ``P = ceil(E / G)`` experts (the seed's layout)."""
-    groups = max(1, math.isqrt(num_experts - 1) + 1) if num_experts > 1 else 1
-    return groups, -(-num_experts // groups)
+def _float_dtype(value: Any) -> np.dtype:
+    """float32 or float64: the gate's weights have no other dtype."""
+    dtype = np.dtype(getattr(value, "dtype", np.float64))
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
 
 
 class GateNetwork:
@@ -63,63 +65,46 @@ class GateNetwork:
             raise ConfigError(f"invalid num_experts: got {num_experts!r}; must be an integer >= 1")
         self._dim = int(input_dim)
         self._experts = int(num_experts)
-        self._groups, self._per_group = gate_layout(self._experts)
+        self._groups, self._per_group = _core.gate_layout(self._experts)
         if group_top_k is not None and (isinstance(group_top_k, bool) or not isinstance(group_top_k, (int, np.integer))
                                         or not 1 <= group_top_k <= self._groups):
             raise ConfigError(f"invalid group_top_k: got {group_top_k!r}; must be None or an integer in "
                               f"[1, num_groups = {self._groups}]")
         self.group_top_k = None if group_top_k is None else int(group_top_k)
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        dtype = _float_dtype(np.empty(0, dtype=dtype))
         rng = np.random.default_rng(seed)
         std = 1.0 / math.sqrt(self._dim)
-        self._cast: Dict[np.dtype, Tuple[np.ndarray, np.ndarray]] = {}
+        self._weights = _inputs.Casts(None, None)
         self.group_weight = (rng.standard_normal((self._dim, self._groups)) * std).astype(dtype)
         self.expert_weight = (rng.standard_normal((self._groups, self._dim, self._per_group)) * std).astype(dtype)
 
     @property
     def group_weight(self) -> np.ndarray:
         """Group router weight, float ``[D, G]`` (read-only; assign a new array to change it)."""
-        return self._group_weight
+        return self._weights.arrays[0]
 
     @group_weight.setter
     def group_weight(self, value: Any) -> None:
-        self._group_weight = self._frozen(value, (self._dim, self._groups), "group_weight")
+        w = _inputs.weight(value, "group_weight", (self._dim, self._groups), kinds="f", dtype=_float_dtype(value))
+        self._weights = _inputs.Casts(w, self._weights.arrays[1])
 
     @property
     def expert_weight(self) -> np.ndarray:
         """Within-group expert routers, float ``[G, D, P]`` (read-only; assign a new array to change it)."""
-        return self._expert_weight
+        return self._weights.arrays[1]
 
     @expert_weight.setter
     def expert_weight(self, value: Any) -> None:
-        self._expert_weight = self._frozen(value, (self._groups, self._dim, self._per_group), "expert_weight")
+        shape = (self._groups, self._dim, self._per_group)
+        w = _inputs.weight(value, "expert_weight", shape, kinds="f", dtype=_float_dtype(value))
+        self._weights = _inputs.Casts(self._weights.arrays[0], w)
 
-    def _frozen(self, value: Any, shape: Tuple[int, ...], name: str) -> np.ndarray:
-        """A private read-only copy of ``value`` (so cached conversions cannot go stale)."""
-        a = _inputs.as_array(value, name)
-        if a.dtype not in (np.float32, np.float64):
-            raise TypeError(f"{name} must be float32 or float64, got dtype {a.dtype}")
-        if a.shape != shape:
-            raise InputError(f"{name} has shape {list(a.shape)}, expected {list(shape)}")
-        if not np.isfinite(a).all():
-            raise InputError(f"{name} contains NaN or infinite values")
-        a = np.array(a, order="C")
-        a.setflags(write=False)
-        self._cast = {}
-        return a
-
-    def weights_for(self, dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
+    def weights_for(self, dtype: Any) -> Tuple[np.ndarray, np.ndarray]:
         """``(group_weight [D, G], expert_weight [G, D, P])`` as C-contiguous arrays of
-        ``dtype`` (float32 or float64), each converted on its own and cached."""
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        if dtype not in self._cast:
-            self._cast[dtype] = (np.ascontiguousarray(self._group_weight, dtype=dtype),
-                                 np.ascontiguousarray(self._expert_weight, dtype=dtype))
-        return self._cast[dtype]
+        ``dtype`` (float32 or float64), each converted once and cached."""
+        gw, ew = self._weights.get(_float_dtype(np.empty(0, dtype=dtype)))
+        assert gw is not None and ew is not None
+        return gw, ew
 
     def forward(self, hidden: Any) -> np.ndarray:
         """Expert probabilities of ``hidden``.

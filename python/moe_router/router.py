@@ -93,9 +93,7 @@ class ExpertRouter:
         self._lock = threading.RLock()
         self._step = 0
         self._gate: Optional[GateNetwork] = None
-        self._weight: Optional[np.ndarray] = None
-        self._bias: Optional[np.ndarray] = None
-        self._cast: Dict[np.dtype, Any] = {}
+        self._weights = _inputs.Casts(None, None)
         if hierarchical:
             if config.score_function != "softmax":
                 raise ConfigError(f"invalid gate: the hierarchical gate computes its own probabilities "
@@ -112,8 +110,7 @@ class ExpertRouter:
             if weight is None:
                 rng = np.random.default_rng(seed)
                 weight = (rng.standard_normal((self.input_dim, e)) / math.sqrt(self.input_dim)).astype(np.float32)
-            self._weight = self._checked_weight(weight, (self.input_dim, e))
-            self._bias = None if bias is None else self._checked_bias(bias, e, self._weight.dtype)
+            self._set_weights(weight, bias)
         self._stats = RoutingStats()
         self._balancer = balancer if balancer is not None else LoadBalancer(e)
         if self._balancer.num_experts != e:
@@ -121,43 +118,22 @@ class ExpertRouter:
                               f"the config has num_experts = {e}")
 
     # -- weights ---------------------------------------------------------------
-    @staticmethod
-    def _checked_weight(weight: Any, shape: tuple) -> np.ndarray:
-        w = _inputs.as_array(weight, "weight")
-        if w.dtype.kind != "f":
-            raise TypeError(f"weight must be a floating-point array, got dtype {w.dtype}")
-        if w.shape != shape:
-            raise InputError(f"weight has shape {list(w.shape)}, expected {list(shape)} (input_dim x num_experts)")
-        if not np.isfinite(w).all():
-            raise InputError("weight contains NaN or infinite values")
-        # A private, read-only copy: later changes to the caller's array cannot make
-        # the float32 and float64 paths (one of them a cached conversion) disagree.
-        w = np.array(w, dtype=w.dtype if w.dtype in (np.float32, np.float64) else np.float32, order="C")
-        w.setflags(write=False)
-        return w
-
-    @staticmethod
-    def _checked_bias(bias: Any, e: int, dtype: np.dtype) -> np.ndarray:
-        b = _inputs.as_array(bias, "bias")
-        if b.dtype.kind not in "fiu":
-            raise TypeError(f"bias must be a real-valued array, got dtype {b.dtype}")
-        if b.shape != (e,):
-            raise InputError(f"bias has shape {list(b.shape)}, expected [{e}] (one value per expert)")
-        if not np.isfinite(b).all():
-            raise InputError("bias contains NaN or infinite values")
-        b = np.array(b, dtype=dtype, order="C")
-        b.setflags(write=False)
-        return b
+    def _set_weights(self, weight: Any, bias: Any) -> None:
+        e = self.config.num_experts
+        w = _inputs.weight(weight, "weight", (self.input_dim, e), " (input_dim x num_experts)")
+        b = None if bias is None else _inputs.weight(bias, "bias", (e,), " (one value per expert)", w.dtype, "fiu")
+        with self._lock:
+            self._weights = _inputs.Casts(w, b)
 
     @property
     def weight(self) -> Optional[np.ndarray]:
         """The linear router's weight ``[D, E]`` (None for the hierarchical gate)."""
-        return self._weight
+        return self._weights.arrays[0]
 
     @property
     def bias(self) -> Optional[np.ndarray]:
         """The linear router's bias ``[E]`` or None."""
-        return self._bias
+        return self._weights.arrays[1]
 
     @property
     def gate(self) -> Optional[GateNetwork]:
@@ -185,32 +161,16 @@ class ExpertRouter:
         ConfigError
             The router uses the hierarchical gate, which has no single weight.
         """
-        if self._weight is None:
+        if self._gate is not None:
             raise ConfigError("invalid update_router_weights: this router uses the hierarchical gate "
                               "(gate='hierarchical'), which has no single weight matrix")
         w = _inputs.as_array(new_weights, "new_weights")
-        if w.shape != self._weight.shape:
+        shape = (self.input_dim, self.config.num_experts)
+        if w.shape != shape:
             raise InputError(f"new_weights has shape {list(w.shape)}, but the router weight has shape "
-                             f"{list(self._weight.shape)} (input_dim x num_experts)")
-        checked = self._checked_weight(w, self._weight.shape)
-        # The bias follows the weight's dtype (the kept one is converted).
-        new_bias = self._bias if bias is None else bias
-        if new_bias is not None:
-            new_bias = self._checked_bias(new_bias, self.config.num_experts, checked.dtype)
-        with self._lock:
-            self._weight, self._bias = checked, new_bias
-            self._cast = {}
-
-    def _weights_for(self, dtype: np.dtype):
-        with self._lock:
-            w, b = self._weight, self._bias
-            assert w is not None
-            if w.dtype == dtype:
-                return w, b
-            if dtype not in self._cast:
-                self._cast[dtype] = (np.ascontiguousarray(w, dtype=dtype),
-                                     None if b is None else np.ascontiguousarray(b, dtype=dtype))
-            return self._cast[dtype]
+                             f"{list(shape)} (input_dim x num_experts)")
+        # The bias follows the new weight's dtype (the kept one is converted).
+        self._set_weights(w, self.bias if bias is None else bias)
 
     # -- routing ---------------------------------------------------------------
     def _call_state(self, training: bool):
@@ -269,7 +229,7 @@ class ExpertRouter:
             gw, ew = self._gate.weights_for(rows.dtype)
             dec = _core.route_gate(rows, gw, ew, self._gate.group_top_k, *call)
         else:
-            w, b = self._weights_for(rows.dtype)
+            w, b = self._weights.get(rows.dtype)
             dec = _core.route_hidden(rows, w, b, *call)
         return self._finish(dec, time.perf_counter() - t0, training)
 

@@ -9,7 +9,7 @@ mod errors;
 mod threads;
 
 use moe_router_core::{
-    self as core, gate_probabilities, ArrayArg, GemmScalar, HierarchicalGate, LinearLogits, Logit, LogitSource, Peer, RouteCall,
+    self as core, gate_probabilities, ArrayArg, GateShape, GemmScalar, HierarchicalGate, LinearLogits, Logit, LogitSource, Peer, RouteCall,
     Routing, SliceLogits,
 };
 use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -256,6 +256,13 @@ fn peer_load_balance_loss(
     Ok(core::peer_load_balance_loss(peer, &decision.loss_inputs(&plain)))
 }
 
+/// ``(G, P)``: the hierarchical gate's ``G = ceil(sqrt(E))`` groups of ``P = ceil(E / G)`` experts.
+#[pyfunction]
+fn gate_layout(num_experts: usize) -> (usize, usize) {
+    let s = GateShape::for_experts(num_experts);
+    (s.groups, s.per_group)
+}
+
 /// `[T, E]` of a 2-D argument (the Python wrapper flattens `[B, S, E]`).
 fn two_d<T>(x: &ArrayArg<'_, T>) -> PyResult<[usize; 2]> {
     x.expect(&[None, None], "[T, E]").map_err(to_py)?;
@@ -286,6 +293,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(route_gate, m)?,
         wrap_pyfunction!(gate_forward, m)?,
         wrap_pyfunction!(peer_load_balance_loss, m)?,
+        wrap_pyfunction!(gate_layout, m)?,
         wrap_pyfunction!(set_num_threads, m)?,
         wrap_pyfunction!(get_num_threads, m)?,
     ] {
