@@ -172,7 +172,11 @@ impl FromStr for GroupScore {
                 .filter(|&n| n >= 1)
                 .map(GroupScore::TopSum)
                 .ok_or_else(|| {
-                    RouterError::config("group_score", format!("'{text}'"), "must be 'max', 'top2_sum' or 'top<n>_sum' (n >= 1)")
+                    RouterError::config(
+                        "group_score",
+                        format!("'{text}'"),
+                        "must be 'max', 'top2_sum' or 'top<n>_sum' (n >= 1)",
+                    )
                 }),
         }
     }
@@ -468,9 +472,7 @@ impl RouterConfig {
             "weight_scale" => self.weight_scale = real("weight_scale", v)?,
             "load_balance_loss_coeff" => self.load_balance_loss_coeff = real("load_balance_loss_coeff", v)?,
             "router_z_loss_coeff" => self.router_z_loss_coeff = real("router_z_loss_coeff", v)?,
-            "seq_load_balance_loss_coeff" => {
-                self.seq_load_balance_loss_coeff = real("seq_load_balance_loss_coeff", v)?
-            }
+            "seq_load_balance_loss_coeff" => self.seq_load_balance_loss_coeff = real("seq_load_balance_loss_coeff", v)?,
             "expert_dropout" => self.expert_dropout = real("expert_dropout", v)?,
             "enable_load_balancing" => self.enable_load_balancing = boolean("enable_load_balancing", v)?,
             "overflow" => self.overflow = spelled(v)?,
@@ -491,7 +493,11 @@ impl RouterConfig {
                     FieldValue::Reals(b) => Some(b.clone()),
                     _ => {
                         let e = self.num_experts;
-                        return Err(RouterError::config("expert_bias", v, format!("must be None or a sequence of {e} real numbers")));
+                        return Err(RouterError::config(
+                            "expert_bias",
+                            v,
+                            format!("must be None or a sequence of {e} real numbers"),
+                        ));
                     }
                 }
             }
@@ -547,6 +553,13 @@ impl RouterConfig {
     /// scores, and noise (which applies to logits) is off.
     pub fn for_gate(&self) -> RouterConfig {
         RouterConfig { score_function: ScoreFunction::Probabilities, jitter_eps: 0.0, noise_std: 0.0, ..self.clone() }
+    }
+
+    /// Set (or clear) group-limited routing as one value.
+    pub fn set_groups(&mut self, groups: Option<GroupLimit>) {
+        self.num_groups = groups.map(|g| g.num_groups);
+        self.group_top_k = groups.map(|g| g.group_top_k);
+        self.group_score = groups.map_or(GroupScore::Max, |g| g.group_score);
     }
 
     /// Group-limited routing, when `num_groups` and `group_top_k` are set.
@@ -694,7 +707,11 @@ impl RouterConfig {
                 ));
             }
             if let Some((i, v)) = bias.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                return Err(RouterError::config("expert_bias", format!("{v}"), format!("must be finite; expert_bias[{i}] = {v}")));
+                return Err(RouterError::config(
+                    "expert_bias",
+                    format!("{v}"),
+                    format!("must be finite; expert_bias[{i}] = {v}"),
+                ));
             }
         }
         Ok(())

@@ -125,8 +125,10 @@ impl<'a, F: GemmScalar> HierarchicalGate<'a, F> {
         let s = GateShape::for_experts(experts);
         let (g, p) = (s.groups, s.per_group);
         let gw = group_weight.expect(&[Some(d), Some(g)], &format!("[{d}, {g}] (input_dim x groups)"))?;
-        let ew = expert_weight
-            .expect(&[Some(g), Some(d), Some(p)], &format!("[{g}, {d}, {p}] (groups x input_dim x experts per group)"))?;
+        let ew = expert_weight.expect(
+            &[Some(g), Some(d), Some(p)],
+            &format!("[{g}, {d}, {p}] (groups x input_dim x experts per group)"),
+        )?;
         HierarchicalGate::new(h, t, d, gw, ew, experts, group_top_k)
     }
 

@@ -24,8 +24,8 @@ pub mod error;
 pub mod gate;
 pub mod linear;
 pub mod losses;
-mod peer_loss;
 mod math;
+mod peer_loss;
 mod reroute;
 pub mod rng;
 pub mod route;
@@ -35,15 +35,15 @@ pub mod topk;
 
 pub use array_arg::ArrayArg;
 pub use capacity::{expert_capacity, Decimal};
+pub use config::RouterOptions;
 pub use config::{
     CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore, GroupScoreInput, Overflow, Peer,
     RouterConfig, ScoreFunction, TOP_K_ALIAS,
 };
-pub use peer_loss::{peer_load_balance_loss, LossInputs};
-pub use config::RouterOptions;
 pub use error::{Result, RouterError};
 pub use gate::{gate_probabilities, GateShape, HierarchicalGate};
 pub use linear::{GemmScalar, LinearLogits};
+pub use peer_loss::{peer_load_balance_loss, LossInputs};
 pub use route::{
     chunk_tokens, route, route_logits, ChunkBuf, ChunkRows, Logit, LogitSource, RouteCall, Routing, SliceLogits,
     CHUNK_TOKENS,

@@ -115,7 +115,11 @@ impl<'a, F: GemmScalar> LinearLogits<'a, F> {
 impl<'a, F: GemmScalar> LinearLogits<'a, F> {
     /// From the caller's arrays: `hidden [T, D]`, `weight [D, E]`, `bias [E]`; the
     /// error names the array whose shape does not fit.
-    pub fn from_arrays(hidden: ArrayArg<'a, F>, weight: ArrayArg<'a, F>, bias: Option<ArrayArg<'a, F>>) -> Result<Self> {
+    pub fn from_arrays(
+        hidden: ArrayArg<'a, F>,
+        weight: ArrayArg<'a, F>,
+        bias: Option<ArrayArg<'a, F>>,
+    ) -> Result<Self> {
         let h = hidden.expect(&[None, None], "[T, D]")?;
         let (t, d) = (hidden.shape[0], hidden.shape[1]);
         let w = weight.expect(&[Some(d), None], &format!("[{d}, E] (input_dim = {d} rows, one per hidden feature)"))?;

@@ -20,9 +20,9 @@ use rayon::prelude::*;
 use crate::assign::{self, Assignments};
 use crate::capacity::expert_capacity;
 use crate::config::{DropPolicy, Overflow, RouterOptions};
-use crate::peer_loss;
 use crate::error::{Result, RouterError};
 use crate::losses::{self, LossSums, SequenceLoss, SequencePart};
+use crate::peer_loss;
 use crate::reroute;
 use crate::row::{RowContext, RowRouter, TokenOut};
 
@@ -183,6 +183,8 @@ pub struct RouteCall<'a> {
     pub sequence_length: Option<usize>,
     /// Also return each token's score distribution (`Routing::router_probs`).
     pub return_probs: bool,
+    /// Also count a plain top-k without bias and groups (`Routing::plain_tokens_per_expert`).
+    pub plain_topk_counts: bool,
 }
 
 /// The result of routing T tokens to E experts with k choices each.
@@ -397,7 +399,8 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
     routing.auxiliary_loss = options.load_balance_loss_coeff * routing.load_balance_loss
         + options.router_z_loss_coeff * routing.router_z_loss
         + routing.seq_load_balance_loss.map_or(0.0, |s| options.seq_load_balance_loss_coeff * s);
-    routing.peer_load_balance_loss = options.peer.map(|peer| peer_loss::peer_load_balance_loss(peer, &routing.loss_inputs()));
+    routing.peer_load_balance_loss =
+        options.peer.map(|peer| peer_loss::peer_load_balance_loss(peer, &routing.loss_inputs()));
     Ok(routing)
 }
 

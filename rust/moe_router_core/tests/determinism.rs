@@ -58,13 +58,13 @@ fn configurations(e: usize, k: usize) -> Vec<(&'static str, RouterOptions, bool,
     noisy.noise_std = 0.3;
     noisy.seed = 42;
     noisy.overflow = Overflow::Reroute;
-    noisy.reroute_probability = 0.5;
+    noisy.expert_dropout = 0.5;
     noisy.renormalize_after_drop = true;
     out.push(("training noise, reroute p=0.5, renormalize", noisy, true, true, Some(250)));
     let mut grouped = o.clone();
     grouped.score_function = ScoreFunction::Sigmoid;
     grouped.normalize_weights = true;
-    grouped.groups = Some(GroupLimit { num_groups: 8, group_top_k: 4, group_score: GroupScore::Top2Sum });
+    grouped.set_groups(Some(GroupLimit { num_groups: 8, group_top_k: 4, group_score: GroupScore::Top2Sum }));
     grouped.capacity_factor = factor("0.75");
     out.push(("sigmoid, groups, cf=0.75", grouped, false, false, None));
     let mut dropless = o;
@@ -95,6 +95,7 @@ fn identical_for_1_2_and_7_threads() {
                     expert_bias,
                     step: 3,
                     sequence_length,
+                    ..RouteCall::default()
                 };
                 let what = format!("{policy:?} / {name} / bias={}", expert_bias.is_some());
                 let r = same_in_every_pool(&what, view, &options, &call);

@@ -160,22 +160,22 @@ fn invalid_options_name_the_field() {
     cases.push((with(&|o| o.capacity_factor = factor("0")), "capacity_factor"));
     cases.push((with(&|o| o.eval_capacity_factor = Some(factor("0.0"))), "eval_capacity_factor"));
     let group = |num_groups, group_top_k| Some(GroupLimit { num_groups, group_top_k, group_score: GroupScore::Max });
-    cases.push((with(&|o| o.groups = group(3, 1)), "num_groups"));
-    cases.push((with(&|o| o.groups = group(0, 1)), "num_groups"));
-    cases.push((with(&|o| o.groups = group(16, 1)), "num_groups"));
-    cases.push((with(&|o| o.groups = group(4, 0)), "group_top_k"));
-    cases.push((with(&|o| o.groups = group(4, 5)), "group_top_k"));
+    cases.push((with(&|o| o.set_groups(group(3, 1))), "num_groups"));
+    cases.push((with(&|o| o.set_groups(group(0, 1))), "num_groups"));
+    cases.push((with(&|o| o.set_groups(group(16, 1))), "num_groups"));
+    cases.push((with(&|o| o.set_groups(group(4, 0))), "group_top_k"));
+    cases.push((with(&|o| o.set_groups(group(4, 5))), "group_top_k"));
     cases.push((
         with(&|o| {
             o.top_k = 3;
-            o.groups = group(4, 1);
+            o.set_groups(group(4, 1));
         }),
         "top_k",
     ));
     cases.push((with(&|o| o.reroute_weight_scale = -0.5), "reroute_weight_scale"));
     cases.push((with(&|o| o.reroute_weight_scale = f64::NAN), "reroute_weight_scale"));
-    cases.push((with(&|o| o.reroute_probability = 1.5), "expert_dropout"));
-    cases.push((with(&|o| o.reroute_probability = f64::NAN), "expert_dropout"));
+    cases.push((with(&|o| o.expert_dropout = 1.5), "expert_dropout"));
+    cases.push((with(&|o| o.expert_dropout = f64::NAN), "expert_dropout"));
     cases.push((with(&|o| o.jitter_eps = 1.0), "jitter_eps"));
     cases.push((with(&|o| o.jitter_eps = f64::NAN), "jitter_eps"));
     cases.push((with(&|o| o.noise_std = -1.0), "noise_std"));

@@ -40,6 +40,7 @@ impl Case {
             expert_bias: self.bias.as_deref(),
             step: self.step,
             sequence_length: self.sequence_length,
+            ..RouteCall::default()
         }
     }
 
@@ -109,7 +110,7 @@ fn make_case(
         if rng.chance(0.3) {
             o.overflow = Overflow::Reroute;
             o.reroute_weight_scale = rng.pick(&[0.5, 1.0, 0.25]);
-            o.reroute_probability = rng.pick(&[1.0, 0.5]);
+            o.expert_dropout = rng.pick(&[1.0, 0.5]);
         }
         if e >= 8 && rng.chance(0.4) {
             let (num_groups, group_top_k) = if e == 8 { (4, 2) } else { rng.pick(&[(8, 3), (8, 2), (16, 4)]) };
@@ -119,10 +120,10 @@ fn make_case(
             if kind == Logits::Ties && o.score_function == ScoreFunction::Sigmoid {
                 group_score = GroupScore::Max;
             }
-            o.groups = Some(GroupLimit { num_groups, group_top_k, group_score });
+            o.set_groups(Some(GroupLimit { num_groups, group_top_k, group_score }));
             // top_k must stay reachable.
             if k > group_top_k * (e / num_groups) {
-                o.groups = None;
+                o.set_groups(None);
             }
         }
         if rng.chance(0.4) {

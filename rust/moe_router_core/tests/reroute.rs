@@ -83,7 +83,7 @@ fn check_reroute(what: &str, logits: &[f32], t: usize, o: &RouterOptions, call: 
         assert!(i64::from(r.expert_slots[p]) >= placed, "{what}: rerouted slot below a policy slot");
     }
     // In evaluation every overflow tries: one still dropped had nowhere to go.
-    if !call.training || o.reroute_probability == 1.0 {
+    if !call.training || o.expert_dropout == 1.0 {
         for p in (0..t * k).filter(|&p| u.kept[p] && !r.kept[p]) {
             let tok = p / k;
             let mine = &r.expert_indices[tok * k..(tok + 1) * k];
@@ -146,15 +146,15 @@ fn reroute_in_training_is_a_seeded_coin() {
         o.seed = 7;
         let moved = |o: &RouterOptions, step: u64| {
             let call = RouteCall { training: true, step, ..RouteCall::default() };
-            let what = format!("{policy:?} training p={} step={step}", o.reroute_probability);
+            let what = format!("{policy:?} training p={} step={step}", o.expert_dropout);
             check_reroute(&what, &logits, t, o, &call);
             run(&logits, t, o, &call).rerouted
         };
-        o.reroute_probability = 0.0;
+        o.expert_dropout = 0.0;
         assert!(!moved(&o, 0).contains(&true), "{policy:?}: p=0 must not reroute");
-        o.reroute_probability = 1.0;
+        o.expert_dropout = 1.0;
         let all = moved(&o, 0).iter().filter(|&&b| b).count();
-        o.reroute_probability = 0.5;
+        o.expert_dropout = 0.5;
         let a = moved(&o, 0);
         let half = a.iter().filter(|&&b| b).count();
         assert!(half > 0 && half < all, "{policy:?}: p=0.5 moved {half} of {all}");

@@ -39,7 +39,7 @@ use crate::errors::to_py;
 /// >>> import moe_router as mr
 /// >>> cfg = mr.RouterConfig(num_experts=64, top_k=2, capacity_factor=1.1)
 /// >>> cfg.capacity(200), cfg.replace(top_k=1).top_k
-/// (8, 1)
+/// (7, 1)
 #[pyclass(frozen, name = "RouterConfig", module = "moe_router")]
 pub struct PyRouterConfig {
     pub inner: CoreConfig,

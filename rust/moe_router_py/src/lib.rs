@@ -9,8 +9,8 @@ mod errors;
 mod threads;
 
 use moe_router_core::{
-    self as core, gate_probabilities, ArrayArg, GateShape, GemmScalar, HierarchicalGate, LinearLogits, Logit, LogitSource, Peer, RouteCall,
-    Routing, SliceLogits,
+    self as core, gate_probabilities, ArrayArg, GateShape, GemmScalar, HierarchicalGate, LinearLogits, Logit,
+    LogitSource, Peer, RouteCall, Routing, SliceLogits,
 };
 use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;

@@ -293,7 +293,7 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterOptions,
                 (true, Some(b)) => scores[x] + b[x],
             })
             .collect();
-        if let Some(g) = o.groups {
+        if let Some(g) = o.groups() {
             let size = e / g.num_groups;
             let gkey = |x: usize| {
                 if eligible[x] {
@@ -473,7 +473,7 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterOptions,
                 load[idx[p] as usize] += 1;
             }
         }
-        let probability = if call.training { o.reroute_probability } else { 1.0 };
+        let probability = if call.training { o.expert_dropout } else { 1.0 };
         for &(i, j) in &order {
             let p = i * k + j;
             if !routed[p] || kept[p] {
