@@ -42,10 +42,7 @@ __all__ = [
     "set_num_threads",
 ]
 
-from .threads import check_environment as _check_thread_env
-from .threads import get_num_threads, set_num_threads
-
-_check_thread_env()
+from ._core import get_num_threads, set_num_threads
 
 try:
     from importlib.metadata import version as _version

@@ -14,7 +14,8 @@ use moe_router_core::{
 };
 use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::exceptions::PyRuntimeWarning;
+use pyo3::types::{PyBool, PyTuple};
 
 use crate::config::PyRouterConfig;
 use crate::decision::{ExpertAssignment, RoutingDecision};
@@ -269,10 +270,31 @@ fn two_d<T>(x: &ArrayArg<'_, T>) -> PyResult<[usize; 2]> {
     Ok([x.shape[0], x.shape[1]])
 }
 
-/// Use ``n`` threads for routing from now on (0: one per core).
+/// Route with ``n`` threads from now on (0: one thread per core).
+///
+/// The same knob as the environment variable ``MOE_ROUTER_NUM_THREADS`` (read at
+/// first use). Results are bit-for-bit identical for any thread count.
+///
+/// Parameters
+/// ----------
+/// n : int
+///     Threads, ``0 <= n <= MAX_THREADS`` (1024).
+///
+/// Raises
+/// ------
+/// ConfigError
+///     ``n`` is not an integer in that range.
 #[pyfunction]
-fn set_num_threads(n: usize) -> PyResult<()> {
-    threads::set_num_threads(n).map_err(errors::bad_threads)
+fn set_num_threads(n: &Bound<'_, PyAny>) -> PyResult<()> {
+    let count = if n.is_instance_of::<PyBool>() { None } else { n.extract::<usize>().ok() };
+    let count = count.filter(|&c| c <= threads::MAX_THREADS).ok_or_else(|| {
+        let shown = n.repr().map(|r| r.to_string()).unwrap_or_default();
+        errors::bad_threads(format!(
+            "invalid num_threads: got {shown}; must be an integer in [0, {}] (0 = one thread per core)",
+            threads::MAX_THREADS
+        ))
+    })?;
+    threads::set_num_threads(count).map_err(errors::bad_threads)
 }
 
 /// Threads the next routing call will use.
@@ -305,5 +327,13 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CHUNK_TOKENS", core::CHUNK_TOKENS)?;
     m.add("MAX_THREADS", threads::MAX_THREADS)?;
     m.add("PEERS", PyTuple::new(py, Peer::spellings().collect::<Vec<_>>())?)?;
+    if let Err(text) = threads::from_env() {
+        let message = format!(
+            "{}={text:?} is not an integer in [0, {}]; using one thread per core",
+            threads::ENV_VAR,
+            threads::MAX_THREADS
+        );
+        PyErr::warn(py, &py.get_type::<PyRuntimeWarning>(), &std::ffi::CString::new(message)?, 1)?;
+    }
     Ok(())
 }

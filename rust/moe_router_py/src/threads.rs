@@ -14,14 +14,23 @@ static POOL: OnceLock<RwLock<Option<Arc<ThreadPool>>>> = OnceLock::new();
 /// Largest pool accepted (threads are created eagerly).
 pub const MAX_THREADS: usize = 1024;
 
+/// The environment variable read at first use.
+pub const ENV_VAR: &str = "MOE_ROUTER_NUM_THREADS";
+
+/// The thread count `MOE_ROUTER_NUM_THREADS` asks for: `Ok(None)` when unset,
+/// `Err(text)` when it is not an integer in `[0, MAX_THREADS]`.
+pub fn from_env() -> Result<Option<usize>, String> {
+    match std::env::var(ENV_VAR) {
+        Err(_) => Ok(None),
+        Ok(text) => match text.trim().parse::<usize>() {
+            Ok(n) if n <= MAX_THREADS => Ok(Some(n)),
+            _ => Err(text),
+        },
+    }
+}
+
 fn cell() -> &'static RwLock<Option<Arc<ThreadPool>>> {
-    POOL.get_or_init(|| {
-        let from_env = std::env::var("MOE_ROUTER_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|&n| n <= MAX_THREADS);
-        RwLock::new(build(from_env.unwrap_or(0)).ok())
-    })
+    POOL.get_or_init(|| RwLock::new(build(from_env().ok().flatten().unwrap_or(0)).ok()))
 }
 
 /// A pool of `n` threads (0: one per core, as rayon's default).
