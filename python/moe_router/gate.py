@@ -1,4 +1,4 @@
-"""``GateNetwork``: the seed's hierarchical gate, with a sparse mode that saves work."""
+"""``GateNetwork``: the hierarchical gate, with a sparse mode that saves work."""
 
 from __future__ import annotations
 
@@ -20,16 +20,16 @@ def _float_dtype(value: Any) -> np.dtype:
 
 
 class GateNetwork:
-    """Hierarchical gate: ``p(e) = p(group) * p(e | group)`` (torsh-distributed's ``GateNetwork``).
+    """Hierarchical gate: ``p(e) = p(group) * p(e | group)`` (a two-level softmax gate).
 
     E experts form ``G = ceil(sqrt(E))`` contiguous groups of ``P = ceil(E/G)``
     (the last group may be smaller). ``p(group)`` is the softmax of ``x @ W_group``
     (``[D, G]``); ``p(e | group g)`` is the softmax of ``x @ W_g`` (``[D, P]``)
     over group g's real experts, so every token's probabilities sum to 1 (the
-    seed let the last group's missing experts take probability mass).
+    last group's missing experts take no probability mass).
 
     With ``group_top_k=None`` every group's expert logits are computed (the
-    seed's dense gate). With ``group_top_k=m`` only each token's m best groups
+    dense gate). With ``group_top_k=m`` only each token's m best groups
     (by group logit, ties to the lower group) are computed and the other experts
     get probability 0: the same values on the computed experts, for
     ``(G + m*P) / (G + G*P)`` of the dense FLOPs. The gate's z-loss is that of
@@ -44,7 +44,7 @@ class GateNetwork:
         E (>= 1).
     seed : int
         Seed of the weight initialization: normal with std ``1/sqrt(D)``
-        (the seed used std 1, which saturates the softmax).
+        (std 1 would saturate the softmax).
     group_top_k : int or None
         Groups computed per token (1..G), or None for the dense gate.
     dtype : numpy dtype

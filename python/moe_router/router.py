@@ -20,8 +20,18 @@ from .stats import RoutingStats
 _GATES = ("auto", "linear", "hierarchical")
 
 
+def compute_dtype(hidden: Any, router_dtype: Optional[str]) -> Optional[np.dtype]:
+    """The dtype of the router GEMM: ``router_dtype`` if set, float64 for half-precision
+    hidden states (NumPy or torch float16/bfloat16: exact products), else None (the
+    hidden states' own float32/float64)."""
+    if router_dtype is not None:
+        return np.dtype(router_dtype)
+    name = str(getattr(hidden, "dtype", ""))
+    return np.dtype(np.float64) if ("float16" in name or "half" in name) else None
+
+
 class ExpertRouter:
-    """A token router with its own weights, statistics and load balancer (the seed's ``ExpertRouter``).
+    """A token router with its own weights, statistics and load balancer .
 
     ``route_tokens(hidden)`` computes the router logits ``hidden @ weight + bias``
     in Rust, chunk by chunk inside the parallel routing pass (a cache-blocked
@@ -41,14 +51,14 @@ class ExpertRouter:
         D, the hidden size.
     seed : int
         Seed of the default weight initialization (normal, std ``1/sqrt(D)``; the
-        seed's std 1 saturates the softmax).
+        std 1 would saturate the softmax).
     weight : array_like, float, shape [D, E], optional
         Router weight; float32 or float64 (others are converted to float32).
     bias : array_like, float, shape [E], optional
         Router bias.
     gate : {"auto", "linear", "hierarchical"}
-        "auto" picks the hierarchical gate when E > 32 and no ``weight`` is given
-        (the seed's rule), the linear router otherwise.
+        "auto" picks the hierarchical gate when E > 32 and no ``weight`` is given,
+        the linear router otherwise.
     group_top_k : int, optional
         For the hierarchical gate: groups computed per token (None = dense).
     balancer : LoadBalancer, optional
@@ -220,7 +230,7 @@ class ExpertRouter:
         """
         training = _inputs.flag(training, "training")
         rows, batch_shape = _inputs.float_rows(hidden, "hidden", self.input_dim, "input_dim",
-                                               dtype=self._compute_dtype(hidden))
+                                               dtype=compute_dtype(hidden, self.router_dtype))
         mask = _inputs.token_mask(token_mask, batch_shape)
         step, bias = self._call_state(training)
         call = (self.config, training, mask, bias, step, _inputs.sequence_length(batch_shape), False, batch_shape)
@@ -232,13 +242,6 @@ class ExpertRouter:
             w, b = self._weights.get(rows.dtype)
             dec = _core.route_hidden(rows, w, b, *call)
         return self._finish(dec, time.perf_counter() - t0, training)
-
-    def _compute_dtype(self, hidden: Any) -> Optional[np.dtype]:
-        """float64 for half-precision input (NumPy or torch float16/bfloat16), unless set."""
-        if self.router_dtype is not None:
-            return np.dtype(self.router_dtype)
-        name = str(getattr(hidden, "dtype", ""))
-        return np.dtype(np.float64) if ("float16" in name or "half" in name) else None
 
     def route_logits(self, logits: Any, training: bool = False, token_mask: Any = None) -> RoutingDecision:
         """Route precomputed logits through this router's statistics and load balancer.
@@ -274,7 +277,7 @@ class ExpertRouter:
                                  False, batch_shape)
         return self._finish(dec, time.perf_counter() - t0, training)
 
-    # -- accessors (the seed's names) ------------------------------------------
+    # -- accessors -------------------------------------------------------------
     def get_num_experts(self) -> int:
         """E."""
         return self.config.num_experts

@@ -359,7 +359,7 @@ impl Default for RouterConfig {
 /// Former name of [`RouterConfig`], kept while the modules move.
 pub type RouterOptions = RouterConfig;
 
-/// The alias the seed design used for `top_k`.
+/// The accepted alias of `top_k` (`num_experts_per_token`, a common name for k).
 pub const TOP_K_ALIAS: &str = "num_experts_per_token";
 
 impl RouterConfig {
