@@ -189,21 +189,21 @@ def test_stats_to_dict_is_json() -> None:
     ({"num_experts": 4, "bias_update_rate": float("nan")}, "bias_update_rate"),
 ])
 def test_bad_configuration(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(mr.ConfigError, match=match):
         LoadBalancer(**kwargs)
 
 
 def test_bad_loads() -> None:
     lb = LoadBalancer(4)
-    with pytest.raises(ValueError, match=r"shape \[4\].*\[3\]"):
+    with pytest.raises(mr.InputError, match=r"shape \[4\].*\[3\]"):
         lb.update(np.array([1, 2, 3]))
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(mr.InputError, match=">= 0"):
         lb.update(np.array([1, -2, 3, 0]))
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(mr.InputError, match="finite"):
         lb.update(np.array([1, np.nan, 3, 0]))
     cfg = mr.RouterConfig(num_experts=8, top_k=2)
     dec = mr.route_logits(np.zeros((4, 8), np.float32), cfg)
-    with pytest.raises(ValueError, match="num_experts"):
+    with pytest.raises(mr.InputError, match="num_experts"):
         lb.update(dec)
     assert lb.steps == 0
 
