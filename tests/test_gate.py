@@ -11,19 +11,10 @@ import pytest
 
 import moe_router as mr
 from moe_router import ConfigError, InputError
+from helpers import logsumexp, sigmoid, softmax
 
 
 # --------------------------------------------------------------------------- NumPy reference
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def logsumexp(z: np.ndarray) -> np.ndarray:
-    m = z.max(axis=-1)
-    return m + np.log(np.exp(z - m[..., None]).sum(axis=-1))
 
 
 def layout(experts: int) -> Tuple[int, int]:
@@ -311,7 +302,7 @@ def deepseek_v3_reference(logits: np.ndarray, bias: np.ndarray, num_groups: int,
     group scores, top groups, top-k among them (ties to the lower index), normalized
     unbiased weights times the scale."""
     t, e = logits.shape
-    scores = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    scores = sigmoid(logits)
     keys = scores + bias
     grouped = keys.reshape(t, num_groups, e // num_groups)
     group_score = np.sort(grouped, axis=2)[:, :, -2:].sum(axis=2)
