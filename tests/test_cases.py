@@ -337,12 +337,12 @@ def test_top2_tokens_dropped_counts_tokens_not_assignments():
     assert dec.capacity == 20
     assert dec.kept[:, 0].all() and not dec.kept[:, 1].any()
     assert dec.dropped_assignments == T
-    assert dec.tokens_dropped == 0  # the seed's T - kept = 40 - 40 = 0 is right only by accident here
+    assert dec.tokens_dropped == 0  # T - kept = 40 - 40 = 0 would be right only by accident here
     # Position order: tokens 0..9 keep both choices, tokens 10..39 keep none.
     dec = mr.route_logits(x, mr.RouterConfig(num_experts=E, top_k=2, capacity_factor=0.25, drop_policy="position"))
     assert dec.capacity == 10
     np.testing.assert_array_equal(dec.kept.all(axis=1), np.arange(T) < 10)
-    assert dec.tokens_dropped == 30 and dec.dropped_assignments == 60  # seed's T - kept would say 20
+    assert dec.tokens_dropped == 30 and dec.dropped_assignments == 60  # T - kept would say 20
 
 
 # --------------------------------------------------------------------------

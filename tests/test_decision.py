@@ -1,4 +1,4 @@
-"""The RoutingDecision API: metrics, the seed's views, probabilities and to_dict."""
+"""The RoutingDecision API: metrics, the per-token assignment views, probabilities and to_dict."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_expert_utilization(decision):
     assert util["min_utilization"] == pytest.approx(u.min())
     assert util["max_utilization"] == pytest.approx(u.max()) == pytest.approx(1.0)
     assert util["mean_utilization"] == pytest.approx(u.mean())
-    assert util["mean_utilization"] != pytest.approx(1 / cfg.num_experts)  # the seed's constant
+    assert util["mean_utilization"] != pytest.approx(1 / cfg.num_experts)  # not the constant 1/E
     assert util["tokens_dropped_rate"] == pytest.approx(dec.tokens_dropped / mask.sum())
     assert util["routing_efficiency"] == pytest.approx(dec.routing_efficiency())
     assert util["assignment_drop_rate"] == pytest.approx(dec.dropped_assignments / (mask.sum() * cfg.top_k))

@@ -108,7 +108,7 @@ def test_dense_forward_matches_numpy(experts: int, dtype: type, batched: bool) -
 
 def test_short_last_group_softmax_runs_over_its_real_experts() -> None:
     """E = 50: 8 groups of 7, the last holding one expert, which therefore gets all of
-    its group's probability (the seed let the 6 missing experts take a share)."""
+    its group's probability (the 6 padding slots of its group take no share)."""
     gate = mr.GateNetwork(16, 50, seed=1, dtype=np.float64)
     hidden = np.random.default_rng(2).normal(size=(300, 16))
     probs = gate.forward(hidden)

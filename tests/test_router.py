@@ -266,7 +266,7 @@ def test_default_init_is_normal_with_std_one_over_sqrt_d() -> None:
     z = w * math.sqrt(d)
     assert np.mean(np.abs(z) < 1) == pytest.approx(0.6827, abs=0.015)
     assert np.mean(z ** 4) == pytest.approx(3.0, abs=0.2)
-    # The seed's std 1 would saturate the softmax; this init does not.
+    # A std of 1 would saturate the softmax; this init does not.
     x = np.random.default_rng(0).normal(size=(2000, d))
     dec = router.route_tokens(x)
     assert 0.02 < float(np.median(dec.expert_weights[:, 0])) < 0.5

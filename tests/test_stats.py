@@ -120,7 +120,7 @@ def test_totals_averages_and_utilization_by_hand() -> None:
     u = np.array([1.0, 0.1, 0.2])
     assert s.utilization_cv() == pytest.approx(u.std() / u.mean())
     summary = s.utilization_summary()
-    assert summary["mean_utilization"] == pytest.approx(u.mean())  # not 1/E, as the seed's formula gave
+    assert summary["mean_utilization"] == pytest.approx(u.mean())  # not the constant 1/E
     assert summary["min_utilization"] == pytest.approx(0.1) and summary["max_utilization"] == 1.0
     assert summary["most_utilized_expert"] == [0, 1.0]
     # Per-call population variance of the kept loads.
@@ -290,7 +290,7 @@ def test_exported_and_returns_copies() -> None:
     counts = s.expert_token_counts
     counts[0] = 99
     assert s.expert_token_counts.tolist() == [2, 1]
-    assert s.total_routings == 1  # the seed's name
+    assert s.total_routings == 1  # the alias of calls
 
 
 # --------------------------------------------------------------------------- threads
