@@ -1,7 +1,7 @@
 """Timing of the hidden-state path: the hierarchical gate (dense vs sparse) and the fused
 linear router against NumPy's GEMM alone.
 
-    python benches/bench_hidden.py                      # the issue's sizes (about a minute)
+    python benches/bench_hidden.py                      # the default sizes (about a minute)
     python benches/bench_hidden.py --tokens 4096        # smaller
 
 Prints two markdown tables:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark ``moe_router.route_logits`` against the peers, in one run (issue 5).
+"""Benchmark ``moe_router.route_logits`` against the peers, in one run.
 
 For T in {64, 4096, 65536, 262144} and (E, k) in {(8,2), (64,2), (64,8), (256,8)},
 capacity factor 1.25, float32 N(0,1) logits from a fixed seed, 2 threads:
@@ -23,7 +23,7 @@ capacity factor 1.25, float32 N(0,1) logits from a fixed seed, 2 threads:
   T=262144, linearity t(262144)/t(65536), and a stage split at T=262144
   (dropless vs capacity, core call vs Python wrapper).
 
-Prints a markdown table and the issue-5 targets with MET / NOT MET; ``--out PATH``
+Prints a markdown table and the performance targets with MET / NOT MET; ``--out PATH``
 writes the same text to a file. ``--quick`` runs a small subset.
 """
 from __future__ import annotations
@@ -458,7 +458,7 @@ def main(argv=None) -> int:
                      f"| {cores:.2f} | {fms(dl)} | {fms(vn - dl)} | {fms(co)} | {fms(vn - co)} | {fx(lin)} |")
 
     # --------------------------------------------------------------- targets
-    L.append("\n## Targets (issue 5)\n")
+    L.append("\n## Performance targets\n")
 
     def verdict(ok: Optional[bool]) -> str:
         return "n/a (not measured)" if ok is None else ("MET" if ok else "NOT MET")

@@ -1,15 +1,18 @@
 """Shared fixtures of the moe_router test suite.
 
-The shared folder (bug-report cases, real router logits) lives beside the
-repository: ``<repo>/../shared``. Tests that need it skip with a clear reason
-when it is absent; in CI it is present.
+The shared folder (bug-report cases, real router logits, peer vectors) lives
+beside the repository: ``<repo>/../shared``. Every path into it is defined
+here. Tests that need it skip with the reason when it is absent (a user's
+clone); with the environment variable ``CI=true`` they fail instead, so CI
+cannot pass without running them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, NoReturn
 
 import numpy as np
 import pytest
@@ -21,6 +24,10 @@ SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 CASES_PATH = SHARED_DIR / "cases" / "cases.json"
 REAL_ROUTER_DIR = SHARED_DIR / "data" / "real_router"
 REAL_ROUTER_FILES = ("minilm_l3.npz", "minilm_l5.npz")
+REAL_L5 = REAL_ROUTER_DIR / "minilm_l5.npz"
+VECTORS_DIR = SHARED_DIR / "peers" / "vectors"
+#: In CI (``CI=true``) missing shared data fails the tests that need it instead of skipping them.
+IN_CI = os.environ.get("CI", "").strip().lower() == "true"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -31,9 +38,18 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def _require(path: Path, what: str) -> Path:
+def shared_missing(what: str, path: Path) -> NoReturn:
+    """Skip the running test because ``what`` is missing at ``path``; fail it when ``CI=true``."""
+    reason = f"{what} not found at {path} (the shared folder is expected beside the repository)"
+    if IN_CI:
+        pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_shared(path: Path, what: str) -> Path:
+    """``path`` if it exists; otherwise :func:`shared_missing`."""
     if not path.exists():
-        pytest.skip(f"{what} not found at {path} (the shared folder is expected beside the repository)")
+        shared_missing(what, path)
     return path
 
 
@@ -63,17 +79,27 @@ def all_cases(cases_path: Path) -> List[Dict[str, Any]]:
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The shared folder; skips the test when it is absent."""
-    return _require(SHARED_DIR, "shared folder")
+    return require_shared(SHARED_DIR, "shared folder")
 
 
 @pytest.fixture(scope="session")
 def cases_path() -> Path:
-    return _require(CASES_PATH, "cases.json")
+    return require_shared(CASES_PATH, "cases.json")
 
 
 @pytest.fixture(scope="session")
 def real_router_dir() -> Path:
-    return _require(REAL_ROUTER_DIR, "real router data")
+    return require_shared(REAL_ROUTER_DIR, "real router data")
+
+
+@pytest.fixture(scope="session")
+def real_router_files(real_router_dir: Path) -> Dict[str, Path]:
+    """File name -> path of each real-router file (``REAL_ROUTER_FILES``)."""
+    return {name: require_shared(real_router_dir / name, f"real router file {name}") for name in REAL_ROUTER_FILES}
+
+
+#: Marks a test that reads the real-router files through the constants above.
+needs_real_router = pytest.mark.usefixtures("real_router_files")
 
 
 _REAL_CACHE: Dict[tuple, np.ndarray] = {}
@@ -86,7 +112,7 @@ def real_logits(real_router_dir: Path):
     def load(name: str, experts: int) -> np.ndarray:
         key = (name, experts)
         if key not in _REAL_CACHE:
-            path = _require(real_router_dir / name, f"real router file {name}")
+            path = require_shared(real_router_dir / name, f"real router file {name}")
             with np.load(path) as data:
                 _REAL_CACHE[key] = np.asarray(data[f"logits_e{experts}"])
         return _REAL_CACHE[key]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
@@ -12,16 +11,9 @@ import pytest
 
 import moe_router as mr
 from moe_router.balancer import LoadBalancer, LoadBalancingStats, default_bias_update_rate
+from conftest import REAL_L5, needs_real_router
+from helpers import softmax
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REAL_L5 = SHARED / "data" / "real_router" / "minilm_l5.npz"
-needs_shared = pytest.mark.skipif(not REAL_L5.exists(), reason="../shared/data/real_router is not present")
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 # --------------------------------------------------------------------------- arithmetic by hand
@@ -189,21 +181,21 @@ def test_stats_to_dict_is_json() -> None:
     ({"num_experts": 4, "bias_update_rate": float("nan")}, "bias_update_rate"),
 ])
 def test_bad_configuration(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(mr.ConfigError, match=match):
         LoadBalancer(**kwargs)
 
 
 def test_bad_loads() -> None:
     lb = LoadBalancer(4)
-    with pytest.raises(ValueError, match=r"shape \[4\].*\[3\]"):
+    with pytest.raises(mr.InputError, match=r"shape \[4\].*\[3\]"):
         lb.update(np.array([1, 2, 3]))
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(mr.InputError, match=">= 0"):
         lb.update(np.array([1, -2, 3, 0]))
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(mr.InputError, match="finite"):
         lb.update(np.array([1, np.nan, 3, 0]))
     cfg = mr.RouterConfig(num_experts=8, top_k=2)
     dec = mr.route_logits(np.zeros((4, 8), np.float32), cfg)
-    with pytest.raises(ValueError, match="num_experts"):
+    with pytest.raises(mr.InputError, match="num_experts"):
         lb.update(dec)
     assert lb.steps == 0
 
@@ -260,7 +252,7 @@ def test_bias_changes_selection_in_the_next_call_but_not_the_weights() -> None:
     assert same > 2000  # most pairs are shared; the check above is not vacuous
 
 
-@needs_shared
+@needs_real_router
 def test_balancing_real_router_logits_reduces_load_and_drops() -> None:
     """MiniLM-L6 layer 5, E = 64, k = 2, capacity factor 1.25: 50 steps on the same batch."""
     with np.load(REAL_L5) as z:
@@ -289,7 +281,7 @@ def test_balancing_real_router_logits_reduces_load_and_drops() -> None:
     assert lb.expert_bias[first_pre.argmax()] < 0 < lb.expert_bias[first_pre.argmin()]
 
 
-@needs_shared
+@needs_real_router
 def test_disabled_balancer_leaves_real_routing_unchanged() -> None:
     with np.load(REAL_L5) as z:
         logits = z["logits_e64"][:4096]

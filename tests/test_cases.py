@@ -16,6 +16,7 @@ import pytest
 
 import moe_router as mr
 from reference import reference_route
+from helpers import logsumexp, scores
 
 POLICIES = ["position", "rank", "probs", "bpr"]
 ARRAY_FIELDS = ("expert_indices", "expert_weights", "expert_slots", "kept", "rerouted")
@@ -25,23 +26,6 @@ SCALAR_FIELDS = ("capacity", "active_tokens", "kept_assignments", "dropped_assig
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
-
-
-def np_scores(z: np.ndarray, score_function: str = "softmax") -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    if score_function == "sigmoid":
-        with np.errstate(over="ignore"):
-            return 1.0 / (1.0 + np.exp(-z))
-    m = np.max(z, axis=-1, keepdims=True)
-    e = np.exp(z - m)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def np_lse(z: np.ndarray) -> np.ndarray:
-    """Row-wise logsumexp over finite entries (-inf contributes 0)."""
-    z = np.asarray(z, dtype=np.float64)
-    m = np.max(z, axis=-1, keepdims=True)
-    return (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))[..., 0]
 
 
 def route_raises(logits, config, **call):
@@ -118,7 +102,7 @@ def test_load_balance_loss_formula(E, k, score_function, rng):
     np.testing.assert_array_equal(dec.pre_drop_tokens_per_expert, free.tokens_per_expert)
     counts = np.bincount(free.expert_indices[free.kept], minlength=E)
     np.testing.assert_array_equal(dec.pre_drop_tokens_per_expert, counts)
-    s = np_scores(x[mask], score_function)
+    s = scores(x[mask], score_function)
     P = (s / s.sum(axis=1, keepdims=True)).mean(axis=0)  # full distribution over all E experts
     f = counts / (mask.sum() * k)
     want = E * np.sum(f * P)
@@ -192,7 +176,7 @@ def test_z_loss_is_on_logits_not_probabilities(shift, score_function, rng):
     x = rng.normal(size=(200, 8)) + shift
     cfg = mr.RouterConfig(num_experts=8, top_k=2, score_function=score_function)
     dec = mr.route_logits(x, cfg)
-    want = np.mean(np_lse(x) ** 2)
+    want = np.mean(logsumexp(x) ** 2)
     assert dec.router_z_loss == pytest.approx(want, rel=1e-9)
     # Probabilities are shift-invariant; the z-loss is not.
     if shift != 0.0:
@@ -207,7 +191,7 @@ def test_z_loss_large_logits_stay_finite_and_exact(scale, dtype):
     x = np.array([[1.0, 0.0, 0.0, -1.0], [0.0, 0.5, 1.0, 0.0]]) * scale
     x = x.astype(dtype)
     dec = mr.route_logits(x, mr.RouterConfig(num_experts=4, top_k=1))
-    want = np.mean(np_lse(x.astype(np.float64)) ** 2)
+    want = np.mean(logsumexp(x.astype(np.float64)) ** 2)
     assert math.isfinite(dec.router_z_loss)
     assert dec.router_z_loss == pytest.approx(want, rel=1e-9)
     assert math.isfinite(dec.load_balance_loss)
@@ -216,7 +200,7 @@ def test_z_loss_large_logits_stay_finite_and_exact(scale, dtype):
 
 def test_z_loss_is_mean_of_squares(rng):
     x = np.stack([np.full(4, c) for c in (-3.0, 0.0, 1.0, 7.0)])
-    lse = np_lse(x)
+    lse = logsumexp(x)
     dec = mr.route_logits(x, mr.RouterConfig(num_experts=4, top_k=1))
     assert dec.router_z_loss == pytest.approx(np.mean(lse ** 2), rel=1e-12)
     assert dec.router_z_loss != pytest.approx(np.mean(lse) ** 2, rel=1e-3)
@@ -231,7 +215,7 @@ def test_z_loss_ignores_ineligible_and_masked(rng):
     garbage = x.copy()
     garbage[~mask] = np.nan
     dec = mr.route_logits(garbage, mr.RouterConfig(num_experts=6, top_k=2), token_mask=mask)
-    assert dec.router_z_loss == pytest.approx(np.mean(np_lse(x[mask]) ** 2), rel=1e-12)
+    assert dec.router_z_loss == pytest.approx(np.mean(logsumexp(x[mask]) ** 2), rel=1e-12)
 
 
 # --------------------------------------------------------------------------
@@ -353,12 +337,12 @@ def test_top2_tokens_dropped_counts_tokens_not_assignments():
     assert dec.capacity == 20
     assert dec.kept[:, 0].all() and not dec.kept[:, 1].any()
     assert dec.dropped_assignments == T
-    assert dec.tokens_dropped == 0  # the seed's T - kept = 40 - 40 = 0 is right only by accident here
+    assert dec.tokens_dropped == 0  # T - kept = 40 - 40 = 0 would be right only by accident here
     # Position order: tokens 0..9 keep both choices, tokens 10..39 keep none.
     dec = mr.route_logits(x, mr.RouterConfig(num_experts=E, top_k=2, capacity_factor=0.25, drop_policy="position"))
     assert dec.capacity == 10
     np.testing.assert_array_equal(dec.kept.all(axis=1), np.arange(T) < 10)
-    assert dec.tokens_dropped == 30 and dec.dropped_assignments == 60  # seed's T - kept would say 20
+    assert dec.tokens_dropped == 30 and dec.dropped_assignments == 60  # T - kept would say 20
 
 
 # --------------------------------------------------------------------------
@@ -506,7 +490,7 @@ def test_group_limit_with_negative_keys(score_function, use_bias, group_score, r
     cfg = mr.RouterConfig(num_experts=E, top_k=k, capacity_factor=None, score_function=score_function,
                           num_groups=G, group_top_k=m, group_score=group_score)
     dec = mr.route_logits(x, cfg, expert_bias=bias)
-    s = np_scores(x, score_function)
+    s = scores(x, score_function)
     gkeys = s + (0 if bias is None else bias)
     allowed = _best_groups(gkeys, G, m, group_score)
     chosen = np.take_along_axis(allowed, dec.expert_indices.astype(np.int64), axis=1)
@@ -634,7 +618,7 @@ def test_bias_never_reaches_weights(score_function, normalize, rng):
     dec = mr.route_logits(x, cfg, expert_bias=bias)
     plain = mr.route_logits(x, cfg)
     assert (dec.expert_indices != plain.expert_indices).any(), "the bias must change the selection"
-    s = np_scores(x, score_function)
+    s = scores(x, score_function)
     w = np.take_along_axis(s, dec.expert_indices.astype(np.int64), axis=1)
     if normalize:
         w = w / w.sum(axis=1, keepdims=True)
@@ -656,7 +640,7 @@ def test_bias_selection_key_is_score_plus_bias(score_function):
     x = np.array([[0.0, 1.0, 2.0, 3.0]])
     bias = np.array([0.0, 0.6, 0.0, 0.0])
     cfg = mr.RouterConfig(num_experts=4, top_k=1, capacity_factor=None, score_function=score_function)
-    s = np_scores(x, score_function)[0]
+    s = scores(x, score_function)[0]
     want = int(np.argmax(s + bias))
     assert want == 1
     dec = mr.route_logits(x, cfg, expert_bias=bias)
@@ -668,7 +652,7 @@ def test_bias_selection_key_is_score_plus_bias(score_function):
     B = rng.normal(size=8) * 0.2
     cfg = cfg.replace(num_experts=8, top_k=2)
     dec = mr.route_logits(X, cfg, expert_bias=B)
-    keys = np_scores(X, score_function) + B
+    keys = scores(X, score_function) + B
     np.testing.assert_array_equal(dec.expert_indices, np.argsort(-keys, axis=1, kind="stable")[:, :2])
 
 
@@ -716,14 +700,14 @@ def test_weights_are_full_softmax_or_topk_softmax(k, rng):
     cfg = mr.RouterConfig(num_experts=E, top_k=k, capacity_factor=None)
     dec = mr.route_logits(x, cfg)
     idx = dec.expert_indices.astype(np.int64)
-    full = np.take_along_axis(np_scores(x), idx, axis=1)
+    full = np.take_along_axis(scores(x), idx, axis=1)
     np.testing.assert_allclose(dec.expert_weights, full, rtol=1e-6)
     normed = mr.route_logits(x, cfg.replace(normalize_weights=True))
-    topk_softmax = np_scores(np.take_along_axis(x, idx, axis=1))  # softmax over the top-k logits
+    topk_softmax = scores(np.take_along_axis(x, idx, axis=1))  # softmax over the top-k logits
     np.testing.assert_allclose(normed.expert_weights, topk_softmax, rtol=1e-6)
     sig = mr.route_logits(x, cfg.replace(score_function="sigmoid"))
     np.testing.assert_allclose(sig.expert_weights,
-                               np.take_along_axis(np_scores(x, "sigmoid"), idx, axis=1), rtol=1e-6)
+                               np.take_along_axis(scores(x, "sigmoid"), idx, axis=1), rtol=1e-6)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -913,8 +897,8 @@ def test_empty_batch_matches_reference():
 def test_helpers_agree_with_reference(rng):
     x = rng.normal(size=(5, 6))
     ref = reference_route(x, mr.RouterConfig(num_experts=6, top_k=2, capacity_factor=None))
-    assert ref["router_z_loss"] == pytest.approx(np.mean(np_lse(x) ** 2), rel=1e-12)
-    w = np.take_along_axis(np_scores(x), ref["expert_indices"].astype(np.int64), axis=1)
+    assert ref["router_z_loss"] == pytest.approx(np.mean(logsumexp(x) ** 2), rel=1e-12)
+    w = np.take_along_axis(scores(x), ref["expert_indices"].astype(np.int64), axis=1)
     np.testing.assert_allclose(ref["expert_weights"], w, rtol=1e-7)
 
 

@@ -15,52 +15,8 @@ import pytest
 import moe_router as mr
 from moe_router.cli import main
 from moe_router.data import default_logits
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REAL_L5 = SHARED / "data" / "real_router" / "minilm_l5.npz"
-needs_shared = pytest.mark.skipif(not REAL_L5.exists(), reason="../shared/data/real_router is not present")
-
-#: Report fields that must equal the RoutingDecision's own values.
-DECISION_FIELDS = {
-    "capacity": "capacity",
-    "dropless": "dropless",
-    "kept_assignments": "kept_assignments",
-    "dropped_assignments": "dropped_assignments",
-    "tokens_dropped": "tokens_dropped",
-    "routing_efficiency": "routing_efficiency",
-    "load_balance_cv": "load_balance_cv",
-    "load_balance_loss": "load_balance_loss",
-    "router_z_loss": "router_z_loss",
-    "seq_load_balance_loss": "seq_load_balance_loss",
-    "auxiliary_loss": "auxiliary_loss",
-    "tokens_per_expert": "tokens_per_expert",
-    "pre_drop_tokens_per_expert": "pre_drop_tokens_per_expert",
-    "tokens": "total_tokens",
-    "experts": "num_experts",
-    "top_k": "top_k",
-}
-
-
-def run_json(capsys: pytest.CaptureFixture, *argv: str) -> dict:
-    assert main(["route", *argv, "--json", "--repeat", "1"]) == 0
-    out, err = capsys.readouterr()
-    assert err == ""
-    return json.loads(out)
-
-
-def assert_matches(report: dict, decision: mr.RoutingDecision) -> None:
-    expected = decision.to_dict()
-    for field, key in DECISION_FIELDS.items():
-        assert report[field] == expected[key], field
-
-
-def run_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
-    assert main(list(argv)) == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    assert err.startswith("moe-router: error: ")
-    assert err.count("\n") == 1 and "Traceback" not in err
-    return err
+from conftest import REAL_L5, needs_real_router
+from helpers import assert_matches, route_json, run_error, text_report
 
 
 @pytest.fixture
@@ -80,7 +36,7 @@ def test_default_data_is_the_real_sample() -> None:
     assert meta["key"] == "logits_e64" and meta["source"].endswith("minilm_l5.npz")
 
 
-@needs_shared
+@needs_real_router
 def test_default_data_equals_the_first_4096_shared_tokens() -> None:
     logits, _ = default_logits()
     with np.load(REAL_L5) as z:
@@ -90,7 +46,7 @@ def test_default_data_equals_the_first_4096_shared_tokens() -> None:
 
 
 def test_default_json_equals_route_logits(capsys: pytest.CaptureFixture) -> None:
-    report = run_json(capsys)
+    report = route_json(capsys)
     assert (report["tokens"], report["experts"], report["top_k"]) == (4096, 64, 2)
     assert report["source"]["kind"] == "embedded"
     logits, _ = default_logits()
@@ -102,17 +58,9 @@ def test_default_json_equals_route_logits(capsys: pytest.CaptureFixture) -> None
 
 
 def test_default_text_report(capsys: pytest.CaptureFixture) -> None:
-    assert main(["route", "--repeat", "2"]) == 0
-    out, err = capsys.readouterr()
-    assert err == ""
+    out, lines, row = text_report(capsys, "route", "--repeat", "2")
     logits, _ = default_logits()
     decision = mr.route_logits(logits, mr.RouterConfig(num_experts=64, top_k=2))
-    lines = out.splitlines()
-
-    def row(label: str) -> str:
-        found = [line for line in lines if line.startswith(label)]
-        assert found, f"no line starting with {label!r} in:\n{out}"
-        return found[0]
 
     assert row("tokens").split()[1] == "4096"
     assert row("experts").split()[1] == "64"
@@ -162,7 +110,7 @@ def test_help_and_version(capsys: pytest.CaptureFixture) -> None:
 def test_npy_input(tmp_path: Path, capsys: pytest.CaptureFixture, logits8: np.ndarray) -> None:
     path = tmp_path / "logits.npy"
     np.save(path, logits8)
-    report = run_json(capsys, str(path), "--top-k", "1", "--capacity-factor", "1.1")
+    report = route_json(capsys, str(path), "--top-k", "1", "--capacity-factor", "1.1")
     decision = mr.route_logits(logits8, mr.RouterConfig(num_experts=8, top_k=1, capacity_factor=1.1))
     assert_matches(report, decision)
     assert report["capacity"] == 42  # ceil(11/10 * 300 / 8) = ceil(41.25)
@@ -172,7 +120,7 @@ def test_npy_input(tmp_path: Path, capsys: pytest.CaptureFixture, logits8: np.nd
 def test_npz_with_key(tmp_path: Path, capsys: pytest.CaptureFixture, logits8: np.ndarray) -> None:
     path = tmp_path / "many.npz"
     np.savez(path, first=logits8, second=logits8[::-1].copy(), ids=np.arange(5))
-    report = run_json(capsys, str(path), "--key", "second", "--num-experts", "8",
+    report = route_json(capsys, str(path), "--key", "second", "--num-experts", "8",
                       "--drop-policy", "rank", "--normalize-weights")
     cfg = mr.RouterConfig(num_experts=8, top_k=2, drop_policy="rank", normalize_weights=True)
     assert_matches(report, mr.route_logits(logits8[::-1].copy(), cfg))
@@ -185,7 +133,7 @@ def test_npz_single_float_array_is_chosen(tmp_path: Path, capsys: pytest.Capture
     path = tmp_path / "one.npz"
     batched = logits8.reshape(3, 100, 8)
     np.savez_compressed(path, logits=batched, token_ids=np.arange(300, dtype=np.int32))
-    report = run_json(capsys, str(path), "--score-function", "sigmoid", "--capacity-factor", "none")
+    report = route_json(capsys, str(path), "--score-function", "sigmoid", "--capacity-factor", "none")
     cfg = mr.RouterConfig(num_experts=8, top_k=2, score_function="sigmoid", capacity_factor=None)
     decision = mr.route_logits(batched, cfg)
     assert_matches(report, decision)
@@ -198,14 +146,14 @@ def test_npz_single_float_array_is_chosen(tmp_path: Path, capsys: pytest.Capture
 def test_drop_policies(policy: str, tmp_path: Path, capsys: pytest.CaptureFixture, logits8: np.ndarray) -> None:
     path = tmp_path / "l.npy"
     np.save(path, logits8 * 3)
-    report = run_json(capsys, str(path), "--drop-policy", policy, "--capacity-factor", "0.8")
+    report = route_json(capsys, str(path), "--drop-policy", policy, "--capacity-factor", "0.8")
     cfg = mr.RouterConfig(num_experts=8, top_k=2, capacity_factor=0.8, drop_policy=policy)
     assert_matches(report, mr.route_logits(logits8 * 3, cfg))
 
 
-@needs_shared
+@needs_real_router
 def test_real_data_e256_k8_drops_tokens(capsys: pytest.CaptureFixture) -> None:
-    report = run_json(capsys, str(REAL_L5), "--key", "logits_e256", "--num-experts", "256", "--top-k", "8")
+    report = route_json(capsys, str(REAL_L5), "--key", "logits_e256", "--num-experts", "256", "--top-k", "8")
     assert (report["tokens"], report["experts"], report["top_k"]) == (16384, 256, 8)
     assert report["capacity"] == 640  # ceil(1.25 * 16384 * 8 / 256)
     assert report["tokens_dropped"] > 0

@@ -15,24 +15,9 @@ import pytest
 import moe_router as mr
 from moe_router.cli import main
 from moe_router.data import default_logits
+from helpers import balance_json, run_error
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def run_json(capsys: pytest.CaptureFixture, *argv: str) -> dict:
-    assert main(["balance", *argv, "--json"]) == 0
-    out, err = capsys.readouterr()
-    assert err == ""
-    return json.loads(out)
-
-
-def run_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
-    assert main(list(argv)) == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    assert err.startswith("moe-router: error: ")
-    assert err.count("\n") == 1 and "Traceback" not in err
-    return err
 
 
 def reference_curve(logits: np.ndarray, cfg: mr.RouterConfig, steps: int, rate: float = None) -> List[dict]:
@@ -77,7 +62,7 @@ def assert_rows_match(report: dict, ref: List[dict]) -> None:
 
 
 def test_default_json_balances_the_embedded_sample(capsys: pytest.CaptureFixture) -> None:
-    report = run_json(capsys, "--steps", "20")
+    report = balance_json(capsys, "--steps", "20")
     assert report["command"] == "balance" and report["source"]["kind"] == "embedded"
     assert (report["tokens"], report["experts"], report["top_k"], report["capacity"]) == (4096, 64, 2, 160)
     assert report["rate"] == pytest.approx(0.1 / 64)
@@ -124,7 +109,7 @@ def test_npz_key_and_routing_options(tmp_path: Path, capsys: pytest.CaptureFixtu
     logits[..., 3] += 1.5
     path = tmp_path / "l.npz"
     np.savez(path, other=np.zeros((3, 3), np.float32), logits=logits)
-    report = run_json(capsys, str(path), "--key", "logits", "--steps", "8", "--rate", "0.01",
+    report = balance_json(capsys, str(path), "--key", "logits", "--steps", "8", "--rate", "0.01",
                       "--num-experts", "16", "--top-k", "2", "--capacity-factor", "1.1",
                       "--drop-policy", "rank", "--normalize-weights")
     cfg = mr.RouterConfig(num_experts=16, top_k=2, capacity_factor=1.1, drop_policy="rank",
@@ -136,7 +121,7 @@ def test_npz_key_and_routing_options(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_dropless_and_zero_rate(capsys: pytest.CaptureFixture, skewed: Path) -> None:
-    report = run_json(capsys, str(skewed), "--steps", "3", "--capacity-factor", "none", "--rate", "0")
+    report = balance_json(capsys, str(skewed), "--steps", "3", "--capacity-factor", "none", "--rate", "0")
     assert report["dropless"] and report["rate"] == 0.0
     assert all(r["dropped_assignments"] == 0 and r["tokens_dropped"] == 0 for r in report["steps"])
     assert len({r["max_load"] for r in report["steps"]}) == 1  # no bias: the same routing every step
@@ -157,7 +142,7 @@ def test_help_lists_balance(capsys: pytest.CaptureFixture) -> None:
 def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture, skewed: Path) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "load.png"
-    report = run_json(capsys, str(skewed), "--steps", "4", "--plot", str(out))
+    report = balance_json(capsys, str(skewed), "--steps", "4", "--plot", str(out))
     assert report["plot"] == str(out)
     data = out.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 5000

@@ -15,21 +15,10 @@ import pytest
 
 import moe_router as mr
 from moe_router.cli import main
+from conftest import REAL_L5, needs_real_router
+from helpers import assert_matches, route_json, run_error, text_report
 
-REAL_L5 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_router" / "minilm_l5.npz"
-needs_shared = pytest.mark.skipif(not REAL_L5.exists(), reason="../shared/data/real_router is not present")
 E64 = ("--weight-key", "router_weight_e64", "--bias-key", "router_bias_e64")
-
-#: Report fields that must equal the RoutingDecision's own values (RoutingDecision.to_dict keys).
-DECISION_FIELDS = {
-    "capacity": "capacity", "dropless": "dropless", "kept_assignments": "kept_assignments",
-    "dropped_assignments": "dropped_assignments", "tokens_dropped": "tokens_dropped",
-    "routing_efficiency": "routing_efficiency", "load_balance_cv": "load_balance_cv",
-    "load_balance_loss": "load_balance_loss", "router_z_loss": "router_z_loss",
-    "seq_load_balance_loss": "seq_load_balance_loss", "auxiliary_loss": "auxiliary_loss",
-    "tokens_per_expert": "tokens_per_expert", "pre_drop_tokens_per_expert": "pre_drop_tokens_per_expert",
-    "tokens": "total_tokens", "active_tokens": "active_tokens", "experts": "num_experts", "top_k": "top_k",
-}
 
 _REAL = {}
 
@@ -51,28 +40,6 @@ def direct(weight_key: str = "router_weight_e64", bias_key: Optional[str] = "rou
     return router.route_tokens(real("hidden"))
 
 
-def run_json(capsys: pytest.CaptureFixture, *argv: str) -> dict:
-    assert main(["route", *argv, "--json", "--repeat", "1"]) == 0
-    out, err = capsys.readouterr()
-    assert err == ""
-    return json.loads(out)
-
-
-def assert_matches(report: dict, decision: mr.RoutingDecision) -> None:
-    expected = decision.to_dict()
-    for field, key in DECISION_FIELDS.items():
-        assert report[field] == expected[key], field
-
-
-def run_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
-    assert main(["route", *argv]) == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    assert err.startswith("moe-router: error: ")
-    assert err.count("\n") == 1 and "Traceback" not in err
-    return err
-
-
 @pytest.fixture
 def small_npz(tmp_path: Path) -> Path:
     """float32 hidden states [4, 50, 12] under a custom key, a [12, 6] weight, a [6] bias."""
@@ -88,9 +55,9 @@ def small_npz(tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------- real data
 
 
-@needs_shared
+@needs_real_router
 def test_json_equals_a_direct_expert_router_call(capsys: pytest.CaptureFixture) -> None:
-    report = run_json(capsys, "--hidden", str(REAL_L5), *E64)
+    report = route_json(capsys, "--hidden", str(REAL_L5), *E64)
     assert_matches(report, direct())
     assert (report["tokens"], report["experts"], report["top_k"]) == (16384, 64, 2)
     assert report["capacity"] == 640 and report["dropped_assignments"] > 0  # ceil(1.25 * 16384 * 2 / 64)
@@ -104,14 +71,14 @@ def test_json_equals_a_direct_expert_router_call(capsys: pytest.CaptureFixture) 
     assert report["timing"]["calls"] == 1 and report["timing"]["min_ms"] > 0
 
 
-@needs_shared
+@needs_real_router
 def test_json_float32_router_dtype_and_options(capsys: pytest.CaptureFixture) -> None:
-    report = run_json(capsys, "--hidden", str(REAL_L5), *E64, "--router-dtype", "float32", "-k", "1",
+    report = route_json(capsys, "--hidden", str(REAL_L5), *E64, "--router-dtype", "float32", "-k", "1",
                       "-c", "1.1", "--drop-policy", "probs")
     assert report["router"]["dtype"] == "float32" and report["router"]["router_dtype"] == "float32"
     assert_matches(report, direct(router_dtype="float32", top_k=1, capacity_factor=1.1, drop_policy="probs"))
     # float64 on request; no bias; dropless sigmoid with normalized weights.
-    report = run_json(capsys, "--hidden", str(REAL_L5), "--weight-key", "router_weight_e256",
+    report = route_json(capsys, "--hidden", str(REAL_L5), "--weight-key", "router_weight_e256",
                       "--router-dtype", "float64", "-c", "none", "--score-function", "sigmoid",
                       "--normalize-weights", "--top-k", "8", "--threads", "1")
     assert report["router"]["bias_key"] is None and report["router"]["num_experts"] == 256
@@ -121,18 +88,10 @@ def test_json_float32_router_dtype_and_options(capsys: pytest.CaptureFixture) ->
     mr.set_num_threads(0)
 
 
-@needs_shared
+@needs_real_router
 def test_text_report(capsys: pytest.CaptureFixture) -> None:
-    assert main(["route", "--hidden", str(REAL_L5), *E64, "--repeat", "2"]) == 0
-    out, err = capsys.readouterr()
-    assert err == ""
+    out, lines, row = text_report(capsys, "route", "--hidden", str(REAL_L5), *E64, "--repeat", "2")
     decision = direct()
-    lines = out.splitlines()
-
-    def row(label: str) -> str:
-        found = [line for line in lines if line.startswith(label)]
-        assert found, f"no line starting with {label!r} in:\n{out}"
-        return found[0]
 
     assert row("router").split(None, 1)[1].strip() == "linear, D=384, dtype float64"
     assert "16384 x 384, float16" in row("tokens")
@@ -152,7 +111,7 @@ def test_text_report(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_logits_path_report_has_no_router_entry(capsys: pytest.CaptureFixture) -> None:
-    report = run_json(capsys)
+    report = route_json(capsys)
     assert "router" not in report and report["source"]["kind"] == "embedded"
 
 
@@ -160,7 +119,7 @@ def test_logits_path_report_has_no_router_entry(capsys: pytest.CaptureFixture) -
 
 
 def test_hidden_key_batched_float32_without_bias(capsys: pytest.CaptureFixture, small_npz: Path) -> None:
-    report = run_json(capsys, "--hidden", str(small_npz), "--hidden-key", "states", "--weight-key", "w",
+    report = route_json(capsys, "--hidden", str(small_npz), "--hidden-key", "states", "--weight-key", "w",
                       "-k", "2", "-c", "1.0")
     with np.load(small_npz) as z:
         hidden, weight, bias = z["states"], z["w"], z["b"]
@@ -170,7 +129,7 @@ def test_hidden_key_batched_float32_without_bias(capsys: pytest.CaptureFixture, 
     assert report["router"]["dtype"] == "float32" and report["router"]["hidden_key"] == "states"
     assert report["source"]["shape"] == [4, 50, 12] and report["seq_load_balance_loss"] is not None
     # With the bias: the decision of hidden @ W + b, here equal to route_logits on float64 logits.
-    report = run_json(capsys, "--hidden", str(small_npz), "--hidden-key", "states", "--weight-key", "w",
+    report = route_json(capsys, "--hidden", str(small_npz), "--hidden-key", "states", "--weight-key", "w",
                       "--bias-key", "b", "--router-dtype", "float64")
     logits = hidden.astype(np.float64) @ weight.astype(np.float64) + bias
     assert_matches(report, mr.route_logits(logits, mr.RouterConfig(num_experts=6, top_k=2)))
@@ -213,26 +172,26 @@ def test_help_lists_the_hidden_options(capsys: pytest.CaptureFixture) -> None:
 ])
 def test_errors_exit_2(argv: list, needle: str, capsys: pytest.CaptureFixture, small_npz: Path) -> None:
     argv = [a.replace("{f}", str(small_npz)) for a in argv]
-    err = run_error(capsys, *argv)
+    err = run_error(capsys, "route", *argv)
     assert re.search(needle, err), err
 
 
 @pytest.mark.parametrize("flags", [["--weight-key", "w"], ["--bias-key", "b"], ["--hidden-key", "x"],
                                    ["--router-dtype", "float32"]])
 def test_hidden_options_need_hidden(flags: list, capsys: pytest.CaptureFixture) -> None:
-    err = run_error(capsys, *flags)
+    err = run_error(capsys, "route", *flags)
     assert flags[0] in err and "--hidden" in err
 
 
 def test_errors_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert "no such file" in run_error(capsys, "--hidden", str(tmp_path / "missing.npz"), "--weight-key", "w")
+    assert "no such file" in run_error(capsys, "route", "--hidden", str(tmp_path / "missing.npz"), "--weight-key", "w")
     npy = tmp_path / "h.npy"
     np.save(npy, np.zeros((3, 4), dtype=np.float32))
-    assert ".npz" in run_error(capsys, "--hidden", str(npy), "--weight-key", "w")
+    assert ".npz" in run_error(capsys, "route", "--hidden", str(npy), "--weight-key", "w")
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip file")
-    assert "cannot read" in run_error(capsys, "--hidden", str(bad), "--weight-key", "w")
-    assert ".npz" in run_error(capsys, "--hidden", str(tmp_path), "--weight-key", "w")
+    assert "cannot read" in run_error(capsys, "route", "--hidden", str(bad), "--weight-key", "w")
+    assert ".npz" in run_error(capsys, "route", "--hidden", str(tmp_path), "--weight-key", "w")
 
 
 def test_error_nan_hidden_names_the_token(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -240,5 +199,5 @@ def test_error_nan_hidden_names_the_token(tmp_path: Path, capsys: pytest.Capture
     hidden[613, 2] = np.nan
     path = tmp_path / "nan.npz"
     np.savez(path, hidden=hidden, w=np.ones((8, 4)))
-    err = run_error(capsys, "--hidden", str(path), "--weight-key", "w")
+    err = run_error(capsys, "route", "--hidden", str(path), "--weight-key", "w")
     assert "token 613" in err and "NaN" in err

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -32,6 +31,8 @@ import pytest
 
 import moe_router as mr
 from moe_router import presets
+from conftest import VECTORS_DIR, shared_missing
+from helpers import sigmoid, softmax
 
 # The tally plugin (terminal summary of the counts); imported by pytest, then used below.
 pytest_plugins = ["conftest_conformance"]
@@ -42,8 +43,6 @@ def _tally():
 
     return conftest_conformance
 
-SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
-VECTORS_DIR = SHARED_DIR / "peers" / "vectors"
 
 RTOL, ATOL = 1e-5, 1e-7
 LOSS_RTOL = 1e-5
@@ -121,13 +120,11 @@ def config_for(peer: str, params: Dict[str, Any], E: int) -> mr.RouterConfig:
 # the peer's selection values (to find the tokens whose choice is a tie)
 # ---------------------------------------------------------------------------
 def _softmax32(x: np.ndarray) -> np.ndarray:
-    z = x.astype(np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+    return softmax(x).astype(np.float32)
 
 
 def _sigmoid32(x: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
+    return sigmoid(x).astype(np.float32)
 
 
 def near_tie_rows(values: np.ndarray, k: int) -> np.ndarray:
@@ -435,10 +432,10 @@ def run_variant(case: str, vid: str) -> str:
     return _tally().TIED
 
 
-@pytest.mark.parametrize("case,vid", VARIANTS or [pytest.param(None, None, marks=pytest.mark.skip(
-    reason=f"peer vectors not found at {VECTORS_DIR} (the shared folder is expected beside the repository)"))],
-    ids=[f"{c}:{v}" for c, v in VARIANTS] or ["no-vectors"])
+@pytest.mark.parametrize("case,vid", VARIANTS or [(None, None)], ids=[f"{c}:{v}" for c, v in VARIANTS] or ["no-vectors"])
 def test_peer_variant(case: str, vid: str) -> None:
+    if case is None:
+        shared_missing("peer vectors", VECTORS_DIR)
     tally = _tally()
     key = f"{case}:{vid}"
     try:
@@ -455,7 +452,7 @@ def test_every_variant_accounted_for() -> None:
     """Runs last in this module: every variant ran and none failed (counts in the terminal summary)."""
     tally = _tally()
     if not VARIANTS:
-        pytest.skip(f"peer vectors not found at {VECTORS_DIR}")
+        shared_missing("peer vectors", VECTORS_DIR)
     ran = {key for key in tally.OUTCOMES if key.split(":", 1)[0] in {c for c, _ in VARIANTS}}
     if len(ran) < len(VARIANTS):
         pytest.skip(f"only {len(ran)} of {len(VARIANTS)} variants ran in this session (selection)")

@@ -11,19 +11,10 @@ import pytest
 
 import moe_router as mr
 from moe_router import ConfigError, InputError
+from helpers import logsumexp, sigmoid, softmax
 
 
 # --------------------------------------------------------------------------- NumPy reference
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def logsumexp(z: np.ndarray) -> np.ndarray:
-    m = z.max(axis=-1)
-    return m + np.log(np.exp(z - m[..., None]).sum(axis=-1))
 
 
 def layout(experts: int) -> Tuple[int, int]:
@@ -117,7 +108,7 @@ def test_dense_forward_matches_numpy(experts: int, dtype: type, batched: bool) -
 
 def test_short_last_group_softmax_runs_over_its_real_experts() -> None:
     """E = 50: 8 groups of 7, the last holding one expert, which therefore gets all of
-    its group's probability (the seed let the 6 missing experts take a share)."""
+    its group's probability (the 6 padding slots of its group take no share)."""
     gate = mr.GateNetwork(16, 50, seed=1, dtype=np.float64)
     hidden = np.random.default_rng(2).normal(size=(300, 16))
     probs = gate.forward(hidden)
@@ -311,7 +302,7 @@ def deepseek_v3_reference(logits: np.ndarray, bias: np.ndarray, num_groups: int,
     group scores, top groups, top-k among them (ties to the lower index), normalized
     unbiased weights times the scale."""
     t, e = logits.shape
-    scores = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    scores = sigmoid(logits)
     keys = scores + bias
     grouped = keys.reshape(t, num_groups, e // num_groups)
     group_score = np.sort(grouped, axis=2)[:, :, -2:].sum(axis=2)

@@ -11,6 +11,7 @@ import pytest
 
 import moe_router as mr
 from moe_router import presets
+from helpers import sigmoid, softmax
 
 
 @pytest.fixture
@@ -95,8 +96,7 @@ def test_megatron_post_softmax_equals_softmax_over_the_chosen_logits(rng):
     x = rng.normal(size=(50, 8)).astype(np.float32)
     dec = mr.route_logits(x, mr.preset("megatron", 8, 3))
     chosen = np.take_along_axis(x.astype(np.float64), dec.expert_indices.astype(np.int64), axis=1)
-    want = np.exp(chosen - chosen.max(1, keepdims=True))
-    want /= want.sum(1, keepdims=True)
+    want = softmax(chosen)
     np.testing.assert_allclose(dec.expert_weights, want, rtol=1e-6)
 
 
@@ -260,8 +260,7 @@ def test_hugging_face_loss_is_k_times_ours(name, k, rng):
     assert mr.peer_load_balance_loss(dec, cfg) == dec.peer_load_balance_loss
     assert mr.peer_load_balance_loss(dec, name) == dec.peer_load_balance_loss
     # independent of the formula in the package: E * sum_e f_e P_e with f over all k choices
-    p = np.exp(x - x.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
+    p = softmax(x)
     f = np.bincount(dec.expert_indices.ravel(), minlength=16) / 97
     assert dec.peer_load_balance_loss == pytest.approx(16 * np.dot(f, p.mean(0)), rel=1e-6)
 
@@ -276,8 +275,7 @@ def test_hugging_face_loss_with_padding(rng):
 def test_deepspeed_top1_top2_count_first_choices(rng):
     x = rng.normal(size=(120, 8))
     mask = rng.random(120) < 0.8
-    p = np.exp(x - x.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
+    p = softmax(x)
     for k in (1, 2):
         cfg = mr.preset("deepspeed", 8, k, capacity_factor=1.0)
         dec = mr.route_logits(x, cfg, training=True, token_mask=mask)
@@ -295,7 +293,7 @@ def test_megatron_counts_a_plain_topk_with_bias_or_groups(rng):
     E, k, T = 16, 4, 200
     x = rng.normal(size=(T, E))
     bias = rng.normal(size=E) * 0.5
-    s = 1 / (1 + np.exp(-x))
+    s = sigmoid(x)
     P = (s / s.sum(1, keepdims=True)).mean(0)
     plain = np.bincount(np.argsort(-x, axis=1, kind="stable")[:, :k].ravel(), minlength=E)
     want = E / (k * T) * np.dot(plain, P)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import threading
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -21,10 +20,8 @@ import pytest
 
 import moe_router as mr
 from moe_router import ConfigError, InputError
-
-REAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_router"
-needs_real = pytest.mark.skipif(not (REAL_DIR / "minilm_l5.npz").exists(),
-                                reason="../shared/data/real_router is not present")
+from conftest import REAL_ROUTER_DIR, needs_real_router
+from helpers import logsumexp, softmax
 
 DECISION_ARRAYS = ("expert_indices", "expert_slots", "kept", "rerouted", "tokens_per_expert",
                    "pre_drop_tokens_per_expert")
@@ -33,18 +30,6 @@ DECISION_COUNTS = ("capacity", "dropless", "active_tokens", "kept_assignments", 
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def logsumexp(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    m = z.max(axis=-1)
-    return m + np.log(np.exp(z - m[..., None]).sum(axis=-1))
 
 
 def ref_logits(hidden: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray]) -> np.ndarray:
@@ -210,7 +195,7 @@ _REAL: Dict[str, Dict[str, np.ndarray]] = {}
 
 def real_arrays(name: str) -> Dict[str, np.ndarray]:
     if name not in _REAL:
-        with np.load(REAL_DIR / name) as z:
+        with np.load(REAL_ROUTER_DIR / name) as z:
             _REAL[name] = {k: z[k] for k in z.files if k == "hidden" or k.startswith("router_")}
     return _REAL[name]
 
@@ -219,7 +204,7 @@ def real_arrays(name: str) -> Dict[str, np.ndarray]:
 REAL_AGREEMENT: Dict[Tuple[str, int], Tuple[float, float]] = {}
 
 
-@needs_real
+@needs_real_router
 @pytest.mark.parametrize("experts", [8, 64, 256])
 @pytest.mark.parametrize("name", ["minilm_l3.npz", "minilm_l5.npz"])
 def test_real_hidden_states_pick_the_float64_experts(name: str, experts: int) -> None:
@@ -281,7 +266,7 @@ def test_default_init_is_normal_with_std_one_over_sqrt_d() -> None:
     z = w * math.sqrt(d)
     assert np.mean(np.abs(z) < 1) == pytest.approx(0.6827, abs=0.015)
     assert np.mean(z ** 4) == pytest.approx(3.0, abs=0.2)
-    # The seed's std 1 would saturate the softmax; this init does not.
+    # A std of 1 would saturate the softmax; this init does not.
     x = np.random.default_rng(0).normal(size=(2000, d))
     dec = router.route_tokens(x)
     assert 0.02 < float(np.median(dec.expert_weights[:, 0])) < 0.5

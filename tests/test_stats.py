@@ -120,7 +120,7 @@ def test_totals_averages_and_utilization_by_hand() -> None:
     u = np.array([1.0, 0.1, 0.2])
     assert s.utilization_cv() == pytest.approx(u.std() / u.mean())
     summary = s.utilization_summary()
-    assert summary["mean_utilization"] == pytest.approx(u.mean())  # not 1/E, as the seed's formula gave
+    assert summary["mean_utilization"] == pytest.approx(u.mean())  # not the constant 1/E
     assert summary["min_utilization"] == pytest.approx(0.1) and summary["max_utilization"] == 1.0
     assert summary["most_utilized_expert"] == [0, 1.0]
     # Per-call population variance of the kept loads.
@@ -169,7 +169,7 @@ def test_latency_percentiles_and_bounded_window() -> None:
     assert w.latency_percentile(0) == pytest.approx(0.091)
     assert w.mean_latency == pytest.approx(0.0505)
     assert w.throughput == pytest.approx(100 / 5.050)
-    with pytest.raises(ValueError, match="percentile"):
+    with pytest.raises(mr.InputError, match="percentile"):
         w.latency_percentile(101)
 
 
@@ -247,16 +247,16 @@ def test_reset_clears_everything_and_allows_a_new_expert_count() -> None:
 def test_errors() -> None:
     s = RoutingStats()
     s.record(fake([1, 1], [1, 1], 1))
-    with pytest.raises(ValueError, match="3 experts.*2"):
+    with pytest.raises(mr.InputError, match="3 experts.*2"):
         s.record(fake([1, 1, 1], [1, 1, 1], 1))
     for bad in (-0.1, math.nan, math.inf):
-        with pytest.raises(ValueError, match="latency_s"):
+        with pytest.raises(mr.InputError, match="latency_s"):
             s.record(fake([1, 1], [1, 1], 1), bad)
     assert s.calls == 1  # failed records change nothing
     for bad in (0, -3, 2.5, True):
-        with pytest.raises(ValueError, match="window"):
+        with pytest.raises(mr.ConfigError, match="window"):
             RoutingStats(window=bad)
-        with pytest.raises(ValueError, match="history"):
+        with pytest.raises(mr.ConfigError, match="history"):
             RoutingStats(history=bad)
 
 
@@ -290,7 +290,7 @@ def test_exported_and_returns_copies() -> None:
     counts = s.expert_token_counts
     counts[0] = 99
     assert s.expert_token_counts.tolist() == [2, 1]
-    assert s.total_routings == 1  # the seed's name
+    assert s.total_routings == 1  # the alias of calls
 
 
 # --------------------------------------------------------------------------- threads

@@ -2,9 +2,8 @@
 
 The balancer watches the per-expert load of successive training calls and
 keeps a per-expert selection bias that the router adds to the scores of its
-next call (DeepSeek-V3's auxiliary-loss-free load balancing). Unlike the
-torsh-distributed seed, whose balancer computed "routing adjustments" that
-never reached the router, the bias here is what the next call ranks experts by.
+next call (DeepSeek-V3's auxiliary-loss-free load balancing): the bias is
+what the next call ranks experts by.
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Deque, Optional
 
 import numpy as np
+
+from ._core import ConfigError, InputError
 
 __all__ = ["LoadBalancer", "LoadBalancingStats"]
 
@@ -96,7 +97,7 @@ class LoadBalancingStats:
         return 0.0 if mean <= 0.0 else float(self.expert_loads.std() / mean)
 
     def is_well_balanced(self, max_cv: float = WELL_BALANCED_CV) -> bool:
-        """True when at least one step was seen and ``load_cv() < max_cv`` (default 0.2, the seed's bound)."""
+        """True when at least one step was seen and ``load_cv() < max_cv`` (default 0.2)."""
         return self.steps > 0 and self.load_cv() < max_cv
 
     def to_dict(self) -> dict:
@@ -120,6 +121,11 @@ class LoadBalancingStats:
 def default_bias_update_rate(num_experts: int) -> float:
     """The default ``bias_update_rate`` for E experts: ``0.1 / E``, a tenth of the mean softmax score.
 
+    Raises
+    ------
+    ConfigError
+        ``num_experts`` is not an integer >= 1.
+
     >>> default_bias_update_rate(64)
     0.0015625
     """
@@ -132,13 +138,13 @@ def _check_unit(name: str, value: Any, *, low_open: bool, high_open: bool) -> fl
     if not ok:
         lo = "(0" if low_open else "[0"
         hi = "1)" if high_open else "1]"
-        raise ValueError(f"{name} must be in {lo}, {hi}, got {value!r}")
+        raise ConfigError(f"{name} must be in {lo}, {hi}, got {value!r}")
     return v
 
 
 def _non_negative_int(name: str, value: Any, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -170,18 +176,15 @@ class LoadBalancer:
         E (>= 1).
     ema_decay : float, default 0.9
         In [0, 1). Weight of the past in the EMA; 0.9 averages over about
-        ``1 / (1 - 0.9) = 10`` steps (the seed's smoothing factor 0.1).
+        ``1 / (1 - 0.9) = 10`` steps.
     history : int, default 1024
         Number of per-step load shares kept in :attr:`load_history`.
     imbalance_threshold : float, default 0.5
         :meth:`is_imbalanced` is ``(max - min) / mean > threshold`` on the EMA.
-        Perfectly balanced routing still shows multinomial noise: with ``m``
-        routed assignments per expert on average, the per-step ratio is about
-        0.41 for E = 64, m = 128 (T = 4096, k = 2), and the EMA at d = 0.9
-        shrinks it to about 0.10 (0.27, at most 0.36 over 400 steps, for
-        batches eight times smaller; measured by simulation). 0.5 therefore
-        flags real skew, not noise; the seed's 0.2 is below the noise floor
-        of small batches.
+        Perfectly balanced routing still shows multinomial noise, which the
+        EMA shrinks; the default sits above that noise for batches of a few
+        hundred tokens, so it flags real skew (the measurements are in
+        ``docs/balancer.md``).
     warmup_steps : int, default 10
         :meth:`is_imbalanced` is False until this many steps were seen (one EMA
         time constant at the default decay), so one odd first batch is not an alarm.
@@ -216,35 +219,21 @@ class LoadBalancer:
     1/E. The default is therefore relative: ``0.1 / E``, a tenth of the mean
     softmax score per step.
 
-    Measured (``capacity_factor=1.25``, the same 16384 tokens routed again
-    at every step; max/mean of the pre-drop load at step 0, at step 49, and
-    averaged over steps 150-199), for the real MiniLM-L6 layer-5 router
-    logits shipped for the tests and for Gaussian logits with a flat softmax:
-
-    ==================== ====== ======= ======================================
-    logits                 E, k  step 0  step 49 / long run, rate 0.1/E
-    ==================== ====== ======= ======================================
-    real, layer 5          8, 2    2.44   2.34 / 1.73
-    real, layer 5         64, 2   16.43  10.04 / 5.33
-    real, layer 5        256, 8   16.67  10.47 / 6.50
-    N(0, 1)               64, 2    5.15   1.06 / 1.08
-    N(0, 0.3^2)           64, 2    5.03   1.22 / 1.44
-    N(0, 1)              256, 8    5.22   1.09 / 1.09
-    N(0, 0.3^2)          256, 8    5.18   1.16 / 1.54
-    ==================== ====== ======= ======================================
-
-    (The Gaussian logits have their first E/16 experts shifted up by one
-    standard deviation.) A fixed 1e-3 balances the real E = 256 router
-    faster (7.74 at step 49, 5.19 in the long run) but makes the flattest
-    case worse than no balancing at all (N(0, 0.3^2), E = 256: 7.21 at step 49, 4.25 in the long run);
-    ``0.05 / E`` is steadier on flat routers and slower on peaked ones
-    (real, E = 64: 11.92 at step 49, 8.07 in the long run). Peaked routers
+    Measured balancing curves of this default and of other rates, on real
+    and synthetic router logits, are in ``docs/balancer.md``. Peaked routers
     tolerate larger rates; pass one for faster, coarser balancing.
 
     The bias is never re-centred: adding a constant to every expert's bias
     does not change any top-k choice, so drift of the common level is harmless.
 
     Thread-safe: updates and reads hold one lock.
+
+    Raises
+    ------
+    ConfigError
+        ``num_experts`` or ``history`` is not an integer >= 1, ``warmup_steps``
+        not an integer >= 0, ``ema_decay`` outside [0, 1), or
+        ``imbalance_threshold`` or ``bias_update_rate`` negative or not finite.
 
     Examples
     --------
@@ -272,7 +261,7 @@ class LoadBalancer:
         self._history = _non_negative_int("history", history, 1)
         threshold = float(imbalance_threshold)
         if not (math.isfinite(threshold) and threshold >= 0):
-            raise ValueError(f"imbalance_threshold must be a finite number >= 0, got {imbalance_threshold!r}")
+            raise ConfigError(f"imbalance_threshold must be a finite number >= 0, got {imbalance_threshold!r}")
         self._threshold = threshold
         self._warmup_steps = _non_negative_int("warmup_steps", warmup_steps)
         if bias_update_rate is None:
@@ -317,9 +306,10 @@ class LoadBalancer:
 
     @bias_update_rate.setter
     def bias_update_rate(self, value: float) -> None:
+        """Set the rate; a negative or non-finite value raises ``ConfigError``."""
         rate = float(value)
         if not (math.isfinite(rate) and rate >= 0):
-            raise ValueError(f"bias_update_rate must be a finite number >= 0, got {value!r}")
+            raise ConfigError(f"bias_update_rate must be a finite number >= 0, got {value!r}")
         self._rate = rate
 
     # ------------------------------------------------------------------ update
@@ -328,13 +318,13 @@ class LoadBalancer:
         raw = getattr(decision, "pre_drop_tokens_per_expert", decision)
         load = np.asarray(raw)
         if load.ndim != 1 or load.shape[0] != self._num_experts:
-            raise ValueError(f"expected a per-expert load of shape [{self._num_experts}] "
+            raise InputError(f"expected a per-expert load of shape [{self._num_experts}] "
                              f"(num_experts), got shape {list(load.shape)}")
         if load.dtype.kind not in "iuf":
             raise TypeError(f"per-expert load must be numeric, got dtype {load.dtype}")
         load = load.astype(np.float64)
         if not np.isfinite(load).all() or (load < 0).any():
-            raise ValueError("per-expert load must be finite and >= 0")
+            raise InputError("per-expert load must be finite and >= 0")
         return load
 
     def update(self, decision: Any) -> None:
@@ -354,8 +344,10 @@ class LoadBalancer:
 
         Raises
         ------
-        ValueError
+        InputError
             The load does not have E entries, or holds negative or non-finite values.
+        TypeError
+            The load is not numeric.
         """
         load = self._load_of(decision)
         total = float(load.sum())

@@ -5,12 +5,11 @@ after every ``route_tokens``/``route_logits`` call with the decision and the
 wall-clock time the call took. The object can also be used on its own, with
 decisions from :func:`moe_router.route_logits`.
 
-Differences from the torsh-distributed seed (``RoutingStats``/``CapacityStats``):
+How the figures are defined:
 
 - capacity utilization divides by the capacity each call really offered
-  (``RoutingDecision.capacity``), not an assumed 100 slots per expert;
-- the mean utilization is the mean over experts of kept / offered, not a
-  formula that always evaluates to 1/E;
+  (``RoutingDecision.capacity``);
+- the mean utilization is the mean over experts of kept / offered;
 - the drop rates are 0.0, not a division by zero, before any token was routed;
 - per-call averages are plain arithmetic means over the calls that routed at
   least one token (an empty batch has no loss to average);
@@ -27,6 +26,8 @@ from typing import Any, Deque, Dict, Optional, Tuple
 
 import numpy as np
 
+from ._core import ConfigError, InputError
+
 __all__ = ["RoutingStats"]
 
 #: Default number of recent calls whose latencies feed the percentiles.
@@ -37,7 +38,7 @@ DEFAULT_HISTORY = 1024
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
 
 
@@ -64,7 +65,7 @@ class RoutingStats:
     Attributes
     ----------
     calls : int
-        Decisions recorded (the seed's ``total_routings``).
+        Decisions recorded (also available as :attr:`total_routings`).
     total_tokens : int
         Sum of ``RoutingDecision.total_tokens`` (rows, padding included).
     active_tokens : int
@@ -78,6 +79,11 @@ class RoutingStats:
         kept expert at all.
     num_experts : int or None
         E, fixed by the first decision recorded (None before it).
+
+    Raises
+    ------
+    ConfigError
+        ``window`` or ``history`` is not an integer >= 1.
 
     Notes
     -----
@@ -170,14 +176,14 @@ class RoutingStats:
 
         Raises
         ------
-        ValueError
+        InputError
             ``latency_s`` is negative or not finite, or the decision has a
             different number of experts than the decisions recorded before.
         """
         if latency_s is not None:
             latency = float(latency_s)
             if not (math.isfinite(latency) and latency >= 0.0):
-                raise ValueError(f"latency_s must be a finite number of seconds >= 0, got {latency_s!r}")
+                raise InputError(f"latency_s must be a finite number of seconds >= 0, got {latency_s!r}")
         kept_e = np.asarray(decision.tokens_per_expert, dtype=np.int64)
         pre_e = np.asarray(decision.pre_drop_tokens_per_expert, dtype=np.int64)
         num_experts = int(kept_e.shape[0])
@@ -196,7 +202,7 @@ class RoutingStats:
                 self._kept_per_expert = np.zeros(num_experts, dtype=np.int64)
                 self._pre_drop_per_expert = np.zeros(num_experts, dtype=np.int64)
             elif num_experts != self.num_experts:
-                raise ValueError(f"decision has {num_experts} experts but these statistics hold "
+                raise InputError(f"decision has {num_experts} experts but these statistics hold "
                                  f"{self.num_experts}; use one RoutingStats per expert count, or reset()")
             assert self._kept_per_expert is not None and self._pre_drop_per_expert is not None
             self.calls += 1
@@ -236,7 +242,7 @@ class RoutingStats:
 
     @property
     def total_routings(self) -> int:
-        """Alias of :attr:`calls` (the seed's name)."""
+        """Alias of :attr:`calls`."""
         return self.calls
 
     @property
@@ -401,12 +407,12 @@ class RoutingStats:
 
         Raises
         ------
-        ValueError
+        InputError
             ``q`` outside [0, 100].
         """
         q = float(q)
         if not 0.0 <= q <= 100.0:
-            raise ValueError(f"q must be a percentile in [0, 100], got {q!r}")
+            raise InputError(f"q must be a percentile in [0, 100], got {q!r}")
         with self._lock:
             if not self._latencies:
                 return None

@@ -1,0 +1,74 @@
+"""The ``moe-router`` command line (also ``python -m moe_router``).
+
+Commands
+--------
+``moe-router route [FILE] [options]``
+    Route router logits (the embedded real-data sample when FILE is omitted)
+    and print a report: capacity, per-expert load, drops, losses and the time
+    the routing call took. ``--json`` prints the same content as one JSON object.
+``moe-router route --hidden FILE.npz --weight-key W [--bias-key B] [options]``
+    The hidden-state path: route ``hidden @ W + b`` with ``ExpertRouter`` (the
+    router GEMM fused with the routing, in Rust), all three arrays read from one
+    .npz file (hidden states from ``--hidden-key``, default ``hidden``); the same
+    report, plus the router (linear, D, compute dtype).
+``moe-router balance [FILE] --steps N [--rate R] [--plot OUT.png] [options]``
+    Route one batch N times in training mode with the ``LoadBalancer``'s
+    expert bias (aux-loss-free balancing) and print, per step, the max/mean
+    pre-drop load, dropped assignments and dropped tokens; ``--plot`` draws the
+    per-expert load of the first and last step (matplotlib, extra ``plot``).
+
+Layout
+------
+``parsing``
+    The argument parser, option types and the ``RouterConfig`` the options describe.
+``loading``
+    One loader for input files (.npy/.npz, key selection), used for logits and hidden states.
+``route``, ``balance``
+    One module per command: ``run(args)`` builds the report as plain data.
+``render``, ``plot``
+    The report as rich text or JSON; the balance plot (matplotlib).
+
+Every user-facing failure is raised as ``CliError`` (or one of the package's
+``RouterError``/``ValueError``/``TypeError``) and turned into a one-line
+message on stderr with exit status 2 by :func:`main`. The library never
+imports this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Dict, Optional, Sequence
+
+from . import balance, route
+from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
+from .parsing import build_parser
+
+__all__ = ["CliError", "build_parser", "main"]
+
+#: Command name -> its handler.
+COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {"route": route.run, "balance": balance.run}
+
+
+def _fail(message: str) -> int:
+    text = " ".join(str(message).split())
+    sys.stderr.write(f"moe-router: error: {text}\n")
+    return EXIT_USAGE
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``moe-router`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+        handler = COMMANDS.get(args.command)
+        if handler is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return int(handler(args))
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    except (CliError, ValueError, TypeError, OSError) as exc:  # RouterError is a ValueError
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

@@ -1,0 +1,229 @@
+"""The ``moe-router`` argument parser and the ``RouterConfig`` its options describe."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any, Callable, Dict, NoReturn, Optional
+
+from .. import __version__, set_num_threads
+from ..balancer import DEFAULT_RELATIVE_BIAS_RATE
+from ..config import RouterConfig
+from .errors import CliError
+
+#: Routing calls timed when ``--repeat`` is not given (after one warm-up call).
+DEFAULT_REPEAT = 5
+#: Routing steps of ``moe-router balance`` when ``--steps`` is not given.
+DEFAULT_BALANCE_STEPS = 50
+#: Array holding the hidden states in a ``route --hidden`` file when ``--hidden-key`` is not given.
+DEFAULT_HIDDEN_KEY = "hidden"
+#: Values of ``route --router-dtype``.
+ROUTER_DTYPES = ("float32", "float64")
+#: Words of ``--capacity-factor`` that mean dropless routing.
+DROPLESS_WORDS = ("none", "dropless", "inf", "infinity")
+
+INPUT_HELP = ".npy or .npz file of float logits [T, E] or [B, S, E] (default: embedded sample)"
+SAMPLE_DESCRIPTION = "4096 real tokens, 64 experts"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises ``CliError`` instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{message} (see '{self.prog} --help')")
+
+
+# --------------------------------------------------------------------------- option values
+
+
+def _capacity_factor(text: str) -> Optional[float]:
+    """``--capacity-factor`` value: a number, or ``none``/``dropless``/``inf`` for no limit."""
+    if text.strip().lower() in DROPLESS_WORDS:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value == float("inf"):
+        return None
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(
+            f"expected a number > 0, or 'none' for dropless routing (no capacity limit), got {text!r}")
+    return value
+
+
+def _int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
+    """An option type: an integer >= ``minimum``; ``expected`` describes it in the error message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "an integer >= 0")
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and math.isfinite(value)):  # also NaN
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- option groups
+
+
+def _add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """FILE and ``--key``: the logits a command routes."""
+    p.add_argument("file", nargs="?", metavar="FILE", help=INPUT_HELP)
+    p.add_argument("--key", metavar="NAME",
+                   help="array inside an .npz file (optional when it holds a single 2-D/3-D float array)")
+
+
+def _add_routing_options(p: argparse.ArgumentParser) -> None:
+    """Options that build the ``RouterConfig`` (shared by every command that routes)."""
+    g = p.add_argument_group("routing")
+    g.add_argument("--num-experts", "-E", type=_positive_int, metavar="N",
+                   help="E; defaults to the input's last dimension (a mismatch is an error)")
+    g.add_argument("--top-k", "-k", type=_positive_int, default=2, metavar="K",
+                   help="experts per token (default: 2)")
+    g.add_argument("--capacity-factor", "-c", type=_capacity_factor, default=1.25, metavar="CF|none",
+                   help="capacity = ceil(CF * T * k / E), exact decimal; 'none' = dropless (default: 1.25)")
+    g.add_argument("--score-function", choices=("softmax", "sigmoid"), default="softmax",
+                   help="score of each expert (default: softmax)")
+    g.add_argument("--normalize-weights", action="store_true",
+                   help="divide the k chosen scores by their sum (Mixtral, Qwen norm_topk_prob)")
+    g.add_argument("--drop-policy", choices=("position", "rank", "probs", "bpr"), default="position",
+                   help="which assignments survive when an expert is full (default: position)")
+
+
+def _add_json(g: Any) -> None:
+    g.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def _add_threads(g: Any) -> None:
+    g.add_argument("--threads", type=_non_negative_int, metavar="N",
+                   help="routing threads (0: one per core; default: MOE_ROUTER_NUM_THREADS or one per core)")
+
+
+def _add_route_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "route", help="route router logits and report loads, drops and losses",
+        description="Route router logits and report capacity, per-expert load, drops, losses and "
+                    "routing time. Without FILE, routes the embedded sample: "
+                    f"{SAMPLE_DESCRIPTION} (all-MiniLM-L6-v2 layer 5, MoEfication affinities).")
+    _add_input_arguments(p)
+    h = p.add_argument_group(
+        "hidden states", "route hidden states through a linear router instead of logits: "
+                         "logits = hidden @ W + b, computed in Rust and fused with the routing")
+    h.add_argument("--hidden", metavar="FILE.npz",
+                   help=".npz file holding the hidden states [T, D] or [B, S, D] and the router weight [D, E] "
+                        "(replaces FILE)")
+    h.add_argument("--weight-key", metavar="NAME", help="router weight [D, E] in the --hidden file (required)")
+    h.add_argument("--bias-key", metavar="NAME", help="router bias [E] in the --hidden file (default: no bias)")
+    h.add_argument("--hidden-key", metavar="NAME",
+                   help=f"hidden states in the --hidden file (default: {DEFAULT_HIDDEN_KEY})")
+    h.add_argument("--router-dtype", choices=ROUTER_DTYPES,
+                   help="precision of the router GEMM (default: float32 for float32 hidden states, "
+                        "float64 for float64 and float16 ones)")
+    _add_routing_options(p)
+    g = p.add_argument_group("output and timing")
+    _add_json(g)
+    g.add_argument("--repeat", "-n", type=_positive_int, default=DEFAULT_REPEAT, metavar="N",
+                   help=f"time N routing calls after one warm-up; report median and min "
+                        f"(default: {DEFAULT_REPEAT})")
+    _add_threads(g)
+
+
+def _add_balance_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "balance", help="route one batch repeatedly with the load balancer's expert bias; show loads fall",
+        description="Route the same batch STEPS times in training mode (step = 0, 1, ...) with "
+                    "aux-loss-free balancing on: after each step the LoadBalancer moves every expert's "
+                    "selection bias by RATE toward balance (b_e += RATE * sign(mean load - load_e), "
+                    "DeepSeek-V3), and the next step ranks experts by score + bias. Prints, per step, the "
+                    "largest and mean per-expert load before capacity, dropped assignments and dropped "
+                    f"tokens. Without FILE, routes the embedded sample ({SAMPLE_DESCRIPTION}).")
+    _add_input_arguments(p)
+    g = p.add_argument_group("balancing")
+    g.add_argument("--steps", "-s", type=_positive_int, default=DEFAULT_BALANCE_STEPS, metavar="N",
+                   help=f"routing steps (default: {DEFAULT_BALANCE_STEPS})")
+    g.add_argument("--rate", "-r", type=_non_negative_float, metavar="R",
+                   help=f"bias change per step, in score units (default: {DEFAULT_RELATIVE_BIAS_RATE:g}/E, "
+                        f"the LoadBalancer default; DeepSeek-V3 uses 1e-3 on sigmoid scores)")
+    _add_routing_options(p)
+    o = p.add_argument_group("output")
+    _add_json(o)
+    o.add_argument("--plot", metavar="OUT.png",
+                   help="draw the per-expert load of the first and the last step as bar charts "
+                        "(needs matplotlib: pip install 'moe_router[plot]')")
+    _add_threads(o)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``moe-router`` argument parser: one subparser per command, its name in ``command``."""
+    parser = _Parser(prog="moe-router",
+                     description="Mixture-of-Experts token router: exact top-k, capacity, drops and losses.")
+    parser.add_argument("--version", action="version", version=f"moe-router {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_route_parser(sub)
+    _add_balance_parser(sub)
+    return parser
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def config_from_args(args: argparse.Namespace, input_experts: int, label: str) -> RouterConfig:
+    """The ``RouterConfig`` the options describe, checked against the input's E.
+
+    Raises
+    ------
+    CliError
+        ``--num-experts`` differs from ``input_experts`` (``label`` names the input).
+    ConfigError
+        The options do not make a valid configuration.
+    """
+    num_experts = input_experts if args.num_experts is None else args.num_experts
+    if num_experts != input_experts:
+        raise CliError(f"--num-experts {num_experts} does not match the input: {label} has "
+                       f"{input_experts} experts (its last dimension)")
+    return RouterConfig(
+        num_experts=num_experts,
+        top_k=args.top_k,
+        capacity_factor=args.capacity_factor,
+        score_function=args.score_function,
+        normalize_weights=args.normalize_weights,
+        drop_policy=args.drop_policy,
+    )
+
+
+def config_summary(config: RouterConfig, training: bool, *extra: str) -> Dict[str, Any]:
+    """The routing options of ``config`` as the reports show them (plus the fields ``extra``)."""
+    summary: Dict[str, Any] = {
+        "capacity_factor": config.capacity_factor,
+        "score_function": config.score_function,
+        "normalize_weights": config.normalize_weights,
+        "drop_policy": config.drop_policy,
+    }
+    for name in extra:
+        summary[name] = getattr(config, name)
+    summary["training"] = training
+    return summary
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set the routing thread count when ``--threads`` was given."""
+    if args.threads is not None:
+        set_num_threads(args.threads)

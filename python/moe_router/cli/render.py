@@ -1,0 +1,207 @@
+"""Rendering of the command reports: rich text on a console, or one JSON object.
+
+The commands build their report as plain JSON-ready data; :func:`emit` prints
+it as JSON or through the command's text renderer (:func:`render_route`,
+:func:`render_balance`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .errors import EXIT_OK
+
+#: Experts shown at each end of the load chart when there are too many to show all.
+CHART_EDGE = 8
+#: Width of the load bars, in characters.
+BAR_WIDTH = 32
+#: Column of the capacity mark in the load bars (when there is a capacity).
+CAPACITY_COLUMN = 20
+
+Report = Dict[str, Any]
+Cell = Union[str, Text]
+
+
+def emit(report: Report, as_json: bool, render: Callable[[Report, Console], None]) -> int:
+    """Print ``report`` to stdout as indented JSON or with ``render``; returns the exit status 0."""
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        render(report, Console(file=sys.stdout, highlight=False))
+    return EXIT_OK
+
+
+def _grid(rows: Iterable[Sequence[Cell]], columns: Sequence[Dict[str, Any]] = ({"style": "bold"}, {})) -> Table:
+    """A borderless grid (two columns by default: bold name, value) holding ``rows``."""
+    grid = Table.grid(padding=(0, 2))
+    for column in columns:
+        grid.add_column(**column)
+    for row in rows:
+        grid.add_row(*row)
+    return grid
+
+
+def _capacity_row(report: Report, dropless: str) -> Sequence[Cell]:
+    cfg = report["config"]
+    if report["dropless"]:
+        return ("capacity", dropless)
+    return ("capacity", f"{report['capacity']} per expert  (capacity_factor "
+                        f"{cfg['capacity_factor']!r}, drop_policy {cfg['drop_policy']})")
+
+
+def _print_summary(console: Console, command: str, rows: Iterable[Sequence[Cell]]) -> None:
+    console.print(Text(f"moe-router {command}", style="bold"))
+    console.print(_grid(rows))
+    console.print()
+
+
+def _plain_table(title: str) -> Table:
+    return Table(title=title, title_justify="left", box=None, pad_edge=False, show_edge=False)
+
+
+# --------------------------------------------------------------------------- route
+
+
+def _bar(kept: int, pre: int, capacity: Optional[int], scale_max: int, unicode: bool) -> Text:
+    """A load bar: kept part, dropped part (cut with an arrow when it runs off), capacity mark.
+
+    With a capacity, the mark sits at a fixed column (``CAPACITY_COLUMN``) so idle
+    and overflowing experts are both readable; dropless bars scale to ``scale_max``.
+    """
+    full, over, mark, more = ("█", "░", "│", "»") if unicode else ("#", "x", "|", ">")
+    if capacity:
+        unit = CAPACITY_COLUMN / capacity
+    else:
+        unit = BAR_WIDTH / scale_max if scale_max > 0 else 0.0
+
+    def cells_for(n: int) -> int:
+        return 0 if n <= 0 else max(1, int(round(n * unit)))
+
+    n_kept = min(BAR_WIDTH, cells_for(kept))
+    n_pre = max(n_kept, cells_for(pre))
+    cells = [(full, "green")] * n_kept + [(over, "red")] * (min(n_pre, BAR_WIDTH) - n_kept)
+    cells += [(" ", "")] * (BAR_WIDTH - len(cells))
+    if n_pre > BAR_WIDTH:
+        cells[-1] = (more, "bold red")
+    if capacity:
+        cells[CAPACITY_COLUMN] = (mark, "bold yellow")
+    text = Text()
+    for ch, style in cells:
+        text.append(ch, style=style)
+    return text
+
+
+def _fmt_ms(ms: float) -> str:
+    return f"{ms:.3f} ms"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def render_route(report: Report, console: Console) -> None:
+    """Print the route report with rich: summary, load chart, drops, losses, timing."""
+    unicode = (console.encoding or "").lower().replace("-", "").startswith("utf")
+    cfg = report["config"]
+    source = report["source"]
+    summary: List[Sequence[Cell]] = [("source", Text(source["label"]))]
+    router = report.get("router")
+    if router is not None:
+        summary.append(("router", f"{router['kind']}, D={router['input_dim']}, dtype {router['dtype']}"))
+    shape = " x ".join(str(n) for n in source["shape"])
+    summary += [
+        ("tokens", f"{report['tokens']}  (input {shape}, {source['dtype']})"),
+        ("experts", str(report["experts"])),
+        ("top_k", str(report["top_k"])),
+        ("scores", cfg["score_function"] + (", normalized weights" if cfg["normalize_weights"] else "")),
+        _capacity_row(report, f"dropless (no limit; largest load {report['capacity']})"),
+    ]
+    _print_summary(console, "route", summary)
+
+    rows = report["load_chart"]["experts"]
+    not_shown = report["load_chart"]["not_shown"]
+    cap = None if report["dropless"] else report["capacity"]
+    scale_max = max([r["pre_drop"] for r in rows] + [cap or 0])
+    chart = _plain_table("Per-expert load (busiest and idlest, by routed assignments)")
+    chart.add_column("expert", justify="right")
+    chart.add_column("load", no_wrap=True)
+    chart.add_column("kept", justify="right")
+    chart.add_column("routed", justify="right")
+    chart.add_column("% cap", justify="right")
+    for i, r in enumerate(rows):
+        if not_shown and i == CHART_EDGE:
+            dots = "…" if unicode else "..."
+            chart.add_row("", Text(f"{dots} {not_shown} more experts {dots}", style="dim"), "", "", "")
+        pct = "-" if r["capacity_percent"] is None else f"{r['capacity_percent']:.0f}%"
+        chart.add_row(str(r["expert"]), _bar(r["kept"], r["pre_drop"], cap, scale_max, unicode),
+                      str(r["kept"]), str(r["pre_drop"]), pct)
+    console.print(chart)
+    legend = ("█ kept  ░ dropped  │ capacity  » more" if unicode else "# kept  x dropped  | capacity  > more")
+    console.print(Text(legend, style="dim"))
+    console.print(Text(f"experts over capacity: {report['experts_over_capacity']} of {report['experts']}; "
+                       f"experts with no routed token: {report['experts_unused']}", style="dim"))
+    console.print()
+
+    t = report["timing"]
+    stats: List[Sequence[Cell]] = [
+        ("dropped assignments", str(report["dropped_assignments"]), f"of {report['assignments']} (tokens x k)"),
+        ("tokens dropped", str(report["tokens_dropped"]),
+         f"of {report['active_tokens']} (tokens with no kept expert)"),
+        ("routing efficiency", f"{report['routing_efficiency']:.4f}", "kept / (tokens x k)"),
+        ("load_balance_cv", f"{report['load_balance_cv']:.4f}", "std / mean of kept loads"),
+        ("load_balance_loss", f"{report['load_balance_loss']:.6g}", "E * sum f_e P_e; 1.0 = balanced"),
+        ("router_z_loss", f"{report['router_z_loss']:.6g}", "mean logsumexp(logits)^2"),
+    ]
+    if report["seq_load_balance_loss"] is not None:
+        stats.append(("seq_load_balance_loss", f"{report['seq_load_balance_loss']:.6g}", "mean over sequences"))
+    stats += [
+        ("auxiliary_loss", f"{report['auxiliary_loss']:.6g}",
+         f"{cfg['load_balance_loss_coeff']:g} * lb + {cfg['router_z_loss_coeff']:g} * z"),
+        ("routing time", _fmt_ms(t["median_ms"]),
+         f"median of {_plural(t['calls'], 'call')} (min {_fmt_ms(t['min_ms'])}), {_plural(t['threads'], 'thread')}"),
+    ]
+    console.print(_grid(stats, ({"style": "bold"}, {"justify": "right"}, {"style": "dim"})))
+
+
+# --------------------------------------------------------------------------- balance
+
+
+def fmt_ratio(x: Optional[float]) -> str:
+    """A max/mean ratio with two decimals, ``-`` when undefined."""
+    return "-" if x is None else f"{x:.2f}"
+
+
+def render_balance(report: Report, console: Console) -> None:
+    """Print the balance run with rich: setup, one table row per step, first-to-last summary."""
+    _print_summary(console, "balance", [
+        ("source", Text(report["source"]["label"])),
+        ("tokens", str(report["tokens"])),
+        ("experts", str(report["experts"])),
+        ("top_k", str(report["top_k"])),
+        _capacity_row(report, "dropless (no limit)"),
+        ("bias rate", f"{report['rate']:g} per step  (b_e += rate * sign(mean load - load_e))"),
+    ])
+    table = _plain_table("Per step (loads are routed assignments, before capacity)")
+    for name in ("step", "max load", "mean load", "max/mean", "dropped assignments", "tokens dropped"):
+        table.add_column(name, justify="right")
+    for r in report["steps"]:
+        table.add_row(str(r["step"]), str(r["max_load"]), f"{r['mean_load']:.1f}", fmt_ratio(r["max_over_mean"]),
+                      str(r["dropped_assignments"]), str(r["tokens_dropped"]))
+    console.print(table)
+    console.print()
+    first, last = report["first"], report["last"]
+    console.print(_grid([
+        ("max/mean load", f"{fmt_ratio(first['max_over_mean'])} -> {fmt_ratio(last['max_over_mean'])}  "
+                          f"(step {first['step']} -> step {last['step']})"),
+        ("dropped assignments", f"{first['dropped_assignments']} -> {last['dropped_assignments']}  "
+                                f"(of {report['assignments']})"),
+        ("tokens dropped", f"{first['tokens_dropped']} -> {last['tokens_dropped']}"),
+    ]))
+    if report["plot"] is not None:
+        console.print(Text(f"plot written to {report['plot']}"), soft_wrap=True)

@@ -1,0 +1,129 @@
+"""``moe-router route``: route logits (or hidden states through a linear router) and report."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Tuple
+
+import numpy as np
+
+from .. import get_num_threads
+from ..decision import RoutingDecision
+from ..router import ExpertRouter
+from ..routing import route_logits
+from .errors import CliError
+from .loading import hidden_options_given, load_hidden, load_logits
+from .parsing import apply_threads, config_from_args, config_summary
+from .render import CHART_EDGE, emit, render_route
+
+
+def time_calls(call: Callable[[], RoutingDecision], repeat: int) -> Tuple[RoutingDecision, List[float]]:
+    """Call once (warm-up; its decision is returned), then time ``repeat`` more calls.
+
+    Returns the decision and the ``repeat`` wall-clock times in seconds
+    (``time.perf_counter`` around each call).
+    """
+    decision = call()
+    times: List[float] = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return decision, times
+
+
+def _chart_rows(decision: RoutingDecision) -> Tuple[List[int], int]:
+    """Experts to chart (busiest first, by pre-drop load) and how many are left out."""
+    pre = decision.pre_drop_tokens_per_expert
+    kept = decision.tokens_per_expert
+    order = sorted(range(pre.shape[0]), key=lambda e: (-int(pre[e]), -int(kept[e]), e))
+    if len(order) <= 2 * CHART_EDGE:
+        return order, 0
+    return order[:CHART_EDGE] + order[-CHART_EDGE:], len(order) - 2 * CHART_EDGE
+
+
+def report_head(decision: RoutingDecision, source: Dict[str, Any], config: Dict[str, Any]) -> Dict[str, Any]:
+    """The fields every command's report starts with: input, sizes, configuration, capacity."""
+    return {
+        "source": source,
+        "tokens": decision.total_tokens,
+        "active_tokens": decision.active_tokens,
+        "experts": decision.num_experts,
+        "top_k": decision.top_k,
+        "config": config,
+        "capacity": decision.capacity,
+        "dropless": decision.dropless,
+        "assignments": decision.active_tokens * decision.top_k,
+    }
+
+
+def build_report(decision: RoutingDecision, config: Any, source: Dict[str, Any],
+                 times: List[float]) -> Dict[str, Any]:
+    """Everything the route report shows, as JSON-ready data (both renderings read this)."""
+    d = decision.to_dict()
+    capacity = decision.capacity
+    kept = decision.tokens_per_expert
+    pre = decision.pre_drop_tokens_per_expert
+    chart, not_shown = _chart_rows(decision)
+    experts: List[Dict[str, Any]] = []
+    for e in chart:
+        n_kept, n_pre = int(kept[e]), int(pre[e])
+        percent = None if decision.dropless or capacity == 0 else 100.0 * n_kept / capacity
+        experts.append({"expert": e, "kept": n_kept, "pre_drop": n_pre, "dropped": n_pre - n_kept,
+                        "capacity_percent": percent})
+    report = report_head(decision, source, config_summary(config, False, "load_balance_loss_coeff",
+                                                          "router_z_loss_coeff"))
+    report.update({
+        "kept_assignments": d["kept_assignments"],
+        "dropped_assignments": d["dropped_assignments"],
+        "tokens_dropped": d["tokens_dropped"],
+        "routing_efficiency": d["routing_efficiency"],
+        "experts_over_capacity": int(np.count_nonzero(pre > kept)),
+        "experts_unused": int(np.count_nonzero(pre == 0)),
+        "load_balance_cv": d["load_balance_cv"],
+        "load_balance_loss": d["load_balance_loss"],
+        "router_z_loss": d["router_z_loss"],
+        "seq_load_balance_loss": d["seq_load_balance_loss"],
+        "auxiliary_loss": d["auxiliary_loss"],
+        "load_chart": {"experts": experts, "not_shown": not_shown, "order": "pre_drop descending"},
+        "tokens_per_expert": d["tokens_per_expert"],
+        "pre_drop_tokens_per_expert": d["pre_drop_tokens_per_expert"],
+        "timing": {
+            "calls": len(times),
+            "warmup_calls": 1,
+            "median_ms": 1e3 * statistics.median(times),
+            "min_ms": 1e3 * min(times),
+            "threads": get_num_threads(),
+        },
+    })
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``moe-router route`` (the logits path, or the hidden-state path with ``--hidden``)."""
+    if args.hidden is not None:
+        return _run_hidden(args)
+    given = hidden_options_given(args)
+    if given:
+        raise CliError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the hidden-state path; "
+                       f"add --hidden FILE.npz")
+    logits, source = load_logits(args)
+    apply_threads(args)
+    config = config_from_args(args, int(logits.shape[-1]), source["label"])
+    decision, times = time_calls(lambda: route_logits(logits, config), args.repeat)
+    return emit(build_report(decision, config, source, times), args.json, render_route)
+
+
+def _run_hidden(args: argparse.Namespace) -> int:
+    hidden, weight, bias, source, router_info = load_hidden(args)
+    apply_threads(args)
+    config = config_from_args(args, router_info["num_experts"],
+                              f"{args.hidden}[{args.weight_key}] {list(weight.shape)}")
+    router = ExpertRouter(config, router_info["input_dim"], weight=weight, bias=bias, gate="linear",
+                          router_dtype=args.router_dtype)
+    decision, times = time_calls(lambda: router.route_tokens(hidden), args.repeat)
+    report = build_report(decision, config, source, times)
+    report["router"] = router_info
+    return emit(report, args.json, render_route)
