@@ -299,9 +299,8 @@ def main(argv=None) -> int:
                 dl = mr.RouterConfig(num_experts=E, top_k=k, capacity_factor=None)
                 extra["dropless"][(E, k)] = time_calls(lambda: mr.route_logits(x, dl), budget,
                                                        max_repeats(T))
-                opts = cfg._options
                 extra["core"][(E, k)] = time_calls(
-                    lambda: _core.route_logits(x, opts, False, None, None, 0, None), budget,
+                    lambda: _core.route_logits(x, cfg), budget,
                     max_repeats(T))
             if T == 64:
                 xs = x

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..router import compute_dtype
 from ..data import DEFAULT_LOGITS_FILE, default_logits
 from .errors import CliError
 from .parsing import DEFAULT_HIDDEN_KEY
@@ -200,11 +201,10 @@ def hidden_options_given(args: argparse.Namespace) -> List[str]:
     return [flag for attr, flag in HIDDEN_OPTIONS if getattr(args, attr, None) is not None]
 
 
-def effective_router_dtype(hidden_dtype: np.dtype, router_dtype: Optional[str]) -> str:
-    """The dtype ``ExpertRouter`` computes the GEMM in (its ``router_dtype`` rule)."""
-    if router_dtype is not None:
-        return router_dtype
-    return "float32" if np.dtype(hidden_dtype) == np.float32 else "float64"
+def effective_router_dtype(hidden: np.ndarray, router_dtype: Optional[str]) -> str:
+    """The dtype ``ExpertRouter`` computes the GEMM in (:func:`moe_router.router.compute_dtype`)."""
+    forced = compute_dtype(hidden, router_dtype)
+    return str(forced) if forced is not None else ("float32" if hidden.dtype == np.float32 else "float64")
 
 
 def load_hidden(args: argparse.Namespace) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray],
@@ -250,7 +250,7 @@ def load_hidden(args: argparse.Namespace) -> Tuple[np.ndarray, np.ndarray, Optio
 
     label = f"{file}[{hidden_key}] @ {wkey}" + ("" if bias is None else f" + {args.bias_key}")
     router = {"kind": "linear", "input_dim": dim, "num_experts": experts,
-              "dtype": effective_router_dtype(hidden.dtype, args.router_dtype),
+              "dtype": effective_router_dtype(hidden, args.router_dtype),
               "router_dtype": args.router_dtype, "weight_key": wkey, "bias_key": args.bias_key,
               "hidden_key": hidden_key}
     return hidden, weight, bias, _source("hidden", file, hidden_key, hidden, label), router
