@@ -19,7 +19,9 @@
 use crate::error::{Result, RouterError};
 use crate::linear::GemmScalar;
 use crate::math::exp_f64;
-use crate::route::{ChunkBuf, ChunkRows, LogitSource, CHUNK_TOKENS};
+use crate::route::CHUNK_TOKENS;
+use crate::simd::Simd;
+use crate::source::{ChunkBuf, ChunkRows, LogitSource};
 use crate::topk::select_top_k;
 use rayon::prelude::*;
 
@@ -177,12 +179,13 @@ impl<F: GemmScalar> LogitSource for HierarchicalGate<'_, F> {
                 let mut chosen = vec![0u32; m * top];
                 let mut best = vec![f64::NEG_INFINITY; top];
                 let mut logits = vec![0.0f64; g_count];
+                let simd = Simd::current();
                 for t in 0..m {
                     // Rank by group logit: rounded probabilities could tie where logits do not.
                     for (l, v) in logits.iter_mut().zip(&buf.work[t * g_count..(t + 1) * g_count]) {
                         *l = v.to_f64();
                     }
-                    best_groups(&logits, &mut chosen[t * top..(t + 1) * top], &mut best);
+                    best_groups(simd, &logits, &mut chosen[t * top..(t + 1) * top], &mut best);
                 }
                 let mut gathered: Vec<F> = Vec::new();
                 for g in 0..g_count {
@@ -235,9 +238,9 @@ fn softmax_into<F: GemmScalar>(logits: &[F], out: &mut [f64]) -> f64 {
 }
 
 /// The `chosen.len()` best groups by score (ties to the lower index).
-fn best_groups(scores: &[f64], chosen: &mut [u32], best: &mut [f64]) {
+fn best_groups(simd: Simd, scores: &[f64], chosen: &mut [u32], best: &mut [f64]) {
     let (mut experts, mut routed) = (vec![0i32; chosen.len()], vec![false; chosen.len()]);
-    select_top_k(scores, &mut experts, &mut routed, best, f64::NEG_INFINITY);
+    select_top_k(simd, scores, &mut experts, &mut routed, best, f64::NEG_INFINITY);
     for (c, &g) in chosen.iter_mut().zip(&experts) {
         *c = g as u32;
     }

@@ -16,30 +16,37 @@
 //! assert_eq!(r.expert_indices, vec![0, 1, 1, 2]);
 //! ```
 
+#![deny(missing_docs)]
+
 mod assign;
-pub mod capacity;
-pub mod config;
-pub mod error;
-pub mod gate;
-pub mod linear;
-pub mod losses;
+mod capacity;
+mod config;
+mod decimal;
+mod error;
+mod gate;
+mod groups;
+mod linear;
+mod losses;
 mod math;
 mod reroute;
-pub mod rng;
-pub mod route;
+mod rng;
+mod route;
 mod row;
-pub mod score;
-pub mod topk;
+mod score;
+mod simd;
+mod source;
+mod topk;
 
-pub use capacity::{expert_capacity, Decimal};
+pub use capacity::expert_capacity;
 pub use config::{
     CapacityFactor, CapacityRounding, DropPolicy, GroupLimit, GroupScore, GroupScoreInput, Overflow, RouterOptions,
     ScoreFunction,
 };
+pub use decimal::Decimal;
 pub use error::{Result, RouterError};
 pub use gate::{gate_probabilities, GateShape, HierarchicalGate};
 pub use linear::{GemmScalar, LinearLogits};
-pub use route::{
-    chunk_tokens, route, route_logits, ChunkBuf, ChunkRows, Logit, LogitSource, RouteCall, Routing, SliceLogits,
-    CHUNK_TOKENS,
-};
+pub use rng::{normal as keyed_normal, uniform as keyed_uniform, Stream as RngStream};
+pub use route::{chunk_tokens, route, route_logits, RouteCall, Routing, CHUNK_TOKENS};
+pub use simd::{simd_level, SimdLevel};
+pub use source::{ChunkBuf, ChunkRows, Logit, LogitSource, SliceLogits};

@@ -7,7 +7,7 @@
 //! AVX2 / AVX-512 / NEON kernels), single-threaded inside each task.
 
 use crate::error::{Result, RouterError};
-use crate::route::{ChunkBuf, ChunkRows, Logit, LogitSource};
+use crate::source::{ChunkBuf, ChunkRows, Logit, LogitSource};
 
 /// Element types with a matrix product.
 pub trait GemmScalar: Logit + Default {

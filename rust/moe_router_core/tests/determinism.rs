@@ -95,6 +95,9 @@ fn identical_for_1_2_and_7_threads() {
                     expert_bias,
                     step: 3,
                     sequence_length,
+                    // The optional outputs too must not depend on the pool.
+                    return_probs: true,
+                    plain_topk_counts: true,
                 };
                 let what = format!("{policy:?} / {name} / bias={}", expert_bias.is_some());
                 let r = same_in_every_pool(&what, view, &options, &call);

@@ -4,10 +4,10 @@
 mod common;
 
 use common::{factor, make_logits, to_f32, Logits, XorShift};
-use moe_router_core::route::{ChunkBuf, ChunkRows};
+
 use moe_router_core::{
-    route, route_logits, CapacityFactor, Decimal, GroupLimit, GroupScore, LogitSource, RouteCall, RouterError,
-    RouterOptions, SliceLogits,
+    route, route_logits, CapacityFactor, ChunkBuf, ChunkRows, Decimal, GroupLimit, GroupScore, LogitSource, RouteCall,
+    RouterError, RouterOptions, SliceLogits,
 };
 use ndarray::{Array2, ArrayView2};
 

@@ -40,6 +40,8 @@ impl Case {
             expert_bias: self.bias.as_deref(),
             step: self.step,
             sequence_length: self.sequence_length,
+            return_probs: true,
+            plain_topk_counts: true,
         }
     }
 

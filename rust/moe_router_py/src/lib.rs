@@ -38,7 +38,8 @@ fn route_logits<'py>(
     sequence_length: Option<usize>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let (mask, bias) = (contiguous(&token_mask, "token_mask")?, contiguous(&expert_bias, "expert_bias")?);
-    let call = RouteCall { training, token_mask: mask, expert_bias: bias, step, sequence_length };
+    let call =
+        RouteCall { training, token_mask: mask, expert_bias: bias, step, sequence_length, ..RouteCall::default() };
     let opts = &options.inner;
     let routing = if let Ok(a) = logits.cast::<PyArray2<f32>>() {
         let view = readonly(a, "logits")?;
@@ -76,7 +77,8 @@ fn route_hidden<'py>(
     sequence_length: Option<usize>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let (mask, ebias) = (contiguous(&token_mask, "token_mask")?, contiguous(&expert_bias, "expert_bias")?);
-    let call = RouteCall { training, token_mask: mask, expert_bias: ebias, step, sequence_length };
+    let call =
+        RouteCall { training, token_mask: mask, expert_bias: ebias, step, sequence_length, ..RouteCall::default() };
     let opts = &options.inner;
     macro_rules! typed {
         ($t:ty) => {{
@@ -139,7 +141,8 @@ fn route_gate<'py>(
     sequence_length: Option<usize>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let (mask, ebias) = (contiguous(&token_mask, "token_mask")?, contiguous(&expert_bias, "expert_bias")?);
-    let call = RouteCall { training, token_mask: mask, expert_bias: ebias, step, sequence_length };
+    let call =
+        RouteCall { training, token_mask: mask, expert_bias: ebias, step, sequence_length, ..RouteCall::default() };
     let mut opts = options.inner.clone();
     opts.score_function = ScoreFunction::Probabilities;
     opts.jitter_eps = 0.0;
