@@ -83,7 +83,7 @@ mod tests {
 
     #[test]
     fn capacity_never_floors_to_zero() {
-        // The seed floors T*k/E first: 4*1/8 = 0 and every token is dropped.
+        // Flooring T*k/E first would give 4*1/8 = 0 and drop every token.
         assert_eq!(cap("0.5", CapacityRounding::Exact, 0, 4, 1, 8), Some(1));
         assert_eq!(cap("0.5", CapacityRounding::Exact, 0, 0, 1, 8), Some(0));
         assert_eq!(cap("0.5", CapacityRounding::Exact, 3, 0, 1, 8), Some(3));

@@ -1,13 +1,14 @@
-//! The hierarchical gate of the torsh-distributed seed, made to save work.
+//! The hierarchical gate: group probabilities times within-group
+//! probabilities, computed only where they can matter.
 //!
 //! E experts are split into `G = ceil(sqrt(E))` groups of `P = ceil(E / G)`
 //! (the last group may be smaller). A token's probability of expert
 //! `e = g * P + j` is `p(g) * p(j | g)`: a softmax over the group logits
 //! `x @ W_group` times a softmax over group g's expert logits `x @ W_g`.
 //!
-//! - Dense (`group_top_k = None`): every group's expert logits, as the seed.
-//!   Unlike the seed, the last group's softmax runs over its real experts only,
-//!   so the probabilities sum to 1.
+//! - Dense (`group_top_k = None`): every group's expert logits. The last
+//!   group's softmax runs over its real experts only, so the probabilities
+//!   sum to 1.
 //! - Sparse (`group_top_k = m`): only each token's m best groups (by group
 //!   logit, ties to the lower group) get expert logits; the other experts get
 //!   probability 0. The values on the computed experts are the dense values,
@@ -37,7 +38,7 @@ pub struct GateShape {
 }
 
 impl GateShape {
-    /// The seed's layout for E experts.
+    /// The layout for E experts.
     pub fn for_experts(experts: usize) -> Self {
         let mut groups = (experts as f64).sqrt().ceil() as usize;
         // Guard the float square root at perfect squares.
@@ -272,7 +273,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn seed_layout() {
+    fn layout_is_square_root_groups() {
         assert_eq!(GateShape::for_experts(64), GateShape { experts: 64, groups: 8, per_group: 8 });
         assert_eq!(GateShape::for_experts(256), GateShape { experts: 256, groups: 16, per_group: 16 });
         let s = GateShape::for_experts(50);

@@ -5,7 +5,15 @@
 //! weights, which assignments survive the per-expert capacity and in which
 //! slot, and the auxiliary losses. The semantics are those of the project's
 //! SPEC.md; every parallel pass gives exactly the sequential result, whatever
-//! the thread count (rayon's current pool is used).
+//! the thread count (rayon's current pool is used) and whatever the vector
+//! instruction set (`MOE_ROUTER_SIMD` caps it; see [`SimdLevel`]).
+//!
+//! Inside, one concept per (private) module: `source` (where logits come
+//! from), `linear` and `gate` (sources computed from hidden states), `route`
+//! (the pipeline), `row` (one token), `score`, `topk`, `groups`, `assign`
+//! (capacity slots), `reroute`, `capacity` and `decimal` (the capacity
+//! formula and its exact factor), `losses`, `math` and `simd` (row kernels and
+//! their instruction set), `rng`, `config`, `error`.
 //!
 //! ```
 //! use moe_router_core::{route_logits, RouteCall, RouterOptions};

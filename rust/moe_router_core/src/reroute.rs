@@ -1,4 +1,4 @@
-//! Overflow rerouting (`overflow = "reroute"`, the seed's fallback, fixed).
+//! Overflow rerouting (`overflow = "reroute"`).
 //!
 //! After the drop policy has placed every assignment it can, the assignments
 //! it dropped are visited in the policy's order; each tries, with probability

@@ -250,7 +250,7 @@ fn capacity_roundings_follow_the_table() {
         case.name = format!("T=200 E=4 k=1 cf=1.1 {rounding:?}");
         assert_eq!(case.run_and_compare().capacity, want, "{}", case.name);
     }
-    // T*k < E: capacity never floors to 0 (the seed's fault).
+    // T*k < E: capacity never floors to 0.
     let mut case = plain_case(4, 8, 1, 5);
     case.options.capacity_factor = factor("0.5");
     let r = case.run_and_compare();

@@ -178,8 +178,8 @@ fn dropless_never_reroutes() {
     assert_matches("dropless reroute", &r, &want);
 }
 
-/// A token never gets an expert twice, even when every other expert is full
-/// (the seed's fault 5): with E = k + 1 there is exactly one candidate.
+/// A token never gets an expert twice, even when every other expert is full:
+/// with E = k + 1 there is exactly one candidate.
 #[test]
 fn reroute_with_a_single_candidate_expert() {
     let (t, e, k) = (1000, 3, 2);
