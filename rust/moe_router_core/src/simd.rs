@@ -10,7 +10,7 @@
 use std::sync::OnceLock;
 
 /// Name of the environment variable that caps the kernels' instruction set.
-pub const SIMD_ENV: &str = "MOE_ROUTER_SIMD";
+pub(crate) const SIMD_ENV: &str = "MOE_ROUTER_SIMD";
 
 /// An instruction-set level of the row kernels, from least to most capable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
