@@ -9,6 +9,10 @@
 //! - Losses (load-balance and z-loss) are accumulated in every call, inside the
 //!   scoring pass, so `score_topk` already includes them: there is no separate
 //!   loss group.
+//! - `optional_outputs`: dropless routing of (E, k) = (256, 8) with nothing
+//!   extra (`none`), with `return_probs` (the `[T, E]` float32 scores, written
+//!   in the scoring pass) and with `plain_topk_counts` under an expert bias
+//!   (a second top-k per token); T in {65536, 262144}.
 //! - `fused_gemm`: routing `[T, D]` hidden states through `hidden @ W + b`
 //!   computed chunk by chunk inside the routing pass (`LinearLogits`), D in
 //!   {1024, 4096}, E = 64, k = 2, cf 1.25, T in {4096, 16384}.
@@ -27,7 +31,7 @@ use std::time::Duration;
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput};
 use moe_router_core::{
-    route, route_logits, CapacityFactor, Decimal, DropPolicy, LinearLogits, RouteCall, RouterOptions,
+    route, route_logits, CapacityFactor, Decimal, DropPolicy, LinearLogits, RouteCall, RouterConfig,
 };
 use ndarray::{s, Array2, ArrayView2};
 
@@ -108,7 +112,7 @@ fn timing_for(group: &mut BenchmarkGroup<'_, WallTime>, t: usize) {
 fn bench_group(c: &mut Criterion, name: &str, capacity_factor: &CapacityFactor, policy: DropPolicy) {
     let mut group = c.benchmark_group(name);
     for (e, k) in SHAPES {
-        let mut options = RouterOptions::new(e, k);
+        let mut options = RouterConfig::new(e, k);
         options.capacity_factor = capacity_factor.clone();
         options.drop_policy = policy;
         for t in TOKENS {
@@ -142,11 +146,40 @@ fn capacity(c: &mut Criterion) {
     }
 }
 
-/// (c) The fused GEMM path: router logits computed per chunk, never as a whole.
+/// (c) The optional outputs of pass 1, against the same call without them.
+fn optional_outputs(c: &mut Criterion) {
+    let mut group = c.benchmark_group("optional_outputs");
+    let (e, k) = (256, 8);
+    let mut options = RouterConfig::new(e, k);
+    options.capacity_factor = CapacityFactor::Dropless;
+    let bias: Vec<f64> = (0..e).map(|i| ((i * 37 % 11) as f64 - 5.0) * 1e-3).collect();
+    for t in [65_536, MAX_TOKENS] {
+        timing_for(&mut group, t);
+        group.throughput(Throughput::Elements(t as u64));
+        let view = first_rows(e, t);
+        let calls = [
+            ("none", RouteCall::default()),
+            ("return_probs", RouteCall { return_probs: true, ..RouteCall::default() }),
+            ("bias", RouteCall { expert_bias: Some(&bias), ..RouteCall::default() }),
+            (
+                "bias_plain_topk",
+                RouteCall { expert_bias: Some(&bias), plain_topk_counts: true, ..RouteCall::default() },
+            ),
+        ];
+        for (name, call) in calls {
+            group.bench_function(BenchmarkId::new(format!("E{e}_k{k}_{name}"), t), |b| {
+                b.iter(|| route_logits(black_box(view), &options, &call).expect("valid input"))
+            });
+        }
+    }
+    group.finish();
+}
+
+/// (d) The fused GEMM path: router logits computed per chunk, never as a whole.
 fn fused_gemm(c: &mut Criterion) {
     let mut group = c.benchmark_group("fused_gemm");
     let (e, k) = (64, 2);
-    let options = RouterOptions::new(e, k);
+    let options = RouterConfig::new(e, k);
     for d in [1024usize, 4096] {
         let mut normal = Normal::new(d as u64);
         let weight: Vec<f32> = (0..d * e).map(|_| (normal.sample() / (d as f64).sqrt()) as f32).collect();
@@ -169,6 +202,6 @@ criterion_group! {
     name = benches;
     // No plots: rendering them for 80 benchmarks costs more than measuring some.
     config = Criterion::default().without_plots();
-    targets = score_topk, capacity, fused_gemm
+    targets = score_topk, capacity, optional_outputs, fused_gemm
 }
 criterion_main!(benches);

@@ -230,39 +230,47 @@ fn weight_thresholds(
     full: &[bool],
 ) -> Vec<Option<(f32, u32)>> {
     let (k, e) = (a.top_k, a.num_experts);
-    // Expert-major layout of the full experts only.
-    let mut base = vec![0u32; e];
-    let mut size = 0u32;
-    for x in 0..e {
-        base[x] = size;
-        if full[x] {
-            size += totals[x];
-        }
-    }
-    let offsets = exclusive_prefix(counts, &base);
-    let mut entries = vec![(0f32, 0u32); size as usize];
+    // Expert-major layout of the full experts only; within an expert, chunk
+    // by chunk. Each chunk gets its own `&mut` part of each full expert's
+    // segment (`counts[c][x]` entries), so the parallel fill is safe by
+    // construction: a chunk that met more assignments than pass 1 counted
+    // would run out of its part and panic, never write into another's.
+    let size: usize = (0..e).filter(|&x| full[x]).map(|x| totals[x] as usize).sum();
+    let mut entries = vec![(0f32, 0u32); size];
+    let mut parts: Vec<Vec<&mut [(f32, u32)]>> =
+        counts.iter().map(|_| (0..e).map(|_| Default::default()).collect()).collect();
     {
-        let writer = DisjointWriter::new(&mut entries);
+        let mut rest: &mut [(f32, u32)] = &mut entries;
+        for x in (0..e).filter(|&x| full[x]) {
+            let (mut seg, tail) = rest.split_at_mut(totals[x] as usize);
+            rest = tail;
+            for (chunk_parts, chunk_counts) in parts.iter_mut().zip(counts) {
+                let (part, more) = seg.split_at_mut(chunk_counts[x] as usize);
+                chunk_parts[x] = part;
+                seg = more;
+            }
+        }
         let step = a.chunk * k;
         a.experts
             .par_chunks(step)
             .zip(a.kept.par_chunks(step))
             .zip(weights.par_chunks(step))
-            .zip(offsets.into_par_iter())
+            .zip(parts.par_iter_mut())
             .enumerate()
-            .for_each(|(c, (((experts, kept), w), mut next))| {
+            .for_each(|(c, (((experts, kept), w), mine))| {
                 for i in 0..experts.len() {
                     let x = experts[i] as usize;
                     if kept[i] && full[x] {
                         let token = (c * a.chunk + i / k) as u32;
-                        // SAFETY: chunk c of expert x owns positions
-                        // offsets[c][x] .. offsets[c + 1][x]: disjoint across chunks.
-                        unsafe { writer.write(next[x] as usize, (w[i], token)) };
-                        next[x] += 1;
+                        let (slot, rest) =
+                            std::mem::take(&mut mine[x]).split_first_mut().expect("pass 1 counted this assignment");
+                        *slot = (w[i], token);
+                        mine[x] = rest;
                     }
                 }
             });
     }
+    drop(parts);
     let mut segments: Vec<(usize, &mut [(f32, u32)])> = Vec::new();
     let mut rest: &mut [(f32, u32)] = &mut entries;
     for x in 0..e {
@@ -287,28 +295,4 @@ fn weight_thresholds(
         thresholds[x] = t;
     }
     thresholds
-}
-
-/// Writes into distinct positions of a slice from several threads.
-struct DisjointWriter<T> {
-    ptr: *mut T,
-    len: usize,
-}
-
-// SAFETY: callers write each position from at most one thread (see `write`).
-unsafe impl<T: Send> Sync for DisjointWriter<T> {}
-
-impl<T> DisjointWriter<T> {
-    fn new(slice: &mut [T]) -> Self {
-        DisjointWriter { ptr: slice.as_mut_ptr(), len: slice.len() }
-    }
-
-    /// # Safety
-    /// No two calls, on any threads, may use the same `index` while the
-    /// writer lives, and the slice must not be read meanwhile.
-    unsafe fn write(&self, index: usize, value: T) {
-        assert!(index < self.len, "disjoint write out of bounds");
-        // SAFETY: in bounds (checked) and exclusive (caller's contract).
-        unsafe { self.ptr.add(index).write(value) };
-    }
 }

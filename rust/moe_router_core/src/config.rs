@@ -10,7 +10,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::capacity::Decimal;
+use crate::decimal::Decimal;
 use crate::error::{Result, RouterError};
 
 /// A keyword spelling table shared by `FromStr` and `Display` of an enum.
@@ -355,9 +355,6 @@ impl Default for RouterConfig {
         }
     }
 }
-
-/// Former name of [`RouterConfig`], kept while the modules move.
-pub type RouterOptions = RouterConfig;
 
 /// The accepted alias of `top_k` (`num_experts_per_token`, a common name for k).
 pub const TOP_K_ALIAS: &str = "num_experts_per_token";

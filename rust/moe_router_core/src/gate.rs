@@ -1,13 +1,14 @@
-//! The hierarchical gate of the torsh-distributed seed, made to save work.
+//! The hierarchical gate: group probabilities times within-group
+//! probabilities, computed only where they can matter.
 //!
 //! E experts are split into `G = ceil(sqrt(E))` groups of `P = ceil(E / G)`
 //! (the last group may be smaller). A token's probability of expert
 //! `e = g * P + j` is `p(g) * p(j | g)`: a softmax over the group logits
 //! `x @ W_group` times a softmax over group g's expert logits `x @ W_g`.
 //!
-//! - Dense (`group_top_k = None`): every group's expert logits, as the seed.
-//!   Unlike the seed, the last group's softmax runs over its real experts only,
-//!   so the probabilities sum to 1.
+//! - Dense (`group_top_k = None`): every group's expert logits. The last
+//!   group's softmax runs over its real experts only, so the probabilities
+//!   sum to 1.
 //! - Sparse (`group_top_k = m`): only each token's m best groups (by group
 //!   logit, ties to the lower group) get expert logits; the other experts get
 //!   probability 0. The values on the computed experts are the dense values,
@@ -20,7 +21,9 @@ use crate::array_arg::ArrayArg;
 use crate::error::{Result, RouterError};
 use crate::linear::GemmScalar;
 use crate::math::exp_f64;
-use crate::route::{ChunkBuf, ChunkRows, LogitSource, CHUNK_TOKENS};
+use crate::route::CHUNK_TOKENS;
+use crate::simd::Simd;
+use crate::source::{ChunkBuf, ChunkRows, LogitSource};
 use crate::topk::select_top_k;
 use rayon::prelude::*;
 
@@ -36,7 +39,7 @@ pub struct GateShape {
 }
 
 impl GateShape {
-    /// The seed's layout for E experts.
+    /// The layout for E experts.
     pub fn for_experts(experts: usize) -> Self {
         let mut groups = (experts as f64).sqrt().ceil() as usize;
         // Guard the float square root at perfect squares.
@@ -199,12 +202,13 @@ impl<F: GemmScalar> LogitSource for HierarchicalGate<'_, F> {
                 let mut chosen = vec![0u32; m * top];
                 let mut best = vec![f64::NEG_INFINITY; top];
                 let mut logits = vec![0.0f64; g_count];
+                let simd = Simd::current();
                 for t in 0..m {
                     // Rank by group logit: rounded probabilities could tie where logits do not.
                     for (l, v) in logits.iter_mut().zip(&buf.work[t * g_count..(t + 1) * g_count]) {
                         *l = v.to_f64();
                     }
-                    best_groups(&logits, &mut chosen[t * top..(t + 1) * top], &mut best);
+                    best_groups(simd, &logits, &mut chosen[t * top..(t + 1) * top], &mut best);
                 }
                 let mut gathered: Vec<F> = Vec::new();
                 for g in 0..g_count {
@@ -257,9 +261,9 @@ fn softmax_into<F: GemmScalar>(logits: &[F], out: &mut [f64]) -> f64 {
 }
 
 /// The `chosen.len()` best groups by score (ties to the lower index).
-fn best_groups(scores: &[f64], chosen: &mut [u32], best: &mut [f64]) {
+fn best_groups(simd: Simd, scores: &[f64], chosen: &mut [u32], best: &mut [f64]) {
     let (mut experts, mut routed) = (vec![0i32; chosen.len()], vec![false; chosen.len()]);
-    select_top_k(scores, &mut experts, &mut routed, best, f64::NEG_INFINITY);
+    select_top_k(simd, scores, &mut experts, &mut routed, best, f64::NEG_INFINITY);
     for (c, &g) in chosen.iter_mut().zip(&experts) {
         *c = g as u32;
     }
@@ -291,7 +295,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn seed_layout() {
+    fn layout_is_square_root_groups() {
         assert_eq!(GateShape::for_experts(64), GateShape { experts: 64, groups: 8, per_group: 8 });
         assert_eq!(GateShape::for_experts(256), GateShape { experts: 256, groups: 16, per_group: 16 });
         let s = GateShape::for_experts(50);

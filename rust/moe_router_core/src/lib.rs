@@ -5,46 +5,60 @@
 //! weights, which assignments survive the per-expert capacity and in which
 //! slot, and the auxiliary losses. The semantics are those of the project's
 //! SPEC.md; every parallel pass gives exactly the sequential result, whatever
-//! the thread count (rayon's current pool is used).
+//! the thread count (rayon's current pool is used) and whatever the vector
+//! instruction set (`MOE_ROUTER_SIMD` caps it; see [`SimdLevel`]).
+//!
+//! Inside, one concept per (private) module: `source` (where logits come
+//! from), `linear` and `gate` (sources computed from hidden states), `route`
+//! (the pipeline), `row` (one token), `score`, `topk`, `groups`, `assign`
+//! (capacity slots), `reroute`, `capacity` and `decimal` (the capacity
+//! formula and its exact factor), `losses`, `math` and `simd` (row kernels and
+//! their instruction set), `rng`, `config`, `error`.
 //!
 //! ```
-//! use moe_router_core::{route_logits, RouteCall, RouterOptions};
+//! use moe_router_core::{route_logits, RouteCall, RouterConfig};
 //! use ndarray::array;
 //! let logits = array![[2.0f32, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 0.0]];
-//! let options = RouterOptions::new(4, 2);
+//! let options = RouterConfig::new(4, 2);
 //! let r = route_logits(logits.view(), &options, &RouteCall::default()).unwrap();
 //! assert_eq!(r.expert_indices, vec![0, 1, 1, 2]);
 //! ```
 
+#![deny(missing_docs)]
+
 mod array_arg;
 mod assign;
-pub mod capacity;
-pub mod config;
-pub mod error;
-pub mod gate;
-pub mod linear;
-pub mod losses;
+mod capacity;
+mod config;
+mod decimal;
+mod error;
+mod gate;
+mod groups;
+mod linear;
+mod losses;
 mod math;
 mod peer_loss;
 mod reroute;
-pub mod rng;
-pub mod route;
+mod rng;
+mod route;
 mod row;
-pub mod score;
-pub mod topk;
+mod score;
+mod simd;
+mod source;
+mod topk;
 
 pub use array_arg::ArrayArg;
-pub use capacity::{expert_capacity, Decimal};
-pub use config::RouterOptions;
+pub use capacity::expert_capacity;
 pub use config::{
     CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore, GroupScoreInput, Overflow, Peer,
     RouterConfig, ScoreFunction, TOP_K_ALIAS,
 };
+pub use decimal::Decimal;
 pub use error::{Result, RouterError};
 pub use gate::{gate_probabilities, GateShape, HierarchicalGate};
 pub use linear::{GemmScalar, LinearLogits};
 pub use peer_loss::{peer_load_balance_loss, LossInputs};
-pub use route::{
-    chunk_tokens, route, route_logits, ChunkBuf, ChunkRows, Logit, LogitSource, RouteCall, Routing, SliceLogits,
-    CHUNK_TOKENS,
-};
+pub use rng::{normal as keyed_normal, uniform as keyed_uniform, Stream as RngStream};
+pub use route::{chunk_tokens, route, route_logits, RouteCall, Routing, CHUNK_TOKENS};
+pub use simd::{simd_level, SimdLevel};
+pub use source::{ChunkBuf, ChunkRows, Logit, LogitSource, SliceLogits};

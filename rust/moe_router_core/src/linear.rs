@@ -8,7 +8,7 @@
 
 use crate::array_arg::ArrayArg;
 use crate::error::{Result, RouterError};
-use crate::route::{ChunkBuf, ChunkRows, Logit, LogitSource};
+use crate::source::{ChunkBuf, ChunkRows, Logit, LogitSource};
 
 /// Element types with a matrix product.
 pub trait GemmScalar: Logit + Default {

@@ -12,10 +12,11 @@
 
 use crate::math::add_scaled;
 use crate::score::RowScores;
+use crate::simd::Simd;
 
 /// Running sums of one chunk.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LossSums {
+pub(crate) struct LossSums {
     /// Sum over active tokens of each token's score distribution, per expert.
     pub prob_sum: Vec<f64>,
     /// `sum_t lse_t^2` over active tokens.
@@ -36,9 +37,9 @@ impl LossSums {
 
     /// Add one active token whose scored row is `scores` (length E, read through `row`).
     #[inline]
-    pub fn add_token(&mut self, scores: &[f64], row: RowScores) {
+    pub fn add_token(&mut self, simd: Simd, scores: &[f64], row: RowScores) {
         if row.prob_scale > 0.0 {
-            add_scaled(&mut self.prob_sum, row.prob_scale, scores);
+            add_scaled(simd, &mut self.prob_sum, row.prob_scale, scores);
         }
         self.z_sum += row.z_term;
         self.active += 1;
@@ -57,7 +58,7 @@ impl LossSums {
 }
 
 /// `E * sum_e (routed_e / (T k)) * (prob_sum_e / T)`; 0 when no token is active.
-pub fn load_balance_loss(routed_per_expert: &[u64], prob_sum: &[f64], active_tokens: u64, top_k: usize) -> f64 {
+pub(crate) fn load_balance_loss(routed_per_expert: &[u64], prob_sum: &[f64], active_tokens: u64, top_k: usize) -> f64 {
     if active_tokens == 0 {
         return 0.0;
     }
@@ -68,7 +69,7 @@ pub fn load_balance_loss(routed_per_expert: &[u64], prob_sum: &[f64], active_tok
 }
 
 /// Mean of `lse^2`; 0 when no token is active.
-pub fn router_z_loss(z_sum: f64, active_tokens: u64) -> f64 {
+pub(crate) fn router_z_loss(z_sum: f64, active_tokens: u64) -> f64 {
     if active_tokens == 0 {
         0.0
     } else {
@@ -78,7 +79,7 @@ pub fn router_z_loss(z_sum: f64, active_tokens: u64) -> f64 {
 
 /// The sums of part of one sequence, for sequences that cross chunk boundaries.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SequencePart {
+pub(crate) struct SequencePart {
     /// Which sequence (token index / sequence length).
     pub sequence: usize,
     /// Routed assignments per expert in this part.
@@ -107,7 +108,7 @@ impl SequencePart {
 /// `SequencePart`s, merged in chunk order by `merge_sequence_parts`, so the
 /// chunking never depends on the sequence length.
 #[derive(Debug, Clone)]
-pub struct SequenceLoss {
+pub(crate) struct SequenceLoss {
     length: usize,
     top_k: usize,
     current: SequencePart,
@@ -136,12 +137,18 @@ impl SequenceLoss {
     }
 
     /// Add an active token's routed experts and scores.
-    pub fn add_token(&mut self, routed_experts: impl Iterator<Item = usize>, scores: &[f64], row: RowScores) {
+    pub fn add_token(
+        &mut self,
+        simd: Simd,
+        routed_experts: impl Iterator<Item = usize>,
+        scores: &[f64],
+        row: RowScores,
+    ) {
         for e in routed_experts {
             self.current.counts[e] += 1;
         }
         if row.prob_scale > 0.0 {
-            add_scaled(&mut self.current.prob_sum, row.prob_scale, scores);
+            add_scaled(simd, &mut self.current.prob_sum, row.prob_scale, scores);
         }
         self.current.active += 1;
     }
@@ -182,7 +189,11 @@ fn add_sequence(sequence: &SequencePart, top_k: usize, sums: &mut LossSums) {
 
 /// Merge the parts of sequences that cross chunk boundaries (given in chunk
 /// order) and add each merged sequence's loss.
-pub fn merge_sequence_parts<'a>(parts: impl Iterator<Item = &'a SequencePart>, top_k: usize, sums: &mut LossSums) {
+pub(crate) fn merge_sequence_parts<'a>(
+    parts: impl Iterator<Item = &'a SequencePart>,
+    top_k: usize,
+    sums: &mut LossSums,
+) {
     let mut open: Option<SequencePart> = None;
     for part in parts {
         match &mut open {
@@ -223,7 +234,7 @@ mod tests {
         let mut whole = LossSums::new(2);
         let mut one = SequenceLoss::new(6, 2, 1, 0);
         for (t, (x, p)) in tokens.iter().enumerate() {
-            one.add_token(std::iter::once(*x), p, row);
+            one.add_token(Simd::current(), std::iter::once(*x), p, row);
             one.end_token(t, &mut whole);
         }
         let mut split = LossSums::new(2);
@@ -231,7 +242,7 @@ mod tests {
         for (start, end) in [(0usize, 4usize), (4, 6)] {
             let mut s = SequenceLoss::new(6, 2, 1, start);
             for (t, (x, p)) in tokens.iter().enumerate().take(end).skip(start) {
-                s.add_token(std::iter::once(*x), p, row);
+                s.add_token(Simd::current(), std::iter::once(*x), p, row);
                 s.end_token(t, &mut split);
             }
             s.finish_chunk(end);

@@ -1,4 +1,4 @@
-//! Overflow rerouting (`overflow = "reroute"`, the seed's fallback, fixed).
+//! Overflow rerouting (`overflow = "reroute"`).
 //!
 //! After the drop policy has placed every assignment it can, the assignments
 //! it dropped are visited in the policy's order; each tries, with probability
@@ -13,7 +13,7 @@
 //! This pass is sequential (each move changes the loads the next one sees);
 //! it costs O(dropped * E).
 
-use crate::config::{DropPolicy, RouterOptions};
+use crate::config::{DropPolicy, RouterConfig};
 use crate::rng::{self, Stream};
 use crate::route::RouteCall;
 
@@ -35,7 +35,7 @@ pub(crate) struct Placement<'a> {
 
 /// `eligible(token, out)` writes which experts the token may be routed to.
 pub(crate) fn reroute_overflow(
-    options: &RouterOptions,
+    options: &RouterConfig,
     call: &RouteCall,
     capacity: usize,
     before: Overflowed,

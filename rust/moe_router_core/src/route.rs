@@ -19,19 +19,20 @@ use rayon::prelude::*;
 
 use crate::assign::{self, Assignments};
 use crate::capacity::expert_capacity;
-use crate::config::{DropPolicy, Overflow, RouterOptions};
+use crate::config::{DropPolicy, Overflow, Peer, RouterConfig};
 use crate::error::{Result, RouterError};
 use crate::losses::{self, LossSums, SequenceLoss, SequencePart};
 use crate::peer_loss;
 use crate::reroute;
 use crate::row::{RowContext, RowRouter, TokenOut};
+use crate::source::{ChunkBuf, Logit, LogitSource, SliceLogits};
 
 /// Tokens per parallel work item.
 pub const CHUNK_TOKENS: usize = 512;
 
 /// Logits in a batch of at most `CHUNK_TOKENS` tokens above which it is split
 /// in two chunks, so a decode-sized batch with wide rows uses two threads.
-pub const SPLIT_LOGITS: usize = 8192;
+pub(crate) const SPLIT_LOGITS: usize = 8192;
 
 /// Tokens per chunk for an input of `tokens` x `experts`. It depends on the
 /// shape only, never on the thread count, so float sums are added in the same
@@ -41,130 +42,6 @@ pub fn chunk_tokens(tokens: usize, experts: usize) -> usize {
         tokens.div_ceil(2)
     } else {
         CHUNK_TOKENS
-    }
-}
-
-/// Element types the router reads: float32 and float64.
-pub trait Logit: Copy + Send + Sync + 'static {
-    /// Widen to float64 (exact for both types).
-    fn to_f64(self) -> f64;
-    /// The slice as float32, if that is what it is (for the vectorized read).
-    fn as_f32(values: &[Self]) -> Option<&[f32]>;
-    /// The slice as float64, if that is what it is.
-    fn as_f64(values: &[Self]) -> Option<&[f64]>;
-}
-
-impl Logit for f32 {
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        f64::from(self)
-    }
-    #[inline(always)]
-    fn as_f32(values: &[Self]) -> Option<&[f32]> {
-        Some(values)
-    }
-    #[inline(always)]
-    fn as_f64(_: &[Self]) -> Option<&[f64]> {
-        None
-    }
-}
-
-impl Logit for f64 {
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn as_f32(_: &[Self]) -> Option<&[f32]> {
-        None
-    }
-    #[inline(always)]
-    fn as_f64(values: &[Self]) -> Option<&[f64]> {
-        Some(values)
-    }
-}
-
-/// Reusable per-task buffers a source may compute a chunk into.
-#[derive(Debug, Clone)]
-pub struct ChunkBuf<E> {
-    /// Row-major `[chunk, E]` values.
-    pub rows: Vec<E>,
-    /// Per-token z-loss terms, for sources that define their own (the hierarchical gate).
-    pub z_squared: Vec<f64>,
-    /// Scratch for intermediate products (group logits, gathered rows).
-    pub work: Vec<E>,
-    /// Scratch for intermediate results in float64.
-    pub work64: Vec<f64>,
-    /// Scratch token lists.
-    pub index: Vec<u32>,
-}
-
-impl<E> Default for ChunkBuf<E> {
-    fn default() -> Self {
-        ChunkBuf { rows: Vec::new(), z_squared: Vec::new(), work: Vec::new(), work64: Vec::new(), index: Vec::new() }
-    }
-}
-
-/// One chunk of rows, as a source hands it to the router.
-#[derive(Debug, Clone, Copy)]
-pub struct ChunkRows<'s, E> {
-    /// Row-major `[chunk, E]` logits (or probabilities, for `ScoreFunction::Probabilities`).
-    pub rows: &'s [E],
-    /// Per-token `z`-loss term replacing `logsumexp(row)^2`, when the source defines one.
-    pub z_squared: Option<&'s [f64]>,
-}
-
-/// Where router logits come from: an array in memory, or a GEMM computed
-/// chunk by chunk (the hidden-state path), so no `[T, E]` array need exist.
-pub trait LogitSource: Sync {
-    /// Element type of the rows.
-    type Elem: Logit;
-    /// Argument name used in error messages (`logits`, `hidden`).
-    fn argument(&self) -> &'static str;
-    /// T.
-    fn num_tokens(&self) -> usize;
-    /// E.
-    fn num_experts(&self) -> usize;
-    /// Rows `start..end`, row-major `[(end - start), E]`, either borrowed from
-    /// the source or computed into `buf`.
-    fn chunk<'s>(&'s self, start: usize, end: usize, buf: &'s mut ChunkBuf<Self::Elem>) -> ChunkRows<'s, Self::Elem>;
-}
-
-/// Logits held in a row-major slice.
-#[derive(Debug, Clone, Copy)]
-pub struct SliceLogits<'a, F> {
-    data: &'a [F],
-    tokens: usize,
-    experts: usize,
-}
-
-impl<'a, F: Logit> SliceLogits<'a, F> {
-    /// Wrap `data` as `[tokens, experts]`; the length must match.
-    pub fn new(data: &'a [F], tokens: usize, experts: usize) -> Result<Self> {
-        if tokens.checked_mul(experts) != Some(data.len()) {
-            return Err(RouterError::shape(
-                "logits",
-                format!("[{tokens}, {experts}] ({} values)", tokens.saturating_mul(experts)),
-                format!("a buffer of {} values", data.len()),
-            ));
-        }
-        Ok(SliceLogits { data, tokens, experts })
-    }
-}
-
-impl<F: Logit> LogitSource for SliceLogits<'_, F> {
-    type Elem = F;
-    fn argument(&self) -> &'static str {
-        "logits"
-    }
-    fn num_tokens(&self) -> usize {
-        self.tokens
-    }
-    fn num_experts(&self) -> usize {
-        self.experts
-    }
-    fn chunk<'s>(&'s self, start: usize, end: usize, _buf: &'s mut ChunkBuf<F>) -> ChunkRows<'s, F> {
-        ChunkRows { rows: &self.data[start * self.experts..end * self.experts], z_squared: None }
     }
 }
 
@@ -183,7 +60,8 @@ pub struct RouteCall<'a> {
     pub sequence_length: Option<usize>,
     /// Also return each token's score distribution (`Routing::router_probs`).
     pub return_probs: bool,
-    /// Also count a plain top-k without bias and groups (`Routing::plain_tokens_per_expert`).
+    /// Also count each expert's tokens under the plain top-k
+    /// (`Routing::plain_tokens_per_expert`).
     pub plain_topk_counts: bool,
 }
 
@@ -211,6 +89,19 @@ pub struct Routing {
     pub tokens_per_expert: Vec<i64>,
     /// `[E]` routed assignments per expert before capacity (after groups and bias).
     pub pre_drop_tokens_per_expert: Vec<i64>,
+    /// `[E]` active tokens whose rank-0 choice is the expert (before capacity;
+    /// after groups and bias).
+    pub first_choice_tokens_per_expert: Vec<i64>,
+    /// `[E]` active tokens whose plain top-k contains the expert: the same
+    /// scores and tie order, but without `expert_bias` and group limits.
+    /// Empty unless `RouteCall::plain_topk_counts`.
+    pub plain_tokens_per_expert: Vec<i64>,
+    /// `[T, E]` row-major float32: each token's score distribution as the
+    /// router computed it (softmax over all E of the logits, with training
+    /// noise if it applies; or their sigmoid; or the gate's probabilities for
+    /// `ScoreFunction::Probabilities`). Masked tokens' rows are 0. Empty unless
+    /// `RouteCall::return_probs`.
+    pub router_probs: Vec<f32>,
     /// `[E]` mean over active tokens of each expert's share of the token's score
     /// distribution (`P_e` of the load-balance loss).
     pub expert_prob_mean: Vec<f64>,
@@ -232,12 +123,6 @@ pub struct Routing {
     pub router_z_loss: f64,
     /// Mean over sequences of the per-sequence balance loss (DeepSeek-V3), if requested.
     pub seq_load_balance_loss: Option<f64>,
-    /// `[T, E]` score distributions (0 for padding), when asked for; else empty.
-    pub router_probs: Vec<f32>,
-    /// `[E]` active tokens whose first choice is e (before drops).
-    pub first_choice_tokens_per_expert: Vec<i64>,
-    /// `[E]` plain top-k counts (no bias, no groups), when asked for; else empty.
-    pub plain_tokens_per_expert: Vec<i64>,
     /// `load_balance_loss_coeff * load_balance_loss + router_z_loss_coeff * router_z_loss
     /// (+ seq_load_balance_loss_coeff * seq_load_balance_loss)`.
     pub auxiliary_loss: f64,
@@ -246,7 +131,7 @@ pub struct Routing {
 }
 
 /// Route an `[T, E]` array of logits. Non-standard layouts are copied once.
-pub fn route_logits<F: Logit>(logits: ArrayView2<F>, options: &RouterOptions, call: &RouteCall) -> Result<Routing> {
+pub fn route_logits<F: Logit>(logits: ArrayView2<F>, options: &RouterConfig, call: &RouteCall) -> Result<Routing> {
     let (tokens, experts) = logits.dim();
     match logits.as_slice() {
         Some(data) => route(&SliceLogits::new(data, tokens, experts)?, options, call),
@@ -259,10 +144,14 @@ pub fn route_logits<F: Logit>(logits: ArrayView2<F>, options: &RouterOptions, ca
 }
 
 /// Route every token of `source`.
-pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCall) -> Result<Routing> {
+pub fn route<S: LogitSource>(source: &S, options: &RouterConfig, call: &RouteCall) -> Result<Routing> {
     options.validate()?;
     // A call without a selection bias uses the configuration's fixed one.
-    let call = &RouteCall { expert_bias: call.expert_bias.or(options.expert_bias.as_deref()), ..*call };
+    let expert_bias = call.expert_bias.or(options.expert_bias.as_deref());
+    // Megatron-Core counts a plain top-k in its loss; it differs from the routing
+    // used only under a bias or a group limit.
+    let megatron_counts = options.peer == Some(Peer::Megatron) && (expert_bias.is_some() || options.groups().is_some());
+    let call = &RouteCall { expert_bias, plain_topk_counts: call.plain_topk_counts || megatron_counts, ..*call };
     check_call(source, options, call)?;
     let t = source.num_tokens();
     let (e, k) = (options.num_experts, options.top_k);
@@ -275,18 +164,34 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
     let mut kept = vec![false; n];
     let mut expert_slots = vec![-1i32; n];
     let mut top1 = vec![0f32; if policy == DropPolicy::Bpr || reroute { t } else { 0 }];
+    // Zeroed by the allocator (lazily, page by page); pass 1 writes every active row.
+    let mut router_probs = vec![0f32; if call.return_probs { t * e } else { 0 }];
 
     // Pass 1: score and select; every later pass uses the same chunks.
     let chunk = chunk_tokens(t, e);
     let ranks = if policy == DropPolicy::Rank { k } else { 1 };
-    let (idx, w, r, t1) = (&mut expert_indices, &mut expert_weights, &mut kept, &mut top1);
-    let tallies = score_and_select(source, options, call, chunk, ranks, idx, w, r, t1)?;
+    let outputs = PassOne {
+        experts: &mut expert_indices,
+        weights: &mut expert_weights,
+        routed: &mut kept,
+        top1: &mut top1,
+        probs: &mut router_probs,
+    };
+    let tallies = score_and_select(source, options, call, chunk, ranks, outputs)?;
     let mut sums = LossSums::new(e);
     let mut routed_counts = vec![0u64; e];
+    let mut first_choice = vec![0i64; e];
+    let mut plain = vec![0i64; if call.plain_topk_counts { e } else { 0 }];
     for tally in &tallies {
         sums.merge(&tally.losses);
         for (i, &c) in tally.counts.iter().enumerate() {
             routed_counts[i % e] += u64::from(c);
+        }
+        for (a, &c) in first_choice.iter_mut().zip(&tally.first_choice) {
+            *a += i64::from(c);
+        }
+        for (a, &c) in plain.iter_mut().zip(&tally.plain) {
+            *a += i64::from(c);
         }
     }
     losses::merge_sequence_parts(tallies.iter().flat_map(|t| &t.sequence_parts), k, &mut sums);
@@ -352,13 +257,6 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
         None => tokens_per_expert.iter().copied().max().unwrap_or(0) as usize,
     };
 
-    // Temporary: first choices counted after pass 1 (moves into pass 1).
-    let mut first_choice_tokens_per_expert = vec![0i64; e];
-    for tok in 0..t {
-        if call.token_mask.is_none_or(|m| m[tok]) {
-            first_choice_tokens_per_expert[expert_indices[tok * k] as usize] += 1;
-        }
-    }
     let mut routing = Routing {
         num_tokens: t,
         num_experts: e,
@@ -370,9 +268,9 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCa
         rerouted,
         tokens_per_expert,
         pre_drop_tokens_per_expert: routed_counts.iter().map(|&c| c as i64).collect(),
-        first_choice_tokens_per_expert,
-        plain_tokens_per_expert: Vec::new(),
-        router_probs: Vec::new(),
+        first_choice_tokens_per_expert: first_choice,
+        plain_tokens_per_expert: plain,
+        router_probs,
         expert_prob_mean: sums
             .prob_sum
             .iter()
@@ -419,57 +317,66 @@ impl Routing {
     }
 }
 
+/// The arrays pass 1 writes, for all tokens or for one chunk: `[T, k]`
+/// choices, weights and routed flags, `[T]` top-1 scores (or empty), `[T, E]`
+/// probabilities (or empty).
+struct PassOne<'a> {
+    experts: &'a mut [i32],
+    weights: &'a mut [f32],
+    routed: &'a mut [bool],
+    top1: &'a mut [f32],
+    probs: &'a mut [f32],
+}
+
+/// `slice` in `chunks` parts of `len` (the last ones may be short or empty).
+fn split_parts<T>(slice: &mut [T], len: usize, chunks: usize) -> Vec<&mut [T]> {
+    let mut v: Vec<&mut [T]> = slice.chunks_mut(len.max(1)).collect();
+    v.resize_with(chunks, Default::default);
+    v
+}
+
 /// Pass 1 over all chunks; returns each chunk's tally, in chunk order, or the
 /// error of the first offending token.
-#[allow(clippy::too_many_arguments)]
 fn score_and_select<S: LogitSource>(
     source: &S,
-    options: &RouterOptions,
+    options: &RouterConfig,
     call: &RouteCall,
     chunk: usize,
     ranks: usize,
-    experts: &mut [i32],
-    weights: &mut [f32],
-    routed: &mut [bool],
-    top1: &mut [f32],
+    out: PassOne,
 ) -> Result<Vec<Tally>> {
     let t = source.num_tokens();
     let (e, k) = (options.num_experts, options.top_k);
     let ctx = RowContext::new(options, call, source.argument());
     let chunks = t.div_ceil(chunk);
-    let mut top1_parts: Vec<&mut [f32]> = top1.chunks_mut(chunk).collect();
-    top1_parts.resize_with(chunks, Default::default);
+    let (step, probs_step) = (chunk * k, chunk * e);
+    let parts: Vec<PassOne> = split_parts(out.experts, step, chunks)
+        .into_iter()
+        .zip(split_parts(out.weights, step, chunks))
+        .zip(split_parts(out.routed, step, chunks))
+        .zip(split_parts(out.top1, chunk, chunks))
+        .zip(split_parts(out.probs, probs_step, chunks))
+        .map(|((((experts, weights), routed), top1), probs)| PassOne { experts, weights, routed, top1, probs })
+        .collect();
 
-    let one_chunk = |c: usize,
-                     idx: &mut [i32],
-                     w: &mut [f32],
-                     r: &mut [bool],
-                     top1: &mut [f32],
-                     state: &mut (RowRouter, ChunkBuf<S::Elem>)|
-     -> Result<Tally> {
+    let one_chunk = |c: usize, part: PassOne, state: &mut (RowRouter, ChunkBuf<S::Elem>)| -> Result<Tally> {
+        let PassOne { experts: idx, weights: w, routed: r, top1, probs } = part;
         let (router, scratch) = state;
         let start = c * chunk;
         let end = (start + chunk).min(t);
         let chunk_rows = source.chunk(start, end, scratch);
         let rows = chunk_rows.rows;
-        let mut tally = Tally::new(e, ranks);
+        let mut tally = Tally::new(e, ranks, call.plain_topk_counts);
         let mut seq = call.sequence_length.map(|s| SequenceLoss::new(s, e, k, start));
         for i in 0..end - start {
             let out = TokenOut {
                 experts: &mut idx[i * k..(i + 1) * k],
                 weights: &mut w[i * k..(i + 1) * k],
                 routed: &mut r[i * k..(i + 1) * k],
+                probs: if probs.is_empty() { &mut [] } else { &mut probs[i * e..(i + 1) * e] },
             };
-            router.route_token(
-                &ctx,
-                start + i,
-                &rows[i * e..(i + 1) * e],
-                chunk_rows.z_squared.map(|z| z[i]),
-                out,
-                &mut tally.counts,
-                &mut tally.losses,
-                seq.as_mut(),
-            )?;
+            let z_squared = chunk_rows.z_squared.map(|z| z[i]);
+            router.route_token(&ctx, start + i, &rows[i * e..(i + 1) * e], z_squared, out, &mut tally, seq.as_mut())?;
             if !top1.is_empty() {
                 top1[i] = router.last_top1;
             }
@@ -485,21 +392,9 @@ fn score_and_select<S: LogitSource>(
     let results: Vec<Result<Tally>> = if chunks <= 1 {
         // Decode-sized batches: no thread-pool round trip.
         let mut state = init();
-        let part = top1_parts.pop().unwrap_or_default();
-        if t == 0 {
-            Vec::new()
-        } else {
-            vec![one_chunk(0, experts, weights, routed, part, &mut state)]
-        }
+        parts.into_iter().map(|part| one_chunk(0, part, &mut state)).collect()
     } else {
-        experts
-            .par_chunks_mut(chunk * k)
-            .zip(weights.par_chunks_mut(chunk * k))
-            .zip(routed.par_chunks_mut(chunk * k))
-            .zip(top1_parts.into_par_iter())
-            .enumerate()
-            .map_init(init, |state, (c, (((idx, w), r), top1))| one_chunk(c, idx, w, r, top1, state))
-            .collect()
+        parts.into_par_iter().enumerate().map_init(init, |state, (c, part)| one_chunk(c, part, state)).collect()
     };
     results.into_iter().collect()
 }
@@ -507,7 +402,7 @@ fn score_and_select<S: LogitSource>(
 /// Pass 3: zero the weights of assignments that were not kept, renormalize the
 /// kept ones if asked, and count kept assignments and fully dropped tokens.
 fn finish_tokens(
-    options: &RouterOptions,
+    options: &RouterConfig,
     call: &RouteCall,
     chunk: usize,
     kept: &[bool],
@@ -553,7 +448,7 @@ fn finish_tokens(
 }
 
 /// Validate the per-call arguments against the source and options.
-fn check_call<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteCall) -> Result<()> {
+fn check_call<S: LogitSource>(source: &S, options: &RouterConfig, call: &RouteCall) -> Result<()> {
     let t = source.num_tokens();
     let e = options.num_experts;
     if source.num_experts() != e {
@@ -608,6 +503,10 @@ fn check_call<S: LogitSource>(source: &S, options: &RouterOptions, call: &RouteC
 pub(crate) struct Tally {
     /// Routed assignments per expert (per rank and expert when the policy is rank-major: `j * E + e`).
     pub counts: Vec<u32>,
+    /// Active tokens per expert of their rank-0 choice.
+    pub first_choice: Vec<u32>,
+    /// Plain top-k assignments per expert; empty when not requested.
+    pub plain: Vec<u32>,
     /// Loss sums.
     pub losses: LossSums,
     /// Parts of sequences that cross this chunk's boundaries.
@@ -615,7 +514,13 @@ pub(crate) struct Tally {
 }
 
 impl Tally {
-    pub(crate) fn new(experts: usize, ranks: usize) -> Self {
-        Tally { counts: vec![0; experts * ranks], losses: LossSums::new(experts), sequence_parts: Vec::new() }
+    pub(crate) fn new(experts: usize, ranks: usize, plain: bool) -> Self {
+        Tally {
+            counts: vec![0; experts * ranks],
+            first_choice: vec![0; experts],
+            plain: vec![0; if plain { experts } else { 0 }],
+            losses: LossSums::new(experts),
+            sequence_parts: Vec::new(),
+        }
     }
 }

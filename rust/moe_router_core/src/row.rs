@@ -1,14 +1,17 @@
 //! Routing of one token: validate its logits, add training noise, score,
 //! limit to the best groups, select the top k, weigh the choices.
 
-use crate::config::{GroupScoreInput, RouterOptions, ScoreFunction};
+use crate::config::{GroupScoreInput, RouterConfig, ScoreFunction};
 use crate::error::{Result, RouterError};
-use crate::losses::{LossSums, SequenceLoss};
+use crate::groups::limit_to_best_groups;
+use crate::losses::SequenceLoss;
 use crate::math::{read_row, RowRead, LANES};
 use crate::rng::{self, Stream};
-use crate::route::{Logit, RouteCall};
+use crate::route::{RouteCall, Tally};
 use crate::score::score_row;
-use crate::topk::{block_lower_bound, limit_to_best_groups, second_largest, select_top_k, sort8_descending};
+use crate::simd::Simd;
+use crate::source::Logit;
+use crate::topk::{block_lower_bound, second_largest, select_top_k, sort8_descending};
 
 const LOGIT_HINT: &str = "router logits must be finite or -inf (-inf marks an expert as not eligible)";
 const HIDDEN_HINT: &str = "check the hidden states and the router weight for NaN, inf or values so large \
@@ -16,18 +19,20 @@ const HIDDEN_HINT: &str = "check the hidden states and the router weight for NaN
 
 /// What every token of one call shares.
 pub(crate) struct RowContext<'a> {
-    pub options: &'a RouterOptions,
+    pub options: &'a RouterConfig,
     pub call: &'a RouteCall<'a>,
     pub argument: &'static str,
+    /// The kernels' instruction set, chosen once for the call.
+    pub simd: Simd,
     noise: bool,
 }
 
 impl<'a> RowContext<'a> {
-    pub(crate) fn new(options: &'a RouterOptions, call: &'a RouteCall<'a>, argument: &'static str) -> Self {
+    pub(crate) fn new(options: &'a RouterConfig, call: &'a RouteCall<'a>, argument: &'static str) -> Self {
         let noise = call.training
             && options.score_function != ScoreFunction::Probabilities
             && (options.jitter_eps > 0.0 || options.noise_std > 0.0);
-        RowContext { options, call, argument, noise }
+        RowContext { options, call, argument, simd: Simd::current(), noise }
     }
 
     #[inline]
@@ -45,19 +50,23 @@ pub(crate) struct RowRouter {
     group_scores: Vec<f64>,
     best: Vec<f64>,
     top_n: Vec<f64>,
+    plain_experts: Vec<i32>,
+    plain_routed: Vec<bool>,
     /// Score of the last token's first choice (0 if it has none), for batch-prioritized routing.
     pub last_top1: f32,
 }
 
-/// Where one token's outputs go: `[k]` slices of the `[T, k]` arrays.
+/// Where one token's outputs go: `[k]` slices of the `[T, k]` arrays, and
+/// its `[E]` row of `router_probs` (empty when not requested).
 pub(crate) struct TokenOut<'o> {
     pub experts: &'o mut [i32],
     pub weights: &'o mut [f32],
     pub routed: &'o mut [bool],
+    pub probs: &'o mut [f32],
 }
 
 impl RowRouter {
-    pub(crate) fn new(options: &RouterOptions) -> Self {
+    pub(crate) fn new(options: &RouterConfig) -> Self {
         let e = options.num_experts;
         RowRouter {
             logits: vec![0.0; e],
@@ -67,13 +76,17 @@ impl RowRouter {
             group_scores: vec![0.0; options.groups().map_or(0, |g| g.num_groups)],
             best: vec![0.0; options.top_k],
             top_n: Vec::new(),
+            plain_experts: vec![0; options.top_k],
+            plain_routed: vec![false; options.top_k],
             last_top1: 0.0,
         }
     }
 
     /// Route token `token` whose logits are `raw` (length E). Writes its
-    /// choices into `out`, adds it to `counts` (per expert, or per rank and
-    /// expert when `counts` has k * E entries) and to the loss sums.
+    /// choices (and score row, if asked) into `out` and adds it to the chunk's
+    /// `tally`: routed counts (per expert, or per rank and expert when
+    /// `tally.counts` has k * E entries), first choices, plain top-k counts
+    /// (when `tally.plain` is not empty) and the loss sums.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn route_token<F: Logit>(
         &mut self,
@@ -82,8 +95,7 @@ impl RowRouter {
         raw: &[F],
         z_squared: Option<f64>,
         out: TokenOut,
-        counts: &mut [u32],
-        sums: &mut LossSums,
+        tally: &mut Tally,
         seq: Option<&mut SequenceLoss>,
     ) -> Result<()> {
         let options = ctx.options;
@@ -95,9 +107,10 @@ impl RowRouter {
             }
             out.weights.fill(0.0);
             out.routed.fill(false);
+            out.probs.fill(0.0);
             self.last_top1 = 0.0;
             if let Some(seq) = seq {
-                seq.end_token(token, sums);
+                seq.end_token(token, &mut tally.losses);
             }
             return Ok(());
         }
@@ -115,50 +128,82 @@ impl RowRouter {
                 });
             }
         }
-        let mut row = score_row(options.score_function, &self.logits, max, &mut self.scores);
+        let simd = ctx.simd;
+        let mut row = score_row(simd, options.score_function, &self.logits, max, &mut self.scores);
         if let Some(z) = z_squared {
             row.z_term = z;
         }
+        for (p, &s) in out.probs.iter_mut().zip(&self.scores) {
+            *p = (s * row.scale) as f32;
+        }
 
         let keys_are_logits = self.compute_keys(ctx, row.scale);
-        let keys: &[f64] = if keys_are_logits { &self.logits } else { &self.keys };
-        let bound = if keys_are_logits && !ctx.noise && options.score_function != ScoreFunction::Probabilities {
-            // The read pass's block and lane maxima are elements of the row: the
-            // k-th largest of either bounds the k-th largest logit from below.
-            if e <= 2 * LANES {
-                f64::NEG_INFINITY // every key is a candidate anyway
-            } else if options.top_k == 1 {
-                read.max
-            } else if options.top_k == 2 {
-                second_largest(&read.lane_max)
-            } else if options.top_k == LANES {
-                read.lane_max.iter().copied().fold(f64::INFINITY, f64::min)
-            } else if options.top_k < LANES {
-                sort8_descending(read.lane_max)[options.top_k - 1]
-            } else {
-                block_lower_bound(&self.logits, options.top_k, &mut self.best)
-            }
+        let bound = if keys_are_logits {
+            self.logit_bound(ctx, &read)
         } else {
-            block_lower_bound(keys, options.top_k, &mut self.best)
+            block_lower_bound(&self.keys, options.top_k, &mut self.best)
         };
-        select_top_k(keys, out.experts, out.routed, &mut self.best, bound);
+        let keys: &[f64] = if keys_are_logits { &self.logits } else { &self.keys };
+        select_top_k(simd, keys, out.experts, out.routed, &mut self.best, bound);
         self.write_weights(options, row.scale, out.experts, out.routed, out.weights);
         self.last_top1 = if out.routed[0] { (self.scores[out.experts[0] as usize] * row.scale) as f32 } else { 0.0 };
 
-        let per_rank = counts.len() > e;
+        let per_rank = tally.counts.len() > e;
         for (j, (&x, &r)) in out.experts.iter().zip(out.routed.iter()).enumerate() {
             if r {
-                counts[if per_rank { j * e } else { 0 } + x as usize] += 1;
+                tally.counts[if per_rank { j * e } else { 0 } + x as usize] += 1;
             }
         }
-        sums.add_token(&self.scores, row);
+        if out.routed[0] {
+            tally.first_choice[out.experts[0] as usize] += 1;
+        }
+        if !tally.plain.is_empty() {
+            // The plain top-k: the same scores and order, without bias and groups.
+            let (experts, routed): (&[i32], &[bool]) = if keys_are_logits {
+                (out.experts, out.routed)
+            } else {
+                let bound = self.logit_bound(ctx, &read);
+                let (px, pr) = (&mut self.plain_experts, &mut self.plain_routed);
+                select_top_k(simd, &self.logits, px, pr, &mut self.best, bound);
+                (px, pr)
+            };
+            for (&x, &r) in experts.iter().zip(routed) {
+                if r {
+                    tally.plain[x as usize] += 1;
+                }
+            }
+        }
+        tally.losses.add_token(simd, &self.scores, row);
         if let Some(seq) = seq {
             let routed_experts =
                 out.experts.iter().zip(out.routed.iter()).filter(|(_, &r)| r).map(|(&x, _)| x as usize);
-            seq.add_token(routed_experts, &self.scores, row);
-            seq.end_token(token, sums);
+            seq.add_token(simd, routed_experts, &self.scores, row);
+            seq.end_token(token, &mut tally.losses);
         }
         Ok(())
+    }
+
+    /// A lower bound of the k-th largest logit of the row in `self.logits`.
+    /// Without noise the read pass's lane maxima are elements of the row: the
+    /// k-th largest of them bounds the k-th largest logit from below.
+    fn logit_bound(&mut self, ctx: &RowContext, read: &RowRead) -> f64 {
+        let options = ctx.options;
+        let k = options.top_k;
+        if ctx.noise || options.score_function == ScoreFunction::Probabilities {
+            block_lower_bound(&self.logits, k, &mut self.best)
+        } else if options.num_experts <= 2 * LANES {
+            f64::NEG_INFINITY // every key is a candidate anyway
+        } else if k == 1 {
+            read.max
+        } else if k == 2 {
+            second_largest(&read.lane_max)
+        } else if k == LANES {
+            read.lane_max.iter().copied().fold(f64::INFINITY, f64::min)
+        } else if k < LANES {
+            sort8_descending(read.lane_max)[k - 1]
+        } else {
+            block_lower_bound(&self.logits, k, &mut self.best)
+        }
     }
 
     /// Selection keys: the logits when there is no bias and no group limit (the
@@ -204,7 +249,7 @@ impl RowRouter {
         if ctx.noise {
             max = self.add_noise(ctx.options, ctx.call.step, token);
         }
-        let row = score_row(ctx.options.score_function, &self.logits, max, &mut self.scores);
+        let row = score_row(ctx.simd, ctx.options.score_function, &self.logits, max, &mut self.scores);
         let keys_are_logits = self.compute_keys(ctx, row.scale);
         let keys = if keys_are_logits { &self.logits } else { &self.keys };
         for (o, &key) in out.iter_mut().zip(keys) {
@@ -215,7 +260,7 @@ impl RowRouter {
     /// Copy the row into float64, rejecting NaN, +inf and rows with no finite logit.
     /// Returns what the read pass learned about the row.
     fn read_row<F: Logit>(&mut self, ctx: &RowContext, token: usize, raw: &[F]) -> Result<RowRead> {
-        let mut read = read_row(raw, &mut self.logits);
+        let mut read = read_row(ctx.simd, raw, &mut self.logits);
         if ctx.options.score_function == ScoreFunction::Probabilities && !read.bad {
             // Probabilities: 0 means "not eligible"; negative values are refused.
             if self.logits.iter().any(|&p| p < 0.0) {
@@ -265,7 +310,7 @@ impl RowRouter {
     /// Training noise: multiplicative jitter U(1-eps, 1+eps) (Switch Transformer)
     /// and additive N(0, std^2) (noisy top-k, Shazeer et al. 2017), keyed by
     /// (seed, step, token, expert). Returns the new largest logit.
-    fn add_noise(&mut self, options: &RouterOptions, step: u64, token: usize) -> f64 {
+    fn add_noise(&mut self, options: &RouterConfig, step: u64, token: usize) -> f64 {
         let mut max = f64::NEG_INFINITY;
         for (x, z) in self.logits.iter_mut().enumerate() {
             if options.jitter_eps > 0.0 {
@@ -282,14 +327,7 @@ impl RowRouter {
 
     /// Weights of the chosen experts: their scores, optionally divided by
     /// their sum (0 when the sum is 0), times `weight_scale`.
-    fn write_weights(
-        &self,
-        options: &RouterOptions,
-        scale: f64,
-        experts: &[i32],
-        routed: &[bool],
-        weights: &mut [f32],
-    ) {
+    fn write_weights(&self, options: &RouterConfig, scale: f64, experts: &[i32], routed: &[bool], weights: &mut [f32]) {
         // The sum of the buffer values (scores / scale): normalization cancels
         // `scale`, so tiny scores are never divided by a subnormal sum.
         let mut sum = 0.0;

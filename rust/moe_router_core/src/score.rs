@@ -9,13 +9,14 @@
 
 use crate::config::ScoreFunction;
 use crate::math::{exp_shifted, sigmoid_row};
+use crate::simd::Simd;
 
 const TINY: f64 = 1e-290;
 const UP: f64 = f64::from_bits((1023 + 600) << 52); // 2^600
 
 /// How to read a scored row.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RowScores {
+pub(crate) struct RowScores {
     /// The token's z-loss term: `logsumexp(z)^2` over the eligible logits (ST-MoE).
     pub z_term: f64,
     /// `score_e = buffer[e] * scale`.
@@ -31,7 +32,13 @@ pub struct RowScores {
 /// `max_logit` is the largest logit of the row; the row holds at least one finite logit.
 /// For `Probabilities` the row already holds the scores (`-inf` where 0) and
 /// the z-term is 0 (the source supplies its own).
-pub fn score_row(function: ScoreFunction, logits: &[f64], max_logit: f64, buffer: &mut [f64]) -> RowScores {
+pub(crate) fn score_row(
+    simd: Simd,
+    function: ScoreFunction,
+    logits: &[f64],
+    max_logit: f64,
+    buffer: &mut [f64],
+) -> RowScores {
     debug_assert_eq!(logits.len(), buffer.len());
     if function == ScoreFunction::Probabilities {
         let mut sum = 0.0;
@@ -42,11 +49,11 @@ pub fn score_row(function: ScoreFunction, logits: &[f64], max_logit: f64, buffer
         return RowScores { z_term: 0.0, scale: 1.0, prob_scale: if sum > 0.0 { 1.0 / sum } else { 0.0 } };
     }
     // exp(-inf - m) = 0: ineligible experts fall out of every sum.
-    let exp_sum = exp_shifted(logits, max_logit, buffer);
+    let exp_sum = exp_shifted(simd, logits, max_logit, buffer);
     let lse = max_logit + exp_sum.ln();
     match function {
         ScoreFunction::Sigmoid => {
-            let mut sum = sigmoid_row(logits, buffer);
+            let mut sum = sigmoid_row(simd, logits, buffer);
             let mut scale = 1.0;
             if sum > 0.0 && sum < TINY {
                 // Every score is subnormal-sized: rescale by a power of two (exact)
@@ -71,7 +78,7 @@ mod tests {
     fn softmax_sums_to_one_and_lse_is_exact() {
         let z = [2.0, 1.0, 0.0, -1.0];
         let mut s = [0.0; 4];
-        let r = score_row(ScoreFunction::Softmax, &z, 2.0, &mut s);
+        let r = score_row(Simd::current(), ScoreFunction::Softmax, &z, 2.0, &mut s);
         assert!((s.iter().sum::<f64>() * r.scale - 1.0).abs() < 1e-15);
         let lse = z.iter().map(|v: &f64| v.exp()).sum::<f64>().ln();
         assert!((r.z_term.sqrt() - lse).abs() < 1e-14);
@@ -82,7 +89,7 @@ mod tests {
     fn neg_inf_is_zero_score() {
         let z = [f64::NEG_INFINITY, 0.0];
         let mut s = [0.0; 2];
-        let r = score_row(ScoreFunction::Sigmoid, &z, 0.0, &mut s);
+        let r = score_row(Simd::current(), ScoreFunction::Sigmoid, &z, 0.0, &mut s);
         assert_eq!(s, [0.0, 0.5]);
         assert_eq!(r.prob_scale, 2.0);
         assert_eq!(r.z_term, 0.0);
@@ -92,7 +99,7 @@ mod tests {
     fn z_loss_input_is_stable_for_large_logits() {
         let z = [100.0, 0.0, 0.0, 0.0];
         let mut s = [0.0; 4];
-        let r = score_row(ScoreFunction::Softmax, &z, 100.0, &mut s);
+        let r = score_row(Simd::current(), ScoreFunction::Softmax, &z, 100.0, &mut s);
         assert!((r.z_term.sqrt() - 100.0).abs() < 1e-12);
     }
 }

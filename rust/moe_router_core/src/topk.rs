@@ -5,7 +5,7 @@
 //! eligible, the remaining choices are the lowest-index ineligible experts,
 //! reported as not routed.
 
-use crate::config::{GroupLimit, GroupScore};
+use crate::simd::{Simd, SimdLevel};
 
 const BLOCK: usize = 8;
 
@@ -16,37 +16,33 @@ const BLOCK: usize = 8;
 /// only keys at or above it are candidates, found by a vectorizable pass, so
 /// the insertion step sees a few keys instead of all E. The result is the same
 /// as inserting every key.
-pub fn select_top_k(keys: &[f64], experts: &mut [i32], routed: &mut [bool], best: &mut [f64], lower_bound: f64) {
+pub(crate) fn select_top_k(
+    simd: Simd,
+    keys: &[f64],
+    experts: &mut [i32],
+    routed: &mut [bool],
+    best: &mut [f64],
+    lower_bound: f64,
+) {
     let k = experts.len();
     best.fill(f64::NEG_INFINITY);
     macro_rules! fixed {
         ($($n:literal)*) => {
             match k {
-                $($n => select_fixed::<$n>(keys, lower_bound, experts, best),)*
+                $($n => select_fixed::<$n>(simd, keys, lower_bound, experts, best),)*
                 _ => {
                     let mut filled = 0usize;
-                    for_each_candidate(keys, lower_bound, |e| insert(keys[e], e, experts, best, &mut filled));
+                    for_each_candidate(simd, keys, lower_bound, |e| insert(keys[e], e, experts, best, &mut filled));
                     filled
                 }
             }
         };
     }
-    #[cfg(target_arch = "x86_64")]
-    let simd = k <= 8 && std::arch::is_x86_feature_detected!("avx2");
-    #[cfg(not(target_arch = "x86_64"))]
-    let simd = false;
-    let filled = if simd {
+    let filled = match simd.level() {
         #[cfg(target_arch = "x86_64")]
-        {
-            // SAFETY: the CPU supports AVX2.
-            unsafe { select8_avx2(keys, lower_bound, experts, best) }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            0
-        }
-    } else {
-        fixed!(1 2 3 4 5 6 7 8)
+        // SAFETY: a `Simd` level never exceeds what the CPU supports; both imply AVX2.
+        SimdLevel::Avx2 | SimdLevel::Avx512 if k <= 8 => unsafe { select8_avx2(keys, lower_bound, experts, best) },
+        _ => fixed!(1 2 3 4 5 6 7 8),
     };
     routed[..filled].fill(true);
     routed[filled..].fill(false);
@@ -67,12 +63,12 @@ pub fn select_top_k(keys: &[f64], experts: &mut [i32], routed: &mut [bool], best
 
 /// Call `f(e)` for every `e` with `keys[e] >= bound`, in increasing order.
 #[inline]
-fn for_each_candidate(keys: &[f64], bound: f64, mut f: impl FnMut(usize)) {
+fn for_each_candidate(simd: Simd, keys: &[f64], bound: f64, mut f: impl FnMut(usize)) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if simd.level() >= SimdLevel::Avx2 {
             for (w, chunk) in keys.chunks(64).enumerate() {
-                // SAFETY: the CPU supports AVX2.
+                // SAFETY: a `Simd` level never exceeds what the CPU supports.
                 let mut mask = unsafe { candidate_mask_avx2(chunk, bound) };
                 while mask != 0 {
                     f(w * 64 + mask.trailing_zeros() as usize);
@@ -92,7 +88,7 @@ fn for_each_candidate(keys: &[f64], bound: f64, mut f: impl FnMut(usize)) {
 /// Bit i set when `keys[i] >= bound`, for up to 64 keys.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn candidate_mask_avx2(keys: &[f64], bound: f64) -> u64 {
+fn candidate_mask_avx2(keys: &[f64], bound: f64) -> u64 {
     use std::arch::x86_64::*;
     debug_assert!(keys.len() <= 64);
     let b = _mm256_set1_pd(bound);
@@ -114,7 +110,7 @@ unsafe fn candidate_mask_avx2(keys: &[f64], bound: f64) -> u64 {
 /// A lower bound of the k-th largest key: the k-th largest of the maxima of
 /// blocks of 8 (k blocks each hold a key at least that large); `-inf` when
 /// there are fewer than k blocks. `scratch` has length k.
-pub fn block_lower_bound(keys: &[f64], k: usize, scratch: &mut [f64]) -> f64 {
+pub(crate) fn block_lower_bound(keys: &[f64], k: usize, scratch: &mut [f64]) -> f64 {
     if keys.len() / BLOCK < k.max(2) {
         return f64::NEG_INFINITY;
     }
@@ -128,7 +124,7 @@ pub fn block_lower_bound(keys: &[f64], k: usize, scratch: &mut [f64]) -> f64 {
 
 /// The second largest value (the largest if it occurs twice), branch-free.
 #[inline]
-pub fn second_largest(values: &[f64]) -> f64 {
+pub(crate) fn second_largest(values: &[f64]) -> f64 {
     let (mut first, mut second) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
     for &v in values {
         second = second.max(first.min(v));
@@ -140,7 +136,7 @@ pub fn second_largest(values: &[f64]) -> f64 {
 /// The values sorted in descending order by a branch-free 19-comparator
 /// sorting network (Knuth, TAOCP vol. 3, 5.3.4: optimal for 8 inputs).
 #[inline]
-pub fn sort8_descending(mut v: [f64; 8]) -> [f64; 8] {
+pub(crate) fn sort8_descending(mut v: [f64; 8]) -> [f64; 8] {
     const NET: [(usize, usize); 19] = [
         (0, 2),
         (1, 3),
@@ -171,8 +167,9 @@ pub fn sort8_descending(mut v: [f64; 8]) -> [f64; 8] {
     v
 }
 
+/// Insert `v` into the descending list `list` (length fixed), dropping its smallest value.
 #[inline(always)]
-fn push_descending(v: f64, list: &mut [f64]) {
+pub(crate) fn push_descending(v: f64, list: &mut [f64]) {
     let k = list.len();
     if v > list[k - 1] {
         let mut pos = k - 1;
@@ -190,7 +187,7 @@ fn push_descending(v: f64, list: &mut [f64]) {
 /// later loses). Returns the number of finite keys taken among the first k.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn select8_avx2(keys: &[f64], lower_bound: f64, experts: &mut [i32], best_out: &mut [f64]) -> usize {
+fn select8_avx2(keys: &[f64], lower_bound: f64, experts: &mut [i32], best_out: &mut [f64]) -> usize {
     use std::arch::x86_64::*;
     let k = experts.len();
     let ninf = _mm256_set1_pd(f64::NEG_INFINITY);
@@ -198,8 +195,7 @@ unsafe fn select8_avx2(keys: &[f64], lower_bound: f64, experts: &mut [i32], best
     let (mut i0, mut i1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
     let lane0 = _mm256_castsi256_pd(_mm256_set_epi64x(0, 0, 0, -1));
     for (w, chunk) in keys.chunks(64).enumerate() {
-        // SAFETY: the CPU supports AVX2.
-        let mut mask = unsafe { candidate_mask_avx2(chunk, lower_bound) };
+        let mut mask = candidate_mask_avx2(chunk, lower_bound);
         while mask != 0 {
             let e = w * 64 + mask.trailing_zeros() as usize;
             mask &= mask - 1;
@@ -246,10 +242,16 @@ unsafe fn select8_avx2(keys: &[f64], lower_bound: f64, experts: &mut [i32], best
 /// from the old list), so unpredictable comparisons near the threshold cost no
 /// mispredictions. Returns the number of finite keys taken.
 #[inline]
-fn select_fixed<const K: usize>(keys: &[f64], lower_bound: f64, experts: &mut [i32], best_out: &mut [f64]) -> usize {
+fn select_fixed<const K: usize>(
+    simd: Simd,
+    keys: &[f64],
+    lower_bound: f64,
+    experts: &mut [i32],
+    best_out: &mut [f64],
+) -> usize {
     let mut best = [f64::NEG_INFINITY; K];
     let mut idx = [0i32; K];
-    for_each_candidate(keys, lower_bound, |e| {
+    for_each_candidate(simd, keys, lower_bound, |e| {
         let key = keys[e];
         let old_best = best;
         let old_idx = idx;
@@ -298,82 +300,21 @@ fn insert(key: f64, e: usize, experts: &mut [i32], best: &mut [f64], filled: &mu
     }
 }
 
-/// Group-limited routing: keep the `group_top_k` best groups (by `group_keys`,
-/// ties to the lower group index) and set the keys of every other expert to `-inf`.
-///
-/// `group_keys` are the per-expert values a group is scored on (score plus
-/// selection bias; `-inf` for ineligible experts). `group_scores` is scratch of
-/// length `num_groups`.
-pub fn limit_to_best_groups(
-    limit: &GroupLimit,
-    group_keys: &[f64],
-    keys: &mut [f64],
-    group_scores: &mut [f64],
-    scratch: &mut Vec<f64>,
-) {
-    let size = keys.len() / limit.num_groups;
-    for (g, score) in group_scores.iter_mut().enumerate() {
-        let members = &group_keys[g * size..(g + 1) * size];
-        *score = match limit.group_score {
-            GroupScore::Max => members.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-            GroupScore::Top2Sum => top2_sum(members),
-            GroupScore::TopSum(n) => top_n_sum(members, n, scratch),
-        };
-    }
-    // Mark the winners by rank: a group is kept if fewer than group_top_k groups beat it.
-    for g in 0..limit.num_groups {
-        let s = group_scores[g];
-        let better = group_scores.iter().enumerate().filter(|&(h, &o)| o > s || (o == s && h < g)).count();
-        if better >= limit.group_top_k {
-            keys[g * size..(g + 1) * size].fill(f64::NEG_INFINITY);
-        }
-    }
-}
-
-/// Sum of the n largest finite values (fewer if fewer are finite; `-inf` if none).
-fn top_n_sum(values: &[f64], n: usize, scratch: &mut Vec<f64>) -> f64 {
-    scratch.clear();
-    scratch.resize(n, f64::NEG_INFINITY);
-    for &v in values {
-        push_descending(v, scratch);
-    }
-    let finite: Vec<f64> = scratch.iter().copied().filter(|v| *v > f64::NEG_INFINITY).collect();
-    if finite.is_empty() {
-        f64::NEG_INFINITY
-    } else {
-        finite.iter().sum()
-    }
-}
-
-/// Sum of the two largest finite values (the one value if only one is finite; `-inf` if none).
-fn top2_sum(values: &[f64]) -> f64 {
-    let (mut a, mut b) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
-    for &v in values {
-        if v > a {
-            b = a;
-            a = v;
-        } else if v > b {
-            b = v;
-        }
-    }
-    if b == f64::NEG_INFINITY {
-        a
-    } else {
-        a + b
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn top(keys: &[f64], k: usize) -> (Vec<i32>, Vec<bool>) {
+    fn top_with(simd: Simd, keys: &[f64], k: usize) -> (Vec<i32>, Vec<bool>) {
         let mut ex = vec![0; k];
         let mut r = vec![false; k];
         let mut b = vec![0.0; k];
         let bound = block_lower_bound(keys, k, &mut b);
-        select_top_k(keys, &mut ex, &mut r, &mut b, bound);
+        select_top_k(simd, keys, &mut ex, &mut r, &mut b, bound);
         (ex, r)
+    }
+
+    fn top(keys: &[f64], k: usize) -> (Vec<i32>, Vec<bool>) {
+        top_with(Simd::current(), keys, k)
     }
 
     #[test]
@@ -405,6 +346,9 @@ mod tests {
             order.sort_by(|&a, &b| keys[b].total_cmp(&keys[a]).then(a.cmp(&b)));
             order.truncate(k);
             let (ex, r) = top(&keys, k);
+            for simd in Simd::all() {
+                assert_eq!(top_with(simd, &keys, k), (ex.clone(), r.clone()), "{simd:?}");
+            }
             let got: Vec<usize> = ex.iter().zip(&r).filter(|(_, &r)| r).map(|(&x, _)| x as usize).collect();
             assert_eq!(got, order, "keys {keys:?} k {k}");
         }
@@ -432,36 +376,5 @@ mod tests {
         let (ex, r) = top(&[ninf, 3.0, ninf, ninf], 3);
         assert_eq!(ex, vec![1, 0, 2]);
         assert_eq!(r, vec![true, false, false]);
-    }
-
-    #[test]
-    fn groups_mask_with_neg_inf_even_for_negative_scores() {
-        let limit = GroupLimit { num_groups: 2, group_top_k: 1, group_score: GroupScore::Max };
-        let gk = [-0.9, -0.8, -0.1, -0.3];
-        let mut keys = gk;
-        let mut gs = [0.0; 2];
-        limit_to_best_groups(&limit, &gk, &mut keys, &mut gs, &mut Vec::new());
-        assert_eq!(top(&keys, 2).0, vec![2, 3]);
-    }
-
-    #[test]
-    fn top_n_sum_generalizes_max_and_top2() {
-        let v = [0.5, f64::NEG_INFINITY, 0.25, 0.125];
-        let mut s = Vec::new();
-        assert_eq!(top_n_sum(&v, 1, &mut s), 0.5);
-        assert_eq!(top_n_sum(&v, 2, &mut s), top2_sum(&v));
-        assert_eq!(top_n_sum(&v, 4, &mut s), 0.875);
-        assert_eq!(top_n_sum(&[f64::NEG_INFINITY; 3], 2, &mut s), f64::NEG_INFINITY);
-    }
-
-    #[test]
-    fn top2_sum_scores_groups() {
-        let limit = GroupLimit { num_groups: 2, group_top_k: 1, group_score: GroupScore::Top2Sum };
-        // group 0: max 0.9 but top-2 sum 0.9; group 1: 0.6 + 0.5 = 1.1 wins.
-        let gk = [0.9, 0.0, 0.6, 0.5];
-        let mut keys = gk;
-        let mut gs = [0.0; 2];
-        limit_to_best_groups(&limit, &gk, &mut keys, &mut gs, &mut Vec::new());
-        assert_eq!(top(&keys, 1).0, vec![2]);
     }
 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::{factor, make_logits, make_mask, to_f32, Logits, XorShift};
 use moe_router_core::{
-    route_logits, CapacityFactor, DropPolicy, GroupLimit, GroupScore, Overflow, RouteCall, RouterError, RouterOptions,
+    route_logits, CapacityFactor, DropPolicy, GroupLimit, GroupScore, Overflow, RouteCall, RouterConfig, RouterError,
     Routing, ScoreFunction,
 };
 use ndarray::{s, Array2, ArrayView2, ShapeBuilder};
@@ -19,7 +19,7 @@ fn pools() -> Vec<(usize, rayon::ThreadPool)> {
 }
 
 /// Route in every pool (twice in the first) and require identical results.
-fn same_in_every_pool(what: &str, logits: ArrayView2<f32>, options: &RouterOptions, call: &RouteCall) -> Routing {
+fn same_in_every_pool(what: &str, logits: ArrayView2<f32>, options: &RouterConfig, call: &RouteCall) -> Routing {
     let pools = pools();
     let first = pools[0].1.install(|| route_logits(logits, options, call));
     let first = first.unwrap_or_else(|err| panic!("{what}: {err}"));
@@ -44,10 +44,10 @@ fn same_in_every_pool(what: &str, logits: ArrayView2<f32>, options: &RouterOptio
 }
 
 /// The configurations run for every policy.
-fn configurations(e: usize, k: usize) -> Vec<(&'static str, RouterOptions, bool, bool, Option<usize>)> {
+fn configurations(e: usize, k: usize) -> Vec<(&'static str, RouterConfig, bool, bool, Option<usize>)> {
     // (name, options, training, masked, sequence_length)
     let mut out = Vec::new();
-    let mut o = RouterOptions::new(e, k);
+    let mut o = RouterConfig::new(e, k);
     o.capacity_factor = factor("1.0");
     out.push(("plain cf=1.0", o.clone(), false, false, None));
     out.push(("masked", o.clone(), false, true, None));
@@ -95,7 +95,9 @@ fn identical_for_1_2_and_7_threads() {
                     expert_bias,
                     step: 3,
                     sequence_length,
-                    ..RouteCall::default()
+                    // The optional outputs too must not depend on the pool.
+                    return_probs: true,
+                    plain_topk_counts: true,
                 };
                 let what = format!("{policy:?} / {name} / bias={}", expert_bias.is_some());
                 let r = same_in_every_pool(&what, view, &options, &call);
@@ -114,7 +116,7 @@ fn identical_for_every_thread_count_with_k_8() {
     let data = to_f32(&logits);
     let view = ArrayView2::from_shape((T, e), &data).expect("shape");
     for policy in POLICIES {
-        let mut o = RouterOptions::new(e, k);
+        let mut o = RouterConfig::new(e, k);
         o.drop_policy = policy;
         o.capacity_factor = factor("0.5");
         let call = RouteCall { token_mask: Some(&mask), sequence_length: Some(500), ..RouteCall::default() };
@@ -132,7 +134,7 @@ fn the_first_offending_token_is_reported_whatever_the_thread_count() {
     logits[1234 * e + 5] = f32::INFINITY;
     logits[2600 * e..2601 * e].fill(f32::NEG_INFINITY);
     let view = ArrayView2::from_shape((T, e), &logits).expect("shape");
-    let o = RouterOptions::new(e, k);
+    let o = RouterConfig::new(e, k);
     for (n, pool) in pools() {
         let err = pool.install(|| route_logits(view, &o, &RouteCall::default())).expect_err("bad logits");
         match &err {
@@ -152,7 +154,7 @@ fn float32_and_float64_inputs_with_the_same_values_route_identically() {
     let logits32 = to_f32(&make_logits(&mut rng, Logits::Gaussian, 3000, e));
     let logits64: Vec<f64> = logits32.iter().map(|&v| f64::from(v)).collect();
     for policy in POLICIES {
-        let mut o = RouterOptions::new(e, k);
+        let mut o = RouterConfig::new(e, k);
         o.drop_policy = policy;
         o.normalize_weights = true;
         let call = RouteCall::default();
@@ -167,7 +169,7 @@ fn strided_and_column_major_views_route_like_a_contiguous_copy() {
     let (t, e, k) = (1500, 8, 2);
     let mut rng = XorShift::new(9);
     let logits = to_f32(&make_logits(&mut rng, Logits::Gaussian, 2 * t, e));
-    let mut o = RouterOptions::new(e, k);
+    let mut o = RouterConfig::new(e, k);
     o.capacity_factor = factor("1.0");
     let call = RouteCall::default();
     let full = Array2::from_shape_vec((2 * t, e), logits).expect("shape");

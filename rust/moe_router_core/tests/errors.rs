@@ -4,10 +4,10 @@
 mod common;
 
 use common::{factor, make_logits, to_f32, Logits, XorShift};
-use moe_router_core::route::{ChunkBuf, ChunkRows};
+
 use moe_router_core::{
-    route, route_logits, CapacityFactor, Decimal, GroupLimit, GroupScore, LogitSource, RouteCall, RouterError,
-    RouterOptions, SliceLogits,
+    route, route_logits, CapacityFactor, ChunkBuf, ChunkRows, Decimal, GroupLimit, GroupScore, LogitSource, RouteCall,
+    RouterConfig, RouterError, SliceLogits,
 };
 use ndarray::{Array2, ArrayView2};
 
@@ -17,7 +17,7 @@ fn logits(t: usize, e: usize) -> Array2<f32> {
 }
 
 /// The error of routing, with its message checked for every `needles`.
-fn error_of(view: ArrayView2<f32>, options: &RouterOptions, call: &RouteCall, needles: &[&str]) -> RouterError {
+fn error_of(view: ArrayView2<f32>, options: &RouterConfig, call: &RouteCall, needles: &[&str]) -> RouterError {
     let err = match route_logits(view, options, call) {
         Ok(_) => panic!("expected an error mentioning {needles:?}"),
         Err(err) => err,
@@ -40,7 +40,7 @@ fn bad_value_token(err: &RouterError) -> usize {
 fn nan_logit_names_the_token() {
     let mut x = logits(3000, 8);
     x[[1700, 2]] = f32::NAN;
-    let err = error_of(x.view(), &RouterOptions::new(8, 2), &RouteCall::default(), &["logits", "NaN", "token 1700"]);
+    let err = error_of(x.view(), &RouterConfig::new(8, 2), &RouteCall::default(), &["logits", "NaN", "token 1700"]);
     assert_eq!(bad_value_token(&err), 1700);
 }
 
@@ -49,12 +49,12 @@ fn plus_inf_logit_names_the_first_token() {
     let mut x = logits(3000, 8);
     x[[2999, 0]] = f32::NAN;
     x[[900, 7]] = f32::INFINITY;
-    let err = error_of(x.view(), &RouterOptions::new(8, 2), &RouteCall::default(), &["logits", "+inf", "token 900"]);
+    let err = error_of(x.view(), &RouterConfig::new(8, 2), &RouteCall::default(), &["logits", "+inf", "token 900"]);
     assert_eq!(bad_value_token(&err), 900);
     // In the first chunk too, and as float64.
     let mut y = x.mapv(f64::from);
     y[[3, 1]] = f64::INFINITY;
-    let err = route_logits(y.view(), &RouterOptions::new(8, 2), &RouteCall::default()).expect_err("+inf");
+    let err = route_logits(y.view(), &RouterConfig::new(8, 2), &RouteCall::default()).expect_err("+inf");
     assert_eq!(bad_value_token(&err), 3);
 }
 
@@ -63,18 +63,18 @@ fn all_neg_inf_row_names_the_token() {
     let mut x = logits(600, 4);
     x.row_mut(4).fill(f32::NEG_INFINITY);
     x.row_mut(520).fill(f32::NEG_INFINITY);
-    let err = error_of(x.view(), &RouterOptions::new(4, 1), &RouteCall::default(), &["logits", "-inf", "token 4"]);
+    let err = error_of(x.view(), &RouterConfig::new(4, 1), &RouteCall::default(), &["logits", "-inf", "token 4"]);
     assert_eq!(bad_value_token(&err), 4);
     // A single-token batch (no thread-pool path) behaves the same.
     let one = Array2::from_elem((1, 4), f32::NEG_INFINITY);
-    let err = error_of(one.view(), &RouterOptions::new(4, 1), &RouteCall::default(), &["token 0"]);
+    let err = error_of(one.view(), &RouterConfig::new(4, 1), &RouteCall::default(), &["token 0"]);
     assert_eq!(bad_value_token(&err), 0);
     // Masking the row out makes it legal.
     let mut mask = vec![true; 600];
     mask[4] = false;
     mask[520] = false;
     let call = RouteCall { token_mask: Some(&mask), ..RouteCall::default() };
-    assert!(route_logits(x.view(), &RouterOptions::new(4, 1), &call).is_ok());
+    assert!(route_logits(x.view(), &RouterConfig::new(4, 1), &call).is_ok());
 }
 
 #[test]
@@ -83,7 +83,7 @@ fn some_neg_inf_is_fine() {
     x[[0, 0]] = f32::NEG_INFINITY;
     x[[0, 1]] = f32::NEG_INFINITY;
     x[[0, 2]] = f32::NEG_INFINITY;
-    let r = route_logits(x.view(), &RouterOptions::new(4, 2), &RouteCall::default()).expect("valid");
+    let r = route_logits(x.view(), &RouterConfig::new(4, 2), &RouteCall::default()).expect("valid");
     assert_eq!(r.expert_indices[..2], [3, 0]);
     assert_eq!(r.kept[..2], [true, false]);
 }
@@ -93,14 +93,14 @@ fn mask_of_the_wrong_length() {
     let x = logits(10, 4);
     let mask = vec![true; 9];
     let call = RouteCall { token_mask: Some(&mask), ..RouteCall::default() };
-    let err = error_of(x.view(), &RouterOptions::new(4, 2), &call, &["token_mask", "[10]", "[9]"]);
+    let err = error_of(x.view(), &RouterConfig::new(4, 2), &call, &["token_mask", "[10]", "[9]"]);
     assert!(matches!(err, RouterError::Shape { argument: "token_mask", .. }), "{err:?}");
 }
 
 #[test]
 fn bias_of_the_wrong_length_or_not_finite() {
     let x = logits(10, 4);
-    let o = RouterOptions::new(4, 2);
+    let o = RouterConfig::new(4, 2);
     let short = [0.0; 3];
     let call = RouteCall { expert_bias: Some(&short), ..RouteCall::default() };
     let err = error_of(x.view(), &o, &call, &["expert_bias", "[4]", "[3]"]);
@@ -116,16 +116,16 @@ fn bias_of_the_wrong_length_or_not_finite() {
 #[test]
 fn experts_mismatch() {
     let x = logits(10, 7);
-    let err = error_of(x.view(), &RouterOptions::new(8, 2), &RouteCall::default(), &["logits", "8", "7"]);
+    let err = error_of(x.view(), &RouterConfig::new(8, 2), &RouteCall::default(), &["logits", "8", "7"]);
     assert!(matches!(err, RouterError::Shape { argument: "logits", .. }), "{err:?}");
     let empty = Array2::<f32>::zeros((10, 0));
-    error_of(empty.view(), &RouterOptions::new(8, 2), &RouteCall::default(), &["logits"]);
+    error_of(empty.view(), &RouterConfig::new(8, 2), &RouteCall::default(), &["logits"]);
 }
 
 #[test]
 fn sequence_length_must_divide_the_tokens() {
     let x = logits(10, 4);
-    let o = RouterOptions::new(4, 2);
+    let o = RouterConfig::new(4, 2);
     for s in [0, 3, 20] {
         let call = RouteCall { sequence_length: Some(s), ..RouteCall::default() };
         error_of(x.view(), &o, &call, &["logits", "T = 10"]);
@@ -145,16 +145,16 @@ fn slice_logits_of_the_wrong_length() {
 #[test]
 fn invalid_options_name_the_field() {
     let x = logits(16, 8);
-    let mut cases: Vec<(RouterOptions, &str)> = Vec::new();
-    let base = RouterOptions::new(8, 2);
-    let with = |f: &dyn Fn(&mut RouterOptions)| {
+    let mut cases: Vec<(RouterConfig, &str)> = Vec::new();
+    let base = RouterConfig::new(8, 2);
+    let with = |f: &dyn Fn(&mut RouterConfig)| {
         let mut o = base.clone();
         f(&mut o);
         o
     };
-    cases.push((RouterOptions::new(0, 1), "num_experts"));
-    cases.push((RouterOptions::new(8, 0), "top_k"));
-    cases.push((RouterOptions::new(8, 9), "top_k"));
+    cases.push((RouterConfig::new(0, 1), "num_experts"));
+    cases.push((RouterConfig::new(8, 0), "top_k"));
+    cases.push((RouterConfig::new(8, 9), "top_k"));
     cases.push((with(&|o| o.weight_scale = f64::NAN), "weight_scale"));
     cases.push((with(&|o| o.weight_scale = f64::INFINITY), "weight_scale"));
     cases.push((with(&|o| o.capacity_factor = factor("0")), "capacity_factor"));
@@ -203,7 +203,7 @@ fn zero_capacity_factor_suggests_dropless() {
     }
     assert!(Decimal::parse_factor("capacity_factor", "1.25").is_ok());
     // A tiny positive factor is valid and rounds up to capacity 1.
-    let mut o = RouterOptions::new(8, 1);
+    let mut o = RouterConfig::new(8, 1);
     o.capacity_factor = factor("1e-30");
     let r = route_logits(logits(16, 8).view(), &o, &RouteCall::default()).expect("tiny factor");
     assert_eq!(r.capacity, 1);
@@ -233,7 +233,7 @@ impl LogitSource for Huge {
 
 #[test]
 fn too_many_tokens_is_an_error_not_an_allocation() {
-    let err = route(&Huge, &RouterOptions::new(4, 2), &RouteCall::default()).expect_err("too many tokens");
+    let err = route(&Huge, &RouterConfig::new(4, 2), &RouteCall::default()).expect_err("too many tokens");
     assert!(err.to_string().contains("hidden"), "{err}");
 }
 
@@ -241,7 +241,7 @@ fn too_many_tokens_is_an_error_not_an_allocation() {
 fn empty_input_is_fine() {
     let x = Array2::<f32>::zeros((0, 8));
     for cf in [factor("1.25"), CapacityFactor::Dropless] {
-        let mut o = RouterOptions::new(8, 2);
+        let mut o = RouterConfig::new(8, 2);
         o.capacity_factor = cf;
         let r =
             route_logits(x.view(), &o, &RouteCall { sequence_length: Some(4), ..RouteCall::default() }).expect("empty");

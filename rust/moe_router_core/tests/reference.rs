@@ -8,7 +8,7 @@ mod common;
 use common::{check_invariants, check_matches, factor, make_logits, make_mask, reference, to_f32, Logits, XorShift};
 use moe_router_core::{
     route_logits, CapacityFactor, CapacityRounding, DropPolicy, GroupLimit, GroupScore, Overflow, RouteCall,
-    RouterOptions, Routing, ScoreFunction,
+    RouterConfig, Routing, ScoreFunction,
 };
 use ndarray::ArrayView2;
 
@@ -26,7 +26,7 @@ struct Case {
     f32_input: bool,
     mask: Option<Vec<bool>>,
     bias: Option<Vec<f64>>,
-    options: RouterOptions,
+    options: RouterConfig,
     training: bool,
     step: u64,
     sequence_length: Option<usize>,
@@ -40,7 +40,8 @@ impl Case {
             expert_bias: self.bias.as_deref(),
             step: self.step,
             sequence_length: self.sequence_length,
-            ..RouteCall::default()
+            return_probs: true,
+            plain_topk_counts: true,
         }
     }
 
@@ -85,7 +86,7 @@ fn make_case(
     policy: DropPolicy,
     full_variety: bool,
 ) -> Case {
-    let mut o = RouterOptions::new(e, k);
+    let mut o = RouterConfig::new(e, k);
     o.drop_policy = policy;
     o.capacity_factor = cf.map_or(CapacityFactor::Dropless, factor);
     let kind = rng.pick(&common::ALL_LOGITS);
@@ -214,7 +215,7 @@ fn plain_case(t: usize, e: usize, k: usize, seed: u64) -> Case {
         f32_input: true,
         mask: None,
         bias: None,
-        options: RouterOptions::new(e, k),
+        options: RouterConfig::new(e, k),
         training: false,
         step: 0,
         sequence_length: None,
@@ -249,7 +250,7 @@ fn capacity_roundings_follow_the_table() {
         case.name = format!("T=200 E=4 k=1 cf=1.1 {rounding:?}");
         assert_eq!(case.run_and_compare().capacity, want, "{}", case.name);
     }
-    // T*k < E: capacity never floors to 0 (the seed's fault).
+    // T*k < E: capacity never floors to 0.
     let mut case = plain_case(4, 8, 1, 5);
     case.options.capacity_factor = factor("0.5");
     let r = case.run_and_compare();
@@ -372,7 +373,7 @@ fn softmax_plus_bias_selects_minimal_reproduction() {
     let bias = [0.0, 0.5];
     let call = RouteCall { expert_bias: Some(&bias), ..RouteCall::default() };
     let view = ArrayView2::from_shape((1, 2), &logits).expect("shape");
-    let r = route_logits(view, &RouterOptions::new(2, 1), &call).expect("valid");
+    let r = route_logits(view, &RouterConfig::new(2, 1), &call).expect("valid");
     assert_eq!(r.expert_indices, vec![1], "softmax [0.731, 0.269] + bias [0, 0.5]");
     // The weight is the unbiased softmax score.
     assert!((f64::from(r.expert_weights[0]) - 0.268_941_421_369_995_1).abs() < 1e-7, "{:?}", r.expert_weights);
@@ -385,7 +386,7 @@ fn softmax_plus_bias_selects_minimal_reproduction() {
 #[test]
 fn sigmoid_of_very_negative_logits_keeps_its_ratios() {
     let logits = [-710.0f64, -705.0];
-    let mut o = RouterOptions::new(2, 2);
+    let mut o = RouterConfig::new(2, 2);
     o.score_function = ScoreFunction::Sigmoid;
     o.normalize_weights = true;
     let view = ArrayView2::from_shape((1, 2), &logits).expect("shape");

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{assert_invariants, assert_matches, close, factor, make_logits, make_mask, reference, to_f32, XorShift};
-use moe_router_core::{route_logits, CapacityFactor, DropPolicy, Overflow, RouteCall, RouterOptions, Routing};
+use moe_router_core::{route_logits, CapacityFactor, DropPolicy, Overflow, RouteCall, RouterConfig, Routing};
 use ndarray::ArrayView2;
 
 const POLICIES: [DropPolicy; 4] = [DropPolicy::Position, DropPolicy::Rank, DropPolicy::Probs, DropPolicy::Bpr];
@@ -21,13 +21,13 @@ fn skewed(rng: &mut XorShift, t: usize, e: usize) -> Vec<f64> {
     v
 }
 
-fn run(logits: &[f32], t: usize, o: &RouterOptions, call: &RouteCall) -> Routing {
+fn run(logits: &[f32], t: usize, o: &RouterConfig, call: &RouteCall) -> Routing {
     let view = ArrayView2::from_shape((t, o.num_experts), logits).expect("shape");
     route_logits(view, o, call).expect("routing")
 }
 
 /// Check one rerouting against its drop-only and dropless counterparts.
-fn check_reroute(what: &str, logits: &[f32], t: usize, o: &RouterOptions, call: &RouteCall) -> usize {
+fn check_reroute(what: &str, logits: &[f32], t: usize, o: &RouterConfig, call: &RouteCall) -> usize {
     assert_eq!(o.overflow, Overflow::Reroute);
     assert!(!o.renormalize_after_drop);
     let k = o.top_k;
@@ -117,7 +117,7 @@ fn reroute_invariants_in_evaluation() {
                     let masked = rng.chance(0.3);
                     let mask = masked.then(|| make_mask(&mut rng, &mut logits, t, e, 0.25));
                     let logits = to_f32(&logits);
-                    let mut o = RouterOptions::new(e, k);
+                    let mut o = RouterConfig::new(e, k);
                     o.capacity_factor = factor(cf);
                     o.drop_policy = policy;
                     o.overflow = Overflow::Reroute;
@@ -139,12 +139,12 @@ fn reroute_in_training_is_a_seeded_coin() {
     let mut rng = XorShift::new(99);
     let logits = to_f32(&skewed(&mut rng, t, e));
     for policy in POLICIES {
-        let mut o = RouterOptions::new(e, k);
+        let mut o = RouterConfig::new(e, k);
         o.capacity_factor = factor("1.0");
         o.drop_policy = policy;
         o.overflow = Overflow::Reroute;
         o.seed = 7;
-        let moved = |o: &RouterOptions, step: u64| {
+        let moved = |o: &RouterConfig, step: u64| {
             let call = RouteCall { training: true, step, ..RouteCall::default() };
             let what = format!("{policy:?} training p={} step={step}", o.expert_dropout);
             check_reroute(&what, &logits, t, o, &call);
@@ -168,7 +168,7 @@ fn dropless_never_reroutes() {
     let (t, e, k) = (2000, 8, 2);
     let mut rng = XorShift::new(3);
     let logits = to_f32(&skewed(&mut rng, t, e));
-    let mut o = RouterOptions::new(e, k);
+    let mut o = RouterConfig::new(e, k);
     o.capacity_factor = CapacityFactor::Dropless;
     o.overflow = Overflow::Reroute;
     let r = run(&logits, t, &o, &RouteCall::default());
@@ -178,15 +178,15 @@ fn dropless_never_reroutes() {
     assert_matches("dropless reroute", &r, &want);
 }
 
-/// A token never gets an expert twice, even when every other expert is full
-/// (the seed's fault 5): with E = k + 1 there is exactly one candidate.
+/// A token never gets an expert twice, even when every other expert is full:
+/// with E = k + 1 there is exactly one candidate.
 #[test]
 fn reroute_with_a_single_candidate_expert() {
     let (t, e, k) = (1000, 3, 2);
     let mut rng = XorShift::new(12);
     let logits = to_f32(&skewed(&mut rng, t, e));
     for policy in POLICIES {
-        let mut o = RouterOptions::new(e, k);
+        let mut o = RouterConfig::new(e, k);
         o.capacity_factor = factor("0.5");
         o.drop_policy = policy;
         o.overflow = Overflow::Reroute;

@@ -13,8 +13,8 @@ use moe_router_core::{
     LogitSource, Peer, RouteCall, Routing, SliceLogits,
 };
 use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
-use pyo3::prelude::*;
 use pyo3::exceptions::PyRuntimeWarning;
+use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyTuple};
 
 use crate::config::PyRouterConfig;

@@ -8,10 +8,9 @@
 
 #![allow(dead_code)]
 
-use moe_router_core::rng::{self, Stream};
 use moe_router_core::{
-    CapacityFactor, CapacityRounding, Decimal, DropPolicy, GroupScore, Overflow, RouteCall, RouterOptions, Routing,
-    ScoreFunction,
+    keyed_normal, keyed_uniform, CapacityFactor, CapacityRounding, Decimal, DropPolicy, GroupScore, Overflow,
+    RngStream, RouteCall, RouterConfig, Routing, ScoreFunction,
 };
 
 // ---------------------------------------------------------------------------
@@ -161,6 +160,12 @@ pub struct Reference {
     pub rerouted: Vec<bool>,
     pub tokens_per_expert: Vec<i64>,
     pub pre_drop_tokens_per_expert: Vec<i64>,
+    /// Active tokens per expert of their rank-0 choice (before capacity).
+    pub first_choice_tokens_per_expert: Vec<i64>,
+    /// Active tokens per expert of the plain top-k (no bias, no groups).
+    pub plain_tokens_per_expert: Vec<i64>,
+    /// `[T, E]` each token's scores (0 for masked tokens).
+    pub router_probs: Vec<f64>,
     pub capacity: usize,
     pub dropless: bool,
     pub active_tokens: usize,
@@ -226,7 +231,7 @@ pub fn reference_capacity(
 }
 
 /// Route `[t, e]` logits by the letter of docs/semantics.md, sequentially.
-pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterOptions, call: &RouteCall) -> Reference {
+pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterConfig, call: &RouteCall) -> Reference {
     let (e, k) = (o.num_experts, o.top_k);
     assert_eq!(logits.len(), t * e);
     let is_active = |i: usize| call.token_mask.is_none_or(|m| m[i]);
@@ -241,6 +246,9 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterOptions,
     // Per token: the experts it may use at all (finite key after groups): reroute candidates.
     let mut allowed = vec![false; t * e];
     let noise = call.training && (o.jitter_eps > 0.0 || o.noise_std > 0.0);
+    let mut probs = vec![0f64; t * e];
+    let mut first_choice = vec![0i64; e];
+    let mut plain = vec![0i64; e];
 
     for i in 0..t {
         if !is_active(i) {
@@ -255,11 +263,11 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterOptions,
         if noise {
             for (x, v) in z.iter_mut().enumerate() {
                 if o.jitter_eps > 0.0 {
-                    let u = rng::uniform(o.seed, Stream::Jitter, call.step, i as u64, x as u64);
+                    let u = keyed_uniform(o.seed, RngStream::Jitter, call.step, i as u64, x as u64);
                     *v *= 1.0 - o.jitter_eps + 2.0 * o.jitter_eps * u;
                 }
                 if o.noise_std > 0.0 {
-                    *v += o.noise_std * rng::normal(o.seed, Stream::Gaussian, call.step, i as u64, x as u64);
+                    *v += o.noise_std * keyed_normal(o.seed, RngStream::Gaussian, call.step, i as u64, x as u64);
                 }
             }
         }
@@ -277,6 +285,7 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterOptions,
         } else {
             unimplemented!("the reference does not cover {:?}", o.score_function)
         };
+        probs[i * e..(i + 1) * e].copy_from_slice(&scores);
         let score_sum: f64 = scores.iter().sum();
         if score_sum > 0.0 {
             for x in 0..e {
@@ -333,11 +342,21 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterOptions,
             allowed[i * e + x] = keys[x] > f64::NEG_INFINITY;
         }
 
+        // The plain top-k: keys are the (noised) logits, no bias, no groups.
+        let mut plain_cands: Vec<usize> = (0..e).filter(|&x| eligible[x]).collect();
+        plain_cands.sort_by(|&a, &b| z[b].partial_cmp(&z[a]).expect("no NaN").then(a.cmp(&b)));
+        for &x in plain_cands.iter().take(k) {
+            plain[x] += 1;
+        }
+
         // Item 5.
         let mut cands: Vec<usize> = (0..e).filter(|&x| keys[x] > f64::NEG_INFINITY).collect();
         cands.sort_by(|&a, &b| keys[b].partial_cmp(&keys[a]).expect("no NaN").then(a.cmp(&b)));
         cands.truncate(k);
         let real = cands.len();
+        if real > 0 {
+            first_choice[cands[0]] += 1;
+        }
         let mut chosen = cands;
         let mut filler = 0usize;
         while chosen.len() < k {
@@ -480,7 +499,7 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterOptions,
                 continue;
             }
             if probability < 1.0 {
-                let u = rng::uniform(o.seed, Stream::Reroute, call.step, i as u64, j as u64);
+                let u = keyed_uniform(o.seed, RngStream::Reroute, call.step, i as u64, j as u64);
                 if u >= probability {
                     continue;
                 }
@@ -575,6 +594,9 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterOptions,
         rerouted,
         tokens_per_expert: tpe,
         pre_drop_tokens_per_expert: pre,
+        first_choice_tokens_per_expert: first_choice,
+        plain_tokens_per_expert: plain,
+        router_probs: probs,
         capacity,
         dropless: limit.is_none(),
         active_tokens: t_active,
@@ -671,34 +693,32 @@ pub fn check_matches(what: &str, got: &Routing, want: &Reference) -> Result<(), 
             Err(format!("{what}: {name} core {a:?} reference {b:?}"))
         }
     };
-    exact(
-        "tokens_per_expert",
-        &got.tokens_per_expert,
-        &want.tokens_per_expert,
-        got.tokens_per_expert == want.tokens_per_expert,
-    )?;
-    exact(
-        "pre_drop_tokens_per_expert",
-        &got.pre_drop_tokens_per_expert,
-        &want.pre_drop_tokens_per_expert,
-        got.pre_drop_tokens_per_expert == want.pre_drop_tokens_per_expert,
-    )?;
-    exact("capacity", &got.capacity, &want.capacity, got.capacity == want.capacity)?;
-    exact("dropless", &got.dropless, &want.dropless, got.dropless == want.dropless)?;
-    exact("active_tokens", &got.active_tokens, &want.active_tokens, got.active_tokens == want.active_tokens)?;
-    exact(
-        "kept_assignments",
-        &got.kept_assignments,
-        &want.kept_assignments,
-        got.kept_assignments == want.kept_assignments,
-    )?;
-    exact(
-        "dropped_assignments",
-        &got.dropped_assignments,
-        &want.dropped_assignments,
-        got.dropped_assignments == want.dropped_assignments,
-    )?;
-    exact("tokens_dropped", &got.tokens_dropped, &want.tokens_dropped, got.tokens_dropped == want.tokens_dropped)?;
+    macro_rules! same_fields {
+        ($($field:ident),*) => {
+            $(exact(stringify!($field), &got.$field, &want.$field, got.$field == want.$field)?;)*
+        };
+    }
+    same_fields!(tokens_per_expert, pre_drop_tokens_per_expert, first_choice_tokens_per_expert);
+    // The optional outputs, when the call asked for them.
+    if !got.plain_tokens_per_expert.is_empty() {
+        same_fields!(plain_tokens_per_expert);
+    }
+    if !got.router_probs.is_empty() {
+        let e = got.num_experts;
+        ensure_eq!(got.router_probs.len(), want.router_probs.len(), "{what}: router_probs length");
+        if let Some(p) = (0..want.router_probs.len())
+            .find(|&p| !close(f64::from(got.router_probs[p]), want.router_probs[p], 1e-6, f64::from(f32::MIN_POSITIVE)))
+        {
+            return Err(format!(
+                "{what}: router_probs differs first at token {} expert {}: core {} reference {}",
+                p / e,
+                p % e,
+                got.router_probs[p],
+                want.router_probs[p]
+            ));
+        }
+    }
+    same_fields!(capacity, dropless, active_tokens, kept_assignments, dropped_assignments, tokens_dropped);
     let loss = |name: &str, a: f64, b: f64| exact(name, &a, &b, close(a, b, 1e-6, 1e-12));
     loss("load_balance_loss", got.load_balance_loss, want.load_balance_loss)?;
     loss("router_z_loss", got.router_z_loss, want.router_z_loss)?;
