@@ -59,6 +59,6 @@ pub use gate::{gate_probabilities, GateShape, HierarchicalGate};
 pub use linear::{GemmScalar, LinearLogits};
 pub use peer_loss::{peer_load_balance_loss, LossInputs};
 pub use rng::{normal as keyed_normal, uniform as keyed_uniform, Stream as RngStream};
-pub use route::{chunk_tokens, route, route_logits, RouteCall, Routing, CHUNK_TOKENS};
+pub use route::{chunk_tokens, route, route_into, route_logits, RouteCall, Routing, CHUNK_TOKENS};
 pub use simd::{simd_level, SimdLevel};
 pub use source::{ChunkBuf, ChunkRows, Logit, LogitSource, SliceLogits};

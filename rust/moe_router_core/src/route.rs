@@ -145,6 +145,19 @@ pub fn route_logits<F: Logit>(logits: ArrayView2<F>, options: &RouterConfig, cal
 
 /// Route every token of `source`.
 pub fn route<S: LogitSource>(source: &S, options: &RouterConfig, call: &RouteCall) -> Result<Routing> {
+    route_into(source, options, call, None)
+}
+
+/// Route every token of `source`, writing the score distributions (when
+/// `call.return_probs`) into `probs_out`, a zero-filled `[T, E]` buffer of the
+/// caller's (e.g. memory the caller's allocator maps with huge pages); then
+/// `Routing::router_probs` stays empty. With `None`, the core allocates them.
+pub fn route_into<S: LogitSource>(
+    source: &S,
+    options: &RouterConfig,
+    call: &RouteCall,
+    probs_out: Option<&mut [f32]>,
+) -> Result<Routing> {
     options.validate()?;
     // A call without a selection bias uses the configuration's fixed one.
     let expert_bias = call.expert_bias.or(options.expert_bias.as_deref());
@@ -164,8 +177,21 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterConfig, call: &RouteCal
     let mut kept = vec![false; n];
     let mut expert_slots = vec![-1i32; n];
     let mut top1 = vec![0f32; if policy == DropPolicy::Bpr || reroute { t } else { 0 }];
-    // Zeroed by the allocator (lazily, page by page); pass 1 writes every active row.
-    let mut router_probs = vec![0f32; if call.return_probs { t * e } else { 0 }];
+    // Zeroed (lazily, page by page, by the allocator); pass 1 writes every active row.
+    let wanted = if call.return_probs { t * e } else { 0 };
+    let mut router_probs = Vec::new();
+    let probs: &mut [f32] = match probs_out {
+        Some(out) if call.return_probs => {
+            if out.len() != wanted {
+                return Err(RouterError::shape("probs_out", format!("[{t}, {e}]"), format!("{} values", out.len())));
+            }
+            out
+        }
+        _ => {
+            router_probs = vec![0f32; wanted];
+            &mut router_probs
+        }
+    };
 
     // Pass 1: score and select; every later pass uses the same chunks.
     let chunk = chunk_tokens(t, e);
@@ -175,7 +201,7 @@ pub fn route<S: LogitSource>(source: &S, options: &RouterConfig, call: &RouteCal
         weights: &mut expert_weights,
         routed: &mut kept,
         top1: &mut top1,
-        probs: &mut router_probs,
+        probs,
     };
     let tallies = score_and_select(source, options, call, chunk, ranks, outputs)?;
     let mut sums = LossSums::new(e);

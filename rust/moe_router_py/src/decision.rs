@@ -178,7 +178,7 @@ pub struct RoutingDecision {
 
 impl RoutingDecision {
     /// Move a core result into NumPy arrays; `batch_shape` is the input's leading shape.
-    pub fn new(py: Python<'_>, r: Routing, batch_shape: &[usize]) -> PyResult<Self> {
+    pub fn new(py: Python<'_>, r: Routing, batch_shape: &[usize], probs: Option<Py<PyAny>>) -> PyResult<Self> {
         let (t, k, e) = (r.num_tokens, r.top_k, r.num_experts);
         let rerouted = if r.rerouted.is_empty() {
             // No reroute could happen: zeros are mapped lazily by the allocator.
@@ -186,10 +186,10 @@ impl RoutingDecision {
         } else {
             arrays::matrix(py, r.rerouted, t, k)?.into_any().unbind()
         };
-        let router_probs = if r.router_probs.is_empty() {
-            None
-        } else {
-            Some(arrays::matrix(py, r.router_probs, t, e)?.into_any().unbind())
+        let router_probs = match probs {
+            Some(p) => Some(p),
+            None if r.router_probs.is_empty() => None,
+            None => Some(arrays::matrix(py, r.router_probs, t, e)?.into_any().unbind()),
         };
         Ok(RoutingDecision {
             expert_indices: arrays::matrix(py, r.expert_indices, t, k)?.into_any().unbind(),

@@ -12,7 +12,7 @@ use moe_router_core::{
     self as core, gate_probabilities, ArrayArg, GateShape, GemmScalar, HierarchicalGate, LinearLogits, Logit,
     LogitSource, Peer, RouteCall, Routing, SliceLogits,
 };
-use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{Element, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyRuntimeWarning;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyTuple};
@@ -98,16 +98,27 @@ fn contiguous<'a, T: Element>(a: Option<&'a PyReadonlyArrayDyn<'_, T>>, name: &s
     a.map(|a| a.as_slice().map_err(|_| unreadable(name, "it must be C-contiguous"))).transpose()
 }
 
-/// Release the GIL, run `route` in the pool, and wrap its result.
+/// Release the GIL, run `route` in the pool, and wrap its result. When
+/// `return_probs`, the `[T, E]` probabilities go into a NumPy array allocated
+/// here (NumPy maps large arrays with huge pages, which halves the cost of
+/// first touching them).
 fn run<'py>(
     py: Python<'py>,
     shape: (usize, usize),
     batch_shape: Option<Vec<usize>>,
-    route: impl FnOnce() -> core::Result<Routing> + Send,
+    return_probs: bool,
+    route: impl FnOnce(Option<&mut [f32]>) -> core::Result<Routing> + Send,
 ) -> PyResult<RoutingDecision> {
-    let routing = py.detach(|| threads::install(shape.0, shape.1, route)).map_err(to_py)?;
+    let probs = return_probs.then(|| PyArray2::<f32>::zeros(py, [shape.0, shape.1], false));
+    let mut guard = probs.as_ref().map(|p| p.readwrite());
+    let out = match guard.as_mut() {
+        Some(g) => Some(g.as_slice_mut().map_err(|e| unreadable("router_probs", e))?),
+        None => None,
+    };
+    let routing = py.detach(|| threads::install(shape.0, shape.1, || route(out))).map_err(to_py)?;
+    drop(guard);
     let batch_shape = batch_shape.unwrap_or_else(|| vec![routing.num_tokens]);
-    RoutingDecision::new(py, routing, &batch_shape)
+    RoutingDecision::new(py, routing, &batch_shape, probs.map(|p| p.into_any().unbind()))
 }
 
 /// Route ``[T, E]`` logits (C-contiguous float32 or float64).
@@ -137,7 +148,7 @@ fn route_logits<'py>(
         let [t, e] = two_d(&x)?;
         let source = SliceLogits::new(x.data, t, e).map_err(to_py)?;
         let call = args.call()?;
-        run(py, (t, e), args.batch_shape.clone(), || core::route(&source, &config.inner, &call))
+        run(py, (t, e), args.batch_shape.clone(), args.return_probs, |p| core::route_into(&source, &config.inner, &call, p))
     })
 }
 
@@ -169,7 +180,7 @@ fn route_hidden<'py>(
         let source = LinearLogits::from_arrays(arg(&h, "hidden")?, arg(&w, "weight")?, b).map_err(to_py)?;
         let call = args.call()?;
         let shape = (source.num_tokens(), source.num_experts());
-        run(py, shape, args.batch_shape.clone(), || core::route(&source, &config.inner, &call))
+        run(py, shape, args.batch_shape.clone(), args.return_probs, |p| core::route_into(&source, &config.inner, &call, p))
     })
 }
 
@@ -201,7 +212,7 @@ fn route_gate<'py>(
         with_gate::<T, _>(hidden, group_weight, expert_weight, options.num_experts, group_top_k, |gate| {
             let call = args.call()?;
             let shape = (gate.num_tokens(), gate.num_experts());
-            run(py, shape, args.batch_shape.clone(), || core::route(gate, &options, &call))
+            run(py, shape, args.batch_shape.clone(), args.return_probs, |p| core::route_into(gate, &options, &call, p))
         })
     })
 }
