@@ -177,3 +177,23 @@ def test_batch_shape_and_dropless_flags(rng):
     assert dec.kept.all() and not dec.rerouted.any()
     dec = mr.route_logits(x.reshape(21, 5), mr.RouterConfig(num_experts=5, top_k=2))
     assert dec.batch_shape == (21,) and not dec.dropless
+
+
+@pytest.mark.parametrize("gate", ["linear", "hierarchical"])
+def test_expert_router_returns_probs(gate, rng):
+    router = mr.ExpertRouter(mr.RouterConfig(num_experts=36, top_k=2), 12, gate=gate, seed=1)
+    hidden = rng.normal(size=(3, 7, 12))
+    mask = rng.random((3, 7)) < 0.7
+    dec = router.route_tokens(hidden, token_mask=mask, return_probs=True)
+    assert dec.router_probs.shape == (21, 36) and dec.router_probs.dtype == np.float32
+    if gate == "hierarchical":
+        want = router.gate.forward(hidden).reshape(21, 36)
+    else:
+        z = hidden.reshape(21, 12).astype(np.float32) @ router.weight
+        want = np.exp(z - z.max(1, keepdims=True))
+        want /= want.sum(1, keepdims=True)
+    active = mask.reshape(-1)
+    np.testing.assert_allclose(dec.router_probs[active], want[active], rtol=2e-5, atol=1e-7)
+    assert (dec.router_probs[~active] == 0).all()
+    chosen = np.take_along_axis(dec.router_probs, dec.expert_indices.astype(np.int64), axis=1)
+    np.testing.assert_allclose(dec.expert_weights[dec.kept], chosen[dec.kept], rtol=1e-6)

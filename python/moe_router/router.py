@@ -203,7 +203,8 @@ class ExpertRouter:
             self._balancer.update(dec)
         return dec
 
-    def route_tokens(self, hidden: Any, training: bool = False, token_mask: Any = None) -> RoutingDecision:
+    def route_tokens(self, hidden: Any, training: bool = False, token_mask: Any = None, *,
+                     return_probs: bool = False) -> RoutingDecision:
         """Route hidden states to experts.
 
         Parameters
@@ -215,6 +216,9 @@ class ExpertRouter:
             and the load balancer is updated.
         token_mask : array_like of bool, shape [T] or [B, S], optional
             False marks padding (counted nowhere).
+        return_probs : bool
+            Also return ``router_probs`` (float32 ``[T, E]``: the gate's probabilities,
+            or the scores of the router logits), written in the routing pass.
 
         Returns
         -------
@@ -233,7 +237,8 @@ class ExpertRouter:
                                                dtype=compute_dtype(hidden, self.router_dtype))
         mask = _inputs.token_mask(token_mask, batch_shape)
         step, bias = self._call_state(training)
-        call = (self.config, training, mask, bias, step, _inputs.sequence_length(batch_shape), False, batch_shape)
+        call = (self.config, training, mask, bias, step, _inputs.sequence_length(batch_shape),
+                _inputs.flag(return_probs, "return_probs"), batch_shape)
         t0 = time.perf_counter()
         if self._gate is not None:
             gw, ew = self._gate.weights_for(rows.dtype)
@@ -243,7 +248,8 @@ class ExpertRouter:
             dec = _core.route_hidden(rows, w, b, *call)
         return self._finish(dec, time.perf_counter() - t0, training)
 
-    def route_logits(self, logits: Any, training: bool = False, token_mask: Any = None) -> RoutingDecision:
+    def route_logits(self, logits: Any, training: bool = False, token_mask: Any = None, *,
+                     return_probs: bool = False) -> RoutingDecision:
         """Route precomputed logits through this router's statistics and load balancer.
 
         Parameters
@@ -254,6 +260,8 @@ class ExpertRouter:
             Training mode (noise, reroute coin, balancer update, step counter).
         token_mask : array_like of bool, shape [T] or [B, S], optional
             False marks padding.
+        return_probs : bool
+            Also return ``router_probs`` (as :func:`moe_router.route_logits`).
 
         Returns
         -------
@@ -274,7 +282,7 @@ class ExpertRouter:
         step, bias = self._call_state(training)
         t0 = time.perf_counter()
         dec = _core.route_logits(rows, self.config, training, mask, bias, step, _inputs.sequence_length(batch_shape),
-                                 False, batch_shape)
+                                 _inputs.flag(return_probs, "return_probs"), batch_shape)
         return self._finish(dec, time.perf_counter() - t0, training)
 
     # -- accessors -------------------------------------------------------------
