@@ -672,22 +672,6 @@ def switch(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> R
 # ---------------------------------------------------------------------------
 # the frameworks' load-balance losses
 # ---------------------------------------------------------------------------
-def _resolve_peer(decision: RoutingDecision, config_or_name: Union[RouterConfig, str]) -> str:
-    if isinstance(config_or_name, RouterConfig):
-        if config_or_name.peer is None:
-            raise ConfigError("the configuration has no peer (it was not made by a preset); pass a preset "
-                              "name, e.g. peer_load_balance_loss(decision, 'mixtral')")
-        return config_or_name.peer
-    name = config_or_name
-    if name == "deepspeed":
-        k = decision.top_k
-        return "deepspeed_" + ("top1" if k == 1 else "top2" if k == 2 else "topk")
-    if name not in PEERS:
-        raise ConfigError(f"unknown peer {name!r}; expected a preset name (" + ", ".join(map(repr, PRESETS))
-                          + ") or a RouterConfig.peer value (" + ", ".join(map(repr, PEERS)) + ")")
-    return name
-
-
 def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Union[RouterConfig, str], *,
                            logits: Any = None, token_mask: Any = None) -> float:
     """The load-balance loss of ``decision`` as the framework computes it (coefficient 1).
@@ -729,7 +713,12 @@ def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Uni
     >>> bool(np.isclose(dec.peer_load_balance_loss, 2 * dec.load_balance_loss))
     True
     """
-    peer = _resolve_peer(decision, config_or_preset_name)
+    peer = config_or_preset_name
+    if isinstance(peer, RouterConfig):
+        if peer.peer is None:
+            raise ConfigError("the configuration has no peer (it was not made by a preset); pass a preset "
+                              "name, e.g. peer_load_balance_loss(decision, 'mixtral')")
+        peer = peer.peer
     plain = None
     if peer == "megatron" and logits is not None:
         rows, batch_shape = _inputs.float_rows(logits, "logits", decision.num_experts, "num_experts")

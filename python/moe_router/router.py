@@ -174,11 +174,8 @@ class ExpertRouter:
         if self._gate is not None:
             raise ConfigError("invalid update_router_weights: this router uses the hierarchical gate "
                               "(gate='hierarchical'), which has no single weight matrix")
-        w = _inputs.as_array(new_weights, "new_weights")
         shape = (self.input_dim, self.config.num_experts)
-        if w.shape != shape:
-            raise InputError(f"new_weights has shape {list(w.shape)}, but the router weight has shape "
-                             f"{list(shape)} (input_dim x num_experts)")
+        w = _inputs.weight(new_weights, "new_weights", shape, ", the router weight's shape (input_dim x num_experts)")
         # The bias follows the new weight's dtype (the kept one is converted).
         self._set_weights(w, self.bias if bias is None else bias)
 
@@ -196,12 +193,6 @@ class ExpertRouter:
         if self.config.enable_load_balancing:
             bias += self._balancer.expert_bias
         return step, (bias if np.any(bias != 0) else None)
-
-    def _finish(self, dec: RoutingDecision, latency: float, training: bool) -> RoutingDecision:
-        self._stats.record(dec, latency)
-        if training and self.config.enable_load_balancing:
-            self._balancer.update(dec)
-        return dec
 
     def route_tokens(self, hidden: Any, training: bool = False, token_mask: Any = None, *,
                      return_probs: bool = False) -> RoutingDecision:
@@ -232,21 +223,14 @@ class ExpertRouter:
         TypeError
             Non-floating-point input.
         """
-        training = _inputs.flag(training, "training")
         rows, batch_shape = _inputs.float_rows(hidden, "hidden", self.input_dim, "input_dim",
                                                dtype=compute_dtype(hidden, self.router_dtype))
-        mask = _inputs.token_mask(token_mask, batch_shape)
-        step, bias = self._call_state(training)
-        call = (self.config, training, mask, bias, step, _inputs.sequence_length(batch_shape),
-                _inputs.flag(return_probs, "return_probs"), batch_shape)
-        t0 = time.perf_counter()
         if self._gate is not None:
             gw, ew = self._gate.weights_for(rows.dtype)
-            dec = _core.route_gate(rows, gw, ew, self._gate.group_top_k, *call)
-        else:
-            w, b = self._weights.get(rows.dtype)
-            dec = _core.route_hidden(rows, w, b, *call)
-        return self._finish(dec, time.perf_counter() - t0, training)
+            return self._route(_core.route_gate, (rows, gw, ew, self._gate.group_top_k), batch_shape, training,
+                               token_mask, return_probs)
+        w, b = self._weights.get(rows.dtype)
+        return self._route(_core.route_hidden, (rows, w, b), batch_shape, training, token_mask, return_probs)
 
     def route_logits(self, logits: Any, training: bool = False, token_mask: Any = None, *,
                      return_probs: bool = False) -> RoutingDecision:
@@ -276,14 +260,22 @@ class ExpertRouter:
         TypeError
             Not a real-valued array, or a non-bool flag.
         """
-        training = _inputs.flag(training, "training")
         rows, batch_shape = _inputs.float_rows(logits, "logits", self.config.num_experts, "num_experts", integers=True)
+        return self._route(_core.route_logits, (rows,), batch_shape, training, token_mask, return_probs)
+
+    def _route(self, core_call: Any, arrays: tuple, batch_shape: tuple, training: Any, token_mask: Any,
+               return_probs: Any) -> RoutingDecision:
+        """Call the core with this router's step, bias, statistics and balancer."""
+        training = _inputs.flag(training, "training")
         mask = _inputs.token_mask(token_mask, batch_shape)
         step, bias = self._call_state(training)
         t0 = time.perf_counter()
-        dec = _core.route_logits(rows, self.config, training, mask, bias, step, _inputs.sequence_length(batch_shape),
-                                 _inputs.flag(return_probs, "return_probs"), batch_shape)
-        return self._finish(dec, time.perf_counter() - t0, training)
+        dec = core_call(*arrays, self.config, training, mask, bias, step, _inputs.sequence_length(batch_shape),
+                        _inputs.flag(return_probs, "return_probs"), batch_shape)
+        self._stats.record(dec, time.perf_counter() - t0)
+        if training and self.config.enable_load_balancing:
+            self._balancer.update(dec)
+        return dec
 
     # -- accessors -------------------------------------------------------------
     def get_num_experts(self) -> int:

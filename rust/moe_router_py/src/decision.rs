@@ -236,6 +236,11 @@ impl RoutingDecision {
         }
     }
 
+    /// k.
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
     fn efficiency(&self) -> f64 {
         let total = self.active_tokens * self.top_k;
         if total == 0 {

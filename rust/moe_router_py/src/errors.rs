@@ -53,6 +53,11 @@ pub fn unreadable(argument: &str, why: impl std::fmt::Display) -> PyErr {
     InputError::new_err(format!("{argument} cannot be read: {why}"))
 }
 
+/// A configuration error the core does not know about (a binding-level argument).
+pub fn config_error(message: String) -> PyErr {
+    ConfigError::new_err(message)
+}
+
 /// A thread-count request out of range.
 pub fn bad_threads(message: String) -> PyErr {
     ConfigError::new_err(message)

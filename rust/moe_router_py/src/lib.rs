@@ -254,8 +254,10 @@ fn gate_forward<'py>(
 }
 
 /// The load-balance loss of ``decision`` as framework ``peer`` computes it
-/// (coefficient 1); ``plain_tokens_per_expert`` are Megatron-Core's plain top-k
-/// counts when the routing used an expert bias or groups.
+/// (coefficient 1): a ``RouterConfig.peer`` value, or ``"deepspeed"`` for the
+/// DeepSpeed gate of the decision's k. ``plain_tokens_per_expert`` are
+/// Megatron-Core's plain top-k counts when the routing used an expert bias or
+/// groups. Raises ``ConfigError`` for an unknown peer.
 #[pyfunction]
 #[pyo3(signature = (decision, peer, plain_tokens_per_expert=None))]
 fn peer_load_balance_loss(
@@ -263,7 +265,19 @@ fn peer_load_balance_loss(
     peer: &str,
     plain_tokens_per_expert: Option<Vec<i64>>,
 ) -> PyResult<f64> {
-    let peer: Peer = peer.parse().map_err(to_py)?;
+    let name = match (peer, decision.top_k()) {
+        ("deepspeed", 1) => "deepspeed_top1",
+        ("deepspeed", 2) => "deepspeed_top2",
+        ("deepspeed", _) => "deepspeed_topk",
+        (other, _) => other,
+    };
+    let peer: Peer = name.parse().map_err(|_| {
+        let known: Vec<String> = Peer::spellings().map(|p| format!("'{p}'")).collect();
+        errors::config_error(format!(
+            "unknown peer '{peer}'; expected 'deepspeed' or a RouterConfig.peer value ({})",
+            known.join(", ")
+        ))
+    })?;
     let plain = plain_tokens_per_expert.unwrap_or_default();
     Ok(core::peer_load_balance_loss(peer, &decision.loss_inputs(&plain)))
 }
