@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from ._core import InputError
+from ._core import ConfigError, InputError
 
 _FLOAT_OK = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -186,3 +186,18 @@ class Casts:
             self._by_dtype[dtype] = tuple(None if a is None else np.ascontiguousarray(a, dtype=dtype)
                                           for a in self.arrays)
         return self._by_dtype[dtype]
+
+
+def count(value: Any, name: str, minimum: int = 1, maximum: Optional[int] = None) -> int:
+    """An integer setting in ``[minimum, maximum]`` (bools are not integers).
+
+    Raises
+    ------
+    ConfigError
+        Not an integer, or out of range (the message names ``name``).
+    """
+    ok = not isinstance(value, bool) and isinstance(value, (int, np.integer))
+    if not ok or value < minimum or (maximum is not None and value > maximum):
+        allowed = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+        raise ConfigError(f"invalid {name}: got {value!r}; must be {allowed}")
+    return int(value)

@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from . import _core, _inputs
-from ._core import ConfigError, InputError
+from ._core import InputError
 
 
 def _float_dtype(value: Any) -> np.dtype:
@@ -59,18 +59,11 @@ class GateNetwork:
 
     def __init__(self, input_dim: int, num_experts: int, seed: int = 0,
                  group_top_k: Optional[int] = None, dtype: Any = np.float32) -> None:
-        if isinstance(input_dim, bool) or not isinstance(input_dim, (int, np.integer)) or input_dim < 1:
-            raise ConfigError(f"invalid input_dim: got {input_dim!r}; must be an integer >= 1")
-        if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or num_experts < 1:
-            raise ConfigError(f"invalid num_experts: got {num_experts!r}; must be an integer >= 1")
-        self._dim = int(input_dim)
-        self._experts = int(num_experts)
+        self._dim = _inputs.count(input_dim, "input_dim")
+        self._experts = _inputs.count(num_experts, "num_experts")
         self._groups, self._per_group = _core.gate_layout(self._experts)
-        if group_top_k is not None and (isinstance(group_top_k, bool) or not isinstance(group_top_k, (int, np.integer))
-                                        or not 1 <= group_top_k <= self._groups):
-            raise ConfigError(f"invalid group_top_k: got {group_top_k!r}; must be None or an integer in "
-                              f"[1, num_groups = {self._groups}]")
-        self.group_top_k = None if group_top_k is None else int(group_top_k)
+        self.group_top_k = None if group_top_k is None else _inputs.count(group_top_k, "group_top_k", 1,
+                                                                          self._groups)
         dtype = _float_dtype(np.empty(0, dtype=dtype))
         rng = np.random.default_rng(seed)
         std = 1.0 / math.sqrt(self._dim)

@@ -86,14 +86,12 @@ class ExpertRouter:
                  balancer: Optional[LoadBalancer] = None, router_dtype: Optional[str] = None) -> None:
         if not isinstance(config, RouterConfig):
             raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}")
-        if isinstance(input_dim, bool) or not isinstance(input_dim, (int, np.integer)) or input_dim < 1:
-            raise ConfigError(f"invalid input_dim: got {input_dim!r}; must be an integer >= 1")
         if gate not in _GATES:
             raise ConfigError(f"invalid gate: got {gate!r}; must be one of {', '.join(map(repr, _GATES))}")
         if router_dtype not in (None, "float32", "float64"):
             raise ConfigError(f"invalid router_dtype: got {router_dtype!r}; must be None, 'float32' or 'float64'")
         self.config = config
-        self.input_dim = int(input_dim)
+        self.input_dim = _inputs.count(input_dim, "input_dim")
         self.router_dtype = router_dtype
         e = config.num_experts
         hierarchical = gate == "hierarchical" or (gate == "auto" and weight is None and e > 32)
