@@ -168,6 +168,7 @@ class RoutingDecision:
 def route_logits(
     logits: npt.NDArray[Any],
     config: RouterConfig,
+    *,
     training: bool = False,
     token_mask: Optional[npt.NDArray[np.bool_]] = None,
     expert_bias: Optional[npt.NDArray[np.float64]] = None,
@@ -181,6 +182,7 @@ def route_hidden(
     weight: npt.NDArray[Any],
     bias: Optional[npt.NDArray[Any]],
     config: RouterConfig,
+    *,
     training: bool = False,
     token_mask: Optional[npt.NDArray[np.bool_]] = None,
     expert_bias: Optional[npt.NDArray[np.float64]] = None,
@@ -195,6 +197,7 @@ def route_gate(
     expert_weight: npt.NDArray[Any],
     group_top_k: Optional[int],
     config: RouterConfig,
+    *,
     training: bool = False,
     token_mask: Optional[npt.NDArray[np.bool_]] = None,
     expert_bias: Optional[npt.NDArray[np.float64]] = None,

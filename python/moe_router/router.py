@@ -268,8 +268,9 @@ class ExpertRouter:
         mask = _inputs.token_mask(token_mask, batch_shape)
         step, bias = self._call_state(training)
         t0 = time.perf_counter()
-        dec = core_call(*arrays, self.config, training, mask, bias, step, _inputs.sequence_length(batch_shape),
-                        _inputs.flag(return_probs, "return_probs"), batch_shape)
+        dec = core_call(*arrays, self.config, training=training, token_mask=mask, expert_bias=bias, step=step,
+                        sequence_length=_inputs.sequence_length(batch_shape),
+                        return_probs=_inputs.flag(return_probs, "return_probs"), batch_shape=batch_shape)
         self._stats.record(dec, time.perf_counter() - t0)
         if training and self.config.enable_load_balancing:
             self._balancer.update(dec)

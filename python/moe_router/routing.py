@@ -80,6 +80,7 @@ def route_logits(
     rows, batch_shape = _inputs.float_rows(logits, "logits", config.num_experts, "num_experts", integers=True)
     mask = _inputs.token_mask(token_mask, batch_shape)
     bias = _inputs.expert_bias(expert_bias, config.num_experts)
-    return _core.route_logits(rows, config, _inputs.flag(training, "training"), mask, bias, _inputs.step(step),
-                              _inputs.sequence_length(batch_shape), _inputs.flag(return_probs, "return_probs"),
-                              batch_shape)
+    return _core.route_logits(rows, config, training=_inputs.flag(training, "training"), token_mask=mask,
+                              expert_bias=bias, step=_inputs.step(step),
+                              sequence_length=_inputs.sequence_length(batch_shape),
+                              return_probs=_inputs.flag(return_probs, "return_probs"), batch_shape=batch_shape)

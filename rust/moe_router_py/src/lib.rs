@@ -14,8 +14,9 @@ use moe_router_core::{
 };
 use numpy::{Element, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyRuntimeWarning;
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyTuple};
+use pyo3::types::{PyBool, PyDict, PyTuple};
 
 use crate::config::PyRouterConfig;
 use crate::decision::{ExpertAssignment, RoutingDecision};
@@ -54,7 +55,9 @@ fn arg<'a, T: Element>(array: &'a PyReadonlyArrayDyn<'_, T>, name: &'static str)
     Ok(ArrayArg { name, data, shape: array.shape() })
 }
 
-/// Per-call arguments shared by the routing entry points.
+/// Per-call arguments shared by the routing entry points, taken as keywords:
+/// `training`, `token_mask`, `expert_bias`, `step`, `sequence_length`,
+/// `return_probs`, `batch_shape` (see `moe_router.route_logits`).
 struct CallArgs<'py> {
     training: bool,
     token_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
@@ -66,19 +69,32 @@ struct CallArgs<'py> {
 }
 
 impl<'py> CallArgs<'py> {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        training: bool,
-        token_mask: Option<&Bound<'py, PyAny>>,
-        expert_bias: Option<&Bound<'py, PyAny>>,
-        step: u64,
-        sequence_length: Option<usize>,
-        return_probs: bool,
-        batch_shape: Option<Vec<usize>>,
-    ) -> PyResult<Self> {
-        let token_mask = token_mask.map(|m| borrow::<bool>(m, "token_mask")).transpose()?;
-        let expert_bias = expert_bias.map(|b| borrow::<f64>(b, "expert_bias")).transpose()?;
-        Ok(CallArgs { training, token_mask, expert_bias, step, sequence_length, return_probs, batch_shape })
+    fn from_kwargs(kwargs: Option<&Bound<'py, PyDict>>) -> PyResult<Self> {
+        let mut args = CallArgs {
+            training: false,
+            token_mask: None,
+            expert_bias: None,
+            step: 0,
+            sequence_length: None,
+            return_probs: false,
+            batch_shape: None,
+        };
+        for (key, value) in kwargs.into_iter().flatten() {
+            let key: String = key.extract()?;
+            let typed = |what: &str| wrong_type(&key, what, &value);
+            match key.as_str() {
+                _ if value.is_none() && key != "training" && key != "return_probs" && key != "step" => {}
+                "training" => args.training = value.extract().map_err(|_| typed("True or False"))?,
+                "return_probs" => args.return_probs = value.extract().map_err(|_| typed("True or False"))?,
+                "step" => args.step = value.extract().map_err(|_| typed("an integer in [0, 2**64)"))?,
+                "sequence_length" => args.sequence_length = Some(value.extract().map_err(|_| typed("an integer"))?),
+                "batch_shape" => args.batch_shape = Some(value.extract().map_err(|_| typed("a tuple of ints"))?),
+                "token_mask" => args.token_mask = Some(borrow::<bool>(&value, "token_mask")?),
+                "expert_bias" => args.expert_bias = Some(borrow::<f64>(&value, "expert_bias")?),
+                _ => return Err(PyTypeError::new_err(format!("unexpected keyword argument '{key}'"))),
+            }
+        }
+        Ok(args)
     }
 
     fn call(&self) -> PyResult<RouteCall<'_>> {
@@ -92,33 +108,33 @@ impl<'py> CallArgs<'py> {
             ..RouteCall::default()
         })
     }
+
+    /// Release the GIL, run `route` in the pool, and wrap its result. When
+    /// `return_probs`, the `[T, E]` probabilities go into a NumPy array allocated
+    /// here (NumPy maps large arrays with huge pages, which halves the cost of
+    /// first touching them).
+    fn run(
+        &self,
+        py: Python<'py>,
+        shape: (usize, usize),
+        route: impl FnOnce(&RouteCall<'_>, Option<&mut [f32]>) -> core::Result<Routing> + Send,
+    ) -> PyResult<RoutingDecision> {
+        let call = self.call()?;
+        let probs = self.return_probs.then(|| PyArray2::<f32>::zeros(py, [shape.0, shape.1], false));
+        let mut guard = probs.as_ref().map(|p| p.readwrite());
+        let out = match guard.as_mut() {
+            Some(g) => Some(g.as_slice_mut().map_err(|e| unreadable("router_probs", e))?),
+            None => None,
+        };
+        let routing = py.detach(|| threads::install(shape.0, shape.1, || route(&call, out))).map_err(to_py)?;
+        drop(guard);
+        let batch_shape = self.batch_shape.clone().unwrap_or_else(|| vec![routing.num_tokens]);
+        RoutingDecision::new(py, routing, &batch_shape, probs.map(|p| p.into_any().unbind()))
+    }
 }
 
 fn contiguous<'a, T: Element>(a: Option<&'a PyReadonlyArrayDyn<'_, T>>, name: &str) -> PyResult<Option<&'a [T]>> {
     a.map(|a| a.as_slice().map_err(|_| unreadable(name, "it must be C-contiguous"))).transpose()
-}
-
-/// Release the GIL, run `route` in the pool, and wrap its result. When
-/// `return_probs`, the `[T, E]` probabilities go into a NumPy array allocated
-/// here (NumPy maps large arrays with huge pages, which halves the cost of
-/// first touching them).
-fn run<'py>(
-    py: Python<'py>,
-    shape: (usize, usize),
-    batch_shape: Option<Vec<usize>>,
-    return_probs: bool,
-    route: impl FnOnce(Option<&mut [f32]>) -> core::Result<Routing> + Send,
-) -> PyResult<RoutingDecision> {
-    let probs = return_probs.then(|| PyArray2::<f32>::zeros(py, [shape.0, shape.1], false));
-    let mut guard = probs.as_ref().map(|p| p.readwrite());
-    let out = match guard.as_mut() {
-        Some(g) => Some(g.as_slice_mut().map_err(|e| unreadable("router_probs", e))?),
-        None => None,
-    };
-    let routing = py.detach(|| threads::install(shape.0, shape.1, || route(out))).map_err(to_py)?;
-    drop(guard);
-    let batch_shape = batch_shape.unwrap_or_else(|| vec![routing.num_tokens]);
-    RoutingDecision::new(py, routing, &batch_shape, probs.map(|p| p.into_any().unbind()))
 }
 
 /// Route ``[T, E]`` logits (C-contiguous float32 or float64).
@@ -127,28 +143,20 @@ fn run<'py>(
 /// and documents the arguments; ``batch_shape`` is the input's leading shape.
 /// Raises ``TypeError`` for another dtype, ``InputError``/``ConfigError`` for bad values.
 #[pyfunction]
-#[pyo3(signature = (logits, config, training=false, token_mask=None, expert_bias=None, step=0, sequence_length=None, return_probs=false, batch_shape=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (logits, config, **call))]
 fn route_logits<'py>(
     py: Python<'py>,
     logits: &Bound<'py, PyAny>,
     config: &PyRouterConfig,
-    training: bool,
-    token_mask: Option<&Bound<'py, PyAny>>,
-    expert_bias: Option<&Bound<'py, PyAny>>,
-    step: u64,
-    sequence_length: Option<usize>,
-    return_probs: bool,
-    batch_shape: Option<Vec<usize>>,
+    call: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<RoutingDecision> {
-    let args = CallArgs::new(training, token_mask, expert_bias, step, sequence_length, return_probs, batch_shape)?;
+    let args = CallArgs::from_kwargs(call)?;
     with_float_dtype!(logits, "logits", T => {
         let view = borrow::<T>(logits, "logits")?;
         let x = arg(&view, "logits")?;
         let [t, e] = two_d(&x)?;
         let source = SliceLogits::new(x.data, t, e).map_err(to_py)?;
-        let call = args.call()?;
-        run(py, (t, e), args.batch_shape.clone(), args.return_probs, |p| core::route_into(&source, &config.inner, &call, p))
+        args.run(py, (t, e), |call, p| core::route_into(&source, &config.inner, call, p))
     })
 }
 
@@ -156,31 +164,23 @@ fn route_logits<'py>(
 /// (weight ``[D, E]``, bias ``[E]`` or None, all of the hidden states' dtype); the
 /// product is computed chunk by chunk inside the routing pass.
 #[pyfunction]
-#[pyo3(signature = (hidden, weight, bias, config, training=false, token_mask=None, expert_bias=None, step=0, sequence_length=None, return_probs=false, batch_shape=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (hidden, weight, bias, config, **call))]
 fn route_hidden<'py>(
     py: Python<'py>,
     hidden: &Bound<'py, PyAny>,
     weight: &Bound<'py, PyAny>,
     bias: Option<&Bound<'py, PyAny>>,
     config: &PyRouterConfig,
-    training: bool,
-    token_mask: Option<&Bound<'py, PyAny>>,
-    expert_bias: Option<&Bound<'py, PyAny>>,
-    step: u64,
-    sequence_length: Option<usize>,
-    return_probs: bool,
-    batch_shape: Option<Vec<usize>>,
+    call: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<RoutingDecision> {
-    let args = CallArgs::new(training, token_mask, expert_bias, step, sequence_length, return_probs, batch_shape)?;
+    let args = CallArgs::from_kwargs(call)?;
     with_float_dtype!(hidden, "hidden", T => {
         let (h, w) = (borrow::<T>(hidden, "hidden")?, borrow::<T>(weight, "weight")?);
         let b = bias.map(|b| borrow::<T>(b, "bias")).transpose()?;
         let b = b.as_ref().map(|b| arg(b, "bias")).transpose()?;
         let source = LinearLogits::from_arrays(arg(&h, "hidden")?, arg(&w, "weight")?, b).map_err(to_py)?;
-        let call = args.call()?;
         let shape = (source.num_tokens(), source.num_experts());
-        run(py, shape, args.batch_shape.clone(), args.return_probs, |p| core::route_into(&source, &config.inner, &call, p))
+        args.run(py, shape, |call, p| core::route_into(&source, &config.inner, call, p))
     })
 }
 
@@ -189,8 +189,7 @@ fn route_hidden<'py>(
 /// gate. The routing treats the gate's probabilities as the scores; the z-loss
 /// is the group router's.
 #[pyfunction]
-#[pyo3(signature = (hidden, group_weight, expert_weight, group_top_k, config, training=false, token_mask=None, expert_bias=None, step=0, sequence_length=None, return_probs=false, batch_shape=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (hidden, group_weight, expert_weight, group_top_k, config, **call))]
 fn route_gate<'py>(
     py: Python<'py>,
     hidden: &Bound<'py, PyAny>,
@@ -198,21 +197,14 @@ fn route_gate<'py>(
     expert_weight: &Bound<'py, PyAny>,
     group_top_k: Option<usize>,
     config: &PyRouterConfig,
-    training: bool,
-    token_mask: Option<&Bound<'py, PyAny>>,
-    expert_bias: Option<&Bound<'py, PyAny>>,
-    step: u64,
-    sequence_length: Option<usize>,
-    return_probs: bool,
-    batch_shape: Option<Vec<usize>>,
+    call: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<RoutingDecision> {
-    let args = CallArgs::new(training, token_mask, expert_bias, step, sequence_length, return_probs, batch_shape)?;
+    let args = CallArgs::from_kwargs(call)?;
     let options = config.inner.for_gate();
     with_float_dtype!(hidden, "hidden", T => {
         with_gate::<T, _>(hidden, group_weight, expert_weight, options.num_experts, group_top_k, |gate| {
-            let call = args.call()?;
             let shape = (gate.num_tokens(), gate.num_experts());
-            run(py, shape, args.batch_shape.clone(), args.return_probs, |p| core::route_into(gate, &options, &call, p))
+            args.run(py, shape, |call, p| core::route_into(gate, &options, call, p))
         })
     })
 }
