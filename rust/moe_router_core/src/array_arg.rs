@@ -17,7 +17,7 @@ pub struct ArrayArg<'a, F> {
 impl<'a, F> ArrayArg<'a, F> {
     /// Check the shape against `expected` (`None` = any extent), with `what`
     /// explaining the expected shape in the error.
-    pub fn expect(&self, expected: &[Option<usize>], what: &str) -> Result<&'a [F]> {
+    pub fn check_shape(&self, expected: &[Option<usize>], what: &str) -> Result<&'a [F]> {
         let fits = self.shape.len() == expected.len()
             && self.shape.iter().zip(expected).all(|(&n, want)| want.is_none_or(|w| w == n))
             && self.shape.iter().product::<usize>() == self.data.len();

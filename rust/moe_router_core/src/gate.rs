@@ -123,12 +123,12 @@ impl<'a, F: GemmScalar> HierarchicalGate<'a, F> {
         experts: usize,
         group_top_k: Option<usize>,
     ) -> Result<Self> {
-        let h = hidden.expect(&[None, None], "[T, D]")?;
+        let h = hidden.check_shape(&[None, None], "[T, D]")?;
         let (t, d) = (hidden.shape[0], hidden.shape[1]);
         let s = GateShape::for_experts(experts);
         let (g, p) = (s.groups, s.per_group);
-        let gw = group_weight.expect(&[Some(d), Some(g)], &format!("[{d}, {g}] (input_dim x groups)"))?;
-        let ew = expert_weight.expect(
+        let gw = group_weight.check_shape(&[Some(d), Some(g)], &format!("[{d}, {g}] (input_dim x groups)"))?;
+        let ew = expert_weight.check_shape(
             &[Some(g), Some(d), Some(p)],
             &format!("[{g}, {d}, {p}] (groups x input_dim x experts per group)"),
         )?;

@@ -120,11 +120,12 @@ impl<'a, F: GemmScalar> LinearLogits<'a, F> {
         weight: ArrayArg<'a, F>,
         bias: Option<ArrayArg<'a, F>>,
     ) -> Result<Self> {
-        let h = hidden.expect(&[None, None], "[T, D]")?;
+        let h = hidden.check_shape(&[None, None], "[T, D]")?;
         let (t, d) = (hidden.shape[0], hidden.shape[1]);
-        let w = weight.expect(&[Some(d), None], &format!("[{d}, E] (input_dim = {d} rows, one per hidden feature)"))?;
+        let w = weight
+            .check_shape(&[Some(d), None], &format!("[{d}, E] (input_dim = {d} rows, one per hidden feature)"))?;
         let e = weight.shape[1];
-        let b = bias.map(|b| b.expect(&[Some(e)], &format!("[{e}] (one value per expert)"))).transpose()?;
+        let b = bias.map(|b| b.check_shape(&[Some(e)], &format!("[{e}] (one value per expert)"))).transpose()?;
         LinearLogits::new(h, t, d, w, e, b)
     }
 }

@@ -44,8 +44,12 @@ pub fn to_py(err: CoreError) -> PyErr {
 
 /// `argument` is not of the type the call takes (`expected`, e.g. "a 2-D float32 or float64 NumPy array").
 pub fn wrong_type(argument: &str, expected: &str, got: &Bound<'_, PyAny>) -> PyErr {
-    let got = got.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
-    PyTypeError::new_err(format!("{argument} must be {expected}, got {got}"))
+    let kind = got.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+    let described = match got.getattr("dtype") {
+        Ok(dtype) => format!("{kind} of dtype {dtype}"),
+        Err(_) => kind,
+    };
+    PyTypeError::new_err(format!("{argument} must be {expected}, got {described}"))
 }
 
 /// `argument` cannot be read as it is (not C-contiguous, or borrowed mutably elsewhere).

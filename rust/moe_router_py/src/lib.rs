@@ -283,7 +283,7 @@ fn gate_layout(num_experts: usize) -> (usize, usize) {
 
 /// `[T, E]` of a 2-D argument (the Python wrapper flattens `[B, S, E]`).
 fn two_d<T>(x: &ArrayArg<'_, T>) -> PyResult<[usize; 2]> {
-    x.expect(&[None, None], "[T, E]").map_err(to_py)?;
+    x.check_shape(&[None, None], "[T, E]").map_err(to_py)?;
     Ok([x.shape[0], x.shape[1]])
 }
 
