@@ -22,7 +22,8 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from operator import attrgetter
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, TypeVar, cast
 
 import numpy as np
 
@@ -40,29 +41,35 @@ _COUNTERS = ("calls", "routed_calls", "timed_calls", "num_experts", "total_token
 #: The rates and per-call averages, in ``to_dict`` order.
 _RATES = ("tokens_dropped_rate", "assignment_drop_rate", "routing_efficiency", "average_routing_efficiency",
           "average_load_balance_loss", "average_router_z_loss", "average_auxiliary_loss")
+_T = TypeVar("_T")
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+def _int_at_least(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
-def _locked(fget: Callable[[Any], Any], doc: Optional[str] = None) -> property:
-    """A read-only property whose getter holds the instance's lock (``doc`` defaults to ``fget``'s docstring)."""
-    def get(self: Any) -> Any:
+def _per_mean(values: np.ndarray, spread: Callable[[np.ndarray], Any]) -> float:
+    """``spread(values) / mean(values)``; 0.0 when ``values`` is empty or its mean is 0."""
+    mean = float(values.mean()) if values.size else 0.0
+    return 0.0 if mean <= 0.0 else float(spread(values) / mean)
+
+
+def _locked(fget: Callable[[Any], _T], doc: Optional[str] = None) -> _T:
+    """A read-only property whose getter holds the instance's lock; ``doc`` defaults to ``fget``'s docstring.
+
+    Typed as the value the getter returns: that is what reading it from an instance gives.
+    """
+    def get(self: Any) -> _T:
         with self._lock:
             return fget(self)
-    return property(get, doc=doc or fget.__doc__)
+    return cast(_T, property(get, doc=doc or fget.__doc__))
 
 
-def _average(index: int, doc: str) -> property:
+def _average(index: int, doc: str) -> Optional[float]:
     """The locked mean of the per-call sum ``_sums[index]`` over the calls that routed a token."""
     return _locked(lambda self: None if self.routed_calls == 0 else self._sums[index] / self.routed_calls, doc)
-
-
-def _latency(q: float, doc: str) -> property:
-    return property(lambda self: self.latency_percentile(q), doc=doc)
 
 
 def _finite_or_none(x: Optional[float]) -> Optional[float]:
@@ -149,8 +156,8 @@ class RoutingStats:
 
     def __init__(self, window: int = DEFAULT_WINDOW, history: int = DEFAULT_HISTORY) -> None:
         self._lock = threading.RLock()
-        self._window = _positive_int("window", window)
-        self._history = _positive_int("history", history)
+        self._window = _int_at_least("window", window, 1)
+        self._history = _int_at_least("history", history, 1)
         self._clear()
 
     def _clear(self) -> None:
@@ -242,7 +249,7 @@ class RoutingStats:
 
     # ------------------------------------------------------------------ averages and rates
 
-    total_routings = _locked(lambda self: self.calls, "Alias of :attr:`calls`.")
+    total_routings: int = _locked(attrgetter("calls"), "Alias of :attr:`calls`.")
     average_load_balance_loss = _average(
         0, "Mean ``load_balance_loss`` over calls that routed a token (None before any).")
     average_router_z_loss = _average(1, "Mean ``router_z_loss`` over calls that routed a token (None before any).")
@@ -270,14 +277,14 @@ class RoutingStats:
 
     # ------------------------------------------------------------------ per expert
 
-    expert_token_counts = _locked(
+    expert_token_counts: np.ndarray = _locked(
         lambda self: self._kept_per_expert.copy(),
         "int64 [E]: cumulative kept assignments per expert (a copy; empty before any call).")
-    pre_drop_token_counts = _locked(
+    pre_drop_token_counts: np.ndarray = _locked(
         lambda self: self._pre_drop_per_expert.copy(),
         "int64 [E]: cumulative routed (pre-capacity) assignments per expert (a copy).")
-    capacity_offered = _locked(
-        lambda self: self._capacity_offered,
+    capacity_offered: int = _locked(
+        attrgetter("_capacity_offered"),
         "Cumulative per-expert capacity: the sum of ``decision.capacity`` over all calls (slots).")
 
     @_locked
@@ -296,9 +303,7 @@ class RoutingStats:
         0.0 before any call or when no assignment was kept. Equals the CV of
         the cumulative kept counts (the capacity is a common factor).
         """
-        u = self.expert_utilization
-        mean = float(u.mean()) if u.size else 0.0
-        return 0.0 if mean <= 0.0 else float(u.std() / mean)
+        return _per_mean(self.expert_utilization, np.std)
 
     def _extreme(self, pick: Any) -> Optional[Tuple[int, float]]:
         u = self.expert_utilization
@@ -373,15 +378,19 @@ class RoutingStats:
         with self._lock:
             return self._percentiles(q)[0]
 
-    latency_p50 = _latency(50.0, "Median latency of the last ``window`` timed calls, seconds (None before any).")
-    latency_p95 = _latency(
-        95.0, "95th-percentile latency of the last ``window`` timed calls, seconds (None before any).")
-    latency_p99 = _latency(
-        99.0, "99th-percentile latency of the last ``window`` timed calls, seconds (None before any).")
-    mean_latency = _locked(
+    latency_p50: Optional[float] = _locked(
+        lambda self: self.latency_percentile(50.0),
+        "Median latency of the last ``window`` timed calls, seconds (None before any).")
+    latency_p95: Optional[float] = _locked(
+        lambda self: self.latency_percentile(95.0),
+        "95th-percentile latency of the last ``window`` timed calls, seconds (None before any).")
+    latency_p99: Optional[float] = _locked(
+        lambda self: self.latency_percentile(99.0),
+        "99th-percentile latency of the last ``window`` timed calls, seconds (None before any).")
+    mean_latency: Optional[float] = _locked(
         lambda self: None if self.timed_calls == 0 else self._total_time / self.timed_calls,
         "Mean latency over every timed call since the last reset, seconds (None before any).")
-    total_time = _locked(lambda self: self._total_time, "Sum of the recorded latencies, seconds.")
+    total_time: float = _locked(attrgetter("_total_time"), "Sum of the recorded latencies, seconds.")
 
     @_locked
     def throughput(self) -> Optional[float]:
