@@ -119,3 +119,23 @@ def assert_matches(report: Dict[str, Any], decision: Any) -> None:
     expected = decision.to_dict()
     for field, key in DECISION_FIELDS.items():
         assert report[field] == expected[key], field
+
+
+def waits_for_lock(obj: Any, read: Callable[[], Any]) -> bool:
+    """True when ``read()`` waits while this thread holds ``obj._lock`` and finishes once it is released."""
+    import threading
+
+    started, done = threading.Event(), threading.Event()
+
+    def run() -> None:
+        started.set()
+        read()
+        done.set()
+
+    with obj._lock:
+        thread = threading.Thread(target=run)
+        thread.start()
+        started.wait(5.0)
+        waited = not done.wait(0.02)
+    thread.join(5.0)
+    return waited and done.is_set()

@@ -12,7 +12,7 @@ import pytest
 import moe_router as mr
 from moe_router.balancer import LoadBalancer, LoadBalancingStats, default_bias_update_rate
 from conftest import REAL_L5, needs_real_router
-from helpers import softmax
+from helpers import softmax, waits_for_lock
 
 
 
@@ -294,3 +294,18 @@ def test_disabled_balancer_leaves_real_routing_unchanged() -> None:
         drops.add(dec.dropped_assignments)
         lb.update(dec)
     assert len(drops) == 1 and lb.steps == 5 and lb.is_imbalanced() is False  # warm-up of 10 steps
+
+
+def test_reads_are_documented_read_only_properties_and_wait_for_the_lock() -> None:
+    lb = LoadBalancer(3, bias_update_rate=0.01)
+    lb.update(np.array([5, 1, 0]))
+    for name in ("num_experts", "ema_decay", "imbalance_threshold", "warmup_steps", "expert_bias", "steps",
+                 "expert_loads", "load_history"):
+        prop = vars(LoadBalancer)[name]
+        assert isinstance(prop, property) and prop.fset is None and prop.__doc__, name
+        with pytest.raises(AttributeError):
+            setattr(lb, name, 0)
+    for name in ("expert_bias", "steps", "expert_loads", "load_history"):
+        assert waits_for_lock(lb, lambda: getattr(lb, name)), name
+    for name in ("imbalance_ratio", "is_imbalanced", "get_stats", "__repr__"):
+        assert waits_for_lock(lb, getattr(lb, name)), name

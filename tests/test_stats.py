@@ -13,6 +13,7 @@ import pytest
 
 import moe_router as mr
 from moe_router.stats import RoutingStats
+from helpers import waits_for_lock
 
 
 @dataclass
@@ -362,3 +363,26 @@ def test_eight_threads_routing_and_recording_real_calls() -> None:
     assert s.dropped_assignments == 20 * sum(d.dropped_assignments for d in expected)
     assert s.expert_token_counts.tolist() == (20 * sum(d.tokens_per_expert for d in expected)).tolist()
     assert s.capacity_offered == 20 * sum(d.capacity for d in expected)
+
+
+PROPERTIES = ["total_routings", "average_load_balance_loss", "average_router_z_loss", "average_auxiliary_loss",
+              "average_routing_efficiency", "routing_efficiency", "tokens_dropped_rate", "assignment_drop_rate",
+              "expert_token_counts", "pre_drop_token_counts", "capacity_offered", "expert_utilization",
+              "load_variance_history", "latency_p50", "latency_p95", "latency_p99", "mean_latency", "total_time",
+              "throughput"]
+METHODS = ["utilization_cv", "most_utilized_expert", "least_utilized_expert", "utilization_summary", "to_dict",
+           "__repr__"]
+
+
+def test_reads_are_documented_read_only_properties_and_wait_for_the_lock() -> None:
+    s = RoutingStats()
+    s.record(fake([2, 1], [3, 1], 2), 0.001)
+    for name in PROPERTIES:
+        prop = vars(RoutingStats)[name]
+        assert isinstance(prop, property) and prop.fset is None and prop.__doc__, name
+        with pytest.raises(AttributeError):
+            setattr(s, name, 0)
+        assert waits_for_lock(s, lambda: getattr(s, name)), name
+    for name in METHODS:
+        assert waits_for_lock(s, getattr(s, name)), name
+    assert waits_for_lock(s, lambda: s.latency_percentile(50))

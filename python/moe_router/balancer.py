@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from typing import Any, Deque, Optional
 
 import numpy as np
 
 from ._core import ConfigError, InputError
+from .stats import _int_at_least, _locked, _per_mean
 
 __all__ = ["LoadBalancer", "LoadBalancingStats"]
 
@@ -37,10 +39,14 @@ WELL_BALANCED_CV = 0.2
 
 def _imbalance_ratio(loads: np.ndarray) -> float:
     """``(max - min) / mean`` of ``loads``; 0.0 when empty or the mean is 0."""
-    if loads.size == 0:
-        return 0.0
-    mean = float(loads.mean())
-    return 0.0 if mean <= 0.0 else float((loads.max() - loads.min()) / mean)
+    return _per_mean(loads, lambda x: x.max() - x.min())
+
+
+def _finite_non_negative(name: str, value: Any) -> float:
+    v = float(value)
+    if not (math.isfinite(v) and v >= 0):
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -91,10 +97,7 @@ class LoadBalancingStats:
 
     def load_cv(self) -> float:
         """Coefficient of variation (population std / mean) of :attr:`expert_loads`; 0.0 if the mean is 0."""
-        if self.expert_loads.size == 0:
-            return 0.0
-        mean = float(self.expert_loads.mean())
-        return 0.0 if mean <= 0.0 else float(self.expert_loads.std() / mean)
+        return _per_mean(self.expert_loads, np.std)
 
     def is_well_balanced(self, max_cv: float = WELL_BALANCED_CV) -> bool:
         """True when at least one step was seen and ``load_cv() < max_cv`` (default 0.2)."""
@@ -102,20 +105,9 @@ class LoadBalancingStats:
 
     def to_dict(self) -> dict:
         """JSON-ready copy (arrays as lists)."""
-        return {
-            "expert_loads": self.expert_loads.tolist(),
-            "steps": self.steps,
-            "imbalanced": self.imbalanced,
-            "imbalance_ratio": self.imbalance_ratio,
-            "threshold": self.threshold,
-            "warmup_steps": self.warmup_steps,
-            "expert_bias": self.expert_bias.tolist(),
-            "bias_update_rate": self.bias_update_rate,
-            "enabled": self.enabled,
-            "load_cv": self.load_cv(),
-            "well_balanced": self.is_well_balanced(),
-            "last_load": None if self.last_load is None else self.last_load.tolist(),
-        }
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "last_load"}
+        values.update(load_cv=self.load_cv(), well_balanced=self.is_well_balanced(), last_load=self.last_load)
+        return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in values.items()}
 
 
 def default_bias_update_rate(num_experts: int) -> float:
@@ -129,23 +121,7 @@ def default_bias_update_rate(num_experts: int) -> float:
     >>> default_bias_update_rate(64)
     0.0015625
     """
-    return DEFAULT_RELATIVE_BIAS_RATE / _non_negative_int("num_experts", num_experts, 1)
-
-
-def _check_unit(name: str, value: Any, *, low_open: bool, high_open: bool) -> float:
-    v = float(value)
-    ok = math.isfinite(v) and (v > 0 if low_open else v >= 0) and (v < 1 if high_open else v <= 1)
-    if not ok:
-        lo = "(0" if low_open else "[0"
-        hi = "1)" if high_open else "1]"
-        raise ConfigError(f"{name} must be in {lo}, {hi}, got {value!r}")
-    return v
-
-
-def _non_negative_int(name: str, value: Any, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return DEFAULT_RELATIVE_BIAS_RATE / _int_at_least("num_experts", num_experts, 1)
 
 
 class LoadBalancer:
@@ -256,14 +232,13 @@ class LoadBalancer:
         bias_update_rate: Optional[float] = None,
         enabled: bool = True,
     ) -> None:
-        self._num_experts = _non_negative_int("num_experts", num_experts, 1)
-        self._ema_decay = _check_unit("ema_decay", ema_decay, low_open=False, high_open=True)
-        self._history = _non_negative_int("history", history, 1)
-        threshold = float(imbalance_threshold)
-        if not (math.isfinite(threshold) and threshold >= 0):
-            raise ConfigError(f"imbalance_threshold must be a finite number >= 0, got {imbalance_threshold!r}")
-        self._threshold = threshold
-        self._warmup_steps = _non_negative_int("warmup_steps", warmup_steps)
+        self._num_experts = _int_at_least("num_experts", num_experts, 1)
+        self._ema_decay = float(ema_decay)
+        if not 0.0 <= self._ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
+        self._history = _int_at_least("history", history, 1)
+        self._threshold = _finite_non_negative("imbalance_threshold", imbalance_threshold)
+        self._warmup_steps = _int_at_least("warmup_steps", warmup_steps, 0)
         if bias_update_rate is None:
             bias_update_rate = default_bias_update_rate(self._num_experts)
         self.bias_update_rate = bias_update_rate  # validated by the setter
@@ -279,25 +254,11 @@ class LoadBalancer:
 
     # ------------------------------------------------------------------ configuration
 
-    @property
-    def num_experts(self) -> int:
-        """E."""
-        return self._num_experts
-
-    @property
-    def ema_decay(self) -> float:
-        """Weight of the past in the load EMA."""
-        return self._ema_decay
-
-    @property
-    def imbalance_threshold(self) -> float:
-        """Threshold on ``(max - min) / mean`` of the EMA load."""
-        return self._threshold
-
-    @property
-    def warmup_steps(self) -> int:
-        """Steps before :meth:`is_imbalanced` may be True."""
-        return self._warmup_steps
+    num_experts: int = _locked(attrgetter("_num_experts"), "E.")
+    ema_decay: float = _locked(attrgetter("_ema_decay"), "Weight of the past in the load EMA.")
+    imbalance_threshold: float = _locked(attrgetter("_threshold"),
+                                         "Threshold on ``(max - min) / mean`` of the EMA load.")
+    warmup_steps: int = _locked(attrgetter("_warmup_steps"), "Steps before :meth:`is_imbalanced` may be True.")
 
     @property
     def bias_update_rate(self) -> float:
@@ -307,10 +268,7 @@ class LoadBalancer:
     @bias_update_rate.setter
     def bias_update_rate(self, value: float) -> None:
         """Set the rate; a negative or non-finite value raises ``ConfigError``."""
-        rate = float(value)
-        if not (math.isfinite(rate) and rate >= 0):
-            raise ConfigError(f"bias_update_rate must be a finite number >= 0, got {value!r}")
-        self._rate = rate
+        self._rate = _finite_non_negative("bias_update_rate", value)
 
     # ------------------------------------------------------------------ update
 
@@ -371,31 +329,18 @@ class LoadBalancer:
 
     # ------------------------------------------------------------------ reads
 
-    @property
-    def expert_bias(self) -> np.ndarray:
-        """float64 [E]: the selection bias for the router's next call (a fresh copy)."""
-        with self._lock:
-            return self._bias.copy()
+    expert_bias: np.ndarray = _locked(lambda self: self._bias.copy(),
+                                      "float64 [E]: the selection bias for the router's next call (a fresh copy).")
+    steps: int = _locked(attrgetter("_steps"), "Updates that carried load since the last reset.")
+    expert_loads: np.ndarray = _locked(lambda self: self._ema.copy(),
+                                       "float64 [E]: EMA of each expert's share of the routed assignments (a copy).")
 
-    @property
-    def steps(self) -> int:
-        """Updates that carried load since the last reset."""
-        with self._lock:
-            return self._steps
-
-    @property
-    def expert_loads(self) -> np.ndarray:
-        """float64 [E]: EMA of each expert's share of the routed assignments (a copy)."""
-        with self._lock:
-            return self._ema.copy()
-
-    @property
+    @_locked
     def load_history(self) -> np.ndarray:
         """float64 [n, E]: each of the last (at most ``history``) steps' load shares, oldest first."""
-        with self._lock:
-            if not self._loads:
-                return np.zeros((0, self._num_experts), dtype=np.float64)
-            return np.stack(list(self._loads))
+        if not self._loads:
+            return np.zeros((0, self._num_experts), dtype=np.float64)
+        return np.stack(list(self._loads))
 
     def imbalance_ratio(self) -> float:
         """``(max - min) / mean`` of the EMA load (0.0 before any step)."""
@@ -412,17 +357,10 @@ class LoadBalancer:
         """A consistent snapshot: EMA loads, steps, imbalance, bias (see :class:`LoadBalancingStats`)."""
         with self._lock:
             return LoadBalancingStats(
-                expert_loads=self._ema.copy(),
-                steps=self._steps,
-                imbalanced=self.is_imbalanced(),
-                imbalance_ratio=self.imbalance_ratio(),
-                threshold=self._threshold,
-                warmup_steps=self._warmup_steps,
-                expert_bias=self._bias.copy(),
-                bias_update_rate=self._rate,
-                enabled=self.enabled,
-                last_load=self._loads[-1].copy() if self._loads else None,
-            )
+                expert_loads=self._ema.copy(), steps=self._steps, imbalanced=self.is_imbalanced(),
+                imbalance_ratio=self.imbalance_ratio(), threshold=self._threshold, warmup_steps=self._warmup_steps,
+                expert_bias=self._bias.copy(), bias_update_rate=self._rate, enabled=self.enabled,
+                last_load=self._loads[-1].copy() if self._loads else None)
 
     def __repr__(self) -> str:
         with self._lock:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from typing import Any, Deque, Dict, Optional, Tuple
+from operator import attrgetter
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, TypeVar, cast
 
 import numpy as np
 
@@ -34,16 +35,45 @@ __all__ = ["RoutingStats"]
 DEFAULT_WINDOW = 1024
 #: Default number of per-call load variances kept.
 DEFAULT_HISTORY = 1024
+#: The plain counters, in ``to_dict`` order.
+_COUNTERS = ("calls", "routed_calls", "timed_calls", "num_experts", "total_tokens", "active_tokens",
+             "total_assignments", "kept_assignments", "dropped_assignments", "tokens_dropped")
+#: The rates and per-call averages, in ``to_dict`` order.
+_RATES = ("tokens_dropped_rate", "assignment_drop_rate", "routing_efficiency", "average_routing_efficiency",
+          "average_load_balance_loss", "average_router_z_loss", "average_auxiliary_loss")
+_T = TypeVar("_T")
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+def _int_at_least(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
-def _finite_or_none(x: float) -> Optional[float]:
-    return float(x) if math.isfinite(x) else None
+def _per_mean(values: np.ndarray, spread: Callable[[np.ndarray], Any]) -> float:
+    """``spread(values) / mean(values)``; 0.0 when ``values`` is empty or its mean is 0."""
+    mean = float(values.mean()) if values.size else 0.0
+    return 0.0 if mean <= 0.0 else float(spread(values) / mean)
+
+
+def _locked(fget: Callable[[Any], _T], doc: Optional[str] = None) -> _T:
+    """A read-only property whose getter holds the instance's lock; ``doc`` defaults to ``fget``'s docstring.
+
+    Typed as the value the getter returns: that is what reading it from an instance gives.
+    """
+    def get(self: Any) -> _T:
+        with self._lock:
+            return fget(self)
+    return cast(_T, property(get, doc=doc or fget.__doc__))
+
+
+def _average(index: int, doc: str) -> Optional[float]:
+    """The locked mean of the per-call sum ``_sums[index]`` over the calls that routed a token."""
+    return _locked(lambda self: None if self.routed_calls == 0 else self._sums[index] / self.routed_calls, doc)
+
+
+def _finite_or_none(x: Optional[float]) -> Optional[float]:
+    return float(x) if x is not None and math.isfinite(x) else None
 
 
 class RoutingStats:
@@ -119,41 +149,29 @@ class RoutingStats:
     """
 
     __slots__ = (
-        "_lock", "_window", "_history", "calls", "routed_calls", "timed_calls", "total_tokens",
-        "active_tokens", "total_assignments", "kept_assignments", "dropped_assignments",
-        "tokens_dropped", "num_experts", "_sum_lb", "_sum_z", "_sum_aux", "_sum_eff",
-        "_kept_per_expert", "_pre_drop_per_expert", "_capacity_offered", "_variances",
-        "_latencies", "_total_time", "_timed_active_tokens", "_max_latency", "_min_latency",
+        "_lock", "_window", "_history", *_COUNTERS, "_sums", "_kept_per_expert", "_pre_drop_per_expert",
+        "_capacity_offered", "_variances", "_latencies", "_total_time", "_timed_active_tokens", "_max_latency",
+        "_min_latency",
     )
 
     def __init__(self, window: int = DEFAULT_WINDOW, history: int = DEFAULT_HISTORY) -> None:
         self._lock = threading.RLock()
-        self._window = _positive_int("window", window)
-        self._history = _positive_int("history", history)
+        self._window = _int_at_least("window", window, 1)
+        self._history = _int_at_least("history", history, 1)
         self._clear()
 
     def _clear(self) -> None:
-        self.calls = 0
-        self.routed_calls = 0
-        self.timed_calls = 0
-        self.total_tokens = 0
-        self.active_tokens = 0
-        self.total_assignments = 0
-        self.kept_assignments = 0
-        self.dropped_assignments = 0
-        self.tokens_dropped = 0
+        self.calls = self.routed_calls = self.timed_calls = self.total_tokens = self.active_tokens = 0
+        self.total_assignments = self.kept_assignments = self.dropped_assignments = self.tokens_dropped = 0
         self.num_experts: Optional[int] = None
-        self._sum_lb = 0.0
-        self._sum_z = 0.0
-        self._sum_aux = 0.0
-        self._sum_eff = 0.0
-        self._kept_per_expert: Optional[np.ndarray] = None
-        self._pre_drop_per_expert: Optional[np.ndarray] = None
-        self._capacity_offered = 0
+        # Sums over the routed calls of the load-balance, z and auxiliary losses and the routing efficiency.
+        self._sums = [0.0, 0.0, 0.0, 0.0]
+        # Cumulative kept and pre-capacity assignments per expert (empty until the first call fixes E).
+        self._kept_per_expert = self._pre_drop_per_expert = np.zeros(0, dtype=np.int64)
+        self._capacity_offered = self._timed_active_tokens = 0
         self._variances: Deque[float] = deque(maxlen=self._history)
         self._latencies: Deque[float] = deque(maxlen=self._window)
         self._total_time = 0.0
-        self._timed_active_tokens = 0
         self._max_latency: Optional[float] = None
         self._min_latency: Optional[float] = None
 
@@ -192,10 +210,8 @@ class RoutingStats:
         active = int(decision.active_tokens)
         capacity = int(decision.capacity)
         variance = float(kept_e.astype(np.float64).var()) if num_experts else 0.0
-        lb = float(decision.load_balance_loss)
-        z = float(decision.router_z_loss)
-        aux = float(decision.auxiliary_loss)
-        eff = float(decision.routing_efficiency())
+        losses = (float(decision.load_balance_loss), float(decision.router_z_loss), float(decision.auxiliary_loss),
+                  float(decision.routing_efficiency()))
         with self._lock:
             if self.num_experts is None:
                 self.num_experts = num_experts
@@ -204,7 +220,6 @@ class RoutingStats:
             elif num_experts != self.num_experts:
                 raise InputError(f"decision has {num_experts} experts but these statistics hold "
                                  f"{self.num_experts}; use one RoutingStats per expert count, or reset()")
-            assert self._kept_per_expert is not None and self._pre_drop_per_expert is not None
             self.calls += 1
             self.total_tokens += int(decision.total_tokens)
             self.active_tokens += active
@@ -214,10 +229,7 @@ class RoutingStats:
             self.tokens_dropped += int(decision.tokens_dropped)
             if kept + dropped > 0:
                 self.routed_calls += 1
-                self._sum_lb += lb
-                self._sum_z += z
-                self._sum_aux += aux
-                self._sum_eff += eff
+                self._sums = [total + x for total, x in zip(self._sums, losses)]
             self._kept_per_expert += kept_e
             self._pre_drop_per_expert += pre_e
             self._capacity_offered += capacity
@@ -237,97 +249,53 @@ class RoutingStats:
 
     # ------------------------------------------------------------------ averages and rates
 
-    def _mean(self, total: float) -> Optional[float]:
-        return None if self.routed_calls == 0 else total / self.routed_calls
-
-    @property
-    def total_routings(self) -> int:
-        """Alias of :attr:`calls`."""
-        return self.calls
-
-    @property
-    def average_load_balance_loss(self) -> Optional[float]:
-        """Mean ``load_balance_loss`` over calls that routed a token (None before any)."""
-        with self._lock:
-            return self._mean(self._sum_lb)
-
-    @property
-    def average_router_z_loss(self) -> Optional[float]:
-        """Mean ``router_z_loss`` over calls that routed a token (None before any)."""
-        with self._lock:
-            return self._mean(self._sum_z)
-
-    @property
-    def average_auxiliary_loss(self) -> Optional[float]:
-        """Mean ``auxiliary_loss`` over calls that routed a token (None before any)."""
-        with self._lock:
-            return self._mean(self._sum_aux)
-
-    @property
-    def average_routing_efficiency(self) -> Optional[float]:
-        """Mean of the per-call ``routing_efficiency()`` (kept / routed) over calls that routed a token.
+    total_routings: int = _locked(attrgetter("calls"), "Alias of :attr:`calls`.")
+    average_load_balance_loss = _average(
+        0, "Mean ``load_balance_loss`` over calls that routed a token (None before any).")
+    average_router_z_loss = _average(1, "Mean ``router_z_loss`` over calls that routed a token (None before any).")
+    average_auxiliary_loss = _average(2, "Mean ``auxiliary_loss`` over calls that routed a token (None before any).")
+    average_routing_efficiency = _average(
+        3, """Mean of the per-call ``routing_efficiency()`` (kept / routed) over calls that routed a token.
 
         Every call weighs the same; :attr:`routing_efficiency` weighs by assignments.
-        """
-        with self._lock:
-            return self._mean(self._sum_eff)
+        """)
 
-    @property
+    @_locked
     def routing_efficiency(self) -> float:
         """``kept_assignments / total_assignments`` over all calls; 1.0 when nothing was routed."""
-        with self._lock:
-            return 1.0 if self.total_assignments == 0 else self.kept_assignments / self.total_assignments
+        return 1.0 if self.total_assignments == 0 else self.kept_assignments / self.total_assignments
 
-    @property
+    @_locked
     def tokens_dropped_rate(self) -> float:
         """``tokens_dropped / active_tokens`` (fraction of tokens with no kept expert); 0.0 when empty."""
-        with self._lock:
-            return 0.0 if self.active_tokens == 0 else self.tokens_dropped / self.active_tokens
+        return 0.0 if self.active_tokens == 0 else self.tokens_dropped / self.active_tokens
 
-    @property
+    @_locked
     def assignment_drop_rate(self) -> float:
         """``dropped_assignments / total_assignments``; 0.0 when nothing was routed."""
-        with self._lock:
-            return 0.0 if self.total_assignments == 0 else self.dropped_assignments / self.total_assignments
+        return 0.0 if self.total_assignments == 0 else self.dropped_assignments / self.total_assignments
 
     # ------------------------------------------------------------------ per expert
 
-    def _zeros(self) -> np.ndarray:
-        return np.zeros(self.num_experts or 0, dtype=np.int64)
+    expert_token_counts: np.ndarray = _locked(
+        lambda self: self._kept_per_expert.copy(),
+        "int64 [E]: cumulative kept assignments per expert (a copy; empty before any call).")
+    pre_drop_token_counts: np.ndarray = _locked(
+        lambda self: self._pre_drop_per_expert.copy(),
+        "int64 [E]: cumulative routed (pre-capacity) assignments per expert (a copy).")
+    capacity_offered: int = _locked(
+        attrgetter("_capacity_offered"),
+        "Cumulative per-expert capacity: the sum of ``decision.capacity`` over all calls (slots).")
 
-    @property
-    def expert_token_counts(self) -> np.ndarray:
-        """int64 [E]: cumulative kept assignments per expert (a copy; empty before any call)."""
-        with self._lock:
-            return self._zeros() if self._kept_per_expert is None else self._kept_per_expert.copy()
-
-    @property
-    def pre_drop_token_counts(self) -> np.ndarray:
-        """int64 [E]: cumulative routed (pre-capacity) assignments per expert (a copy)."""
-        with self._lock:
-            return self._zeros() if self._pre_drop_per_expert is None else self._pre_drop_per_expert.copy()
-
-    @property
-    def capacity_offered(self) -> int:
-        """Cumulative per-expert capacity: the sum of ``decision.capacity`` over all calls (slots)."""
-        with self._lock:
-            return self._capacity_offered
-
-    def _utilization(self) -> np.ndarray:
-        if self._kept_per_expert is None:
-            return np.zeros(0, dtype=np.float64)
-        if self._capacity_offered == 0:
-            return np.zeros(self._kept_per_expert.shape[0], dtype=np.float64)
-        return self._kept_per_expert.astype(np.float64) / float(self._capacity_offered)
-
-    @property
+    @_locked
     def expert_utilization(self) -> np.ndarray:
         """float64 [E]: cumulative kept / cumulative capacity offered, per expert, in [0, 1].
 
         0 for every expert while no capacity was offered (empty batches only).
         """
-        with self._lock:
-            return self._utilization()
+        if self._capacity_offered == 0:
+            return np.zeros(self._kept_per_expert.shape[0], dtype=np.float64)
+        return self._kept_per_expert.astype(np.float64) / float(self._capacity_offered)
 
     def utilization_cv(self) -> float:
         """Coefficient of variation (population std / mean) of :attr:`expert_utilization`.
@@ -335,13 +303,10 @@ class RoutingStats:
         0.0 before any call or when no assignment was kept. Equals the CV of
         the cumulative kept counts (the capacity is a common factor).
         """
-        with self._lock:
-            u = self._utilization()
-            mean = float(u.mean()) if u.size else 0.0
-            return 0.0 if mean <= 0.0 else float(u.std() / mean)
+        return _per_mean(self.expert_utilization, np.std)
 
     def _extreme(self, pick: Any) -> Optional[Tuple[int, float]]:
-        u = self._utilization()
+        u = self.expert_utilization
         if u.size == 0:
             return None
         e = int(pick(u))
@@ -349,22 +314,19 @@ class RoutingStats:
 
     def most_utilized_expert(self) -> Optional[Tuple[int, float]]:
         """``(expert, utilization)`` of the busiest expert (lowest index on ties); None before any call."""
-        with self._lock:
-            return self._extreme(np.argmax)
+        return self._extreme(np.argmax)
 
     def least_utilized_expert(self) -> Optional[Tuple[int, float]]:
         """``(expert, utilization)`` of the idlest expert (lowest index on ties); None before any call."""
-        with self._lock:
-            return self._extreme(np.argmin)
+        return self._extreme(np.argmin)
 
-    @property
+    @_locked
     def load_variance_history(self) -> np.ndarray:
         """float64 [n]: population variance of ``tokens_per_expert`` (kept, tokens^2) of each of the last calls.
 
         At most ``history`` entries, oldest first.
         """
-        with self._lock:
-            return np.array(self._variances, dtype=np.float64)
+        return np.array(self._variances, dtype=np.float64)
 
     def utilization_summary(self) -> Dict[str, Any]:
         """Per-expert utilization and drop figures in one dict.
@@ -382,25 +344,25 @@ class RoutingStats:
             utilizations are fractions in [0, 1].
         """
         with self._lock:
-            u = self._utilization()
-            most = self._extreme(np.argmax)
-            least = self._extreme(np.argmin)
-            return {
-                "mean_utilization": float(u.mean()) if u.size else 0.0,
-                "min_utilization": float(u.min()) if u.size else 0.0,
-                "max_utilization": float(u.max()) if u.size else 0.0,
-                "utilization_cv": self.utilization_cv(),
-                "most_utilized_expert": None if most is None else [most[0], most[1]],
-                "least_utilized_expert": None if least is None else [least[0], least[1]],
-                "routing_efficiency": self.routing_efficiency,
-                "average_routing_efficiency": self._mean(self._sum_eff),
-                "tokens_dropped_rate": self.tokens_dropped_rate,
-                "assignment_drop_rate": self.assignment_drop_rate,
-                "average_load_balance_loss": self._mean(self._sum_lb),
-                "average_router_z_loss": self._mean(self._sum_z),
-            }
+            u = self.expert_utilization
+            most, least = self._extreme(np.argmax), self._extreme(np.argmin)
+            summary = {"mean_utilization": float(u.mean()) if u.size else 0.0,
+                       "min_utilization": float(u.min()) if u.size else 0.0,
+                       "max_utilization": float(u.max()) if u.size else 0.0,
+                       "utilization_cv": self.utilization_cv(),
+                       "most_utilized_expert": None if most is None else list(most),
+                       "least_utilized_expert": None if least is None else list(least)}
+            names = ("routing_efficiency", "average_routing_efficiency", "tokens_dropped_rate", "assignment_drop_rate",
+                     "average_load_balance_loss", "average_router_z_loss")
+            return dict(summary, **{name: getattr(self, name) for name in names})
 
     # ------------------------------------------------------------------ latency and throughput
+
+    def _percentiles(self, *qs: float) -> List[Optional[float]]:
+        """The ``qs``-th percentiles of the latency window (all None when it is empty); call with the lock held."""
+        if not self._latencies:
+            return [None] * len(qs)
+        return [float(p) for p in np.percentile(np.fromiter(self._latencies, dtype=np.float64), qs)]
 
     def latency_percentile(self, q: float) -> Optional[float]:
         """The ``q``-th percentile (0..100) of the recent latencies, in seconds; None before any timed call.
@@ -414,48 +376,29 @@ class RoutingStats:
         if not 0.0 <= q <= 100.0:
             raise InputError(f"q must be a percentile in [0, 100], got {q!r}")
         with self._lock:
-            if not self._latencies:
-                return None
-            return float(np.percentile(np.fromiter(self._latencies, dtype=np.float64), q))
+            return self._percentiles(q)[0]
 
-    @property
-    def latency_p50(self) -> Optional[float]:
-        """Median latency of the last ``window`` timed calls, seconds (None before any)."""
-        return self.latency_percentile(50.0)
+    latency_p50: Optional[float] = _locked(
+        lambda self: self.latency_percentile(50.0),
+        "Median latency of the last ``window`` timed calls, seconds (None before any).")
+    latency_p95: Optional[float] = _locked(
+        lambda self: self.latency_percentile(95.0),
+        "95th-percentile latency of the last ``window`` timed calls, seconds (None before any).")
+    latency_p99: Optional[float] = _locked(
+        lambda self: self.latency_percentile(99.0),
+        "99th-percentile latency of the last ``window`` timed calls, seconds (None before any).")
+    mean_latency: Optional[float] = _locked(
+        lambda self: None if self.timed_calls == 0 else self._total_time / self.timed_calls,
+        "Mean latency over every timed call since the last reset, seconds (None before any).")
+    total_time: float = _locked(attrgetter("_total_time"), "Sum of the recorded latencies, seconds.")
 
-    @property
-    def latency_p95(self) -> Optional[float]:
-        """95th-percentile latency of the last ``window`` timed calls, seconds (None before any)."""
-        return self.latency_percentile(95.0)
-
-    @property
-    def latency_p99(self) -> Optional[float]:
-        """99th-percentile latency of the last ``window`` timed calls, seconds (None before any)."""
-        return self.latency_percentile(99.0)
-
-    @property
-    def mean_latency(self) -> Optional[float]:
-        """Mean latency over every timed call since the last reset, seconds (None before any)."""
-        with self._lock:
-            return None if self.timed_calls == 0 else self._total_time / self.timed_calls
-
-    @property
-    def total_time(self) -> float:
-        """Sum of the recorded latencies, seconds."""
-        with self._lock:
-            return self._total_time
-
-    @property
+    @_locked
     def throughput(self) -> Optional[float]:
         """Active tokens per second of routing time, over the timed calls; None before any.
 
         ``inf`` if the timed calls took no measurable time but routed tokens;
         0.0 if they routed no token.
         """
-        with self._lock:
-            return self._throughput()
-
-    def _throughput(self) -> Optional[float]:
         if self.timed_calls == 0:
             return None
         if self._total_time > 0.0:
@@ -472,55 +415,24 @@ class RoutingStats:
         is None.
         """
         with self._lock:
-            pcts = {"p50": None, "p95": None, "p99": None}
-            if self._latencies:
-                lat = np.fromiter(self._latencies, dtype=np.float64)
-                p50, p95, p99 = np.percentile(lat, [50.0, 95.0, 99.0]).tolist()
-                pcts = {"p50": p50, "p95": p95, "p99": p99}
-            mean_lat = None if self.timed_calls == 0 else self._total_time / self.timed_calls
-            lat_s = dict(pcts, mean=mean_lat, min=self._min_latency, max=self._max_latency)
-            lat_ms = {k: None if v is None else 1e3 * v for k, v in lat_s.items()}
-            tput = self._throughput()
-            kept = [] if self._kept_per_expert is None else self._kept_per_expert.tolist()
-            pre = [] if self._pre_drop_per_expert is None else self._pre_drop_per_expert.tolist()
-            return {
-                "calls": self.calls,
-                "routed_calls": self.routed_calls,
-                "timed_calls": self.timed_calls,
-                "num_experts": self.num_experts,
-                "total_tokens": self.total_tokens,
-                "active_tokens": self.active_tokens,
-                "total_assignments": self.total_assignments,
-                "kept_assignments": self.kept_assignments,
-                "dropped_assignments": self.dropped_assignments,
-                "tokens_dropped": self.tokens_dropped,
-                "tokens_dropped_rate": self.tokens_dropped_rate,
-                "assignment_drop_rate": self.assignment_drop_rate,
-                "routing_efficiency": self.routing_efficiency,
-                "average_routing_efficiency": self._mean(self._sum_eff),
-                "average_load_balance_loss": self._mean(self._sum_lb),
-                "average_router_z_loss": self._mean(self._sum_z),
-                "average_auxiliary_loss": self._mean(self._sum_aux),
-                "expert_token_counts": kept,
-                "pre_drop_token_counts": pre,
-                "capacity_offered": self._capacity_offered,
-                "expert_utilization": self._utilization().tolist(),
-                "utilization_summary": self.utilization_summary(),
-                "load_variance_history": list(self._variances),
-                "latency_window": self._window,
-                "latency_s": lat_s,
-                "latency_ms": lat_ms,
-                "total_time_s": self._total_time,
-                "throughput_tokens_per_s": None if tput is None else _finite_or_none(tput),
-            }
+            names = (*_COUNTERS, *_RATES, "expert_token_counts", "pre_drop_token_counts", "capacity_offered",
+                     "expert_utilization")
+            lat_s = dict(zip(("p50", "p95", "p99"), self._percentiles(50.0, 95.0, 99.0)), mean=self.mean_latency,
+                         min=self._min_latency, max=self._max_latency)
+            plain = {name: getattr(self, name) for name in names}
+            return {**{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in plain.items()},
+                    "utilization_summary": self.utilization_summary(),
+                    "load_variance_history": list(self._variances),
+                    "latency_window": self._window,
+                    "latency_s": lat_s,
+                    "latency_ms": {k: None if v is None else 1e3 * v for k, v in lat_s.items()},
+                    "total_time_s": self._total_time,
+                    "throughput_tokens_per_s": _finite_or_none(self.throughput)}
 
     def __repr__(self) -> str:
         with self._lock:
-            p50 = None
-            if self._latencies:
-                p50 = float(np.percentile(np.fromiter(self._latencies, dtype=np.float64), 50.0))
+            p50, tput = self._percentiles(50.0)[0], self.throughput
             lat = "n/a" if p50 is None else f"{1e3 * p50:.3g} ms"
-            tput = self._throughput()
             tp = "n/a" if tput is None else f"{tput:.4g} tokens/s"
             return (f"RoutingStats(calls={self.calls}, active_tokens={self.active_tokens}, "
                     f"kept_assignments={self.kept_assignments}, dropped_assignments={self.dropped_assignments}, "
