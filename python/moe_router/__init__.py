@@ -15,7 +15,7 @@ NumPy buffers without copying and with the GIL released.
 from ._core import ConfigError, InputError, RouterError
 from .balancer import LoadBalancer, LoadBalancingStats
 from .config import RouterConfig
-from .decision import ExpertAssignment, RoutingDecision
+from .decision import DispatchPlan, ExpertAssignment, RoutingDecision, moe_align_block_size
 from .gate import GateNetwork
 from .presets import PRESETS, peer_load_balance_loss, preset
 from .router import ExpertRouter
@@ -24,6 +24,7 @@ from .stats import RoutingStats
 
 __all__ = [
     "ConfigError",
+    "DispatchPlan",
     "ExpertAssignment",
     "ExpertRouter",
     "GateNetwork",
@@ -36,6 +37,7 @@ __all__ = [
     "RoutingDecision",
     "RoutingStats",
     "get_num_threads",
+    "moe_align_block_size",
     "peer_load_balance_loss",
     "preset",
     "route_logits",

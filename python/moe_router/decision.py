@@ -1,5 +1,6 @@
-"""``RoutingDecision`` and ``ExpertAssignment``: the core's result types, re-exported."""
+"""``RoutingDecision``, ``ExpertAssignment`` and ``DispatchPlan``: the core's result types, re-exported,
+and vLLM's ``moe_align_block_size``."""
 
-from ._core import ExpertAssignment, RoutingDecision
+from ._core import DispatchPlan, ExpertAssignment, RoutingDecision, moe_align_block_size
 
-__all__ = ["ExpertAssignment", "RoutingDecision"]
+__all__ = ["DispatchPlan", "ExpertAssignment", "RoutingDecision", "moe_align_block_size"]

@@ -59,6 +59,16 @@ pub enum RouterError {
         /// The value, printed.
         value: String,
     },
+
+    /// Arrays that should describe one routing decision contradict each other
+    /// (for example a slot used twice, or counts that do not add up).
+    #[error("{argument} is inconsistent with the decision: {detail}")]
+    Inconsistent {
+        /// Argument (decision field) name.
+        argument: &'static str,
+        /// What disagrees.
+        detail: String,
+    },
 }
 
 /// Result type of the core.
@@ -69,7 +79,8 @@ impl RouterError {
         RouterError::InvalidConfig { field, value: value.to_string(), allowed: allowed.into() }
     }
 
-    pub(crate) fn shape(argument: &'static str, expected: impl Into<String>, actual: impl Into<String>) -> Self {
+    /// A `Shape` error.
+    pub fn shape(argument: &'static str, expected: impl Into<String>, actual: impl Into<String>) -> Self {
         RouterError::Shape { argument, expected: expected.into(), actual: actual.into() }
     }
 }

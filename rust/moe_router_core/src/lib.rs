@@ -13,7 +13,9 @@
 //! (the pipeline), `row` (one token), `score`, `topk`, `groups`, `assign`
 //! (capacity slots), `reroute`, `capacity` and `decimal` (the capacity
 //! formula and its exact factor), `losses`, `math` and `simd` (row kernels and
-//! their instruction set), `rng`, `config`, `error`.
+//! their instruction set), `rng`, `config`, `error`; after routing, `dispatch` (the expert-major
+//! row plan and its gathers/scatters), `payload` (the element types it moves)
+//! and `layouts` (the frameworks' own dispatch formats).
 //!
 //! ```
 //! use moe_router_core::{route_logits, RouteCall, RouterConfig};
@@ -31,12 +33,15 @@ mod assign;
 mod capacity;
 mod config;
 mod decimal;
+mod dispatch;
 mod error;
 mod gate;
 mod groups;
+mod layouts;
 mod linear;
 mod losses;
 mod math;
+mod payload;
 mod peer_loss;
 mod reroute;
 mod rng;
@@ -54,9 +59,12 @@ pub use config::{
     RouterConfig, ScoreFunction, TOP_K_ALIAS,
 };
 pub use decimal::Decimal;
+pub use dispatch::{Assignments, DispatchPlan, PlanLayout};
 pub use error::{Result, RouterError};
 pub use gate::{gate_probabilities, GateShape, HierarchicalGate};
+pub use layouts::{dense_masks, megatron_routing_map, moe_align_block_size, BlockAlignment};
 pub use linear::{GemmScalar, LinearLogits};
+pub use payload::Payload;
 pub use peer_loss::{peer_load_balance_loss, LossInputs};
 pub use rng::{normal as keyed_normal, uniform as keyed_uniform, Stream as RngStream};
 pub use route::{chunk_tokens, route, route_into, route_logits, RouteCall, Routing, CHUNK_TOKENS};

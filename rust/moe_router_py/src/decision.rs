@@ -11,6 +11,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::arrays;
+use crate::plan::{DecisionArrays, PyDispatchPlan};
+use moe_router_core::PlanLayout;
 
 /// One kept (token, expert) assignment.
 ///
@@ -241,6 +243,42 @@ impl RoutingDecision {
         self.top_k
     }
 
+    /// T.
+    pub fn total_tokens(&self) -> usize {
+        self.total_tokens
+    }
+
+    /// E.
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
+    }
+
+    /// Per-expert capacity.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// True when no capacity limit applied.
+    pub fn is_dropless(&self) -> bool {
+        self.dropless
+    }
+
+    /// The input's leading shape.
+    pub fn batch_shape_vec(&self, py: Python<'_>) -> PyResult<Vec<usize>> {
+        self.batch_shape.bind(py).extract()
+    }
+
+    /// The `[T, k]` arrays and counts, borrowed read-only.
+    pub fn assignment_arrays<'py>(&self, py: Python<'py>) -> PyResult<DecisionArrays<'py>> {
+        DecisionArrays::borrow(
+            self.expert_indices.bind(py),
+            self.expert_slots.bind(py),
+            self.expert_weights.bind(py),
+            self.kept.bind(py),
+            self.tokens_per_expert.bind(py),
+        )
+    }
+
     fn efficiency(&self) -> f64 {
         let total = self.active_tokens * self.top_k;
         if total == 0 {
@@ -312,6 +350,37 @@ impl RoutingDecision {
         d.set_item("assignment_drop_rate", 1.0 - self.efficiency())?;
         d.set_item("routing_efficiency", self.efficiency())?;
         Ok(d)
+    }
+
+    /// The plan that moves tokens to their experts and back.
+    ///
+    /// Parameters
+    /// ----------
+    /// alignment : int, default 1
+    ///     Pad each expert's rows to a multiple of this (vLLM's ``block_size``,
+    ///     torchtitan's 8/16/32 for grouped GEMMs); experts without tokens get no rows.
+    /// pad_to_capacity : bool, default False
+    ///     Give every expert exactly ``capacity`` rows (rounded up to
+    ///     ``alignment``): the ``[E, C, D]`` buffer of DeepSpeed, Tutel and
+    ///     Megatron-Core ``drop_and_pad``.
+    ///
+    /// Returns
+    /// -------
+    /// DispatchPlan
+    ///
+    /// Raises
+    /// ------
+    /// ConfigError
+    ///     ``alignment < 1``, or ``pad_to_capacity`` on a dropless decision.
+    /// InputError
+    ///     The decision's arrays were modified into an inconsistent state (a
+    ///     slot used twice, counts that do not add up, an expert out of range).
+    #[pyo3(signature = (alignment=1, pad_to_capacity=false))]
+    fn dispatch_plan(slf: Bound<'_, Self>, alignment: i64, pad_to_capacity: bool) -> PyResult<PyDispatchPlan> {
+        let alignment = usize::try_from(alignment).ok().filter(|&a| a >= 1).ok_or_else(|| {
+            crate::errors::config_error(format!("invalid alignment: got {alignment}; must be an integer >= 1"))
+        })?;
+        PyDispatchPlan::build(slf.py(), slf, PlanLayout { alignment, pad_to_capacity })
     }
 
     /// Per token, its kept assignments as ``ExpertAssignment`` (built on first use).

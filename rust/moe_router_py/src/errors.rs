@@ -36,9 +36,10 @@ pub fn to_py(err: CoreError) -> PyErr {
     match err {
         CoreError::InvalidConfig { .. } => ConfigError::new_err(message),
         CoreError::UnknownField { .. } => PyTypeError::new_err(message),
-        CoreError::Shape { .. } | CoreError::BadValue { .. } | CoreError::NonFiniteParameter { .. } => {
-            InputError::new_err(message)
-        }
+        CoreError::Shape { .. }
+        | CoreError::BadValue { .. }
+        | CoreError::NonFiniteParameter { .. }
+        | CoreError::Inconsistent { .. } => InputError::new_err(message),
     }
 }
 

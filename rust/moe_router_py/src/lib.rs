@@ -2,10 +2,28 @@
 //! arrays, then hands the core call to [`run`], which releases the GIL, enters
 //! the routing pool, maps errors and wraps the result in a `RoutingDecision`.
 
+/// Run `body` with `$T` bound to the element type of `$array`, the first of
+/// the listed types it has; otherwise a `TypeError` naming `$name` and `$expected`.
+macro_rules! with_dtype {
+    ($array:expr, $name:expr, $expected:expr, [$($ty:ty),+], $T:ident => $body:expr) => {{
+        let array = $array;
+        'found: {
+            $(
+                if array.cast::<numpy::PyArrayDyn<$ty>>().is_ok() {
+                    type $T = $ty;
+                    break 'found ({ $body });
+                }
+            )+
+            Err($crate::errors::wrong_type($name, $expected, array))
+        }
+    }};
+}
+
 mod arrays;
 mod config;
 mod decision;
 mod errors;
+mod plan;
 mod threads;
 
 use moe_router_core::{
@@ -23,22 +41,6 @@ use crate::decision::{ExpertAssignment, RoutingDecision};
 use crate::errors::{to_py, unreadable, wrong_type};
 
 const FLOAT_ARRAY: &str = "a C-contiguous float32 or float64 NumPy array";
-
-/// Run `body` with `$T` bound to the element type of `$array` (float32 or float64).
-macro_rules! with_float_dtype {
-    ($array:expr, $name:expr, $T:ident => $body:expr) => {{
-        let array = $array;
-        if array.cast::<PyArrayDyn<f32>>().is_ok() {
-            type $T = f32;
-            $body
-        } else if array.cast::<PyArrayDyn<f64>>().is_ok() {
-            type $T = f64;
-            $body
-        } else {
-            Err(wrong_type($name, FLOAT_ARRAY, array))
-        }
-    }};
-}
 
 /// A read-only view of `array` as `T`, refused with a `TypeError` naming `argument` otherwise.
 fn borrow<'py, T: Element>(array: &Bound<'py, PyAny>, argument: &str) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
@@ -151,7 +153,7 @@ fn route_logits<'py>(
     call: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<RoutingDecision> {
     let args = CallArgs::from_kwargs(call)?;
-    with_float_dtype!(logits, "logits", T => {
+    with_dtype!(logits, "logits", FLOAT_ARRAY, [f32, f64], T => {
         let view = borrow::<T>(logits, "logits")?;
         let x = arg(&view, "logits")?;
         let [t, e] = two_d(&x)?;
@@ -174,7 +176,7 @@ fn route_hidden<'py>(
     call: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<RoutingDecision> {
     let args = CallArgs::from_kwargs(call)?;
-    with_float_dtype!(hidden, "hidden", T => {
+    with_dtype!(hidden, "hidden", FLOAT_ARRAY, [f32, f64], T => {
         let (h, w) = (borrow::<T>(hidden, "hidden")?, borrow::<T>(weight, "weight")?);
         let b = bias.map(|b| borrow::<T>(b, "bias")).transpose()?;
         let b = b.as_ref().map(|b| arg(b, "bias")).transpose()?;
@@ -201,7 +203,7 @@ fn route_gate<'py>(
 ) -> PyResult<RoutingDecision> {
     let args = CallArgs::from_kwargs(call)?;
     let options = config.inner.for_gate();
-    with_float_dtype!(hidden, "hidden", T => {
+    with_dtype!(hidden, "hidden", FLOAT_ARRAY, [f32, f64], T => {
         with_gate::<T, _>(hidden, group_weight, expert_weight, options.num_experts, group_top_k, |gate| {
             let shape = (gate.num_tokens(), gate.num_experts());
             args.run(py, shape, |call, p| core::route_into(gate, &options, call, p))
@@ -236,7 +238,7 @@ fn gate_forward<'py>(
     num_experts: usize,
     group_top_k: Option<usize>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-    with_float_dtype!(hidden, "hidden", T => {
+    with_dtype!(hidden, "hidden", FLOAT_ARRAY, [f32, f64], T => {
         with_gate::<T, _>(hidden, group_weight, expert_weight, num_experts, group_top_k, |gate| {
             let (t, e) = (gate.num_tokens(), gate.num_experts());
             let (probs, z) = py.detach(|| threads::install(t, e, || gate_probabilities(gate)));
@@ -326,6 +328,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyRouterConfig>()?;
     m.add_class::<RoutingDecision>()?;
     m.add_class::<ExpertAssignment>()?;
+    m.add_class::<plan::PyDispatchPlan>()?;
     for f in [
         wrap_pyfunction!(route_logits, m)?,
         wrap_pyfunction!(route_hidden, m)?,
@@ -333,6 +336,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(gate_forward, m)?,
         wrap_pyfunction!(peer_load_balance_loss, m)?,
         wrap_pyfunction!(gate_layout, m)?,
+        wrap_pyfunction!(plan::moe_align_block_size, m)?,
         wrap_pyfunction!(set_num_threads, m)?,
         wrap_pyfunction!(get_num_threads, m)?,
     ] {

@@ -73,3 +73,15 @@ pub fn install<R: Send>(tokens: usize, experts: usize, f: impl FnOnce() -> R + S
         _ => f(),
     }
 }
+
+/// Run `f` (a pass over `items` rows or assignments) in the pool; small passes
+/// stay on the calling thread for the same reason as in [`install`].
+pub fn install_rows<R: Send>(items: usize, f: impl FnOnce() -> R + Send) -> R {
+    match current() {
+        Some(pool) if items >= SPLIT_ITEMS => pool.install(f),
+        _ => f(),
+    }
+}
+
+/// Below this many rows a dispatch pass is cheaper than a pool round trip.
+const SPLIT_ITEMS: usize = 4096;
