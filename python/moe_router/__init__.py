@@ -12,7 +12,7 @@ NumPy buffers without copying and with the GIL released.
 ((64, 2), 20)
 """
 
-from ._core import ConfigError, InputError, RouterError
+from ._core import AllToAllPlan, ConfigError, ExpertPlacement, InputError, ReceivePlan, RouterError
 from .balancer import LoadBalancer, LoadBalancingStats
 from .config import RouterConfig
 from .decision import DispatchPlan, ExpertAssignment, RoutingDecision, moe_align_block_size
@@ -23,15 +23,18 @@ from .routing import route_logits
 from .stats import RoutingStats
 
 __all__ = [
+    "AllToAllPlan",
     "ConfigError",
     "DispatchPlan",
     "ExpertAssignment",
+    "ExpertPlacement",
     "ExpertRouter",
     "GateNetwork",
     "InputError",
     "LoadBalancer",
     "LoadBalancingStats",
     "PRESETS",
+    "ReceivePlan",
     "RouterConfig",
     "RouterError",
     "RoutingDecision",

@@ -341,7 +341,30 @@ impl DispatchPlan {
     }
 }
 
-/// Row `i` of `out` (rows of `d` elements) is row `index[i]` of `src`, or zero where `index[i] < 0`.
+/// Row `i` of `out` (rows of `d` elements) is row `index[i]` of `src`, or zero
+/// where `index[i] < 0`: the one data movement of the plan, the exchange and
+/// their inverses. Errors: lengths that disagree, an index past `src`.
+pub fn gather_rows<P: Payload>(src: &[P], d: usize, index: &[i64], out: &mut [P]) -> Result<()> {
+    check_len("out", out, index.len() * d, &format!("[{}, {d}]", index.len()))?;
+    if d == 0 {
+        return Ok(());
+    }
+    if !src.len().is_multiple_of(d) {
+        return Err(RouterError::shape("src", format!("[rows, {d}]"), format!("{} values", src.len())));
+    }
+    let rows = (src.len() / d) as i64;
+    if let Some(i) = index.iter().position(|&r| r >= rows) {
+        return Err(RouterError::shape(
+            "index",
+            format!("values below {rows} (the rows of src)"),
+            format!("index[{i}] = {}", index[i]),
+        ));
+    }
+    gather(out, d, src, index);
+    Ok(())
+}
+
+/// [`gather_rows`] on checked arguments.
 fn gather<P: Payload>(out: &mut [P], d: usize, src: &[P], index: &[i64]) {
     out.par_chunks_mut(ROWS_PER_TASK * d).enumerate().for_each(|(c, block)| {
         for (row, &from) in block.chunks_exact_mut(d).zip(&index[c * ROWS_PER_TASK..]) {

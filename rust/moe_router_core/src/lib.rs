@@ -15,7 +15,8 @@
 //! formula and its exact factor), `losses`, `math` and `simd` (row kernels and
 //! their instruction set), `rng`, `config`, `error`; after routing, `dispatch` (the expert-major
 //! row plan and its gathers/scatters), `payload` (the element types it moves)
-//! and `layouts` (the frameworks' own dispatch formats).
+//! `layouts` (the frameworks' own dispatch formats), and for expert
+//! parallelism `placement` (experts on ranks) and `exchange` (the all-to-all plan).
 //!
 //! ```
 //! use moe_router_core::{route_logits, RouteCall, RouterConfig};
@@ -35,6 +36,7 @@ mod config;
 mod decimal;
 mod dispatch;
 mod error;
+mod exchange;
 mod gate;
 mod groups;
 mod layouts;
@@ -43,6 +45,7 @@ mod losses;
 mod math;
 mod payload;
 mod peer_loss;
+mod placement;
 mod reroute;
 mod rng;
 mod route;
@@ -59,13 +62,15 @@ pub use config::{
     RouterConfig, ScoreFunction, TOP_K_ALIAS,
 };
 pub use decimal::Decimal;
-pub use dispatch::{Assignments, DispatchPlan, PlanLayout};
+pub use dispatch::{gather_rows, Assignments, DispatchPlan, PlanLayout};
 pub use error::{Result, RouterError};
+pub use exchange::{ReceivePlan, SendPlan};
 pub use gate::{gate_probabilities, GateShape, HierarchicalGate};
 pub use layouts::{dense_masks, megatron_routing_map, moe_align_block_size, BlockAlignment};
 pub use linear::{GemmScalar, LinearLogits};
 pub use payload::Payload;
 pub use peer_loss::{peer_load_balance_loss, LossInputs};
+pub use placement::ExpertPlacement;
 pub use rng::{normal as keyed_normal, uniform as keyed_uniform, Stream as RngStream};
 pub use route::{chunk_tokens, route, route_into, route_logits, RouteCall, Routing, CHUNK_TOKENS};
 pub use simd::{simd_level, SimdLevel};

@@ -23,6 +23,7 @@ mod arrays;
 mod config;
 mod decision;
 mod errors;
+mod exchange;
 mod plan;
 mod threads;
 
@@ -329,6 +330,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RoutingDecision>()?;
     m.add_class::<ExpertAssignment>()?;
     m.add_class::<plan::PyDispatchPlan>()?;
+    exchange::register(m)?;
     for f in [
         wrap_pyfunction!(route_logits, m)?,
         wrap_pyfunction!(route_hidden, m)?,

@@ -15,7 +15,7 @@ use crate::decision::RoutingDecision;
 use crate::errors::{to_py, unreadable, wrong_type};
 use crate::threads;
 
-const PAYLOAD_ARRAY: &str = "a C-contiguous float32, float64 or float16 array";
+pub(crate) const PAYLOAD_ARRAY: &str = "a C-contiguous float32, float64 or float16 array";
 
 /// Rows of an expert-major buffer for one routing decision, and the moves that
 /// fill it and read it back.
@@ -75,7 +75,7 @@ pub struct PyDispatchPlan {
 }
 
 /// A read-only 1-D NumPy copy of `data`, made once.
-fn cached_vector<'py, T: Element + Copy>(
+pub(crate) fn cached_vector<'py, T: Element + Copy>(
     py: Python<'py>,
     cell: &OnceLock<Py<PyAny>>,
     data: impl FnOnce() -> Vec<T>,
@@ -88,7 +88,7 @@ fn cached_vector<'py, T: Element + Copy>(
     Ok(cell.get_or_init(|| array.into_any().unbind()).clone_ref(py))
 }
 
-fn read_only(array: &Bound<'_, PyAny>) -> PyResult<()> {
+pub(crate) fn read_only(array: &Bound<'_, PyAny>) -> PyResult<()> {
     let kwargs = PyDict::new(array.py());
     kwargs.set_item("write", false)?;
     array.call_method("setflags", (), Some(&kwargs))?;
@@ -97,7 +97,7 @@ fn read_only(array: &Bound<'_, PyAny>) -> PyResult<()> {
 
 /// `x` as a NumPy array: NumPy arrays as they are, anything else (torch CPU
 /// tensors, lists) through the package's array interop.
-fn as_numpy<'py>(x: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+pub(crate) fn as_numpy<'py>(x: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py, PyAny>> {
     if x.cast::<PyUntypedArray>().is_ok() {
         return Ok(x.clone());
     }
@@ -105,7 +105,7 @@ fn as_numpy<'py>(x: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py, PyAny
 }
 
 /// The read-only, C-contiguous data of `array` as `P`.
-fn payload<'py, P: Element>(array: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArrayDyn<'py, P>> {
+pub(crate) fn payload<'py, P: Element>(array: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArrayDyn<'py, P>> {
     let typed = array.cast::<PyArrayDyn<P>>().map_err(|_| wrong_type(name, PAYLOAD_ARRAY, array))?;
     let view = typed.try_readonly().map_err(|e| unreadable(name, e))?;
     if !view.is_c_contiguous() {
@@ -137,7 +137,7 @@ fn static_name(name: &str) -> &'static str {
 }
 
 /// `out` if given (same dtype, C-contiguous, writeable, `shape`), else a new zero array of `shape`.
-fn output<'py, P: Element>(
+pub(crate) fn output<'py, P: Element>(
     py: Python<'py>,
     out: Option<&Bound<'py, PyAny>>,
     shape: &[usize],
@@ -164,7 +164,7 @@ fn output<'py, P: Element>(
 }
 
 /// Run a move with the GIL released: `f(input, output)` on the borrowed slices.
-fn run_move<'py, P: Payload + Element>(
+pub(crate) fn run_move<'py, P: Payload + Element>(
     py: Python<'py>,
     input: &PyReadonlyArrayDyn<'py, P>,
     out: &Bound<'py, PyArrayDyn<P>>,
@@ -440,6 +440,28 @@ impl PyDispatchPlan {
     ) -> PyResult<Bound<'py, PyAny>> {
         let x = as_numpy(expert_out, "expert_out")?;
         with_dtype!(&x, "expert_out", PAYLOAD_ARRAY, [f32, f64, f16], P => Ok(self.scatter_typed::<P>(py, &x, Scatter::PerChoice, out)?.into_any()))
+    }
+
+    /// The all-to-all of expert parallelism for this rank's plan.
+    ///
+    /// Parameters
+    /// ----------
+    /// placement : ExpertPlacement
+    ///     Which ranks hold each expert (its E must be the decision's).
+    ///
+    /// Returns
+    /// -------
+    /// AllToAllPlan
+    ///     Send counts per rank, the send order, and the per-(rank, local expert)
+    ///     counts to exchange first.
+    ///
+    /// Raises
+    /// ------
+    /// ConfigError
+    ///     The placement has another number of experts.
+    fn all_to_all(&self, placement: &crate::exchange::PyExpertPlacement) -> PyResult<crate::exchange::PyAllToAllPlan> {
+        let send = self.plan.all_to_all(&placement.placement).map_err(to_py)?;
+        Ok(crate::exchange::PyAllToAllPlan::new(send, placement.placement.clone()))
     }
 
     /// Megatron-Core's router outputs ``(routing_map, probs)``.
