@@ -31,6 +31,7 @@
 
 mod array_arg;
 mod assign;
+mod backward;
 mod capacity;
 mod config;
 mod decimal;
@@ -56,6 +57,7 @@ mod source;
 mod topk;
 
 pub use array_arg::ArrayArg;
+pub use backward::{backward_logits, Cotangents, SavedRouting};
 pub use capacity::expert_capacity;
 pub use config::{
     CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore, GroupScoreInput, Overflow, Peer,

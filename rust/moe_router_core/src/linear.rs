@@ -16,8 +16,6 @@ pub trait GemmScalar: Logit + Default {
     fn matmul(m: usize, k: usize, n: usize, a: &[Self], b: &[Self], out: &mut [Self]);
     /// `a + b`.
     fn add(self, other: Self) -> Self;
-    /// Round a float64 to this type.
-    fn from_f64(v: f64) -> Self;
 }
 
 macro_rules! gemm_scalar {
@@ -61,10 +59,6 @@ macro_rules! gemm_scalar {
             #[inline(always)]
             fn add(self, other: Self) -> Self {
                 self + other
-            }
-            #[inline(always)]
-            fn from_f64(v: f64) -> Self {
-                v as $t
             }
         }
     };

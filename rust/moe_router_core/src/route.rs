@@ -82,6 +82,12 @@ pub struct Routing {
     pub expert_slots: Vec<i32>,
     /// `[T, k]` whether the assignment survived capacity.
     pub kept: Vec<bool>,
+    /// `[T, k]` whether the assignment was routed (before capacity): not a
+    /// filler choice of a token with too few eligible experts, not masked.
+    pub routed: Vec<bool>,
+    /// `[T, k]` the experts before overflow reroutes (whose scores make the
+    /// weights); empty when no reroute could happen (then `expert_indices`).
+    pub original_expert_indices: Vec<i32>,
     /// `[T, k]` whether the assignment was moved to another expert on overflow;
     /// empty when no reroute could happen (`overflow = Drop`, or dropless).
     pub rerouted: Vec<bool>,
@@ -229,7 +235,8 @@ pub fn route_into<S: LogitSource>(
     let capacity = limit.unwrap_or(usize::MAX);
     let counts: Vec<Vec<u32>> = tallies.into_iter().map(|t| t.counts).collect();
     let reroute_now = reroute && limit.is_some();
-    let routed = if reroute_now { kept.clone() } else { Vec::new() };
+    // Pass 1's routed flags, before capacity: what the backward differentiates.
+    let routed = kept.clone();
     {
         let a = Assignments {
             chunk,
@@ -247,6 +254,7 @@ pub fn route_into<S: LogitSource>(
         }
     }
     let mut rerouted = if reroute_now { vec![false; n] } else { Vec::new() };
+    let original_expert_indices = if reroute_now { expert_indices.clone() } else { Vec::new() };
     if reroute_now {
         let overflow = reroute::Overflowed { routed: &routed, top1: &top1 };
         let out = reroute::Placement {
@@ -291,7 +299,9 @@ pub fn route_into<S: LogitSource>(
         expert_weights,
         expert_slots,
         kept,
+        routed,
         rerouted,
+        original_expert_indices,
         tokens_per_expert,
         pre_drop_tokens_per_expert: routed_counts.iter().map(|&c| c as i64).collect(),
         first_choice_tokens_per_expert: first_choice,

@@ -347,4 +347,49 @@ impl RowRouter {
             *w = if r { (self.scores[x as usize] * factor) as f32 } else { 0.0 };
         }
     }
+
+    /// Score token `token` again exactly as the routing pass did (validation,
+    /// training noise, scores), for the backward. `jitter[e]` receives
+    /// `d x'_e / d x_e`, the multiplicative jitter factor (1 without jitter).
+    pub(crate) fn rescore<F: Logit>(
+        &mut self,
+        ctx: &RowContext,
+        token: usize,
+        raw: &[F],
+        jitter: &mut [f64],
+    ) -> Result<crate::score::RowScores> {
+        let read = self.read_row(ctx, token, raw)?;
+        let mut max = read.max;
+        jitter.fill(1.0);
+        if ctx.noise {
+            let options = ctx.options;
+            if options.jitter_eps > 0.0 {
+                for (x, f) in jitter.iter_mut().enumerate() {
+                    let u = rng::uniform(options.seed, Stream::Jitter, ctx.call.step, token as u64, x as u64);
+                    *f = 1.0 - options.jitter_eps + 2.0 * options.jitter_eps * u;
+                }
+            }
+            max = self.add_noise(options, ctx.call.step, token);
+        }
+        Ok(score_row(ctx.simd, ctx.options.score_function, &self.logits, max, &mut self.scores))
+    }
+
+    /// The score buffer of the last [`RowRouter::rescore`] (`score_e = buffer[e] * scale`).
+    pub(crate) fn scores(&self) -> &[f64] {
+        &self.scores
+    }
+
+    /// `out = softmax` of the last rescored logits (0 for ineligible experts); returns their logsumexp.
+    pub(crate) fn softmax_into(&self, out: &mut [f64]) -> f64 {
+        let max = self.logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let mut sum = 0.0;
+        for (o, &z) in out.iter_mut().zip(&self.logits) {
+            *o = (z - max).exp();
+            sum += *o;
+        }
+        for o in out.iter_mut() {
+            *o /= sum;
+        }
+        max + sum.ln()
+    }
 }

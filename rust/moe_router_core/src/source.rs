@@ -8,6 +8,8 @@ use crate::error::{Result, RouterError};
 pub trait Logit: Copy + Send + Sync + 'static {
     /// Widen to float64 (exact for both types).
     fn to_f64(self) -> f64;
+    /// Round a float64 to this type (gradients are computed in float64).
+    fn from_f64(value: f64) -> Self;
     /// The slice as float32, if that is what it is (for the vectorized read).
     fn as_f32(values: &[Self]) -> Option<&[f32]>;
     /// The slice as float64, if that is what it is.
@@ -18,6 +20,10 @@ impl Logit for f32 {
     #[inline(always)]
     fn to_f64(self) -> f64 {
         f64::from(self)
+    }
+    #[inline(always)]
+    fn from_f64(value: f64) -> Self {
+        value as f32
     }
     #[inline(always)]
     fn as_f32(values: &[Self]) -> Option<&[f32]> {
@@ -33,6 +39,10 @@ impl Logit for f64 {
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self
+    }
+    #[inline(always)]
+    fn from_f64(value: f64) -> Self {
+        value
     }
     #[inline(always)]
     fn as_f32(_: &[Self]) -> Option<&[f32]> {

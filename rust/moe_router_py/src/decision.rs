@@ -176,6 +176,30 @@ pub struct RoutingDecision {
     expert_prob_mean_values: Vec<f64>,
     first_choice_tokens_per_expert: Vec<i64>,
     assignments: OnceLock<Py<PyList>>,
+    /// `[T, k]` routed before capacity, and the experts before reroutes
+    /// (empty: none), for the backward.
+    routed: Vec<bool>,
+    original_experts: Vec<i32>,
+    /// What `backward` scores again: set by the logits entry point.
+    backward_inputs: Option<BackwardInputs>,
+}
+
+/// The call a decision came from, kept for its backward: a reference to the
+/// logits array it routed (no copy), the configuration and the per-call
+/// arguments that change how a row is scored.
+pub struct BackwardInputs {
+    /// The `[T, E]` float32/float64 array that was routed.
+    pub logits: Py<PyAny>,
+    /// The configuration it was routed with.
+    pub config: moe_router_core::RouterConfig,
+    /// Training mode (noise) and the noise step.
+    pub training: bool,
+    /// The RNG step of the call.
+    pub step: u64,
+    /// Sequence length of `[B, S, E]` input.
+    pub sequence_length: Option<usize>,
+    /// The token mask, if any.
+    pub token_mask: Option<Py<PyAny>>,
 }
 
 impl RoutingDecision {
@@ -222,7 +246,16 @@ impl RoutingDecision {
             expert_prob_mean_values: r.expert_prob_mean,
             first_choice_tokens_per_expert: r.first_choice_tokens_per_expert,
             assignments: OnceLock::new(),
+            routed: r.routed,
+            original_experts: r.original_expert_indices,
+            backward_inputs: None,
         })
+    }
+
+    /// The same decision, differentiable through `backward`.
+    pub fn with_backward(mut self, inputs: BackwardInputs) -> Self {
+        self.backward_inputs = Some(inputs);
+        self
     }
 
     /// What the peers' losses read, with Megatron's plain counts if known.
@@ -266,6 +299,26 @@ impl RoutingDecision {
     /// The input's leading shape.
     pub fn batch_shape_vec(&self, py: Python<'_>) -> PyResult<Vec<usize>> {
         self.batch_shape.bind(py).extract()
+    }
+
+    /// What the backward needs besides the cotangents.
+    pub fn backward_parts(&self) -> (Option<&BackwardInputs>, &[bool], &[i32]) {
+        (self.backward_inputs.as_ref(), &self.routed, &self.original_experts)
+    }
+
+    /// The `[T, k]` choices, kept flags and reroute flags as NumPy arrays.
+    pub fn choice_arrays<'py>(&self, py: Python<'py>) -> (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>) {
+        (self.expert_indices.bind(py).clone(), self.kept.bind(py).clone(), self.rerouted.bind(py).clone())
+    }
+
+    /// `[E]` routed assignments before capacity.
+    pub fn pre_drop_counts<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        self.pre_drop_tokens_per_expert.bind(py).clone()
+    }
+
+    /// Active tokens.
+    pub fn active(&self) -> usize {
+        self.active_tokens
     }
 
     /// The `[T, k]` arrays and counts, borrowed read-only.
@@ -350,6 +403,50 @@ impl RoutingDecision {
         d.set_item("assignment_drop_rate", 1.0 - self.efficiency())?;
         d.set_item("routing_efficiency", self.efficiency())?;
         Ok(d)
+    }
+
+    /// The gradient with respect to the routed logits.
+    ///
+    /// Of ``sum(grad_expert_weights * expert_weights) + grad_auxiliary_loss *
+    /// auxiliary_loss + sum(grad_router_probs * router_probs)``, for the experts
+    /// this decision chose (selection, groups, bias, capacity and reroutes are
+    /// taken as made; the balance-loss counts ``f_e`` are constants, as in every
+    /// peer). Each row is scored again from the logits the decision holds a
+    /// reference to (no ``[T, E]`` array is kept by the forward); if that array
+    /// was modified since, the gradient is of the new values. Extra memory kept by
+    /// the decision: ``routed`` ``[T, k]`` bools (and the pre-reroute experts when
+    /// reroutes could happen). Formulas: docs/semantics.md item 21 (TransformerEngine's
+    /// fused router backward; Megatron-Core's aux-loss and z-loss gradients).
+    ///
+    /// Parameters
+    /// ----------
+    /// grad_expert_weights : array of float, shape [T, k] or batch_shape + [k], optional
+    /// grad_auxiliary_loss : float, default 1.0
+    /// grad_router_probs : array of float, shape [T, E] or batch_shape + [E], optional
+    ///
+    /// Returns
+    /// -------
+    /// numpy.ndarray, shape batch_shape + [E], dtype of the routed logits
+    ///     Zero rows for masked tokens; float64 arithmetic throughout.
+    ///
+    /// Raises
+    /// ------
+    /// ConfigError
+    ///     The decision did not come from logits (use ``ExpertRouter.backward``),
+    ///     or came from the hierarchical gate's probabilities.
+    /// InputError
+    ///     A gradient array of the wrong shape, or NaN in it.
+    /// TypeError
+    ///     A gradient that is not a real array.
+    #[pyo3(signature = (grad_expert_weights=None, grad_auxiliary_loss=1.0, grad_router_probs=None))]
+    fn backward<'py>(
+        &self,
+        py: Python<'py>,
+        grad_expert_weights: Option<&Bound<'py, PyAny>>,
+        grad_auxiliary_loss: f64,
+        grad_router_probs: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        crate::backward::decision_backward(self, py, grad_expert_weights, grad_auxiliary_loss, grad_router_probs)
     }
 
     /// The plan that moves tokens to their experts and back.

@@ -20,6 +20,7 @@ macro_rules! with_dtype {
 }
 
 mod arrays;
+mod backward;
 mod config;
 mod decision;
 mod errors;
@@ -38,7 +39,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyTuple};
 
 use crate::config::PyRouterConfig;
-use crate::decision::{ExpertAssignment, RoutingDecision};
+use crate::decision::{BackwardInputs, ExpertAssignment, RoutingDecision};
 use crate::errors::{to_py, unreadable, wrong_type};
 
 const FLOAT_ARRAY: &str = "a C-contiguous float32 or float64 NumPy array";
@@ -112,6 +113,18 @@ impl<'py> CallArgs<'py> {
         })
     }
 
+    /// What a decision keeps to differentiate this call on `logits`.
+    fn backward_inputs(&self, logits: &Bound<'py, PyAny>, config: &PyRouterConfig) -> BackwardInputs {
+        BackwardInputs {
+            logits: logits.clone().unbind(),
+            config: config.inner.clone(),
+            training: self.training,
+            step: self.step,
+            sequence_length: self.sequence_length,
+            token_mask: self.token_mask.as_ref().map(|m| m.as_any().clone().unbind()),
+        }
+    }
+
     /// Release the GIL, run `route` in the pool, and wrap its result. When
     /// `return_probs`, the `[T, E]` probabilities go into a NumPy array allocated
     /// here (NumPy maps large arrays with huge pages, which halves the cost of
@@ -159,7 +172,8 @@ fn route_logits<'py>(
         let x = arg(&view, "logits")?;
         let [t, e] = two_d(&x)?;
         let source = SliceLogits::new(x.data, t, e).map_err(to_py)?;
-        args.run(py, (t, e), |call, p| core::route_into(&source, &config.inner, call, p))
+        let decision = args.run(py, (t, e), |call, p| core::route_into(&source, &config.inner, call, p))?;
+        Ok(decision.with_backward(args.backward_inputs(logits, config)))
     })
 }
 
