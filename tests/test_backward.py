@@ -204,3 +204,57 @@ def test_backward_property(T, E, k, seed, sf, nw, rn, cf):
     got = dec.backward(g_w, 0.5)
     want = central_differences(lambda z: reference_objective(z, dec, cfg, g_w, 0.5, None, None, None), x.copy())
     assert max_relative_error(got, want) <= 1e-4
+
+
+# --------------------------------------------------------------------------- hidden-state path
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("batch", [False, True])
+def test_router_backward_is_the_logits_gradient_through_the_linear_map(rng, bias, batch):
+    T, D, E, k = 1200, 24, 8, 2
+    h = rng.normal(size=(T, D))
+    cfg = mr.RouterConfig(num_experts=E, top_k=k, capacity_factor=1.0, normalize_weights=True,
+                          load_balance_loss_coeff=0.05, router_z_loss_coeff=0.01)
+    w = rng.normal(size=(D, E)) / np.sqrt(D)
+    b = rng.normal(size=E) if bias else None
+    router = mr.ExpertRouter(cfg, D, weight=w, bias=b, gate="linear")
+    x_in = h.reshape(4, 300, D) if batch else h
+    dec = router.route_tokens(x_in)
+    g = rng.normal(size=(T, k))
+    gh, gw, gb = router.backward(dec, g.reshape(*dec.batch_shape, k), 0.7)
+    logits = h @ w + (b if bias else 0)
+    ref = mr.route_logits(logits, cfg)
+    np.testing.assert_array_equal(ref.expert_indices, dec.expert_indices)
+    G = ref.backward(g, 0.7)
+    assert gh.shape == x_in.shape and gw.shape == (D, E) and gb.shape == (E,)
+    np.testing.assert_allclose(gh.reshape(T, D), G @ w.T, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(gw, h.T @ G, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(gb, G.sum(0), rtol=1e-9, atol=1e-12)
+
+
+def test_router_backward_threads_and_errors(rng, restore_threads):
+    T, D, E = 3000, 16, 8
+    h = rng.normal(size=(T, D)).astype(np.float32)
+    router = mr.ExpertRouter(mr.RouterConfig(num_experts=E, top_k=2, load_balance_loss_coeff=0.1), D, gate="linear")
+    dec = router.route_tokens(h)
+    g = rng.normal(size=(T, 2))
+    got = []
+    for n in (1, 2, 3):
+        restore_threads(n)
+        got.append(router.backward(dec, g))
+    for other in got[1:]:
+        for a, b in zip(got[0], other):
+            np.testing.assert_array_equal(a, b)
+    assert got[0][1].dtype == np.float32
+    other = mr.ExpertRouter(router.config, D, gate="linear")
+    with pytest.raises(mr.ConfigError, match="not routed by this router"):
+        other.backward(dec, g)
+    with pytest.raises(mr.ConfigError, match="linear router"):
+        router.backward(router.route_logits(rng.normal(size=(10, E))), None)
+    with pytest.raises(mr.ConfigError, match="not routed from logits"):
+        dec.backward(g)
+    with pytest.raises(mr.InputError, match="grad_expert_weights"):
+        router.backward(dec, g[:-1])
+    gated = mr.ExpertRouter(mr.RouterConfig(num_experts=64, top_k=2), D, gate="hierarchical")
+    with pytest.raises(mr.ConfigError, match="hierarchical"):
+        gated.backward(gated.route_tokens(h[:10]))

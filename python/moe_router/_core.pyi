@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["AllToAllPlan", "CHUNK_TOKENS", "ConfigError", "DispatchPlan", "ExpertAssignment", "ExpertPlacement", "InputError", "MAX_THREADS", "PEERS", "ReceivePlan", "RouterConfig", "RouterError", "RoutingDecision", "gather_rows", "gate_forward", "gate_layout", "get_num_threads", "moe_align_block_size", "peer_load_balance_loss", "route_gate", "route_hidden", "route_logits", "set_num_threads"]
+__all__ = ["AllToAllPlan", "CHUNK_TOKENS", "ConfigError", "DispatchPlan", "ExpertAssignment", "ExpertPlacement", "InputError", "MAX_THREADS", "PEERS", "ReceivePlan", "RouterConfig", "RouterError", "RoutingDecision", "gather_rows", "gate_forward", "linear_backward", "gate_layout", "get_num_threads", "moe_align_block_size", "peer_load_balance_loss", "route_gate", "route_hidden", "route_logits", "set_num_threads"]
 
 CHUNK_TOKENS: int
 MAX_THREADS: int
@@ -261,6 +261,11 @@ class ReceivePlan:
     def order(self) -> npt.NDArray[np.int64]: ...
     @property
     def inverse(self) -> npt.NDArray[np.int64]: ...
+
+def linear_backward(
+    decision: RoutingDecision, grad_expert_weights: Any = None, grad_auxiliary_loss: float = 1.0,
+    grad_router_probs: Any = None,
+) -> Tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]: ...
 
 def gather_rows(src: Any, index: Any, out: Optional[npt.NDArray[Any]] = None) -> npt.NDArray[Any]: ...
 

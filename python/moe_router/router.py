@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -120,6 +121,7 @@ class ExpertRouter:
                 weight = (rng.standard_normal((self.input_dim, e)) / math.sqrt(self.input_dim)).astype(np.float32)
             self._set_weights(weight, bias)
         self._stats = RoutingStats()
+        self._decisions: "weakref.WeakSet[RoutingDecision]" = weakref.WeakSet()
         self._balancer = balancer if balancer is not None else LoadBalancer(e)
         if self._balancer.num_experts != e:
             raise ConfigError(f"invalid balancer: it tracks {self._balancer.num_experts} experts, "
@@ -272,11 +274,55 @@ class ExpertRouter:
                         sequence_length=_inputs.sequence_length(batch_shape),
                         return_probs=_inputs.flag(return_probs, "return_probs"), batch_shape=batch_shape)
         self._stats.record(dec, time.perf_counter() - t0)
+        self._decisions.add(dec)
         if training and self.config.enable_load_balancing:
             self._balancer.update(dec)
         return dec
 
     # -- accessors -------------------------------------------------------------
+    def backward(self, decision: RoutingDecision, grad_expert_weights: Any = None, grad_auxiliary_loss: float = 1.0,
+                 grad_router_probs: Any = None) -> tuple:
+        """Gradients of a ``route_tokens`` decision with respect to the linear router's inputs.
+
+        The objective is :meth:`RoutingDecision.backward`'s (``sum(grad_expert_weights *
+        expert_weights) + grad_auxiliary_loss * auxiliary_loss + sum(grad_router_probs *
+        router_probs)``, selection fixed, balance counts constant); its logits gradient ``G``
+        ``[T, E]`` is recomputed chunk by chunk from the hidden states and the weight the
+        decision was routed with, then ``grad_hidden = G @ W^T``, ``grad_weight = H^T @ G``,
+        ``grad_bias = sum_t G`` (GEMMs in Rust; the weight's sum is accumulated in fixed
+        groups of chunks, so it does not depend on the thread count).
+
+        Parameters
+        ----------
+        decision : RoutingDecision
+            Made by this router's :meth:`route_tokens`.
+        grad_expert_weights : array of float, shape [T, k] or batch_shape + [k], optional
+        grad_auxiliary_loss : float, default 1.0
+        grad_router_probs : array of float, shape [T, E] or batch_shape + [E], optional
+
+        Returns
+        -------
+        (grad_hidden, grad_weight, grad_bias) : numpy.ndarray
+            ``batch_shape + [D]``, ``[D, E]`` and ``[E]``, in the routing GEMM's dtype
+            (``router_dtype``; float64 for float16 hidden states by default).
+
+        Raises
+        ------
+        ConfigError
+            ``decision`` was not made by this router, or by its ``route_logits`` (use
+            ``decision.backward``), or the router uses the hierarchical gate (no backward yet).
+        InputError, TypeError
+            Gradient arrays of the wrong shape or type, or holding NaN/inf.
+        """
+        if decision not in self._decisions:
+            raise ConfigError("invalid decision: it was not routed by this router (or was routed before it "
+                              "was rebuilt); backward needs the decision's own router")
+        if self._gate is not None:
+            raise ConfigError("invalid backward: the hierarchical gate has no backward yet; use gate='linear'")
+        gh, gw, gb = _core.linear_backward(decision, grad_expert_weights, float(grad_auxiliary_loss),
+                                           grad_router_probs)
+        return gh.reshape(*decision.batch_shape, self.input_dim), gw, gb
+
     def get_num_experts(self) -> int:
         """E."""
         return self.config.num_experts

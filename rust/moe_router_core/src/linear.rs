@@ -124,6 +124,13 @@ impl<'a, F: GemmScalar> LinearLogits<'a, F> {
     }
 }
 
+impl<'a, F: GemmScalar> LinearLogits<'a, F> {
+    /// `[T, D]` hidden states, `[D, E]` weight, and D.
+    pub(crate) fn parts(&self) -> (&'a [F], &'a [F], usize) {
+        (self.hidden, self.weight, self.dim)
+    }
+}
+
 impl<F: GemmScalar> LogitSource for LinearLogits<'_, F> {
     type Elem = F;
     fn argument(&self) -> &'static str {

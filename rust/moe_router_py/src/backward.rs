@@ -1,11 +1,13 @@
 //! `RoutingDecision.backward`: the cotangents from Python, the saved call,
 //! and the core's closed-form gradient, with the GIL released.
 
-use moe_router_core::{self as core, Cotangents, RouteCall, SavedRouting, SliceLogits};
-use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn};
+use crate::arg;
+use moe_router_core::{self as core, Cotangents, LinearLogits, RouteCall, SavedRouting, SliceLogits};
+use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use crate::decision::RoutingDecision;
+use crate::arrays;
+use crate::decision::{BackwardInputs, RoutingDecision, SavedSource};
 use crate::errors::{config_error, to_py, unreadable, wrong_type};
 use crate::plan::as_numpy;
 use crate::threads;
@@ -53,6 +55,86 @@ fn readonly<'py, T: Element>(a: &Bound<'py, PyAny>, name: &str) -> PyResult<PyRe
     typed.try_readonly().map_err(|e| unreadable(name, e))
 }
 
+/// The decision's saved arrays, borrowed, and the cotangents, checked.
+struct Prepared<'py> {
+    experts: PyReadonlyArrayDyn<'py, i32>,
+    kept: PyReadonlyArrayDyn<'py, bool>,
+    rerouted: PyReadonlyArrayDyn<'py, bool>,
+    pre_drop: PyReadonlyArrayDyn<'py, i64>,
+    mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    gw: Option<Vec<f64>>,
+    gp: Option<Vec<f32>>,
+}
+
+impl<'py> Prepared<'py> {
+    fn new(
+        d: &RoutingDecision,
+        py: Python<'py>,
+        inputs: &BackwardInputs,
+        grad_expert_weights: Option<&Bound<'py, PyAny>>,
+        grad_auxiliary_loss: f64,
+        grad_router_probs: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Self> {
+        if !grad_auxiliary_loss.is_finite() {
+            return Err(config_error(format!(
+                "invalid grad_auxiliary_loss: got {grad_auxiliary_loss}; must be finite"
+            )));
+        }
+        let (t, k, e) = (d.total_tokens(), d.top_k(), d.num_experts());
+        let (experts, kept, rerouted) = d.choice_arrays(py);
+        Ok(Prepared {
+            gw: grad_expert_weights.map(|g| cotangent::<f64>(g, "grad_expert_weights", t, k, "float64")).transpose()?,
+            gp: grad_router_probs.map(|g| cotangent::<f32>(g, "grad_router_probs", t, e, "float32")).transpose()?,
+            experts: readonly::<i32>(&experts, "expert_indices")?,
+            kept: readonly::<bool>(&kept, "kept")?,
+            rerouted: readonly::<bool>(&rerouted, "rerouted")?,
+            pre_drop: readonly::<i64>(&d.pre_drop_counts(py), "pre_drop_tokens_per_expert")?,
+            mask: inputs.token_mask.as_ref().map(|m| readonly::<bool>(m.bind(py), "token_mask")).transpose()?,
+        })
+    }
+
+    /// The core's views: the saved routing, the call, the cotangents.
+    fn views<'a>(
+        &'a self,
+        d: &'a RoutingDecision,
+        inputs: &BackwardInputs,
+        grad_auxiliary_loss: f64,
+    ) -> PyResult<(SavedRouting<'a>, RouteCall<'a>, Cotangents<'a>)> {
+        let (_, routed, original) = d.backward_parts();
+        let experts = self.experts.as_slice().map_err(|e| unreadable("expert_indices", e))?;
+        let saved = SavedRouting {
+            expert_indices: experts,
+            original_experts: if original.is_empty() { experts } else { original },
+            routed,
+            kept: self.kept.as_slice().map_err(|e| unreadable("kept", e))?,
+            rerouted: self.rerouted.as_slice().map_err(|e| unreadable("rerouted", e))?,
+            pre_drop_tokens_per_expert: self
+                .pre_drop
+                .as_slice()
+                .map_err(|e| unreadable("pre_drop_tokens_per_expert", e))?,
+            active_tokens: d.active(),
+        };
+        let call = RouteCall {
+            training: inputs.training,
+            token_mask: self
+                .mask
+                .as_ref()
+                .map(|m| m.as_slice())
+                .transpose()
+                .map_err(|e| unreadable("token_mask", e))?,
+            step: inputs.step,
+            sequence_length: inputs.sequence_length,
+            ..RouteCall::default()
+        };
+        let cot = Cotangents {
+            expert_weights: self.gw.as_deref(),
+            auxiliary_loss: grad_auxiliary_loss,
+            router_probs: self.gp.as_deref(),
+        };
+        Ok((saved, call, cot))
+    }
+}
+
 /// See `RoutingDecision.backward`.
 pub fn decision_backward<'py>(
     d: &RoutingDecision,
@@ -61,49 +143,22 @@ pub fn decision_backward<'py>(
     grad_auxiliary_loss: f64,
     grad_router_probs: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let (inputs, routed, original) = d.backward_parts();
-    let inputs = inputs.ok_or_else(|| {
+    let (inputs, _, _) = d.backward_parts();
+    let not_logits = || {
         config_error(
             "invalid backward: this decision was not routed from logits; for hidden states use \
              ExpertRouter.backward(decision)"
                 .into(),
         )
-    })?;
-    if !grad_auxiliary_loss.is_finite() {
-        return Err(config_error(format!("invalid grad_auxiliary_loss: got {grad_auxiliary_loss}; must be finite")));
-    }
-    let (t, k, e) = (d.total_tokens(), d.top_k(), d.num_experts());
-    let gw = grad_expert_weights.map(|g| cotangent::<f64>(g, "grad_expert_weights", t, k, "float64")).transpose()?;
-    let gp = grad_router_probs.map(|g| cotangent::<f32>(g, "grad_router_probs", t, e, "float32")).transpose()?;
-    let (experts, kept, rerouted) = d.choice_arrays(py);
-    let experts = readonly::<i32>(&experts, "expert_indices")?;
-    let kept = readonly::<bool>(&kept, "kept")?;
-    let rerouted = readonly::<bool>(&rerouted, "rerouted")?;
-    let pre_drop = d.pre_drop_counts(py);
-    let pre_drop = readonly::<i64>(&pre_drop, "pre_drop_tokens_per_expert")?;
-    let mask = inputs.token_mask.as_ref().map(|m| readonly::<bool>(m.bind(py), "token_mask")).transpose()?;
-    let experts = experts.as_slice().map_err(|e| unreadable("expert_indices", e))?;
-    let saved = SavedRouting {
-        expert_indices: experts,
-        original_experts: if original.is_empty() { experts } else { original },
-        routed,
-        kept: kept.as_slice().map_err(|e| unreadable("kept", e))?,
-        rerouted: rerouted.as_slice().map_err(|e| unreadable("rerouted", e))?,
-        pre_drop_tokens_per_expert: pre_drop.as_slice().map_err(|e| unreadable("pre_drop_tokens_per_expert", e))?,
-        active_tokens: d.active(),
     };
-    let call = RouteCall {
-        training: inputs.training,
-        token_mask: mask.as_ref().map(|m| m.as_slice()).transpose().map_err(|e| unreadable("token_mask", e))?,
-        step: inputs.step,
-        sequence_length: inputs.sequence_length,
-        ..RouteCall::default()
-    };
-    let cot =
-        Cotangents { expert_weights: gw.as_deref(), auxiliary_loss: grad_auxiliary_loss, router_probs: gp.as_deref() };
+    let inputs = inputs.ok_or_else(not_logits)?;
+    let SavedSource::Logits(logits) = &inputs.source else { return Err(not_logits()) };
+    let prepared = Prepared::new(d, py, inputs, grad_expert_weights, grad_auxiliary_loss, grad_router_probs)?;
+    let (saved, call, cot) = prepared.views(d, inputs, grad_auxiliary_loss)?;
+    let (t, e) = (d.total_tokens(), d.num_experts());
     let mut shape = d.batch_shape_vec(py)?;
     shape.push(e);
-    let logits = inputs.logits.bind(py);
+    let logits = logits.bind(py);
     with_dtype!(logits, "logits", FLOAT_ARRAY, [f32, f64], F => {
         let view = readonly::<F>(logits, "logits")?;
         let data = view.as_slice().map_err(|e| unreadable("logits", e))?;
@@ -116,5 +171,43 @@ pub fn decision_backward<'py>(
                 .map_err(to_py)?;
         }
         Ok(out.into_any())
+    })
+}
+
+/// The linear router's backward for a decision of ``route_hidden``: ``(grad_hidden
+/// [T, D], grad_weight [D, E], grad_bias [E])`` in the hidden states' dtype
+/// (see ``ExpertRouter.backward``).
+#[pyfunction]
+#[pyo3(signature = (decision, grad_expert_weights=None, grad_auxiliary_loss=1.0, grad_router_probs=None))]
+pub fn linear_backward<'py>(
+    py: Python<'py>,
+    decision: &RoutingDecision,
+    grad_expert_weights: Option<&Bound<'py, PyAny>>,
+    grad_auxiliary_loss: f64,
+    grad_router_probs: Option<&Bound<'py, PyAny>>,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let d = decision;
+    let (inputs, _, _) = d.backward_parts();
+    let not_linear = || config_error("invalid backward: this decision was not routed by a linear router".into());
+    let inputs = inputs.ok_or_else(not_linear)?;
+    let SavedSource::Linear { hidden, weight, bias } = &inputs.source else { return Err(not_linear()) };
+    let prepared = Prepared::new(d, py, inputs, grad_expert_weights, grad_auxiliary_loss, grad_router_probs)?;
+    let (saved, call, cot) = prepared.views(d, inputs, grad_auxiliary_loss)?;
+    let (hidden, weight) = (hidden.bind(py), weight.bind(py));
+    with_dtype!(hidden, "hidden", FLOAT_ARRAY, [f32, f64], F => {
+        let (h, w) = (readonly::<F>(hidden, "hidden")?, readonly::<F>(weight, "weight")?);
+        let b = bias.as_ref().map(|b| readonly::<F>(b.bind(py), "bias")).transpose()?;
+        let b = b.as_ref().map(|b| arg(b, "bias")).transpose()?;
+        let source = LinearLogits::from_arrays(arg(&h, "hidden")?, arg(&w, "weight")?, b).map_err(to_py)?;
+        let (t, e) = (d.total_tokens(), d.num_experts());
+        let dim = h.shape()[1];
+        let g = py
+            .detach(|| threads::install(t, e, || core::backward_linear(&source, &inputs.config, &call, &saved, &cot)))
+            .map_err(to_py)?;
+        Ok((
+            arrays::matrix(py, g.hidden, t, dim)?.into_any(),
+            arrays::matrix(py, g.weight, dim, e)?.into_any(),
+            arrays::vector(py, g.bias).into_any(),
+        ))
     })
 }

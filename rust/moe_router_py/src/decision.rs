@@ -121,7 +121,7 @@ impl ExpertAssignment {
 ///     it (0 for padding), when asked for with ``return_probs=True``.
 /// batch_shape : tuple of int
 ///     Leading shape of the input (``(T,)`` or ``(B, S)``).
-#[pyclass(frozen, module = "moe_router")]
+#[pyclass(frozen, weakref, module = "moe_router")]
 pub struct RoutingDecision {
     #[pyo3(get)]
     expert_indices: Py<PyAny>,
@@ -184,12 +184,19 @@ pub struct RoutingDecision {
     backward_inputs: Option<BackwardInputs>,
 }
 
-/// The call a decision came from, kept for its backward: a reference to the
-/// logits array it routed (no copy), the configuration and the per-call
-/// arguments that change how a row is scored.
+/// What a decision was routed from (references to the arrays, no copies).
+pub enum SavedSource {
+    /// The `[T, E]` float32/float64 logits.
+    Logits(Py<PyAny>),
+    /// The linear router's `[T, D]` hidden states, `[D, E]` weight and `[E]` bias.
+    Linear { hidden: Py<PyAny>, weight: Py<PyAny>, bias: Option<Py<PyAny>> },
+}
+
+/// The call a decision came from, kept for its backward: its source arrays,
+/// the configuration and the per-call arguments that change how a row is scored.
 pub struct BackwardInputs {
-    /// The `[T, E]` float32/float64 array that was routed.
-    pub logits: Py<PyAny>,
+    /// What was routed.
+    pub source: SavedSource,
     /// The configuration it was routed with.
     pub config: moe_router_core::RouterConfig,
     /// Training mode (noise) and the noise step.

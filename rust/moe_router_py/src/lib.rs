@@ -39,7 +39,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyTuple};
 
 use crate::config::PyRouterConfig;
-use crate::decision::{BackwardInputs, ExpertAssignment, RoutingDecision};
+use crate::decision::{BackwardInputs, ExpertAssignment, RoutingDecision, SavedSource};
 use crate::errors::{to_py, unreadable, wrong_type};
 
 const FLOAT_ARRAY: &str = "a C-contiguous float32 or float64 NumPy array";
@@ -54,7 +54,10 @@ fn borrow<'py, T: Element>(array: &Bound<'py, PyAny>, argument: &str) -> PyResul
 }
 
 /// The borrowed array as the core's `ArrayArg` (C-contiguous, else an `InputError`).
-fn arg<'a, T: Element>(array: &'a PyReadonlyArrayDyn<'_, T>, name: &'static str) -> PyResult<ArrayArg<'a, T>> {
+pub(crate) fn arg<'a, T: Element>(
+    array: &'a PyReadonlyArrayDyn<'_, T>,
+    name: &'static str,
+) -> PyResult<ArrayArg<'a, T>> {
     let data = array.as_slice().map_err(|_| unreadable(name, "it must be C-contiguous"))?;
     Ok(ArrayArg { name, data, shape: array.shape() })
 }
@@ -113,10 +116,10 @@ impl<'py> CallArgs<'py> {
         })
     }
 
-    /// What a decision keeps to differentiate this call on `logits`.
-    fn backward_inputs(&self, logits: &Bound<'py, PyAny>, config: &PyRouterConfig) -> BackwardInputs {
+    /// What a decision keeps to differentiate this call on `source`.
+    fn backward_inputs(&self, source: SavedSource, config: &PyRouterConfig) -> BackwardInputs {
         BackwardInputs {
-            logits: logits.clone().unbind(),
+            source,
             config: config.inner.clone(),
             training: self.training,
             step: self.step,
@@ -173,7 +176,7 @@ fn route_logits<'py>(
         let [t, e] = two_d(&x)?;
         let source = SliceLogits::new(x.data, t, e).map_err(to_py)?;
         let decision = args.run(py, (t, e), |call, p| core::route_into(&source, &config.inner, call, p))?;
-        Ok(decision.with_backward(args.backward_inputs(logits, config)))
+        Ok(decision.with_backward(args.backward_inputs(SavedSource::Logits(logits.clone().unbind()), config)))
     })
 }
 
@@ -197,7 +200,13 @@ fn route_hidden<'py>(
         let b = b.as_ref().map(|b| arg(b, "bias")).transpose()?;
         let source = LinearLogits::from_arrays(arg(&h, "hidden")?, arg(&w, "weight")?, b).map_err(to_py)?;
         let shape = (source.num_tokens(), source.num_experts());
-        args.run(py, shape, |call, p| core::route_into(&source, &config.inner, call, p))
+        let decision = args.run(py, shape, |call, p| core::route_into(&source, &config.inner, call, p))?;
+        let saved = SavedSource::Linear {
+            hidden: hidden.clone().unbind(),
+            weight: weight.clone().unbind(),
+            bias: bias.map(|b| b.clone().unbind()),
+        };
+        Ok(decision.with_backward(args.backward_inputs(saved, config)))
     })
 }
 
@@ -352,6 +361,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(gate_forward, m)?,
         wrap_pyfunction!(peer_load_balance_loss, m)?,
         wrap_pyfunction!(gate_layout, m)?,
+        wrap_pyfunction!(backward::linear_backward, m)?,
         wrap_pyfunction!(plan::moe_align_block_size, m)?,
         wrap_pyfunction!(set_num_threads, m)?,
         wrap_pyfunction!(get_num_threads, m)?,
