@@ -1,0 +1,178 @@
+"""PyTorch bridge: routing as a differentiable operation, and a drop-in top-k router module.
+
+:func:`route` is a ``torch.autograd.Function``: the forward routes in Rust,
+the backward is :meth:`RoutingDecision.backward` (closed form, in Rust), so
+the combine weights and the auxiliary loss carry gradients to the logits.
+:class:`TopKRouter` is an ``nn.Module`` with Hugging Face's router contract
+(``MixtralTopKRouter``, ``Qwen2MoeTopKRouter``): ``forward(hidden) ->
+(router_logits, expert_weights, expert_indices)``. torch is not a dependency of
+the package; this module imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ._core import ConfigError
+from .config import RouterConfig
+from .decision import RoutingDecision
+from .presets import preset
+from .routing import route_logits
+
+__all__ = ["TopKRouter", "route"]
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    """A CPU float32/float64 view (float16/bfloat16 are widened to float32, a copy)."""
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    return x.cpu().numpy()
+
+
+class _Route(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, config: RouterConfig, training: bool, call: Dict[str, Any],
+                box: List[RoutingDecision]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dec = route_logits(_numpy(logits), config, training=training, **call)
+        box.append(dec)
+        ctx.decision, ctx.dtype, ctx.shape = dec, logits.dtype, logits.shape
+        lead = tuple(logits.shape[:-1])
+        indices = torch.from_numpy(dec.expert_indices.astype(np.int64)).reshape(*lead, dec.top_k)
+        weights = torch.from_numpy(dec.expert_weights).reshape(*lead, dec.top_k)
+        aux = torch.tensor(dec.auxiliary_loss, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        ctx.mark_non_differentiable(indices)
+        return indices, weights, aux
+
+    @staticmethod
+    def backward(ctx: Any, _: Any, grad_weights: Optional[torch.Tensor],
+                 grad_aux: Optional[torch.Tensor]) -> Tuple[Any, ...]:
+        gw = None if grad_weights is None else grad_weights.detach().double().cpu().numpy()
+        ga = 0.0 if grad_aux is None else float(grad_aux)
+        grad = ctx.decision.backward(gw, ga)
+        return torch.from_numpy(grad).to(ctx.dtype).reshape(ctx.shape), None, None, None, None
+
+
+def route(logits: torch.Tensor, config: RouterConfig, training: bool = True,
+          **call: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, RoutingDecision]:
+    """Route ``logits`` with autograd: gradients flow to ``logits`` through the weights and the loss.
+
+    Parameters
+    ----------
+    logits : torch.Tensor, float, shape [T, E] or [B, S, E]
+        On the CPU (read without a copy for float32/float64; float16/bfloat16 are widened).
+    config : RouterConfig
+    training : bool, default True
+        Training mode (noise, training capacity factor).
+    **call
+        ``token_mask``, ``expert_bias``, ``step``: as :func:`moe_router.route_logits`.
+
+    Returns
+    -------
+    expert_indices : torch.Tensor, int64, shape [..., k]
+        Not differentiable.
+    expert_weights : torch.Tensor, float32, shape [..., k]
+    auxiliary_loss : torch.Tensor, scalar (float64 for float64 logits, else float32)
+    decision : RoutingDecision
+        Everything else (drops, counts, the dispatch plan).
+
+    Notes
+    -----
+    The backward is :meth:`RoutingDecision.backward` (selection fixed, balance counts
+    constant, as Megatron-Core and Hugging Face differentiate it); it returns the
+    gradient in the logits' dtype.
+
+    Raises
+    ------
+    ConfigError, InputError, TypeError
+        As :func:`moe_router.route_logits`.
+    """
+    box: List[RoutingDecision] = []
+    indices, weights, aux = _Route.apply(logits, config, training, call, box)
+    return indices, weights, aux, box[0]
+
+
+class TopKRouter(torch.nn.Module):
+    """A top-k router module with Hugging Face's contract, routed by moe_router.
+
+    Parameters
+    ----------
+    config : RouterConfig
+        E and k come from here (e.g. ``mr.preset("mixtral", 8, 2)``).
+    hidden_dim : int
+        D.
+
+    Attributes
+    ----------
+    weight : torch.nn.Parameter, shape [E, D]
+        torch's ``nn.Linear`` convention (logits = ``hidden @ weight.T``).
+    last_decision : RoutingDecision or None
+        The decision of the last forward (losses, statistics, dispatch plan).
+    auxiliary_loss : torch.Tensor or None
+        The last forward's differentiable auxiliary loss.
+    """
+
+    def __init__(self, config: RouterConfig, hidden_dim: int) -> None:
+        super().__init__()
+        self._setup(config, hidden_dim)
+        self.weight = torch.nn.Parameter(torch.randn(config.num_experts, hidden_dim) / hidden_dim ** 0.5)
+
+    def _setup(self, config: RouterConfig, hidden_dim: int) -> None:
+        if not isinstance(config, RouterConfig):
+            raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}")
+        self.config, self.hidden_dim = config, int(hidden_dim)
+        self.top_k, self.num_experts = config.top_k, config.num_experts
+        self.last_decision: Optional[RoutingDecision] = None
+        self.auxiliary_loss: Optional[torch.Tensor] = None
+
+    def forward(self, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``hidden_states [N, D] or [B, S, D]`` -> ``(router_logits [N, E], expert_weights [N, k],
+        expert_indices [N, k])``, the contract of Hugging Face's ``MixtralTopKRouter``."""
+        h = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = torch.nn.functional.linear(h, self.weight)
+        indices, weights, aux, dec = route(router_logits, self.config, training=self.training)
+        self.last_decision, self.auxiliary_loss = dec, aux
+        return router_logits, weights, indices
+
+    @classmethod
+    def from_hf(cls, module: torch.nn.Module, config: Optional[RouterConfig] = None) -> "TopKRouter":
+        """A router with ``module``'s weight (a copy) that is also an instance of ``module``'s class.
+
+        Hugging Face collects router logits by the router's class (``OutputRecorder``), so the
+        returned object subclasses both this class and ``type(module)``.
+
+        Parameters
+        ----------
+        module : torch.nn.Module
+            A Hugging Face router with ``weight [E, D]`` and ``top_k`` (Mixtral, Qwen2/3-MoE).
+        config : RouterConfig, optional
+            Default: the preset of the module's family (``mixtral``; ``qwen_moe`` with its
+            ``norm_topk_prob``).
+
+        Raises
+        ------
+        ConfigError
+            No config given and the module's family is not known.
+        """
+        weight = module.weight
+        e, d = int(weight.shape[0]), int(weight.shape[1])
+        if config is None:
+            name = type(module).__name__.lower()
+            k = int(getattr(module, "top_k"))
+            if "mixtral" in name:
+                config = preset("mixtral", e, k)
+            elif "qwen" in name:
+                config = preset("qwen_moe", e, k, norm_topk_prob=bool(getattr(module, "norm_topk_prob", False)))
+            else:
+                raise ConfigError(f"invalid module: no preset for {type(module).__name__}; pass config=")
+        both = type(f"MoeRouter{type(module).__name__}", (cls, type(module)), {})
+        router = both.__new__(both)
+        torch.nn.Module.__init__(router)
+        router._setup(config, d)
+        router.weight = torch.nn.Parameter(weight.detach().clone())
+        if hasattr(module, "norm_topk_prob"):
+            router.norm_topk_prob = module.norm_topk_prob
+        return router

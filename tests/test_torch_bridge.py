@@ -1,0 +1,136 @@
+"""The torch bridge: autograd through ``moe_router.torch.route`` against torch autograd on the same math,
+against Megatron-Core's router functions, and a Hugging Face Mixtral model with its routers swapped.
+Runs where torch (and the peers) are installed: the peers venv; skips elsewhere."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import moe_router as mr  # noqa: E402
+from moe_router.torch import TopKRouter, route  # noqa: E402
+
+
+def torch_reference(logits, dec, cfg):
+    """The decision's weights and auxiliary loss written in torch (selection from dec, counts constant)."""
+    T, E = logits.shape
+    k = cfg.top_k
+    s = torch.sigmoid(logits) if cfg.score_function == "sigmoid" else torch.softmax(logits, -1)
+    idx = torch.from_numpy(dec.expert_indices.astype(np.int64))
+    kept = torch.from_numpy(dec.kept)
+    S = s.gather(1, idx)
+    if cfg.renormalize_after_drop:
+        n = S * kept
+        w = cfg.weight_scale * n / n.sum(1, keepdim=True)
+    elif cfg.normalize_weights:
+        w = cfg.weight_scale * S * kept / S.sum(1, keepdim=True)
+    else:
+        w = cfg.weight_scale * S * kept
+    q = s / s.sum(1, keepdim=True)
+    f = torch.from_numpy(dec.pre_drop_tokens_per_expert.astype(np.float64)) / (T * k)
+    lb = E * (f * q.mean(0)).sum()
+    z = (torch.logsumexp(logits, -1) ** 2).mean()
+    return w, cfg.load_balance_loss_coeff * lb + cfg.router_z_loss_coeff * z
+
+
+@pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("cf", [None, 0.75])
+def test_route_gradients_equal_torch_autograd(score_function, normalize, cf):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, dtype=torch.float64, generator=g)
+    cfg = mr.RouterConfig(num_experts=8, top_k=2, score_function=score_function, normalize_weights=normalize,
+                          capacity_factor=cf, load_balance_loss_coeff=0.3, router_z_loss_coeff=0.01)
+    a = x.clone().requires_grad_()
+    idx, w, aux, dec = route(a, cfg)
+    gw = torch.randn(64, 2, dtype=torch.float64, generator=g)
+    ((w.double() * gw).sum() + 1.5 * aux).backward()
+    b = x.clone().requires_grad_()
+    wr, auxr = torch_reference(b, dec, cfg)
+    np.testing.assert_allclose(w.detach().numpy(), wr.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(float(aux), float(auxr), rtol=1e-12)
+    ((wr * gw).sum() + 1.5 * auxr).backward()
+    # the weights are float32, so their cotangent arrives rounded to float32
+    np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=1e-5, atol=1e-6 * float(b.grad.abs().max()))
+    assert idx.dtype == torch.int64 and not idx.requires_grad
+
+
+def test_float32_and_batched_logits():
+    x = torch.randn(2, 16, 8, requires_grad=True)
+    idx, w, aux, dec = route(x, mr.preset("mixtral", 8, 2, router_aux_loss_coef=0.01))
+    (w.sum() + aux).backward()
+    assert x.grad.shape == x.shape and x.grad.dtype == torch.float32 and w.shape == (2, 16, 2)
+
+
+def megatron_utils():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pytest.importorskip("megatron.core.transformer.moe.moe_utils")
+
+
+@pytest.mark.parametrize("pre_softmax", [False, True])
+@pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
+def test_gradients_equal_megatrons_router_functions(pre_softmax, score_function):
+    if score_function == "sigmoid" and pre_softmax:
+        pytest.skip("pre_softmax applies to softmax only")
+    mu = megatron_utils()
+    T, E, k = 128, 16, 4
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, E, generator=g)
+    G = torch.randn(T, E, generator=g)
+    coeff = 0.01
+    a = x.clone().requires_grad_()
+    probs, routing_map = mu.topk_routing_with_score_function(a, k, use_pre_softmax=pre_softmax,
+                                                             score_function=score_function)
+    map_aux, scores_aux = mu.compute_routing_scores_for_aux_loss(a, k, score_function)
+    aux_m = mu.switch_load_balancing_loss_func(probs=scores_aux, tokens_per_expert=map_aux.sum(0), total_num_tokens=T,
+                                               topk=k, num_experts=E, moe_aux_loss_coeff=coeff)
+    ((probs * G).sum() + aux_m).backward()
+    cfg = mr.preset("megatron", E, k, pre_softmax=pre_softmax, score_function=score_function, aux_loss_coeff=coeff)
+    b = x.clone().requires_grad_()
+    idx, w, aux, dec = route(b, cfg)
+    np.testing.assert_array_equal(dec.dispatch_plan().megatron_routing_map()[0], routing_map.numpy())
+    ((w * G.gather(1, idx)).sum() + aux).backward()
+    np.testing.assert_allclose(float(aux), float(aux_m), rtol=1e-5)
+    np.testing.assert_allclose(b.grad.numpy(), a.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def tiny_mixtral():
+    tr = pytest.importorskip("transformers")
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=64, router_aux_loss_coef=0.02, output_router_logits=True)
+    torch.manual_seed(0)
+    return MixtralForCausalLM(cfg).float(), tr
+
+
+def test_mixtral_with_swapped_routers_matches_the_stock_model():
+    stock, _ = tiny_mixtral()
+    swapped, _ = tiny_mixtral()
+    swapped.load_state_dict(stock.state_dict())
+    for layer in swapped.model.layers:
+        block = layer.mlp
+        block.gate = TopKRouter.from_hf(block.gate)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    outs = []
+    for model in (stock, swapped):
+        model.train()
+        out = model(input_ids=ids, labels=ids, output_router_logits=True)
+        out.loss.backward()
+        outs.append(out)
+    np.testing.assert_allclose(outs[1].logits.detach().numpy(), outs[0].logits.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(outs[1].aux_loss), float(outs[0].aux_loss), rtol=1e-5)
+    grads = dict(stock.named_parameters())
+    for name, p in swapped.named_parameters():
+        ref = grads[name].grad
+        assert (p.grad is None) == (ref is None), name
+        if ref is not None:
+            np.testing.assert_allclose(p.grad.numpy(), ref.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+    router = swapped.model.layers[0].mlp.gate
+    assert isinstance(router, type(stock.model.layers[0].mlp.gate)) and router.last_decision is not None
