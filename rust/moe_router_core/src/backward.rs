@@ -152,13 +152,25 @@ where
     }
     let active = saved.active_tokens.max(1) as f64;
     let aux = grads.auxiliary_loss;
-    // d(aux)/d q_te = lb_factor * n_e (+ the sequence term), d(aux)/d x_te (z) = z_factor * lse * softmax
+    // d(aux)/d q_te: the same for every token (micro-batch loss) plus its sequence's part.
     let lb_factor = aux * options.load_balance_loss_coeff * e as f64 / (k as f64 * active * active);
+    let dq_batch: Vec<f64> = saved.pre_drop_tokens_per_expert.iter().map(|&n| lb_factor * n as f64).collect();
+    let dq_sequence: Option<(usize, Vec<Vec<f64>>)> = if aux != 0.0 {
+        SequenceConstants::new(options, call, saved, t).map(|seq| {
+            let coeff = aux * options.seq_load_balance_loss_coeff;
+            let rows =
+                seq.counts.iter().zip(&seq.factor).map(|(c, &f)| c.iter().map(|&n| coeff * f * n as f64).collect());
+            (seq.length, rows.collect())
+        })
+    } else {
+        None
+    };
+    let has_dq = lb_factor != 0.0 || dq_sequence.is_some();
+    // d(aux)/d x_te from the z-loss: z_factor * lse_t * softmax(x_t)_e.
     let z_factor = aux * options.router_z_loss_coeff * 2.0 / active;
-    let seq = if aux != 0.0 { SequenceConstants::new(options, call, saved, t) } else { None };
     let ctx = RowContext::new(options, call, source.argument());
     let chunk = chunk_tokens(t, e);
-    let scratch = || (RowRouter::new(options), ChunkBuf::default(), RowGrad::new(e));
+    let scratch = || (RowRouter::new(options), ChunkBuf::default(), RowGrad::new(e, k));
     out.par_chunks_mut(chunk * e).enumerate().try_for_each_init(scratch, |(router, buf, work), (c, block)| {
         let start = c * chunk;
         let end = (start + chunk).min(t);
@@ -169,53 +181,72 @@ where
                 dst.fill(S::Elem::from_f64(0.0));
                 continue;
             }
-            let row = router.rescore(&ctx, tok, &rows[i * e..(i + 1) * e], &mut work.jitter)?;
+            let (row, max) = router.rescore(&ctx, tok, &rows[i * e..(i + 1) * e], &mut work.jitter)?;
             let scores = router.scores();
-            let at = tok * k..(tok + 1) * k;
-            work.ds.fill(0.0);
+            let sigmoid = options.score_function == ScoreFunction::Sigmoid;
+            if !sigmoid && grads.router_probs.is_none() {
+                let seq_row = dq_sequence.as_ref().map(|(len, rows)| &rows[tok / len][..]);
+                let weights = grads.expert_weights.map(|g| &g[tok * k..(tok + 1) * k]);
+                let lse = max - row.scale.ln();
+                softmax_row(
+                    options,
+                    saved,
+                    tok * k,
+                    weights,
+                    &dq_batch,
+                    seq_row,
+                    z_factor * lse,
+                    scores,
+                    row.scale,
+                    work,
+                );
+                for ((o, &d), &f) in dst.iter_mut().zip(&work.dx).zip(&work.jitter) {
+                    *o = S::Elem::from_f64(d * f);
+                }
+                continue;
+            }
+            // ds: the gradient with respect to the scores s_e = buffer[e] * scale.
+            match grads.router_probs {
+                Some(gp) => {
+                    for (d, &g) in work.ds.iter_mut().zip(&gp[tok * e..(tok + 1) * e]) {
+                        *d = f64::from(g);
+                    }
+                }
+                None => work.ds.fill(0.0),
+            }
             if let Some(g) = grads.expert_weights {
-                weight_term(options, saved, at.clone(), &g[at.clone()], scores, row.scale, &mut work.ds);
+                weight_term(options, saved, tok * k, &g[tok * k..(tok + 1) * k], scores, row.scale, work);
             }
-            if let Some(gp) = grads.router_probs {
-                for (d, &g) in work.ds.iter_mut().zip(&gp[tok * e..(tok + 1) * e]) {
-                    *d += f64::from(g);
-                }
+            if has_dq {
+                let seq_row = dq_sequence.as_ref().map(|(len, rows)| &rows[tok / len][..]);
+                distribution_term(sigmoid, scores, row.scale, row.prob_scale, &dq_batch, seq_row, &mut work.ds);
             }
-            // Balance losses, on the score distribution q.
-            work.dq.fill(0.0);
-            if lb_factor != 0.0 {
-                for (d, &n) in work.dq.iter_mut().zip(saved.pre_drop_tokens_per_expert) {
-                    *d += lb_factor * n as f64;
-                }
-            }
-            if let Some(seq) = &seq {
-                let s = tok / seq.length;
-                let f = aux * options.seq_load_balance_loss_coeff * seq.factor[s];
-                for (d, &n) in work.dq.iter_mut().zip(&seq.counts[s]) {
-                    *d += f * n as f64;
-                }
-            }
-            distribution_term(options.score_function, scores, row.scale, row.prob_scale, &work.dq, &mut work.ds);
             // Through the score function to the logits the router used.
-            let dx = &mut work.dx;
-            match options.score_function {
-                ScoreFunction::Sigmoid => {
-                    for ((d, &b), &g) in dx.iter_mut().zip(scores).zip(&work.ds) {
-                        let s = b * row.scale;
-                        *d = g * s * (1.0 - s);
-                    }
+            let (ds, dx) = (&work.ds, &mut work.dx);
+            if sigmoid {
+                for ((d, &b), &g) in dx.iter_mut().zip(scores).zip(ds) {
+                    let s = b * row.scale;
+                    *d = g * s * (1.0 - s);
                 }
-                _ => {
-                    let dot: f64 = scores.iter().zip(&work.ds).map(|(&b, &g)| b * row.scale * g).sum();
-                    for ((d, &b), &g) in dx.iter_mut().zip(scores).zip(&work.ds) {
-                        *d = b * row.scale * (g - dot);
-                    }
+            } else {
+                let dot: f64 = scores.iter().zip(ds).map(|(&b, &g)| b * g).sum::<f64>() * row.scale;
+                for ((d, &b), &g) in dx.iter_mut().zip(scores).zip(ds) {
+                    *d = b * row.scale * (g - dot);
                 }
             }
             if z_factor != 0.0 {
-                let lse = router.softmax_into(&mut work.softmax);
-                for (d, &p) in dx.iter_mut().zip(&work.softmax) {
-                    *d += z_factor * lse * p;
+                if sigmoid {
+                    let lse = router.softmax_into(&mut work.softmax);
+                    for (d, &p) in dx.iter_mut().zip(&work.softmax) {
+                        *d += z_factor * lse * p;
+                    }
+                } else {
+                    // softmax: the scores are the probabilities and scale = 1 / sum(exp(x - max)).
+                    let lse = max - row.scale.ln();
+                    let f = z_factor * lse * row.scale;
+                    for (d, &b) in dx.iter_mut().zip(scores) {
+                        *d += f * b;
+                    }
                 }
             }
             for ((o, &d), &f) in dst.iter_mut().zip(dx.iter()).zip(&work.jitter) {
@@ -229,91 +260,169 @@ where
 /// Per-thread buffers of the backward.
 struct RowGrad {
     ds: Vec<f64>,
-    dq: Vec<f64>,
     dx: Vec<f64>,
     softmax: Vec<f64>,
     jitter: Vec<f64>,
+    /// `[k]` numerator and denominator factors of the weights.
+    numerator: Vec<f64>,
+    denominator: Vec<f64>,
 }
 
 impl RowGrad {
-    fn new(e: usize) -> Self {
-        RowGrad { ds: vec![0.0; e], dq: vec![0.0; e], dx: vec![0.0; e], softmax: vec![0.0; e], jitter: vec![1.0; e] }
+    fn new(e: usize, k: usize) -> Self {
+        RowGrad {
+            ds: vec![0.0; e],
+            dx: vec![0.0; e],
+            softmax: vec![0.0; e],
+            jitter: vec![1.0; e],
+            numerator: vec![0.0; k],
+            denominator: vec![0.0; k],
+        }
     }
 }
 
-/// `ds += d(sum_j g_j w_j)/ds` for one token (see the module docs).
+/// `ds += d(sum_j g_j w_j)/ds` for the token whose choices start at `first` (see the module docs).
 fn weight_term(
     options: &RouterConfig,
     saved: &SavedRouting,
-    at: std::ops::Range<usize>,
+    first: usize,
     g: &[f64],
     buffer: &[f64],
     scale: f64,
-    ds: &mut [f64],
+    work: &mut RowGrad,
 ) {
     let ws = options.weight_scale;
-    let score = |x: i32| buffer[x as usize] * scale;
-    let experts = &saved.original_experts[at.clone()];
-    let moved = |j: usize| !saved.rerouted.is_empty() && saved.rerouted[at.start + j];
-    let numerator: Vec<f64> = (0..g.len())
-        .map(|j| match (saved.kept[at.start + j], moved(j)) {
+    let k = g.len();
+    let experts = &saved.original_experts[first..first + k];
+    for j in 0..k {
+        let moved = !saved.rerouted.is_empty() && saved.rerouted[first + j];
+        work.numerator[j] = match (saved.kept[first + j], moved) {
             (false, _) => 0.0,
             (true, true) => options.reroute_weight_scale,
             (true, false) => 1.0,
-        })
-        .collect();
-    let denominator: Option<Vec<f64>> = if options.renormalize_after_drop {
-        Some(numerator.clone())
-    } else if options.normalize_weights {
-        Some((0..g.len()).map(|j| if saved.routed[at.start + j] { 1.0 } else { 0.0 }).collect())
-    } else {
-        None
-    };
-    match denominator {
-        None => {
-            for (j, &x) in experts.iter().enumerate() {
-                if numerator[j] != 0.0 {
-                    ds[x as usize] += ws * g[j] * numerator[j];
-                }
+        };
+        work.denominator[j] = if options.renormalize_after_drop {
+            work.numerator[j]
+        } else if saved.routed[first + j] {
+            1.0
+        } else {
+            0.0
+        };
+    }
+    let (n, d, ds) = (&work.numerator, &work.denominator, &mut work.ds);
+    if !options.renormalize_after_drop && !options.normalize_weights {
+        for j in 0..k {
+            if n[j] != 0.0 {
+                ds[experts[j] as usize] += ws * g[j] * n[j];
             }
         }
-        Some(d) => {
-            let b: f64 = experts.iter().zip(&d).map(|(&x, &dj)| if dj != 0.0 { dj * score(x) } else { 0.0 }).sum();
-            if b > 0.0 {
-                let weighted: f64 = (0..g.len())
-                    .map(|j| g[j] * numerator[j] * if numerator[j] != 0.0 { score(experts[j]) } else { 0.0 })
-                    .sum();
-                for (j, &x) in experts.iter().enumerate() {
-                    if numerator[j] != 0.0 {
-                        ds[x as usize] += ws * g[j] * numerator[j] / b;
-                    }
-                    if d[j] != 0.0 {
-                        ds[x as usize] -= d[j] * ws * weighted / (b * b);
-                    }
-                }
+        return;
+    }
+    let score = |j: usize| buffer[experts[j] as usize] * scale;
+    let b: f64 = (0..k).filter(|&j| d[j] != 0.0).map(|j| d[j] * score(j)).sum();
+    if b <= 0.0 {
+        return;
+    }
+    let weighted: f64 = (0..k).filter(|&j| n[j] != 0.0).map(|j| g[j] * n[j] * score(j)).sum();
+    for j in 0..k {
+        let x = experts[j] as usize;
+        if n[j] != 0.0 {
+            ds[x] += ws * g[j] * n[j] / b;
+        }
+        if d[j] != 0.0 {
+            ds[x] -= d[j] * ws * weighted / (b * b);
+        }
+    }
+}
+
+/// The softmax row without a `router_probs` cotangent, in two dense passes:
+/// with `ds = dq + (the weights' k sparse entries)` and `z` the z-loss factor
+/// times lse, `dx_e = s_e (ds_e - sum_f s_f ds_f + z)`. Writes `work.dx`.
+#[allow(clippy::too_many_arguments)]
+fn softmax_row(
+    options: &RouterConfig,
+    saved: &SavedRouting,
+    first: usize,
+    weights: Option<&[f64]>,
+    dq_batch: &[f64],
+    dq_sequence: Option<&[f64]>,
+    z: f64,
+    buffer: &[f64],
+    scale: f64,
+    work: &mut RowGrad,
+) {
+    // The weights' entries, gathered into ds at their experts only.
+    let k = work.numerator.len();
+    let experts = &saved.original_experts[first..first + k];
+    if let Some(g) = weights {
+        for &x in experts {
+            work.ds[x as usize] = 0.0;
+        }
+        weight_term(options, saved, first, g, buffer, scale, work);
+    }
+    let dense: f64 = match dq_sequence {
+        None => buffer.iter().zip(dq_batch).map(|(&b, &q)| b * q).sum(),
+        Some(seq) => buffer.iter().zip(dq_batch).zip(seq).map(|((&b, &q), &r)| b * (q + r)).sum(),
+    };
+    let sparse: f64 = if weights.is_some() {
+        let mut seen = 0.0;
+        for (j, &x) in experts.iter().enumerate() {
+            // an expert appears once among a token's choices, except as a filler beyond its eligible ones
+            if !experts[..j].contains(&x) {
+                seen += buffer[x as usize] * work.ds[x as usize];
+            }
+        }
+        seen
+    } else {
+        0.0
+    };
+    let c = (dense + sparse) * scale - z;
+    match dq_sequence {
+        None => {
+            for ((d, &b), &q) in work.dx.iter_mut().zip(buffer).zip(dq_batch) {
+                *d = b * scale * (q - c);
+            }
+        }
+        Some(seq) => {
+            for (((d, &b), &q), &r) in work.dx.iter_mut().zip(buffer).zip(dq_batch).zip(seq) {
+                *d = b * scale * (q + r - c);
+            }
+        }
+    }
+    if weights.is_some() {
+        for (j, &x) in experts.iter().enumerate() {
+            if !experts[..j].contains(&x) {
+                let x = x as usize;
+                work.dx[x] += buffer[x] * scale * work.ds[x];
             }
         }
     }
 }
 
-/// `ds += (dq through q)`: `q = s` for softmax, `q = s / sum(s)` for sigmoid.
-fn distribution_term(function: ScoreFunction, buffer: &[f64], scale: f64, prob_scale: f64, dq: &[f64], ds: &mut [f64]) {
-    if dq.iter().all(|&d| d == 0.0) || prob_scale == 0.0 {
+/// `ds += (dq through q)` with `dq = dq_batch (+ dq_sequence)`: `q = s` for softmax,
+/// `q = s / sum(s)` for sigmoid (`sum(s) = scale / prob_scale`).
+fn distribution_term(
+    sigmoid: bool,
+    buffer: &[f64],
+    scale: f64,
+    prob_scale: f64,
+    dq_batch: &[f64],
+    dq_sequence: Option<&[f64]>,
+    ds: &mut [f64],
+) {
+    if prob_scale == 0.0 {
         return;
     }
-    match function {
-        ScoreFunction::Sigmoid => {
-            // q_e = s_e / S, S = scale / prob_scale; d q_e / d s_f = (delta_ef - q_e) / S
-            let sum = scale / prob_scale;
-            let dot: f64 = buffer.iter().zip(dq).map(|(&b, &d)| b * prob_scale * d).sum();
-            for (s, &d) in ds.iter_mut().zip(dq) {
-                *s += (d - dot) / sum;
-            }
+    let dq = |e: usize| dq_batch[e] + dq_sequence.map_or(0.0, |s| s[e]);
+    if sigmoid {
+        let sum = scale / prob_scale;
+        let dot: f64 = buffer.iter().enumerate().map(|(e, &b)| b * prob_scale * dq(e)).sum();
+        for (e, s) in ds.iter_mut().enumerate() {
+            *s += (dq(e) - dot) / sum;
         }
-        _ => {
-            for (s, &d) in ds.iter_mut().zip(dq) {
-                *s += d;
-            }
+    } else {
+        for (e, s) in ds.iter_mut().enumerate() {
+            *s += dq(e);
         }
     }
 }

@@ -349,7 +349,8 @@ impl RowRouter {
     }
 
     /// Score token `token` again exactly as the routing pass did (validation,
-    /// training noise, scores), for the backward. `jitter[e]` receives
+    /// training noise, scores), for the backward; also returns the row's largest
+    /// (noisy) logit. `jitter[e]` receives
     /// `d x'_e / d x_e`, the multiplicative jitter factor (1 without jitter).
     pub(crate) fn rescore<F: Logit>(
         &mut self,
@@ -357,7 +358,7 @@ impl RowRouter {
         token: usize,
         raw: &[F],
         jitter: &mut [f64],
-    ) -> Result<crate::score::RowScores> {
+    ) -> Result<(crate::score::RowScores, f64)> {
         let read = self.read_row(ctx, token, raw)?;
         let mut max = read.max;
         jitter.fill(1.0);
@@ -371,7 +372,7 @@ impl RowRouter {
             }
             max = self.add_noise(options, ctx.call.step, token);
         }
-        Ok(score_row(ctx.simd, ctx.options.score_function, &self.logits, max, &mut self.scores))
+        Ok((score_row(ctx.simd, ctx.options.score_function, &self.logits, max, &mut self.scores), max))
     }
 
     /// The score buffer of the last [`RowRouter::rescore`] (`score_e = buffer[e] * scale`).
