@@ -12,7 +12,7 @@ NumPy buffers without copying and with the GIL released.
 ((64, 2), 20)
 """
 
-from ._core import ConfigError, InputError, RouterError
+from ._core import ConfigError, ConfigTypeError, InputError, InputTypeError, RouterError
 from .balancer import LoadBalancer, LoadBalancingStats
 from .config import RouterConfig
 from .decision import ExpertAssignment, RoutingDecision
@@ -24,10 +24,12 @@ from .stats import RoutingStats
 
 __all__ = [
     "ConfigError",
+    "ConfigTypeError",
     "ExpertAssignment",
     "ExpertRouter",
     "GateNetwork",
     "InputError",
+    "InputTypeError",
     "LoadBalancer",
     "LoadBalancingStats",
     "PRESETS",

@@ -74,24 +74,28 @@ class ExpertRouter:
     Raises
     ------
     ConfigError
-        Bad ``input_dim``, ``gate`` or ``group_top_k``.
+        Bad ``input_dim`` (an int in ``[1, 2**31 - 1]``), ``seed`` (an int in
+        ``[0, 2**64 - 1]``), ``gate``, ``router_dtype`` or ``group_top_k``.
+    ConfigTypeError
+        (a ``ConfigError`` and a ``TypeError``) one of those of the wrong type,
+        ``config`` not a RouterConfig or ``balancer`` not a LoadBalancer.
     InputError
         ``weight`` or ``bias`` of the wrong shape, or not finite.
-    TypeError
-        ``config`` is not a RouterConfig.
+    InputTypeError
+        ``weight`` or ``bias`` not a floating-point (bias: real) array.
     """
 
     def __init__(self, config: RouterConfig, input_dim: int, seed: int = 0, weight: Any = None,
                  bias: Any = None, gate: str = "auto", group_top_k: Optional[int] = None,
                  balancer: Optional[LoadBalancer] = None, router_dtype: Optional[str] = None) -> None:
-        if not isinstance(config, RouterConfig):
-            raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}")
-        if gate not in _GATES:
-            raise ConfigError(f"invalid gate: got {gate!r}; must be one of {', '.join(map(repr, _GATES))}")
-        if router_dtype not in (None, "float32", "float64"):
-            raise ConfigError(f"invalid router_dtype: got {router_dtype!r}; must be None, 'float32' or 'float64'")
+        _inputs.instance(config, "config", RouterConfig)
+        _inputs.choice(gate, "gate", _GATES)
+        _inputs.choice(router_dtype, "router_dtype", (None, "float32", "float64"))
+        seed = _inputs.integer(seed, "seed")
+        if balancer is not None:
+            _inputs.instance(balancer, "balancer", LoadBalancer)
         self.config = config
-        self.input_dim = _inputs.count(input_dim, "input_dim")
+        self.input_dim = _inputs.integer(input_dim, "input_dim", 1, _inputs.I32_MAX)
         self.router_dtype = router_dtype
         e = config.num_experts
         hierarchical = gate == "hierarchical" or (gate == "auto" and weight is None and e > 32)
@@ -160,9 +164,8 @@ class ExpertRouter:
 
         Raises
         ------
-        TypeError
+        InputTypeError
             ``new_weights`` is not a floating-point array.
-        ------
         InputError
             The new weight's shape differs from the current ``[D, E]`` (both shapes
             are named), or it holds NaN/inf.
@@ -218,8 +221,8 @@ class ExpertRouter:
         InputError
             Wrong rank, or last dimension != ``input_dim``; NaN/inf in the hidden
             states (reported as the router logits of the first offending token).
-        TypeError
-            Non-floating-point input.
+        InputTypeError
+            Non-floating-point input, or a flag that is not a bool.
         """
         rows, batch_shape = _inputs.float_rows(hidden, "hidden", self.input_dim, "input_dim",
                                                dtype=compute_dtype(hidden, self.router_dtype))
@@ -255,8 +258,8 @@ class ExpertRouter:
         ------
         InputError
             Wrong shape; NaN/+inf logits or an all -inf row (first offending token named).
-        TypeError
-            Not a real-valued array, or a non-bool flag.
+        InputTypeError
+            Not a real-valued array, or a flag that is not a bool.
         """
         rows, batch_shape = _inputs.float_rows(logits, "logits", self.config.num_experts, "num_experts", integers=True)
         return self._route(_core.route_logits, (rows,), batch_shape, training, token_mask, return_probs)

@@ -54,11 +54,17 @@ def route_logits(
 
     Raises
     ------
-    TypeError
-        ``logits`` is not a floating-point array, or ``config`` is not a RouterConfig.
+    InputTypeError
+        (an ``InputError`` and a ``TypeError``) ``logits`` is not a real-valued
+        array (bool, complex, strings, objects), ``token_mask`` not a bool (or
+        0/1 integer) array, ``expert_bias`` not real-valued, ``training`` or
+        ``return_probs`` not a bool, ``step`` not an int.
+    ConfigTypeError
+        (a ``ConfigError`` and a ``TypeError``) ``config`` is not a RouterConfig.
     InputError
         (a ``ValueError``) wrong shape; NaN or +inf logits, or a row that is all
-        ``-inf``, with the index of the first offending token; non-finite bias.
+        ``-inf``, with the index of the first offending token; non-finite bias;
+        ``step`` outside ``[0, 2**64 - 1]``.
 
     Notes
     -----
@@ -75,8 +81,7 @@ def route_logits(
     >>> dec.expert_indices.tolist(), [round(w, 4) for w in dec.expert_weights[0].tolist()]
     ([[0, 1]], [0.6439, 0.2369])
     """
-    if not isinstance(config, RouterConfig):
-        raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}")
+    _inputs.instance(config, "config", RouterConfig)
     rows, batch_shape = _inputs.float_rows(logits, "logits", config.num_experts, "num_experts", integers=True)
     mask = _inputs.token_mask(token_mask, batch_shape)
     bias = _inputs.expert_bias(expert_bias, config.num_experts)

@@ -20,6 +20,7 @@ How the figures are defined:
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections import deque
 from operator import attrgetter
@@ -27,7 +28,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, TypeVar, c
 
 import numpy as np
 
-from ._core import ConfigError, InputError
+from . import _inputs
+from ._core import InputError
 
 __all__ = ["RoutingStats"]
 
@@ -45,9 +47,8 @@ _T = TypeVar("_T")
 
 
 def _int_at_least(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    """A size setting: an int in ``[minimum, sys.maxsize]`` (what a ``deque`` or a count can hold)."""
+    return _inputs.integer(value, name, minimum, sys.maxsize)
 
 
 def _per_mean(values: np.ndarray, spread: Callable[[np.ndarray], Any]) -> float:
@@ -113,7 +114,9 @@ class RoutingStats:
     Raises
     ------
     ConfigError
-        ``window`` or ``history`` is not an integer >= 1.
+        ``window`` or ``history`` is an int outside ``[1, sys.maxsize]``.
+    ConfigTypeError
+        ``window`` or ``history`` is not an int (a float, a bool, ...).
 
     Notes
     -----
@@ -197,9 +200,11 @@ class RoutingStats:
         InputError
             ``latency_s`` is negative or not finite, or the decision has a
             different number of experts than the decisions recorded before.
+        InputTypeError
+            ``latency_s`` is not a real number (nor None).
         """
         if latency_s is not None:
-            latency = float(latency_s)
+            latency = _inputs.real(latency_s, "latency_s", InputError)
             if not (math.isfinite(latency) and latency >= 0.0):
                 raise InputError(f"latency_s must be a finite number of seconds >= 0, got {latency_s!r}")
         kept_e = np.asarray(decision.tokens_per_expert, dtype=np.int64)
@@ -371,8 +376,10 @@ class RoutingStats:
         ------
         InputError
             ``q`` outside [0, 100].
+        InputTypeError
+            ``q`` is not a real number.
         """
-        q = float(q)
+        q = _inputs.real(q, "q", InputError)
         if not 0.0 <= q <= 100.0:
             raise InputError(f"q must be a percentile in [0, 100], got {q!r}")
         with self._lock:

@@ -50,8 +50,8 @@ mod topk;
 pub use array_arg::ArrayArg;
 pub use capacity::expert_capacity;
 pub use config::{
-    CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore, GroupScoreInput, Overflow, Peer,
-    RouterConfig, ScoreFunction, TOP_K_ALIAS,
+    integer_range, CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore, GroupScoreInput,
+    Overflow, Peer, RouterConfig, ScoreFunction, TOP_K_ALIAS,
 };
 pub use decimal::Decimal;
 pub use error::{Result, RouterError};

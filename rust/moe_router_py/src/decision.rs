@@ -10,7 +10,9 @@ use numpy::{PyArray2, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
+use crate::args::{integer, real};
 use crate::arrays;
+use crate::errors::Family;
 
 /// One kept (token, expert) assignment.
 ///
@@ -35,10 +37,23 @@ pub struct ExpertAssignment {
 
 #[pymethods]
 impl ExpertAssignment {
+    /// Raises ``InputTypeError`` for a non-int id, token or rank (or a non-real
+    /// probability), ``InputError`` for an int outside int64.
     #[new]
     #[pyo3(signature = (expert_id, probability, token_idx, expert_rank))]
-    fn new(expert_id: i64, probability: f64, token_idx: i64, expert_rank: i64) -> Self {
-        ExpertAssignment { expert_id, probability, token_idx, expert_rank }
+    fn new(
+        expert_id: &Bound<'_, PyAny>,
+        probability: &Bound<'_, PyAny>,
+        token_idx: &Bound<'_, PyAny>,
+        expert_rank: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        let int = |v: &Bound<'_, PyAny>, name: &str| integer(v, name, i64::MIN.into(), i64::MAX.into(), Family::Input);
+        Ok(ExpertAssignment {
+            expert_id: int(expert_id, "expert_id")?,
+            probability: real(probability, "probability", Family::Input)?,
+            token_idx: int(token_idx, "token_idx")?,
+            expert_rank: int(expert_rank, "expert_rank")?,
+        })
     }
 
     /// True when ``0 <= probability <= 1`` (a ``weight_scale`` > 1 can exceed it).

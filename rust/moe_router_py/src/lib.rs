@@ -2,6 +2,7 @@
 //! arrays, then hands the core call to [`run`], which releases the GIL, enters
 //! the routing pool, maps errors and wraps the result in a `RoutingDecision`.
 
+mod args;
 mod arrays;
 mod config;
 mod decision;
@@ -16,11 +17,12 @@ use numpy::{Element, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, P
 use pyo3::exceptions::PyRuntimeWarning;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyTuple};
+use pyo3::types::{PyDict, PyTuple};
 
+use crate::args::{count, flag, integer};
 use crate::config::PyRouterConfig;
 use crate::decision::{ExpertAssignment, RoutingDecision};
-use crate::errors::{to_py, unreadable, wrong_type};
+use crate::errors::{to_py, unreadable, wrong_type, Family};
 
 const FLOAT_ARRAY: &str = "a C-contiguous float32 or float64 NumPy array";
 
@@ -81,14 +83,18 @@ impl<'py> CallArgs<'py> {
         };
         for (key, value) in kwargs.into_iter().flatten() {
             let key: String = key.extract()?;
-            let typed = |what: &str| wrong_type(&key, what, &value);
+            let input = Family::Input;
             match key.as_str() {
                 _ if value.is_none() && key != "training" && key != "return_probs" && key != "step" => {}
-                "training" => args.training = value.extract().map_err(|_| typed("True or False"))?,
-                "return_probs" => args.return_probs = value.extract().map_err(|_| typed("True or False"))?,
-                "step" => args.step = value.extract().map_err(|_| typed("an integer in [0, 2**64)"))?,
-                "sequence_length" => args.sequence_length = Some(value.extract().map_err(|_| typed("an integer"))?),
-                "batch_shape" => args.batch_shape = Some(value.extract().map_err(|_| typed("a tuple of ints"))?),
+                "training" => args.training = flag(&value, "training", input)?,
+                "return_probs" => args.return_probs = flag(&value, "return_probs", input)?,
+                "step" => args.step = integer(&value, "step", 0, u64::MAX.into(), input)?,
+                "sequence_length" => args.sequence_length = Some(count(&value, "sequence_length", 0, input)?),
+                "batch_shape" => {
+                    let dims: PyResult<Vec<usize>> =
+                        value.try_iter()?.map(|d| count(&d?, "batch_shape", 0, input)).collect();
+                    args.batch_shape = Some(dims?);
+                }
                 "token_mask" => args.token_mask = Some(borrow::<bool>(&value, "token_mask")?),
                 "expert_bias" => args.expert_bias = Some(borrow::<f64>(&value, "expert_bias")?),
                 _ => return Err(PyTypeError::new_err(format!("unexpected keyword argument '{key}'"))),
@@ -195,11 +201,12 @@ fn route_gate<'py>(
     hidden: &Bound<'py, PyAny>,
     group_weight: &Bound<'py, PyAny>,
     expert_weight: &Bound<'py, PyAny>,
-    group_top_k: Option<usize>,
+    group_top_k: Option<&Bound<'py, PyAny>>,
     config: &PyRouterConfig,
     call: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<RoutingDecision> {
     let args = CallArgs::from_kwargs(call)?;
+    let group_top_k = gate_groups(group_top_k)?;
     let options = config.inner.for_gate();
     with_float_dtype!(hidden, "hidden", T => {
         with_gate::<T, _>(hidden, group_weight, expert_weight, options.num_experts, group_top_k, |gate| {
@@ -233,9 +240,11 @@ fn gate_forward<'py>(
     hidden: &Bound<'py, PyAny>,
     group_weight: &Bound<'py, PyAny>,
     expert_weight: &Bound<'py, PyAny>,
-    num_experts: usize,
-    group_top_k: Option<usize>,
+    num_experts: &Bound<'py, PyAny>,
+    group_top_k: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let num_experts = experts_arg(num_experts)?;
+    let group_top_k = gate_groups(group_top_k)?;
     with_float_dtype!(hidden, "hidden", T => {
         with_gate::<T, _>(hidden, group_weight, expert_weight, num_experts, group_top_k, |gate| {
             let (t, e) = (gate.num_tokens(), gate.num_experts());
@@ -276,9 +285,19 @@ fn peer_load_balance_loss(
 
 /// ``(G, P)``: the hierarchical gate's ``G = ceil(sqrt(E))`` groups of ``P = ceil(E / G)`` experts.
 #[pyfunction]
-fn gate_layout(num_experts: usize) -> (usize, usize) {
-    let s = GateShape::for_experts(num_experts);
-    (s.groups, s.per_group)
+fn gate_layout(num_experts: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
+    let s = GateShape::for_experts(experts_arg(num_experts)?);
+    Ok((s.groups, s.per_group))
+}
+
+/// The gate's `num_experts` argument: an int in `[1, 2**31 - 1]` (expert ids are int32).
+fn experts_arg(value: &Bound<'_, PyAny>) -> PyResult<usize> {
+    integer(value, "num_experts", 1, i32::MAX.into(), Family::Config)
+}
+
+/// The gate's `group_top_k` argument: None (dense) or an int >= 1 (the gate checks it against G).
+fn gate_groups(value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
+    value.filter(|v| !v.is_none()).map(|v| count(v, "group_top_k", 1, Family::Config)).transpose()
 }
 
 /// `[T, E]` of a 2-D argument (the Python wrapper flattens `[B, S, E]`).
@@ -300,17 +319,13 @@ fn two_d<T>(x: &ArrayArg<'_, T>) -> PyResult<[usize; 2]> {
 /// Raises
 /// ------
 /// ConfigError
-///     ``n`` is not an integer in that range.
+///     ``n`` is an integer outside that range.
+/// ConfigTypeError
+///     ``n`` is not an int (a float, a bool, a string, ...).
 #[pyfunction]
 fn set_num_threads(n: &Bound<'_, PyAny>) -> PyResult<()> {
-    let count = if n.is_instance_of::<PyBool>() { None } else { n.extract::<usize>().ok() };
-    let count = count.filter(|&c| c <= threads::MAX_THREADS).ok_or_else(|| {
-        let shown = n.repr().map(|r| r.to_string()).unwrap_or_default();
-        errors::bad_threads(format!(
-            "invalid num_threads: got {shown}; must be an integer in [0, {}] (0 = one thread per core)",
-            threads::MAX_THREADS
-        ))
-    })?;
+    let most = i128::try_from(threads::MAX_THREADS).unwrap_or(i128::MAX);
+    let count = integer(n, "num_threads", 0, most, Family::Config)?;
     threads::set_num_threads(count).map_err(errors::bad_threads)
 }
 
@@ -341,6 +356,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RouterError", py.get_type::<errors::RouterError>())?;
     m.add("ConfigError", py.get_type::<errors::ConfigError>())?;
     m.add("InputError", py.get_type::<errors::InputError>())?;
+    m.add("ConfigTypeError", errors::type_error_class(py, Family::Config)?)?;
+    m.add("InputTypeError", errors::type_error_class(py, Family::Input)?)?;
     m.add("CHUNK_TOKENS", core::CHUNK_TOKENS)?;
     m.add("MAX_THREADS", threads::MAX_THREADS)?;
     m.add("PEERS", PyTuple::new(py, Peer::spellings().collect::<Vec<_>>())?)?;
