@@ -216,7 +216,8 @@ def test_error_bad_options(argv: list, needle: str, tmp_path: Path, capsys: pyte
 
 
 @pytest.mark.parametrize("make, needle", [
-    (lambda p: np.save(p / "i.npy", np.arange(12).reshape(3, 4)), "floating point"),
+    (lambda p: np.save(p / "i.npy", np.ones((3, 4), dtype=bool)), "floating-point or integer"),
+    (lambda p: np.save(p / "i.npy", np.ones((3, 4), dtype=np.complex64)), "complex64"),
     (lambda p: np.save(p / "i.npy", np.zeros(5, dtype=np.float32)), "shape"),
     (lambda p: (p / "i.npz").write_bytes(b"not a zip"), "cannot read"),
     (lambda p: (p / "i.txt").write_text("1 2 3"), ".npy or .npz"),
@@ -226,6 +227,36 @@ def test_error_bad_files(make, needle: str, tmp_path: Path, capsys: pytest.Captu
     (path,) = list(tmp_path.iterdir())
     err = run_error(capsys, "route", str(path))
     assert needle in err
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int32, np.int64, np.uint16, np.float16, np.float64, np.bool_,
+                                   np.complex128], ids=lambda d: np.dtype(d).name)
+def test_file_dtypes_follow_the_api(dtype, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The command routes a file exactly when route_logits accepts its array, with the same result."""
+    logits = (np.arange(40).reshape(10, 4) % 7).astype(dtype)
+    path = tmp_path / "l.npy"
+    np.save(path, logits)
+    cfg = mr.RouterConfig(num_experts=4, top_k=2)
+    try:
+        decision = mr.route_logits(logits, cfg)
+    except TypeError:
+        assert "router logits must be floating-point or integer" in run_error(capsys, "route", str(path))
+        return
+    report = route_json(capsys, str(path))
+    assert_matches(report, decision)
+    assert report["source"]["dtype"] == np.dtype(dtype).name
+
+
+def test_integer_npz_is_chosen_when_no_float_array(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ints = np.arange(60, dtype=np.int32).reshape(3, 5, 4) % 5
+    path = tmp_path / "ints.npz"
+    np.savez(path, logits=ints, lengths=np.array([5, 5, 5]))
+    report = route_json(capsys, str(path))
+    assert report["source"]["key"] == "logits"
+    assert_matches(report, mr.route_logits(ints, mr.RouterConfig(num_experts=4, top_k=2)))
+    # With a float array there, the float array is the logits (an integer mask is not).
+    np.savez(path, mask=np.ones((3, 5), np.int8), logits=ints.astype(np.float32))
+    assert route_json(capsys, str(path))["source"]["key"] == "logits"
 
 
 def test_error_key_without_file(capsys: pytest.CaptureFixture) -> None:

@@ -24,6 +24,19 @@ U64_MAX = 2**64 - 1
 I32_MAX = 2**31 - 1
 _TYPE_ERRORS: Dict[type, Type[Exception]] = {ConfigError: ConfigTypeError, InputError: InputTypeError}
 
+#: NumPy dtype kinds each array argument accepts (the command line reads files by the
+#: same rule). Logits and biases may be integers (logits read from JSON, say), which are
+#: converted to float64; hidden states and router weights must be floating point.
+LOGITS_KINDS = "fiu"
+HIDDEN_KINDS = "f"
+WEIGHT_KINDS = "f"
+BIAS_KINDS = "fiu"
+
+
+def kinds_text(kinds: str) -> str:
+    """What an array of ``kinds`` may hold, as messages say it."""
+    return "floating-point or integer" if "i" in kinds else "floating-point"
+
 
 # --------------------------------------------------------------------------- scalars
 #
@@ -145,16 +158,17 @@ def as_array(x: Any, name: str) -> np.ndarray:
         except Exception as exc:
             raise InputTypeError(f"{name} cannot be read through __dlpack__: {exc}") from exc
     raise InputTypeError(f"{name} must be an array (NumPy, torch CPU tensor, or anything with __array__ "
-                    f"or __dlpack__), got {type(x).__name__}")
+                         f"or __dlpack__), got {type(x).__name__}")
 
 
 def float_rows(x: Any, name: str, width: int, width_name: str,
-               dtype: Optional[np.dtype] = None, integers: bool = False) -> Tuple[np.ndarray, Tuple[int, ...]]:
+               dtype: Optional[np.dtype] = None, kinds: str = HIDDEN_KINDS) -> Tuple[np.ndarray, Tuple[int, ...]]:
     """``x`` as a C-contiguous float32/float64 ``[T, width]`` array plus its batch shape.
 
-    Accepts ``[T, width]`` and ``[B, S, width]``. ``dtype`` forces float32 or
+    Accepts ``[T, width]`` and ``[B, S, width]`` of the dtype ``kinds``
+    (:data:`LOGITS_KINDS`, :data:`HIDDEN_KINDS`). ``dtype`` forces float32 or
     float64 (a converted copy when it differs); by default float32/float64 stay
-    as they are and float16 becomes float32.
+    as they are, float16 becomes float32, longdouble and integers float64.
 
     Raises
     ------
@@ -167,15 +181,11 @@ def float_rows(x: Any, name: str, width: int, width_name: str,
     if a.ndim == 1 and a.size == 0:
         a = a.reshape(0, width)  # an empty list: zero tokens
     if a.dtype not in _FLOAT_OK:
-        if integers and a.dtype.kind in "iu":
-            # Integer-valued logits (e.g. read from JSON) are exact in float64.
-            a = a.astype(np.float64)
-        elif a.dtype.kind != "f":
-            accepted = "float16 and integers are converted" if integers else "float16 is converted"
-            raise InputTypeError(f"{name} must be a floating-point array (float32 or float64 are read in place; "
-                            f"{accepted}), got dtype {a.dtype}")
-        else:
-            a = a.astype(np.float64 if a.dtype.itemsize > 8 else np.float32)
+        if a.dtype.kind not in kinds:
+            accepted = "float16 and integers are converted" if "i" in kinds else "float16 is converted"
+            raise InputTypeError(f"{name} must be a {kinds_text(kinds)} array (float32 or float64 are read in "
+                                 f"place; {accepted}), got dtype {a.dtype}")
+        a = a.astype(np.float64 if a.dtype.kind in "iu" or a.dtype.itemsize > 8 else np.float32)
     if dtype is not None and a.dtype != dtype:
         a = a.astype(dtype)
     if a.ndim not in (2, 3):
@@ -202,7 +212,8 @@ def token_mask(mask: Any, batch_shape: Tuple[int, ...]) -> Optional[np.ndarray]:
     if m.dtype != np.bool_:
         if m.dtype.kind not in "iu" or (m.size and not np.isin(m, (0, 1)).all()):
             raise InputTypeError(f"token_mask must be a bool array, or integers 0/1 (True = route the token), "
-                            f"got dtype {m.dtype}" + (" with values other than 0 and 1" if m.dtype.kind in "iu" else ""))
+                                 f"got dtype {m.dtype}"
+                                 + (" with values other than 0 and 1" if m.dtype.kind in "iu" else ""))
         m = m.astype(np.bool_)
     if m.shape not in ((t,), batch_shape):
         wanted = f"[{t}]" if batch_shape == (t,) else f"[{t}] or {list(batch_shape)}"
@@ -233,7 +244,7 @@ def sequence_length(batch_shape: Tuple[int, ...]) -> Optional[int]:
 
 
 def weight(value: Any, name: str, shape: Tuple[int, ...], what: str = "", dtype: Any = None,
-           kinds: str = "f") -> np.ndarray:
+           kinds: str = WEIGHT_KINDS) -> np.ndarray:
     """A private, read-only, C-contiguous copy of a router weight.
 
     Private so that later changes to the caller's array cannot make a cached
@@ -249,8 +260,7 @@ def weight(value: Any, name: str, shape: Tuple[int, ...], what: str = "", dtype:
     """
     a = as_array(value, name)
     if a.dtype.kind not in kinds:
-        raise InputTypeError(f"{name} must be a {'floating-point' if kinds == 'f' else 'real-valued'} array, "
-                        f"got dtype {a.dtype}")
+        raise InputTypeError(f"{name} must be a {kinds_text(kinds)} array, got dtype {a.dtype}")
     if a.shape != tuple(shape):
         raise InputError(f"{name} has shape {list(a.shape)}, expected {list(shape)}{what}")
     if not np.isfinite(a).all():

@@ -744,7 +744,8 @@ def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Uni
         peer = peer.peer
     plain = None
     if peer == "megatron" and logits is not None:
-        rows, batch_shape = _inputs.float_rows(logits, "logits", decision.num_experts, "num_experts")
+        rows, batch_shape = _inputs.float_rows(logits, "logits", decision.num_experts, "num_experts",
+                                               kinds=_inputs.LOGITS_KINDS)
         if batch_shape != decision.batch_shape:
             raise InputError(f"logits have batch shape {list(batch_shape)}, the decision "
                              f"{list(decision.batch_shape)}")

@@ -133,7 +133,8 @@ class ExpertRouter:
     def _set_weights(self, weight: Any, bias: Any) -> None:
         e = self.config.num_experts
         w = _inputs.weight(weight, "weight", (self.input_dim, e), " (input_dim x num_experts)")
-        b = None if bias is None else _inputs.weight(bias, "bias", (e,), " (one value per expert)", w.dtype, "fiu")
+        b = None if bias is None else _inputs.weight(bias, "bias", (e,), " (one value per expert)", w.dtype,
+                                                  _inputs.BIAS_KINDS)
         with self._lock:
             self._weights = _inputs.Casts(w, b)
 
@@ -239,7 +240,7 @@ class ExpertRouter:
 
         Parameters
         ----------
-        logits : array_like, float, shape [T, E] or [B, S, E]
+        logits : array_like of floats or integers, shape [T, E] or [B, S, E]
             Router logits (float32/float64 read in place; float16 and integers converted).
         training : bool
             Training mode (noise, reroute coin, balancer update, step counter).
@@ -261,7 +262,8 @@ class ExpertRouter:
         InputTypeError
             Not a real-valued array, or a flag that is not a bool.
         """
-        rows, batch_shape = _inputs.float_rows(logits, "logits", self.config.num_experts, "num_experts", integers=True)
+        rows, batch_shape = _inputs.float_rows(logits, "logits", self.config.num_experts, "num_experts",
+                                               kinds=_inputs.LOGITS_KINDS)
         return self._route(_core.route_logits, (rows,), batch_shape, training, token_mask, return_probs)
 
     def _route(self, core_call: Any, arrays: tuple, batch_shape: tuple, training: Any, token_mask: Any,

@@ -22,11 +22,13 @@ def route_logits(
 
     Parameters
     ----------
-    logits : array_like, float32 or float64, shape [T, E] or [B, S, E]
+    logits : array_like of floats or integers, shape [T, E] or [B, S, E]
         Router logits (``E = config.num_experts``). C-contiguous float32/float64
         input is read in place (NumPy arrays, torch CPU tensors, ``__dlpack__``
-        producers); float16 and other layouts are converted once. ``-inf`` marks
-        an expert as not eligible for that token.
+        producers); other layouts are converted once, float16 (and torch
+        bfloat16) to float32, integer arrays (logits read from JSON, say) and
+        longdouble to float64. ``-inf`` marks an expert as not eligible for that
+        token.
     config : RouterConfig
         Routing semantics (scores, top-k, capacity, drop policy, losses).
     training : bool
@@ -82,7 +84,8 @@ def route_logits(
     ([[0, 1]], [0.6439, 0.2369])
     """
     _inputs.instance(config, "config", RouterConfig)
-    rows, batch_shape = _inputs.float_rows(logits, "logits", config.num_experts, "num_experts", integers=True)
+    rows, batch_shape = _inputs.float_rows(logits, "logits", config.num_experts, "num_experts",
+                                           kinds=_inputs.LOGITS_KINDS)
     mask = _inputs.token_mask(token_mask, batch_shape)
     bias = _inputs.expert_bias(expert_bias, config.num_experts)
     return _core.route_logits(rows, config, training=_inputs.flag(training, "training"), token_mask=mask,

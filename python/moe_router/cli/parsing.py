@@ -22,7 +22,8 @@ ROUTER_DTYPES = ("float32", "float64")
 #: Words of ``--capacity-factor`` that mean dropless routing.
 DROPLESS_WORDS = ("none", "dropless", "inf", "infinity")
 
-INPUT_HELP = ".npy or .npz file of float logits [T, E] or [B, S, E] (default: embedded sample)"
+INPUT_HELP = (".npy or .npz file of logits [T, E] or [B, S, E], floats or integers (default: embedded "
+              "sample)")
 SAMPLE_DESCRIPTION = "4096 real tokens, 64 experts"
 
 
@@ -88,7 +89,8 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
     """FILE and ``--key``: the logits a command routes."""
     p.add_argument("file", nargs="?", metavar="FILE", help=INPUT_HELP)
     p.add_argument("--key", metavar="NAME",
-                   help="array inside an .npz file (optional when it holds a single 2-D/3-D float array)")
+                   help="array inside an .npz file (optional when it holds a single 2-D/3-D float array, "
+                        "or no float array and a single integer one)")
 
 
 def _add_routing_options(p: argparse.ArgumentParser) -> None:
