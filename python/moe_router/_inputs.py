@@ -178,6 +178,8 @@ def float_rows(x: Any, name: str, width: int, width_name: str,
         Wrong rank or last dimension.
     """
     a = as_array(x, name)
+    if isinstance(a, np.ma.MaskedArray):
+        a = a.data  # the values, in place; the mask is the caller's (see rows_and_mask)
     if a.ndim == 1 and a.size == 0:
         a = a.reshape(0, width)  # an empty list: zero tokens
     if a.dtype not in _FLOAT_OK:
@@ -203,11 +205,14 @@ def token_mask(mask: Any, batch_shape: Tuple[int, ...]) -> Optional[np.ndarray]:
     """``mask`` as a C-contiguous bool ``[T]`` array (or None).
 
     Accepts shape ``[T]`` or the logits' batch shape (``[B, S]``); integer arrays
-    holding only 0 and 1 are accepted as booleans.
+    holding only 0 and 1 are accepted as booleans; a masked entry of a NumPy
+    masked array is False.
     """
     if mask is None:
         return None
     m = as_array(mask, "token_mask")
+    if isinstance(m, np.ma.MaskedArray):
+        m = m.filled(0)  # a masked flag routes nothing
     t = int(np.prod(batch_shape))
     if m.dtype != np.bool_:
         if m.dtype.kind not in "iu" or (m.size and not np.isin(m, (0, 1)).all()):
@@ -219,6 +224,30 @@ def token_mask(mask: Any, batch_shape: Tuple[int, ...]) -> Optional[np.ndarray]:
         wanted = f"[{t}]" if batch_shape == (t,) else f"[{t}] or {list(batch_shape)}"
         raise InputError(f"token_mask has shape {list(m.shape)}, expected {wanted} (one flag per token)")
     return np.ascontiguousarray(m).reshape(-1)
+
+
+def rows_and_mask(x: Any, name: str, width: int, width_name: str, mask: Any, dtype: Optional[np.dtype] = None,
+                  kinds: str = HIDDEN_KINDS) -> Tuple[np.ndarray, Tuple[int, ...], Optional[np.ndarray]]:
+    """:func:`float_rows` of ``x`` and the token mask of the call.
+
+    A NumPy masked array ``x`` marks its padding itself: a token (a row along
+    the last axis) with any masked entry is not routed, as if ``token_mask``
+    were False there (its values are never read, so they may be NaN). With an
+    explicit ``mask`` too, a token is routed only when both say so. Returns the
+    rows, the batch shape and the bool ``[T]`` mask (None when every token is
+    routed).
+
+    Raises
+    ------
+    InputTypeError, InputError
+        As :func:`float_rows` and :func:`token_mask`.
+    """
+    rows, batch_shape = float_rows(x, name, width, width_name, dtype=dtype, kinds=kinds)
+    active = token_mask(mask, batch_shape)
+    if isinstance(x, np.ma.MaskedArray) and np.ma.is_masked(x):
+        unmasked = ~np.ma.getmaskarray(x).reshape(-1, width).any(axis=1)
+        active = unmasked if active is None else active & unmasked
+    return rows, batch_shape, active
 
 
 def expert_bias(bias: Any, num_experts: int) -> Optional[np.ndarray]:

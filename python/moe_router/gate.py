@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from . import _core, _inputs
-from ._core import ConfigError, InputError
+from ._core import ConfigError, InputError, InputTypeError
 
 
 def _float_dtype(spec: Any, name: str, error: type = InputError) -> np.dtype:
@@ -126,7 +126,14 @@ class GateNetwork:
         ------
         InputError
             Wrong rank or last dimension (must be ``input_dim``).
+        InputTypeError
+            Not a floating-point array, or a masked array with masked entries
+            (this function has no padding to give them).
         """
+        if isinstance(hidden, np.ma.MaskedArray) and np.ma.is_masked(hidden):
+            raise InputTypeError("hidden is a masked array with masked entries; forward computes every token's "
+                                 "probabilities (route it with ExpertRouter, which treats masked tokens as "
+                                 "padding, or pass hidden.filled(0))")
         rows, batch_shape = _inputs.float_rows(hidden, "hidden", self._dim, "input_dim")
         finite = np.isfinite(rows).all(axis=1)
         if not finite.all():

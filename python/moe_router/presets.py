@@ -744,12 +744,11 @@ def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Uni
         peer = peer.peer
     plain = None
     if peer == "megatron" and logits is not None:
-        rows, batch_shape = _inputs.float_rows(logits, "logits", decision.num_experts, "num_experts",
-                                               kinds=_inputs.LOGITS_KINDS)
+        rows, batch_shape, mask = _inputs.rows_and_mask(logits, "logits", decision.num_experts, "num_experts",
+                                                        token_mask, kinds=_inputs.LOGITS_KINDS)
         if batch_shape != decision.batch_shape:
             raise InputError(f"logits have batch shape {list(batch_shape)}, the decision "
                              f"{list(decision.batch_shape)}")
-        mask = _inputs.token_mask(token_mask, decision.batch_shape)
         plain_cfg = RouterConfig(num_experts=decision.num_experts, top_k=decision.top_k, capacity_factor=None)
         plain = _core.route_logits(rows, plain_cfg, token_mask=mask).pre_drop_tokens_per_expert.tolist()
     return _core.peer_load_balance_loss(decision, peer, plain)

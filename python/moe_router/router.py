@@ -204,11 +204,14 @@ class ExpertRouter:
         ----------
         hidden : array_like, float, shape [B, S, D] or [T, D]
             Hidden states (float32/float64 read in place; float16 converted once).
+            A NumPy masked array marks padding: a token with any masked entry
+            is not routed.
         training : bool
             Training mode: noise and reroute draws apply, the step counter advances
             and the load balancer is updated.
         token_mask : array_like of bool, shape [T] or [B, S], optional
-            False marks padding (counted nowhere).
+            False marks padding (counted nowhere); combined by AND with the
+            mask of masked-array hidden states.
         return_probs : bool
             Also return ``router_probs`` (float32 ``[T, E]``: the gate's probabilities,
             or the scores of the router logits), written in the routing pass.
@@ -225,14 +228,14 @@ class ExpertRouter:
         InputTypeError
             Non-floating-point input, or a flag that is not a bool.
         """
-        rows, batch_shape = _inputs.float_rows(hidden, "hidden", self.input_dim, "input_dim",
-                                               dtype=compute_dtype(hidden, self.router_dtype))
+        rows, batch_shape, mask = _inputs.rows_and_mask(hidden, "hidden", self.input_dim, "input_dim", token_mask,
+                                                        dtype=compute_dtype(hidden, self.router_dtype))
         if self._gate is not None:
             gw, ew = self._gate.weights_for(rows.dtype)
             return self._route(_core.route_gate, (rows, gw, ew, self._gate.group_top_k), batch_shape, training,
-                               token_mask, return_probs)
+                               mask, return_probs)
         w, b = self._weights.get(rows.dtype)
-        return self._route(_core.route_hidden, (rows, w, b), batch_shape, training, token_mask, return_probs)
+        return self._route(_core.route_hidden, (rows, w, b), batch_shape, training, mask, return_probs)
 
     def route_logits(self, logits: Any, training: bool = False, token_mask: Any = None, *,
                      return_probs: bool = False) -> RoutingDecision:
@@ -241,7 +244,8 @@ class ExpertRouter:
         Parameters
         ----------
         logits : array_like of floats or integers, shape [T, E] or [B, S, E]
-            Router logits (float32/float64 read in place; float16 and integers converted).
+            Router logits (float32/float64 read in place; float16 and integers
+            converted). A masked array's tokens with a masked entry are padding.
         training : bool
             Training mode (noise, reroute coin, balancer update, step counter).
         token_mask : array_like of bool, shape [T] or [B, S], optional
@@ -262,15 +266,14 @@ class ExpertRouter:
         InputTypeError
             Not a real-valued array, or a flag that is not a bool.
         """
-        rows, batch_shape = _inputs.float_rows(logits, "logits", self.config.num_experts, "num_experts",
-                                               kinds=_inputs.LOGITS_KINDS)
-        return self._route(_core.route_logits, (rows,), batch_shape, training, token_mask, return_probs)
+        rows, batch_shape, mask = _inputs.rows_and_mask(logits, "logits", self.config.num_experts, "num_experts",
+                                                        token_mask, kinds=_inputs.LOGITS_KINDS)
+        return self._route(_core.route_logits, (rows,), batch_shape, training, mask, return_probs)
 
-    def _route(self, core_call: Any, arrays: tuple, batch_shape: tuple, training: Any, token_mask: Any,
-               return_probs: Any) -> RoutingDecision:
-        """Call the core with this router's step, bias, statistics and balancer."""
+    def _route(self, core_call: Any, arrays: tuple, batch_shape: tuple, training: Any,
+               mask: Optional[np.ndarray], return_probs: Any) -> RoutingDecision:
+        """Call the core with this router's step, bias, statistics and balancer (``mask``: bool [T] or None)."""
         training = _inputs.flag(training, "training")
-        mask = _inputs.token_mask(token_mask, batch_shape)
         step, bias = self._call_state(training)
         t0 = time.perf_counter()
         dec = core_call(*arrays, self.config, training=training, token_mask=mask, expert_bias=bias, step=step,

@@ -28,7 +28,8 @@ def route_logits(
         producers); other layouts are converted once, float16 (and torch
         bfloat16) to float32, integer arrays (logits read from JSON, say) and
         longdouble to float64. ``-inf`` marks an expert as not eligible for that
-        token.
+        token. A NumPy masked array marks padding itself: a token with any
+        masked entry is not routed (as where ``token_mask`` is False).
     config : RouterConfig
         Routing semantics (scores, top-k, capacity, drop policy, losses).
     training : bool
@@ -36,7 +37,9 @@ def route_logits(
         apply, and ``capacity_factor`` is used; otherwise ``eval_capacity_factor``
         (if set). Losses are computed in both modes.
     token_mask : array_like of bool, shape [T] or [B, S], optional
-        False marks padding: not read, not routed, counted in no load, loss or capacity.
+        False marks padding: not read, not routed, counted in no load, loss or
+        capacity. With masked-array logits, a token is routed only where both
+        this mask and the logits' own mask allow it.
     expert_bias : array_like of float, shape [E], optional
         Per-expert selection bias (aux-loss-free balancing, DeepSeek-V3): added to
         the scores to choose experts, never to the weights. When None,
@@ -84,9 +87,8 @@ def route_logits(
     ([[0, 1]], [0.6439, 0.2369])
     """
     _inputs.instance(config, "config", RouterConfig)
-    rows, batch_shape = _inputs.float_rows(logits, "logits", config.num_experts, "num_experts",
-                                           kinds=_inputs.LOGITS_KINDS)
-    mask = _inputs.token_mask(token_mask, batch_shape)
+    rows, batch_shape, mask = _inputs.rows_and_mask(logits, "logits", config.num_experts, "num_experts",
+                                                    token_mask, kinds=_inputs.LOGITS_KINDS)
     bias = _inputs.expert_bias(expert_bias, config.num_experts)
     return _core.route_logits(rows, config, training=_inputs.flag(training, "training"), token_mask=mask,
                               expert_bias=bias, step=_inputs.step(step),
