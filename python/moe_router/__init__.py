@@ -13,6 +13,7 @@ NumPy buffers without copying and with the GIL released.
 """
 
 from ._core import ConfigError, ConfigTypeError, InputError, InputTypeError, RouterError
+from ._inputs import GradientWarning
 from .balancer import LoadBalancer, LoadBalancingStats
 from .config import RouterConfig
 from .decision import ExpertAssignment, RoutingDecision
@@ -28,6 +29,7 @@ __all__ = [
     "ExpertAssignment",
     "ExpertRouter",
     "GateNetwork",
+    "GradientWarning",
     "InputError",
     "InputTypeError",
     "LoadBalancer",

@@ -10,6 +10,9 @@ names the argument.
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from numbers import Integral, Real
 from typing import Any, Dict, Optional, Tuple, Type
 
@@ -131,13 +134,52 @@ def instance(value: Any, name: str, cls: type, error: type = ConfigError) -> Any
 # --------------------------------------------------------------------------- arrays
 
 
+class GradientWarning(UserWarning):
+    """A tensor that requires grad was routed: the router reads its values only.
+
+    moe_router computes no gradients (its routing is not part of an autograd
+    graph), so nothing flows back from the decision's weights or losses to the
+    tensor. Emitted once per process, under Python's warning filters (turn it
+    into an error with ``warnings.simplefilter("error", GradientWarning)``, or
+    off with ``"ignore"``).
+    """
+
+
+#: Whether the GradientWarning was emitted in this process.
+_gradient_warned = False
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this package."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_no_gradient(name: str) -> None:
+    global _gradient_warned
+    if _gradient_warned:
+        return
+    _gradient_warned = True
+    warnings.warn(f"{name} requires grad, but no gradient flows through moe_router: it routes a detached "
+                  f"view of the values, and the decision's weights and losses are not part of the autograd "
+                  f"graph (warned once per process)", GradientWarning, stacklevel=_caller_stacklevel())
+
+
 def as_array(x: Any, name: str) -> np.ndarray:
-    """View ``x`` as a NumPy array without copying when possible."""
+    """View ``x`` as a NumPy array without copying when possible.
+
+    A tensor with ``requires_grad`` is read through ``detach()`` (no copy), with a
+    :class:`GradientWarning` the first time.
+    """
     if isinstance(x, np.ndarray):
         return x
     if getattr(x, "requires_grad", False) is True and callable(getattr(x, "detach", None)):
         # A tensor that takes part in autograd (torch refuses to export it): the router
-        # only reads values, and detach() shares the memory.
+        # only reads values, and detach() shares the memory; the caller is told once.
+        _warn_no_gradient(name)
         x = x.detach()
     if "bfloat16" in str(getattr(x, "dtype", "")) and callable(getattr(x, "float", None)):
         # NumPy has no bfloat16: widen once to float32 (exact), as float16 is.
