@@ -161,6 +161,29 @@ def test_real_data_e256_k8_drops_tokens(capsys: pytest.CaptureFixture) -> None:
     assert report["experts_over_capacity"] > 0
 
 
+def test_json_is_strict_for_an_infinite_loss(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch, logits8: np.ndarray) -> None:
+    """An overflowing loss is null in --json (never Infinity) and inf in the text report."""
+    from moe_router.cli import route as route_command
+    configured = route_command.config_from_args
+    monkeypatch.setattr(route_command, "config_from_args",
+                        lambda *a: configured(*a).replace(load_balance_loss_coeff=1e308))
+    skewed = logits8.astype(np.float64)
+    skewed[:, 0] += 3.0
+    path = tmp_path / "skewed.npy"
+    np.save(path, skewed)
+    assert main(["route", str(path), "--json", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    report = json.loads(out, parse_constant=refuse)
+    assert report["auxiliary_loss"] is None and report["load_balance_loss"] > 1.0
+    assert main(["route", str(path), "--repeat", "1"]) == 0
+    assert capsys.readouterr().out.count(" inf ") == 1  # the auxiliary_loss row
+
+
 # --------------------------------------------------------------------------- errors
 
 

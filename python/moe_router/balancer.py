@@ -18,6 +18,7 @@ from typing import Any, Deque, Optional
 import numpy as np
 
 from . import _inputs
+from ._json import json_ready
 from ._core import ConfigError, InputError, InputTypeError
 from .stats import _int_at_least, _locked, _per_mean
 
@@ -105,10 +106,11 @@ class LoadBalancingStats:
         return self.steps > 0 and self.load_cv() < max_cv
 
     def to_dict(self) -> dict:
-        """JSON-ready copy (arrays as lists)."""
+        """JSON-ready copy: arrays as lists, a float that is not finite as None
+        (``json.dumps(..., allow_nan=False)`` accepts it)."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "last_load"}
         values.update(load_cv=self.load_cv(), well_balanced=self.is_well_balanced(), last_load=self.last_load)
-        return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in values.items()}
+        return json_ready(values)
 
 
 def default_bias_update_rate(num_experts: int) -> float:

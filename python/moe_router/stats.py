@@ -29,6 +29,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, TypeVar, c
 import numpy as np
 
 from . import _inputs
+from ._json import json_ready
 from ._core import InputError
 
 __all__ = ["RoutingStats"]
@@ -71,10 +72,6 @@ def _locked(fget: Callable[[Any], _T], doc: Optional[str] = None) -> _T:
 def _average(index: int, doc: str) -> Optional[float]:
     """The locked mean of the per-call sum ``_sums[index]`` over the calls that routed a token."""
     return _locked(lambda self: None if self.routed_calls == 0 else self._sums[index] / self.routed_calls, doc)
-
-
-def _finite_or_none(x: Optional[float]) -> Optional[float]:
-    return float(x) if x is not None and math.isfinite(x) else None
 
 
 class RoutingStats:
@@ -415,26 +412,26 @@ class RoutingStats:
     # ------------------------------------------------------------------ export
 
     def to_dict(self) -> Dict[str, Any]:
-        """All statistics as plain Python values; ``json.dumps`` accepts the result.
+        """All statistics as plain Python values; ``json.dumps(..., allow_nan=False)`` accepts the result.
 
         Latencies appear in seconds (``latency_s``) and milliseconds
-        (``latency_ms``); an undefined value (no call yet, infinite throughput)
-        is None.
+        (``latency_ms``); an undefined value (no call yet) is None, and so is
+        every float that is not finite (an infinite throughput, a running loss
+        average that overflowed), as JSON has no infinity or NaN.
         """
         with self._lock:
             names = (*_COUNTERS, *_RATES, "expert_token_counts", "pre_drop_token_counts", "capacity_offered",
                      "expert_utilization")
             lat_s = dict(zip(("p50", "p95", "p99"), self._percentiles(50.0, 95.0, 99.0)), mean=self.mean_latency,
                          min=self._min_latency, max=self._max_latency)
-            plain = {name: getattr(self, name) for name in names}
-            return {**{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in plain.items()},
-                    "utilization_summary": self.utilization_summary(),
-                    "load_variance_history": list(self._variances),
-                    "latency_window": self._window,
-                    "latency_s": lat_s,
-                    "latency_ms": {k: None if v is None else 1e3 * v for k, v in lat_s.items()},
-                    "total_time_s": self._total_time,
-                    "throughput_tokens_per_s": _finite_or_none(self.throughput)}
+            return json_ready({**{name: getattr(self, name) for name in names},
+                               "utilization_summary": self.utilization_summary(),
+                               "load_variance_history": list(self._variances),
+                               "latency_window": self._window,
+                               "latency_s": lat_s,
+                               "latency_ms": {k: None if v is None else 1e3 * v for k, v in lat_s.items()},
+                               "total_time_s": self._total_time,
+                               "throughput_tokens_per_s": self.throughput})
 
     def __repr__(self) -> str:
         with self._lock:

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .._json import json_ready
 from .errors import EXIT_OK
 
 #: Experts shown at each end of the load chart when there are too many to show all.
@@ -29,9 +30,13 @@ Cell = Union[str, Text]
 
 
 def emit(report: Report, as_json: bool, render: Callable[[Report, Console], None]) -> int:
-    """Print ``report`` to stdout as indented JSON or with ``render``; returns the exit status 0."""
+    """Print ``report`` to stdout as indented JSON or with ``render``; returns the exit status 0.
+
+    The JSON is strict: a float that is not finite (an overflowing loss) is ``null``
+    (:func:`moe_router._json.json_ready`), never ``Infinity`` or ``NaN``.
+    """
     if as_json:
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        sys.stdout.write(json.dumps(json_ready(report), indent=2, allow_nan=False) + "\n")
     else:
         render(report, Console(file=sys.stdout, highlight=False))
     return EXIT_OK

@@ -360,6 +360,10 @@ impl RoutingDecision {
     }
 
     /// Scalars and per-expert counts as JSON-ready Python values (no ``[T, k]`` arrays).
+    ///
+    /// A float that is not finite (a loss that overflowed) is None, as JSON has
+    /// no infinity or NaN: ``json.dumps(decision.to_dict(), allow_nan=False)``
+    /// accepts the result (the rule of ``moe_router._json.json_ready``).
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         d.set_item("total_tokens", self.total_tokens)?;
@@ -380,7 +384,8 @@ impl RoutingDecision {
         d.set_item("seq_load_balance_loss", self.seq_load_balance_loss)?;
         d.set_item("auxiliary_loss", self.auxiliary_loss)?;
         d.set_item("peer_load_balance_loss", self.peer_load_balance_loss)?;
-        Ok(d)
+        let ready = py.import("moe_router._json")?.getattr("json_ready")?.call1((d,))?;
+        Ok(ready.cast_into::<PyDict>()?)
     }
 
     fn __repr__(&self) -> String {
