@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 from numbers import Integral, Real
+from types import FrameType
 from typing import Any, Dict, Optional, Tuple, Type
 
 import numpy as np
@@ -152,7 +153,8 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the first frame outside this package."""
-    frame, level = sys._getframe(1), 1
+    frame: Optional[FrameType] = sys._getframe(1)
+    level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
         frame, level = frame.f_back, level + 1
     return level
@@ -287,8 +289,8 @@ def rows_and_mask(x: Any, name: str, width: int, width_name: str, mask: Any, dty
     rows, batch_shape = float_rows(x, name, width, width_name, dtype=dtype, kinds=kinds)
     active = token_mask(mask, batch_shape)
     if isinstance(x, np.ma.MaskedArray) and np.ma.is_masked(x):
-        unmasked = ~np.ma.getmaskarray(x).reshape(-1, width).any(axis=1)
-        active = unmasked if active is None else active & unmasked
+        unmasked = np.asarray(~np.ma.getmaskarray(x).reshape(-1, width).any(axis=1))
+        active = unmasked if active is None else np.logical_and(active, unmasked)
     return rows, batch_shape, active
 
 
