@@ -104,6 +104,60 @@ def test_help_and_version(capsys: pytest.CaptureFixture) -> None:
     assert "route" in capsys.readouterr().err
 
 
+def test_bare_command_says_a_command_is_required(capsys: pytest.CaptureFixture) -> None:
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert out == "" and lines[0] == ("moe-router: a command is required: route or balance "
+                                      "(see 'moe-router COMMAND --help')")
+    assert lines[1].startswith("usage: moe-router")
+
+
+def chart_rows(lines: list) -> list:
+    """The expert rows of a route load chart: cells of the lines that start with an expert number."""
+    return [line.split() for line in lines if line.split()[:1] and line.split()[0].isdigit()]
+
+
+def test_all_experts_and_top(capsys: pytest.CaptureFixture) -> None:
+    out, lines, _ = text_report(capsys, "route", "--repeat", "1", "--all-experts")
+    rows = chart_rows(lines)
+    assert sorted(int(r[0]) for r in rows) == list(range(64)) and "more experts" not in out
+    assert "Per-expert load (every expert" in out
+    report = route_json(capsys, "--all-experts")
+    assert len(report["load_chart"]["experts"]) == 64 and report["load_chart"]["not_shown"] == 0
+    pre = [r["pre_drop"] for r in report["load_chart"]["experts"]]
+    assert pre == sorted(pre, reverse=True)
+    out, lines, _ = text_report(capsys, "route", "--repeat", "1", "--top", "3")
+    rows = chart_rows(lines)
+    assert len(rows) == 6 and "58 more experts" in out
+    # the gap line sits between the three busiest and the three idlest
+    gap = next(i for i, line in enumerate(lines) if "more experts" in line)
+    assert [i for i, line in enumerate(lines) if line.split()[:1] and line.split()[0].isdigit()][3] == gap + 1
+    report = route_json(capsys, "--top", "30")
+    assert len(report["load_chart"]["experts"]) == 60 and report["load_chart"]["not_shown"] == 4
+    assert "--top" in run_error(capsys, "route", "--top", "0")
+    assert "not allowed with" in run_error(capsys, "route", "--top", "2", "--all-experts")
+
+
+def test_dropless_legend_names_no_drops_or_capacity(capsys: pytest.CaptureFixture) -> None:
+    out, lines, _ = text_report(capsys, "route", "--repeat", "1", "--capacity-factor", "none")
+    start = next(i for i, line in enumerate(lines) if line.startswith("Per-expert load"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].strip())
+    chart = "\n".join(lines[start:end])
+    assert "kept" in chart and "% cap" not in chart
+    for word in ("drop", "capacity", "│", "░"):
+        assert word not in chart, word
+    # With a capacity, the legend explains drops and the capacity mark.
+    out, lines, _ = text_report(capsys, "route", "--repeat", "1")
+    assert any("dropped" in line and "capacity" in line and line.startswith("█ kept") for line in lines)
+    assert "experts over capacity" in out
+
+
+def test_route_json_names_its_command(capsys: pytest.CaptureFixture) -> None:
+    report = route_json(capsys)
+    assert next(iter(report)) == "command" and report["command"] == "route"
+
+
 # --------------------------------------------------------------------------- inputs and options
 
 
