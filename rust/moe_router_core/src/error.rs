@@ -64,6 +64,10 @@ pub enum RouterError {
         hint: &'static str,
     },
 
+    /// The caller stopped the call through `RouteCall::cancel`.
+    #[error("routing was cancelled")]
+    Cancelled,
+
     /// A per-expert input vector (expert bias) holds a non-finite value.
     #[error("{argument}[{index}] is {value}; every entry must be finite")]
     NonFiniteParameter {

@@ -9,7 +9,7 @@
 
 use moe_router_core::RouterError as CoreError;
 use pyo3::create_exception;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
@@ -105,6 +105,9 @@ pub fn to_py(err: CoreError) -> PyErr {
         CoreError::Shape { .. } | CoreError::BadValue { .. } | CoreError::NonFiniteParameter { .. } => {
             InputError::new_err(message)
         }
+        // The bindings cancel only on a signal, and raise the handler's own exception
+        // then; this is for a handler that set the flag without raising.
+        CoreError::Cancelled => PyKeyboardInterrupt::new_err(message),
     }
 }
 

@@ -13,6 +13,8 @@ use moe_router_core::{
     self as core, gate_probabilities, ArrayArg, GateShape, GemmScalar, HierarchicalGate, LinearLogits, Logit,
     LogitSource, Peer, RouteCall, Routing, SliceLogits,
 };
+use std::sync::atomic::AtomicBool;
+
 use numpy::{Element, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyRuntimeWarning;
 use pyo3::exceptions::PyTypeError;
@@ -103,7 +105,7 @@ impl<'py> CallArgs<'py> {
         Ok(args)
     }
 
-    fn call(&self) -> PyResult<RouteCall<'_>> {
+    fn call<'a>(&'a self, cancel: &'a AtomicBool) -> PyResult<RouteCall<'a>> {
         Ok(RouteCall {
             training: self.training,
             token_mask: contiguous(self.token_mask.as_ref(), "token_mask")?,
@@ -111,6 +113,7 @@ impl<'py> CallArgs<'py> {
             step: self.step,
             sequence_length: self.sequence_length,
             return_probs: self.return_probs,
+            cancel: Some(cancel),
             ..RouteCall::default()
         })
     }
@@ -119,21 +122,41 @@ impl<'py> CallArgs<'py> {
     /// `return_probs`, the `[T, E]` probabilities go into a NumPy array allocated
     /// here (NumPy maps large arrays with huge pages, which halves the cost of
     /// first touching them).
+    ///
+    /// While the pool works, the calling thread checks for a pending signal every
+    /// `threads::POLL` (taking the GIL for a moment): on Ctrl-C the core stops at
+    /// its next chunk and the call raises the signal handler's exception
+    /// (`KeyboardInterrupt`) within about 100 ms, instead of when the call ends.
     fn run(
         &self,
         py: Python<'py>,
         shape: (usize, usize),
         route: impl FnOnce(&RouteCall<'_>, Option<&mut [f32]>) -> core::Result<Routing> + Send,
     ) -> PyResult<RoutingDecision> {
-        let call = self.call()?;
+        let cancel = AtomicBool::new(false);
+        let call = self.call(&cancel)?;
         let probs = self.return_probs.then(|| PyArray2::<f32>::zeros(py, [shape.0, shape.1], false));
         let mut guard = probs.as_ref().map(|p| p.readwrite());
         let out = match guard.as_mut() {
             Some(g) => Some(g.as_slice_mut().map_err(|e| unreadable("router_probs", e))?),
             None => None,
         };
-        let routing = py.detach(|| threads::install(shape.0, shape.1, || route(&call, out))).map_err(to_py)?;
+        let mut signal: Option<PyErr> = None;
+        let pending = || match Python::attach(|py| py.check_signals()) {
+            Ok(()) => false,
+            Err(err) => {
+                signal = Some(err);
+                true
+            }
+        };
+        let routing =
+            py.detach(|| threads::install_interruptible(shape.0, shape.1, &cancel, || route(&call, out), pending));
         drop(guard);
+        // The handler's exception wins even if the routing finished: the signal was consumed.
+        if let Some(err) = signal {
+            return Err(err);
+        }
+        let routing = routing.map_err(to_py)?;
         let batch_shape = self.batch_shape.clone().unwrap_or_else(|| vec![routing.num_tokens]);
         RoutingDecision::new(py, routing, &batch_shape, probs.map(|p| p.into_any().unbind()))
     }
