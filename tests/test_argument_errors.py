@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import moe_router as mr
 from moe_router import _core
@@ -314,3 +316,48 @@ def test_arrays_of_the_wrong_type_are_input_type_errors(value: Any) -> None:
     assert_wrong_type(lambda: mr.route_logits(X, CFG, expert_bias=np.array(["a"] * 8)), mr.InputError,
                       "expert_bias")
     assert_wrong_type(lambda: _router(weight=np.zeros((4, 8), np.int32)), mr.InputError, "weight")
+
+
+# --------------------------------------------------------------------------- the whole integer range
+
+#: Integers of every size: small ones near the bounds and huge ones far beyond them.
+ANY_INT = st.one_of(st.integers(-(2**8), 2**8), st.integers(-(2**70), 2**70), st.integers(-(2**300), 2**300),
+                    st.sampled_from([2**31 - 1, 2**31, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63) - 1]))
+#: Fields whose only bound is their integer type, with that range.
+UNSIGNED = {"seed": 2**64 - 1, "min_capacity": 2**64 - 1, "expert_capacity": 2**64 - 1}
+
+
+@settings(deadline=None, max_examples=300, derandomize=True)
+@given(value=ANY_INT, field=st.sampled_from(sorted(UNSIGNED)))
+def test_integer_fields_accept_exactly_their_range(value: int, field: str) -> None:
+    low = 1 if field == "expert_capacity" else 0
+    if low <= value <= UNSIGNED[field]:
+        assert getattr(mr.RouterConfig(**{field: value}), field) == value
+    else:
+        assert_bad_value(lambda: mr.RouterConfig(**{field: value}), mr.ConfigError, field)
+
+
+@settings(deadline=None, max_examples=300, derandomize=True)
+@given(value=ANY_INT)
+def test_step_accepts_exactly_64_bits(value: int) -> None:
+    if 0 <= value <= 2**64 - 1:
+        assert mr.route_logits(X, CFG, step=value).total_tokens == 4
+        assert _core.route_logits(X, CFG, step=value).total_tokens == 4
+    else:
+        assert_bad_value(lambda: mr.route_logits(X, CFG, step=value), mr.InputError, "step")
+        assert_bad_value(lambda: _core.route_logits(X, CFG, step=value), mr.InputError, "step")
+
+
+@settings(deadline=None, max_examples=200, derandomize=True)
+@given(value=ANY_INT)
+def test_expert_counts_accept_exactly_int32(value: int) -> None:
+    """Expert ids are int32: RouterConfig and LoadBalancer take 1 <= E <= 2**31 - 1."""
+    if 1 <= value <= 2**31 - 1:
+        assert mr.RouterConfig(num_experts=value, top_k=1).num_experts == value
+        assert mr.preset("mixtral", value, 1).num_experts == value
+        if value <= 2**16:  # the balancer allocates [E] arrays
+            assert mr.LoadBalancer(value).num_experts == value
+    else:
+        assert_bad_value(lambda: mr.RouterConfig(num_experts=value, top_k=1), mr.ConfigError, "num_experts")
+        assert_bad_value(lambda: mr.preset("mixtral", value, 1), mr.ConfigError, "num_experts")
+        assert_bad_value(lambda: mr.LoadBalancer(value), mr.ConfigError, "num_experts")
