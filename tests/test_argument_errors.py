@@ -305,6 +305,10 @@ def test_objects_of_the_wrong_class() -> None:
     assert_wrong_type(lambda: mr.peer_load_balance_loss(object(), "mixtral"), mr.InputError, "decision")
     dec = mr.route_logits(X, CFG)
     assert_wrong_type(lambda: mr.peer_load_balance_loss(dec, 3), mr.ConfigError, "config_or_preset_name")
+    stats = mr.RoutingStats()
+    assert_wrong_type(lambda: stats.record({"tokens_per_expert": [1, 2]}), mr.InputError, "decision")
+    assert_wrong_type(lambda: mr.LoadBalancer(4).update("load"), mr.InputError, "load")
+    assert stats.calls == 0
 
 
 @pytest.mark.parametrize("value", [np.zeros((4, 8), bool), np.zeros((4, 8), complex), np.array([["a"] * 8]),

@@ -294,11 +294,11 @@ class LoadBalancer:
     def _load_of(self, decision: Any) -> np.ndarray:
         raw = getattr(decision, "pre_drop_tokens_per_expert", decision)
         load = np.asarray(raw)
+        if load.dtype.kind not in "iuf":
+            raise InputTypeError(f"per-expert load must be numeric, got dtype {load.dtype}")
         if load.ndim != 1 or load.shape[0] != self._num_experts:
             raise InputError(f"expected a per-expert load of shape [{self._num_experts}] "
                              f"(num_experts), got shape {list(load.shape)}")
-        if load.dtype.kind not in "iuf":
-            raise InputTypeError(f"per-expert load must be numeric, got dtype {load.dtype}")
         load = load.astype(np.float64)
         if not np.isfinite(load).all() or (load < 0).any():
             raise InputError("per-expert load must be finite and >= 0")

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import _inputs
 from ._json import json_ready
-from ._core import InputError
+from ._core import InputError, InputTypeError
 
 __all__ = ["RoutingStats"]
 
@@ -198,22 +198,29 @@ class RoutingStats:
             ``latency_s`` is negative or not finite, or the decision has a
             different number of experts than the decisions recorded before.
         InputTypeError
-            ``latency_s`` is not a real number (nor None).
+            ``latency_s`` is not a real number (nor None), or ``decision`` lacks
+            a field of a RoutingDecision.
         """
         if latency_s is not None:
             latency = _inputs.real(latency_s, "latency_s", InputError)
             if not (math.isfinite(latency) and latency >= 0.0):
                 raise InputError(f"latency_s must be a finite number of seconds >= 0, got {latency_s!r}")
-        kept_e = np.asarray(decision.tokens_per_expert, dtype=np.int64)
-        pre_e = np.asarray(decision.pre_drop_tokens_per_expert, dtype=np.int64)
-        num_experts = int(kept_e.shape[0])
-        kept = int(decision.kept_assignments)
-        dropped = int(decision.dropped_assignments)
-        active = int(decision.active_tokens)
-        capacity = int(decision.capacity)
+        try:
+            kept_e = np.asarray(decision.tokens_per_expert, dtype=np.int64)
+            pre_e = np.asarray(decision.pre_drop_tokens_per_expert, dtype=np.int64)
+            kept = int(decision.kept_assignments)
+            dropped = int(decision.dropped_assignments)
+            active = int(decision.active_tokens)
+            capacity = int(decision.capacity)
+            losses = (float(decision.load_balance_loss), float(decision.router_z_loss),
+                      float(decision.auxiliary_loss), float(decision.routing_efficiency()))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise InputTypeError(f"decision must be a RoutingDecision (or carry its fields), got "
+                                 f"{type(decision).__name__}: {exc}") from None
+        num_experts = int(kept_e.shape[0]) if kept_e.ndim == 1 else -1
+        if num_experts < 0:
+            raise InputError(f"decision.tokens_per_expert has shape {list(kept_e.shape)}, expected [E]")
         variance = float(kept_e.astype(np.float64).var()) if num_experts else 0.0
-        losses = (float(decision.load_balance_loss), float(decision.router_z_loss), float(decision.auxiliary_loss),
-                  float(decision.routing_efficiency()))
         with self._lock:
             if self.num_experts is None:
                 self.num_experts = num_experts
