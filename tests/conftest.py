@@ -36,6 +36,10 @@ def pytest_configure(config: pytest.Config) -> None:
         "package_bug: the test exposes a known bug in the moe_router package (it fails until the "
         "package is fixed; deselect with -m 'not package_bug')",
     )
+    config.addinivalue_line(
+        "markers",
+        "timing: checks wall-clock latency in a subprocess (a few seconds; deselect with -m 'not timing')",
+    )
 
 
 def shared_missing(what: str, path: Path) -> NoReturn:

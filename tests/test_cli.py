@@ -104,6 +104,60 @@ def test_help_and_version(capsys: pytest.CaptureFixture) -> None:
     assert "route" in capsys.readouterr().err
 
 
+def test_bare_command_says_a_command_is_required(capsys: pytest.CaptureFixture) -> None:
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert out == "" and lines[0] == ("moe-router: a command is required: route or balance "
+                                      "(see 'moe-router COMMAND --help')")
+    assert lines[1].startswith("usage: moe-router")
+
+
+def chart_rows(lines: list) -> list:
+    """The expert rows of a route load chart: cells of the lines that start with an expert number."""
+    return [line.split() for line in lines if line.split()[:1] and line.split()[0].isdigit()]
+
+
+def test_all_experts_and_top(capsys: pytest.CaptureFixture) -> None:
+    out, lines, _ = text_report(capsys, "route", "--repeat", "1", "--all-experts")
+    rows = chart_rows(lines)
+    assert sorted(int(r[0]) for r in rows) == list(range(64)) and "more experts" not in out
+    assert "Per-expert load (every expert" in out
+    report = route_json(capsys, "--all-experts")
+    assert len(report["load_chart"]["experts"]) == 64 and report["load_chart"]["not_shown"] == 0
+    pre = [r["pre_drop"] for r in report["load_chart"]["experts"]]
+    assert pre == sorted(pre, reverse=True)
+    out, lines, _ = text_report(capsys, "route", "--repeat", "1", "--top", "3")
+    rows = chart_rows(lines)
+    assert len(rows) == 6 and "58 more experts" in out
+    # the gap line sits between the three busiest and the three idlest
+    gap = next(i for i, line in enumerate(lines) if "more experts" in line)
+    assert [i for i, line in enumerate(lines) if line.split()[:1] and line.split()[0].isdigit()][3] == gap + 1
+    report = route_json(capsys, "--top", "30")
+    assert len(report["load_chart"]["experts"]) == 60 and report["load_chart"]["not_shown"] == 4
+    assert "--top" in run_error(capsys, "route", "--top", "0")
+    assert "not allowed with" in run_error(capsys, "route", "--top", "2", "--all-experts")
+
+
+def test_dropless_legend_names_no_drops_or_capacity(capsys: pytest.CaptureFixture) -> None:
+    out, lines, _ = text_report(capsys, "route", "--repeat", "1", "--capacity-factor", "none")
+    start = next(i for i, line in enumerate(lines) if line.startswith("Per-expert load"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].strip())
+    chart = "\n".join(lines[start:end])
+    assert "kept" in chart and "% cap" not in chart
+    for word in ("drop", "capacity", "│", "░"):
+        assert word not in chart, word
+    # With a capacity, the legend explains drops and the capacity mark.
+    out, lines, _ = text_report(capsys, "route", "--repeat", "1")
+    assert any("dropped" in line and "capacity" in line and line.startswith("█ kept") for line in lines)
+    assert "experts over capacity" in out
+
+
+def test_route_json_names_its_command(capsys: pytest.CaptureFixture) -> None:
+    report = route_json(capsys)
+    assert next(iter(report)) == "command" and report["command"] == "route"
+
+
 # --------------------------------------------------------------------------- inputs and options
 
 
@@ -161,6 +215,29 @@ def test_real_data_e256_k8_drops_tokens(capsys: pytest.CaptureFixture) -> None:
     assert report["experts_over_capacity"] > 0
 
 
+def test_json_is_strict_for_an_infinite_loss(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch, logits8: np.ndarray) -> None:
+    """An overflowing loss is null in --json (never Infinity) and inf in the text report."""
+    from moe_router.cli import route as route_command
+    configured = route_command.config_from_args
+    monkeypatch.setattr(route_command, "config_from_args",
+                        lambda *a: configured(*a).replace(load_balance_loss_coeff=1e308))
+    skewed = logits8.astype(np.float64)
+    skewed[:, 0] += 3.0
+    path = tmp_path / "skewed.npy"
+    np.save(path, skewed)
+    assert main(["route", str(path), "--json", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    report = json.loads(out, parse_constant=refuse)
+    assert report["auxiliary_loss"] is None and report["load_balance_loss"] > 1.0
+    assert main(["route", str(path), "--repeat", "1"]) == 0
+    assert capsys.readouterr().out.count(" inf ") == 1  # the auxiliary_loss row
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -216,7 +293,8 @@ def test_error_bad_options(argv: list, needle: str, tmp_path: Path, capsys: pyte
 
 
 @pytest.mark.parametrize("make, needle", [
-    (lambda p: np.save(p / "i.npy", np.arange(12).reshape(3, 4)), "floating point"),
+    (lambda p: np.save(p / "i.npy", np.ones((3, 4), dtype=bool)), "floating-point or integer"),
+    (lambda p: np.save(p / "i.npy", np.ones((3, 4), dtype=np.complex64)), "complex64"),
     (lambda p: np.save(p / "i.npy", np.zeros(5, dtype=np.float32)), "shape"),
     (lambda p: (p / "i.npz").write_bytes(b"not a zip"), "cannot read"),
     (lambda p: (p / "i.txt").write_text("1 2 3"), ".npy or .npz"),
@@ -226,6 +304,36 @@ def test_error_bad_files(make, needle: str, tmp_path: Path, capsys: pytest.Captu
     (path,) = list(tmp_path.iterdir())
     err = run_error(capsys, "route", str(path))
     assert needle in err
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int32, np.int64, np.uint16, np.float16, np.float64, np.bool_,
+                                   np.complex128], ids=lambda d: np.dtype(d).name)
+def test_file_dtypes_follow_the_api(dtype, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The command routes a file exactly when route_logits accepts its array, with the same result."""
+    logits = (np.arange(40).reshape(10, 4) % 7).astype(dtype)
+    path = tmp_path / "l.npy"
+    np.save(path, logits)
+    cfg = mr.RouterConfig(num_experts=4, top_k=2)
+    try:
+        decision = mr.route_logits(logits, cfg)
+    except TypeError:
+        assert "router logits must be floating-point or integer" in run_error(capsys, "route", str(path))
+        return
+    report = route_json(capsys, str(path))
+    assert_matches(report, decision)
+    assert report["source"]["dtype"] == np.dtype(dtype).name
+
+
+def test_integer_npz_is_chosen_when_no_float_array(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ints = np.arange(60, dtype=np.int32).reshape(3, 5, 4) % 5
+    path = tmp_path / "ints.npz"
+    np.savez(path, logits=ints, lengths=np.array([5, 5, 5]))
+    report = route_json(capsys, str(path))
+    assert report["source"]["key"] == "logits"
+    assert_matches(report, mr.route_logits(ints, mr.RouterConfig(num_experts=4, top_k=2)))
+    # With a float array there, the float array is the logits (an integer mask is not).
+    np.savez(path, mask=np.ones((3, 5), np.int8), logits=ints.astype(np.float32))
+    assert route_json(capsys, str(path))["source"]["key"] == "logits"
 
 
 def test_error_key_without_file(capsys: pytest.CaptureFixture) -> None:

@@ -103,6 +103,51 @@ def test_text_report(capsys: pytest.CaptureFixture, skewed: Path) -> None:
     assert f"{ref[0]['dropped_assignments']} -> {ref[-1]['dropped_assignments']}" in drops
 
 
+def table_steps(out: str) -> List[int]:
+    """The step numbers of the balance table's rows."""
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["step"])
+    return [int(line.split()[0]) for line in lines[header + 1:] if line.split()[:1] and line.split()[0].isdigit()]
+
+
+def test_long_runs_print_a_compact_table(capsys: pytest.CaptureFixture, skewed: Path) -> None:
+    assert main(["balance", str(skewed), "--steps", "60"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""  # no progress bar when standard error is not a terminal
+    assert table_steps(out) == list(range(0, 60, 5)) + [59]
+    assert "one row per 5 steps, and the last" in out
+    assert main(["balance", str(skewed), "--steps", "20"]) == 0
+    assert table_steps(capsys.readouterr().out) == list(range(20))  # short runs: every step
+    assert main(["balance", str(skewed), "--steps", "30", "--every", "7"]) == 0
+    assert table_steps(capsys.readouterr().out) == [0, 7, 14, 21, 28, 29]
+    report = balance_json(capsys, str(skewed), "--steps", "60")
+    assert len(report["steps"]) == 60 and report["table_every"] == 5  # JSON keeps every step
+    assert "--every" in run_error(capsys, "balance", str(skewed), "--every", "0")
+
+
+@pytest.mark.parametrize("steps, every", [(1, 1), (20, 1), (21, 2), (40, 2), (41, 5), (100, 5), (101, 10),
+                                          (1000, 50), (1001, 100)])
+def test_table_stride(steps: int, every: int) -> None:
+    from moe_router.cli.render import table_every
+    assert table_every(steps, None, 20) == every
+    assert table_every(steps, 3, 20) == 3
+
+
+def test_progress_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                    skewed: Path) -> None:
+    import io
+    from rich.console import Console
+    from moe_router.cli import render
+    screen = io.StringIO()
+    monkeypatch.setattr(render, "progress_console",
+                        lambda: Console(file=screen, force_terminal=True, force_interactive=True, width=100))
+    assert main(["balance", str(skewed), "--steps", "25"]) == 0
+    out, err = capsys.readouterr()
+    assert "balancing" in screen.getvalue() and "25/25" in screen.getvalue()
+    assert "balancing" not in out and err == ""  # the report itself is unchanged on stdout
+    assert table_steps(out) == list(range(0, 25, 2))  # 24, the last, is on the stride
+
+
 def test_npz_key_and_routing_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rng = np.random.default_rng(9)
     logits = rng.normal(size=(2, 150, 16)).astype(np.float32)
@@ -134,6 +179,7 @@ def test_help_lists_balance(capsys: pytest.CaptureFixture) -> None:
     assert main(["balance", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--steps" in out and "--rate" in out and "--plot" in out and "moe_router[plot]" in out
+    assert '".[plot]"' in out and "--every" in out
 
 
 # --------------------------------------------------------------------------- --plot
@@ -159,6 +205,7 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch: pytest.MonkeyP
         monkeypatch.setitem(sys.modules, name, None)  # makes the import raise ImportError
     err = run_error(capsys, "balance", "--steps", "2", "--plot", str(tmp_path / "x.png"))
     assert "matplotlib" in err and "pip install 'moe_router[plot]'" in err
+    assert 'from a source checkout: pip install ".[plot]"' in err
     assert not (tmp_path / "x.png").exists()
 
 

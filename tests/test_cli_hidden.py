@@ -201,3 +201,24 @@ def test_error_nan_hidden_names_the_token(tmp_path: Path, capsys: pytest.Capture
     np.savez(path, hidden=hidden, w=np.ones((8, 4)))
     err = run_error(capsys, "route", "--hidden", str(path), "--weight-key", "w")
     assert "token 613" in err and "NaN" in err
+
+
+def test_dtypes_follow_the_api(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Integer biases route as in ExpertRouter; integer hidden states and weights are refused by both."""
+    rng = np.random.default_rng(3)
+    hidden, weight = rng.normal(size=(40, 12)), rng.normal(size=(12, 6)) / 4
+    bias = np.array([0, 1, 0, -1, 2, 0], dtype=np.int64)
+    path = tmp_path / "mixed.npz"
+    np.savez(path, hidden=hidden, w=weight, b=bias, h_int=np.ones((40, 12), np.int32),
+             w_int=weight.astype(np.int32))
+    report = route_json(capsys, "--hidden", str(path), "--weight-key", "w", "--bias-key", "b")
+    cfg = mr.RouterConfig(num_experts=6, top_k=2)
+    assert_matches(report, mr.ExpertRouter(cfg, 12, weight=weight, bias=bias, gate="linear").route_tokens(hidden))
+    with pytest.raises(TypeError):
+        mr.ExpertRouter(cfg, 12, weight=weight, gate="linear").route_tokens(np.ones((40, 12), np.int32))
+    err = run_error(capsys, "route", "--hidden", str(path), "--weight-key", "w", "--hidden-key", "h_int")
+    assert "int32" in err and "hidden states must be floating-point" in err
+    with pytest.raises(TypeError):
+        mr.ExpertRouter(cfg, 12, weight=weight.astype(np.int32), gate="linear")
+    err = run_error(capsys, "route", "--hidden", str(path), "--weight-key", "w_int")
+    assert "a router weight must be floating-point" in err

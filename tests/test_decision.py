@@ -151,7 +151,7 @@ def test_router_probs(score_function, shape, rng):
 def test_to_dict_is_json_ready(decision):
     dec, x, mask, cfg = decision
     d = dec.to_dict()
-    back = json.loads(json.dumps(d))
+    back = json.loads(json.dumps(d, allow_nan=False))
     assert back == d
     assert d["total_tokens"] == dec.total_tokens and d["active_tokens"] == int(mask.sum())
     assert d["tokens_per_expert"] == dec.tokens_per_expert.tolist()
@@ -167,6 +167,24 @@ def test_to_dict_is_json_ready(decision):
     assert d["seq_load_balance_loss"] is None
     empty = mr.route_logits(np.zeros((0, 3, 8)), cfg).to_dict()
     assert json.loads(json.dumps(empty))["tokens_per_expert"] == [0] * 8
+
+
+def overflowing_decision() -> mr.RoutingDecision:
+    """A real decision with an infinite loss: a finite coefficient times a load-balance loss > 1."""
+    x = np.random.default_rng(0).normal(size=(64, 8))
+    x[:, 0] += 3.0
+    dec = mr.route_logits(x, mr.RouterConfig(num_experts=8, top_k=2, load_balance_loss_coeff=1e308))
+    assert dec.load_balance_loss > 1.0 and dec.auxiliary_loss == math.inf
+    return dec
+
+
+def test_to_dict_has_null_for_a_non_finite_loss():
+    dec = overflowing_decision()
+    d = dec.to_dict()
+    assert d["auxiliary_loss"] is None and d["load_balance_loss"] == dec.load_balance_loss
+    text = json.dumps(d, allow_nan=False)  # strict JSON: no Infinity, no NaN
+    assert json.loads(text) == d and "Infinity" not in text
+    assert dec.auxiliary_loss == math.inf  # the attribute itself stays the float
 
 
 def test_batch_shape_and_dropless_flags(rng):

@@ -157,7 +157,7 @@ def test_route_tokens_reads_hidden_states_in_place(spy):
 # ---------------------------------------------------------------------------
 # torch (only where it is installed)
 # ---------------------------------------------------------------------------
-def test_torch_cpu_tensors(spy):
+def test_torch_cpu_tensors(spy, fresh_warning):
     torch = pytest.importorskip("torch")
     gen = torch.Generator().manual_seed(0)
     full = torch.randn(150, 8, generator=gen)
@@ -166,10 +166,11 @@ def test_torch_cpu_tensors(spy):
         dec = mr.route_logits(t, CFG)
         assert same_buffer(spy[0], t.numpy())
         assert_same_routing(dec, mr.route_logits(t.numpy().copy(), CFG))
-    # a tensor in an autograd graph is read without copying (detach shares memory)
+    # a tensor in an autograd graph is read without copying (detach shares memory), with one warning
     leaf = torch.randn(40, 8, generator=gen, requires_grad=True)
     spy.clear()
-    dec = mr.route_logits(leaf * 1.0, CFG)
+    with pytest.warns(mr.GradientWarning):
+        dec = mr.route_logits(leaf * 1.0, CFG)
     assert_same_routing(dec, mr.route_logits(leaf.detach().numpy().copy(), CFG))
     spy.clear()
     mr.route_logits(leaf, CFG)
@@ -204,3 +205,69 @@ def test_torch_bfloat16_is_widened_once():
     got = mr.route_logits(t, CFG)
     np.testing.assert_array_equal(got.expert_indices, want.expert_indices)
     np.testing.assert_array_equal(got.expert_weights, want.expert_weights)
+
+
+# ---------------------------------------------------------------------------
+# tensors that require grad: read detached, with one GradientWarning
+# ---------------------------------------------------------------------------
+class GradTensor:
+    """The part of a torch tensor's interface the router uses: ``requires_grad``,
+    ``detach()`` (sharing memory) and the array protocol of the detached tensor."""
+
+    def __init__(self, a: np.ndarray, requires_grad: bool = True) -> None:
+        self._a, self.requires_grad = a, requires_grad
+        self.detached = 0
+
+    def detach(self) -> "GradTensor":
+        self.detached += 1
+        return GradTensor(self._a, requires_grad=False)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        if self.requires_grad:
+            raise RuntimeError("Can't call numpy() on Tensor that requires grad")
+        return self._a if dtype is None else self._a.astype(dtype)
+
+
+@pytest.fixture
+def fresh_warning(monkeypatch):
+    """As if no GradientWarning had been emitted in this process yet."""
+    from moe_router import _inputs
+    monkeypatch.setattr(_inputs, "_gradient_warned", False)
+
+
+def test_requires_grad_warns_once_and_reads_in_place(big, spy, fresh_warning):
+    assert issubclass(mr.GradientWarning, UserWarning) and "GradientWarning" in mr.__all__
+    t = GradTensor(big)
+    with pytest.warns(mr.GradientWarning, match="logits requires grad.*no gradient flows") as record:
+        dec = mr.route_logits(t, CFG)
+    assert len(record) == 1 and record[0].filename == __file__  # points at the caller's line
+    assert t.detached == 1 and same_buffer(spy[-1], big)
+    assert_same_routing(dec, mr.route_logits(big.copy(), CFG))
+    # Once per process: later calls, and other entry points, are silent.
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mr.route_logits(GradTensor(big), CFG)
+        mr.ExpertRouter(CFG, input_dim=8, gate="linear").route_tokens(GradTensor(big))
+
+
+def test_requires_grad_warning_from_every_entry_point(big, fresh_warning, monkeypatch):
+    from moe_router import _inputs
+    router = mr.ExpertRouter(CFG, input_dim=8, gate="linear")
+    calls = {
+        "hidden": lambda t: router.route_tokens(t),
+        "logits": lambda t: router.route_logits(t),
+        "expert_bias": lambda t: mr.route_logits(big, CFG, expert_bias=t),
+        "new_weights": lambda t: router.update_router_weights(t),
+    }
+    arrays = {"hidden": big, "logits": big, "expert_bias": np.zeros(8), "new_weights": np.eye(8, dtype=np.float32)}
+    for name, call in calls.items():
+        monkeypatch.setattr(_inputs, "_gradient_warned", False)
+        with pytest.warns(mr.GradientWarning, match=f"{name} requires grad"):
+            call(GradTensor(arrays[name]))
+    # A tensor that does not require grad is read silently.
+    monkeypatch.setattr(_inputs, "_gradient_warned", False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mr.route_logits(GradTensor(big, requires_grad=False), CFG)

@@ -284,6 +284,29 @@ def test_to_dict_json_round_trip() -> None:
     json.dumps(z.to_dict(), allow_nan=False)
 
 
+def test_to_dict_has_null_for_every_non_finite_float() -> None:
+    """One overflowing loss makes the running averages infinite (or NaN): to_dict gives None for them."""
+    s = RoutingStats()
+    s.record(fake([1, 1], [1, 1], 1, lb=math.inf, z=-math.inf, aux=math.nan), 0.002)
+    s.record(fake([1, 1], [1, 1], 1), 0.001)
+    assert s.average_load_balance_loss == math.inf and math.isnan(s.average_auxiliary_loss)
+    d = s.to_dict()
+    text = json.dumps(d, allow_nan=False)
+    assert json.loads(text) == d
+    assert d["average_load_balance_loss"] is None and d["average_router_z_loss"] is None
+    assert d["average_auxiliary_loss"] is None
+    assert d["utilization_summary"]["average_load_balance_loss"] is None
+    assert d["calls"] == 2 and d["latency_s"]["max"] == 0.002  # everything finite is kept as it is
+    # The balancer's snapshot follows the same rule.
+    stats = mr.LoadBalancingStats(expert_loads=np.array([0.5, math.nan]), steps=1, imbalanced=False,
+                                  imbalance_ratio=math.inf, threshold=0.5, warmup_steps=0,
+                                  expert_bias=np.array([-math.inf, 0.25]), bias_update_rate=0.1, enabled=True)
+    snapshot = stats.to_dict()
+    assert snapshot["expert_loads"] == [0.5, None] and snapshot["expert_bias"] == [None, 0.25]
+    assert snapshot["imbalance_ratio"] is None and snapshot["last_load"] is None
+    json.dumps(snapshot, allow_nan=False)
+
+
 def test_exported_and_returns_copies() -> None:
     assert mr.RoutingStats is RoutingStats and "RoutingStats" in mr.__all__
     s = RoutingStats()

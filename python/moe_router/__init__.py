@@ -12,7 +12,9 @@ NumPy buffers without copying and with the GIL released.
 ((64, 2), 20)
 """
 
-from ._core import AllToAllPlan, ConfigError, ExpertPlacement, InputError, ReceivePlan, RouterError
+from ._core import (AllToAllPlan, ConfigError, ConfigTypeError, ExpertPlacement, InputError, InputTypeError,
+                    ReceivePlan, RouterError)
+from ._inputs import GradientWarning
 from .balancer import LoadBalancer, LoadBalancingStats
 from .config import RouterConfig
 from .decision import DispatchPlan, ExpertAssignment, RoutingDecision, moe_align_block_size
@@ -25,12 +27,15 @@ from .stats import RoutingStats
 __all__ = [
     "AllToAllPlan",
     "ConfigError",
+    "ConfigTypeError",
     "DispatchPlan",
     "ExpertAssignment",
     "ExpertPlacement",
     "ExpertRouter",
     "GateNetwork",
+    "GradientWarning",
     "InputError",
+    "InputTypeError",
     "LoadBalancer",
     "LoadBalancingStats",
     "PRESETS",

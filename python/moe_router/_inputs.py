@@ -10,22 +10,178 @@ names the argument.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+import os
+import sys
+import warnings
+from numbers import Integral, Real
+from types import FrameType
+from typing import Any, Dict, Optional, Tuple, Type
 
 import numpy as np
 
-from ._core import ConfigError, InputError
+from ._core import ConfigError, ConfigTypeError, InputError, InputTypeError
 
 _FLOAT_OK = (np.dtype(np.float32), np.dtype(np.float64))
+#: The largest value of a 64-bit unsigned argument (``step``, seeds).
+U64_MAX = 2**64 - 1
+#: The largest expert count (expert ids are int32), and so of D and of group counts.
+I32_MAX = 2**31 - 1
+_TYPE_ERRORS: Dict[type, Type[Exception]] = {ConfigError: ConfigTypeError, InputError: InputTypeError}
+
+#: NumPy dtype kinds each array argument accepts (the command line reads files by the
+#: same rule). Logits and biases may be integers (logits read from JSON, say), which are
+#: converted to float64; hidden states and router weights must be floating point.
+LOGITS_KINDS = "fiu"
+HIDDEN_KINDS = "f"
+WEIGHT_KINDS = "f"
+BIAS_KINDS = "fiu"
+
+
+def kinds_text(kinds: str) -> str:
+    """What an array of ``kinds`` may hold, as messages say it."""
+    return "floating-point or integer" if "i" in kinds else "floating-point"
+
+
+# --------------------------------------------------------------------------- scalars
+#
+# One rule for every scalar argument of the package, the same as the bindings'
+# (``rust/moe_router_py/src/args.rs``): a flag is a bool, an integer an int (not
+# a bool, not a float), a real an int or a float (not a bool, not a string);
+# NumPy scalars of those kinds count. A wrong type raises the TypeError of the
+# argument's family (ConfigTypeError or InputTypeError), a value out of range
+# its ConfigError or InputError; the message names the argument.
+
+
+def _bound(n: int) -> str:
+    """``n`` as messages print it: ``2**64 - 1`` rather than its 20 digits."""
+    p = (n + 1).bit_length() - 1
+    return f"2**{p} - 1" if p >= 31 and n == 2**p - 1 else str(n)
+
+
+def wrong_type(name: str, value: Any, expected: str, error: type = ConfigError) -> Exception:
+    """The TypeError of family ``error`` for ``value`` given as ``name``; ``expected`` reads "must be ..."."""
+    return _TYPE_ERRORS[error](f"invalid {name}: got {value!r} ({type(value).__name__}); {expected}")
+
+
+def is_int(value: Any) -> bool:
+    """An ``int`` or NumPy integer, not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: Any) -> bool:
+    """An ``int``, ``float`` or NumPy real, not a bool."""
+    return isinstance(value, Real) and not isinstance(value, (bool, np.bool_))
+
+
+def flag(value: Any, name: str, error: type = InputError) -> bool:
+    """``value`` as a flag: ``True`` or ``False`` (or ``numpy.bool_``); 1 and 0 are the wrong type."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise wrong_type(name, value, "must be True or False (a bool)", error)
+    return bool(value)
+
+
+def integer(value: Any, name: str, minimum: int = 0, maximum: int = U64_MAX, error: type = ConfigError) -> int:
+    """``value`` as an integer in ``[minimum, maximum]``.
+
+    Raises
+    ------
+    ConfigTypeError or InputTypeError
+        Not an int (a float, a bool, a string, ...).
+    ConfigError or InputError
+        An int outside the range (family ``error``).
+    """
+    if not is_int(value):
+        raise wrong_type(name, value, "must be an int (not a float or a bool)", error)
+    if not minimum <= value <= maximum:
+        raise error(f"invalid {name}: got {value!r}; must be an integer in [{_bound(minimum)}, {_bound(maximum)}]")
+    return int(value)
+
+
+def real(value: Any, name: str, error: type = ConfigError) -> float:
+    """``value`` as a float64: an int or a float (range checks are the caller's).
+
+    Raises
+    ------
+    ConfigTypeError or InputTypeError
+        Not a real number (a bool, a string, None, ...).
+    ConfigError or InputError
+        An int too large for a float64.
+    """
+    if not is_real(value):
+        raise wrong_type(name, value, "must be a real number (an int or a float)", error)
+    try:
+        return float(value)
+    except OverflowError:
+        raise error(f"invalid {name}: got {value!r}; must be a finite real number") from None
+
+
+def choice(value: Any, name: str, allowed: Tuple[Any, ...], error: type = ConfigError) -> Any:
+    """``value`` if it is one of ``allowed`` (strings, maybe None); a non-string is the wrong type."""
+    spelled = ", ".join(repr(a) for a in allowed)
+    if not isinstance(value, str) and not (value is None and None in allowed):
+        raise wrong_type(name, value, f"must be one of {spelled}", error)
+    if value not in allowed:
+        raise error(f"invalid {name}: got {value!r}; must be one of {spelled}")
+    return value
+
+
+def instance(value: Any, name: str, cls: type, error: type = ConfigError) -> Any:
+    """``value`` if it is a ``cls``, else the TypeError of family ``error``."""
+    if not isinstance(value, cls):
+        raise _TYPE_ERRORS[error](f"{name} must be a {cls.__name__}, got {type(value).__name__}")
+    return value
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+class GradientWarning(UserWarning):
+    """A tensor that requires grad was routed: the router reads its values only.
+
+    moe_router computes no gradients (its routing is not part of an autograd
+    graph), so nothing flows back from the decision's weights or losses to the
+    tensor. Emitted once per process, under Python's warning filters (turn it
+    into an error with ``warnings.simplefilter("error", GradientWarning)``, or
+    off with ``"ignore"``).
+    """
+
+
+#: Whether the GradientWarning was emitted in this process.
+_gradient_warned = False
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this package."""
+    frame: Optional[FrameType] = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_no_gradient(name: str) -> None:
+    global _gradient_warned
+    if _gradient_warned:
+        return
+    _gradient_warned = True
+    warnings.warn(f"{name} requires grad, but no gradient flows through moe_router: it routes a detached "
+                  f"view of the values, and the decision's weights and losses are not part of the autograd "
+                  f"graph (warned once per process)", GradientWarning, stacklevel=_caller_stacklevel())
 
 
 def as_array(x: Any, name: str) -> np.ndarray:
-    """View ``x`` as a NumPy array without copying when possible."""
+    """View ``x`` as a NumPy array without copying when possible.
+
+    A tensor with ``requires_grad`` is read through ``detach()`` (no copy), with a
+    :class:`GradientWarning` the first time.
+    """
     if isinstance(x, np.ndarray):
         return x
     if getattr(x, "requires_grad", False) is True and callable(getattr(x, "detach", None)):
         # A tensor that takes part in autograd (torch refuses to export it): the router
-        # only reads values, and detach() shares the memory.
+        # only reads values, and detach() shares the memory; the caller is told once.
+        _warn_no_gradient(name)
         x = x.detach()
     if "bfloat16" in str(getattr(x, "dtype", "")) and callable(getattr(x, "float", None)):
         # NumPy has no bfloat16: widen once to float32 (exact), as float16 is.
@@ -39,44 +195,43 @@ def as_array(x: Any, name: str) -> np.ndarray:
                     return np.from_dlpack(x)
                 except Exception:
                     pass
-            raise TypeError(f"{name} cannot be read as a CPU array: {exc}") from exc
+            raise InputTypeError(f"{name} cannot be read as a CPU array: {exc}") from exc
     if hasattr(x, "__dlpack__"):
         try:
             return np.from_dlpack(x)
         except Exception as exc:
-            raise TypeError(f"{name} cannot be read through __dlpack__: {exc}") from exc
-    raise TypeError(f"{name} must be an array (NumPy, torch CPU tensor, or anything with __array__ "
-                    f"or __dlpack__), got {type(x).__name__}")
+            raise InputTypeError(f"{name} cannot be read through __dlpack__: {exc}") from exc
+    raise InputTypeError(f"{name} must be an array (NumPy, torch CPU tensor, or anything with __array__ "
+                         f"or __dlpack__), got {type(x).__name__}")
 
 
 def float_rows(x: Any, name: str, width: int, width_name: str,
-               dtype: Optional[np.dtype] = None, integers: bool = False) -> Tuple[np.ndarray, Tuple[int, ...]]:
+               dtype: Optional[np.dtype] = None, kinds: str = HIDDEN_KINDS) -> Tuple[np.ndarray, Tuple[int, ...]]:
     """``x`` as a C-contiguous float32/float64 ``[T, width]`` array plus its batch shape.
 
-    Accepts ``[T, width]`` and ``[B, S, width]``. ``dtype`` forces float32 or
+    Accepts ``[T, width]`` and ``[B, S, width]`` of the dtype ``kinds``
+    (:data:`LOGITS_KINDS`, :data:`HIDDEN_KINDS`). ``dtype`` forces float32 or
     float64 (a converted copy when it differs); by default float32/float64 stay
-    as they are and float16 becomes float32.
+    as they are, float16 becomes float32, longdouble and integers float64.
 
     Raises
     ------
-    TypeError
+    InputTypeError
         Not a real-valued array (bool, complex, object, strings).
     InputError
         Wrong rank or last dimension.
     """
     a = as_array(x, name)
+    if isinstance(a, np.ma.MaskedArray):
+        a = a.data  # the values, in place; the mask is the caller's (see rows_and_mask)
     if a.ndim == 1 and a.size == 0:
         a = a.reshape(0, width)  # an empty list: zero tokens
     if a.dtype not in _FLOAT_OK:
-        if integers and a.dtype.kind in "iu":
-            # Integer-valued logits (e.g. read from JSON) are exact in float64.
-            a = a.astype(np.float64)
-        elif a.dtype.kind != "f":
-            accepted = "float16 and integers are converted" if integers else "float16 is converted"
-            raise TypeError(f"{name} must be a floating-point array (float32 or float64 are read in place; "
-                            f"{accepted}), got dtype {a.dtype}")
-        else:
-            a = a.astype(np.float64 if a.dtype.itemsize > 8 else np.float32)
+        if a.dtype.kind not in kinds:
+            accepted = "float16 and integers are converted" if "i" in kinds else "float16 is converted"
+            raise InputTypeError(f"{name} must be a {kinds_text(kinds)} array (float32 or float64 are read in "
+                                 f"place; {accepted}), got dtype {a.dtype}")
+        a = a.astype(np.float64 if a.dtype.kind in "iu" or a.dtype.itemsize > 8 else np.float32)
     if dtype is not None and a.dtype != dtype:
         a = a.astype(dtype)
     if a.ndim not in (2, 3):
@@ -94,16 +249,20 @@ def token_mask(mask: Any, batch_shape: Tuple[int, ...]) -> Optional[np.ndarray]:
     """``mask`` as a C-contiguous bool ``[T]`` array (or None).
 
     Accepts shape ``[T]`` or the logits' batch shape (``[B, S]``); integer arrays
-    holding only 0 and 1 are accepted as booleans.
+    holding only 0 and 1 are accepted as booleans; a masked entry of a NumPy
+    masked array is False.
     """
     if mask is None:
         return None
     m = as_array(mask, "token_mask")
+    if isinstance(m, np.ma.MaskedArray):
+        m = m.filled(0)  # a masked flag routes nothing
     t = int(np.prod(batch_shape))
     if m.dtype != np.bool_:
         if m.dtype.kind not in "iu" or (m.size and not np.isin(m, (0, 1)).all()):
-            raise TypeError(f"token_mask must be a bool array, or integers 0/1 (True = route the token), "
-                            f"got dtype {m.dtype}" + (" with values other than 0 and 1" if m.dtype.kind in "iu" else ""))
+            raise InputTypeError(f"token_mask must be a bool array, or integers 0/1 (True = route the token), "
+                                 f"got dtype {m.dtype}"
+                                 + (" with values other than 0 and 1" if m.dtype.kind in "iu" else ""))
         m = m.astype(np.bool_)
     if m.shape not in ((t,), batch_shape):
         wanted = f"[{t}]" if batch_shape == (t,) else f"[{t}] or {list(batch_shape)}"
@@ -111,11 +270,28 @@ def token_mask(mask: Any, batch_shape: Tuple[int, ...]) -> Optional[np.ndarray]:
     return np.ascontiguousarray(m).reshape(-1)
 
 
-def flag(value: Any, name: str) -> bool:
-    """``value`` as a bool; only bools and the integers 0 and 1 are accepted."""
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
-        return bool(value)
-    raise TypeError(f"{name} must be True or False, got {value!r}")
+def rows_and_mask(x: Any, name: str, width: int, width_name: str, mask: Any, dtype: Optional[np.dtype] = None,
+                  kinds: str = HIDDEN_KINDS) -> Tuple[np.ndarray, Tuple[int, ...], Optional[np.ndarray]]:
+    """:func:`float_rows` of ``x`` and the token mask of the call.
+
+    A NumPy masked array ``x`` marks its padding itself: a token (a row along
+    the last axis) with any masked entry is not routed, as if ``token_mask``
+    were False there (its values are never read, so they may be NaN). With an
+    explicit ``mask`` too, a token is routed only when both say so. Returns the
+    rows, the batch shape and the bool ``[T]`` mask (None when every token is
+    routed).
+
+    Raises
+    ------
+    InputTypeError, InputError
+        As :func:`float_rows` and :func:`token_mask`.
+    """
+    rows, batch_shape = float_rows(x, name, width, width_name, dtype=dtype, kinds=kinds)
+    active = token_mask(mask, batch_shape)
+    if isinstance(x, np.ma.MaskedArray) and np.ma.is_masked(x):
+        unmasked = np.asarray(~np.ma.getmaskarray(x).reshape(-1, width).any(axis=1))
+        active = unmasked if active is None else np.logical_and(active, unmasked)
+    return rows, batch_shape, active
 
 
 def expert_bias(bias: Any, num_experts: int) -> Optional[np.ndarray]:
@@ -124,19 +300,15 @@ def expert_bias(bias: Any, num_experts: int) -> Optional[np.ndarray]:
         return None
     b = as_array(bias, "expert_bias")
     if b.dtype.kind not in "fiu":
-        raise TypeError(f"expert_bias must be a real-valued array, got dtype {b.dtype}")
+        raise InputTypeError(f"expert_bias must be a real-valued array, got dtype {b.dtype}")
     if b.shape != (num_experts,):
         raise InputError(f"expert_bias has shape {list(b.shape)}, expected [{num_experts}] (one value per expert)")
     return np.ascontiguousarray(b, dtype=np.float64)
 
 
 def step(value: Any) -> int:
-    """A training step: a non-negative integer."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"step must be a non-negative integer, got {value!r}")
-    if value < 0:
-        raise InputError(f"step must be a non-negative integer, got {value}")
-    return int(value)
+    """A training step: an int in ``[0, 2**64 - 1]`` (the RNG key is 64 bits)."""
+    return integer(value, "step", 0, U64_MAX, InputError)
 
 
 def sequence_length(batch_shape: Tuple[int, ...]) -> Optional[int]:
@@ -145,7 +317,7 @@ def sequence_length(batch_shape: Tuple[int, ...]) -> Optional[int]:
 
 
 def weight(value: Any, name: str, shape: Tuple[int, ...], what: str = "", dtype: Any = None,
-           kinds: str = "f") -> np.ndarray:
+           kinds: str = WEIGHT_KINDS) -> np.ndarray:
     """A private, read-only, C-contiguous copy of a router weight.
 
     Private so that later changes to the caller's array cannot make a cached
@@ -154,15 +326,14 @@ def weight(value: Any, name: str, shape: Tuple[int, ...], what: str = "", dtype:
 
     Raises
     ------
-    TypeError
+    InputTypeError
         A dtype outside ``kinds``.
     InputError
         Another shape than ``shape`` (``what`` explains it), or NaN/inf values.
     """
     a = as_array(value, name)
     if a.dtype.kind not in kinds:
-        raise TypeError(f"{name} must be a {'floating-point' if kinds == 'f' else 'real-valued'} array, "
-                        f"got dtype {a.dtype}")
+        raise InputTypeError(f"{name} must be a {kinds_text(kinds)} array, got dtype {a.dtype}")
     if a.shape != tuple(shape):
         raise InputError(f"{name} has shape {list(a.shape)}, expected {list(shape)}{what}")
     if not np.isfinite(a).all():
@@ -186,18 +357,3 @@ class Casts:
             self._by_dtype[dtype] = tuple(None if a is None else np.ascontiguousarray(a, dtype=dtype)
                                           for a in self.arrays)
         return self._by_dtype[dtype]
-
-
-def count(value: Any, name: str, minimum: int = 1, maximum: Optional[int] = None) -> int:
-    """An integer setting in ``[minimum, maximum]`` (bools are not integers).
-
-    Raises
-    ------
-    ConfigError
-        Not an integer, or out of range (the message names ``name``).
-    """
-    ok = not isinstance(value, bool) and isinstance(value, (int, np.integer))
-    if not ok or value < minimum or (maximum is not None and value > maximum):
-        allowed = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
-        raise ConfigError(f"invalid {name}: got {value!r}; must be {allowed}")
-    return int(value)

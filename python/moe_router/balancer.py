@@ -17,7 +17,9 @@ from typing import Any, Deque, Optional
 
 import numpy as np
 
-from ._core import ConfigError, InputError
+from . import _inputs
+from ._json import json_ready
+from ._core import ConfigError, InputError, InputTypeError
 from .stats import _int_at_least, _locked, _per_mean
 
 __all__ = ["LoadBalancer", "LoadBalancingStats"]
@@ -43,7 +45,7 @@ def _imbalance_ratio(loads: np.ndarray) -> float:
 
 
 def _finite_non_negative(name: str, value: Any) -> float:
-    v = float(value)
+    v = _inputs.real(value, name)
     if not (math.isfinite(v) and v >= 0):
         raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
     return v
@@ -104,10 +106,11 @@ class LoadBalancingStats:
         return self.steps > 0 and self.load_cv() < max_cv
 
     def to_dict(self) -> dict:
-        """JSON-ready copy (arrays as lists)."""
+        """JSON-ready copy: arrays as lists, a float that is not finite as None
+        (``json.dumps(..., allow_nan=False)`` accepts it)."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "last_load"}
         values.update(load_cv=self.load_cv(), well_balanced=self.is_well_balanced(), last_load=self.last_load)
-        return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in values.items()}
+        return json_ready(values)
 
 
 def default_bias_update_rate(num_experts: int) -> float:
@@ -116,12 +119,14 @@ def default_bias_update_rate(num_experts: int) -> float:
     Raises
     ------
     ConfigError
-        ``num_experts`` is not an integer >= 1.
+        ``num_experts`` is an int outside ``[1, 2**31 - 1]``.
+    ConfigTypeError
+        ``num_experts`` is not an int.
 
     >>> default_bias_update_rate(64)
     0.0015625
     """
-    return DEFAULT_RELATIVE_BIAS_RATE / _int_at_least("num_experts", num_experts, 1)
+    return DEFAULT_RELATIVE_BIAS_RATE / _inputs.integer(num_experts, "num_experts", 1, _inputs.I32_MAX)
 
 
 class LoadBalancer:
@@ -207,9 +212,13 @@ class LoadBalancer:
     Raises
     ------
     ConfigError
-        ``num_experts`` or ``history`` is not an integer >= 1, ``warmup_steps``
-        not an integer >= 0, ``ema_decay`` outside [0, 1), or
-        ``imbalance_threshold`` or ``bias_update_rate`` negative or not finite.
+        ``num_experts`` is an int outside ``[1, 2**31 - 1]``, ``history`` one
+        outside ``[1, sys.maxsize]``, ``warmup_steps`` an int below 0, ``ema_decay`` outside
+        [0, 1), or ``imbalance_threshold`` or ``bias_update_rate`` negative or
+        not finite.
+    ConfigTypeError
+        (a ``ConfigError`` and a ``TypeError``) one of them of the wrong type:
+        the counts must be ints, the rates and thresholds reals, ``enabled`` a bool.
 
     Examples
     --------
@@ -232,8 +241,8 @@ class LoadBalancer:
         bias_update_rate: Optional[float] = None,
         enabled: bool = True,
     ) -> None:
-        self._num_experts = _int_at_least("num_experts", num_experts, 1)
-        self._ema_decay = float(ema_decay)
+        self._num_experts = _inputs.integer(num_experts, "num_experts", 1, _inputs.I32_MAX)
+        self._ema_decay = _inputs.real(ema_decay, "ema_decay")
         if not 0.0 <= self._ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
         self._history = _int_at_least("history", history, 1)
@@ -242,8 +251,8 @@ class LoadBalancer:
         if bias_update_rate is None:
             bias_update_rate = default_bias_update_rate(self._num_experts)
         self.bias_update_rate = bias_update_rate  # validated by the setter
-        self.enabled = bool(enabled)
         self._lock = threading.RLock()
+        self.enabled = enabled  # validated by the setter
         self._clear()
 
     def _clear(self) -> None:
@@ -261,6 +270,16 @@ class LoadBalancer:
     warmup_steps: int = _locked(attrgetter("_warmup_steps"), "Steps before :meth:`is_imbalanced` may be True.")
 
     @property
+    def enabled(self) -> bool:
+        """Whether updates change :attr:`expert_bias` (settable; a bool)."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        """Turn the bias remedy on or off; a non-bool raises ``ConfigTypeError``."""
+        self._enabled = _inputs.flag(value, "enabled", ConfigError)
+
+    @property
     def bias_update_rate(self) -> float:
         """Per-step change of each expert's bias, in score units (settable; finite, >= 0)."""
         return self._rate
@@ -275,11 +294,11 @@ class LoadBalancer:
     def _load_of(self, decision: Any) -> np.ndarray:
         raw = getattr(decision, "pre_drop_tokens_per_expert", decision)
         load = np.asarray(raw)
+        if load.dtype.kind not in "iuf":
+            raise InputTypeError(f"per-expert load must be numeric, got dtype {load.dtype}")
         if load.ndim != 1 or load.shape[0] != self._num_experts:
             raise InputError(f"expected a per-expert load of shape [{self._num_experts}] "
                              f"(num_experts), got shape {list(load.shape)}")
-        if load.dtype.kind not in "iuf":
-            raise TypeError(f"per-expert load must be numeric, got dtype {load.dtype}")
         load = load.astype(np.float64)
         if not np.isfinite(load).all() or (load < 0).any():
             raise InputError("per-expert load must be finite and >= 0")
@@ -304,7 +323,7 @@ class LoadBalancer:
         ------
         InputError
             The load does not have E entries, or holds negative or non-finite values.
-        TypeError
+        InputTypeError
             The load is not numeric.
         """
         load = self._load_of(decision)

@@ -8,14 +8,18 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from . import _core, _inputs
-from ._core import InputError
+from ._core import ConfigError, InputError, InputTypeError
 
 
-def _float_dtype(value: Any) -> np.dtype:
-    """float32 or float64: the gate's weights have no other dtype."""
-    dtype = np.dtype(getattr(value, "dtype", np.float64))
+def _float_dtype(spec: Any, name: str, error: type = InputError) -> np.dtype:
+    """The dtype ``spec`` names, which must be float32 or float64: the gate's weights
+    have no other dtype. Anything else is the TypeError of family ``error``."""
+    try:
+        dtype = np.dtype(spec)
+    except TypeError:
+        dtype = None
     if dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        raise _inputs.wrong_type(name, spec, "must be float32 or float64", error)
     return dtype
 
 
@@ -54,18 +58,21 @@ class GateNetwork:
     Raises
     ------
     ConfigError
-        Bad ``input_dim``, ``num_experts`` or ``group_top_k``.
+        Bad ``input_dim`` or ``num_experts`` (ints in ``[1, 2**31 - 1]``),
+        ``group_top_k`` (1..G) or ``seed`` (an int in ``[0, 2**64 - 1]``).
+    ConfigTypeError
+        One of those, or ``dtype``, of the wrong type.
     """
 
     def __init__(self, input_dim: int, num_experts: int, seed: int = 0,
                  group_top_k: Optional[int] = None, dtype: Any = np.float32) -> None:
-        self._dim = _inputs.count(input_dim, "input_dim")
-        self._experts = _inputs.count(num_experts, "num_experts")
+        self._dim = _inputs.integer(input_dim, "input_dim", 1, _inputs.I32_MAX)
+        self._experts = _inputs.integer(num_experts, "num_experts", 1, _inputs.I32_MAX)
         self._groups, self._per_group = _core.gate_layout(self._experts)
-        self.group_top_k = None if group_top_k is None else _inputs.count(group_top_k, "group_top_k", 1,
-                                                                          self._groups)
-        dtype = _float_dtype(np.empty(0, dtype=dtype))
-        rng = np.random.default_rng(seed)
+        self.group_top_k = None if group_top_k is None else _inputs.integer(group_top_k, "group_top_k", 1,
+                                                                            self._groups)
+        dtype = _float_dtype(dtype, "dtype", ConfigError)
+        rng = np.random.default_rng(_inputs.integer(seed, "seed"))
         std = 1.0 / math.sqrt(self._dim)
         self._weights = _inputs.Casts(None, None)
         self.group_weight = (rng.standard_normal((self._dim, self._groups)) * std).astype(dtype)
@@ -78,7 +85,8 @@ class GateNetwork:
 
     @group_weight.setter
     def group_weight(self, value: Any) -> None:
-        w = _inputs.weight(value, "group_weight", (self._dim, self._groups), kinds="f", dtype=_float_dtype(value))
+        dtype = _float_dtype(getattr(value, "dtype", np.float64), "group_weight")
+        w = _inputs.weight(value, "group_weight", (self._dim, self._groups), kinds="f", dtype=dtype)
         self._weights = _inputs.Casts(w, self._weights.arrays[1])
 
     @property
@@ -89,13 +97,14 @@ class GateNetwork:
     @expert_weight.setter
     def expert_weight(self, value: Any) -> None:
         shape = (self._groups, self._dim, self._per_group)
-        w = _inputs.weight(value, "expert_weight", shape, kinds="f", dtype=_float_dtype(value))
+        dtype = _float_dtype(getattr(value, "dtype", np.float64), "expert_weight")
+        w = _inputs.weight(value, "expert_weight", shape, kinds="f", dtype=dtype)
         self._weights = _inputs.Casts(self._weights.arrays[0], w)
 
     def weights_for(self, dtype: Any) -> Tuple[np.ndarray, np.ndarray]:
         """``(group_weight [D, G], expert_weight [G, D, P])`` as C-contiguous arrays of
         ``dtype`` (float32 or float64), each converted once and cached."""
-        gw, ew = self._weights.get(_float_dtype(np.empty(0, dtype=dtype)))
+        gw, ew = self._weights.get(_float_dtype(dtype, "dtype"))
         assert gw is not None and ew is not None
         return gw, ew
 
@@ -117,7 +126,14 @@ class GateNetwork:
         ------
         InputError
             Wrong rank or last dimension (must be ``input_dim``).
+        InputTypeError
+            Not a floating-point array, or a masked array with masked entries
+            (this function has no padding to give them).
         """
+        if isinstance(hidden, np.ma.MaskedArray) and np.ma.is_masked(hidden):
+            raise InputTypeError("hidden is a masked array with masked entries; forward computes every token's "
+                                 "probabilities (route it with ExpertRouter, which treats masked tokens as "
+                                 "padding, or pass hidden.filled(0))")
         rows, batch_shape = _inputs.float_rows(hidden, "hidden", self._dim, "input_dim")
         finite = np.isfinite(rows).all(axis=1)
         if not finite.all():

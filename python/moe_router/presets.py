@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tu
 import numpy as np
 
 from . import _core, _inputs
-from ._core import PEERS, ConfigError, InputError, RouterConfig, RoutingDecision
+from ._core import PEERS, ConfigError, ConfigTypeError, InputError, RouterConfig, RoutingDecision
 
 __all__ = [
     "PRESETS",
@@ -68,16 +68,24 @@ def _err(preset_name: str, message: str) -> ConfigError:
     return ConfigError(f"preset {preset_name!r}: {message}")
 
 
+def _typed(preset_name: str, read: Callable[..., Any], value: Any, name: str, *args: Any) -> Any:
+    """``read(value, name, *args)`` (an ``_inputs`` reader), its error message prefixed with the preset."""
+    try:
+        return read(value, name, *args)
+    except ConfigError as exc:
+        raise type(exc)(f"preset {preset_name!r}: {exc}") from None
+
+
 def _flag(preset_name: str, name: str, value: Any) -> bool:
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
-        return bool(value)
-    raise _err(preset_name, f"{name} must be True or False, got {value!r}")
+    return _typed(preset_name, _inputs.flag, value, name, ConfigError)
 
 
 def _number(preset_name: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise _err(preset_name, f"{name} must be a number, got {value!r}")
-    return float(value)
+    return _typed(preset_name, _inputs.real, value, name)
+
+
+def _count(preset_name: str, name: str, value: Any) -> int:
+    return _typed(preset_name, _inputs.integer, value, name, 1, _inputs.I32_MAX)
 
 
 def _only(preset_name: str, name: str, value: Any, allowed: Iterable[Any], why: str) -> None:
@@ -103,7 +111,7 @@ def _megatron(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
     if (groups is None) != (group_topk is None):
         raise _err(name, "num_groups and group_topk go together (Megatron-Core requires both)")
     if group_topk is not None:
-        per_group = k // int(group_topk) if int(group_topk) > 0 else 0
+        per_group = k // _count(name, "group_topk", group_topk)
         if per_group < 1:
             raise _err(name, f"Megatron-Core scores a group by the sum of its top topk // group_topk = "
                              f"{per_group} scores; topk must be >= group_topk")
@@ -331,6 +339,8 @@ def accepted_names(name: str) -> List[str]:
 
 
 def _spec(name: str) -> _Spec:
+    if not isinstance(name, str):
+        raise _inputs.wrong_type("preset name", name, "must be one of " + ", ".join(repr(p) for p in PRESETS))
     if name not in _SPECS:
         raise ConfigError(f"unknown preset {name!r}; expected one of " + ", ".join(repr(p) for p in PRESETS))
     return _SPECS[name]
@@ -387,13 +397,14 @@ def preset(name: str, num_experts: int, top_k: Optional[int] = None, **overrides
 
     Raises
     ------
-    ValueError
-        Unknown preset name.
-    TypeError
-        Unknown override name (the message lists the accepted ones).
     ConfigError
-        A value the framework or this package rejects, or a setting whose
-        behaviour cannot be reproduced (the message says why).
+        Unknown preset name (the message lists them); a value the framework or
+        this package rejects, or a setting whose behaviour cannot be reproduced
+        (the message says why).
+    ConfigTypeError
+        (a ``ConfigError`` and a ``TypeError``) an unknown override name (the
+        message lists the accepted ones), or a value of the wrong type: E and k
+        must be ints, flags bools, coefficients and factors reals.
 
     Examples
     --------
@@ -403,6 +414,7 @@ def preset(name: str, num_experts: int, top_k: Optional[int] = None, **overrides
     (False, 'megatron', 'probs', 640)
     """
     spec = _spec(name)
+    num_experts = _count(name, "num_experts", num_experts)
     overrides = dict(overrides)
     # E and k under the framework's names
     used, value = _pop_aliases(name, "num_experts", spec.expert_names, overrides)
@@ -415,9 +427,7 @@ def preset(name: str, num_experts: int, top_k: Optional[int] = None, **overrides
         top_k = value
     if top_k is None:
         top_k = spec.default_top_k
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise _err(name, f"top_k must be an integer >= 1, got {top_k!r}")
-    top_k = int(top_k)
+    top_k = _count(name, "top_k", top_k)
     # the framework's settings
     settings: Dict[str, Any] = {}
     given: Dict[str, str] = {}
@@ -434,9 +444,9 @@ def preset(name: str, num_experts: int, top_k: Optional[int] = None, **overrides
             ours[key] = overrides.pop(key)
     if overrides:
         framework, our_names = _names(name)
-        raise TypeError(f"preset {name!r} got unknown setting(s) {sorted(overrides)}; accepted: the "
-                        f"framework's names {', '.join(framework)}; and RouterConfig's names "
-                        f"{', '.join(our_names)}")
+        raise ConfigTypeError(f"preset {name!r} got unknown setting(s) {sorted(overrides)}; accepted: the "
+                              f"framework's names {', '.join(framework)}; and RouterConfig's names "
+                              f"{', '.join(our_names)}")
     kwargs, peer = spec.translate(num_experts, top_k, settings)
     for field, value in ours.items():
         for key, used in given.items():
@@ -705,6 +715,15 @@ def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Uni
         - Megatron-Core: ``E / (k*T) * sum_e n_e P_e`` with ``n_e`` counted by a plain
           top-k (no bias, no groups).
 
+    Raises
+    ------
+    ConfigError
+        An unknown peer name, or a configuration without a peer.
+    ConfigTypeError
+        ``config_or_preset_name`` is neither a RouterConfig nor a string.
+    InputTypeError
+        ``decision`` is not a RoutingDecision.
+
     Examples
     --------
     >>> import numpy as np, moe_router as mr
@@ -713,7 +732,11 @@ def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Uni
     >>> bool(np.isclose(dec.peer_load_balance_loss, 2 * dec.load_balance_loss))
     True
     """
+    _inputs.instance(decision, "decision", RoutingDecision, InputError)
     peer = config_or_preset_name
+    if not isinstance(peer, (RouterConfig, str)):
+        raise _inputs.wrong_type("config_or_preset_name", peer, "must be a RouterConfig made by a preset, or a "
+                                 "preset or peer name")
     if isinstance(peer, RouterConfig):
         if peer.peer is None:
             raise ConfigError("the configuration has no peer (it was not made by a preset); pass a preset "
@@ -721,11 +744,11 @@ def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Uni
         peer = peer.peer
     plain = None
     if peer == "megatron" and logits is not None:
-        rows, batch_shape = _inputs.float_rows(logits, "logits", decision.num_experts, "num_experts")
+        rows, batch_shape, mask = _inputs.rows_and_mask(logits, "logits", decision.num_experts, "num_experts",
+                                                        token_mask, kinds=_inputs.LOGITS_KINDS)
         if batch_shape != decision.batch_shape:
             raise InputError(f"logits have batch shape {list(batch_shape)}, the decision "
                              f"{list(decision.batch_shape)}")
-        mask = _inputs.token_mask(token_mask, decision.batch_shape)
         plain_cfg = RouterConfig(num_experts=decision.num_experts, top_k=decision.top_k, capacity_factor=None)
         plain = _core.route_logits(rows, plain_cfg, token_mask=mask).pre_drop_tokens_per_expert.tolist()
     return _core.peer_load_balance_loss(decision, peer, plain)

@@ -75,24 +75,28 @@ class ExpertRouter:
     Raises
     ------
     ConfigError
-        Bad ``input_dim``, ``gate`` or ``group_top_k``.
+        Bad ``input_dim`` (an int in ``[1, 2**31 - 1]``), ``seed`` (an int in
+        ``[0, 2**64 - 1]``), ``gate``, ``router_dtype`` or ``group_top_k``.
+    ConfigTypeError
+        (a ``ConfigError`` and a ``TypeError``) one of those of the wrong type,
+        ``config`` not a RouterConfig or ``balancer`` not a LoadBalancer.
     InputError
         ``weight`` or ``bias`` of the wrong shape, or not finite.
-    TypeError
-        ``config`` is not a RouterConfig.
+    InputTypeError
+        ``weight`` or ``bias`` not a floating-point (bias: real) array.
     """
 
     def __init__(self, config: RouterConfig, input_dim: int, seed: int = 0, weight: Any = None,
                  bias: Any = None, gate: str = "auto", group_top_k: Optional[int] = None,
                  balancer: Optional[LoadBalancer] = None, router_dtype: Optional[str] = None) -> None:
-        if not isinstance(config, RouterConfig):
-            raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}")
-        if gate not in _GATES:
-            raise ConfigError(f"invalid gate: got {gate!r}; must be one of {', '.join(map(repr, _GATES))}")
-        if router_dtype not in (None, "float32", "float64"):
-            raise ConfigError(f"invalid router_dtype: got {router_dtype!r}; must be None, 'float32' or 'float64'")
+        _inputs.instance(config, "config", RouterConfig)
+        _inputs.choice(gate, "gate", _GATES)
+        _inputs.choice(router_dtype, "router_dtype", (None, "float32", "float64"))
+        seed = _inputs.integer(seed, "seed")
+        if balancer is not None:
+            _inputs.instance(balancer, "balancer", LoadBalancer)
         self.config = config
-        self.input_dim = _inputs.count(input_dim, "input_dim")
+        self.input_dim = _inputs.integer(input_dim, "input_dim", 1, _inputs.I32_MAX)
         self.router_dtype = router_dtype
         e = config.num_experts
         hierarchical = gate == "hierarchical" or (gate == "auto" and weight is None and e > 32)
@@ -131,7 +135,8 @@ class ExpertRouter:
     def _set_weights(self, weight: Any, bias: Any) -> None:
         e = self.config.num_experts
         w = _inputs.weight(weight, "weight", (self.input_dim, e), " (input_dim x num_experts)")
-        b = None if bias is None else _inputs.weight(bias, "bias", (e,), " (one value per expert)", w.dtype, "fiu")
+        b = None if bias is None else _inputs.weight(bias, "bias", (e,), " (one value per expert)", w.dtype,
+                                                  _inputs.BIAS_KINDS)
         with self._lock:
             self._weights = _inputs.Casts(w, b)
 
@@ -162,9 +167,8 @@ class ExpertRouter:
 
         Raises
         ------
-        TypeError
+        InputTypeError
             ``new_weights`` is not a floating-point array.
-        ------
         InputError
             The new weight's shape differs from the current ``[D, E]`` (both shapes
             are named), or it holds NaN/inf.
@@ -202,11 +206,14 @@ class ExpertRouter:
         ----------
         hidden : array_like, float, shape [B, S, D] or [T, D]
             Hidden states (float32/float64 read in place; float16 converted once).
+            A NumPy masked array marks padding: a token with any masked entry
+            is not routed.
         training : bool
             Training mode: noise and reroute draws apply, the step counter advances
             and the load balancer is updated.
         token_mask : array_like of bool, shape [T] or [B, S], optional
-            False marks padding (counted nowhere).
+            False marks padding (counted nowhere); combined by AND with the
+            mask of masked-array hidden states.
         return_probs : bool
             Also return ``router_probs`` (float32 ``[T, E]``: the gate's probabilities,
             or the scores of the router logits), written in the routing pass.
@@ -220,17 +227,17 @@ class ExpertRouter:
         InputError
             Wrong rank, or last dimension != ``input_dim``; NaN/inf in the hidden
             states (reported as the router logits of the first offending token).
-        TypeError
-            Non-floating-point input.
+        InputTypeError
+            Non-floating-point input, or a flag that is not a bool.
         """
-        rows, batch_shape = _inputs.float_rows(hidden, "hidden", self.input_dim, "input_dim",
-                                               dtype=compute_dtype(hidden, self.router_dtype))
+        rows, batch_shape, mask = _inputs.rows_and_mask(hidden, "hidden", self.input_dim, "input_dim", token_mask,
+                                                        dtype=compute_dtype(hidden, self.router_dtype))
         if self._gate is not None:
             gw, ew = self._gate.weights_for(rows.dtype)
             return self._route(_core.route_gate, (rows, gw, ew, self._gate.group_top_k), batch_shape, training,
-                               token_mask, return_probs)
+                               mask, return_probs)
         w, b = self._weights.get(rows.dtype)
-        return self._route(_core.route_hidden, (rows, w, b), batch_shape, training, token_mask, return_probs)
+        return self._route(_core.route_hidden, (rows, w, b), batch_shape, training, mask, return_probs)
 
     def route_logits(self, logits: Any, training: bool = False, token_mask: Any = None, *,
                      return_probs: bool = False) -> RoutingDecision:
@@ -238,8 +245,9 @@ class ExpertRouter:
 
         Parameters
         ----------
-        logits : array_like, float, shape [T, E] or [B, S, E]
-            Router logits (float32/float64 read in place; float16 and integers converted).
+        logits : array_like of floats or integers, shape [T, E] or [B, S, E]
+            Router logits (float32/float64 read in place; float16 and integers
+            converted). A masked array's tokens with a masked entry are padding.
         training : bool
             Training mode (noise, reroute coin, balancer update, step counter).
         token_mask : array_like of bool, shape [T] or [B, S], optional
@@ -257,17 +265,17 @@ class ExpertRouter:
         ------
         InputError
             Wrong shape; NaN/+inf logits or an all -inf row (first offending token named).
-        TypeError
-            Not a real-valued array, or a non-bool flag.
+        InputTypeError
+            Not a real-valued array, or a flag that is not a bool.
         """
-        rows, batch_shape = _inputs.float_rows(logits, "logits", self.config.num_experts, "num_experts", integers=True)
-        return self._route(_core.route_logits, (rows,), batch_shape, training, token_mask, return_probs)
+        rows, batch_shape, mask = _inputs.rows_and_mask(logits, "logits", self.config.num_experts, "num_experts",
+                                                        token_mask, kinds=_inputs.LOGITS_KINDS)
+        return self._route(_core.route_logits, (rows,), batch_shape, training, mask, return_probs)
 
-    def _route(self, core_call: Any, arrays: tuple, batch_shape: tuple, training: Any, token_mask: Any,
-               return_probs: Any) -> RoutingDecision:
-        """Call the core with this router's step, bias, statistics and balancer."""
+    def _route(self, core_call: Any, arrays: tuple, batch_shape: tuple, training: Any,
+               mask: Optional[np.ndarray], return_probs: Any) -> RoutingDecision:
+        """Call the core with this router's step, bias, statistics and balancer (``mask``: bool [T] or None)."""
         training = _inputs.flag(training, "training")
-        mask = _inputs.token_mask(token_mask, batch_shape)
         step, bias = self._call_state(training)
         t0 = time.perf_counter()
         dec = core_call(*arrays, self.config, training=training, token_mask=mask, expert_bias=bias, step=step,

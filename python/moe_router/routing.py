@@ -22,11 +22,14 @@ def route_logits(
 
     Parameters
     ----------
-    logits : array_like, float32 or float64, shape [T, E] or [B, S, E]
+    logits : array_like of floats or integers, shape [T, E] or [B, S, E]
         Router logits (``E = config.num_experts``). C-contiguous float32/float64
         input is read in place (NumPy arrays, torch CPU tensors, ``__dlpack__``
-        producers); float16 and other layouts are converted once. ``-inf`` marks
-        an expert as not eligible for that token.
+        producers); other layouts are converted once, float16 (and torch
+        bfloat16) to float32, integer arrays (logits read from JSON, say) and
+        longdouble to float64. ``-inf`` marks an expert as not eligible for that
+        token. A NumPy masked array marks padding itself: a token with any
+        masked entry is not routed (as where ``token_mask`` is False).
     config : RouterConfig
         Routing semantics (scores, top-k, capacity, drop policy, losses).
     training : bool
@@ -34,7 +37,9 @@ def route_logits(
         apply, and ``capacity_factor`` is used; otherwise ``eval_capacity_factor``
         (if set). Losses are computed in both modes.
     token_mask : array_like of bool, shape [T] or [B, S], optional
-        False marks padding: not read, not routed, counted in no load, loss or capacity.
+        False marks padding: not read, not routed, counted in no load, loss or
+        capacity. With masked-array logits, a token is routed only where both
+        this mask and the logits' own mask allow it.
     expert_bias : array_like of float, shape [E], optional
         Per-expert selection bias (aux-loss-free balancing, DeepSeek-V3): added to
         the scores to choose experts, never to the weights. When None,
@@ -54,11 +59,17 @@ def route_logits(
 
     Raises
     ------
-    TypeError
-        ``logits`` is not a floating-point array, or ``config`` is not a RouterConfig.
+    InputTypeError
+        (an ``InputError`` and a ``TypeError``) ``logits`` is not a real-valued
+        array (bool, complex, strings, objects), ``token_mask`` not a bool (or
+        0/1 integer) array, ``expert_bias`` not real-valued, ``training`` or
+        ``return_probs`` not a bool, ``step`` not an int.
+    ConfigTypeError
+        (a ``ConfigError`` and a ``TypeError``) ``config`` is not a RouterConfig.
     InputError
         (a ``ValueError``) wrong shape; NaN or +inf logits, or a row that is all
-        ``-inf``, with the index of the first offending token; non-finite bias.
+        ``-inf``, with the index of the first offending token; non-finite bias;
+        ``step`` outside ``[0, 2**64 - 1]``.
 
     Notes
     -----
@@ -75,10 +86,9 @@ def route_logits(
     >>> dec.expert_indices.tolist(), [round(w, 4) for w in dec.expert_weights[0].tolist()]
     ([[0, 1]], [0.6439, 0.2369])
     """
-    if not isinstance(config, RouterConfig):
-        raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}")
-    rows, batch_shape = _inputs.float_rows(logits, "logits", config.num_experts, "num_experts", integers=True)
-    mask = _inputs.token_mask(token_mask, batch_shape)
+    _inputs.instance(config, "config", RouterConfig)
+    rows, batch_shape, mask = _inputs.rows_and_mask(logits, "logits", config.num_experts, "num_experts",
+                                                    token_mask, kinds=_inputs.LOGITS_KINDS)
     bias = _inputs.expert_bias(expert_bias, config.num_experts)
     return _core.route_logits(rows, config, training=_inputs.flag(training, "training"), token_mask=mask,
                               expert_bias=bias, step=_inputs.step(step),

@@ -20,6 +20,7 @@ How the figures are defined:
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections import deque
 from operator import attrgetter
@@ -27,7 +28,9 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, TypeVar, c
 
 import numpy as np
 
-from ._core import ConfigError, InputError
+from . import _inputs
+from ._json import json_ready
+from ._core import InputError, InputTypeError
 
 __all__ = ["RoutingStats"]
 
@@ -45,9 +48,8 @@ _T = TypeVar("_T")
 
 
 def _int_at_least(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    """A size setting: an int in ``[minimum, sys.maxsize]`` (what a ``deque`` or a count can hold)."""
+    return _inputs.integer(value, name, minimum, sys.maxsize)
 
 
 def _per_mean(values: np.ndarray, spread: Callable[[np.ndarray], Any]) -> float:
@@ -70,10 +72,6 @@ def _locked(fget: Callable[[Any], _T], doc: Optional[str] = None) -> _T:
 def _average(index: int, doc: str) -> Optional[float]:
     """The locked mean of the per-call sum ``_sums[index]`` over the calls that routed a token."""
     return _locked(lambda self: None if self.routed_calls == 0 else self._sums[index] / self.routed_calls, doc)
-
-
-def _finite_or_none(x: Optional[float]) -> Optional[float]:
-    return float(x) if x is not None and math.isfinite(x) else None
 
 
 class RoutingStats:
@@ -113,7 +111,9 @@ class RoutingStats:
     Raises
     ------
     ConfigError
-        ``window`` or ``history`` is not an integer >= 1.
+        ``window`` or ``history`` is an int outside ``[1, sys.maxsize]``.
+    ConfigTypeError
+        ``window`` or ``history`` is not an int (a float, a bool, ...).
 
     Notes
     -----
@@ -197,21 +197,30 @@ class RoutingStats:
         InputError
             ``latency_s`` is negative or not finite, or the decision has a
             different number of experts than the decisions recorded before.
+        InputTypeError
+            ``latency_s`` is not a real number (nor None), or ``decision`` lacks
+            a field of a RoutingDecision.
         """
         if latency_s is not None:
-            latency = float(latency_s)
+            latency = _inputs.real(latency_s, "latency_s", InputError)
             if not (math.isfinite(latency) and latency >= 0.0):
                 raise InputError(f"latency_s must be a finite number of seconds >= 0, got {latency_s!r}")
-        kept_e = np.asarray(decision.tokens_per_expert, dtype=np.int64)
-        pre_e = np.asarray(decision.pre_drop_tokens_per_expert, dtype=np.int64)
-        num_experts = int(kept_e.shape[0])
-        kept = int(decision.kept_assignments)
-        dropped = int(decision.dropped_assignments)
-        active = int(decision.active_tokens)
-        capacity = int(decision.capacity)
+        try:
+            kept_e = np.asarray(decision.tokens_per_expert, dtype=np.int64)
+            pre_e = np.asarray(decision.pre_drop_tokens_per_expert, dtype=np.int64)
+            kept = int(decision.kept_assignments)
+            dropped = int(decision.dropped_assignments)
+            active = int(decision.active_tokens)
+            capacity = int(decision.capacity)
+            losses = (float(decision.load_balance_loss), float(decision.router_z_loss),
+                      float(decision.auxiliary_loss), float(decision.routing_efficiency()))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise InputTypeError(f"decision must be a RoutingDecision (or carry its fields), got "
+                                 f"{type(decision).__name__}: {exc}") from None
+        num_experts = int(kept_e.shape[0]) if kept_e.ndim == 1 else -1
+        if num_experts < 0:
+            raise InputError(f"decision.tokens_per_expert has shape {list(kept_e.shape)}, expected [E]")
         variance = float(kept_e.astype(np.float64).var()) if num_experts else 0.0
-        losses = (float(decision.load_balance_loss), float(decision.router_z_loss), float(decision.auxiliary_loss),
-                  float(decision.routing_efficiency()))
         with self._lock:
             if self.num_experts is None:
                 self.num_experts = num_experts
@@ -371,8 +380,10 @@ class RoutingStats:
         ------
         InputError
             ``q`` outside [0, 100].
+        InputTypeError
+            ``q`` is not a real number.
         """
-        q = float(q)
+        q = _inputs.real(q, "q", InputError)
         if not 0.0 <= q <= 100.0:
             raise InputError(f"q must be a percentile in [0, 100], got {q!r}")
         with self._lock:
@@ -408,26 +419,26 @@ class RoutingStats:
     # ------------------------------------------------------------------ export
 
     def to_dict(self) -> Dict[str, Any]:
-        """All statistics as plain Python values; ``json.dumps`` accepts the result.
+        """All statistics as plain Python values; ``json.dumps(..., allow_nan=False)`` accepts the result.
 
         Latencies appear in seconds (``latency_s``) and milliseconds
-        (``latency_ms``); an undefined value (no call yet, infinite throughput)
-        is None.
+        (``latency_ms``); an undefined value (no call yet) is None, and so is
+        every float that is not finite (an infinite throughput, a running loss
+        average that overflowed), as JSON has no infinity or NaN.
         """
         with self._lock:
             names = (*_COUNTERS, *_RATES, "expert_token_counts", "pre_drop_token_counts", "capacity_offered",
                      "expert_utilization")
             lat_s = dict(zip(("p50", "p95", "p99"), self._percentiles(50.0, 95.0, 99.0)), mean=self.mean_latency,
                          min=self._min_latency, max=self._max_latency)
-            plain = {name: getattr(self, name) for name in names}
-            return {**{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in plain.items()},
-                    "utilization_summary": self.utilization_summary(),
-                    "load_variance_history": list(self._variances),
-                    "latency_window": self._window,
-                    "latency_s": lat_s,
-                    "latency_ms": {k: None if v is None else 1e3 * v for k, v in lat_s.items()},
-                    "total_time_s": self._total_time,
-                    "throughput_tokens_per_s": _finite_or_none(self.throughput)}
+            return json_ready({**{name: getattr(self, name) for name in names},
+                               "utilization_summary": self.utilization_summary(),
+                               "load_variance_history": list(self._variances),
+                               "latency_window": self._window,
+                               "latency_s": lat_s,
+                               "latency_ms": {k: None if v is None else 1e3 * v for k, v in lat_s.items()},
+                               "total_time_s": self._total_time,
+                               "throughput_tokens_per_s": self.throughput})
 
     def __repr__(self) -> str:
         with self._lock:

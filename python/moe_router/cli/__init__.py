@@ -63,6 +63,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(None if argv is None else list(argv))
         handler = COMMANDS.get(args.command)
         if handler is None:
+            sys.stderr.write(f"moe-router: a command is required: {' or '.join(COMMANDS)} "
+                             f"(see 'moe-router COMMAND --help')\n")
             parser.print_help(sys.stderr)
             return EXIT_USAGE
         return int(handler(args))

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._inputs import BIAS_KINDS, HIDDEN_KINDS, LOGITS_KINDS, WEIGHT_KINDS, kinds_text
 from ..router import compute_dtype
 from ..data import DEFAULT_LOGITS_FILE, default_logits
 from .errors import CliError
@@ -92,12 +93,14 @@ class InputFile:
         names = self.members if keys is None else keys
         return ", ".join(f"{k} {_describe(*self.members[k])}" for k in names)
 
-    def read(self, key: Optional[str], option: Optional[str], floating: str) -> np.ndarray:
-        """The array ``key`` of an .npz (None: the array of an .npy), checked to be floating point.
+    def read(self, key: Optional[str], option: Optional[str], kinds: str, what: str) -> np.ndarray:
+        """The array ``key`` of an .npz (None: the array of an .npy), checked to be of dtype ``kinds``.
 
-        ``option`` is the flag that chose the key: messages then start with
-        ``"{option} {key}: "``; None for the logits of FILE/``--key``.
-        ``floating`` ends the message for an array that is not floating point.
+        ``kinds`` are the NumPy dtype kinds the API accepts for that argument
+        (``moe_router._inputs.LOGITS_KINDS``, ...), so a file is refused exactly
+        when the array would be. ``option`` is the flag that chose the key:
+        messages then start with ``"{option} {key}: "``; None for the logits of
+        FILE/``--key``. ``what`` names the array in the message for another dtype.
         """
         prefix = self._prefix(key, option)
         if key is not None and key not in self.members:
@@ -111,8 +114,9 @@ class InputFile:
                     array = z[key]
         except READ_ERRORS as exc:
             raise CliError(f"cannot read {label}: {exc}") from None
-        if array.dtype.kind != "f":
-            raise CliError(f"{prefix}{self.label(key)} has dtype {array.dtype}; {floating}")
+        if array.dtype.kind not in kinds:
+            raise CliError(f"{prefix}{self.label(key)} has dtype {array.dtype}; {what} must be "
+                           f"{kinds_text(kinds)}")
         return array
 
     def label(self, key: Optional[str]) -> str:
@@ -140,7 +144,8 @@ def _source(kind: str, file: str, key: Optional[str], array: np.ndarray, label: 
 
 
 def _logits_key(src: InputFile, key: Optional[str]) -> Optional[str]:
-    """The logits' key in ``src``: ``key``, or the one 2-D/3-D float array of an .npz."""
+    """The logits' key in ``src``: ``key``, or the one 2-D/3-D float array of an .npz
+    (failing any float array, the one 2-D/3-D integer array)."""
     if not src.is_npz:
         if key is not None:
             raise CliError(f"--key applies to .npz files; {src.file} is an .npy file")
@@ -149,9 +154,14 @@ def _logits_key(src: InputFile, key: Optional[str]) -> Optional[str]:
         raise CliError(f"{src.file} holds no arrays")
     if key is not None:
         return key
-    candidates = [k for k, (s, d) in src.members.items() if len(s) in (2, 3) and d.kind == "f"]
+    # Float arrays first; an integer array is chosen only where no float array is there.
+    candidates: List[str] = []
+    for kinds, kind_name in (("f", "float"), ("iu", "integer")):
+        candidates = [k for k, (s, d) in src.members.items() if len(s) in (2, 3) and d.kind in kinds]
+        if candidates:
+            break
     if len(candidates) != 1:
-        what = "several 2-D/3-D float arrays" if candidates else "no 2-D/3-D float array"
+        what = f"several 2-D/3-D {kind_name} arrays" if candidates else "no 2-D/3-D float or integer array"
         raise CliError(f"{src.file} holds {what}; choose one with --key NAME: "
                        f"{src.listing(candidates or None)}")
     return candidates[0]
@@ -164,12 +174,13 @@ def load_array(file: str, key: Optional[str]) -> Tuple[np.ndarray, Dict[str, Any
     ------
     CliError
         Missing or unreadable file, unknown suffix, missing or ambiguous ``key``,
-        or an array that is not a 2-D/3-D floating-point array.
+        or an array that is not a 2-D/3-D array of floats or integers (integers
+        are converted to float64 by ``route_logits``, as in the API).
     """
     src = InputFile(file, (".npy", ".npz"), "{file} is a directory, expected an .npy or .npz file",
                     "{file}: unsupported file type {suffix!r}; expected .npy or .npz")
     key = _logits_key(src, key)
-    array = src.read(key, None, "router logits must be floating point")
+    array = src.read(key, None, LOGITS_KINDS, "router logits")
     label = src.label(key)
     src.check_shape(array, key, None, array.ndim in (2, 3), "logits [T, E] or [B, S, E]")
     return array, _source("file", file, key, array, label)
@@ -228,15 +239,13 @@ def load_hidden(args: argparse.Namespace) -> Tuple[np.ndarray, np.ndarray, Optio
         raise CliError("--hidden needs --weight-key NAME (the router weight [D, E] in the same file)")
     wrong = "--hidden {file}: expected an .npz file holding the hidden states and the router weight"
     src = InputFile(file, (".npz",), wrong, wrong)
-    floating = "expected floating point"
-
     hidden_key = DEFAULT_HIDDEN_KEY if args.hidden_key is None else args.hidden_key
-    hidden = src.read(hidden_key, "--hidden-key", floating)
+    hidden = src.read(hidden_key, "--hidden-key", HIDDEN_KINDS, "hidden states")
     src.check_shape(hidden, hidden_key, "--hidden-key", hidden.ndim in (2, 3), "hidden states [T, D] or [B, S, D]")
     dim = int(hidden.shape[-1])
 
     wkey = args.weight_key
-    weight = src.read(wkey, "--weight-key", floating)
+    weight = src.read(wkey, "--weight-key", WEIGHT_KINDS, "a router weight")
     src.check_shape(weight, wkey, "--weight-key", weight.ndim == 2 and weight.shape[0] == dim,
                     f"[D, E] with D = {dim} (the hidden size of {hidden_key} {list(hidden.shape)})")
     experts = int(weight.shape[1])
@@ -244,7 +253,7 @@ def load_hidden(args: argparse.Namespace) -> Tuple[np.ndarray, np.ndarray, Optio
     bias = None
     if args.bias_key is not None:
         bkey = args.bias_key
-        bias = src.read(bkey, "--bias-key", floating)
+        bias = src.read(bkey, "--bias-key", BIAS_KINDS, "a router bias")
         src.check_shape(bias, bkey, "--bias-key", bias.shape == (experts,),
                         f"[{experts}] (E of {wkey} {list(weight.shape)})")
 

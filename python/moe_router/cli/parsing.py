@@ -19,10 +19,17 @@ DEFAULT_BALANCE_STEPS = 50
 DEFAULT_HIDDEN_KEY = "hidden"
 #: Values of ``route --router-dtype``.
 ROUTER_DTYPES = ("float32", "float64")
+#: Experts shown at each end of the route load chart when ``--top`` is not given.
+DEFAULT_CHART_EDGE = 8
+#: Rows of the balance table above which it shows every Nth step (``--every`` unset).
+MAX_TABLE_ROWS = 20
+#: How to install the plot extra, as the package and from a source checkout.
+PLOT_INSTALL = "pip install 'moe_router[plot]' (from a source checkout: pip install \".[plot]\")"
 #: Words of ``--capacity-factor`` that mean dropless routing.
 DROPLESS_WORDS = ("none", "dropless", "inf", "infinity")
 
-INPUT_HELP = ".npy or .npz file of float logits [T, E] or [B, S, E] (default: embedded sample)"
+INPUT_HELP = (".npy or .npz file of logits [T, E] or [B, S, E], floats or integers (default: embedded "
+              "sample)")
 SAMPLE_DESCRIPTION = "4096 real tokens, 64 experts"
 
 
@@ -88,7 +95,8 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
     """FILE and ``--key``: the logits a command routes."""
     p.add_argument("file", nargs="?", metavar="FILE", help=INPUT_HELP)
     p.add_argument("--key", metavar="NAME",
-                   help="array inside an .npz file (optional when it holds a single 2-D/3-D float array)")
+                   help="array inside an .npz file (optional when it holds a single 2-D/3-D float array, "
+                        "or no float array and a single integer one)")
 
 
 def _add_routing_options(p: argparse.ArgumentParser) -> None:
@@ -143,6 +151,11 @@ def _add_route_parser(sub: Any) -> None:
     g.add_argument("--repeat", "-n", type=_positive_int, default=DEFAULT_REPEAT, metavar="N",
                    help=f"time N routing calls after one warm-up; report median and min "
                         f"(default: {DEFAULT_REPEAT})")
+    chart = g.add_mutually_exclusive_group()
+    chart.add_argument("--top", type=_positive_int, default=DEFAULT_CHART_EDGE, metavar="N",
+                       help=f"show the N busiest and the N idlest experts in the load chart "
+                            f"(default: {DEFAULT_CHART_EDGE})")
+    chart.add_argument("--all-experts", action="store_true", help="show every expert in the load chart")
     _add_threads(g)
 
 
@@ -165,9 +178,13 @@ def _add_balance_parser(sub: Any) -> None:
     _add_routing_options(p)
     o = p.add_argument_group("output")
     _add_json(o)
+    o.add_argument("--every", type=_positive_int, metavar="N",
+                   help=f"show every Nth step in the table (and the last one); default: every step up to "
+                        f"{MAX_TABLE_ROWS} steps, else a round N that keeps about {MAX_TABLE_ROWS} rows "
+                        f"(--json always lists every step)")
     o.add_argument("--plot", metavar="OUT.png",
-                   help="draw the per-expert load of the first and the last step as bar charts "
-                        "(needs matplotlib: pip install 'moe_router[plot]')")
+                   help=f"draw the per-expert load of the first and the last step as bar charts "
+                        f"(needs matplotlib: {PLOT_INSTALL})")
     _add_threads(o)
 
 

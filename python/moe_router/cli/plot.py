@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from .errors import CliError
+from .parsing import PLOT_INSTALL
 from .render import fmt_ratio
 
 
@@ -14,8 +15,8 @@ def figure_class() -> Any:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise CliError("--plot needs matplotlib, which is not installed; install the optional extra with "
-                       "pip install 'moe_router[plot]'") from None
+        raise CliError(f"--plot needs matplotlib, which is not installed; install the optional extra with "
+                       f"{PLOT_INSTALL}") from None
     return Figure
 
 

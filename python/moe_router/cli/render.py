@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+from .._json import json_ready
 from .errors import EXIT_OK
 
-#: Experts shown at each end of the load chart when there are too many to show all.
-CHART_EDGE = 8
 #: Width of the load bars, in characters.
 BAR_WIDTH = 32
 #: Column of the capacity mark in the load bars (when there is a capacity).
@@ -29,9 +30,13 @@ Cell = Union[str, Text]
 
 
 def emit(report: Report, as_json: bool, render: Callable[[Report, Console], None]) -> int:
-    """Print ``report`` to stdout as indented JSON or with ``render``; returns the exit status 0."""
+    """Print ``report`` to stdout as indented JSON or with ``render``; returns the exit status 0.
+
+    The JSON is strict: a float that is not finite (an overflowing loss) is ``null``
+    (:func:`moe_router._json.json_ready`), never ``Infinity`` or ``NaN``.
+    """
     if as_json:
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        sys.stdout.write(json.dumps(json_ready(report), indent=2, allow_nan=False) + "\n")
     else:
         render(report, Console(file=sys.stdout, highlight=False))
     return EXIT_OK
@@ -61,8 +66,10 @@ def _print_summary(console: Console, command: str, rows: Iterable[Sequence[Cell]
     console.print()
 
 
-def _plain_table(title: str) -> Table:
-    return Table(title=title, title_justify="left", box=None, pad_edge=False, show_edge=False)
+def _plain_table(console: Console, title: str) -> Table:
+    """A borderless table, its title printed first as a line of its own (not wrapped to the table's width)."""
+    console.print(Text(title, style="italic"), soft_wrap=True)
+    return Table(box=None, pad_edge=False, show_edge=False)
 
 
 # --------------------------------------------------------------------------- route
@@ -105,6 +112,42 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
+def _print_load_chart(report: Report, console: Console, unicode: bool) -> None:
+    """The per-expert load chart and its legend. Dropless routing has no capacity and
+    drops nothing: its chart has no capacity column and its legend names neither."""
+    rows = report["load_chart"]["experts"]
+    not_shown, edge = report["load_chart"]["not_shown"], report["load_chart"]["edge"]
+    dropless = report["dropless"]
+    cap = None if dropless else report["capacity"]
+    scale_max = max([r["pre_drop"] for r in rows] + [cap or 0])
+    which = "busiest and idlest" if not_shown else "every expert"
+    chart = _plain_table(console, f"Per-expert load ({which}, by routed assignments)")
+    columns = ["expert", "load", "kept", "routed"] + ([] if dropless else ["% cap"])
+    for name in columns:
+        chart.add_column(name, **({"no_wrap": True} if name == "load" else {"justify": "right"}))
+    for i, r in enumerate(rows):
+        if not_shown and i == edge:
+            dots = "…" if unicode else "..."
+            chart.add_row("", Text(f"{dots} {not_shown} more experts {dots}", style="dim"),
+                          *[""] * (len(columns) - 2))
+        cells: List[Cell] = [str(r["expert"]), _bar(r["kept"], r["pre_drop"], cap, scale_max, unicode), str(r["kept"]),
+                 str(r["pre_drop"])]
+        if not dropless:
+            cells.append("-" if r["capacity_percent"] is None else f"{r['capacity_percent']:.0f}%")
+        chart.add_row(*cells)
+    console.print(chart)
+    if dropless:
+        legend = "█ kept (bars scale to the largest load)" if unicode else "# kept (bars scale to the largest load)"
+        notes = f"experts with no routed token: {report['experts_unused']}"
+    else:
+        legend = "█ kept  ░ dropped  │ capacity  » more" if unicode else "# kept  x dropped  | capacity  > more"
+        notes = (f"experts over capacity: {report['experts_over_capacity']} of {report['experts']}; "
+                 f"experts with no routed token: {report['experts_unused']}")
+    console.print(Text(legend, style="dim"))
+    console.print(Text(notes, style="dim"))
+    console.print()
+
+
 def render_route(report: Report, console: Console) -> None:
     """Print the route report with rich: summary, load chart, drops, losses, timing."""
     unicode = (console.encoding or "").lower().replace("-", "").startswith("utf")
@@ -124,29 +167,7 @@ def render_route(report: Report, console: Console) -> None:
     ]
     _print_summary(console, "route", summary)
 
-    rows = report["load_chart"]["experts"]
-    not_shown = report["load_chart"]["not_shown"]
-    cap = None if report["dropless"] else report["capacity"]
-    scale_max = max([r["pre_drop"] for r in rows] + [cap or 0])
-    chart = _plain_table("Per-expert load (busiest and idlest, by routed assignments)")
-    chart.add_column("expert", justify="right")
-    chart.add_column("load", no_wrap=True)
-    chart.add_column("kept", justify="right")
-    chart.add_column("routed", justify="right")
-    chart.add_column("% cap", justify="right")
-    for i, r in enumerate(rows):
-        if not_shown and i == CHART_EDGE:
-            dots = "…" if unicode else "..."
-            chart.add_row("", Text(f"{dots} {not_shown} more experts {dots}", style="dim"), "", "", "")
-        pct = "-" if r["capacity_percent"] is None else f"{r['capacity_percent']:.0f}%"
-        chart.add_row(str(r["expert"]), _bar(r["kept"], r["pre_drop"], cap, scale_max, unicode),
-                      str(r["kept"]), str(r["pre_drop"]), pct)
-    console.print(chart)
-    legend = ("█ kept  ░ dropped  │ capacity  » more" if unicode else "# kept  x dropped  | capacity  > more")
-    console.print(Text(legend, style="dim"))
-    console.print(Text(f"experts over capacity: {report['experts_over_capacity']} of {report['experts']}; "
-                       f"experts with no routed token: {report['experts_unused']}", style="dim"))
-    console.print()
+    _print_load_chart(report, console, unicode)
 
     t = report["timing"]
     stats: List[Sequence[Cell]] = [
@@ -172,6 +193,41 @@ def render_route(report: Report, console: Console) -> None:
 # --------------------------------------------------------------------------- balance
 
 
+def table_every(steps: int, every: Optional[int], max_rows: int) -> int:
+    """The stride of the balance table: ``every`` if given, 1 for at most ``max_rows`` steps,
+    else the smallest of 2, 5, 10, 20, 50, 100, ... that keeps about ``max_rows`` rows."""
+    if every is not None:
+        return every
+    stride, scale = 1, 1
+    while steps > stride * max_rows:
+        for m in (2, 5, 10):
+            stride = m * scale
+            if steps <= stride * max_rows:
+                break
+        scale *= 10
+    return stride
+
+
+def progress_console() -> Console:
+    """Where progress bars go: standard error (they are shown only on a terminal)."""
+    return Console(file=sys.stderr)
+
+
+@contextmanager
+def progress(total: int, description: str) -> Iterator[Callable[[], None]]:
+    """A transient rich progress bar of ``total`` steps on a terminal's standard error;
+    yields the function that advances it (which does nothing when not on a terminal)."""
+    console = progress_console()
+    if not console.is_terminal:
+        yield lambda: None
+        return
+    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=True)
+    with bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
 def fmt_ratio(x: Optional[float]) -> str:
     """A max/mean ratio with two decimals, ``-`` when undefined."""
     return "-" if x is None else f"{x:.2f}"
@@ -187,12 +243,16 @@ def render_balance(report: Report, console: Console) -> None:
         _capacity_row(report, "dropless (no limit)"),
         ("bias rate", f"{report['rate']:g} per step  (b_e += rate * sign(mean load - load_e))"),
     ])
-    table = _plain_table("Per step (loads are routed assignments, before capacity)")
+    every = report["table_every"]
+    which = "" if every == 1 else f"; one row per {every} steps, and the last"
+    table = _plain_table(console, f"Per step (loads are routed assignments, before capacity{which})")
     for name in ("step", "max load", "mean load", "max/mean", "dropped assignments", "tokens dropped"):
         table.add_column(name, justify="right")
-    for r in report["steps"]:
-        table.add_row(str(r["step"]), str(r["max_load"]), f"{r['mean_load']:.1f}", fmt_ratio(r["max_over_mean"]),
-                      str(r["dropped_assignments"]), str(r["tokens_dropped"]))
+    steps = report["steps"]
+    for i, r in enumerate(steps):
+        if i % every == 0 or i == len(steps) - 1:
+            table.add_row(str(r["step"]), str(r["max_load"]), f"{r['mean_load']:.1f}",
+                          fmt_ratio(r["max_over_mean"]), str(r["dropped_assignments"]), str(r["tokens_dropped"]))
     console.print(table)
     console.print()
     first, last = report["first"], report["last"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -15,8 +15,8 @@ from ..router import ExpertRouter
 from ..routing import route_logits
 from .errors import CliError
 from .loading import hidden_options_given, load_hidden, load_logits
-from .parsing import apply_threads, config_from_args, config_summary
-from .render import CHART_EDGE, emit, render_route
+from .parsing import DEFAULT_CHART_EDGE, apply_threads, config_from_args, config_summary
+from .render import emit, render_route
 
 
 def time_calls(call: Callable[[], RoutingDecision], repeat: int) -> Tuple[RoutingDecision, List[float]]:
@@ -34,14 +34,15 @@ def time_calls(call: Callable[[], RoutingDecision], repeat: int) -> Tuple[Routin
     return decision, times
 
 
-def _chart_rows(decision: RoutingDecision) -> Tuple[List[int], int]:
-    """Experts to chart (busiest first, by pre-drop load) and how many are left out."""
+def _chart_rows(decision: RoutingDecision, edge: Optional[int]) -> Tuple[List[int], int]:
+    """Experts to chart (busiest first, by pre-drop load): the ``edge`` busiest and the
+    ``edge`` idlest (every expert when ``edge`` is None), and how many are left out."""
     pre = decision.pre_drop_tokens_per_expert
     kept = decision.tokens_per_expert
     order = sorted(range(pre.shape[0]), key=lambda e: (-int(pre[e]), -int(kept[e]), e))
-    if len(order) <= 2 * CHART_EDGE:
+    if edge is None or len(order) <= 2 * edge:
         return order, 0
-    return order[:CHART_EDGE] + order[-CHART_EDGE:], len(order) - 2 * CHART_EDGE
+    return order[:edge] + order[-edge:], len(order) - 2 * edge
 
 
 def report_head(decision: RoutingDecision, source: Dict[str, Any], config: Dict[str, Any]) -> Dict[str, Any]:
@@ -60,21 +61,25 @@ def report_head(decision: RoutingDecision, source: Dict[str, Any], config: Dict[
 
 
 def build_report(decision: RoutingDecision, config: Any, source: Dict[str, Any],
-                 times: List[float]) -> Dict[str, Any]:
-    """Everything the route report shows, as JSON-ready data (both renderings read this)."""
+                 times: List[float], edge: Optional[int] = DEFAULT_CHART_EDGE) -> Dict[str, Any]:
+    """Everything the route report shows, as JSON-ready data (both renderings read this).
+
+    The load chart holds the ``edge`` busiest and idlest experts, or every expert
+    when ``edge`` is None.
+    """
     d = decision.to_dict()
     capacity = decision.capacity
     kept = decision.tokens_per_expert
     pre = decision.pre_drop_tokens_per_expert
-    chart, not_shown = _chart_rows(decision)
+    chart, not_shown = _chart_rows(decision, edge)
     experts: List[Dict[str, Any]] = []
     for e in chart:
         n_kept, n_pre = int(kept[e]), int(pre[e])
         percent = None if decision.dropless or capacity == 0 else 100.0 * n_kept / capacity
         experts.append({"expert": e, "kept": n_kept, "pre_drop": n_pre, "dropped": n_pre - n_kept,
                         "capacity_percent": percent})
-    report = report_head(decision, source, config_summary(config, False, "load_balance_loss_coeff",
-                                                          "router_z_loss_coeff"))
+    report = {"command": "route", **report_head(decision, source, config_summary(
+        config, False, "load_balance_loss_coeff", "router_z_loss_coeff"))}
     report.update({
         "kept_assignments": d["kept_assignments"],
         "dropped_assignments": d["dropped_assignments"],
@@ -83,11 +88,13 @@ def build_report(decision: RoutingDecision, config: Any, source: Dict[str, Any],
         "experts_over_capacity": int(np.count_nonzero(pre > kept)),
         "experts_unused": int(np.count_nonzero(pre == 0)),
         "load_balance_cv": d["load_balance_cv"],
-        "load_balance_loss": d["load_balance_loss"],
-        "router_z_loss": d["router_z_loss"],
-        "seq_load_balance_loss": d["seq_load_balance_loss"],
-        "auxiliary_loss": d["auxiliary_loss"],
-        "load_chart": {"experts": experts, "not_shown": not_shown, "order": "pre_drop descending"},
+        # The losses as floats (to_dict has None for a non-finite one; the text report shows inf).
+        "load_balance_loss": decision.load_balance_loss,
+        "router_z_loss": decision.router_z_loss,
+        "seq_load_balance_loss": decision.seq_load_balance_loss,
+        "auxiliary_loss": decision.auxiliary_loss,
+        "load_chart": {"experts": experts, "not_shown": not_shown, "edge": None if not_shown == 0 else edge,
+                       "order": "pre_drop descending"},
         "tokens_per_expert": d["tokens_per_expert"],
         "pre_drop_tokens_per_expert": d["pre_drop_tokens_per_expert"],
         "timing": {
@@ -113,7 +120,12 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     config = config_from_args(args, int(logits.shape[-1]), source["label"])
     decision, times = time_calls(lambda: route_logits(logits, config), args.repeat)
-    return emit(build_report(decision, config, source, times), args.json, render_route)
+    return emit(build_report(decision, config, source, times, _chart_edge(args)), args.json, render_route)
+
+
+def _chart_edge(args: argparse.Namespace) -> Optional[int]:
+    """Experts per end of the load chart: ``--top N``, or None (all) for ``--all-experts``."""
+    return None if args.all_experts else args.top
 
 
 def _run_hidden(args: argparse.Namespace) -> int:
@@ -124,6 +136,6 @@ def _run_hidden(args: argparse.Namespace) -> int:
     router = ExpertRouter(config, router_info["input_dim"], weight=weight, bias=bias, gate="linear",
                           router_dtype=args.router_dtype)
     decision, times = time_calls(lambda: router.route_tokens(hidden), args.repeat)
-    report = build_report(decision, config, source, times)
+    report = build_report(decision, config, source, times, _chart_edge(args))
     report["router"] = router_info
     return emit(report, args.json, render_route)

@@ -222,8 +222,11 @@ pub enum FieldValue {
     None,
     /// A bool.
     Bool(bool),
-    /// An integer (Python ints are unbounded; the bindings pass those that fit).
+    /// An integer that fits in an `i128`.
     Int(i128),
+    /// An integer beyond the `i128` range (Python ints are unbounded), as its
+    /// decimal text: out of range for every integer field.
+    BigInt(String),
     /// A float or decimal: its value and its exact decimal text (`repr(float)` or `str(Decimal)`).
     Real {
         /// The nearest float64.
@@ -237,6 +240,29 @@ pub enum FieldValue {
     Text(String),
     /// A sequence of reals.
     Reals(Vec<f64>),
+    /// Any other object (a list of strings, a dict, ...): the wrong type for every field.
+    Other {
+        /// The object as Python's `repr` prints it.
+        repr: String,
+        /// Its type's name.
+        type_name: String,
+    },
+}
+
+impl FieldValue {
+    /// The kind of value, as error messages name it (`int`, `float`, `str`, ...).
+    pub fn kind(&self) -> &str {
+        match self {
+            FieldValue::None => "None",
+            FieldValue::Bool(_) => "bool",
+            FieldValue::Int(_) | FieldValue::BigInt(_) => "int",
+            FieldValue::Real { exact: true, .. } => "float",
+            FieldValue::Real { .. } => "Decimal",
+            FieldValue::Text(_) => "str",
+            FieldValue::Reals(_) => "sequence of reals",
+            FieldValue::Other { type_name, .. } => type_name,
+        }
+    }
 }
 
 impl fmt::Display for FieldValue {
@@ -246,12 +272,14 @@ impl fmt::Display for FieldValue {
             FieldValue::None => f.write_str("None"),
             FieldValue::Bool(b) => f.write_str(if *b { "True" } else { "False" }),
             FieldValue::Int(i) => write!(f, "{i}"),
+            FieldValue::BigInt(text) => f.write_str(text),
             FieldValue::Real { text, .. } => f.write_str(text),
             FieldValue::Text(s) => write!(f, "'{s}'"),
             FieldValue::Reals(v) => {
                 let items: Vec<String> = v.iter().map(|x| format!("{x:?}")).collect();
                 write!(f, "({})", items.join(", "))
             }
+            FieldValue::Other { repr, .. } => f.write_str(repr),
         }
     }
 }
@@ -442,8 +470,8 @@ impl RouterConfig {
     pub fn set_field(&mut self, name: &str, value: FieldValue) -> Result<()> {
         let v = &value;
         match name {
-            "num_experts" => self.num_experts = integer("num_experts", v, 1)?,
-            "top_k" => self.top_k = integer("top_k", v, 1)?,
+            "num_experts" => self.num_experts = count("num_experts", v, 1, MAX_EXPERTS)?,
+            "top_k" => self.top_k = count("top_k", v, 1, MAX_EXPERTS)?,
             "capacity_factor" => self.capacity_factor = factor("capacity_factor", v)?,
             "eval_capacity_factor" => {
                 self.eval_capacity_factor = match v {
@@ -456,11 +484,18 @@ impl RouterConfig {
                             "must be a number > 0, 'dropless', or None (same as capacity_factor)",
                         ))
                     }
+                    FieldValue::Bool(_) | FieldValue::Reals(_) | FieldValue::Other { .. } => {
+                        return Err(RouterError::wrong_type(
+                            "eval_capacity_factor",
+                            v,
+                            "must be a number > 0, 'dropless', or None (same as capacity_factor)",
+                        ))
+                    }
                     _ => Some(factor("eval_capacity_factor", v)?),
                 }
             }
-            "min_capacity" => self.min_capacity = integer("min_capacity", v, 0)?,
-            "expert_capacity" => self.expert_capacity = optional(v, |v| integer("expert_capacity", v, 1))?,
+            "min_capacity" => self.min_capacity = count("min_capacity", v, 0, usize::MAX)?,
+            "expert_capacity" => self.expert_capacity = optional(v, |v| count("expert_capacity", v, 1, usize::MAX))?,
             "capacity_rounding" => self.capacity_rounding = spelled(v)?,
             "drop_policy" => self.drop_policy = spelled(v)?,
             "renormalize_after_drop" => self.renormalize_after_drop = boolean("renormalize_after_drop", v)?,
@@ -474,26 +509,23 @@ impl RouterConfig {
             "enable_load_balancing" => self.enable_load_balancing = boolean("enable_load_balancing", v)?,
             "overflow" => self.overflow = spelled(v)?,
             "reroute_weight_scale" => self.reroute_weight_scale = real("reroute_weight_scale", v)?,
-            "num_groups" => self.num_groups = optional(v, |v| integer("num_groups", v, 1))?,
-            "group_top_k" => self.group_top_k = optional(v, |v| integer("group_top_k", v, 1))?,
+            "num_groups" => self.num_groups = optional(v, |v| count("num_groups", v, 1, MAX_EXPERTS))?,
+            "group_top_k" => self.group_top_k = optional(v, |v| count("group_top_k", v, 1, MAX_EXPERTS))?,
             "group_score" => self.group_score = text("group_score", v)?.parse()?,
             "group_score_input" => self.group_score_input = spelled(v)?,
             "jitter_eps" => self.jitter_eps = real("jitter_eps", v)?,
             "noise_std" => self.noise_std = real("noise_std", v)?,
-            "seed" => {
-                let seed: u128 = integer("seed", v, 0)?;
-                self.seed = u64::try_from(seed).map_err(|_| RouterError::config("seed", v, "must be < 2**64"))?;
-            }
+            "seed" => self.seed = integer("seed", v, 0, u64::MAX.into())?,
             "expert_bias" => {
                 self.expert_bias = match v {
                     FieldValue::None => None,
                     FieldValue::Reals(b) => Some(b.clone()),
                     _ => {
                         let e = self.num_experts;
-                        return Err(RouterError::config(
+                        return Err(RouterError::wrong_type(
                             "expert_bias",
                             v,
-                            format!("must be None or a sequence of {e} real numbers"),
+                            &format!("must be None or a sequence of {e} real numbers"),
                         ));
                     }
                 }
@@ -715,20 +747,41 @@ impl RouterConfig {
     }
 }
 
-fn integer<T: TryFrom<i128>>(field: &'static str, value: &FieldValue, minimum: i128) -> Result<T> {
-    let wrong = || RouterError::config(field, value, format!("must be an integer >= {minimum}"));
+/// Largest `num_experts` (and so `top_k` and group counts): expert ids are int32.
+const MAX_EXPERTS: usize = i32::MAX as usize;
+
+/// An integer field in `[minimum, maximum]`: an `int` (never a bool or a float,
+/// which are the wrong type); one outside the range is a bad value.
+fn integer<T: TryFrom<i128>>(field: &'static str, value: &FieldValue, minimum: i128, maximum: i128) -> Result<T> {
+    let range =
+        || RouterError::config(field, value, format!("must be an integer in {}", integer_range(minimum, maximum)));
     match value {
-        FieldValue::Int(i) if *i >= minimum => T::try_from(*i).map_err(|_| wrong()),
-        _ => Err(wrong()),
+        FieldValue::Int(i) if (minimum..=maximum).contains(i) => T::try_from(*i).map_err(|_| range()),
+        FieldValue::Int(_) | FieldValue::BigInt(_) => Err(range()),
+        _ => Err(RouterError::wrong_type(field, value, "must be an int (not a float or a bool)")),
     }
+}
+
+/// A `usize` field in `[minimum, maximum]` (see [`integer`]).
+fn count(field: &'static str, value: &FieldValue, minimum: usize, maximum: usize) -> Result<usize> {
+    let wide = |n: usize| i128::try_from(n).unwrap_or(i128::MAX);
+    integer(field, value, wide(minimum), wide(maximum))
+}
+
+/// `[minimum, maximum]` as messages print it, with the powers of two a user
+/// recognizes spelled as such (`2**64 - 1`).
+pub fn integer_range(minimum: i128, maximum: i128) -> String {
+    let show = |n: i128| match (1..=127).find(|&p| n == (1i128 << p) - 1) {
+        Some(p) if p >= 31 => format!("2**{p} - 1"),
+        _ => n.to_string(),
+    };
+    format!("[{}, {}]", show(minimum), show(maximum))
 }
 
 fn boolean(field: &'static str, value: &FieldValue) -> Result<bool> {
     match value {
         FieldValue::Bool(b) => Ok(*b),
-        FieldValue::Int(0) => Ok(false),
-        FieldValue::Int(1) => Ok(true),
-        _ => Err(RouterError::config(field, value, "must be True or False")),
+        _ => Err(RouterError::wrong_type(field, value, "must be True or False (a bool)")),
     }
 }
 
@@ -736,14 +789,15 @@ fn real(field: &'static str, value: &FieldValue) -> Result<f64> {
     match value {
         FieldValue::Real { value, .. } => Ok(*value),
         FieldValue::Int(i) => Ok(*i as f64),
-        _ => Err(RouterError::config(field, value, "must be a real number")),
+        FieldValue::BigInt(_) => Err(RouterError::config(field, value, "must be a finite real number")),
+        _ => Err(RouterError::wrong_type(field, value, "must be a real number (an int or a float)")),
     }
 }
 
 fn text<'v>(field: &'static str, value: &'v FieldValue) -> Result<&'v str> {
     match value {
         FieldValue::Text(t) => Ok(t),
-        _ => Err(RouterError::config(field, value, "must be a string")),
+        _ => Err(RouterError::wrong_type(field, value, "must be a string")),
     }
 }
 
@@ -752,7 +806,7 @@ fn spelled<T: Spelled>(value: &FieldValue) -> Result<T> {
         FieldValue::Text(t) => T::parse_spelling(t),
         _ => {
             let allowed: Vec<String> = T::SPELLINGS.iter().map(|(s, _)| format!("'{s}'")).collect();
-            Err(RouterError::config(T::FIELD, value, format!("must be one of {}", allowed.join(", "))))
+            Err(RouterError::wrong_type(T::FIELD, value, &format!("must be one of {}", allowed.join(", "))))
         }
     }
 }
@@ -775,8 +829,11 @@ fn factor(field: &'static str, value: &FieldValue) -> Result<CapacityFactor> {
         }
         FieldValue::Real { text, .. } => Decimal::parse_factor(field, text).map(CapacityFactor::Factor),
         FieldValue::Int(i) if *i > 0 => Decimal::parse_factor(field, &i.to_string()).map(CapacityFactor::Factor),
-        FieldValue::Int(_) => Err(refuse("must be > 0; use None for dropless routing (no capacity limit)")),
-        _ => Err(refuse("must be a number > 0, or None for dropless routing")),
+        FieldValue::BigInt(t) if !t.starts_with('-') => Decimal::parse_factor(field, t).map(CapacityFactor::Factor),
+        FieldValue::Int(_) | FieldValue::BigInt(_) => {
+            Err(refuse("must be > 0; use None for dropless routing (no capacity limit)"))
+        }
+        _ => Err(RouterError::wrong_type(field, value, "must be a number > 0, or None for dropless routing")),
     }
 }
 

@@ -18,6 +18,21 @@ pub enum RouterError {
         allowed: String,
     },
 
+    /// A configuration field got a value of the wrong kind: a float or a bool
+    /// for an integer, a string for a number, an integer for a flag, ...
+    /// (the bindings raise it as a `TypeError`).
+    #[error("invalid {field}: got {value} ({kind}); {expected}")]
+    WrongType {
+        /// Field name as the Python API spells it.
+        field: &'static str,
+        /// The offending value, printed.
+        value: String,
+        /// The kind of value given (`float`, `bool`, `str`, ...).
+        kind: String,
+        /// What would have been accepted.
+        expected: String,
+    },
+
     /// A configuration field name that does not exist.
     #[error("RouterConfig has no field '{name}'")]
     UnknownField {
@@ -49,6 +64,10 @@ pub enum RouterError {
         hint: &'static str,
     },
 
+    /// The caller stopped the call through `RouteCall::cancel`.
+    #[error("routing was cancelled")]
+    Cancelled,
+
     /// A per-expert input vector (expert bias) holds a non-finite value.
     #[error("{argument}[{index}] is {value}; every entry must be finite")]
     NonFiniteParameter {
@@ -77,6 +96,15 @@ pub type Result<T> = std::result::Result<T, RouterError>;
 impl RouterError {
     pub(crate) fn config(field: &'static str, value: impl ToString, allowed: impl Into<String>) -> Self {
         RouterError::InvalidConfig { field, value: value.to_string(), allowed: allowed.into() }
+    }
+
+    pub(crate) fn wrong_type(field: &'static str, value: &crate::config::FieldValue, expected: &str) -> Self {
+        RouterError::WrongType {
+            field,
+            value: value.to_string(),
+            kind: value.kind().to_string(),
+            expected: expected.to_string(),
+        }
     }
 
     /// A `Shape` error.

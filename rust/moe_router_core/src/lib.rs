@@ -61,8 +61,8 @@ pub use array_arg::ArrayArg;
 pub use backward::{backward_logits, Cotangents, SavedRouting};
 pub use capacity::expert_capacity;
 pub use config::{
-    CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore, GroupScoreInput, Overflow, Peer,
-    RouterConfig, ScoreFunction, TOP_K_ALIAS,
+    integer_range, CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore, GroupScoreInput,
+    Overflow, Peer, RouterConfig, ScoreFunction, TOP_K_ALIAS,
 };
 pub use decimal::Decimal;
 pub use dispatch::{gather_rows, Assignments, DispatchPlan, PlanLayout};

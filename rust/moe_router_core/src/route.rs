@@ -14,6 +14,8 @@
 //! (its priority order and slots), for `probs` (the assignments of over-full
 //! experts) and for rerouting (the routed flags before capacity).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use ndarray::ArrayView2;
 use rayon::prelude::*;
 
@@ -63,6 +65,11 @@ pub struct RouteCall<'a> {
     /// Also count each expert's tokens under the plain top-k
     /// (`Routing::plain_tokens_per_expert`).
     pub plain_topk_counts: bool,
+    /// Set by another thread to stop the call: each chunk of the scoring pass
+    /// (the long one: GEMM, scores, top-k) reads it before it starts, and the
+    /// call then returns [`RouterError::Cancelled`], so a caller's interrupt
+    /// takes effect within one chunk per thread. Never set: the same result as None.
+    pub cancel: Option<&'a AtomicBool>,
 }
 
 /// The result of routing T tokens to E experts with k choices each.
@@ -396,6 +403,9 @@ fn score_and_select<S: LogitSource>(
         .collect();
 
     let one_chunk = |c: usize, part: PassOne, state: &mut (RowRouter, ChunkBuf<S::Elem>)| -> Result<Tally> {
+        if call.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(RouterError::Cancelled);
+        }
         let PassOne { experts: idx, weights: w, routed: r, top1, probs } = part;
         let (router, scratch) = state;
         let start = c * chunk;

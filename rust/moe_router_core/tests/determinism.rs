@@ -98,6 +98,7 @@ fn identical_for_1_2_and_7_threads() {
                     // The optional outputs too must not depend on the pool.
                     return_probs: true,
                     plain_topk_counts: true,
+                    ..RouteCall::default()
                 };
                 let what = format!("{policy:?} / {name} / bias={}", expert_bias.is_some());
                 let r = same_in_every_pool(&what, view, &options, &call);

@@ -250,3 +250,22 @@ fn empty_input_is_fine() {
         assert!(r.expert_indices.is_empty());
     }
 }
+
+/// A set cancel flag stops the call (`Cancelled`, before any chunk is scored);
+/// a flag that stays clear changes nothing.
+#[test]
+fn cancel_flag_stops_the_call() {
+    use std::sync::atomic::AtomicBool;
+    let x = logits(5000, 8);
+    let o = RouterConfig::new(8, 2);
+    let set = AtomicBool::new(true);
+    let err = route_logits(x.view(), &o, &RouteCall { cancel: Some(&set), ..RouteCall::default() });
+    assert_eq!(err, Err(RouterError::Cancelled));
+    let clear = AtomicBool::new(false);
+    let with_flag = route_logits(x.view(), &o, &RouteCall { cancel: Some(&clear), ..RouteCall::default() });
+    assert_eq!(with_flag, route_logits(x.view(), &o, &RouteCall::default()));
+    // The pool-free path of a one-chunk batch reads it too.
+    let small = logits(10, 8);
+    let err = route_logits(small.view(), &o, &RouteCall { cancel: Some(&set), ..RouteCall::default() });
+    assert_eq!(err, Err(RouterError::Cancelled));
+}

@@ -42,6 +42,7 @@ impl Case {
             sequence_length: self.sequence_length,
             return_probs: true,
             plain_topk_counts: true,
+            ..RouteCall::default()
         }
     }
 

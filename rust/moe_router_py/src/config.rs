@@ -8,13 +8,14 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
-use moe_router_core::{expert_capacity, FieldValue, RouterConfig as CoreConfig, RouterError as CoreError};
+use moe_router_core::{expert_capacity, FieldValue, RouterConfig as CoreConfig};
 use pyo3::exceptions::{PyAttributeError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString, PyTuple};
+use pyo3::types::{PyDict, PyFloat, PyString, PyTuple};
 use pyo3::IntoPyObjectExt;
 
-use crate::errors::to_py;
+use crate::args;
+use crate::errors::{to_py, Family};
 
 /// Configuration of a token router, validated on construction; immutable.
 ///
@@ -31,8 +32,12 @@ use crate::errors::to_py;
 /// ------
 /// ConfigError
 ///     (a ``ValueError``) naming the field, the value and what is allowed.
+/// ConfigTypeError
+///     (a ``ConfigError`` and a ``TypeError``) a value of the wrong type: an
+///     int field given a float or a bool, a flag given 0/1, a number field
+///     given a string, ...; or an unknown keyword.
 /// TypeError
-///     An unknown keyword, or more than two positional arguments.
+///     More than two positional arguments.
 ///
 /// Examples
 /// --------
@@ -45,19 +50,20 @@ pub struct PyRouterConfig {
     pub inner: CoreConfig,
 }
 
-/// A Python value as the core's `FieldValue` (type checks are the core's).
+/// A Python value as the core's `FieldValue`: its kind decides what the core
+/// accepts (the type checks and the messages are the core's).
 fn to_field(value: &Bound<'_, PyAny>) -> PyResult<FieldValue> {
     let py = value.py();
     if value.is_none() {
         return Ok(FieldValue::None);
     }
-    if value.is_instance_of::<PyBool>() || is_numpy_kind(value, "b")? {
+    if args::is_bool(value)? {
         return Ok(FieldValue::Bool(value.is_truthy()?));
     }
-    if value.is_instance_of::<PyInt>() || is_numpy_kind(value, "iu")? {
+    if args::is_int(value)? {
         return Ok(match value.extract::<i128>() {
             Ok(i) => FieldValue::Int(i),
-            Err(_) => FieldValue::Text(value.repr()?.to_string()),
+            Err(_) => FieldValue::BigInt(value.str()?.to_string()),
         });
     }
     if value.is_instance_of::<PyString>() {
@@ -68,36 +74,29 @@ fn to_field(value: &Bound<'_, PyAny>) -> PyResult<FieldValue> {
         let f: f64 = value.call_method0("__float__")?.extract()?;
         return Ok(FieldValue::Real { value: f, text: value.str()?.to_string(), exact: false });
     }
-    if value.is_instance_of::<PyFloat>() || value.hasattr("__float__")? && !value.hasattr("__len__")? {
+    let real = value.is_instance_of::<PyFloat>()
+        || args::is_numpy_kind(value, "f")?
+        || (value.hasattr("__float__")? && !value.hasattr("__len__")? && !args::is_numpy_kind(value, "c")?);
+    if real {
         let f: f64 = value.call_method0("__float__")?.extract()?;
         let text = PyFloat::new(py, f).repr()?.to_string();
         return Ok(FieldValue::Real { value: f, text, exact: true });
     }
     if value.hasattr("__len__")? {
-        let items: PyResult<Vec<f64>> = value.try_iter()?.map(|x| x.and_then(|x| real_item(&x))).collect();
-        if let Ok(items) = items {
-            return Ok(FieldValue::Reals(items));
+        if let Ok(items) = value.try_iter() {
+            let items: PyResult<Vec<f64>> = items.map(|x| x.and_then(|x| real_item(&x))).collect();
+            if let Ok(items) = items {
+                return Ok(FieldValue::Reals(items));
+            }
         }
     }
-    Ok(FieldValue::Text(value.repr()?.to_string()))
+    let type_name = value.get_type().name()?.to_string();
+    Ok(FieldValue::Other { repr: value.repr()?.to_string(), type_name })
 }
 
 /// One entry of a sequence of reals (bools and strings are not reals).
 fn real_item(x: &Bound<'_, PyAny>) -> PyResult<f64> {
-    if x.is_instance_of::<PyBool>() || x.is_instance_of::<PyString>() {
-        return Err(PyTypeError::new_err("not a real number"));
-    }
-    x.call_method0("__float__")?.extract()
-}
-
-fn is_numpy_kind(value: &Bound<'_, PyAny>, kinds: &str) -> PyResult<bool> {
-    match value.getattr("dtype") {
-        Ok(dtype) if value.getattr("ndim").and_then(|n| n.extract::<usize>()).ok() == Some(0) => {
-            let kind: String = dtype.getattr("kind")?.extract()?;
-            Ok(kinds.contains(kind.as_str()))
-        }
-        _ => Ok(false),
-    }
+    args::real(x, "item", Family::Config)
 }
 
 /// The core's `FieldValue` as a Python value.
@@ -110,6 +109,8 @@ fn from_field<'py>(py: Python<'py>, value: FieldValue) -> PyResult<Bound<'py, Py
         FieldValue::Real { text, .. } => py.import("decimal")?.getattr("Decimal")?.call1((text,)),
         FieldValue::Text(s) => s.into_bound_py_any(py),
         FieldValue::Reals(v) => Ok(PyTuple::new(py, v)?.into_any()),
+        // The core stores neither (no field holds them); shown as their text.
+        FieldValue::BigInt(text) | FieldValue::Other { repr: text, .. } => text.into_bound_py_any(py),
     }
 }
 
@@ -121,13 +122,6 @@ fn fields_of<'py>(kwargs: Option<&Bound<'py, PyDict>>) -> PyResult<Vec<(String, 
         }
     }
     Ok(out)
-}
-
-fn config_error(err: CoreError) -> PyErr {
-    match err {
-        CoreError::UnknownField { .. } => PyTypeError::new_err(err.to_string()),
-        other => to_py(other),
-    }
 }
 
 impl PyRouterConfig {
@@ -167,7 +161,7 @@ impl PyRouterConfig {
             fields.push((name.to_string(), to_field(&value)?));
         }
         let inner = CoreConfig::from_fields(fields.iter().map(|(n, v)| (n.as_str(), v.clone())));
-        Ok(PyRouterConfig { inner: inner.map_err(config_error)? })
+        Ok(PyRouterConfig { inner: inner.map_err(to_py)? })
     }
 
     fn __getattr__<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
@@ -195,8 +189,9 @@ impl PyRouterConfig {
     /// ----------
     /// num_tokens : int
     ///     Unmasked tokens in the batch (T_active), >= 0.
-    /// training : bool
-    ///     Use ``capacity_factor`` (True) or ``eval_capacity_factor`` (False).
+    /// training : bool, optional
+    ///     Use ``capacity_factor`` (True, the default, also for None) or
+    ///     ``eval_capacity_factor`` (False).
     ///
     /// Returns
     /// -------
@@ -207,20 +202,13 @@ impl PyRouterConfig {
     /// Raises
     /// ------
     /// ConfigError
-    ///     ``num_tokens`` is not an integer >= 0.
-    #[pyo3(signature = (num_tokens, training=true))]
-    fn capacity(&self, num_tokens: &Bound<'_, PyAny>, training: bool) -> PyResult<Option<usize>> {
-        let tokens = match to_field(num_tokens)? {
-            FieldValue::Int(n) if n >= 0 => usize::try_from(n).ok(),
-            _ => None,
-        };
-        let tokens = tokens.ok_or_else(|| {
-            to_py(CoreError::InvalidConfig {
-                field: "num_tokens",
-                value: num_tokens.repr().map(|r| r.to_string()).unwrap_or_default(),
-                allowed: "must be an integer >= 0".into(),
-            })
-        })?;
+    ///     ``num_tokens`` is an integer outside ``[0, 2**64 - 1]``.
+    /// ConfigTypeError
+    ///     ``num_tokens`` is not an int, or ``training`` not a bool.
+    #[pyo3(signature = (num_tokens, training=None))]
+    fn capacity(&self, num_tokens: &Bound<'_, PyAny>, training: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
+        let tokens = args::count(num_tokens, "num_tokens", 0, Family::Config)?;
+        let training = training.map(|t| args::flag(t, "training", Family::Config)).transpose()?.unwrap_or(true);
         let c = &self.inner;
         let factor = c.capacity_factor_for(training);
         Ok(expert_capacity(&factor, c.capacity_rounding, c.min_capacity, tokens, c.top_k, c.num_experts))
@@ -235,15 +223,15 @@ impl PyRouterConfig {
     ///
     /// Raises
     /// ------
-    /// TypeError
-    ///     A name that is not a field.
+    /// ConfigTypeError
+    ///     A name that is not a field, or a value of the wrong type.
     /// ConfigError
     ///     A changed value is invalid.
     #[pyo3(signature = (**changes))]
     fn replace(&self, changes: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
         let fields = fields_of(changes)?;
         let inner = self.inner.with_fields(fields.iter().map(|(n, v)| (n.as_str(), v.clone())));
-        Ok(PyRouterConfig { inner: inner.map_err(config_error)? })
+        Ok(PyRouterConfig { inner: inner.map_err(to_py)? })
     }
 
     /// A configuration that routes like Megatron-Core, DeepSpeed or a Hugging Face model.

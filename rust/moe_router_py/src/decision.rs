@@ -10,7 +10,9 @@ use numpy::{PyArray2, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
+use crate::args::{integer, real};
 use crate::arrays;
+use crate::errors::Family;
 use crate::plan::{DecisionArrays, PyDispatchPlan};
 use moe_router_core::PlanLayout;
 
@@ -37,10 +39,23 @@ pub struct ExpertAssignment {
 
 #[pymethods]
 impl ExpertAssignment {
+    /// Raises ``InputTypeError`` for a non-int id, token or rank (or a non-real
+    /// probability), ``InputError`` for an int outside int64.
     #[new]
     #[pyo3(signature = (expert_id, probability, token_idx, expert_rank))]
-    fn new(expert_id: i64, probability: f64, token_idx: i64, expert_rank: i64) -> Self {
-        ExpertAssignment { expert_id, probability, token_idx, expert_rank }
+    fn new(
+        expert_id: &Bound<'_, PyAny>,
+        probability: &Bound<'_, PyAny>,
+        token_idx: &Bound<'_, PyAny>,
+        expert_rank: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        let int = |v: &Bound<'_, PyAny>, name: &str| integer(v, name, i64::MIN.into(), i64::MAX.into(), Family::Input);
+        Ok(ExpertAssignment {
+            expert_id: int(expert_id, "expert_id")?,
+            probability: real(probability, "probability", Family::Input)?,
+            token_idx: int(token_idx, "token_idx")?,
+            expert_rank: int(expert_rank, "expert_rank")?,
+        })
     }
 
     /// True when ``0 <= probability <= 1`` (a ``weight_scale`` > 1 can exceed it).
@@ -518,6 +533,10 @@ impl RoutingDecision {
     }
 
     /// Scalars and per-expert counts as JSON-ready Python values (no ``[T, k]`` arrays).
+    ///
+    /// A float that is not finite (a loss that overflowed) is None, as JSON has
+    /// no infinity or NaN: ``json.dumps(decision.to_dict(), allow_nan=False)``
+    /// accepts the result (the rule of ``moe_router._json.json_ready``).
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         d.set_item("total_tokens", self.total_tokens)?;
@@ -538,7 +557,8 @@ impl RoutingDecision {
         d.set_item("seq_load_balance_loss", self.seq_load_balance_loss)?;
         d.set_item("auxiliary_loss", self.auxiliary_loss)?;
         d.set_item("peer_load_balance_loss", self.peer_load_balance_loss)?;
-        Ok(d)
+        let ready = py.import("moe_router._json")?.getattr("json_ready")?.call1((d,))?;
+        Ok(ready.cast_into::<PyDict>()?)
     }
 
     fn __repr__(&self) -> String {

@@ -1,14 +1,18 @@
 //! The one place where errors become Python exceptions.
 //!
 //! `RouterError(ValueError)` is the package's base exception; `ConfigError`
-//! (bad configuration) and `InputError` (bad arrays or values) derive from it,
-//! so `except ValueError` still catches everything. A wrong Python type is a
-//! `TypeError`, as for any Python function.
+//! (bad configuration) and `InputError` (bad arrays or per-call values) derive
+//! from it, so `except ValueError` still catches everything. An argument of the
+//! wrong type raises `ConfigTypeError(ConfigError, TypeError)` or
+//! `InputTypeError(InputError, TypeError)`: a `TypeError`, as for any Python
+//! function, that `except ConfigError` / `except InputError` also catch.
 
 use moe_router_core::RouterError as CoreError;
 use pyo3::create_exception;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyType};
 use pyo3::PyErr;
 
 create_exception!(
@@ -30,27 +34,108 @@ create_exception!(
     "An input array has the wrong shape, or holds a forbidden value (NaN, +inf, ...)."
 );
 
+/// Which argument family a failure belongs to: configuration (RouterConfig fields,
+/// presets, constructor settings, the thread count) or per-call input (arrays, flags, step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Config,
+    Input,
+}
+
+static CONFIG_TYPE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static INPUT_TYPE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// `class name(base, TypeError)` in module `moe_router`, with docstring `doc`.
+fn both(py: Python<'_>, name: &str, base: Bound<'_, PyType>, doc: &str) -> PyResult<Py<PyType>> {
+    let namespace = PyDict::new(py);
+    namespace.set_item("__module__", "moe_router")?;
+    namespace.set_item("__doc__", doc)?;
+    let bases = PyTuple::new(py, [base.into_any(), py.get_type::<PyTypeError>().into_any()])?;
+    let made = py.get_type::<PyType>().call1((name, bases, namespace))?;
+    Ok(made.cast_into::<PyType>()?.unbind())
+}
+
+/// The type of wrong-type errors of `family` (created on first use).
+pub fn type_error_class(py: Python<'_>, family: Family) -> PyResult<&Bound<'_, PyType>> {
+    let cell = match family {
+        Family::Config => &CONFIG_TYPE_ERROR,
+        Family::Input => &INPUT_TYPE_ERROR,
+    };
+    let ty = cell.get_or_try_init(py, || match family {
+        Family::Config => both(
+            py,
+            "ConfigTypeError",
+            py.get_type::<ConfigError>(),
+            "A configuration value of the wrong type (a float for an integer field, an int for a flag, ...).\n\n\
+             Both a ConfigError and a TypeError.",
+        ),
+        Family::Input => both(
+            py,
+            "InputTypeError",
+            py.get_type::<InputError>(),
+            "An input of the wrong type (a non-array, a bool or string array, an int for a flag, ...).\n\n\
+             Both an InputError and a TypeError.",
+        ),
+    })?;
+    Ok(ty.bind(py))
+}
+
+/// A wrong-type error of `family` with `message`.
+pub fn type_error(family: Family, message: String) -> PyErr {
+    Python::attach(|py| match type_error_class(py, family) {
+        Ok(ty) => PyErr::from_type(ty.clone(), message),
+        Err(e) => e,
+    })
+}
+
+/// A bad value of `family` with `message`.
+pub fn value_error(family: Family, message: String) -> PyErr {
+    match family {
+        Family::Config => ConfigError::new_err(message),
+        Family::Input => InputError::new_err(message),
+    }
+}
+
 /// Map a core error to the matching Python exception, message unchanged.
 pub fn to_py(err: CoreError) -> PyErr {
     let message = err.to_string();
     match err {
         CoreError::InvalidConfig { .. } => ConfigError::new_err(message),
-        CoreError::UnknownField { .. } => PyTypeError::new_err(message),
+        CoreError::WrongType { .. } | CoreError::UnknownField { .. } => type_error(Family::Config, message),
         CoreError::Shape { .. }
         | CoreError::BadValue { .. }
         | CoreError::NonFiniteParameter { .. }
         | CoreError::Inconsistent { .. } => InputError::new_err(message),
+        // The bindings cancel only on a signal, and raise the handler's own exception
+        // then; this is for a handler that set the flag without raising.
+        CoreError::Cancelled => PyKeyboardInterrupt::new_err(message),
     }
 }
 
-/// `argument` is not of the type the call takes (`expected`, e.g. "a 2-D float32 or float64 NumPy array").
-pub fn wrong_type(argument: &str, expected: &str, got: &Bound<'_, PyAny>) -> PyErr {
-    let kind = got.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
-    let described = match got.getattr("dtype") {
+/// The type name of `value` and, for arrays, its dtype: "ndarray of dtype int32".
+fn describe(value: &Bound<'_, PyAny>) -> String {
+    let kind = value.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+    match value.getattr("dtype") {
         Ok(dtype) => format!("{kind} of dtype {dtype}"),
         Err(_) => kind,
-    };
-    PyTypeError::new_err(format!("{argument} must be {expected}, got {described}"))
+    }
+}
+
+/// Array `argument` is not of the type the call takes (`expected`, e.g. "a 2-D float32 or float64 NumPy array").
+pub fn wrong_type(argument: &str, expected: &str, got: &Bound<'_, PyAny>) -> PyErr {
+    type_error(Family::Input, format!("{argument} must be {expected}, got {}", describe(got)))
+}
+
+/// Scalar `argument` of `family` has the wrong type; `expected` reads "must be ...".
+pub fn wrong_scalar(family: Family, argument: &str, expected: &str, got: &Bound<'_, PyAny>) -> PyErr {
+    let shown = got.repr().map(|r| r.to_string()).unwrap_or_default();
+    type_error(family, format!("invalid {argument}: got {shown} ({}); {expected}", describe(got)))
+}
+
+/// Scalar `argument` of `family` has the right type but a value outside `allowed` ("must be ...").
+pub fn bad_scalar(family: Family, argument: &str, allowed: &str, got: &Bound<'_, PyAny>) -> PyErr {
+    let shown = got.repr().map(|r| r.to_string()).unwrap_or_default();
+    value_error(family, format!("invalid {argument}: got {shown}; {allowed}"))
 }
 
 /// `argument` cannot be read as it is (not C-contiguous, or borrowed mutably elsewhere).
@@ -63,7 +148,7 @@ pub fn config_error(message: String) -> PyErr {
     ConfigError::new_err(message)
 }
 
-/// A thread-count request out of range.
+/// A thread-count request the pool could not satisfy.
 pub fn bad_threads(message: String) -> PyErr {
     ConfigError::new_err(message)
 }

@@ -19,6 +19,7 @@ macro_rules! with_dtype {
     }};
 }
 
+mod args;
 mod arrays;
 mod backward;
 mod config;
@@ -32,15 +33,18 @@ use moe_router_core::{
     self as core, gate_probabilities, ArrayArg, GateShape, GemmScalar, HierarchicalGate, LinearLogits, Logit,
     LogitSource, Peer, RouteCall, Routing, SliceLogits,
 };
+use std::sync::atomic::AtomicBool;
+
 use numpy::{Element, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyRuntimeWarning;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyTuple};
+use pyo3::types::{PyDict, PyTuple};
 
+use crate::args::{count, flag, integer};
 use crate::config::PyRouterConfig;
 use crate::decision::{BackwardInputs, ExpertAssignment, RoutingDecision, SavedSource};
-use crate::errors::{to_py, unreadable, wrong_type};
+use crate::errors::{to_py, unreadable, wrong_type, Family};
 
 const FLOAT_ARRAY: &str = "a C-contiguous float32 or float64 NumPy array";
 
@@ -88,14 +92,18 @@ impl<'py> CallArgs<'py> {
         };
         for (key, value) in kwargs.into_iter().flatten() {
             let key: String = key.extract()?;
-            let typed = |what: &str| wrong_type(&key, what, &value);
+            let input = Family::Input;
             match key.as_str() {
                 _ if value.is_none() && key != "training" && key != "return_probs" && key != "step" => {}
-                "training" => args.training = value.extract().map_err(|_| typed("True or False"))?,
-                "return_probs" => args.return_probs = value.extract().map_err(|_| typed("True or False"))?,
-                "step" => args.step = value.extract().map_err(|_| typed("an integer in [0, 2**64)"))?,
-                "sequence_length" => args.sequence_length = Some(value.extract().map_err(|_| typed("an integer"))?),
-                "batch_shape" => args.batch_shape = Some(value.extract().map_err(|_| typed("a tuple of ints"))?),
+                "training" => args.training = flag(&value, "training", input)?,
+                "return_probs" => args.return_probs = flag(&value, "return_probs", input)?,
+                "step" => args.step = integer(&value, "step", 0, u64::MAX.into(), input)?,
+                "sequence_length" => args.sequence_length = Some(count(&value, "sequence_length", 0, input)?),
+                "batch_shape" => {
+                    let dims: PyResult<Vec<usize>> =
+                        value.try_iter()?.map(|d| count(&d?, "batch_shape", 0, input)).collect();
+                    args.batch_shape = Some(dims?);
+                }
                 "token_mask" => args.token_mask = Some(borrow::<bool>(&value, "token_mask")?),
                 "expert_bias" => args.expert_bias = Some(borrow::<f64>(&value, "expert_bias")?),
                 _ => return Err(PyTypeError::new_err(format!("unexpected keyword argument '{key}'"))),
@@ -104,7 +112,7 @@ impl<'py> CallArgs<'py> {
         Ok(args)
     }
 
-    fn call(&self) -> PyResult<RouteCall<'_>> {
+    fn call<'a>(&'a self, cancel: &'a AtomicBool) -> PyResult<RouteCall<'a>> {
         Ok(RouteCall {
             training: self.training,
             token_mask: contiguous(self.token_mask.as_ref(), "token_mask")?,
@@ -112,6 +120,7 @@ impl<'py> CallArgs<'py> {
             step: self.step,
             sequence_length: self.sequence_length,
             return_probs: self.return_probs,
+            cancel: Some(cancel),
             ..RouteCall::default()
         })
     }
@@ -132,21 +141,41 @@ impl<'py> CallArgs<'py> {
     /// `return_probs`, the `[T, E]` probabilities go into a NumPy array allocated
     /// here (NumPy maps large arrays with huge pages, which halves the cost of
     /// first touching them).
+    ///
+    /// While the pool works, the calling thread checks for a pending signal every
+    /// `threads::POLL` (taking the GIL for a moment): on Ctrl-C the core stops at
+    /// its next chunk and the call raises the signal handler's exception
+    /// (`KeyboardInterrupt`) within about 100 ms, instead of when the call ends.
     fn run(
         &self,
         py: Python<'py>,
         shape: (usize, usize),
         route: impl FnOnce(&RouteCall<'_>, Option<&mut [f32]>) -> core::Result<Routing> + Send,
     ) -> PyResult<RoutingDecision> {
-        let call = self.call()?;
+        let cancel = AtomicBool::new(false);
+        let call = self.call(&cancel)?;
         let probs = self.return_probs.then(|| PyArray2::<f32>::zeros(py, [shape.0, shape.1], false));
         let mut guard = probs.as_ref().map(|p| p.readwrite());
         let out = match guard.as_mut() {
             Some(g) => Some(g.as_slice_mut().map_err(|e| unreadable("router_probs", e))?),
             None => None,
         };
-        let routing = py.detach(|| threads::install(shape.0, shape.1, || route(&call, out))).map_err(to_py)?;
+        let mut signal: Option<PyErr> = None;
+        let pending = || match Python::attach(|py| py.check_signals()) {
+            Ok(()) => false,
+            Err(err) => {
+                signal = Some(err);
+                true
+            }
+        };
+        let routing =
+            py.detach(|| threads::install_interruptible(shape.0, shape.1, &cancel, || route(&call, out), pending));
         drop(guard);
+        // The handler's exception wins even if the routing finished: the signal was consumed.
+        if let Some(err) = signal {
+            return Err(err);
+        }
+        let routing = routing.map_err(to_py)?;
         let batch_shape = self.batch_shape.clone().unwrap_or_else(|| vec![routing.num_tokens]);
         RoutingDecision::new(py, routing, &batch_shape, probs.map(|p| p.into_any().unbind()))
     }
@@ -221,11 +250,12 @@ fn route_gate<'py>(
     hidden: &Bound<'py, PyAny>,
     group_weight: &Bound<'py, PyAny>,
     expert_weight: &Bound<'py, PyAny>,
-    group_top_k: Option<usize>,
+    group_top_k: Option<&Bound<'py, PyAny>>,
     config: &PyRouterConfig,
     call: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<RoutingDecision> {
     let args = CallArgs::from_kwargs(call)?;
+    let group_top_k = gate_groups(group_top_k)?;
     let options = config.inner.for_gate();
     with_dtype!(hidden, "hidden", FLOAT_ARRAY, [f32, f64], T => {
         with_gate::<T, _>(hidden, group_weight, expert_weight, options.num_experts, group_top_k, |gate| {
@@ -259,9 +289,11 @@ fn gate_forward<'py>(
     hidden: &Bound<'py, PyAny>,
     group_weight: &Bound<'py, PyAny>,
     expert_weight: &Bound<'py, PyAny>,
-    num_experts: usize,
-    group_top_k: Option<usize>,
+    num_experts: &Bound<'py, PyAny>,
+    group_top_k: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let num_experts = experts_arg(num_experts)?;
+    let group_top_k = gate_groups(group_top_k)?;
     with_dtype!(hidden, "hidden", FLOAT_ARRAY, [f32, f64], T => {
         with_gate::<T, _>(hidden, group_weight, expert_weight, num_experts, group_top_k, |gate| {
             let (t, e) = (gate.num_tokens(), gate.num_experts());
@@ -302,9 +334,19 @@ fn peer_load_balance_loss(
 
 /// ``(G, P)``: the hierarchical gate's ``G = ceil(sqrt(E))`` groups of ``P = ceil(E / G)`` experts.
 #[pyfunction]
-fn gate_layout(num_experts: usize) -> (usize, usize) {
-    let s = GateShape::for_experts(num_experts);
-    (s.groups, s.per_group)
+fn gate_layout(num_experts: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
+    let s = GateShape::for_experts(experts_arg(num_experts)?);
+    Ok((s.groups, s.per_group))
+}
+
+/// The gate's `num_experts` argument: an int in `[1, 2**31 - 1]` (expert ids are int32).
+fn experts_arg(value: &Bound<'_, PyAny>) -> PyResult<usize> {
+    integer(value, "num_experts", 1, i32::MAX.into(), Family::Config)
+}
+
+/// The gate's `group_top_k` argument: None (dense) or an int >= 1 (the gate checks it against G).
+fn gate_groups(value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
+    value.filter(|v| !v.is_none()).map(|v| count(v, "group_top_k", 1, Family::Config)).transpose()
 }
 
 /// `[T, E]` of a 2-D argument (the Python wrapper flattens `[B, S, E]`).
@@ -326,17 +368,13 @@ fn two_d<T>(x: &ArrayArg<'_, T>) -> PyResult<[usize; 2]> {
 /// Raises
 /// ------
 /// ConfigError
-///     ``n`` is not an integer in that range.
+///     ``n`` is an integer outside that range.
+/// ConfigTypeError
+///     ``n`` is not an int (a float, a bool, a string, ...).
 #[pyfunction]
 fn set_num_threads(n: &Bound<'_, PyAny>) -> PyResult<()> {
-    let count = if n.is_instance_of::<PyBool>() { None } else { n.extract::<usize>().ok() };
-    let count = count.filter(|&c| c <= threads::MAX_THREADS).ok_or_else(|| {
-        let shown = n.repr().map(|r| r.to_string()).unwrap_or_default();
-        errors::bad_threads(format!(
-            "invalid num_threads: got {shown}; must be an integer in [0, {}] (0 = one thread per core)",
-            threads::MAX_THREADS
-        ))
-    })?;
+    let most = i128::try_from(threads::MAX_THREADS).unwrap_or(i128::MAX);
+    let count = integer(n, "num_threads", 0, most, Family::Config)?;
     threads::set_num_threads(count).map_err(errors::bad_threads)
 }
 
@@ -371,6 +409,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RouterError", py.get_type::<errors::RouterError>())?;
     m.add("ConfigError", py.get_type::<errors::ConfigError>())?;
     m.add("InputError", py.get_type::<errors::InputError>())?;
+    m.add("ConfigTypeError", errors::type_error_class(py, Family::Config)?)?;
+    m.add("InputTypeError", errors::type_error_class(py, Family::Input)?)?;
     m.add("CHUNK_TOKENS", core::CHUNK_TOKENS)?;
     m.add("MAX_THREADS", threads::MAX_THREADS)?;
     m.add("PEERS", PyTuple::new(py, Peer::spellings().collect::<Vec<_>>())?)?;

@@ -5,7 +5,10 @@
 //! call then splits work among workers that are already awake, instead of
 //! injecting each pass into rayon's global pool from the Python thread.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
 use rayon::ThreadPool;
 
@@ -13,6 +16,10 @@ static POOL: OnceLock<RwLock<Option<Arc<ThreadPool>>>> = OnceLock::new();
 
 /// Largest pool accepted (threads are created eagerly).
 pub const MAX_THREADS: usize = 1024;
+
+/// How often the calling thread asks whether a long call should stop (a Ctrl-C
+/// then takes effect within this plus one chunk per worker).
+pub const POLL: Duration = Duration::from_millis(20);
 
 /// The environment variable read at first use.
 pub const ENV_VAR: &str = "MOE_ROUTER_NUM_THREADS";
@@ -85,3 +92,41 @@ pub fn install_rows<R: Send>(items: usize, f: impl FnOnce() -> R + Send) -> R {
 
 /// Below this many rows a dispatch pass is cheaper than a pool round trip.
 const SPLIT_ITEMS: usize = 4096;
+
+/// Run `f` as [`install`] does, but keep the calling thread free while the pool
+/// works: every [`POLL`] it calls `interrupted`, and when that returns true it
+/// sets `cancel`, the flag `f`'s chunk loop reads (`RouteCall::cancel`), so `f`
+/// returns early. A batch of one chunk runs on the calling thread, unwatched: it
+/// is one chunk's work.
+pub fn install_interruptible<R: Send>(
+    tokens: usize,
+    experts: usize,
+    cancel: &AtomicBool,
+    f: impl FnOnce() -> R + Send,
+    mut interrupted: impl FnMut() -> bool,
+) -> R {
+    let split = moe_router_core::chunk_tokens(tokens, experts) < tokens;
+    let pool = match current() {
+        Some(pool) if split => pool,
+        _ => return f(),
+    };
+    let (done, result) = mpsc::channel();
+    pool.in_place_scope(|scope| {
+        scope.spawn(move |_| {
+            // The receiver outlives the scope, so the send cannot fail.
+            let _ = done.send(f());
+        });
+        loop {
+            match result.recv_timeout(POLL) {
+                Ok(r) => return r,
+                Err(RecvTimeoutError::Timeout) => {
+                    if !cancel.load(Ordering::Relaxed) && interrupted() {
+                        cancel.store(true, Ordering::Relaxed);
+                    }
+                }
+                // Only when `f` panicked: the scope re-raises that panic once this closure ends.
+                Err(RecvTimeoutError::Disconnected) => std::panic::resume_unwind(Box::new("routing worker panicked")),
+            }
+        }
+    })
+}
