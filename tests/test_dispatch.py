@@ -357,3 +357,24 @@ def test_reference_moe_layer_forward_on_real_hidden_states(layout):
                 want[t] += dec.expert_weights[t, j] * ffn(hidden[t:t + 1].astype(np.float64), w1[e], w2[e])[0]
     assert dec.dropped_assignments > 0  # the real loads are skewed: capacity binds
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_new_entry_points_follow_the_type_rule(rng):
+    dec = decide(rng, T=20, E=4, k=2, cf=1.0)
+    plan = dec.dispatch_plan()
+    rows = np.zeros((plan.num_rows, 3), np.float32)
+    for call, error, name in [
+        (lambda: dec.dispatch_plan(alignment=2.0), mr.ConfigTypeError, "alignment"),
+        (lambda: dec.dispatch_plan(alignment=2**70), mr.ConfigError, "alignment"),
+        (lambda: dec.dispatch_plan(pad_to_capacity=1), mr.ConfigTypeError, "pad_to_capacity"),
+        (lambda: mr.moe_align_block_size(dec.expert_indices, "4", 4), mr.ConfigTypeError, "block_size"),
+        (lambda: mr.moe_align_block_size(dec.expert_indices, 4, 4, pad_sorted_ids=0), mr.ConfigTypeError,
+         "pad_sorted_ids"),
+        (lambda: mr.ExpertPlacement(4.0, 2), mr.ConfigTypeError, "num_experts"),
+        (lambda: mr.ExpertPlacement(4, -1), mr.ConfigError, "num_ranks"),
+        (lambda: mr.ExpertPlacement(4, 2).local_experts(True), mr.ConfigTypeError, "rank"),
+        (lambda: dec.backward(None, "1"), mr.InputTypeError, "grad_auxiliary_loss"),
+        (lambda: plan.combine(rows, weighted=1), mr.InputTypeError, "weighted"),
+    ]:
+        with pytest.raises(error, match=name):
+            call()

@@ -138,9 +138,9 @@ def instance(value: Any, name: str, cls: type, error: type = ConfigError) -> Any
 class GradientWarning(UserWarning):
     """A tensor that requires grad was routed: the router reads its values only.
 
-    moe_router computes no gradients (its routing is not part of an autograd
-    graph), so nothing flows back from the decision's weights or losses to the
-    tensor. Emitted once per process, under Python's warning filters (turn it
+    The NumPy-level API is not part of an autograd graph, so nothing flows back
+    from the decision's weights or losses to the tensor; for gradients use
+    ``moe_router.torch.route`` (or ``RoutingDecision.backward``). Emitted once per process, under Python's warning filters (turn it
     into an error with ``warnings.simplefilter("error", GradientWarning)``, or
     off with ``"ignore"``).
     """
@@ -167,7 +167,7 @@ def _warn_no_gradient(name: str) -> None:
     _gradient_warned = True
     warnings.warn(f"{name} requires grad, but no gradient flows through moe_router: it routes a detached "
                   f"view of the values, and the decision's weights and losses are not part of the autograd "
-                  f"graph (warned once per process)", GradientWarning, stacklevel=_caller_stacklevel())
+                  f"graph; use moe_router.torch.route for gradients (warned once per process)", GradientWarning, stacklevel=_caller_stacklevel())
 
 
 def as_array(x: Any, name: str) -> np.ndarray:

@@ -327,8 +327,7 @@ class ExpertRouter:
                               "was rebuilt); backward needs the decision's own router")
         if self._gate is not None:
             raise ConfigError("invalid backward: the hierarchical gate has no backward yet; use gate='linear'")
-        gh, gw, gb = _core.linear_backward(decision, grad_expert_weights, float(grad_auxiliary_loss),
-                                           grad_router_probs)
+        gh, gw, gb = _core.linear_backward(decision, grad_expert_weights, grad_auxiliary_loss, grad_router_probs)
         return gh.reshape(*decision.batch_shape, self.input_dim), gw, gb
 
     def get_num_experts(self) -> int:

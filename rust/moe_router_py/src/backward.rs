@@ -135,6 +135,14 @@ impl<'py> Prepared<'py> {
     }
 }
 
+/// `grad_auxiliary_loss`: a real number, 1.0 when None.
+pub fn aux_cotangent(value: Option<&Bound<'_, PyAny>>) -> PyResult<f64> {
+    value
+        .map(|v| crate::args::real(v, "grad_auxiliary_loss", crate::errors::Family::Input))
+        .transpose()
+        .map(|v| v.unwrap_or(1.0))
+}
+
 /// See `RoutingDecision.backward`.
 pub fn decision_backward<'py>(
     d: &RoutingDecision,
@@ -178,15 +186,16 @@ pub fn decision_backward<'py>(
 /// [T, D], grad_weight [D, E], grad_bias [E])`` in the hidden states' dtype
 /// (see ``ExpertRouter.backward``).
 #[pyfunction]
-#[pyo3(signature = (decision, grad_expert_weights=None, grad_auxiliary_loss=1.0, grad_router_probs=None))]
+#[pyo3(signature = (decision, grad_expert_weights=None, grad_auxiliary_loss=None, grad_router_probs=None))]
 pub fn linear_backward<'py>(
     py: Python<'py>,
     decision: &RoutingDecision,
     grad_expert_weights: Option<&Bound<'py, PyAny>>,
-    grad_auxiliary_loss: f64,
+    grad_auxiliary_loss: Option<&Bound<'py, PyAny>>,
     grad_router_probs: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let d = decision;
+    let grad_auxiliary_loss = aux_cotangent(grad_auxiliary_loss)?;
     let (inputs, _, _) = d.backward_parts();
     let not_linear = || config_error("invalid backward: this decision was not routed by a linear router".into());
     let inputs = inputs.ok_or_else(not_linear)?;

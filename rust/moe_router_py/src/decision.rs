@@ -443,7 +443,7 @@ impl RoutingDecision {
     /// Parameters
     /// ----------
     /// grad_expert_weights : array of float, shape [T, k] or batch_shape + [k], optional
-    /// grad_auxiliary_loss : float, default 1.0
+    /// grad_auxiliary_loss : float, default 1.0 (None means 1.0)
     /// grad_router_probs : array of float, shape [T, E] or batch_shape + [E], optional
     ///
     /// Returns
@@ -460,22 +460,23 @@ impl RoutingDecision {
     ///     A gradient array of the wrong shape, or NaN in it.
     /// TypeError
     ///     A gradient that is not a real array.
-    #[pyo3(signature = (grad_expert_weights=None, grad_auxiliary_loss=1.0, grad_router_probs=None))]
+    #[pyo3(signature = (grad_expert_weights=None, grad_auxiliary_loss=None, grad_router_probs=None))]
     fn backward<'py>(
         &self,
         py: Python<'py>,
         grad_expert_weights: Option<&Bound<'py, PyAny>>,
-        grad_auxiliary_loss: f64,
+        grad_auxiliary_loss: Option<&Bound<'py, PyAny>>,
         grad_router_probs: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        crate::backward::decision_backward(self, py, grad_expert_weights, grad_auxiliary_loss, grad_router_probs)
+        let g_aux = crate::backward::aux_cotangent(grad_auxiliary_loss)?;
+        crate::backward::decision_backward(self, py, grad_expert_weights, g_aux, grad_router_probs)
     }
 
     /// The plan that moves tokens to their experts and back.
     ///
     /// Parameters
     /// ----------
-    /// alignment : int, default 1
+    /// alignment : int, default 1 (None means 1)
     ///     Pad each expert's rows to a multiple of this (vLLM's ``block_size``,
     ///     torchtitan's 8/16/32 for grouped GEMMs); experts without tokens get no rows.
     /// pad_to_capacity : bool, default False
@@ -494,11 +495,18 @@ impl RoutingDecision {
     /// InputError
     ///     The decision's arrays were modified into an inconsistent state (a
     ///     slot used twice, counts that do not add up, an expert out of range).
-    #[pyo3(signature = (alignment=1, pad_to_capacity=false))]
-    fn dispatch_plan(slf: Bound<'_, Self>, alignment: i64, pad_to_capacity: bool) -> PyResult<PyDispatchPlan> {
-        let alignment = usize::try_from(alignment).ok().filter(|&a| a >= 1).ok_or_else(|| {
-            crate::errors::config_error(format!("invalid alignment: got {alignment}; must be an integer >= 1"))
-        })?;
+    #[pyo3(signature = (alignment=None, pad_to_capacity=None))]
+    fn dispatch_plan(
+        slf: Bound<'_, Self>,
+        alignment: Option<&Bound<'_, PyAny>>,
+        pad_to_capacity: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyDispatchPlan> {
+        let alignment =
+            alignment.map(|a| crate::args::count(a, "alignment", 1, Family::Config)).transpose()?.unwrap_or(1);
+        let pad_to_capacity = pad_to_capacity
+            .map(|p| crate::args::flag(p, "pad_to_capacity", Family::Config))
+            .transpose()?
+            .unwrap_or(false);
         PyDispatchPlan::build(slf.py(), slf, PlanLayout { alignment, pad_to_capacity })
     }
 

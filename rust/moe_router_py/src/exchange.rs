@@ -7,8 +7,9 @@ use moe_router_core::{self as core, ExpertPlacement, Payload, ReceivePlan, SendP
 use numpy::{Element, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
+use crate::args::count;
 use crate::arrays;
-use crate::errors::{to_py, unreadable, wrong_type};
+use crate::errors::{to_py, unreadable, wrong_type, Family};
 use crate::plan::{as_numpy, output, payload, run_move, PAYLOAD_ARRAY};
 
 /// An int64 copy of an integer array-like (`TypeError` naming `name` otherwise).
@@ -67,11 +68,13 @@ impl PyExpertPlacement {
     #[new]
     #[pyo3(signature = (num_experts, num_ranks, mapping=None, replicas=None))]
     fn new(
-        num_experts: usize,
-        num_ranks: usize,
+        num_experts: &Bound<'_, PyAny>,
+        num_ranks: &Bound<'_, PyAny>,
         mapping: Option<&Bound<'_, PyAny>>,
         replicas: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let num_experts = count(num_experts, "num_experts", 1, Family::Config)?;
+        let num_ranks = count(num_ranks, "num_ranks", 1, Family::Config)?;
         let placement = match (mapping, replicas) {
             (None, None) => ExpertPlacement::contiguous(num_experts, num_ranks).map_err(to_py)?,
             _ => {
@@ -108,7 +111,13 @@ impl PyExpertPlacement {
     ///     As the constructor; also an expert in no slot.
     #[staticmethod]
     #[pyo3(signature = (physical, num_ranks, num_experts=None))]
-    fn from_physical(physical: &Bound<'_, PyAny>, num_ranks: usize, num_experts: Option<usize>) -> PyResult<Self> {
+    fn from_physical(
+        physical: &Bound<'_, PyAny>,
+        num_ranks: &Bound<'_, PyAny>,
+        num_experts: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let num_ranks = count(num_ranks, "num_ranks", 1, Family::Config)?;
+        let num_experts = num_experts.map(|e| count(e, "num_experts", 1, Family::Config)).transpose()?;
         let slots = int_vector(physical, "physical")?;
         let e = num_experts.unwrap_or_else(|| slots.iter().copied().max().map_or(0, |m| (m.max(-1) + 1) as usize));
         Ok(PyExpertPlacement { placement: ExpertPlacement::from_physical(e, num_ranks, &slots).map_err(to_py)? })
@@ -143,8 +152,8 @@ impl PyExpertPlacement {
     /// ------
     /// ConfigError
     ///     ``rank`` outside ``[0, R)``.
-    fn local_experts<'py>(&self, py: Python<'py>, rank: usize) -> PyResult<Bound<'py, PyAny>> {
-        let r = self.rank(rank)?;
+    fn local_experts<'py>(&self, py: Python<'py>, rank: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let r = self.rank(count(rank, "rank", 0, Family::Config)?)?;
         let experts: Vec<i64> = self.placement.local_experts(r).iter().map(|&e| e as i64).collect();
         Ok(arrays::vector(py, experts).into_any())
     }
@@ -280,7 +289,8 @@ impl PyAllToAllPlan {
     ///     ``rank`` outside ``[0, R)``.
     /// InputError
     ///     Counts of the wrong shape, negative, or for experts the rank does not hold.
-    fn receive(&self, received_counts: &Bound<'_, PyAny>, rank: usize) -> PyResult<PyReceivePlan> {
+    fn receive(&self, received_counts: &Bound<'_, PyAny>, rank: &Bound<'_, PyAny>) -> PyResult<PyReceivePlan> {
+        let rank = count(rank, "rank", 0, Family::Config)?;
         if rank >= self.send.num_ranks {
             return Err(crate::errors::config_error(format!(
                 "invalid rank: got {rank}; must be in [0, {})",

@@ -401,14 +401,18 @@ impl PyDispatchPlan {
     /// ------
     /// TypeError, InputError
     ///     As :meth:`permute`, for ``expert_out`` with the wrong dtype, N or layout.
-    #[pyo3(signature = (expert_out, weighted=true, out=None))]
+    #[pyo3(signature = (expert_out, weighted=None, out=None))]
     fn combine<'py>(
         &self,
         py: Python<'py>,
         expert_out: &Bound<'py, PyAny>,
-        weighted: bool,
+        weighted: Option<&Bound<'py, PyAny>>,
         out: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let weighted = weighted
+            .map(|w| crate::args::flag(w, "weighted", crate::errors::Family::Input))
+            .transpose()?
+            .unwrap_or(true);
         let x = as_numpy(expert_out, "expert_out")?;
         with_dtype!(&x, "expert_out", PAYLOAD_ARRAY, [f32, f64, f16], P => Ok(self.scatter_typed::<P>(py, &x, Scatter::Sum { weighted }, out)?.into_any()))
     }
@@ -594,14 +598,20 @@ impl PyDispatchPlan {
 ///     ``expert_indices`` is not 2-D, or holds an id outside ``[0, E)`` (the
 ///     message names the token), or the padded length exceeds int32.
 #[pyfunction]
-#[pyo3(signature = (expert_indices, block_size, num_experts, pad_sorted_ids=false))]
+#[pyo3(signature = (expert_indices, block_size, num_experts, pad_sorted_ids=None))]
 pub fn moe_align_block_size<'py>(
     py: Python<'py>,
     expert_indices: &Bound<'py, PyAny>,
-    block_size: usize,
-    num_experts: usize,
-    pad_sorted_ids: bool,
+    block_size: &Bound<'py, PyAny>,
+    num_experts: &Bound<'py, PyAny>,
+    pad_sorted_ids: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
+    use crate::args::{count, flag};
+    use crate::errors::Family;
+    let block_size = count(block_size, "block_size", 1, Family::Config)?;
+    let num_experts = count(num_experts, "num_experts", 1, Family::Config)?;
+    let pad_sorted_ids =
+        pad_sorted_ids.map(|p| flag(p, "pad_sorted_ids", Family::Config)).transpose()?.unwrap_or(false);
     let ids = as_numpy(expert_indices, "expert_indices")?;
     let kind: String = ids.getattr("dtype")?.getattr("kind")?.extract()?;
     if kind != "i" && kind != "u" {
