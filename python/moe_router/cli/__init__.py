@@ -17,13 +17,18 @@ Commands
     pre-drop load, dropped assignments and dropped tokens; ``--plot`` draws the
     per-expert load of the first and last step (matplotlib, extra ``plot``).
 
+``moe-router plan [FILE] [--alignment A] [--pad-to-capacity] [options]``
+    Route and report the dispatch plan: rows per expert (real and padding), the
+    padding overhead and the bytes a permute/combine of D-wide half-precision
+    hidden states moves.
+
 Layout
 ------
 ``parsing``
     The argument parser, option types and the ``RouterConfig`` the options describe.
 ``loading``
     One loader for input files (.npy/.npz, key selection), used for logits and hidden states.
-``route``, ``balance``
+``route``, ``balance``, ``plan``
     One module per command: ``run(args)`` builds the report as plain data.
 ``render``, ``plot``
     The report as rich text or JSON; the balance plot (matplotlib).
@@ -40,14 +45,15 @@ import argparse
 import sys
 from typing import Callable, Dict, Optional, Sequence
 
-from . import balance, route
+from . import balance, plan, route
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
 from .parsing import build_parser
 
 __all__ = ["CliError", "build_parser", "main"]
 
 #: Command name -> its handler.
-COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {"route": route.run, "balance": balance.run}
+COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {"route": route.run, "balance": balance.run,
+                                                            "plan": plan.run}
 
 
 def _fail(message: str) -> int:
@@ -63,7 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(None if argv is None else list(argv))
         handler = COMMANDS.get(args.command)
         if handler is None:
-            sys.stderr.write(f"moe-router: a command is required: {' or '.join(COMMANDS)} "
+            names = list(COMMANDS)
+            sys.stderr.write(f"moe-router: a command is required: {', '.join(names[:-1])} or {names[-1]} "
                              f"(see 'moe-router COMMAND --help')\n")
             parser.print_help(sys.stderr)
             return EXIT_USAGE

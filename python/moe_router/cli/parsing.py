@@ -188,6 +188,27 @@ def _add_balance_parser(sub: Any) -> None:
     _add_threads(o)
 
 
+def _add_plan_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "plan", help="route logits and report the dispatch plan: rows per expert, padding, bytes moved",
+        description="Route router logits and build the dispatch plan (expert-major rows, as "
+                    "RoutingDecision.dispatch_plan): rows per expert, real and padding, the padding overhead, "
+                    "and the bytes a permute and a combine of D-wide float16/bfloat16 hidden states move. "
+                    f"Without FILE, routes the embedded sample ({SAMPLE_DESCRIPTION}).")
+    _add_input_arguments(p)
+    g = p.add_argument_group("layout")
+    g.add_argument("--alignment", "-a", type=_positive_int, default=1, metavar="A",
+                   help="pad each expert's rows to a multiple of A (vLLM block size, grouped-GEMM alignment)")
+    g.add_argument("--pad-to-capacity", action="store_true",
+                   help="give every expert exactly `capacity` rows (the [E, C, D] buffer; needs a capacity)")
+    g.add_argument("--hidden-dim", "-D", type=_positive_int, default=4096, metavar="D",
+                   help="hidden size used for the bytes-moved figures (default: 4096)")
+    _add_routing_options(p)
+    o = p.add_argument_group("output")
+    _add_json(o)
+    _add_threads(o)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``moe-router`` argument parser: one subparser per command, its name in ``command``."""
     parser = _Parser(prog="moe-router",
@@ -196,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_route_parser(sub)
     _add_balance_parser(sub)
+    _add_plan_parser(sub)
     return parser
 
 

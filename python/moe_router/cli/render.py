@@ -265,3 +265,36 @@ def render_balance(report: Report, console: Console) -> None:
     ]))
     if report["plot"] is not None:
         console.print(Text(f"plot written to {report['plot']}"), soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def render_plan(report: Report, console: Console) -> None:
+    """The ``moe-router plan`` report: layout summary, then rows per expert."""
+    src = report["source"]
+    layout = f"alignment {report['alignment']}" + (", padded to capacity" if report["pad_to_capacity"] else "")
+    _print_summary(console, "plan", [
+        ("input", src["label"]),
+        ("tokens", f"{report['tokens']} x {report['experts']} experts, top_k {report['top_k']}"),
+        _capacity_row(report, "none (dropless)"),
+        ("layout", layout),
+        ("rows", f"{report['num_rows']} ({report['real_rows']} real, {report['padding_rows']} padding = "
+                 f"{report['padding_percent']:.1f} %)"),
+        ("bytes moved", f"permute {_bytes(report['permute_bytes'])}, combine {_bytes(report['combine_bytes'])} "
+                        f"(D = {report['hidden_dim']}, float16/bfloat16)"),
+    ])
+    table = _plain_table(console, "rows per expert (expert-major; offsets are cumulative)")
+    for name in ("expert", "rows", "real", "padding"):
+        table.add_column(name, justify="right")
+    for row in report["per_expert"]:
+        table.add_row(str(row["expert"]), str(row["rows"]), str(row["real"]), str(row["padding"]))
+    console.print(table)
