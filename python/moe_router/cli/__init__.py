@@ -22,13 +22,18 @@ Commands
     padding overhead and the bytes a permute/combine of D-wide half-precision
     hidden states moves.
 
+``moe-router ep [FILE] --ranks R [--backend mpi|gloo] [--replicas P]``
+    An expert-parallel forward over R processes (launched with ``mpiexec -n R``
+    or as R gloo processes), checked bit for bit against one process; rank 0
+    prints rows and bytes sent and received per rank, step times and the rank imbalance.
+
 Layout
 ------
 ``parsing``
     The argument parser, option types and the ``RouterConfig`` the options describe.
 ``loading``
     One loader for input files (.npy/.npz, key selection), used for logits and hidden states.
-``route``, ``balance``, ``plan``
+``route``, ``balance``, ``plan``, ``ep``
     One module per command: ``run(args)`` builds the report as plain data.
 ``render``, ``plot``
     The report as rich text or JSON; the balance plot (matplotlib).
@@ -45,7 +50,7 @@ import argparse
 import sys
 from typing import Callable, Dict, Optional, Sequence
 
-from . import balance, plan, route
+from . import balance, ep, plan, route
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
 from .parsing import build_parser
 
@@ -53,7 +58,7 @@ __all__ = ["CliError", "build_parser", "main"]
 
 #: Command name -> its handler.
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {"route": route.run, "balance": balance.run,
-                                                            "plan": plan.run}
+                                                            "plan": plan.run, "ep": ep.run}
 
 
 def _fail(message: str) -> int:
@@ -67,6 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(None if argv is None else list(argv))
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         handler = COMMANDS.get(args.command)
         if handler is None:
             names = list(COMMANDS)

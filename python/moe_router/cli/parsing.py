@@ -209,6 +209,27 @@ def _add_plan_parser(sub: Any) -> None:
     _add_threads(o)
 
 
+def _add_ep_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "ep", help="expert-parallel forward across R processes (MPI or gloo), checked against one process",
+        description="Split the tokens over R processes; each routes its share, exchanges the kept assignments "
+                    "with the ranks that hold their experts (all-to-all over MPI or torch.distributed gloo), "
+                    "runs its experts and combines; the output is checked bit for bit against the "
+                    "single-process forward. Launches itself (mpiexec -n R, or R gloo processes) when started "
+                    f"alone. Without FILE, routes the embedded sample ({SAMPLE_DESCRIPTION}).")
+    _add_input_arguments(p)
+    g = p.add_argument_group("expert parallelism")
+    g.add_argument("--ranks", "-R", type=_positive_int, default=2, metavar="R", help="processes (default: 2)")
+    g.add_argument("--backend", choices=("mpi", "gloo"), default="mpi",
+                   help='mpi (pip install "moe_router[mpi]") or gloo (torch.distributed; needs torch)')
+    g.add_argument("--replicas", type=_non_negative_int, default=0, metavar="P",
+                   help="give the first P experts a second copy on the next rank (default: 0)")
+    g.add_argument("--hidden-dim", "-D", type=_positive_int, default=256, metavar="D",
+                   help="width of the token vectors exchanged (default: 256)")
+    _add_routing_options(p)
+    _add_json(p.add_argument_group("output"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``moe-router`` argument parser: one subparser per command, its name in ``command``."""
     parser = _Parser(prog="moe-router",
@@ -218,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_route_parser(sub)
     _add_balance_parser(sub)
     _add_plan_parser(sub)
+    _add_ep_parser(sub)
     return parser
 
 

@@ -298,3 +298,28 @@ def render_plan(report: Report, console: Console) -> None:
     for row in report["per_expert"]:
         table.add_row(str(row["expert"]), str(row["rows"]), str(row["real"]), str(row["padding"]))
     console.print(table)
+
+
+# --------------------------------------------------------------------------- ep
+
+
+def render_ep(report: Report, console: Console) -> None:
+    """The ``moe-router ep`` report: setup, the check, then one row per rank."""
+    _print_summary(console, "ep", [
+        ("input", report["source"]["label"]),
+        ("ranks", f"{report['ranks']} over {report['backend']}, D = {report['hidden_dim']}, "
+                  f"{report['replicated_experts']} replicated experts"),
+        ("rank imbalance", f"{report['rank_imbalance']:.3f} (max / mean rows processed)"),
+        ("check", "passed: equal to the single-process forward, bit for bit" if report["check_passed"]
+         else "FAILED: differs from the single-process forward"),
+    ])
+    table = _plain_table(console, "per rank (rows and bytes of this rank's kept assignments; seconds per step)")
+    for name in ("rank", "tokens", "rows sent", "rows received", "processed", "MiB sent", "MiB received",
+                 "exchange s", "experts s"):
+        table.add_column(name, justify="right")
+    for r, s in enumerate(report["per_rank"]):
+        table.add_row(str(r), str(s["tokens"]), str(sum(s["rows_sent"])), str(sum(s["rows_received"])),
+                      str(s["rows_processed_per_rank"][r]), f"{s['bytes_sent'] / 2**20:.2f}",
+                      f"{s['bytes_received'] / 2**20:.2f}", f"{s['seconds'].get('exchange', 0.0):.4f}",
+                      f"{s['seconds'].get('experts', 0.0):.4f}")
+    console.print(table)
