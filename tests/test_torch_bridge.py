@@ -134,3 +134,44 @@ def test_mixtral_with_swapped_routers_matches_the_stock_model():
             np.testing.assert_allclose(p.grad.numpy(), ref.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
     router = swapped.model.layers[0].mlp.gate
     assert isinstance(router, type(stock.model.layers[0].mlp.gate)) and router.last_decision is not None
+
+
+def test_permute_and_combine_are_differentiable_end_to_end():
+    from moe_router.torch import combine, permute
+
+    g = torch.Generator().manual_seed(5)
+    T, E, k, D = 40, 6, 2, 5
+    logits = torch.randn(T, E, dtype=torch.float64, generator=g)
+    hidden = torch.randn(T, D, dtype=torch.float64, generator=g)
+    scale = torch.randn(E, D, dtype=torch.float64, generator=g)
+    cfg = mr.RouterConfig(num_experts=E, top_k=k, capacity_factor=1.0, normalize_weights=True,
+                          load_balance_loss_coeff=0.1, router_z_loss_coeff=0.0)
+
+    def ours(x, h):
+        idx, w, aux, dec = route(x, cfg)
+        plan = dec.dispatch_plan(alignment=4)
+        rows = permute(plan, h)
+        expert = torch.as_tensor(np.searchsorted(plan.expert_offsets, np.arange(plan.num_rows), side="right") - 1)
+        out = rows * scale[expert.clamp(max=E - 1)]
+        return (combine(plan, out, w).sum(-1) ** 2).sum() + aux, dec
+
+    def theirs(x, h, dec):
+        idx = torch.from_numpy(dec.expert_indices.astype(np.int64))
+        kept = torch.from_numpy(dec.kept)
+        s = torch.softmax(x, -1).gather(1, idx)
+        w = s * kept / s.sum(1, keepdim=True)
+        y = (w[..., None] * h[:, None, :] * scale[idx]).sum(1)
+        f = torch.from_numpy(dec.pre_drop_tokens_per_expert.astype(np.float64)) / (T * k)
+        aux = 0.1 * E * (f * torch.softmax(x, -1).mean(0)).sum()
+        return (y.sum(-1) ** 2).sum() + aux
+
+    x1, h1 = logits.clone().requires_grad_(), hidden.clone().requires_grad_()
+    loss1, dec = ours(x1, h1)
+    loss1.backward()
+    x2, h2 = logits.clone().requires_grad_(), hidden.clone().requires_grad_()
+    loss2 = theirs(x2, h2, dec)
+    loss2.backward()
+    # the decision's weights are float32: agreement to float32 precision
+    np.testing.assert_allclose(float(loss1), float(loss2), rtol=1e-6)
+    np.testing.assert_allclose(h1.grad.numpy(), h2.grad.numpy(), rtol=1e-5, atol=1e-6 * float(h2.grad.abs().max()))
+    np.testing.assert_allclose(x1.grad.numpy(), x2.grad.numpy(), rtol=1e-4, atol=1e-6 * float(x2.grad.abs().max()))

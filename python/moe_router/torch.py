@@ -22,7 +22,7 @@ from .decision import RoutingDecision
 from .presets import preset
 from .routing import route_logits
 
-__all__ = ["TopKRouter", "route"]
+__all__ = ["TopKRouter", "combine", "permute", "route"]
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
@@ -93,6 +93,83 @@ def route(logits: torch.Tensor, config: RouterConfig, training: bool = True,
     box: List[RoutingDecision] = []
     indices, weights, aux = _Route.apply(logits, config, training, call, box)
     return indices, weights, aux, box[0]
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, plan: Any) -> torch.Tensor:
+        ctx.plan, ctx.shape = plan, hidden.shape
+        return torch.from_numpy(plan.permute(_numpy(hidden)))
+
+    @staticmethod
+    def backward(ctx: Any, grad_rows: torch.Tensor) -> Tuple[Any, ...]:
+        grad = ctx.plan.combine(_numpy(grad_rows.contiguous()), weighted=False)
+        return torch.from_numpy(grad).reshape(ctx.shape), None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, expert_out: torch.Tensor, expert_weights: torch.Tensor, plan: Any) -> torch.Tensor:
+        out = _numpy(expert_out)
+        ctx.plan, ctx.out, ctx.weights_shape = plan, out, expert_weights.shape
+        return torch.from_numpy(plan.combine(out))
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> Tuple[Any, ...]:
+        plan, g = ctx.plan, _numpy(grad_y.contiguous())
+        rows = plan.permute(g)
+        rows *= plan.weights[:, None].astype(rows.dtype)
+        per_choice = plan.unpermute(ctx.out)  # [*batch, k, D]; zero where dropped
+        grad_w = np.einsum("...kd,...d->...k", per_choice, g.reshape(*per_choice.shape[:-2], -1))
+        return torch.from_numpy(rows), torch.from_numpy(grad_w.astype(np.float32)).reshape(ctx.weights_shape), None
+
+
+def permute(plan: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """``plan.permute(hidden)`` with autograd: the backward is the unweighted ``combine`` of the gradient rows.
+
+    Parameters
+    ----------
+    plan : DispatchPlan
+    hidden : torch.Tensor, float32/float64/float16, shape [T, D] or batch_shape + [D] (CPU)
+
+    Returns
+    -------
+    torch.Tensor, shape [num_rows, D]
+
+    Raises
+    ------
+    InputError, TypeError
+        As :meth:`DispatchPlan.permute`.
+    """
+    return _Permute.apply(hidden, plan)
+
+
+def combine(plan: Any, expert_out: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
+    """``plan.combine(expert_out)`` with autograd into the expert outputs and the combine weights.
+
+    ``y_t = sum_j w_tj * expert_out[row_of[t, j]]``; the backward gives ``grad_expert_out[r] =
+    w_r * grad_y[token_ids[r]]`` and ``grad_w_tj = <grad_y_t, expert_out[row_of[t, j]]>`` (0 where
+    dropped), so gradients reach the router through ``expert_weights`` (then :func:`route`'s backward).
+
+    Parameters
+    ----------
+    plan : DispatchPlan
+        Of the decision whose weights ``expert_weights`` are.
+    expert_out : torch.Tensor, float, shape [num_rows, D]
+    expert_weights : torch.Tensor, float32, shape batch_shape + [k]
+        :func:`route`'s ``expert_weights`` for that decision (their values are the plan's; the
+        tensor carries the graph).
+
+    Returns
+    -------
+    torch.Tensor, shape batch_shape + [D]
+
+    Raises
+    ------
+    InputError, TypeError
+        As :meth:`DispatchPlan.combine`.
+    """
+    return _Combine.apply(expert_out, expert_weights, plan)
 
 
 class TopKRouter(torch.nn.Module):
