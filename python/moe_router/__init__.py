@@ -12,7 +12,7 @@ NumPy buffers without copying and with the GIL released.
 ((64, 2), 20)
 """
 
-from ._core import AllToAllPlan, ConfigError, ExpertPlacement, InputError, ReceivePlan, RouterError
+from ._core import AllToAllPlan, ConfigError, ExpertPlacement, InputError, ReceivePlan, RouterError, plan_placement
 from .balancer import LoadBalancer, LoadBalancingStats
 from .config import RouterConfig
 from .decision import DispatchPlan, ExpertAssignment, RoutingDecision, moe_align_block_size
@@ -42,6 +42,7 @@ __all__ = [
     "get_num_threads",
     "moe_align_block_size",
     "peer_load_balance_loss",
+    "plan_placement",
     "preset",
     "route_logits",
     "set_num_threads",

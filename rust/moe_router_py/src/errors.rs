@@ -39,6 +39,7 @@ pub fn to_py(err: CoreError) -> PyErr {
         CoreError::Shape { .. }
         | CoreError::BadValue { .. }
         | CoreError::NonFiniteParameter { .. }
+        | CoreError::InvalidEntry { .. }
         | CoreError::Inconsistent { .. } => InputError::new_err(message),
     }
 }

@@ -22,6 +22,7 @@ macro_rules! with_dtype {
 mod arrays;
 mod config;
 mod decision;
+mod eplb;
 mod errors;
 mod exchange;
 mod plan;
