@@ -46,6 +46,11 @@ def single_process(decision, hidden, experts):
     return plan, out, plan.combine(out)
 
 
+def slots(experts, size):
+    """Physical slots for a plan with replicas: one more slot per rank than the experts need (none on one rank)."""
+    return size * min(-(-experts // size) + 1, experts)
+
+
 def scenarios(rank, size):
     """(name, hidden, decision, placement, experts, exact) for this rank; data differs per rank."""
     rng = np.random.default_rng(100 + rank)
@@ -62,6 +67,11 @@ def scenarios(rank, size):
     mapping = [(3 * e + 1) % size for e in range(E)]
     replicas = {0: [r for r in range(size) if r != mapping[0]], 5: [(mapping[5] + 1) % size] if size > 1 else []}
     yield "replicas", h, mr.route_logits(x, cfg), mr.ExpertPlacement(E, size, mapping, replicas), elementwise_expert, True
+    # plan_placement's layout with replicas, planned by every rank on the same (skewed) load, so they agree
+    skewed = np.random.default_rng(0).normal(size=(256, E)).astype(np.float32) + np.linspace(2, 0, E, dtype=np.float32)
+    planned = mr.plan_placement(mr.route_logits(skewed, cfg).tokens_per_expert, size, num_replicas=slots(E, size))
+    assert size == 1 or planned.replica_counts.sum() > E
+    yield "planned", h, mr.route_logits(x, cfg), planned, elementwise_expert, True
     empty = x[:0] if rank == size - 1 else x[:50]
     yield "empty-rank", h[:empty.shape[0]], mr.route_logits(empty, cfg), contiguous, elementwise_expert, True
     h64 = rng.normal(size=(3, 40, D))
@@ -75,6 +85,10 @@ def scenarios(rank, size):
         router = mr.ExpertRouter(mr.RouterConfig(num_experts=64, top_k=2, capacity_factor=1.25), 384,
                                  weight=weight, bias=bias)
         yield "real-l5", hidden, router.route_tokens(hidden), mr.ExpertPlacement(64, size), ffn_expert(384), False
+        with np.load(REAL_L5) as z:  # the load of the first 1024 tokens, the same on every rank
+            first = router.route_tokens(z["hidden"][:1024].astype(np.float32)).tokens_per_expert
+        planned = mr.plan_placement(first, size, num_replicas=slots(64, size))
+        yield "real-l5-planned", hidden, router.route_tokens(hidden), planned, ffn_expert(384), False
 
 
 def check(name, got, want, exact):

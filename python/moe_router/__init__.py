@@ -13,7 +13,7 @@ NumPy buffers without copying and with the GIL released.
 """
 
 from ._core import (AllToAllPlan, ConfigError, ConfigTypeError, ExpertPlacement, InputError, InputTypeError,
-                    ReceivePlan, RouterError)
+                    ReceivePlan, RouterError, plan_placement)
 from ._inputs import GradientWarning
 from .balancer import LoadBalancer, LoadBalancingStats
 from .config import RouterConfig
@@ -47,6 +47,7 @@ __all__ = [
     "get_num_threads",
     "moe_align_block_size",
     "peer_load_balance_loss",
+    "plan_placement",
     "preset",
     "route_logits",
     "set_num_threads",

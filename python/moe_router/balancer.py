@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _inputs
 from ._json import json_ready
-from ._core import ConfigError, InputError, InputTypeError
+from ._core import ConfigError, ExpertPlacement, InputError, InputTypeError, plan_placement
 from .stats import _int_at_least, _locked, _per_mean
 
 __all__ = ["LoadBalancer", "LoadBalancingStats"]
@@ -371,6 +371,55 @@ class LoadBalancer:
         with self._lock:
             return (self._steps > 0 and self._steps >= self._warmup_steps
                     and _imbalance_ratio(self._ema) > self._threshold)
+
+    def suggest_placement(self, num_ranks: int, num_replicas: Optional[int] = None, num_nodes: int = 1,
+                          num_groups: Optional[int] = None) -> ExpertPlacement:
+        """An expert placement for the observed loads: :func:`plan_placement` on the EMA load.
+
+        The load planned on is :attr:`expert_loads`, the EMA of each expert's
+        share of the routed (pre-capacity) assignments, so it follows the
+        recent routing, with the bias remedy in effect (about the last
+        ``1 / (1 - ema_decay)`` steps). The placement's expected rank loads
+        (``rank_load_after``, ``rank_load_before``) are then shares too (they
+        sum to 1; the mean is ``1 / num_ranks``). For a longer window, as vLLM's
+        EPLB records one, plan on the history instead:
+        ``plan_placement(lb.load_history().mean(axis=0), num_ranks)``.
+
+        Parameters
+        ----------
+        num_ranks, num_replicas, num_nodes, num_groups
+            As :func:`plan_placement` (R ranks, P physical slots in total, N
+            nodes, G expert groups).
+
+        Returns
+        -------
+        ExpertPlacement
+            With ``planned_load``, ``rank_load_before``/``rank_load_after``
+            and ``imbalance_before``/``imbalance_after`` (DeepSeek EPLB's
+            algorithm; see :func:`plan_placement`).
+
+        Raises
+        ------
+        InputError
+            No load was observed yet (no :meth:`update` carried load since the last reset).
+        ConfigError
+            As :func:`plan_placement`.
+
+        Examples
+        --------
+        >>> import numpy as np, moe_router as mr
+        >>> lb = mr.LoadBalancer(8)
+        >>> lb.update(np.array([50, 10, 10, 10, 5, 5, 5, 5]))
+        >>> p = lb.suggest_placement(num_ranks=4, num_replicas=12)
+        >>> p.replica_counts.tolist(), round(p.imbalance_before, 2), round(p.imbalance_after, 2)
+        ([4, 2, 1, 1, 1, 1, 1, 1], 2.4, 1.1)
+        """
+        with self._lock:
+            if self._steps == 0:
+                raise InputError("LoadBalancer.suggest_placement: no load observed yet; call update() first")
+            load = self._ema.copy()
+        return plan_placement(load, num_ranks, num_replicas=num_replicas, num_nodes=num_nodes,
+                              num_groups=num_groups)
 
     def get_stats(self) -> LoadBalancingStats:
         """A consistent snapshot: EMA loads, steps, imbalance, bias (see :class:`LoadBalancingStats`)."""

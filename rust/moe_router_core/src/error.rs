@@ -79,6 +79,19 @@ pub enum RouterError {
         value: String,
     },
 
+    /// An entry of a small per-expert input (a load vector) is outside its domain.
+    #[error("{argument}{index} is {value}; {allowed}")]
+    InvalidEntry {
+        /// Argument name.
+        argument: &'static str,
+        /// Where, printed after the name (`[3]`, `[1, 7]`, or a phrase such as `'s total`).
+        index: String,
+        /// The value, printed.
+        value: String,
+        /// What would have been accepted.
+        allowed: String,
+    },
+
     /// Arrays that should describe one routing decision contradict each other
     /// (for example a slot used twice, or counts that do not add up).
     #[error("{argument} is inconsistent with the decision: {detail}")]

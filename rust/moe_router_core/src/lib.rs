@@ -16,7 +16,8 @@
 //! their instruction set), `rng`, `config`, `error`; after routing, `dispatch` (the expert-major
 //! row plan and its gathers/scatters), `payload` (the element types it moves)
 //! `layouts` (the frameworks' own dispatch formats), and for expert
-//! parallelism `placement` (experts on ranks) and `exchange` (the all-to-all plan).
+//! parallelism `placement` (experts on ranks), `eplb` (placement advice from
+//! expert loads, DeepSeek's EPLB) and `exchange` (the all-to-all plan).
 //!
 //! ```
 //! use moe_router_core::{route_logits, RouteCall, RouterConfig};
@@ -36,6 +37,7 @@ mod capacity;
 mod config;
 mod decimal;
 mod dispatch;
+mod eplb;
 mod error;
 mod exchange;
 mod gate;
@@ -66,6 +68,7 @@ pub use config::{
 };
 pub use decimal::Decimal;
 pub use dispatch::{gather_rows, Assignments, DispatchPlan, PlanLayout};
+pub use eplb::{imbalance, plan_placement, total_load, PlacementPlan, PlacementRequest, MAX_PHYSICAL_SLOTS};
 pub use error::{Result, RouterError};
 pub use exchange::{ReceivePlan, SendPlan};
 pub use gate::{gate_probabilities, GateShape, HierarchicalGate};

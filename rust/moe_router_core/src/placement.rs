@@ -148,6 +148,24 @@ impl ExpertPlacement {
         self.local.iter().map(Vec::len).max().unwrap_or(0)
     }
 
+    /// Each rank's expected load `[R]` for a per-expert load `[E]`: the sum, over
+    /// the experts the rank holds (ascending), of `expert_load[e] / copies(e)`,
+    /// since tokens spread over a replicated expert's copies by `token % copies`.
+    pub fn rank_loads(&self, expert_load: &[f64]) -> Result<Vec<f64>> {
+        if expert_load.len() != self.num_experts {
+            return Err(RouterError::shape(
+                "expert_load",
+                format!("[{}] (one load per expert)", self.num_experts),
+                format!("[{}]", expert_load.len()),
+            ));
+        }
+        Ok(self
+            .local
+            .iter()
+            .map(|experts| experts.iter().fold(0.0, |s, &e| s + expert_load[e] / self.hosts[e].len() as f64))
+            .collect())
+    }
+
     /// Where token `token`'s assignment to expert `e` goes: `(rank, local
     /// expert index on that rank)`. A replicated expert's copy is chosen by
     /// `token % replicas` (vLLM's rule), so the choice is deterministic.
@@ -188,5 +206,7 @@ mod tests {
         assert!(ExpertPlacement::new(2, 2, &[0, 2], &[]).is_err());
         assert!(ExpertPlacement::new(2, 2, &[0, 1], &[vec![0], vec![]]).is_err());
         assert!(ExpertPlacement::from_physical(3, 2, &[0, 1, 0, 1]).is_err());
+        assert_eq!(phys.rank_loads(&[4.0, 1.0, 2.0]).expect("valid"), vec![3.0, 4.0]);
+        assert!(phys.rank_loads(&[1.0]).is_err());
     }
 }

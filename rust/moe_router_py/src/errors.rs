@@ -105,6 +105,7 @@ pub fn to_py(err: CoreError) -> PyErr {
         CoreError::Shape { .. }
         | CoreError::BadValue { .. }
         | CoreError::NonFiniteParameter { .. }
+        | CoreError::InvalidEntry { .. }
         | CoreError::Inconsistent { .. } => InputError::new_err(message),
         // The bindings cancel only on a signal, and raise the handler's own exception
         // then; this is for a handler that set the flag without raising.

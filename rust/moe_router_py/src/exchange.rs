@@ -49,6 +49,27 @@ fn int_vector(x: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
 ///     Copies of each expert.
 /// max_local_experts : int
 ///     The most experts one rank holds.
+/// physical : numpy.ndarray, int64, shape [P], or None
+///     DeepSeek EPLB's ``phy2log`` for this placement: rank r's experts,
+///     ascending, in slots ``[r*P/R, (r+1)*P/R)``; None when the ranks hold
+///     different numbers of experts. ``from_physical(physical, R)`` rebuilds
+///     the placement.
+/// planned_load : numpy.ndarray, float64, shape [E], or None
+///     The per-expert load :func:`plan_placement` planned on (summed over
+///     layers); None for a placement made otherwise. So are the next four.
+/// rank_load_after : numpy.ndarray, float64, shape [R], or None
+///     Each rank's expected load under this placement, ``rank_loads(planned_load)``.
+/// rank_load_before : numpy.ndarray, float64, shape [R], or None
+///     The same under the contiguous placement (no replicas); None also when E
+///     is not a multiple of R.
+/// imbalance_after, imbalance_before : float or None
+///     ``max / mean`` of those rank loads (1.0 = perfectly balanced; 1.0 when
+///     the load is all zero).
+///
+/// Notes
+/// -----
+/// Equality, hashing and pickling see the layout only: a pickled planned
+/// placement comes back without its planning figures.
 ///
 /// Raises
 /// ------
@@ -58,9 +79,42 @@ fn int_vector(x: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
 /// InputError
 ///     ``mapping`` or ``replicas`` of the wrong length.
 #[pyclass(frozen, eq, hash, name = "ExpertPlacement", module = "moe_router")]
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone)]
 pub struct PyExpertPlacement {
     pub placement: ExpertPlacement,
+    /// The expected loads, for a placement made by `plan_placement`.
+    pub advice: Option<Advice>,
+}
+
+/// What `plan_placement` expects of the placement it made.
+#[derive(Clone)]
+pub struct Advice {
+    /// `[E]`: the load planned on.
+    pub expert_load: Vec<f64>,
+    /// `[R]`: each rank's expected load under the plan.
+    pub rank_load: Vec<f64>,
+    /// `[R]`: the same under the contiguous placement, when E is a multiple of R.
+    pub contiguous_rank_load: Option<Vec<f64>>,
+}
+
+/// Placements are equal when they put the same experts on the same ranks
+/// (the planning figures of `plan_placement` do not count).
+impl PartialEq for PyExpertPlacement {
+    fn eq(&self, other: &Self) -> bool {
+        self.placement == other.placement
+    }
+}
+impl Eq for PyExpertPlacement {}
+impl std::hash::Hash for PyExpertPlacement {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.placement.hash(state);
+    }
+}
+
+impl From<ExpertPlacement> for PyExpertPlacement {
+    fn from(placement: ExpertPlacement) -> Self {
+        PyExpertPlacement { placement, advice: None }
+    }
 }
 
 #[pymethods]
@@ -91,7 +145,7 @@ impl PyExpertPlacement {
                 ExpertPlacement::new(num_experts, num_ranks, &mapping, &lists).map_err(to_py)?
             }
         };
-        Ok(PyExpertPlacement { placement })
+        Ok(placement.into())
     }
 
     /// A placement from DeepSeek EPLB's physical layout.
@@ -120,7 +174,7 @@ impl PyExpertPlacement {
         let num_experts = num_experts.map(|e| count(e, "num_experts", 1, Family::Config)).transpose()?;
         let slots = int_vector(physical, "physical")?;
         let e = num_experts.unwrap_or_else(|| slots.iter().copied().max().map_or(0, |m| (m.max(-1) + 1) as usize));
-        Ok(PyExpertPlacement { placement: ExpertPlacement::from_physical(e, num_ranks, &slots).map_err(to_py)? })
+        Ok(ExpertPlacement::from_physical(e, num_ranks, &slots).map_err(to_py)?.into())
     }
 
     #[getter]
@@ -145,6 +199,68 @@ impl PyExpertPlacement {
     fn max_local_experts(&self) -> usize {
         self.placement.max_local_experts()
     }
+    #[getter]
+    fn physical<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        let p = &self.placement;
+        let per = p.local_experts(0).len();
+        let equal = (0..p.num_ranks()).all(|r| p.local_experts(r).len() == per);
+        equal.then(|| {
+            let slots = (0..p.num_ranks()).flat_map(|r| p.local_experts(r).iter().map(|&e| e as i64)).collect();
+            arrays::vector(py, slots).into_any()
+        })
+    }
+    #[getter]
+    fn planned_load<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        self.advice.as_ref().map(|a| arrays::vector(py, a.expert_load.clone()).into_any())
+    }
+    #[getter]
+    fn rank_load_after<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        self.advice.as_ref().map(|a| arrays::vector(py, a.rank_load.clone()).into_any())
+    }
+    #[getter]
+    fn rank_load_before<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        let before = self.advice.as_ref().and_then(|a| a.contiguous_rank_load.clone());
+        before.map(|b| arrays::vector(py, b).into_any())
+    }
+    #[getter]
+    fn imbalance_after(&self) -> Option<f64> {
+        self.advice.as_ref().map(|a| core::imbalance(&a.rank_load))
+    }
+    #[getter]
+    fn imbalance_before(&self) -> Option<f64> {
+        self.advice.as_ref().and_then(|a| a.contiguous_rank_load.as_deref().map(core::imbalance))
+    }
+
+    /// Each rank's expected load for a per-expert load.
+    ///
+    /// A rank's load is the sum, over the experts it holds, of
+    /// ``expert_load[e] / copies[e]``: a replicated expert's tokens spread
+    /// evenly over its copies (``token % copies`` picks the copy). Its
+    /// ``max / mean`` next to the experts' own ``max / mean`` shows whether hot
+    /// experts make a rank hot.
+    ///
+    /// Parameters
+    /// ----------
+    /// expert_load : array of float or int, shape [E] or [layers, E]
+    ///     Loads (e.g. ``RoutingDecision.tokens_per_expert``), finite and >= 0;
+    ///     ``[layers, E]`` is summed over the layers.
+    ///
+    /// Returns
+    /// -------
+    /// numpy.ndarray, float64, shape [R]
+    ///     In the unit of ``expert_load`` (tokens, assignments, ...).
+    ///
+    /// Raises
+    /// ------
+    /// InputError
+    ///     Another shape or E, or a negative or non-finite load.
+    /// TypeError
+    ///     A non-numeric ``expert_load``.
+    fn rank_loads<'py>(&self, py: Python<'py>, expert_load: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let load = crate::eplb::with_load(expert_load, core::total_load)?.map_err(to_py)?;
+        let ranks = self.placement.rank_loads(&load).map_err(to_py)?;
+        Ok(arrays::vector(py, ranks).into_any())
+    }
 
     /// The experts rank ``rank`` holds, ascending (its local expert ``l`` is entry ``l``).
     ///
@@ -167,8 +283,13 @@ impl PyExpertPlacement {
 
     fn __repr__(&self) -> String {
         let copies: usize = (0..self.placement.num_experts()).map(|e| self.placement.hosts(e).len()).sum();
+        let planned = match (self.imbalance_before(), self.imbalance_after()) {
+            (Some(b), Some(a)) => format!(", imbalance_before={b:.4}, imbalance_after={a:.4}"),
+            (None, Some(a)) => format!(", imbalance_after={a:.4}"),
+            _ => String::new(),
+        };
         format!(
-            "ExpertPlacement(num_experts={}, num_ranks={}, copies={copies}, max_local_experts={})",
+            "ExpertPlacement(num_experts={}, num_ranks={}, copies={copies}, max_local_experts={}{planned})",
             self.placement.num_experts(),
             self.placement.num_ranks(),
             self.placement.max_local_experts()
@@ -415,5 +536,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyAllToAllPlan>()?;
     m.add_class::<PyReceivePlan>()?;
     m.add_function(wrap_pyfunction!(gather_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(crate::eplb::plan_placement, m)?)?;
     Ok(())
 }

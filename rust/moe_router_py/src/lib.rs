@@ -24,6 +24,7 @@ mod arrays;
 mod backward;
 mod config;
 mod decision;
+mod eplb;
 mod errors;
 mod exchange;
 mod plan;
