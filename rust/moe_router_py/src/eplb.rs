@@ -4,9 +4,8 @@
 use moe_router_core::{self as core, ArrayArg, PlacementRequest};
 use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::PyBool;
 
-use crate::errors::{config_error, to_py, unreadable, wrong_type};
+use crate::errors::{to_py, unreadable, wrong_type};
 use crate::exchange::{Advice, PyExpertPlacement};
 use crate::plan::as_numpy;
 
@@ -30,11 +29,7 @@ pub fn with_load<R>(expert_load: &Bound<'_, PyAny>, f: impl FnOnce(ArrayArg<'_, 
 /// A count argument: an integer >= 0 (Python or NumPy; not a bool); 0 and the
 /// ranges are the core's to refuse. Anything else is a `ConfigError` naming it.
 fn count(name: &str, value: &Bound<'_, PyAny>) -> PyResult<usize> {
-    let int = if value.is_instance_of::<PyBool>() { None } else { value.extract::<i64>().ok() };
-    int.and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
-        let shown = value.repr().map(|r| r.to_string()).unwrap_or_default();
-        config_error(format!("invalid {name}: got {shown}; must be an integer >= 1"))
-    })
+    crate::args::count(value, name, 0, crate::errors::Family::Config)
 }
 
 /// An optional count (None stays None).
