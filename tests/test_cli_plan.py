@@ -31,3 +31,14 @@ def test_plan_pad_to_capacity_and_text(capsys, tmp_path):
     np.save(tmp_path / "x.npy", x)
     assert "dropless" in run_error(capsys, "plan", str(tmp_path / "x.npy"), "-c", "none", "--pad-to-capacity")
     assert "--alignment" in run_error(capsys, "plan", "-a", "0")
+
+
+def test_placement_report_equals_plan_placement(capsys):
+    report = cli_json(capsys, "placement", "--ranks", "8", "--replicas", "72", "--json")
+    logits, _ = default_logits()
+    dec = mr.route_logits(logits, mr.RouterConfig(num_experts=64, top_k=2, capacity_factor=1.25))
+    want = mr.plan_placement(dec.pre_drop_tokens_per_expert, 8, num_replicas=72)
+    assert report["expert_ranks"] == want.expert_ranks and report["physical_slots"] == 72
+    assert report["imbalance_after"] == want.imbalance_after < report["imbalance_before"]
+    assert "--ranks" in run_error(capsys, "placement")
+    assert "num_replicas" in run_error(capsys, "placement", "--ranks", "8", "--replicas", "70")

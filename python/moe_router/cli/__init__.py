@@ -27,13 +27,17 @@ Commands
     or as R gloo processes), checked bit for bit against one process; rank 0
     prints rows and bytes sent and received per rank, step times and the rank imbalance.
 
+``moe-router placement [FILE] --ranks R [--replicas P]``
+    Each expert's routed load, and the placement advice (DeepSeek EPLB) with
+    the max/mean rank load before (contiguous) and after.
+
 Layout
 ------
 ``parsing``
     The argument parser, option types and the ``RouterConfig`` the options describe.
 ``loading``
     One loader for input files (.npy/.npz, key selection), used for logits and hidden states.
-``route``, ``balance``, ``plan``, ``ep``
+``route``, ``balance``, ``plan``, ``ep``, ``placement``
     One module per command: ``run(args)`` builds the report as plain data.
 ``render``, ``plot``
     The report as rich text or JSON; the balance plot (matplotlib).
@@ -50,7 +54,7 @@ import argparse
 import sys
 from typing import Callable, Dict, Optional, Sequence
 
-from . import balance, ep, plan, route
+from . import balance, ep, placement, plan, route
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
 from .parsing import build_parser
 
@@ -58,7 +62,8 @@ __all__ = ["CliError", "build_parser", "main"]
 
 #: Command name -> its handler.
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {"route": route.run, "balance": balance.run,
-                                                            "plan": plan.run, "ep": ep.run}
+                                                            "plan": plan.run, "ep": ep.run,
+                                                            "placement": placement.run}
 
 
 def _fail(message: str) -> int:

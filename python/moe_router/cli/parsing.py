@@ -230,6 +230,24 @@ def _add_ep_parser(sub: Any) -> None:
     _add_json(p.add_argument_group("output"))
 
 
+def _add_placement_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "placement", help="count each expert's load and print the placement advice (DeepSeek EPLB) for R ranks",
+        description="Route router logits, take each expert's routed (pre-drop) load and plan which rank holds "
+                    "which experts (mr.plan_placement: replicate the hot experts, then pack an equal number per "
+                    "rank, heaviest first), with the max/mean rank load before (contiguous) and after. Without "
+                    f"FILE, routes the embedded sample ({SAMPLE_DESCRIPTION}).")
+    _add_input_arguments(p)
+    g = p.add_argument_group("placement")
+    g.add_argument("--ranks", "-R", type=_positive_int, required=True, metavar="R", help="processes")
+    g.add_argument("--replicas", type=_positive_int, metavar="P",
+                   help="physical expert slots in all (>= E, a multiple of R; default E: no replicas)")
+    _add_routing_options(p)
+    o = p.add_argument_group("output")
+    _add_json(o)
+    _add_threads(o)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``moe-router`` argument parser: one subparser per command, its name in ``command``."""
     parser = _Parser(prog="moe-router",
@@ -240,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_balance_parser(sub)
     _add_plan_parser(sub)
     _add_ep_parser(sub)
+    _add_placement_parser(sub)
     return parser
 
 

@@ -323,3 +323,27 @@ def render_ep(report: Report, console: Console) -> None:
                       f"{s['bytes_received'] / 2**20:.2f}", f"{s['seconds'].get('exchange', 0.0):.4f}",
                       f"{s['seconds'].get('experts', 0.0):.4f}")
     console.print(table)
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def render_placement(report: Report, console: Console) -> None:
+    """The ``moe-router placement`` report: imbalance before and after, then the experts of each rank."""
+    before = report["imbalance_before"]
+    _print_summary(console, "placement", [
+        ("input", report["source"]["label"]),
+        ("ranks", f"{report['ranks']}, {report['physical_slots']} physical expert slots"),
+        ("max/mean rank load", f"{fmt_ratio(before)} contiguous -> {fmt_ratio(report['imbalance_after'])} planned "
+                               f"(DeepSeek EPLB: replicate, then balanced packing)"),
+    ])
+    table = _plain_table(console, "experts per rank (planned)")
+    for name in ("rank", "load", "experts"):
+        table.add_column(name, justify="right" if name != "experts" else "left")
+    hosts: List[List[int]] = [[] for _ in range(report["ranks"])]
+    for e, ranks in enumerate(report["expert_ranks"]):
+        for r in ranks:
+            hosts[r].append(e)
+    for r, experts in enumerate(hosts):
+        table.add_row(str(r), f"{report['rank_load_after'][r]:g}", " ".join(map(str, experts)))
+    console.print(table)
