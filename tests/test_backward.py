@@ -258,3 +258,15 @@ def test_router_backward_threads_and_errors(rng, restore_threads):
     gated = mr.ExpertRouter(mr.RouterConfig(num_experts=64, top_k=2), D, gate="hierarchical")
     with pytest.raises(mr.ConfigError, match="hierarchical"):
         gated.backward(gated.route_tokens(h[:10]))
+
+
+@pytest.mark.parametrize("experts,k", [(8, 2), (64, 8)])
+def test_backward_on_real_logits(real_logits, experts, k):
+    x = real_logits("minilm_l5.npz", experts)[:24].astype(np.float64)
+    cfg = mr.RouterConfig(num_experts=experts, top_k=k, capacity_factor=1.0, normalize_weights=True,
+                          load_balance_loss_coeff=0.2, router_z_loss_coeff=0.01)
+    dec = mr.route_logits(x, cfg)
+    g_w = np.random.default_rng(2).normal(size=(24, k))
+    got = dec.backward(g_w, 1.3)
+    want = central_differences(lambda z: reference_objective(z, dec, cfg, g_w, 1.3, None, None, None), x.copy())
+    assert max_relative_error(got, want) <= 1e-4

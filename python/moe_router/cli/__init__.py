@@ -31,13 +31,17 @@ Commands
     Each expert's routed load, and the placement advice (DeepSeek EPLB) with
     the max/mean rank load before (contiguous) and after.
 
+``moe-router train FILE.npz [--steps N] [--plot OUT.png]``
+    Train a linear router's weight with the closed-form gradients (NumPy Adam)
+    on a balance loss plus a task proxy; per-step loads, drops and losses.
+
 Layout
 ------
 ``parsing``
     The argument parser, option types and the ``RouterConfig`` the options describe.
 ``loading``
     One loader for input files (.npy/.npz, key selection), used for logits and hidden states.
-``route``, ``balance``, ``plan``, ``ep``, ``placement``
+``route``, ``balance``, ``plan``, ``ep``, ``placement``, ``train``
     One module per command: ``run(args)`` builds the report as plain data.
 ``render``, ``plot``
     The report as rich text or JSON; the balance plot (matplotlib).
@@ -54,7 +58,7 @@ import argparse
 import sys
 from typing import Callable, Dict, Optional, Sequence
 
-from . import balance, ep, placement, plan, route
+from . import balance, ep, placement, plan, route, train
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
 from .parsing import build_parser
 
@@ -63,7 +67,7 @@ __all__ = ["CliError", "build_parser", "main"]
 #: Command name -> its handler.
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {"route": route.run, "balance": balance.run,
                                                             "plan": plan.run, "ep": ep.run,
-                                                            "placement": placement.run}
+                                                            "placement": placement.run, "train": train.run}
 
 
 def _fail(message: str) -> int:

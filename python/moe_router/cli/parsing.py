@@ -248,6 +248,33 @@ def _add_placement_parser(sub: Any) -> None:
     _add_threads(o)
 
 
+def _add_train_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train", help="train a linear router with moe_router's gradients (NumPy Adam) on hidden states",
+        description="Train the router weight and bias in FILE.npz on its hidden states: Adam on "
+                    "COEFF * load_balance_loss + TASK * -log p(each token's initial top-1 expert), the gradient "
+                    "from ExpertRouter.backward (closed form, in Rust). Prints max/mean expert load, dropped "
+                    "assignments and both losses per step. E = the weight's columns, top_k 2, capacity 1.25.")
+    p.add_argument("file", metavar="FILE.npz", help="hidden states and a router weight, e.g. "
+                                                    "../shared/data/real_router/minilm_l5.npz")
+    g = p.add_argument_group("arrays")
+    g.add_argument("--hidden-key", default=DEFAULT_HIDDEN_KEY, metavar="NAME",
+                   help=f"hidden states [T, D] (default: {DEFAULT_HIDDEN_KEY})")
+    g.add_argument("--weight-key", default="router_weight_e64", metavar="NAME",
+                   help="router weight [D, E] (default: router_weight_e64)")
+    g.add_argument("--bias-key", default=None, metavar="NAME", help="router bias [E] (default: none)")
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", "-s", type=_positive_int, default=60, metavar="N", help="Adam steps (default: 60)")
+    t.add_argument("--lr", type=_non_negative_float, default=0.02, metavar="LR", help="learning rate (default: 0.02)")
+    t.add_argument("--coeff", type=_non_negative_float, default=1.0, metavar="C",
+                   help="load_balance_loss_coeff (default: 1.0)")
+    t.add_argument("--task-weight", type=_non_negative_float, default=0.05, metavar="W",
+                   help="weight of the task proxy (default: 0.05)")
+    o = p.add_argument_group("output")
+    _add_json(o)
+    o.add_argument("--plot", metavar="OUT.png", help=f"draw the curves (needs matplotlib: {PLOT_INSTALL})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``moe-router`` argument parser: one subparser per command, its name in ``command``."""
     parser = _Parser(prog="moe-router",
@@ -259,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_parser(sub)
     _add_ep_parser(sub)
     _add_placement_parser(sub)
+    _add_train_parser(sub)
     return parser
 
 

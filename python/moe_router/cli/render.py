@@ -347,3 +347,26 @@ def render_placement(report: Report, console: Console) -> None:
     for r, experts in enumerate(hosts):
         table.add_row(str(r), f"{report['rank_load_after'][r]:g}", " ".join(map(str, experts)))
     console.print(table)
+
+
+# --------------------------------------------------------------------------- train
+
+
+def render_train(report: Report, console: Console) -> None:
+    """The ``moe-router train`` report: one row per shown step."""
+    _print_summary(console, "train", [
+        ("input", report["file"]),
+        ("objective", f"{report['coeff']:g} * load_balance_loss + {report['task_weight']:g} * "
+                      f"-log p(initial top-1 expert)"),
+        ("optimizer", f"Adam, lr {report['lr']:g}, {report['steps']} steps"),
+    ])
+    table = _plain_table(console, "per step")
+    for name in ("step", "max/mean load", "dropped", "load_balance_loss", "task (-log p)"):
+        table.add_column(name, justify="right")
+    history = report["history"]
+    every = table_every(len(history), None, 20)
+    for i, h in enumerate(history):
+        if i % every == 0 or i == len(history) - 1:
+            table.add_row(str(h["step"]), f"{h['max_mean_load']:.2f}", str(h["dropped_assignments"]),
+                          f"{h['load_balance_loss']:.4f}", f"{h['task_loss']:.4f}")
+    console.print(table)
