@@ -53,7 +53,9 @@ fn int_vector(x: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
 ///     DeepSeek EPLB's ``phy2log`` for this placement: rank r's experts,
 ///     ascending, in slots ``[r*P/R, (r+1)*P/R)``; None when the ranks hold
 ///     different numbers of experts. ``from_physical(physical, R)`` rebuilds
-///     the placement.
+///     the placement when every expert's copies are listed in ascending rank
+///     order (as for placements from :func:`plan_placement` and
+///     ``from_physical``): that order decides which copy ``token % copies`` picks.
 /// planned_load : numpy.ndarray, float64, shape [E], or None
 ///     The per-expert load :func:`plan_placement` planned on (summed over
 ///     layers); None for a placement made otherwise. So are the next four.
