@@ -12,6 +12,7 @@ use crate::score::score_row;
 use crate::simd::Simd;
 use crate::source::Logit;
 use crate::topk::{block_lower_bound, second_largest, select_top_k, sort8_descending};
+use crate::weights::{write_weights, Chosen};
 
 const LOGIT_HINT: &str = "router logits must be finite or -inf (-inf marks an expert as not eligible)";
 const HIDDEN_HINT: &str = "check the hidden states and the router weight for NaN, inf or values so large \
@@ -52,6 +53,8 @@ pub(crate) struct RowRouter {
     top_n: Vec<f64>,
     plain_experts: Vec<i32>,
     plain_routed: Vec<bool>,
+    /// k values of scratch for the weights.
+    weight_scratch: Vec<f64>,
     /// Score of the last token's first choice (0 if it has none), for batch-prioritized routing.
     pub last_top1: f32,
 }
@@ -78,6 +81,7 @@ impl RowRouter {
             top_n: Vec::new(),
             plain_experts: vec![0; options.top_k],
             plain_routed: vec![false; options.top_k],
+            weight_scratch: vec![0.0; options.top_k],
             last_top1: 0.0,
         }
     }
@@ -145,7 +149,15 @@ impl RowRouter {
         };
         let keys: &[f64] = if keys_are_logits { &self.logits } else { &self.keys };
         select_top_k(simd, keys, out.experts, out.routed, &mut self.best, bound);
-        self.write_weights(options, row.scale, out.experts, out.routed, out.weights);
+        let chosen = Chosen {
+            function: options.score_function,
+            logits: &self.logits,
+            buffer: &self.scores,
+            scale: row.scale,
+            experts: out.experts,
+            routed: out.routed,
+        };
+        write_weights(options, token, &chosen, out.weights, &mut self.weight_scratch, &mut tally.tiny_weights);
         self.last_top1 = if out.routed[0] { (self.scores[out.experts[0] as usize] * row.scale) as f32 } else { 0.0 };
 
         let per_rank = tally.counts.len() > e;
@@ -323,28 +335,5 @@ impl RowRouter {
             max = max.max(*z);
         }
         max
-    }
-
-    /// Weights of the chosen experts: their scores, optionally divided by
-    /// their sum (0 when the sum is 0), times `weight_scale`.
-    fn write_weights(&self, options: &RouterConfig, scale: f64, experts: &[i32], routed: &[bool], weights: &mut [f32]) {
-        // The sum of the buffer values (scores / scale): normalization cancels
-        // `scale`, so tiny scores are never divided by a subnormal sum.
-        let mut sum = 0.0;
-        for (&x, &r) in experts.iter().zip(routed) {
-            if r {
-                sum += self.scores[x as usize];
-            }
-        }
-        let factor = if !options.normalize_weights {
-            options.weight_scale * scale
-        } else if sum > 0.0 {
-            options.weight_scale / sum
-        } else {
-            0.0
-        };
-        for ((w, &x), &r) in weights.iter_mut().zip(experts).zip(routed) {
-            *w = if r { (self.scores[x as usize] * factor) as f32 } else { 0.0 };
-        }
     }
 }

@@ -1,0 +1,139 @@
+"""Numerical edge cases, one kind per section, checked by value.
+
+Every kind is a range of inputs (logit magnitudes and gaps, scale factors,
+capacity factors, integer sizes, k), so most tests draw from that whole range
+with hypothesis and compare each output with its formula computed here in
+float64, not only with "finite".
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import moe_router as mr
+
+SETTINGS = settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow],
+                    derandomize=True)
+F32_MAX = float(np.finfo(np.float32).max)
+POLICIES = ["position", "rank", "probs", "bpr"]
+
+
+# --------------------------------------------------------------------------
+# Kind: normalization of chosen scores that are subnormal or 0
+# --------------------------------------------------------------------------
+
+
+def log_scores(z: np.ndarray, score_function: str) -> np.ndarray:
+    """log of each score up to a per-row constant (-inf for ineligible experts)."""
+    if score_function == "softmax":
+        return z
+    with np.errstate(over="ignore"):
+        return -np.logaddexp(0.0, -z)
+
+
+def normalized(logs: np.ndarray, use: np.ndarray) -> np.ndarray:
+    """Per row, exp(l - max) / sum exp(l - max) over the entries where ``use``; 0 elsewhere and in empty rows."""
+    logs = np.where(use, logs, -np.inf)
+    top = logs.max(axis=1, keepdims=True)
+    rel = np.exp(logs - np.where(np.isfinite(top), top, 0.0))
+    total = rel.sum(axis=1, keepdims=True)
+    return np.divide(rel, total, out=np.zeros_like(rel), where=total > 0)
+
+
+def expected_weights(cfg: mr.RouterConfig, z: np.ndarray, chosen: np.ndarray, dec: mr.RoutingDecision) -> np.ndarray:
+    """The weights of docs/semantics.md items 6, 10 and 13, exactly (float64), for selection ``chosen``."""
+    ls = np.take_along_axis(log_scores(z, cfg.score_function), chosen, axis=1)
+    routed = np.isfinite(ls)
+    if cfg.normalize_weights:
+        pre = normalized(ls, routed)
+    elif cfg.score_function == "softmax":
+        pre = np.take_along_axis(normalized(z, np.isfinite(z)), chosen, axis=1)
+    else:
+        pre = np.exp(ls)
+    rerouted = np.asarray(dec.rerouted) if dec.rerouted is not None else np.zeros_like(dec.kept)
+    rws = cfg.reroute_weight_scale
+    w = cfg.weight_scale * pre * np.where(rerouted, rws, 1.0)
+    if cfg.renormalize_after_drop:
+        with np.errstate(divide="ignore"):
+            logw = ls + np.where(rerouted, math.log(rws) if rws > 0 else -np.inf, 0.0)
+        w = cfg.weight_scale * normalized(logw, dec.kept)
+    return np.where(dec.kept, w, 0.0)
+
+
+@st.composite
+def extreme_rows(draw, dtype):
+    """Logits anywhere in the dtype's range, with gaps up to 1e4 inside a row, and options that choose low scores."""
+    E = draw(st.integers(2, 10))
+    k = draw(st.integers(1, E))
+    T = draw(st.integers(1, 40))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    top = F32_MAX / 4 if dtype == np.float32 else 1e150
+    base = draw(st.sampled_from([0.0, 1.0, -1.0])) * 10.0 ** draw(st.floats(-3, math.log10(top)))
+    gaps = np.abs(rng.normal(size=(T, E))) * 10.0 ** rng.uniform(-1, 4, size=(T, 1))
+    z = (base - gaps).astype(dtype)
+    z[rng.random((T, E)) < draw(st.sampled_from([0.0, 0.2]))] = -np.inf
+    z[np.isneginf(z).all(axis=1), 0] = dtype(base)
+    cfg = mr.RouterConfig(
+        num_experts=E, top_k=k,
+        score_function=draw(st.sampled_from(["softmax", "sigmoid"])),
+        normalize_weights=draw(st.booleans()),
+        renormalize_after_drop=draw(st.booleans()),
+        capacity_factor=draw(st.sampled_from([None, 0.5, 1.0])),
+        drop_policy=draw(st.sampled_from(POLICIES)),
+        overflow=draw(st.sampled_from(["drop", "reroute"])),
+        weight_scale=10.0 ** draw(st.floats(-30, 30)),
+        reroute_weight_scale=draw(st.sampled_from([0.0, 1e-30, 0.5, 1.0, 2.0])),
+    )
+    # A bias of up to 10 outweighs every score in [0, 1]: experts far below the best get chosen.
+    bias = rng.normal(size=E) * draw(st.sampled_from([0.01, 1.0, 10.0])) if draw(st.booleans()) else None
+    return cfg, z, bias
+
+
+def check_weights_exact(cfg: mr.RouterConfig, z: np.ndarray, bias) -> None:
+    dec = mr.route_logits(z, cfg, expert_bias=bias)
+    w = dec.expert_weights
+    assert np.isfinite(w).all(), w
+    bound = cfg.weight_scale * max(1.0, cfg.reroute_weight_scale)
+    assert ((w >= 0) & (w <= np.float32(bound))).all(), (w, bound)
+    # The selection without capacity: the chosen experts before any reroute.
+    chosen = mr.route_logits(z, cfg.replace(capacity_factor=None), expert_bias=bias).expert_indices.astype(np.int64)
+    want = expected_weights(cfg, z.astype(np.float64), chosen, dec)
+    # float32 rounding of the pre-drop weights and of the result, and one float32 subnormal step.
+    np.testing.assert_allclose(w, want.astype(np.float32), rtol=3e-6, atol=1e-44)
+
+
+@SETTINGS
+@given(extreme_rows(np.float64))
+def test_weights_are_exact_for_any_float64_logits(problem):
+    check_weights_exact(*problem)
+
+
+@SETTINGS
+@given(extreme_rows(np.float32))
+def test_weights_are_exact_for_any_float32_logits(problem):
+    check_weights_exact(*problem)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_bias_choosing_underflowing_scores_normalizes_exactly(dtype):
+    """A bias picks experts 720 and 800 below the best (softmax scores subnormal and 0 in float64)."""
+    z = np.array([[800.0, 80.0, 0.0]], dtype=dtype)
+    cfg = mr.RouterConfig(num_experts=3, top_k=2, normalize_weights=True, capacity_factor=None)
+    dec = mr.route_logits(z, cfg, expert_bias=[0.0, 2.0, 2.0])
+    assert dec.expert_indices.tolist() == [[1, 2]]
+    np.testing.assert_allclose(dec.expert_weights, [[1.0, math.exp(-80.0)]], rtol=1e-6)
+    # Renormalized after drops: every row keeps a weight of exactly weight_scale in total.
+    z2 = np.repeat(z, 4, axis=0)
+    renorm = mr.route_logits(z2, cfg.replace(renormalize_after_drop=True, capacity_factor=0.5),
+                             expert_bias=[0.0, 2.0, 2.0])
+    assert np.isfinite(renorm.expert_weights).all()
+    np.testing.assert_allclose(renorm.expert_weights.sum(axis=1)[renorm.kept.any(axis=1)], 1.0, rtol=1e-6)
+    # Sigmoid: sigmoid(-800) is 0 in float64, sigmoid(-720) subnormal; their ratio is e^80.
+    sig = mr.route_logits(np.array([[0.0, -720.0, -800.0]], dtype=dtype),
+                          cfg.replace(score_function="sigmoid"), expert_bias=[0.0, 2.0, 2.0])
+    np.testing.assert_allclose(sig.expert_weights, [[1.0, math.exp(-80.0)]], rtol=1e-6)
