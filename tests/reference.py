@@ -215,7 +215,7 @@ def reference_route(logits: Any, config: Any, training: bool = False, token_mask
     indices = np.zeros((T, k), dtype=np.int64)
     routed = np.zeros((T, k), dtype=bool)
     w32 = np.zeros((T, k), dtype=np.float32)  # pre-drop weights as stored
-    log_w = np.full((T, k), NEG_INF)  # log of each routed choice's unrounded weight, up to a row constant
+    log_w = np.full((T, k), NEG_INF)  # log of each routed choice's score, up to a row constant
     top1 = [0.0] * T  # float32 score of the rank-0 choice (bpr)
     prob_rows: List[Optional[np.ndarray]] = [None] * T  # score_e / sum score_e
     lse_sq: List[float] = []
@@ -342,7 +342,6 @@ def reference_route(logits: Any, config: Any, training: bool = False, token_mask
                 kept[t, j] = True
                 rerouted[t, j] = True
                 weights[t, j] = np.float32(float(w32[t, j]) * reroute_scale)
-                log_w[t, j] += math.log(reroute_scale) if reroute_scale > 0 else NEG_INF
 
     # Item 10: renormalization after drops.
     if renormalize:
@@ -358,13 +357,12 @@ def reference_route(logits: Any, config: Any, training: bool = False, token_mask
             subnormal = any(kept[t, j] and float(weights[t, j]) < float(np.finfo(np.float32).tiny) for j in range(k))
             if subnormal and 2.0 * total < scale:
                 # From the unrounded weights, when float32 holds a kept one only approximately.
-                logs = [log_w[t, j] if kept[t, j] else NEG_INF for j in range(k)]
-                if max(logs) > NEG_INF:
-                    ratios = normalized_from_logs(logs)
-                    for j in range(k):
-                        weights[t, j] = np.float32(ratios[j] * scale)
-                else:
-                    weights[t] = 0.0
+                top = max(log_w[t, j] for j in range(k) if kept[t, j])
+                rel = [math.exp(log_w[t, j] - top) * (reroute_scale if rerouted[t, j] else 1.0) if kept[t, j]
+                       else 0.0 for j in range(k)]
+                total = math.fsum(rel)
+                for j in range(k):
+                    weights[t, j] = np.float32(rel[j] / total * scale) if total > 0 else 0.0
                 continue
             for j in range(k):
                 if kept[t, j]:

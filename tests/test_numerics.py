@@ -59,8 +59,10 @@ def expected_weights(cfg: mr.RouterConfig, z: np.ndarray, chosen: np.ndarray, de
     rws = cfg.reroute_weight_scale
     w = cfg.weight_scale * pre * np.where(rerouted, rws, 1.0)
     if cfg.renormalize_after_drop:
-        with np.errstate(divide="ignore"):
-            logw = ls + np.where(rerouted, math.log(rws) if rws > 0 else -np.inf, 0.0)
+        # Relative to the largest kept log-score first: a large logit would absorb log(rws).
+        top = np.where(dec.kept, ls, -np.inf).max(axis=1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logw = (ls - top) + np.where(rerouted, math.log(rws) if rws > 0 else -np.inf, 0.0)
         w = cfg.weight_scale * normalized(logw, dec.kept)
     return np.where(dec.kept, w, 0.0)
 

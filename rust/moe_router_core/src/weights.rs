@@ -189,14 +189,17 @@ pub(crate) fn renormalize_kept(
     }
     if approximate && sum * MAX_PLAIN_RENORMALIZATION < scale {
         if let Some(found) = recorded.find(token, w.len()) {
+            // Relative to the largest kept log-score before the reroute factor is
+            // added, so that a large logit does not absorb log(reroute_weight_scale).
+            let top = found.iter().zip(kept).filter(|(_, &k)| k).map(|(&r, _)| r).fold(f64::NEG_INFINITY, f64::max);
             let log_rws = options.reroute_weight_scale.ln();
             for (j, (l, &r)) in logs.iter_mut().zip(found).enumerate() {
                 *l = if !kept[j] {
                     f64::NEG_INFINITY
                 } else if rerouted.get(j) == Some(&true) {
-                    r + log_rws
+                    (r - top) + log_rws
                 } else {
-                    r
+                    r - top
                 };
             }
             normalize_log_weights(logs, scale);

@@ -531,7 +531,6 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterConfig, 
                 kept[p] = true;
                 rerouted[p] = true;
                 w[p] = f64::from(w[p] as f32) * o.reroute_weight_scale;
-                log_w[p] += o.reroute_weight_scale.ln();
                 load[x] += 1;
             }
         }
@@ -554,13 +553,17 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterConfig, 
             if subnormal && 2.0 * sum < o.weight_scale {
                 // From the unrounded weights: the kept scores' logarithms.
                 let top = row.clone().filter(|&p| kept[p]).map(|p| log_w[p]).fold(f64::NEG_INFINITY, f64::max);
-                let total: f64 = row.clone().filter(|&p| kept[p]).map(|p| (log_w[p] - top).exp()).sum();
-                for p in row {
-                    w[p] = if kept[p] && top > f64::NEG_INFINITY {
-                        (log_w[p] - top).exp() / total * o.weight_scale
+                let rel = |p: usize| {
+                    let factor = if rerouted[p] { o.reroute_weight_scale } else { 1.0 };
+                    if kept[p] {
+                        (log_w[p] - top).exp() * factor
                     } else {
                         0.0
-                    };
+                    }
+                };
+                let total: f64 = row.clone().map(rel).sum();
+                for p in row {
+                    w[p] = if total > 0.0 { rel(p) / total * o.weight_scale } else { 0.0 };
                 }
                 continue;
             }
