@@ -67,6 +67,14 @@ def expected_weights(cfg: mr.RouterConfig, z: np.ndarray, chosen: np.ndarray, de
     return np.where(dec.kept, w, 0.0)
 
 
+def scales_within_the_bound(draw) -> dict:
+    """weight_scale and reroute_weight_scale anywhere up to the float32 bound on their product."""
+    rws = draw(st.sampled_from([0.0, 1e-30, 0.5, 1.0, 2.0, 1e10]))
+    top = math.log10(F32_MAX / max(1.0, rws))
+    ws = min(10.0 ** draw(st.floats(-30, top)), F32_MAX / max(1.0, rws))
+    return dict(weight_scale=ws, reroute_weight_scale=rws)
+
+
 @st.composite
 def extreme_rows(draw, dtype):
     """Logits anywhere in the dtype's range, with gaps up to 1e4 inside a row, and options that choose low scores."""
@@ -88,8 +96,7 @@ def extreme_rows(draw, dtype):
         capacity_factor=draw(st.sampled_from([None, 0.5, 1.0])),
         drop_policy=draw(st.sampled_from(POLICIES)),
         overflow=draw(st.sampled_from(["drop", "reroute"])),
-        weight_scale=10.0 ** draw(st.floats(-30, 30)),
-        reroute_weight_scale=draw(st.sampled_from([0.0, 1e-30, 0.5, 1.0, 2.0])),
+        **scales_within_the_bound(draw),
     )
     # A bias of up to 10 outweighs every score in [0, 1]: experts far below the best get chosen.
     bias = rng.normal(size=E) * draw(st.sampled_from([0.01, 1.0, 10.0])) if draw(st.booleans()) else None
@@ -139,3 +146,36 @@ def test_bias_choosing_underflowing_scores_normalizes_exactly(dtype):
     sig = mr.route_logits(np.array([[0.0, -720.0, -800.0]], dtype=dtype),
                           cfg.replace(score_function="sigmoid"), expert_bias=[0.0, 2.0, 2.0])
     np.testing.assert_allclose(sig.expert_weights, [[1.0, math.exp(-80.0)]], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Kind: weight factors beyond what float32 weights hold
+# --------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(ws=st.floats(min_value=0.0, exclude_min=True, allow_infinity=False),
+       rws=st.floats(min_value=0.0, allow_infinity=False))
+def test_weight_factors_are_accepted_exactly_when_every_weight_fits_float32(ws, rws):
+    fits = ws <= F32_MAX and rws <= F32_MAX and ws * max(1.0, rws) <= F32_MAX
+    if fits:
+        cfg = mr.RouterConfig(num_experts=4, top_k=2, weight_scale=ws, reroute_weight_scale=rws,
+                              capacity_factor=0.5, overflow="reroute", renormalize_after_drop=False)
+        dec = mr.route_logits(np.array([[3.0, 0.0, 0.0, 0.0]] * 4), cfg)
+        assert np.isfinite(dec.expert_weights).all()
+        assert (dec.expert_weights <= np.float32(ws * max(1.0, rws))).all()
+        return
+    with pytest.raises(mr.ConfigError) as info:
+        mr.RouterConfig(weight_scale=ws, reroute_weight_scale=rws)
+    field = "weight_scale" if ws > F32_MAX else "reroute_weight_scale"
+    assert f"invalid {field}" in str(info.value) and "float32" in str(info.value), str(info.value)
+
+
+def test_largest_weight_scale_gives_the_float32_maximum():
+    cfg = mr.RouterConfig(num_experts=2, top_k=1, weight_scale=F32_MAX, normalize_weights=True,
+                          capacity_factor=None)
+    assert mr.route_logits(np.array([[1.0, 0.0]]), cfg).expert_weights.tolist() == [[F32_MAX]]
+    with pytest.raises(mr.ConfigError, match="weight_scale"):
+        cfg.replace(weight_scale=np.nextafter(F32_MAX, math.inf))
+    with pytest.raises(mr.ConfigError, match="reroute_weight_scale"):
+        cfg.replace(weight_scale=F32_MAX / 2, reroute_weight_scale=2.5)

@@ -359,6 +359,9 @@ impl Default for RouterConfig {
 /// The accepted alias of `top_k` (`num_experts_per_token`, a common name for k).
 pub const TOP_K_ALIAS: &str = "num_experts_per_token";
 
+/// The largest weight the float32 output holds.
+const WEIGHT_MAX: f64 = f32::MAX as f64;
+
 impl RouterConfig {
     /// Every field's name, in declaration order (the Python class's keyword arguments).
     pub const FIELDS: &'static [&'static str] = &[
@@ -596,9 +599,7 @@ impl RouterConfig {
                 format!("must satisfy 1 <= top_k <= num_experts = {e}"),
             ));
         }
-        if !(self.weight_scale.is_finite() && self.weight_scale > 0.0) {
-            return Err(RouterError::config("weight_scale", self.weight_scale, "must be a finite number > 0"));
-        }
+        self.check_weight_factors()?;
         for (field, value) in [
             ("load_balance_loss_coeff", self.load_balance_loss_coeff),
             ("router_z_loss_coeff", self.router_z_loss_coeff),
@@ -672,13 +673,6 @@ impl RouterConfig {
                 ));
             }
         }
-        if !(self.reroute_weight_scale.is_finite() && self.reroute_weight_scale >= 0.0) {
-            return Err(RouterError::config(
-                "reroute_weight_scale",
-                self.reroute_weight_scale,
-                "must be finite and >= 0",
-            ));
-        }
         if !(0.0..=1.0).contains(&self.expert_dropout) {
             return Err(RouterError::config("expert_dropout", self.expert_dropout, "must be in [0, 1]"));
         }
@@ -710,6 +704,39 @@ impl RouterConfig {
                     format!("must be finite; expert_bias[{i}] = {v}"),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// `weight_scale` in (0, float32 max], `reroute_weight_scale` in [0, float32 max],
+    /// and `weight_scale * max(1, reroute_weight_scale) <= float32 max`: a weight is
+    /// at most 1 before scaling, so every weight the configuration can produce
+    /// (rerouted ones included) is a finite float32.
+    fn check_weight_factors(&self) -> Result<()> {
+        let (scale, reroute) = (self.weight_scale, self.reroute_weight_scale);
+        if !(scale.is_finite() && scale > 0.0 && scale <= WEIGHT_MAX) {
+            return Err(RouterError::config(
+                "weight_scale",
+                format!("{scale:?}"),
+                format!("must be a number > 0 and <= {WEIGHT_MAX:e} (the float32 maximum: weights are float32)"),
+            ));
+        }
+        if !(reroute.is_finite() && (0.0..=WEIGHT_MAX).contains(&reroute)) {
+            return Err(RouterError::config(
+                "reroute_weight_scale",
+                format!("{reroute:?}"),
+                format!("must be a number >= 0 and <= {WEIGHT_MAX:e} (the float32 maximum: weights are float32)"),
+            ));
+        }
+        if scale * reroute.max(1.0) > WEIGHT_MAX {
+            return Err(RouterError::config(
+                "reroute_weight_scale",
+                format!("{reroute:?}"),
+                format!(
+                    "weight_scale * reroute_weight_scale = {scale:e} * {reroute:e} must be <= {WEIGHT_MAX:e} \
+                     (the float32 maximum): a rerouted weight can be that large"
+                ),
+            ));
         }
         Ok(())
     }

@@ -157,6 +157,15 @@ fn invalid_options_name_the_field() {
     cases.push((RouterConfig::new(8, 9), "top_k"));
     cases.push((with(&|o| o.weight_scale = f64::NAN), "weight_scale"));
     cases.push((with(&|o| o.weight_scale = f64::INFINITY), "weight_scale"));
+    cases.push((with(&|o| o.weight_scale = 3.5e38), "weight_scale"));
+    cases.push((with(&|o| o.reroute_weight_scale = 1e39), "reroute_weight_scale"));
+    cases.push((
+        with(&|o| {
+            o.weight_scale = 1e38;
+            o.reroute_weight_scale = 4.0;
+        }),
+        "reroute_weight_scale",
+    ));
     cases.push((with(&|o| o.capacity_factor = factor("0")), "capacity_factor"));
     cases.push((with(&|o| o.eval_capacity_factor = Some(factor("0.0"))), "eval_capacity_factor"));
     let group = |num_groups, group_top_k| Some(GroupLimit { num_groups, group_top_k, group_score: GroupScore::Max });
