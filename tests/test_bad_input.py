@@ -377,11 +377,13 @@ def test_bad_capacity_factor_suggests_none(field, value):
     assert field in msg and "None" in msg, msg
 
 
-def test_capacity_factor_none_or_inf_is_dropless():
+def test_capacity_factor_none_is_dropless_and_inf_is_refused():
     assert mr.RouterConfig(capacity_factor=None).capacity(100) is None
-    assert mr.RouterConfig(capacity_factor=math.inf).capacity(100) is None
-    dec = mr.route_logits(np.zeros((10, 8)), mr.RouterConfig(capacity_factor=math.inf))
+    dec = mr.route_logits(np.zeros((10, 8)), mr.RouterConfig(capacity_factor=None))
     assert dec.dropless and dec.kept.all()
+    # +inf is not a spelling of dropless: it is refused with the one that is.
+    with pytest.raises(mr.ConfigError, match=r"capacity_factor.*capacity_factor=None"):
+        mr.RouterConfig(capacity_factor=math.inf)
 
 
 def test_config_error_is_a_value_error():

@@ -8,7 +8,9 @@ float64, not only with "finite".
 
 from __future__ import annotations
 
+import decimal
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -179,3 +181,55 @@ def test_largest_weight_scale_gives_the_float32_maximum():
         cfg.replace(weight_scale=np.nextafter(F32_MAX, math.inf))
     with pytest.raises(mr.ConfigError, match="reroute_weight_scale"):
         cfg.replace(weight_scale=F32_MAX / 2, reroute_weight_scale=2.5)
+
+
+# --------------------------------------------------------------------------
+# Kind: capacity factors at the ends of the float range
+# --------------------------------------------------------------------------
+
+CAPACITY_MAX = 2**64 - 1
+
+
+def exact_capacity(cf: float, min_capacity: int, T: int, k: int, E: int):
+    """docs/semantics.md item 8 with its no-limit rule: None when the value exceeds 2**64 - 1."""
+    c = max(min_capacity, math.ceil(Fraction(repr(cf)) * T * k / E))
+    return None if c > CAPACITY_MAX else c
+
+
+@SETTINGS
+@given(exponent=st.floats(-320, 308.25), mantissa=st.sampled_from([1.0, 1.1, 2.5, 9.999999999999998]),
+       T=st.integers(0, 3000), k=st.integers(1, 4), E=st.integers(4, 300), min_capacity=st.sampled_from([0, 5]))
+def test_capacity_is_the_exact_formula_or_no_limit(exponent, mantissa, T, k, E, min_capacity):
+    cf = mantissa * 10.0 ** exponent
+    if not (0 < cf < math.inf):
+        return
+    cfg = mr.RouterConfig(num_experts=E, top_k=k, capacity_factor=cf, min_capacity=min_capacity)
+    want = exact_capacity(cf, min_capacity, T, k, E)
+    assert cfg.capacity(T) == want
+    if T <= 600:
+        dec = mr.route_logits(np.random.default_rng(T).normal(size=(T, E)), cfg)
+        assert dec.dropless == (want is None)
+        if want is None:
+            assert dec.kept.all() and dec.capacity == int(dec.tokens_per_expert.max(initial=0))
+        else:
+            assert dec.capacity == want
+
+
+@pytest.mark.parametrize("cf,want", [(1e18, 2_500_000_000_000_000_000), (7.37869762948382e18, 18_446_744_073_709_550_000),
+                                     (7.378697629483821e18, None), (1e30, None), (1e308, None)])
+def test_huge_capacity_factor_is_exact_up_to_the_capacity_type(cf, want):
+    """T*k/E = 10/4: the exact value while it fits in 64 bits, then no limit (not 2**64 - 1 for every factor)."""
+    cfg = mr.RouterConfig(num_experts=4, top_k=1, capacity_factor=cf)
+    assert cfg.capacity(10) == want == exact_capacity(cf, 0, 10, 1, 4)
+    for rounding in ("megatron", "deepspeed"):
+        if cf >= 1e30:
+            assert cfg.replace(capacity_rounding=rounding).capacity(10) is None
+
+
+@pytest.mark.parametrize("field,hint", [("capacity_factor", "capacity_factor=None"),
+                                        ("eval_capacity_factor", "eval_capacity_factor='dropless'")])
+@pytest.mark.parametrize("value", [math.inf, np.float64(np.inf), decimal.Decimal("Infinity")])
+def test_infinite_capacity_factor_is_refused_with_the_dropless_spelling(field, hint, value):
+    with pytest.raises(mr.ConfigError) as info:
+        mr.RouterConfig(**{field: value})
+    assert f"invalid {field}" in str(info.value) and hint in str(info.value), str(info.value)

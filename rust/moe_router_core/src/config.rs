@@ -615,11 +615,7 @@ impl RouterConfig {
         ] {
             if let Some(CapacityFactor::Factor(d)) = factor {
                 if d.is_zero() {
-                    return Err(RouterError::config(
-                        field,
-                        d,
-                        "must be > 0; use None for dropless routing (no capacity limit)",
-                    ));
+                    return Err(RouterError::config(field, d, format!("must be > 0; {}", dropless_hint(field))));
                 }
             }
         }
@@ -791,19 +787,30 @@ fn optional<T>(value: &FieldValue, parse: impl FnOnce(&FieldValue) -> Result<T>)
     }
 }
 
-/// A capacity factor: a number > 0 (exact decimal), or None / +inf for dropless.
+/// A capacity factor: a finite number > 0 (exact decimal), or None for dropless.
+///
+/// `+inf` is refused, not taken as dropless: the message names the spelling that
+/// is (`None`, or `'dropless'` for `eval_capacity_factor`, where None means "as
+/// `capacity_factor`"). A finite factor so large that the capacity exceeds
+/// 2^64 - 1 is accepted and means no limit (`crate::capacity`).
 fn factor(field: &'static str, value: &FieldValue) -> Result<CapacityFactor> {
-    let refuse = |why: &str| RouterError::config(field, value, why.to_string());
+    let refuse = |why: &str| RouterError::config(field, value, format!("{why}; {}", dropless_hint(field)));
     match value {
         FieldValue::None => Ok(CapacityFactor::Dropless),
-        FieldValue::Real { value: v, .. } if *v == f64::INFINITY => Ok(CapacityFactor::Dropless),
-        FieldValue::Real { value: v, .. } if !(v.is_finite() && *v > 0.0) => {
-            Err(refuse("must be a finite number > 0; use None for dropless routing (no capacity limit)"))
-        }
+        FieldValue::Real { value: v, .. } if !(v.is_finite() && *v > 0.0) => Err(refuse("must be a finite number > 0")),
         FieldValue::Real { text, .. } => Decimal::parse_factor(field, text).map(CapacityFactor::Factor),
         FieldValue::Int(i) if *i > 0 => Decimal::parse_factor(field, &i.to_string()).map(CapacityFactor::Factor),
-        FieldValue::Int(_) => Err(refuse("must be > 0; use None for dropless routing (no capacity limit)")),
-        _ => Err(refuse("must be a number > 0, or None for dropless routing")),
+        FieldValue::Int(_) => Err(refuse("must be > 0")),
+        _ => Err(refuse("must be a number > 0")),
+    }
+}
+
+/// How to ask for dropless routing through `field`.
+fn dropless_hint(field: &str) -> &'static str {
+    if field == "eval_capacity_factor" {
+        "use eval_capacity_factor='dropless' for dropless evaluation (None means: as capacity_factor)"
+    } else {
+        "use capacity_factor=None for dropless routing (no capacity limit)"
     }
 }
 
