@@ -233,3 +233,64 @@ def test_infinite_capacity_factor_is_refused_with_the_dropless_spelling(field, h
     with pytest.raises(mr.ConfigError) as info:
         mr.RouterConfig(**{field: value})
     assert f"invalid {field}" in str(info.value) and hint in str(info.value), str(info.value)
+
+
+# --------------------------------------------------------------------------
+# Kind: integer inputs that the float dtype would round
+# --------------------------------------------------------------------------
+
+INT_DTYPES = [np.int64, np.uint64, np.int32, np.uint32, np.int16]
+
+
+@st.composite
+def integer_logits(draw):
+    dtype = draw(st.sampled_from(INT_DTYPES))
+    info = np.iinfo(dtype)
+    E, T = draw(st.integers(2, 6)), draw(st.integers(1, 6))
+    # Around 2**53 and 2**24 (where rounding starts), near the dtype's ends, and small.
+    centers = [0, 2**24, 2**53, 2**62, int(info.max), int(info.min)]
+    values = [[min(max(draw(st.sampled_from(centers)) + draw(st.integers(-3, 3)) * draw(st.sampled_from([1, 2**11])),
+                       int(info.min)), int(info.max)) for _ in range(E)] for _ in range(T)]
+    return np.array(values, dtype=dtype), draw(st.integers(1, E))
+
+
+@SETTINGS
+@given(integer_logits())
+def test_integer_logits_route_exactly_or_are_refused(problem):
+    x, k = problem
+    E = x.shape[1]
+    cfg = mr.RouterConfig(num_experts=E, top_k=k, capacity_factor=None)
+    exact = np.array([[int(float(v)) == int(v) for v in row] for row in x.tolist()])
+    if not exact.all():
+        first = int(np.argmax(~exact.all(axis=1)))
+        with pytest.raises(mr.InputError, match=rf"logits holds the integer \d+ at token {first} "):
+            mr.route_logits(x, cfg)
+        return
+    dec = mr.route_logits(x, cfg)
+    # The exact integer order: value descending, then expert index ascending.
+    for t, row in enumerate(x.tolist()):
+        want = sorted(range(E), key=lambda e: (-int(row[e]), e))[:k]
+        assert dec.expert_indices[t].tolist() == want
+
+
+def test_integer_logits_beyond_2_53_are_refused_not_rounded():
+    x = np.array([[2**53, 2**53 + 1, 0, 0]])
+    with pytest.raises(mr.InputError, match=r"logits holds the integer 9007199254740993 at token 0"):
+        mr.route_logits(x, mr.RouterConfig(num_experts=4, top_k=1))
+    # Exactly representable large integers route by their exact order.
+    x = np.array([[2**60, 2**60 + 2**8, 0, 0]])
+    assert mr.route_logits(x, mr.RouterConfig(num_experts=4, top_k=1)).expert_indices.tolist() == [[1]]
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_integer_biases_beyond_the_float_mantissa_are_refused(dtype):
+    """expert_bias is float64 (2**53); a router bias takes the float32 weight's dtype (2**24)."""
+    cfg = mr.RouterConfig(num_experts=4, top_k=1)
+    if dtype is np.int64:
+        with pytest.raises(mr.InputError, match=r"expert_bias\[2\]"):
+            mr.route_logits(np.zeros((1, 4)), cfg, expert_bias=np.array([0, 0, 2**53 + 1, 0], dtype=dtype))
+    w = np.ones((3, 4), dtype=np.float32)
+    with pytest.raises(mr.InputError, match=r"bias\[1\], which float32"):
+        mr.ExpertRouter(cfg, input_dim=3, weight=w, bias=np.array([0, 2**24 + 1, 0, 0], dtype=dtype))
+    router = mr.ExpertRouter(cfg, input_dim=3, weight=w, bias=np.array([0, 2**24, 2**24 - 1, 0], dtype=dtype))
+    assert router.route_tokens(np.zeros((1, 3), np.float32)).expert_indices.tolist() == [[1]]

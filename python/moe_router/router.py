@@ -54,8 +54,9 @@ class ExpertRouter:
         std 1 would saturate the softmax).
     weight : array_like, float, shape [D, E], optional
         Router weight; float32 or float64 (others are converted to float32).
-    bias : array_like, float, shape [E], optional
-        Router bias.
+    bias : array_like, float or int, shape [E], optional
+        Router bias, in the weight's dtype (an integer it would round, beyond 2**24
+        for float32, is an InputError).
     gate : {"auto", "linear", "hierarchical"}
         "auto" picks the hierarchical gate when E > 32 and no ``weight`` is given,
         the linear router otherwise.
@@ -76,7 +77,7 @@ class ExpertRouter:
     ConfigError
         Bad ``input_dim``, ``gate`` or ``group_top_k``.
     InputError
-        ``weight`` or ``bias`` of the wrong shape, or not finite.
+        ``weight`` or ``bias`` of the wrong shape, not finite, or an integer bias that its dtype would round.
     TypeError
         ``config`` is not a RouterConfig.
     """
@@ -254,7 +255,8 @@ class ExpertRouter:
         Raises
         ------
         InputError
-            Wrong shape; NaN/+inf logits or an all -inf row (first offending token named).
+            Wrong shape; NaN/+inf logits or an all -inf row, or integer logits that
+            float64 would round (first offending token named).
         TypeError
             Not a real-valued array, or a non-bool flag.
         """

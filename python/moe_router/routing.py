@@ -25,8 +25,9 @@ def route_logits(
     logits : array_like, float32 or float64, shape [T, E] or [B, S, E]
         Router logits (``E = config.num_experts``). C-contiguous float32/float64
         input is read in place (NumPy arrays, torch CPU tensors, ``__dlpack__``
-        producers); float16 and other layouts are converted once. ``-inf`` marks
-        an expert as not eligible for that token.
+        producers); float16, integers (if float64 holds them exactly) and other
+        layouts are converted once. ``-inf`` marks an expert as not eligible for
+        that token.
     config : RouterConfig
         Routing semantics (scores, top-k, capacity, drop policy, losses).
     training : bool
@@ -58,7 +59,8 @@ def route_logits(
         ``logits`` is not a floating-point array, or ``config`` is not a RouterConfig.
     InputError
         (a ``ValueError``) wrong shape; NaN or +inf logits, or a row that is all
-        ``-inf``, with the index of the first offending token; non-finite bias.
+        ``-inf``, with the index of the first offending token; integer logits or
+        bias that float64 would round (beyond 2**53); non-finite bias.
 
     Notes
     -----
