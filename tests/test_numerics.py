@@ -294,3 +294,67 @@ def test_integer_biases_beyond_the_float_mantissa_are_refused(dtype):
         mr.ExpertRouter(cfg, input_dim=3, weight=w, bias=np.array([0, 2**24 + 1, 0, 0], dtype=dtype))
     router = mr.ExpertRouter(cfg, input_dim=3, weight=w, bias=np.array([0, 2**24, 2**24 - 1, 0], dtype=dtype))
     assert router.route_tokens(np.zeros((1, 3), np.float32)).expert_indices.tolist() == [[1]]
+
+
+# --------------------------------------------------------------------------
+# Kind: losses of logits near the ends of the float range
+# --------------------------------------------------------------------------
+
+SQRT_MAX = math.sqrt(np.finfo(np.float64).max)  # 1.34e154: |logsumexp| beyond it squares to inf
+
+
+def row_logsumexp(z: np.ndarray) -> np.ndarray:
+    m = z.max(axis=1)
+    with np.errstate(invalid="ignore"):
+        return m + np.log(np.exp(z - m[:, None]).sum(axis=1))
+
+
+def mean_of_squares(v: np.ndarray) -> float:
+    """mean(v**2), exactly rounded (no overflow in the sum)."""
+    return float(sum(Fraction(float(x)) ** 2 for x in v) / len(v))
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), T=st.integers(1, 30), E=st.integers(1, 8),
+       exponent=st.floats(0, 308.25), dtype=st.sampled_from([np.float64, np.float32]),
+       score_function=st.sampled_from(["softmax", "sigmoid"]))
+def test_losses_are_finite_and_exact_or_the_row_is_refused(seed, T, E, exponent, dtype, score_function):
+    """Any finite logits: the z-loss is mean(logsumexp^2), finite, unless a row's square overflows float64."""
+    rng = np.random.default_rng(seed)
+    top = float(np.finfo(dtype).max)
+    z = np.clip(rng.normal(size=(T, E)) * 10.0 ** exponent, -top, top).astype(dtype)
+    cfg = mr.RouterConfig(num_experts=E, top_k=1, score_function=score_function, capacity_factor=None)
+    lse = row_logsumexp(z.astype(np.float64))
+    over = np.abs(lse) > SQRT_MAX
+    if np.abs(np.abs(lse) / SQRT_MAX - 1).min() < 1e-9:
+        return  # too close to the bound to say which side the core's rounding lands on
+    if over.any():
+        assert dtype is np.float64  # float32 logsumexps stay below 3.5e38
+        with pytest.raises(mr.InputError, match=rf"logits has a logsumexp whose square .*token {int(np.argmax(over))} "):
+            mr.route_logits(z, cfg)
+        return
+    dec = mr.route_logits(z, cfg)
+    assert math.isfinite(dec.router_z_loss) and dec.router_z_loss == pytest.approx(mean_of_squares(lse), rel=1e-9)
+    assert 0.0 <= dec.load_balance_loss <= E * (1 + 1e-12)
+    assert math.isfinite(dec.auxiliary_loss)
+
+
+def test_z_loss_sum_beyond_float64_still_gives_the_finite_mean():
+    """Every token's square is finite (|lse| = 1e154), their sum is not: the mean is."""
+    z = np.full((600, 2), 1e154)
+    dec = mr.route_logits(z, mr.RouterConfig(num_experts=2, top_k=1, capacity_factor=None))
+    assert dec.router_z_loss == pytest.approx(mean_of_squares(row_logsumexp(z)), rel=1e-12)
+    with pytest.raises(mr.InputError, match="token 3 .*1.34e154"):
+        mr.route_logits(np.vstack([z[:3], [[-2e154, -2e154]]]), mr.RouterConfig(num_experts=2, top_k=1))
+
+
+@pytest.mark.parametrize("gate", ["linear", "hierarchical"])
+def test_hidden_states_whose_router_logits_overflow_the_z_loss_are_refused(gate):
+    cfg = mr.RouterConfig(num_experts=36, top_k=2)
+    router = mr.ExpertRouter(cfg, input_dim=4, seed=1, gate=gate)
+    hidden = np.ones((5, 4))
+    hidden[3] = 1e200  # logits of about 1e200: finite, but their logsumexp squared is not
+    with pytest.raises(mr.InputError, match=r"hidden gives router logits whose logsumexp squared .*token 3 "):
+        router.route_tokens(hidden)
+    dec = router.route_tokens(hidden[:3] * 1e150)
+    assert math.isfinite(dec.router_z_loss) and np.isfinite(dec.expert_weights).all()

@@ -218,7 +218,8 @@ class ExpertRouter:
         ------
         InputError
             Wrong rank, or last dimension != ``input_dim``; NaN/inf in the hidden
-            states (reported as the router logits of the first offending token).
+            states, or router logits whose ``logsumexp**2`` overflows float64
+            (reported as the router logits of the first offending token).
         TypeError
             Non-floating-point input.
         """
@@ -255,8 +256,9 @@ class ExpertRouter:
         Raises
         ------
         InputError
-            Wrong shape; NaN/+inf logits or an all -inf row, or integer logits that
-            float64 would round (first offending token named).
+            Wrong shape; NaN/+inf logits, an all -inf row, a row whose z-loss term
+            overflows float64, or integer logits that float64 would round (first
+            offending token named).
         TypeError
             Not a real-valued array, or a non-bool flag.
         """

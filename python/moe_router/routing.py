@@ -59,8 +59,10 @@ def route_logits(
         ``logits`` is not a floating-point array, or ``config`` is not a RouterConfig.
     InputError
         (a ``ValueError``) wrong shape; NaN or +inf logits, or a row that is all
-        ``-inf``, with the index of the first offending token; integer logits or
-        bias that float64 would round (beyond 2**53); non-finite bias.
+        ``-inf``, or whose ``logsumexp**2`` (z-loss term) overflows float64
+        (``|logsumexp| > 1.34e154``), with the index of the first offending token;
+        integer logits or bias that float64 would round (beyond 2**53);
+        non-finite bias.
 
     Notes
     -----

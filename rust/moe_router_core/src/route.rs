@@ -313,7 +313,7 @@ pub fn route_into<S: LogitSource>(
         dropped_assignments: active * k - kept_assignments,
         tokens_dropped,
         load_balance_loss: losses::load_balance_loss(&routed_counts, &sums.prob_sum, sums.active, k),
-        router_z_loss: losses::router_z_loss(sums.z_sum, sums.active),
+        router_z_loss: losses::router_z_loss(&sums),
         seq_load_balance_loss: call.sequence_length.map(|_| {
             if sums.sequences == 0 {
                 0.0

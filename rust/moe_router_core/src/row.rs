@@ -137,6 +137,20 @@ impl RowRouter {
         if let Some(z) = z_squared {
             row.z_term = z;
         }
+        if !row.z_term.is_finite() {
+            // |logsumexp| above sqrt(f64::MAX), about 1.34e154: only float64 logits get there.
+            return Err(RouterError::BadValue {
+                argument: ctx.argument,
+                problem: if ctx.argument == "hidden" {
+                    "gives router logits whose logsumexp squared (the z-loss term) overflows float64"
+                } else {
+                    "has a logsumexp whose square (the z-loss term) overflows float64"
+                },
+                token,
+                hint: "|logsumexp(logits)| must be below 1.34e154, the square root of the float64 maximum; \
+                       rescale the logits",
+            });
+        }
         for (p, &s) in out.probs.iter_mut().zip(&self.scores) {
             *p = (s * row.scale) as f32;
         }
