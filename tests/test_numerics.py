@@ -358,3 +358,69 @@ def test_hidden_states_whose_router_logits_overflow_the_z_loss_are_refused(gate)
         router.route_tokens(hidden)
     dec = router.route_tokens(hidden[:3] * 1e150)
     assert math.isfinite(dec.router_z_loss) and np.isfinite(dec.expert_weights).all()
+
+
+# --------------------------------------------------------------------------
+# Kind: top-k with large k (selection by partition above k = 64)
+# --------------------------------------------------------------------------
+
+
+@st.composite
+def wide_rows(draw):
+    E = draw(st.integers(65, 700))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    T = draw(st.integers(1, 6))
+    kind = draw(st.sampled_from(["ties", "normal", "zeros"]))
+    if kind == "ties":
+        z = rng.integers(-3, 3, size=(T, E)).astype(np.float64)
+    elif kind == "zeros":
+        z = rng.choice([-0.0, 0.0, 1.0], size=(T, E))  # -0.0 and 0.0 are equal keys: a tie
+    else:
+        z = rng.normal(size=(T, E))
+    z[rng.random((T, E)) < draw(st.sampled_from([0.0, 0.3, 0.95]))] = -np.inf
+    z[np.isneginf(z).all(axis=1), -1] = 0.0
+    return z, draw(st.integers(65, E))
+
+
+@SETTINGS
+@given(wide_rows())
+def test_large_k_selection_follows_the_tie_rule(problem):
+    """Key descending, then the lower expert index; ineligible fillers lowest index first."""
+    z, k = problem
+    E = z.shape[1]
+    dec = mr.route_logits(z, mr.RouterConfig(num_experts=E, top_k=k, capacity_factor=None))
+    for t, row in enumerate(z):
+        eligible = [e for e in range(E) if row[e] > -np.inf]
+        want = sorted(eligible, key=lambda e: (-row[e], e))[:k]
+        fillers = [e for e in range(E) if row[e] == -np.inf][:k - len(want)]
+        assert dec.expert_indices[t].tolist() == want + fillers
+        assert dec.kept[t].tolist() == [True] * len(want) + [False] * len(fillers)
+
+
+@SETTINGS
+@given(wide_rows(), st.sampled_from(["softmax", "sigmoid"]), st.booleans(), st.booleans())
+def test_large_k_selection_extends_the_small_k_one(problem, score_function, bias, groups):
+    """The top 64 (insertion) are a prefix of the top k > 64 (partition), also with a bias and groups."""
+    z, k = problem
+    E = z.shape[1]
+    options = dict(num_experts=E, score_function=score_function, capacity_factor=None)
+    if groups and E % 5 == 0 and 4 * E // 5 >= 65:
+        options.update(num_groups=5, group_top_k=4)
+        k = min(k, 4 * E // 5)
+    b = np.random.default_rng(E).normal(size=E) * 0.1 if bias else None
+    small = mr.route_logits(z, mr.RouterConfig(top_k=64, **options), expert_bias=b)
+    large = mr.route_logits(z, mr.RouterConfig(top_k=max(k, 65), **options), expert_bias=b)
+    routed = small.kept  # dropless: kept = routed
+    assert (large.kept[:, :64] == routed).all()
+    assert (np.where(routed, large.expert_indices[:, :64], -1) == np.where(routed, small.expert_indices, -1)).all()
+
+
+def test_top_k_of_every_expert_is_not_quadratic():
+    """T=1, E=k=100,000 took 7-12 s with insertion; the partition takes milliseconds."""
+    import time
+    z = np.random.default_rng(0).normal(size=(1, 100_000)).astype(np.float32)
+    cfg = mr.RouterConfig(num_experts=100_000, top_k=100_000, capacity_factor=None)
+    start = time.perf_counter()
+    dec = mr.route_logits(z, cfg)
+    assert time.perf_counter() - start < 2.0
+    assert dec.expert_indices[0].tolist() == np.lexsort((np.arange(100_000), -z[0])).tolist()

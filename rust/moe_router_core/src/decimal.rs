@@ -223,13 +223,7 @@ mod tests {
 
     #[test]
     fn ceil_mul_div_agrees_with_u128_arithmetic() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::rng::xorshift(0x9e37_79b9_7f4a_7c15u64);
         for _ in 0..20_000 {
             let digits = u128::from(next() >> (next() % 64));
             let exp10 = (next() % 41) as i32 - 20;

@@ -53,6 +53,8 @@ pub(crate) struct RowRouter {
     top_n: Vec<f64>,
     plain_experts: Vec<i32>,
     plain_routed: Vec<bool>,
+    /// Scratch of the top-k selection for large k.
+    candidates: Vec<(f64, u32)>,
     /// k values of scratch for the weights.
     weight_scratch: Vec<f64>,
     /// Score of the last token's first choice (0 if it has none), for batch-prioritized routing.
@@ -81,6 +83,7 @@ impl RowRouter {
             top_n: Vec::new(),
             plain_experts: vec![0; options.top_k],
             plain_routed: vec![false; options.top_k],
+            candidates: Vec::new(),
             weight_scratch: vec![0.0; options.top_k],
             last_top1: 0.0,
         }
@@ -162,7 +165,7 @@ impl RowRouter {
             block_lower_bound(&self.keys, options.top_k, &mut self.best)
         };
         let keys: &[f64] = if keys_are_logits { &self.logits } else { &self.keys };
-        select_top_k(simd, keys, out.experts, out.routed, &mut self.best, bound);
+        select_top_k(simd, keys, out.experts, out.routed, &mut self.best, bound, &mut self.candidates);
         let chosen = Chosen {
             function: options.score_function,
             logits: &self.logits,
@@ -190,7 +193,7 @@ impl RowRouter {
             } else {
                 let bound = self.logit_bound(ctx, &read);
                 let (px, pr) = (&mut self.plain_experts, &mut self.plain_routed);
-                select_top_k(simd, &self.logits, px, pr, &mut self.best, bound);
+                select_top_k(simd, &self.logits, px, pr, &mut self.best, bound, &mut self.candidates);
                 (px, pr)
             };
             for (&x, &r) in experts.iter().zip(routed) {
