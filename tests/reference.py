@@ -215,6 +215,7 @@ def reference_route(logits: Any, config: Any, training: bool = False, token_mask
     indices = np.zeros((T, k), dtype=np.int64)
     routed = np.zeros((T, k), dtype=bool)
     w32 = np.zeros((T, k), dtype=np.float32)  # pre-drop weights as stored
+    w64 = np.zeros((T, k))  # and unrounded
     log_w = np.full((T, k), NEG_INF)  # log of each routed choice's score, up to a row constant
     top1 = [0.0] * T  # float32 score of the rank-0 choice (bpr)
     prob_rows: List[Optional[np.ndarray]] = [None] * T  # score_e / sum score_e
@@ -250,7 +251,8 @@ def reference_route(logits: Any, config: Any, training: bool = False, token_mask
             ratios = normalized_from_logs([log_w[t, j] for j in range(k) if is_routed[j]])
             raw = [ratios.pop(0) if is_routed[j] else 0.0 for j in range(k)]
         for j in range(k):
-            w32[t, j] = np.float32(raw[j] * scale)
+            w64[t, j] = raw[j] * scale
+            w32[t, j] = np.float32(w64[t, j])
         top1[t] = float(np.float32(s[chosen[0]])) if is_routed[0] else 0.0
         prob_rows[t] = np.array(normalized_from_logs([log_score(v, score_function) for v in z.tolist()]))
         lse_sq.append(row_logsumexp(z) ** 2)
@@ -341,7 +343,13 @@ def reference_route(logits: Any, config: Any, training: bool = False, token_mask
                 load[target] += 1
                 kept[t, j] = True
                 rerouted[t, j] = True
-                weights[t, j] = np.float32(float(w32[t, j]) * reroute_scale)
+                # From the exact pre-drop weight where float32 holds it only approximately and the
+                # factor would scale that error up; saturated, as the rounded w32 can carry the
+                # product one step above float32 max.
+                base = float(w32[t, j])
+                if reroute_scale > 1.0 and base < float(np.finfo(np.float32).tiny):
+                    base = float(w64[t, j])
+                weights[t, j] = np.float32(min(base * reroute_scale, float(np.finfo(np.float32).max)))
 
     # Item 10: renormalization after drops.
     if renormalize:

@@ -251,7 +251,7 @@ pub fn route_into<S: LogitSource>(
     }
     let mut rerouted = if reroute_now { vec![false; n] } else { Vec::new() };
     if reroute_now {
-        let overflow = reroute::Overflowed { routed: &routed, top1: &top1 };
+        let overflow = reroute::Overflowed { routed: &routed, top1: &top1, tiny: &tiny, chunk };
         let out = reroute::Placement {
             experts: &mut expert_indices,
             kept: &mut kept,

@@ -9,7 +9,8 @@
 //! computed from the scores' logarithms, relative to the largest chosen one:
 //! `w_j = scale * exp(l_j - l_max) / sum_i exp(l_i - l_max)`. The sum is then
 //! in `[1, k]`, so no tiny sum is ever divided into an overflow. On ordinary
-//! inputs the plain quotient is used, exactly as before.
+//! inputs the plain quotient `score_j / sum` is used: it is cheaper, and there
+//! both give the same float32.
 
 use crate::config::{Overflow, RouterConfig, ScoreFunction};
 use crate::math::exp_f64;
@@ -77,13 +78,24 @@ impl Chosen<'_> {
     }
 }
 
-/// The log-weights of the tokens whose pre-drop weights float32 holds with
-/// less than full precision, for the renormalization after drops: one chunk's
-/// tokens in order, k values each (by rank, `-inf` where not routed).
+/// The tokens whose pre-drop weights float32 holds with less than full
+/// precision, where a later step would scale that error up (renormalization
+/// after drops, or a reroute by a factor above 1): one chunk's tokens in
+/// order, with k log-weights (`-inf` where not routed) and k unrounded
+/// weights each, by rank.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct TinyWeights {
     tokens: Vec<usize>,
     log_weights: Vec<f64>,
+    unrounded: Vec<f64>,
+}
+
+impl TinyWeights {
+    /// The unrounded pre-drop weight of `token`'s choice of rank `rank`, if recorded.
+    pub(crate) fn unrounded(&self, token: usize, rank: usize, k: usize) -> Option<f64> {
+        let at = self.tokens.binary_search(&token).ok()?;
+        self.unrounded.get(at * k + rank).copied()
+    }
 }
 
 /// A walk through one chunk's `TinyWeights`, asked for tokens in increasing order.
@@ -111,8 +123,9 @@ impl<'a> Recorded<'a> {
 /// Pass 1: the weights of one token's choices into `weights` (0 where not
 /// routed): the scores, divided by their sum with `normalize_weights` (0 when
 /// no choice is routed), times `weight_scale`. `logs` is scratch of length k.
-/// With `renormalize_after_drop`, a token whose weights (or rerouted weights)
-/// float32 holds with less than full precision is recorded in `tiny`.
+/// With `renormalize_after_drop`, or a reroute by a factor above 1, a token
+/// whose weights (or rerouted weights) float32 holds with less than full
+/// precision is recorded in `tiny`.
 pub(crate) fn write_weights(
     options: &RouterConfig,
     token: usize,
@@ -149,18 +162,35 @@ pub(crate) fn write_weights(
     for (w, &v) in weights.iter_mut().zip(logs.iter()) {
         *w = v as f32;
     }
-    if options.renormalize_after_drop {
+    let rws = options.reroute_weight_scale;
+    let reroute = options.overflow == Overflow::Reroute;
+    if options.renormalize_after_drop || (reroute && rws > 1.0) {
         // A rerouted weight is scaled by `reroute_weight_scale` first; 0 stays exact.
-        let rws = options.reroute_weight_scale;
-        let low = if options.overflow == Overflow::Reroute && rws > 0.0 { rws.min(1.0) } else { 1.0 };
+        let low = if reroute && rws > 0.0 { rws.min(1.0) } else { 1.0 };
         let imprecise = logs.iter().zip(chosen.routed).any(|(&v, &r)| r && v * low < F32_NORMAL);
         if imprecise {
             tiny.tokens.push(token);
+            tiny.unrounded.extend_from_slice(logs);
             let at = tiny.log_weights.len();
             tiny.log_weights.resize(at + logs.len(), 0.0);
             chosen.log_weights(&mut tiny.log_weights[at..]);
         }
     }
+}
+
+/// The weight of an assignment moved by a reroute: its pre-drop weight `weight`
+/// times `reroute_weight_scale`, from the unrounded pre-drop weight (when
+/// recorded) if float32 holds `weight` only approximately and the factor, above
+/// 1, would scale that error up.
+pub(crate) fn rerouted_weight(options: &RouterConfig, weight: f32, unrounded: Option<f64>) -> f32 {
+    let rws = options.reroute_weight_scale;
+    let base = match unrounded {
+        Some(v) if rws > 1.0 && f64::from(weight) < F32_NORMAL => v,
+        _ => f64::from(weight),
+    };
+    // At most weight_scale * reroute_weight_scale <= f32::MAX (validated), but a
+    // rounded float32 base can be one step above its value.
+    ((base * rws) as f32).min(f32::MAX)
 }
 
 /// Pass 3: rescale the kept weights `w` of token `token` (`kept` flags,

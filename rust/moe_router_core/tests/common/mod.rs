@@ -530,7 +530,11 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterConfig, 
                 slots[p] = load[x] as i32;
                 kept[p] = true;
                 rerouted[p] = true;
-                w[p] = f64::from(w[p] as f32) * o.reroute_weight_scale;
+                // From the stored float32 weight, or from the exact one where float32
+                // holds it only approximately and the factor would scale that error up.
+                let stored = f64::from(w[p] as f32);
+                let approximate = o.reroute_weight_scale > 1.0 && stored < f64::from(f32::MIN_POSITIVE);
+                w[p] = if approximate { w[p] } else { stored } * o.reroute_weight_scale;
                 load[x] += 1;
             }
         }
