@@ -57,6 +57,21 @@ def row_scores(z: np.ndarray, score_function: str) -> np.ndarray:
     raise ValueError(f"unknown score_function {score_function!r}")
 
 
+def log_score(v: float, score_function: str) -> float:
+    """log of an eligible expert's score, up to a constant of the row: the logit, or log(sigmoid)."""
+    if score_function == "softmax":
+        return v
+    return -math.log1p(math.exp(-v)) if v > 0.0 else v - math.log1p(math.exp(v))
+
+
+def normalized_from_logs(logs: Sequence[float]) -> List[float]:
+    """``exp(l_j - max) / sum_i exp(l_i - max)``: exact even where every ``exp(l_j)`` underflows."""
+    top = max(logs)
+    rel = [math.exp(v - top) for v in logs]
+    total = math.fsum(rel)
+    return [r / total for r in rel]
+
+
 def row_logsumexp(z: np.ndarray) -> float:
     """logsumexp over the eligible (finite) logits."""
     finite = z[np.isfinite(z)]
@@ -200,6 +215,8 @@ def reference_route(logits: Any, config: Any, training: bool = False, token_mask
     indices = np.zeros((T, k), dtype=np.int64)
     routed = np.zeros((T, k), dtype=bool)
     w32 = np.zeros((T, k), dtype=np.float32)  # pre-drop weights as stored
+    w64 = np.zeros((T, k))  # and unrounded
+    log_w = np.full((T, k), NEG_INF)  # log of each routed choice's score, up to a row constant
     top1 = [0.0] * T  # float32 score of the rank-0 choice (bpr)
     prob_rows: List[Optional[np.ndarray]] = [None] * T  # score_e / sum score_e
     lse_sq: List[float] = []
@@ -227,17 +244,17 @@ def reference_route(logits: Any, config: Any, training: bool = False, token_mask
         indices[t] = chosen
         routed[t] = is_routed
         raw = [float(s[chosen[j]]) if is_routed[j] else 0.0 for j in range(k)]
-        if normalize:
-            denom = 0.0
-            for j in range(k):
-                if is_routed[j]:
-                    denom += raw[j]
-            raw = [(r / denom if denom > 0 else 0.0) for r in raw]
         for j in range(k):
-            w32[t, j] = np.float32(raw[j] * scale)
+            log_w[t, j] = log_score(float(z[chosen[j]]), score_function) if is_routed[j] else NEG_INF
+        if normalize and any(is_routed):
+            # Item 6: relative to the largest chosen score (exact where representable).
+            ratios = normalized_from_logs([log_w[t, j] for j in range(k) if is_routed[j]])
+            raw = [ratios.pop(0) if is_routed[j] else 0.0 for j in range(k)]
+        for j in range(k):
+            w64[t, j] = raw[j] * scale
+            w32[t, j] = np.float32(w64[t, j])
         top1[t] = float(np.float32(s[chosen[0]])) if is_routed[0] else 0.0
-        total = float(np.sum(s))
-        prob_rows[t] = s / total if total > 0 else np.zeros(E)
+        prob_rows[t] = np.array(normalized_from_logs([log_score(v, score_function) for v in z.tolist()]))
         lse_sq.append(row_logsumexp(z) ** 2)
 
     active_tokens = [t for t in range(T) if mask[t]]
@@ -326,7 +343,13 @@ def reference_route(logits: Any, config: Any, training: bool = False, token_mask
                 load[target] += 1
                 kept[t, j] = True
                 rerouted[t, j] = True
-                weights[t, j] = np.float32(float(w32[t, j]) * reroute_scale)
+                # From the exact pre-drop weight where float32 holds it only approximately and the
+                # factor would scale that error up; saturated, as the rounded w32 can carry the
+                # product one step above float32 max.
+                base = float(w32[t, j])
+                if reroute_scale > 1.0 and base < float(np.finfo(np.float32).tiny):
+                    base = float(w64[t, j])
+                weights[t, j] = np.float32(min(base * reroute_scale, float(np.finfo(np.float32).max)))
 
     # Item 10: renormalization after drops.
     if renormalize:
@@ -338,6 +361,16 @@ def reference_route(logits: Any, config: Any, training: bool = False, token_mask
                     total += float(weights[t, j])
                     n += 1
             if n == 0:
+                continue
+            subnormal = any(kept[t, j] and float(weights[t, j]) < float(np.finfo(np.float32).tiny) for j in range(k))
+            if subnormal and 2.0 * total < scale:
+                # From the unrounded weights, when float32 holds a kept one only approximately.
+                top = max(log_w[t, j] for j in range(k) if kept[t, j])
+                rel = [math.exp(log_w[t, j] - top) * (reroute_scale if rerouted[t, j] else 1.0) if kept[t, j]
+                       else 0.0 for j in range(k)]
+                total = math.fsum(rel)
+                for j in range(k):
+                    weights[t, j] = np.float32(rel[j] / total * scale) if total > 0 else 0.0
                 continue
             for j in range(k):
                 if kept[t, j]:

@@ -137,7 +137,9 @@ def test_jitter_overflow_is_an_error_not_nan():
     x = np.array([[1.7e308, 0.0, 0.0, 0.0]])
     with pytest.raises(mr.InputError, match="training noise"):
         mr.route_logits(x, cfg, training=True)
-    assert mr.route_logits(x, cfg).expert_indices.tolist() == [[0, 1]]  # no noise in evaluation
+    # No noise in evaluation; such logits are refused there for their z-loss term (logsumexp^2 > f64 max).
+    with pytest.raises(mr.InputError, match="z-loss term"):
+        mr.route_logits(x, cfg)
 
 
 # --------------------------------------------------------------------------
@@ -348,6 +350,9 @@ def test_expert_bias_wrong_dtype():
     (dict(weight_scale=-1.0), "weight_scale"),
     (dict(weight_scale=math.inf), "weight_scale"),
     (dict(weight_scale=math.nan), "weight_scale"),
+    (dict(weight_scale=1e39), "weight_scale"),
+    (dict(reroute_weight_scale=1e39), "reroute_weight_scale"),
+    (dict(weight_scale=1e38, reroute_weight_scale=4.0), "reroute_weight_scale"),
     (dict(expert_dropout=-0.1), "expert_dropout"),
     (dict(expert_dropout=1.5), "expert_dropout"),
     (dict(expert_dropout=math.nan), "expert_dropout"),
@@ -374,11 +379,13 @@ def test_bad_capacity_factor_suggests_none(field, value):
     assert field in msg and "None" in msg, msg
 
 
-def test_capacity_factor_none_or_inf_is_dropless():
+def test_capacity_factor_none_is_dropless_and_inf_is_refused():
     assert mr.RouterConfig(capacity_factor=None).capacity(100) is None
-    assert mr.RouterConfig(capacity_factor=math.inf).capacity(100) is None
-    dec = mr.route_logits(np.zeros((10, 8)), mr.RouterConfig(capacity_factor=math.inf))
+    dec = mr.route_logits(np.zeros((10, 8)), mr.RouterConfig(capacity_factor=None))
     assert dec.dropless and dec.kept.all()
+    # +inf is not a spelling of dropless: it is refused with the one that is.
+    with pytest.raises(mr.ConfigError, match=r"capacity_factor.*capacity_factor=None"):
+        mr.RouterConfig(capacity_factor=math.inf)
 
 
 def test_config_error_is_a_value_error():

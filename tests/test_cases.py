@@ -725,10 +725,14 @@ def test_dropped_weights_are_zero_and_others_not_renormalized(policy, rng):
     np.testing.assert_allclose(renorm.expert_weights.sum(axis=1)[partly], 1.0, rtol=1e-6)
 
 
-def test_zero_denominators_give_zero_weights_not_nan():
-    """Sigmoid scores that underflow to 0 in float64: (re)normalization gives 0, never NaN.
+def test_scores_that_underflow_to_zero_normalize_exactly_not_to_nan():
+    """Sigmoid scores that underflow to 0 in float64 still have exact ratios: (re)normalization gives them.
 
-    (An earlier build clamped the sigmoid's exponent and gave this row [0.5, 0.5].)
+    Row 0's four scores are all e^-1000 (0 in float64): normalized over the two
+    chosen they are [0.5, 0.5], and the score distribution of the load-balance
+    loss is uniform. (Earlier builds gave [0, 0] and left the row out of P_e,
+    as if the sum were 0; one clamped the sigmoid's exponent and gave [0.5, 0.5]
+    for the wrong reason.)
     """
     x = np.array([[-1000.0, -1000.0, -1000.0, -1000.0], [0.0, 0.0, -1000.0, -1000.0]])
     for renormalize in (False, True):
@@ -736,12 +740,21 @@ def test_zero_denominators_give_zero_weights_not_nan():
                               normalize_weights=True, renormalize_after_drop=renormalize)
         dec = mr.route_logits(x, cfg)
         assert np.isfinite(dec.expert_weights).all()
-        np.testing.assert_allclose(dec.expert_weights[1], [0.5, 0.5], rtol=1e-7)
-        assert dec.kept.all()  # eligible (finite logits) and routed, just with weight 0
+        np.testing.assert_allclose(dec.expert_weights, [[0.5, 0.5], [0.5, 0.5]], rtol=1e-7)
+        assert dec.kept.all()
         assert math.isfinite(dec.load_balance_loss) and math.isfinite(dec.router_z_loss)
-        assert dec.expert_weights[0].tolist() == [0.0, 0.0]
-        # P_e: row 0 contributes nothing (0 / 0 -> 0), row 1 is [0.5, 0.5, 0, 0]; f = [2, 2, 0, 0] / 4.
-        assert dec.load_balance_loss == pytest.approx(4 * (0.5 * 0.25 + 0.5 * 0.25), rel=1e-12)
+        # P_e: row 0 is [0.25] * 4, row 1 is [0.5, 0.5, 0, 0]; f = [2, 2, 0, 0] / 4.
+        assert dec.load_balance_loss == pytest.approx(4 * (0.5 * 0.375 + 0.5 * 0.375), rel=1e-12)
+
+
+def test_zero_renormalization_denominator_gives_zero_weights_not_nan():
+    """A token whose only kept assignment was rerouted with reroute_weight_scale=0 sums to 0: weight 0."""
+    x = np.array([[5.0, 0.0, -1.0], [5.0, 0.0, -1.0]])
+    cfg = mr.RouterConfig(num_experts=3, top_k=1, capacity_factor=0.5, overflow="reroute",
+                          reroute_weight_scale=0.0, renormalize_after_drop=True)
+    dec = mr.route_logits(x, cfg)  # capacity 1: token 1 is rerouted to expert 1 with weight 0
+    assert dec.kept.all() and dec.rerouted[1, 0]
+    assert dec.expert_weights.tolist() == [[1.0], [0.0]]
 
 
 def test_sigmoid_of_very_negative_logits():

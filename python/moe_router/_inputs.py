@@ -3,9 +3,11 @@
 Arrays that are already float32/float64 and C-contiguous pass through without
 a copy (NumPy arrays and views, torch CPU tensors through ``__array__``, any
 ``__dlpack__`` producer). Other float dtypes (float16, longdouble), integer
-arrays (exact in float64) and other layouts are converted once; an empty 1-D
-input is zero tokens. Everything else is refused with an exception that
-names the argument.
+arrays and other layouts are converted once; an empty 1-D input is zero
+tokens. An integer is accepted only if the float dtype it becomes holds it
+exactly (float64: up to 2**53 in magnitude, float32: 2**24, and beyond that
+the multiples of the spacing): a rounded logit can lose the argmax. Everything
+else is refused with an exception that names the argument.
 """
 
 from __future__ import annotations
@@ -205,6 +207,41 @@ def as_array(x: Any, name: str) -> np.ndarray:
                          f"or __dlpack__), got {type(x).__name__}")
 
 
+def first_inexact_integer(a: np.ndarray, dtype: Any) -> Optional[int]:
+    """Flat (C-order) index of the first entry of the integer array ``a`` that ``dtype`` does not hold exactly.
+
+    None when every entry converts exactly. Only entries beyond ``2**(nmant+1)``
+    in magnitude can round; those are converted and compared back in integers.
+    """
+    dtype = np.dtype(dtype)
+    limit = 2 ** (np.finfo(dtype).nmant + 1)
+    flat = a.reshape(-1)
+    big = flat > limit
+    if a.dtype.kind == "i":
+        big |= flat < -limit
+    (where,) = np.nonzero(big)
+    if where.size == 0:
+        return None
+    values = flat[where]
+    rounded = values.astype(dtype).astype(np.float64)
+    info = np.iinfo(a.dtype)
+    # float(info.max) is the next power of two: values below it convert back without overflow.
+    fits = (rounded >= float(info.min)) & (rounded < float(info.max))
+    with np.errstate(invalid="ignore"):
+        back = np.where(fits, rounded, 0.0).astype(a.dtype)
+    inexact = ~(fits & (back == values))
+    return int(where[np.argmax(inexact)]) if inexact.any() else None
+
+
+def _exact_integer_message(name: str, value: Any, where: str, dtype: Any) -> str:
+    """The InputError text for an integer ``value`` of ``name`` that ``dtype`` would round."""
+    dtype = np.dtype(dtype)
+    bits = np.finfo(dtype).nmant + 1
+    return (f"{name} holds the integer {int(value)} at {where}, which {dtype.name} cannot represent exactly "
+            f"(integers are exact only up to 2**{bits} in magnitude); rounding could change the routing, "
+            f"so convert to floating point yourself if that is acceptable")
+
+
 def float_rows(x: Any, name: str, width: int, width_name: str,
                dtype: Optional[np.dtype] = None, kinds: str = HIDDEN_KINDS) -> Tuple[np.ndarray, Tuple[int, ...]]:
     """``x`` as a C-contiguous float32/float64 ``[T, width]`` array plus its batch shape.
@@ -219,18 +256,22 @@ def float_rows(x: Any, name: str, width: int, width_name: str,
     InputTypeError
         Not a real-valued array (bool, complex, object, strings).
     InputError
-        Wrong rank or last dimension.
+        Wrong rank or last dimension; an integer that the float dtype would
+        round (the message names the first such token).
     """
     a = as_array(x, name)
     if isinstance(a, np.ma.MaskedArray):
         a = a.data  # the values, in place; the mask is the caller's (see rows_and_mask)
     if a.ndim == 1 and a.size == 0:
         a = a.reshape(0, width)  # an empty list: zero tokens
+    ints = None
     if a.dtype not in _FLOAT_OK:
         if a.dtype.kind not in kinds:
             accepted = "float16 and integers are converted" if "i" in kinds else "float16 is converted"
             raise InputTypeError(f"{name} must be a {kinds_text(kinds)} array (float32 or float64 are read in "
                                  f"place; {accepted}), got dtype {a.dtype}")
+        if a.dtype.kind in "iu":
+            ints = a  # integer-valued logits (e.g. read from JSON): float64, if exact (checked below)
         a = a.astype(np.float64 if a.dtype.kind in "iu" or a.dtype.itemsize > 8 else np.float32)
     if dtype is not None and a.dtype != dtype:
         a = a.astype(dtype)
@@ -240,6 +281,11 @@ def float_rows(x: Any, name: str, width: int, width_name: str,
     if a.shape[-1] != width:
         raise InputError(f"{name} has shape {list(a.shape)}, expected last dimension {width} "
                          f"({width_name} = {width})")
+    if ints is not None:
+        bad = first_inexact_integer(ints, a.dtype)
+        if bad is not None:
+            raise InputError(_exact_integer_message(name, ints.reshape(-1)[bad], f"token {bad // width} "
+                                                   "(the first offending token)", a.dtype))
     batch_shape = tuple(int(d) for d in a.shape[:-1])
     a = np.ascontiguousarray(a).reshape(-1, width)
     return a, batch_shape
@@ -303,7 +349,16 @@ def expert_bias(bias: Any, num_experts: int) -> Optional[np.ndarray]:
         raise InputTypeError(f"expert_bias must be a real-valued array, got dtype {b.dtype}")
     if b.shape != (num_experts,):
         raise InputError(f"expert_bias has shape {list(b.shape)}, expected [{num_experts}] (one value per expert)")
+    _check_exact_integers(b, np.float64, "expert_bias")
     return np.ascontiguousarray(b, dtype=np.float64)
+
+
+def _check_exact_integers(a: np.ndarray, dtype: Any, name: str) -> None:
+    """Refuse a per-expert integer array ``a`` that ``dtype`` would round, naming the entry."""
+    if a.dtype.kind in "iu":
+        bad = first_inexact_integer(a, dtype)
+        if bad is not None:
+            raise InputError(_exact_integer_message(name, a.reshape(-1)[bad], f"{name}[{bad}]", dtype))
 
 
 def step(value: Any) -> int:
@@ -329,7 +384,8 @@ def weight(value: Any, name: str, shape: Tuple[int, ...], what: str = "", dtype:
     InputTypeError
         A dtype outside ``kinds``.
     InputError
-        Another shape than ``shape`` (``what`` explains it), or NaN/inf values.
+        Another shape than ``shape`` (``what`` explains it), NaN/inf values, or
+        an integer that ``dtype`` would round.
     """
     a = as_array(value, name)
     if a.dtype.kind not in kinds:
@@ -338,7 +394,9 @@ def weight(value: Any, name: str, shape: Tuple[int, ...], what: str = "", dtype:
         raise InputError(f"{name} has shape {list(a.shape)}, expected {list(shape)}{what}")
     if not np.isfinite(a).all():
         raise InputError(f"{name} contains NaN or infinite values")
-    a = np.array(a, dtype=dtype or (a.dtype if a.dtype in _FLOAT_OK else np.float32), order="C")
+    dtype = dtype or (a.dtype if a.dtype in _FLOAT_OK else np.float32)
+    _check_exact_integers(a, dtype, name)
+    a = np.array(a, dtype=dtype, order="C")
     a.setflags(write=False)
     return a
 

@@ -55,8 +55,9 @@ class ExpertRouter:
         std 1 would saturate the softmax).
     weight : array_like, float, shape [D, E], optional
         Router weight; float32 or float64 (others are converted to float32).
-    bias : array_like, float, shape [E], optional
-        Router bias.
+    bias : array_like, float or int, shape [E], optional
+        Router bias, in the weight's dtype (an integer it would round, beyond 2**24
+        for float32, is an InputError).
     gate : {"auto", "linear", "hierarchical"}
         "auto" picks the hierarchical gate when E > 32 and no ``weight`` is given,
         the linear router otherwise.
@@ -81,7 +82,7 @@ class ExpertRouter:
         (a ``ConfigError`` and a ``TypeError``) one of those of the wrong type,
         ``config`` not a RouterConfig or ``balancer`` not a LoadBalancer.
     InputError
-        ``weight`` or ``bias`` of the wrong shape, or not finite.
+        ``weight`` or ``bias`` of the wrong shape, not finite, or an integer bias that its dtype would round.
     InputTypeError
         ``weight`` or ``bias`` not a floating-point (bias: real) array.
     """
@@ -226,7 +227,8 @@ class ExpertRouter:
         ------
         InputError
             Wrong rank, or last dimension != ``input_dim``; NaN/inf in the hidden
-            states (reported as the router logits of the first offending token).
+            states, or router logits whose ``logsumexp**2`` overflows float64
+            (reported as the router logits of the first offending token).
         InputTypeError
             Non-floating-point input, or a flag that is not a bool.
         """
@@ -264,7 +266,9 @@ class ExpertRouter:
         Raises
         ------
         InputError
-            Wrong shape; NaN/+inf logits or an all -inf row (first offending token named).
+            Wrong shape; NaN/+inf logits, an all -inf row, a row whose z-loss term
+            overflows float64, or integer logits that float64 would round (first
+            offending token named).
         InputTypeError
             Not a real-valued array, or a flag that is not a bool.
         """

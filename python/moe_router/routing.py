@@ -27,9 +27,10 @@ def route_logits(
         input is read in place (NumPy arrays, torch CPU tensors, ``__dlpack__``
         producers); other layouts are converted once, float16 (and torch
         bfloat16) to float32, integer arrays (logits read from JSON, say) and
-        longdouble to float64. ``-inf`` marks an expert as not eligible for that
-        token. A NumPy masked array marks padding itself: a token with any
-        masked entry is not routed (as where ``token_mask`` is False).
+        longdouble to float64 (integers only if float64 holds them exactly).
+        ``-inf`` marks an expert as not eligible for that token. A NumPy masked
+        array marks padding itself: a token with any masked entry is not routed
+        (as where ``token_mask`` is False).
     config : RouterConfig
         Routing semantics (scores, top-k, capacity, drop policy, losses).
     training : bool
@@ -68,8 +69,10 @@ def route_logits(
         (a ``ConfigError`` and a ``TypeError``) ``config`` is not a RouterConfig.
     InputError
         (a ``ValueError``) wrong shape; NaN or +inf logits, or a row that is all
-        ``-inf``, with the index of the first offending token; non-finite bias;
-        ``step`` outside ``[0, 2**64 - 1]``.
+        ``-inf``, or whose ``logsumexp**2`` (z-loss term) overflows float64
+        (``|logsumexp| > 1.34e154``), with the index of the first offending token;
+        integer logits or bias that float64 would round (beyond 2**53);
+        non-finite bias; ``step`` outside ``[0, 2**64 - 1]``.
 
     Notes
     -----

@@ -12,7 +12,11 @@ How the figures are defined:
 - the mean utilization is the mean over experts of kept / offered;
 - the drop rates are 0.0, not a division by zero, before any token was routed;
 - per-call averages are plain arithmetic means over the calls that routed at
-  least one token (an empty batch has no loss to average);
+  least one token (an empty batch has no loss to average), kept as running
+  means so that large finite values cannot overflow them; a value that is not
+  finite (an ``auxiliary_loss`` whose coefficient times a loss exceeds the
+  float64 range, or a decision built by hand) is left out of its average and
+  counted in ``non_finite_losses``, so one call never poisons the averages;
 - every update and every read holds one lock, so routers shared by threads
   report consistent totals.
 """
@@ -40,7 +44,8 @@ DEFAULT_WINDOW = 1024
 DEFAULT_HISTORY = 1024
 #: The plain counters, in ``to_dict`` order.
 _COUNTERS = ("calls", "routed_calls", "timed_calls", "num_experts", "total_tokens", "active_tokens",
-             "total_assignments", "kept_assignments", "dropped_assignments", "tokens_dropped")
+             "total_assignments", "kept_assignments", "dropped_assignments", "tokens_dropped",
+             "non_finite_losses")
 #: The rates and per-call averages, in ``to_dict`` order.
 _RATES = ("tokens_dropped_rate", "assignment_drop_rate", "routing_efficiency", "average_routing_efficiency",
           "average_load_balance_loss", "average_router_z_loss", "average_auxiliary_loss")
@@ -70,8 +75,8 @@ def _locked(fget: Callable[[Any], _T], doc: Optional[str] = None) -> _T:
 
 
 def _average(index: int, doc: str) -> Optional[float]:
-    """The locked mean of the per-call sum ``_sums[index]`` over the calls that routed a token."""
-    return _locked(lambda self: None if self.routed_calls == 0 else self._sums[index] / self.routed_calls, doc)
+    """The locked running mean ``_means[index]`` (None until a routed call gave a finite value)."""
+    return _locked(lambda self: None if self._counts[index] == 0 else self._means[index], doc)
 
 
 class RoutingStats:
@@ -105,6 +110,9 @@ class RoutingStats:
     tokens_dropped : int
         Sum of ``RoutingDecision.tokens_dropped``: active tokens left with no
         kept expert at all.
+    non_finite_losses : int
+        Loss (or efficiency) values of routed calls that were inf or NaN and so
+        were left out of their running averages.
     num_experts : int or None
         E, fixed by the first decision recorded (None before it).
 
@@ -149,7 +157,7 @@ class RoutingStats:
     """
 
     __slots__ = (
-        "_lock", "_window", "_history", *_COUNTERS, "_sums", "_kept_per_expert", "_pre_drop_per_expert",
+        "_lock", "_window", "_history", *_COUNTERS, "_means", "_counts", "_kept_per_expert", "_pre_drop_per_expert",
         "_capacity_offered", "_variances", "_latencies", "_total_time", "_timed_active_tokens", "_max_latency",
         "_min_latency",
     )
@@ -163,9 +171,12 @@ class RoutingStats:
     def _clear(self) -> None:
         self.calls = self.routed_calls = self.timed_calls = self.total_tokens = self.active_tokens = 0
         self.total_assignments = self.kept_assignments = self.dropped_assignments = self.tokens_dropped = 0
+        self.non_finite_losses = 0
         self.num_experts: Optional[int] = None
-        # Sums over the routed calls of the load-balance, z and auxiliary losses and the routing efficiency.
-        self._sums = [0.0, 0.0, 0.0, 0.0]
+        # Running means over the routed calls of the load-balance, z and auxiliary losses and the
+        # routing efficiency, and how many finite values each has taken in.
+        self._means = [0.0, 0.0, 0.0, 0.0]
+        self._counts = [0, 0, 0, 0]
         # Cumulative kept and pre-capacity assignments per expert (empty until the first call fixes E).
         self._kept_per_expert = self._pre_drop_per_expert = np.zeros(0, dtype=np.int64)
         self._capacity_offered = self._timed_active_tokens = 0
@@ -238,7 +249,13 @@ class RoutingStats:
             self.tokens_dropped += int(decision.tokens_dropped)
             if kept + dropped > 0:
                 self.routed_calls += 1
-                self._sums = [total + x for total, x in zip(self._sums, losses)]
+                for i, x in enumerate(losses):
+                    if not math.isfinite(x):
+                        self.non_finite_losses += 1
+                        continue
+                    n = self._counts[i] = self._counts[i] + 1
+                    # mean * (n-1)/n + x/n: both terms are at most max(|mean|, |x|), so it cannot overflow.
+                    self._means[i] = self._means[i] * ((n - 1) / n) + x / n
             self._kept_per_expert += kept_e
             self._pre_drop_per_expert += pre_e
             self._capacity_offered += capacity
@@ -260,9 +277,11 @@ class RoutingStats:
 
     total_routings: int = _locked(attrgetter("calls"), "Alias of :attr:`calls`.")
     average_load_balance_loss = _average(
-        0, "Mean ``load_balance_loss`` over calls that routed a token (None before any).")
-    average_router_z_loss = _average(1, "Mean ``router_z_loss`` over calls that routed a token (None before any).")
-    average_auxiliary_loss = _average(2, "Mean ``auxiliary_loss`` over calls that routed a token (None before any).")
+        0, "Mean ``load_balance_loss`` over calls that routed a token (finite values; None before any).")
+    average_router_z_loss = _average(
+        1, "Mean ``router_z_loss`` over calls that routed a token (finite values; None before any).")
+    average_auxiliary_loss = _average(
+        2, "Mean ``auxiliary_loss`` over calls that routed a token (finite values; None before any).")
     average_routing_efficiency = _average(
         3, """Mean of the per-call ``routing_efficiency()`` (kept / routed) over calls that routed a token.
 

@@ -7,14 +7,18 @@
 
 use crate::config::{CapacityFactor, CapacityRounding};
 
-/// Per-expert capacity for `active_tokens` routed tokens, or `None` when dropless.
+/// Per-expert capacity for `active_tokens` routed tokens, or `None` when there
+/// is no limit.
 ///
 /// `active_tokens` excludes masked (padding) tokens. Formulas:
 /// - `Exact`: `ceil(cf * T * k / E)` on the decimal value of `cf`;
 /// - `Megatron`: `ceil((T*k / E) * cf)` in float64 (Megatron-Core `get_capacity`);
 /// - `DeepSpeed`: `ceil(f32(T / E) * f32(cf * k))` (DeepSpeed `_capacity`, float32 tensors);
 ///
-/// then `max(min_capacity, .)` in every mode.
+/// then `max(min_capacity, .)` in every mode. No limit: a dropless factor, or a
+/// formula value beyond `usize::MAX` (2^64 - 1), reported as exactly that
+/// rather than a saturated number; such a capacity is above `active_tokens`, so
+/// it could not bind anyway.
 pub fn expert_capacity(
     factor: &CapacityFactor,
     rounding: CapacityRounding,
@@ -31,7 +35,7 @@ pub fn expert_capacity(
     let t = active_tokens as u64;
     let e = num_experts.max(1) as u64;
     let k = top_k as u64;
-    let raw: u64 = match rounding {
+    let raw = match rounding {
         CapacityRounding::Exact => cf.ceil_mul_div(t.saturating_mul(k), e),
         CapacityRounding::Megatron => float_to_count(((t * k) as f64 / e as f64 * cf.to_f64()).ceil()),
         CapacityRounding::DeepSpeed => {
@@ -40,17 +44,18 @@ pub fn expert_capacity(
             float_to_count(f64::from((per_expert * factor).ceil()))
         }
     };
-    let raw = usize::try_from(raw).unwrap_or(usize::MAX);
+    let raw = usize::try_from(raw?).ok()?;
     Some(raw.max(min_capacity))
 }
 
-fn float_to_count(x: f64) -> u64 {
+/// A non-negative whole float as a count; `None` at or above 2^64 (and for +inf).
+fn float_to_count(x: f64) -> Option<u64> {
     if x.is_nan() || x <= 0.0 {
-        0
+        Some(0)
     } else if x >= u64::MAX as f64 {
-        u64::MAX
+        None
     } else {
-        x as u64
+        Some(x as u64)
     }
 }
 
@@ -89,9 +94,18 @@ mod tests {
     }
 
     #[test]
-    fn extreme_factors_saturate_or_round_up() {
-        assert_eq!(cap("1e300", CapacityRounding::Exact, 0, 10, 1, 4), Some(u64::MAX as usize));
-        assert_eq!(cap("1e-300", CapacityRounding::Exact, 0, 10, 1, 4), Some(1));
-        assert_eq!(expert_capacity(&CapacityFactor::Dropless, CapacityRounding::Exact, 0, 10, 1, 4), None);
+    fn extreme_factors_are_exact_or_no_limit() {
+        use CapacityRounding::*;
+        for rounding in [Exact, Megatron, DeepSpeed] {
+            assert_eq!(cap("1e300", rounding, 0, 10, 1, 4), None, "{rounding:?}");
+            assert_eq!(cap("1e30", rounding, 7, 10, 1, 4), None, "{rounding:?}");
+        }
+        // DeepSpeed's float32 factor underflows to 0 (its own min_capacity, 4, covers that).
+        assert_eq!(cap("1e-300", Exact, 0, 10, 1, 4), Some(1));
+        assert_eq!(cap("1e-300", Megatron, 0, 10, 1, 4), Some(1));
+        assert_eq!(cap("1e-300", DeepSpeed, 0, 10, 1, 4), Some(0));
+        assert_eq!(cap("1e18", Exact, 0, 10, 1, 4), Some(2_500_000_000_000_000_000));
+        assert_eq!(cap("1e18", Megatron, 0, 10, 1, 4), Some(2_500_000_000_000_000_000));
+        assert_eq!(expert_capacity(&CapacityFactor::Dropless, Exact, 0, 10, 1, 4), None);
     }
 }

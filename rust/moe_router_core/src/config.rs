@@ -387,6 +387,9 @@ impl Default for RouterConfig {
 /// The accepted alias of `top_k` (`num_experts_per_token`, a common name for k).
 pub const TOP_K_ALIAS: &str = "num_experts_per_token";
 
+/// The largest weight the float32 output holds.
+const WEIGHT_MAX: f64 = f32::MAX as f64;
+
 impl RouterConfig {
     /// Every field's name, in declaration order (the Python class's keyword arguments).
     pub const FIELDS: &'static [&'static str] = &[
@@ -628,9 +631,7 @@ impl RouterConfig {
                 format!("must satisfy 1 <= top_k <= num_experts = {e}"),
             ));
         }
-        if !(self.weight_scale.is_finite() && self.weight_scale > 0.0) {
-            return Err(RouterError::config("weight_scale", self.weight_scale, "must be a finite number > 0"));
-        }
+        self.check_weight_factors()?;
         for (field, value) in [
             ("load_balance_loss_coeff", self.load_balance_loss_coeff),
             ("router_z_loss_coeff", self.router_z_loss_coeff),
@@ -646,11 +647,7 @@ impl RouterConfig {
         ] {
             if let Some(CapacityFactor::Factor(d)) = factor {
                 if d.is_zero() {
-                    return Err(RouterError::config(
-                        field,
-                        d,
-                        "must be > 0; use None for dropless routing (no capacity limit)",
-                    ));
+                    return Err(RouterError::config(field, d, format!("must be > 0; {}", dropless_hint(field))));
                 }
             }
         }
@@ -704,13 +701,6 @@ impl RouterConfig {
                 ));
             }
         }
-        if !(self.reroute_weight_scale.is_finite() && self.reroute_weight_scale >= 0.0) {
-            return Err(RouterError::config(
-                "reroute_weight_scale",
-                self.reroute_weight_scale,
-                "must be finite and >= 0",
-            ));
-        }
         if !(0.0..=1.0).contains(&self.expert_dropout) {
             return Err(RouterError::config("expert_dropout", self.expert_dropout, "must be in [0, 1]"));
         }
@@ -742,6 +732,39 @@ impl RouterConfig {
                     format!("must be finite; expert_bias[{i}] = {v}"),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// `weight_scale` in (0, float32 max], `reroute_weight_scale` in [0, float32 max],
+    /// and `weight_scale * max(1, reroute_weight_scale) <= float32 max`: a weight is
+    /// at most 1 before scaling, so every weight the configuration can produce
+    /// (rerouted ones included) is a finite float32.
+    fn check_weight_factors(&self) -> Result<()> {
+        let (scale, reroute) = (self.weight_scale, self.reroute_weight_scale);
+        if !(scale.is_finite() && scale > 0.0 && scale <= WEIGHT_MAX) {
+            return Err(RouterError::config(
+                "weight_scale",
+                format!("{scale:?}"),
+                format!("must be a number > 0 and <= {WEIGHT_MAX:e} (the float32 maximum: weights are float32)"),
+            ));
+        }
+        if !(reroute.is_finite() && (0.0..=WEIGHT_MAX).contains(&reroute)) {
+            return Err(RouterError::config(
+                "reroute_weight_scale",
+                format!("{reroute:?}"),
+                format!("must be a number >= 0 and <= {WEIGHT_MAX:e} (the float32 maximum: weights are float32)"),
+            ));
+        }
+        if scale * reroute.max(1.0) > WEIGHT_MAX {
+            return Err(RouterError::config(
+                "reroute_weight_scale",
+                format!("{reroute:?}"),
+                format!(
+                    "weight_scale * reroute_weight_scale = {scale:e} * {reroute:e} must be <= {WEIGHT_MAX:e} \
+                     (the float32 maximum): a rerouted weight can be that large"
+                ),
+            ));
         }
         Ok(())
     }
@@ -818,22 +841,31 @@ fn optional<T>(value: &FieldValue, parse: impl FnOnce(&FieldValue) -> Result<T>)
     }
 }
 
-/// A capacity factor: a number > 0 (exact decimal), or None / +inf for dropless.
+/// A capacity factor: a finite number > 0 (exact decimal), or None for dropless.
+///
+/// `+inf` is refused, not taken as dropless: the message names the spelling that
+/// is (`None`, or `'dropless'` for `eval_capacity_factor`, where None means "as
+/// `capacity_factor`"). A finite factor so large that the capacity exceeds
+/// 2^64 - 1 is accepted and means no limit (`crate::capacity`).
 fn factor(field: &'static str, value: &FieldValue) -> Result<CapacityFactor> {
-    let refuse = |why: &str| RouterError::config(field, value, why.to_string());
+    let refuse = |why: &str| RouterError::config(field, value, format!("{why}; {}", dropless_hint(field)));
     match value {
         FieldValue::None => Ok(CapacityFactor::Dropless),
-        FieldValue::Real { value: v, .. } if *v == f64::INFINITY => Ok(CapacityFactor::Dropless),
-        FieldValue::Real { value: v, .. } if !(v.is_finite() && *v > 0.0) => {
-            Err(refuse("must be a finite number > 0; use None for dropless routing (no capacity limit)"))
-        }
+        FieldValue::Real { value: v, .. } if !(v.is_finite() && *v > 0.0) => Err(refuse("must be a finite number > 0")),
         FieldValue::Real { text, .. } => Decimal::parse_factor(field, text).map(CapacityFactor::Factor),
         FieldValue::Int(i) if *i > 0 => Decimal::parse_factor(field, &i.to_string()).map(CapacityFactor::Factor),
         FieldValue::BigInt(t) if !t.starts_with('-') => Decimal::parse_factor(field, t).map(CapacityFactor::Factor),
-        FieldValue::Int(_) | FieldValue::BigInt(_) => {
-            Err(refuse("must be > 0; use None for dropless routing (no capacity limit)"))
-        }
-        _ => Err(RouterError::wrong_type(field, value, "must be a number > 0, or None for dropless routing")),
+        FieldValue::Int(_) | FieldValue::BigInt(_) => Err(refuse("must be > 0")),
+        _ => Err(RouterError::wrong_type(field, value, &format!("must be a number > 0; {}", dropless_hint(field)))),
+    }
+}
+
+/// How to ask for dropless routing through `field`.
+fn dropless_hint(field: &str) -> &'static str {
+    if field == "eval_capacity_factor" {
+        "use eval_capacity_factor='dropless' for dropless evaluation (None means: as capacity_factor)"
+    } else {
+        "use capacity_factor=None for dropless routing (no capacity limit)"
     }
 }
 

@@ -92,28 +92,94 @@ impl Decimal {
         self.to_string().parse().unwrap_or(f64::INFINITY)
     }
 
-    /// `ceil(self * numerator / denominator)`, exactly; saturates at `u64::MAX`.
-    pub fn ceil_mul_div(&self, numerator: u64, denominator: u64) -> u64 {
+    /// `ceil(self * numerator / denominator)`, exactly, or `None` when it exceeds
+    /// `u64::MAX` (a denominator of 0 counts as 1).
+    ///
+    /// Exact for every factor and count: the product is held in 256 bits, and
+    /// the divisions by `denominator` and by each power of ten round up one at a
+    /// time (`ceil(ceil(x / a) / b) = ceil(x / (a b))` for integers `a, b > 0`).
+    pub fn ceil_mul_div(&self, numerator: u64, denominator: u64) -> Option<u64> {
         if self.digits == 0 || numerator == 0 {
-            return 0;
+            return Some(0);
         }
-        let denominator = denominator.max(1) as u128;
-        let scaled = self.digits.checked_mul(numerator as u128);
-        let Some(scaled) = scaled else { return u64::MAX };
+        let mut n = Wide::product(self.digits, numerator);
+        let denominator = denominator.max(1);
         if self.exp10 >= 0 {
-            let pow = checked_pow10(self.exp10 as u32);
-            let num = pow.and_then(|p| scaled.checked_mul(p));
-            match num {
-                Some(n) => saturate(n.div_ceil(denominator)),
-                None => u64::MAX,
+            for _ in 0..self.exp10 {
+                // At or above 2^128 the quotient by a u64 exceeds u64::MAX.
+                if !n.below_2_128() {
+                    return None;
+                }
+                n.mul_small(10);
             }
+            if !n.below_2_128() {
+                return None;
+            }
+            n.ceil_div_small(denominator);
         } else {
-            match checked_pow10(self.exp10.unsigned_abs()).and_then(|p| p.checked_mul(denominator)) {
-                Some(den) => saturate(scaled.div_ceil(den)),
-                // The denominator exceeds u128 while the numerator fits: 0 < value < 1.
-                None => 1,
+            n.ceil_div_small(denominator);
+            for _ in 0..self.exp10.unsigned_abs() {
+                if n.is_one() {
+                    break; // ceil(1 / 10) = 1 from here on
+                }
+                n.ceil_div_small(10);
             }
         }
+        n.to_u64()
+    }
+}
+
+/// A 256-bit unsigned integer, little-endian limbs: just enough arithmetic for
+/// `ceil_mul_div` (a `u128` times a `u64` fits in 192 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Wide([u64; 4]);
+
+impl Wide {
+    fn product(a: u128, b: u64) -> Wide {
+        let lo = (a as u64 as u128) * b as u128;
+        let hi = (a >> 64) * b as u128 + (lo >> 64);
+        Wide([lo as u64, hi as u64, (hi >> 64) as u64, 0])
+    }
+
+    fn below_2_128(&self) -> bool {
+        self.0[2] == 0 && self.0[3] == 0
+    }
+
+    fn is_one(&self) -> bool {
+        *self == Wide([1, 0, 0, 0])
+    }
+
+    /// `self *= m`; the caller keeps `self` below 2^128 first, so it cannot overflow.
+    fn mul_small(&mut self, m: u64) {
+        let mut carry = 0u128;
+        for limb in self.0.iter_mut() {
+            let v = *limb as u128 * m as u128 + carry;
+            *limb = v as u64;
+            carry = v >> 64;
+        }
+    }
+
+    /// `self = ceil(self / d)`, `d >= 1`.
+    fn ceil_div_small(&mut self, d: u64) {
+        let mut rem = 0u128;
+        for limb in self.0.iter_mut().rev() {
+            let v = (rem << 64) | *limb as u128;
+            *limb = (v / d as u128) as u64;
+            rem = v % d as u128;
+        }
+        if rem != 0 {
+            for limb in self.0.iter_mut() {
+                let (v, overflow) = limb.overflowing_add(1);
+                *limb = v;
+                if !overflow {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn to_u64(self) -> Option<u64> {
+        (self.0[1..].iter().all(|&l| l == 0)).then_some(self.0[0])
     }
 }
 
@@ -121,14 +187,6 @@ impl fmt::Display for Decimal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}e{}", self.digits, self.exp10)
     }
-}
-
-fn checked_pow10(exp: u32) -> Option<u128> {
-    10u128.checked_pow(exp)
-}
-
-fn saturate(v: u128) -> u64 {
-    u64::try_from(v).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -145,5 +203,45 @@ mod tests {
         assert!(Decimal::from_decimal_str("inf").is_none());
         assert!(Decimal::from_decimal_str(".").is_none());
         assert!(Decimal::from_decimal_str("10e2147483647").is_none());
+    }
+
+    #[test]
+    fn ceil_mul_div_is_exact_where_the_result_fits() {
+        let d = |t: &str| Decimal::from_decimal_str(t).unwrap();
+        assert_eq!(d("1.1").ceil_mul_div(200, 4), Some(55));
+        assert_eq!(d("1e18").ceil_mul_div(10, 4), Some(2_500_000_000_000_000_000));
+        assert_eq!(d("1e19").ceil_mul_div(10, 4), None); // 2.5e19 > u64::MAX
+        assert_eq!(d("1e300").ceil_mul_div(10, 4), None);
+        assert_eq!(d("1e-300").ceil_mul_div(10, 4), Some(1));
+        assert_eq!(d("18446744073709551615").ceil_mul_div(1, 1), Some(u64::MAX));
+        assert_eq!(d("18446744073709551616").ceil_mul_div(1, 1), None);
+        assert_eq!(d("18446744073709551616").ceil_mul_div(3, 4), Some(13_835_058_055_282_163_712));
+        // 38 significant digits times 2^40: the product exceeds u128, the result does not.
+        let many = d("1234.5678901234567890123456789012345678");
+        assert_eq!(many.ceil_mul_div(1 << 40, 1), Some(1_357_421_750_469_624));
+    }
+
+    #[test]
+    fn ceil_mul_div_agrees_with_u128_arithmetic() {
+        let mut next = crate::rng::xorshift(0x9e37_79b9_7f4a_7c15u64);
+        for _ in 0..20_000 {
+            let digits = u128::from(next() >> (next() % 64));
+            let exp10 = (next() % 41) as i32 - 20;
+            let (n, den) = (next() >> (next() % 64), (next() >> (next() % 64)).max(1));
+            let x = Decimal::from_parts(digits, exp10);
+            let got = x.ceil_mul_div(n, den);
+            let reference = (|| {
+                let product = digits.checked_mul(u128::from(n))?;
+                let (num, dd) = if exp10 >= 0 {
+                    (product.checked_mul(10u128.checked_pow(exp10 as u32)?)?, u128::from(den))
+                } else {
+                    (product, u128::from(den).checked_mul(10u128.checked_pow(exp10.unsigned_abs())?)?)
+                };
+                Some(u64::try_from(num.div_ceil(dd)).ok())
+            })();
+            if let Some(r) = reference {
+                assert_eq!(got, r, "{digits}e{exp10} * {n} / {den}");
+            }
+        }
     }
 }

@@ -11,8 +11,8 @@
 //! Inside, one concept per (private) module: `source` (where logits come
 //! from), `linear` and `gate` (sources computed from hidden states), `route`
 //! (the pipeline), `row` (one token), `score`, `topk`, `groups`, `assign`
-//! (capacity slots), `reroute`, `capacity` and `decimal` (the capacity
-//! formula and its exact factor), `losses`, `math` and `simd` (row kernels and
+//! (capacity slots), `weights` (normalization and renormalization), `reroute`,
+//! `capacity` and `decimal` (the capacity formula and its exact factor), `losses`, `math` and `simd` (row kernels and
 //! their instruction set), `rng`, `config`, `error`; after routing, `dispatch` (the expert-major
 //! row plan and its gathers/scatters), `payload` (the element types it moves)
 //! `layouts` (the frameworks' own dispatch formats), and for expert
@@ -58,6 +58,7 @@ mod score;
 mod simd;
 mod source;
 mod topk;
+mod weights;
 
 pub use array_arg::ArrayArg;
 pub use backward::{backward_logits, Cotangents, SavedRouting};

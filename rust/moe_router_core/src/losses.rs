@@ -21,6 +21,9 @@ pub(crate) struct LossSums {
     pub prob_sum: Vec<f64>,
     /// `sum_t lse_t^2` over active tokens.
     pub z_sum: f64,
+    /// `sum_t lse_t^2 * 2^-64`: the same sum where `z_sum` overflows (each term
+    /// is finite, T is below 2^31, so this one cannot).
+    pub z_sum_scaled: f64,
     /// Active (unmasked) tokens.
     pub active: u64,
     /// Sum of the per-sequence balance losses of the sequences ending in this chunk.
@@ -32,7 +35,14 @@ pub(crate) struct LossSums {
 impl LossSums {
     /// Zero sums for `experts` experts.
     pub fn new(experts: usize) -> Self {
-        LossSums { prob_sum: vec![0.0; experts], z_sum: 0.0, active: 0, seq_loss_sum: 0.0, sequences: 0 }
+        LossSums {
+            prob_sum: vec![0.0; experts],
+            z_sum: 0.0,
+            z_sum_scaled: 0.0,
+            active: 0,
+            seq_loss_sum: 0.0,
+            sequences: 0,
+        }
     }
 
     /// Add one active token whose scored row is `scores` (length E, read through `row`).
@@ -42,6 +52,7 @@ impl LossSums {
             add_scaled(simd, &mut self.prob_sum, row.prob_scale, scores);
         }
         self.z_sum += row.z_term;
+        self.z_sum_scaled += row.z_term * Z_SCALE;
         self.active += 1;
     }
 
@@ -51,6 +62,7 @@ impl LossSums {
             *a += b;
         }
         self.z_sum += other.z_sum;
+        self.z_sum_scaled += other.z_sum_scaled;
         self.active += other.active;
         self.seq_loss_sum += other.seq_loss_sum;
         self.sequences += other.sequences;
@@ -68,12 +80,20 @@ pub(crate) fn load_balance_loss(routed_per_expert: &[u64], prob_sum: &[f64], act
     e * dot / (t * top_k as f64 * t)
 }
 
-/// Mean of `lse^2`; 0 when no token is active.
-pub(crate) fn router_z_loss(z_sum: f64, active_tokens: u64) -> f64 {
-    if active_tokens == 0 {
+/// `2^-64`, the factor of `LossSums::z_sum_scaled`.
+const Z_SCALE: f64 = f64::from_bits((1023 - 64) << 52);
+
+/// Mean of `lse^2`; 0 when no token is active. Finite whenever every term is:
+/// a sum that overflows is taken from the scaled one (the mean is at most the
+/// largest term).
+pub(crate) fn router_z_loss(sums: &LossSums) -> f64 {
+    let n = sums.active as f64;
+    if sums.active == 0 {
         0.0
+    } else if sums.z_sum.is_finite() {
+        sums.z_sum / n
     } else {
-        z_sum / active_tokens as f64
+        (sums.z_sum_scaled / n / Z_SCALE).min(f64::MAX)
     }
 }
 
@@ -257,6 +277,23 @@ mod tests {
     #[test]
     fn empty_batch_has_zero_losses() {
         assert_eq!(load_balance_loss(&[0, 0], &[0.0, 0.0], 0, 1), 0.0);
-        assert_eq!(router_z_loss(0.0, 0), 0.0);
+        assert_eq!(router_z_loss(&LossSums::new(2)), 0.0);
+    }
+
+    #[test]
+    fn z_loss_mean_stays_finite_when_the_sum_overflows() {
+        let mut sums = LossSums::new(1);
+        let row = RowScores { z_term: f64::MAX / 3.0, scale: 1.0, prob_scale: 0.0 };
+        for _ in 0..6 {
+            sums.add_token(Simd::current(), &[0.0], row);
+        }
+        assert_eq!(sums.z_sum, f64::INFINITY);
+        let z = router_z_loss(&sums);
+        assert!((z / (f64::MAX / 3.0) - 1.0).abs() < 1e-15, "{z}");
+        let mut all_max = LossSums::new(1);
+        for _ in 0..3 {
+            all_max.add_token(Simd::current(), &[0.0], RowScores { z_term: f64::MAX, ..row });
+        }
+        assert_eq!(router_z_loss(&all_max), f64::MAX);
     }
 }

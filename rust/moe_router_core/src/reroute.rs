@@ -5,7 +5,7 @@
 //! `expert_dropout` in training (always in evaluation), to move to the
 //! least-loaded expert that still has room and that the token has not chosen
 //! (ties to the lower index). A moved assignment takes the next slot of its new
-//! expert and its weight is multiplied by `reroute_weight_scale`.
+//! expert and its weight is multiplied by `reroute_weight_scale` (`crate::weights`).
 //!
 //! Reroutes only use capacity left over by first-choice placement, so they never
 //! displace an assignment the policy kept. The coin is keyed by
@@ -16,12 +16,17 @@
 use crate::config::{DropPolicy, RouterConfig};
 use crate::rng::{self, Stream};
 use crate::route::RouteCall;
+use crate::weights::{rerouted_weight, TinyWeights};
 
-/// What the first placement saw: routed flags before capacity, and the top-1
-/// scores that order tokens under batch-prioritized routing.
+/// What the first placement saw: routed flags before capacity, the top-1
+/// scores that order tokens under batch-prioritized routing, and each chunk's
+/// record of pre-drop weights that float32 holds only approximately.
 pub(crate) struct Overflowed<'a> {
     pub routed: &'a [bool],
     pub top1: &'a [f32],
+    pub tiny: &'a [TinyWeights],
+    /// Tokens per chunk (of `tiny`).
+    pub chunk: usize,
 }
 
 /// The `[T, k]` arrays a reroute updates.
@@ -77,7 +82,8 @@ pub(crate) fn reroute_overflow(
             out.slots[i] = load[x] as i32;
             out.kept[i] = true;
             out.rerouted[i] = true;
-            out.weights[i] = (f64::from(out.weights[i]) * options.reroute_weight_scale) as f32;
+            let unrounded = before.tiny.get(tok / before.chunk.max(1)).and_then(|t| t.unrounded(tok, j, k));
+            out.weights[i] = rerouted_weight(options, out.weights[i], unrounded);
             load[x] += 1;
         }
     };

@@ -51,6 +51,17 @@ pub fn normal(seed: u64, stream: Stream, step: u64, token: u64, slot: u64) -> f6
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
+/// A xorshift64 sequence (Marsaglia 2003) for the random inputs of unit tests.
+#[cfg(test)]
+pub(crate) fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

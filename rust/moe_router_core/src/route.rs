@@ -8,7 +8,8 @@
 //!    counts per expert, the loss sums (`tally`);
 //! 2. capacity from the active-token count, then slots and drops in the order of
 //!    the drop policy (`crate::assign`);
-//! 3. per token: zero dropped weights, optional renormalization, drop counts.
+//! 3. per token: zero dropped weights, optional renormalization (`crate::weights`),
+//!    drop counts.
 //!
 //! Extra memory beyond the outputs is O(E * chunks), plus O(T * k) for `bpr`
 //! (its priority order and slots), for `probs` (the assignments of over-full
@@ -28,6 +29,7 @@ use crate::peer_loss;
 use crate::reroute;
 use crate::row::{RowContext, RowRouter, TokenOut};
 use crate::source::{ChunkBuf, Logit, LogitSource, SliceLogits};
+use crate::weights::{renormalize_kept, Recorded, TinyWeights};
 
 /// Tokens per parallel work item.
 pub const CHUNK_TOKENS: usize = 512;
@@ -240,7 +242,8 @@ pub fn route_into<S: LogitSource>(
     let factor = options.capacity_factor_for(call.training);
     let limit = expert_capacity(&factor, options.capacity_rounding, options.min_capacity, active, k, e);
     let capacity = limit.unwrap_or(usize::MAX);
-    let counts: Vec<Vec<u32>> = tallies.into_iter().map(|t| t.counts).collect();
+    let (counts, tiny): (Vec<Vec<u32>>, Vec<TinyWeights>) =
+        tallies.into_iter().map(|t| (t.counts, t.tiny_weights)).unzip();
     let reroute_now = reroute && limit.is_some();
     // Pass 1's routed flags, before capacity: what the backward differentiates.
     let routed = kept.clone();
@@ -263,7 +266,7 @@ pub fn route_into<S: LogitSource>(
     let mut rerouted = if reroute_now { vec![false; n] } else { Vec::new() };
     let original_expert_indices = if reroute_now { expert_indices.clone() } else { Vec::new() };
     if reroute_now {
-        let overflow = reroute::Overflowed { routed: &routed, top1: &top1 };
+        let overflow = reroute::Overflowed { routed: &routed, top1: &top1, tiny: &tiny, chunk };
         let out = reroute::Placement {
             experts: &mut expert_indices,
             kept: &mut kept,
@@ -282,7 +285,8 @@ pub fn route_into<S: LogitSource>(
     }
 
     // Pass 3: weights of dropped assignments, renormalization, counts.
-    let (kept_assignments, tokens_dropped) = finish_tokens(options, call, chunk, &kept, &mut expert_weights);
+    let finish = Finish { chunk, kept: &kept, rerouted: &rerouted, tiny: &tiny };
+    let (kept_assignments, tokens_dropped) = finish_tokens(options, call, finish, &mut expert_weights);
     // Every policy keeps min(routed, capacity) per expert; reroutes add to that.
     let mut tokens_per_expert: Vec<i64> = routed_counts.iter().map(|&n| n.min(capacity as u64) as i64).collect();
     if reroute_now {
@@ -326,7 +330,7 @@ pub fn route_into<S: LogitSource>(
         dropped_assignments: active * k - kept_assignments,
         tokens_dropped,
         load_balance_loss: losses::load_balance_loss(&routed_counts, &sums.prob_sum, sums.active, k),
-        router_z_loss: losses::router_z_loss(sums.z_sum, sums.active),
+        router_z_loss: losses::router_z_loss(&sums),
         seq_load_balance_loss: call.sequence_length.map(|_| {
             if sums.sequences == 0 {
                 0.0
@@ -445,18 +449,22 @@ fn score_and_select<S: LogitSource>(
     results.into_iter().collect()
 }
 
+/// What pass 3 reads besides the weights: the chunk size, the `[T, k]` kept
+/// and rerouted flags (empty when nothing could be rerouted), and each chunk's
+/// recorded log-weights.
+struct Finish<'a> {
+    chunk: usize,
+    kept: &'a [bool],
+    rerouted: &'a [bool],
+    tiny: &'a [TinyWeights],
+}
+
 /// Pass 3: zero the weights of assignments that were not kept, renormalize the
 /// kept ones if asked, and count kept assignments and fully dropped tokens.
-fn finish_tokens(
-    options: &RouterConfig,
-    call: &RouteCall,
-    chunk: usize,
-    kept: &[bool],
-    weights: &mut [f32],
-) -> (usize, usize) {
+fn finish_tokens(options: &RouterConfig, call: &RouteCall, finish: Finish, weights: &mut [f32]) -> (usize, usize) {
     let k = options.top_k;
+    let Finish { chunk, kept, rerouted, tiny } = finish;
     let renormalize = options.renormalize_after_drop;
-    let scale = options.weight_scale;
     let step = chunk * k;
     weights
         .par_chunks_mut(step)
@@ -465,25 +473,24 @@ fn finish_tokens(
         .with_min_len(assign::light_pass_min_chunks(chunk))
         .map(|(c, (w, kp))| {
             let (mut kept_total, mut dropped_tokens) = (0usize, 0usize);
+            let no_record = TinyWeights::default();
+            let mut recorded = Recorded::new(tiny.get(c).unwrap_or(&no_record));
+            let mut logs = vec![0.0; if renormalize { k } else { 0 }];
             for (i, (w, kp)) in w.chunks_mut(k).zip(kp.chunks(k)).enumerate() {
-                let mut sum = 0.0f64;
+                let token = c * chunk + i;
                 let mut n = 0;
                 for (x, &keep) in w.iter_mut().zip(kp) {
                     if keep {
-                        sum += f64::from(*x);
                         n += 1;
                     } else {
                         *x = 0.0;
                     }
                 }
                 if renormalize && n > 0 {
-                    let factor = if sum != 0.0 { scale / sum } else { 0.0 };
-                    for x in w.iter_mut() {
-                        *x = (f64::from(*x) * factor) as f32;
-                    }
+                    let moved = rerouted.get(token * k..(token + 1) * k).unwrap_or(&[]);
+                    renormalize_kept(options, token, w, kp, moved, &mut recorded, &mut logs);
                 }
                 kept_total += n;
-                let token = c * chunk + i;
                 if n == 0 && call.token_mask.is_none_or(|m| m[token]) {
                     dropped_tokens += 1;
                 }
@@ -557,6 +564,8 @@ pub(crate) struct Tally {
     pub losses: LossSums,
     /// Parts of sequences that cross this chunk's boundaries.
     pub sequence_parts: Vec<SequencePart>,
+    /// Log-weights of the tokens whose renormalization needs them.
+    pub tiny_weights: TinyWeights,
 }
 
 impl Tally {
@@ -567,6 +576,7 @@ impl Tally {
             plain: vec![0; if plain { experts } else { 0 }],
             losses: LossSums::new(experts),
             sequence_parts: Vec::new(),
+            tiny_weights: TinyWeights::default(),
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::score::score_row;
 use crate::simd::Simd;
 use crate::source::Logit;
 use crate::topk::{block_lower_bound, second_largest, select_top_k, sort8_descending};
+use crate::weights::{write_weights, Chosen};
 
 const LOGIT_HINT: &str = "router logits must be finite or -inf (-inf marks an expert as not eligible)";
 const HIDDEN_HINT: &str = "check the hidden states and the router weight for NaN, inf or values so large \
@@ -52,6 +53,10 @@ pub(crate) struct RowRouter {
     top_n: Vec<f64>,
     plain_experts: Vec<i32>,
     plain_routed: Vec<bool>,
+    /// Scratch of the top-k selection for large k.
+    candidates: Vec<(f64, u32)>,
+    /// k values of scratch for the weights.
+    weight_scratch: Vec<f64>,
     /// Score of the last token's first choice (0 if it has none), for batch-prioritized routing.
     pub last_top1: f32,
 }
@@ -78,6 +83,8 @@ impl RowRouter {
             top_n: Vec::new(),
             plain_experts: vec![0; options.top_k],
             plain_routed: vec![false; options.top_k],
+            candidates: Vec::new(),
+            weight_scratch: vec![0.0; options.top_k],
             last_top1: 0.0,
         }
     }
@@ -133,6 +140,20 @@ impl RowRouter {
         if let Some(z) = z_squared {
             row.z_term = z;
         }
+        if !row.z_term.is_finite() {
+            // |logsumexp| above sqrt(f64::MAX), about 1.34e154: only float64 logits get there.
+            return Err(RouterError::BadValue {
+                argument: ctx.argument,
+                problem: if ctx.argument == "hidden" {
+                    "gives router logits whose logsumexp squared (the z-loss term) overflows float64"
+                } else {
+                    "has a logsumexp whose square (the z-loss term) overflows float64"
+                },
+                token,
+                hint: "|logsumexp(logits)| must be below 1.34e154, the square root of the float64 maximum; \
+                       rescale the logits",
+            });
+        }
         for (p, &s) in out.probs.iter_mut().zip(&self.scores) {
             *p = (s * row.scale) as f32;
         }
@@ -144,8 +165,16 @@ impl RowRouter {
             block_lower_bound(&self.keys, options.top_k, &mut self.best)
         };
         let keys: &[f64] = if keys_are_logits { &self.logits } else { &self.keys };
-        select_top_k(simd, keys, out.experts, out.routed, &mut self.best, bound);
-        self.write_weights(options, row.scale, out.experts, out.routed, out.weights);
+        select_top_k(simd, keys, out.experts, out.routed, &mut self.best, bound, &mut self.candidates);
+        let chosen = Chosen {
+            function: options.score_function,
+            logits: &self.logits,
+            buffer: &self.scores,
+            scale: row.scale,
+            experts: out.experts,
+            routed: out.routed,
+        };
+        write_weights(options, token, &chosen, out.weights, &mut self.weight_scratch, &mut tally.tiny_weights);
         self.last_top1 = if out.routed[0] { (self.scores[out.experts[0] as usize] * row.scale) as f32 } else { 0.0 };
 
         let per_rank = tally.counts.len() > e;
@@ -164,7 +193,7 @@ impl RowRouter {
             } else {
                 let bound = self.logit_bound(ctx, &read);
                 let (px, pr) = (&mut self.plain_experts, &mut self.plain_routed);
-                select_top_k(simd, &self.logits, px, pr, &mut self.best, bound);
+                select_top_k(simd, &self.logits, px, pr, &mut self.best, bound, &mut self.candidates);
                 (px, pr)
             };
             for (&x, &r) in experts.iter().zip(routed) {
@@ -323,29 +352,6 @@ impl RowRouter {
             max = max.max(*z);
         }
         max
-    }
-
-    /// Weights of the chosen experts: their scores, optionally divided by
-    /// their sum (0 when the sum is 0), times `weight_scale`.
-    fn write_weights(&self, options: &RouterConfig, scale: f64, experts: &[i32], routed: &[bool], weights: &mut [f32]) {
-        // The sum of the buffer values (scores / scale): normalization cancels
-        // `scale`, so tiny scores are never divided by a subnormal sum.
-        let mut sum = 0.0;
-        for (&x, &r) in experts.iter().zip(routed) {
-            if r {
-                sum += self.scores[x as usize];
-            }
-        }
-        let factor = if !options.normalize_weights {
-            options.weight_scale * scale
-        } else if sum > 0.0 {
-            options.weight_scale / sum
-        } else {
-            0.0
-        };
-        for ((w, &x), &r) in weights.iter_mut().zip(experts).zip(routed) {
-            *w = if r { (self.scores[x as usize] * factor) as f32 } else { 0.0 };
-        }
     }
 
     /// Score token `token` again exactly as the routing pass did (validation,

@@ -8,11 +8,12 @@
 //! normalization costs no extra pass over the row.
 
 use crate::config::ScoreFunction;
-use crate::math::{exp_shifted, sigmoid_row};
+use crate::math::{exp_f64, exp_shifted, sigmoid_row};
 use crate::simd::Simd;
 
+/// A sigmoid row whose scores sum to less than this is held relative to its
+/// largest score (see `score_row`).
 const TINY: f64 = 1e-290;
-const UP: f64 = f64::from_bits((1023 + 600) << 52); // 2^600
 
 /// How to read a scored row.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -55,14 +56,18 @@ pub(crate) fn score_row(
         ScoreFunction::Sigmoid => {
             let mut sum = sigmoid_row(simd, logits, buffer);
             let mut scale = 1.0;
-            if sum > 0.0 && sum < TINY {
-                // Every score is subnormal-sized: rescale by a power of two (exact)
-                // so that 1 / sum and the normalized weights stay finite.
-                for b in buffer.iter_mut() {
-                    *b *= UP;
+            if sum < TINY {
+                // Every score is subnormal-sized or 0 (logits below about -667):
+                // hold them relative to the largest, from their logarithms, so
+                // that their ratios, 1 / sum and the normalized weights stay
+                // exact. `scale`, the largest score, may underflow to 0.
+                let top = log_score(function, max_logit);
+                sum = 0.0;
+                for (b, &z) in buffer.iter_mut().zip(logits) {
+                    *b = exp_f64(log_score(function, z) - top);
+                    sum += *b;
                 }
-                sum *= UP;
-                scale = 1.0 / UP;
+                scale = exp_f64(top);
             }
             RowScores { z_term: lse * lse, scale, prob_scale: if sum > 0.0 { 1.0 / sum } else { 0.0 } }
         }
@@ -70,9 +75,39 @@ pub(crate) fn score_row(
     }
 }
 
+/// The logarithm of an eligible expert's score, up to a constant of the row
+/// (`value` is its logit, or its probability for `Probabilities`): `z` for
+/// softmax, `log(sigmoid(z))` for sigmoid, `log(p)`. Finite for every finite
+/// logit, where the score itself may underflow to a subnormal or 0.
+pub(crate) fn log_score(function: ScoreFunction, value: f64) -> f64 {
+    match function {
+        ScoreFunction::Softmax => value,
+        // log(sigmoid(z)) = -log(1 + e^-z), written so that e^. never overflows.
+        ScoreFunction::Sigmoid if value > 0.0 => -exp_f64(-value).ln_1p(),
+        ScoreFunction::Sigmoid => value - exp_f64(value).ln_1p(),
+        ScoreFunction::Probabilities => value.ln(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_scores_match_the_scores() {
+        for z in [-800.0f64, -745.0, -30.0, -1.0, 0.0, 0.5, 40.0, 800.0] {
+            let s = 1.0 / (1.0 + (-z).exp());
+            let ls = log_score(ScoreFunction::Sigmoid, z);
+            assert!(ls.is_finite() && ls <= 0.0, "{z}: {ls}");
+            if s > 1e-300 {
+                assert!((ls.exp() - s).abs() <= 1e-13 * s, "{z}: {ls}"); // exp amplifies by |ls|
+            } else {
+                assert!((ls - z).abs() < 1e-12, "{z}: {ls}");
+            }
+        }
+        assert_eq!(log_score(ScoreFunction::Softmax, -1e300), -1e300);
+        assert!((log_score(ScoreFunction::Probabilities, 0.25) - 0.25f64.ln()).abs() < 1e-16);
+    }
 
     #[test]
     fn softmax_sums_to_one_and_lse_is_exact() {

@@ -5,12 +5,22 @@
 //! eligible, the remaining choices are the lowest-index ineligible experts,
 //! reported as not routed.
 
+use std::cmp::Ordering;
+
 use crate::simd::{Simd, SimdLevel};
 
 const BLOCK: usize = 8;
 
+/// Above this k the choice is a partition (`select_nth_unstable_by`) and a sort
+/// of the k chosen, O(E + k log k) per token, instead of insertion into a
+/// sorted list, O(E k) at worst: k = E = 100,000 takes milliseconds instead of
+/// seconds. Up to it, insertion behind a lower bound touches only a few
+/// candidates and is as fast or faster (measured for E = 64..8192).
+pub(crate) const SELECT_MIN_K: usize = 64;
+
 /// Select the k best experts of `keys` into `experts` (by rank) and mark in
-/// `routed` which choices are real (eligible). `best` is scratch of length k.
+/// `routed` which choices are real (eligible). `best` is scratch of length k;
+/// `candidates` is scratch for k above `SELECT_MIN_K`.
 ///
 /// `lower_bound` must be at most the k-th largest key (`-inf` when unknown):
 /// only keys at or above it are candidates, found by a vectorizable pass, so
@@ -23,6 +33,7 @@ pub(crate) fn select_top_k(
     routed: &mut [bool],
     best: &mut [f64],
     lower_bound: f64,
+    candidates: &mut Vec<(f64, u32)>,
 ) {
     let k = experts.len();
     best.fill(f64::NEG_INFINITY);
@@ -30,6 +41,7 @@ pub(crate) fn select_top_k(
         ($($n:literal)*) => {
             match k {
                 $($n => select_fixed::<$n>(simd, keys, lower_bound, experts, best),)*
+                _ if k > SELECT_MIN_K => select_by_partition(simd, keys, lower_bound, experts, best, candidates),
                 _ => {
                     let mut filled = 0usize;
                     for_each_candidate(simd, keys, lower_bound, |e| insert(keys[e], e, experts, best, &mut filled));
@@ -107,11 +119,69 @@ fn candidate_mask_avx2(keys: &[f64], bound: f64) -> u64 {
     mask
 }
 
+/// The order of the spec on (key, expert) pairs: key descending, then index
+/// ascending. Keys are compared as numbers (`-0.0 == 0.0`, a tie), as the
+/// insertion paths compare them; they hold no NaN.
+#[inline]
+fn rank_order(a: &(f64, u32), b: &(f64, u32)) -> Ordering {
+    if a.0 > b.0 {
+        Ordering::Less
+    } else if a.0 < b.0 {
+        Ordering::Greater
+    } else {
+        a.1.cmp(&b.1)
+    }
+}
+
+/// Top-k for large k: the eligible candidates (finite keys at or above a lower
+/// bound of the k-th largest key), partitioned around the k-th in the spec's
+/// order, then the k best sorted. The order is total, so the result is unique:
+/// the same as insertion. The bound is the larger of `lower_bound` and the k-th
+/// largest block maximum (found by a partition too), so the candidates are
+/// few when E is much larger than k. Returns the number of finite keys taken.
+fn select_by_partition(
+    simd: Simd,
+    keys: &[f64],
+    lower_bound: f64,
+    experts: &mut [i32],
+    best: &mut [f64],
+    candidates: &mut Vec<(f64, u32)>,
+) -> usize {
+    let k = experts.len();
+    let mut bound = lower_bound;
+    if keys.len() / BLOCK >= k {
+        candidates.clear();
+        candidates.extend(keys.chunks_exact(BLOCK).enumerate().map(|(i, block)| {
+            (block.iter().copied().fold(f64::NEG_INFINITY, |a, b| if b > a { b } else { a }), i as u32)
+        }));
+        candidates.select_nth_unstable_by(k - 1, rank_order);
+        bound = bound.max(candidates[k - 1].0);
+    }
+    candidates.clear();
+    for_each_candidate(simd, keys, bound, |e| {
+        if keys[e] > f64::NEG_INFINITY {
+            candidates.push((keys[e], e as u32));
+        }
+    });
+    if candidates.len() > k {
+        candidates.select_nth_unstable_by(k - 1, rank_order);
+        candidates.truncate(k);
+    }
+    candidates.sort_unstable_by(rank_order);
+    for ((x, b), &(key, e)) in experts.iter_mut().zip(best.iter_mut()).zip(candidates.iter()) {
+        *x = e as i32;
+        *b = key;
+    }
+    candidates.len()
+}
+
 /// A lower bound of the k-th largest key: the k-th largest of the maxima of
 /// blocks of 8 (k blocks each hold a key at least that large); `-inf` when
-/// there are fewer than k blocks. `scratch` has length k.
+/// there are fewer than k blocks, and above `SELECT_MIN_K`, where the
+/// partition needs no bound (and keeping k maxima sorted would cost O(E k)).
+/// `scratch` has length k.
 pub(crate) fn block_lower_bound(keys: &[f64], k: usize, scratch: &mut [f64]) -> f64 {
-    if keys.len() / BLOCK < k.max(2) {
+    if keys.len() / BLOCK < k.max(2) || k > SELECT_MIN_K {
         return f64::NEG_INFINITY;
     }
     scratch.fill(f64::NEG_INFINITY);
@@ -309,8 +379,45 @@ mod tests {
         let mut r = vec![false; k];
         let mut b = vec![0.0; k];
         let bound = block_lower_bound(keys, k, &mut b);
-        select_top_k(simd, keys, &mut ex, &mut r, &mut b, bound);
+        select_top_k(simd, keys, &mut ex, &mut r, &mut b, bound, &mut Vec::new());
         (ex, r)
+    }
+
+    /// Insertion of every key, in index order: the definition the fast paths must match.
+    fn by_insertion(keys: &[f64], k: usize) -> (Vec<i32>, usize) {
+        let (mut ex, mut best, mut filled) = (vec![0i32; k], vec![f64::NEG_INFINITY; k], 0usize);
+        for (e, &key) in keys.iter().enumerate() {
+            insert(key, e, &mut ex, &mut best, &mut filled);
+        }
+        (ex, filled)
+    }
+
+    #[test]
+    fn partition_selection_equals_insertion_with_ties_and_signed_zeros() {
+        let mut next = crate::rng::xorshift(0x1234_5678_9abc_def1u64);
+        for trial in 0..3000 {
+            let e = 1 + (next() % 400) as usize;
+            let k = if trial % 3 == 0 { e } else { 1 + (next() as usize) % e };
+            let keys: Vec<f64> = (0..e)
+                .map(|_| match next() % 12 {
+                    0 => f64::NEG_INFINITY,
+                    1 => -0.0,
+                    2 => 0.0,
+                    3..=6 => (next() % 5) as f64 - 2.0, // many ties
+                    _ => (next() % 100_000) as f64 / 777.0 - 60.0,
+                })
+                .collect();
+            let (want, filled) = by_insertion(&keys, k);
+            for simd in Simd::all() {
+                let (ex, r) = top_with(simd, &keys, k);
+                assert_eq!(r.iter().filter(|&&x| x).count(), filled, "k {k} e {e}");
+                assert_eq!(&ex[..filled], &want[..filled], "{simd:?} k {k} keys {keys:?}");
+                // And directly, whatever k (the dispatch picks insertion up to SELECT_MIN_K).
+                let (mut ex2, mut b2, mut c2) = (vec![0i32; k], vec![0.0; k], Vec::new());
+                let n = select_by_partition(simd, &keys, f64::NEG_INFINITY, &mut ex2, &mut b2, &mut c2);
+                assert_eq!((n, &ex2[..n]), (filled, &want[..filled]), "partition, k {k}");
+            }
+        }
     }
 
     fn top(keys: &[f64], k: usize) -> (Vec<i32>, Vec<bool>) {

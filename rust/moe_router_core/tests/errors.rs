@@ -78,6 +78,35 @@ fn all_neg_inf_row_names_the_token() {
 }
 
 #[test]
+fn logits_whose_z_loss_term_overflows_name_the_token() {
+    // sqrt(f64::MAX) = 1.34e154: below it the z-loss is finite, above it the square overflows.
+    // Only the row's logsumexp counts (a lone very negative logit does not).
+    for (row, ok) in [
+        ([1.3e154f64, 0.0, 1.3e154], true),
+        ([-1.3e154, -1.3e154, -1.3e154], true),
+        ([0.0, -1e300, 0.0], true),
+        ([0.0, 1.35e154, 0.0], false),
+        ([-1e200, -1e200, f64::NEG_INFINITY], false),
+        ([f64::MAX, 0.0, 0.0], false),
+    ] {
+        let mut data = vec![0.0f64; 4 * 3];
+        data[6..9].copy_from_slice(&row);
+        let view = ArrayView2::from_shape((4, 3), &data).expect("shape");
+        match route_logits(view, &RouterConfig::new(3, 2), &RouteCall::default()) {
+            Ok(r) => {
+                assert!(ok, "{row:?}: expected an error");
+                assert!(r.router_z_loss.is_finite() && r.expert_weights.iter().all(|w| w.is_finite()), "{row:?}");
+            }
+            Err(err) => {
+                assert!(!ok, "{row:?}: {err}");
+                assert_eq!(bad_value_token(&err), 2, "{row:?}");
+                assert!(err.to_string().contains("z-loss") && err.to_string().contains("logits"), "{err}");
+            }
+        }
+    }
+}
+
+#[test]
 fn some_neg_inf_is_fine() {
     let mut x = logits(10, 4);
     x[[0, 0]] = f32::NEG_INFINITY;
@@ -157,6 +186,15 @@ fn invalid_options_name_the_field() {
     cases.push((RouterConfig::new(8, 9), "top_k"));
     cases.push((with(&|o| o.weight_scale = f64::NAN), "weight_scale"));
     cases.push((with(&|o| o.weight_scale = f64::INFINITY), "weight_scale"));
+    cases.push((with(&|o| o.weight_scale = 3.5e38), "weight_scale"));
+    cases.push((with(&|o| o.reroute_weight_scale = 1e39), "reroute_weight_scale"));
+    cases.push((
+        with(&|o| {
+            o.weight_scale = 1e38;
+            o.reroute_weight_scale = 4.0;
+        }),
+        "reroute_weight_scale",
+    ));
     cases.push((with(&|o| o.capacity_factor = factor("0")), "capacity_factor"));
     cases.push((with(&|o| o.eval_capacity_factor = Some(factor("0.0"))), "eval_capacity_factor"));
     let group = |num_groups, group_top_k| Some(GroupLimit { num_groups, group_top_k, group_score: GroupScore::Max });

@@ -340,13 +340,13 @@ fn ties_go_to_the_lower_expert_and_the_lower_token() {
 }
 
 /// Megatron "probs" keeps the highest weights, ties to the lower token. Zero
-/// weights (scores that underflow to 0, so the normalization sum is 0) tie, and
-/// capacity must still hold. A negative `weight_scale`, which could make a
-/// weight `-0.0`, is refused by `validate`.
+/// weights (a second choice 1005 below the first, whose normalized weight
+/// underflows to 0) tie, and capacity must still hold. A negative
+/// `weight_scale`, which could make a weight `-0.0`, is refused by `validate`.
 #[test]
 fn probs_policy_keeps_capacity_with_zero_weights() {
     let mut case = plain_case(2, 4, 2, 0);
-    case.logits = vec![-1000.0, 5.0, -1000.0, -1000.0, -1000.0, -1000.0, -1000.0, -1000.0];
+    case.logits = vec![-1000.0, 5.0, -1000.0, -1000.0, -1000.0, -1000.0, 5.0, -1000.0];
     case.options.score_function = ScoreFunction::Sigmoid;
     case.options.normalize_weights = true;
     case.options.drop_policy = DropPolicy::Probs;
@@ -356,9 +356,10 @@ fn probs_policy_keeps_capacity_with_zero_weights() {
     check_invariants("probs with zero weights", &r).unwrap_or_else(|m| panic!("{m}"));
     assert_eq!(r.tokens_per_expert[0], 1, "{r:?}");
     // Token 0 keeps expert 1 (weight 1) and wins the zero-weight tie on expert 0;
-    // token 1 (both weights 0) loses both.
-    assert_eq!(r.expert_indices, vec![1, 0, 0, 1], "{r:?}");
-    assert_eq!(r.kept, vec![true, true, false, false], "{r:?}");
+    // token 1 keeps expert 2 (weight 1) and loses the tie.
+    assert_eq!(r.expert_indices, vec![1, 0, 2, 0], "{r:?}");
+    assert_eq!(r.kept, vec![true, true, true, false], "{r:?}");
+    assert_eq!(r.expert_weights, vec![1.0, 0.0, 1.0, 0.0], "{r:?}");
     let mut negative = case.options.clone();
     negative.weight_scale = -1.0;
     assert!(negative.validate().unwrap_err().to_string().contains("weight_scale"));

@@ -183,7 +183,7 @@ impl PyRouterConfig {
         Ok(names)
     }
 
-    /// Per-expert capacity for ``num_tokens`` active tokens (None when dropless).
+    /// Per-expert capacity for ``num_tokens`` active tokens (None when there is no limit).
     ///
     /// Parameters
     /// ----------
@@ -198,6 +198,8 @@ impl PyRouterConfig {
     /// int or None
     ///     ``max(min_capacity, ceil(cf * T * k / E))`` with the configured rounding
     ///     (exact decimal by default; GShard/Switch capacity), or ``expert_capacity``.
+    ///     None for dropless routing, and when that value exceeds ``2**64 - 1``
+    ///     (it could not bind: routing is then dropless).
     ///
     /// Raises
     /// ------

@@ -177,6 +177,18 @@ pub struct Reference {
     pub seq_load_balance_loss: Option<f64>,
 }
 
+/// The logarithm of an eligible expert's score up to a constant of the token:
+/// the logit (softmax), or `log(sigmoid(z))`.
+fn log_score(function: ScoreFunction, z: f64) -> f64 {
+    if function == ScoreFunction::Softmax {
+        z
+    } else if z > 0.0 {
+        -(-z).exp().ln_1p()
+    } else {
+        z - z.exp().ln_1p()
+    }
+}
+
 fn sigmoid(z: f64) -> f64 {
     if z >= 0.0 {
         1.0 / (1.0 + (-z).exp())
@@ -238,6 +250,8 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterConfig, 
     let n = t * k;
     let mut idx = vec![0i32; n];
     let mut w = vec![0f64; n];
+    // Log of each routed choice's score (up to a constant of the token), for item 10.
+    let mut log_w = vec![f64::NEG_INFINITY; n];
     let mut routed = vec![false; n];
     let mut top1 = vec![0f32; t];
     // Per token: its normalized score distribution (for the losses) and lse.
@@ -286,11 +300,13 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterConfig, 
             unimplemented!("the reference does not cover {:?}", o.score_function)
         };
         probs[i * e..(i + 1) * e].copy_from_slice(&scores);
-        let score_sum: f64 = scores.iter().sum();
-        if score_sum > 0.0 {
-            for x in 0..e {
-                dist[i * e + x] = scores[x] / score_sum;
-            }
+        // The distribution from the scores' logarithms: exact even where every
+        // score underflows.
+        let logs: Vec<f64> = z.iter().map(|&v| log_score(o.score_function, v)).collect();
+        let top = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let relative_sum: f64 = logs.iter().map(|&l| (l - top).exp()).sum();
+        for x in 0..e {
+            dist[i * e + x] = (logs[x] - top).exp() / relative_sum;
         }
 
         // Items 3, 4.
@@ -366,23 +382,18 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterConfig, 
             filler += 1;
         }
 
-        // Item 6.
-        let routed_sum: f64 = chosen[..real].iter().map(|&x| scores[x]).sum();
+        // Item 6: normalized relative to the largest chosen score, from the
+        // scores' logarithms (exact where the quotient is representable).
+        let chosen_logs: Vec<f64> = chosen[..real].iter().map(|&x| log_score(o.score_function, z[x])).collect();
+        let top = chosen_logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let routed_sum: f64 = chosen_logs.iter().map(|&l| (l - top).exp()).sum();
         for j in 0..k {
             let p = i * k + j;
             idx[p] = chosen[j] as i32;
             routed[p] = j < real;
             if j < real {
-                let s = scores[chosen[j]];
-                let v = if o.normalize_weights {
-                    if routed_sum > 0.0 {
-                        s / routed_sum
-                    } else {
-                        0.0
-                    }
-                } else {
-                    s
-                };
+                log_w[p] = chosen_logs[j];
+                let v = if o.normalize_weights { (chosen_logs[j] - top).exp() / routed_sum } else { scores[chosen[j]] };
                 w[p] = v * o.weight_scale;
             }
         }
@@ -519,7 +530,11 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterConfig, 
                 slots[p] = load[x] as i32;
                 kept[p] = true;
                 rerouted[p] = true;
-                w[p] = f64::from(w[p] as f32) * o.reroute_weight_scale;
+                // From the stored float32 weight, or from the exact one where float32
+                // holds it only approximately and the factor would scale that error up.
+                let stored = f64::from(w[p] as f32);
+                let approximate = o.reroute_weight_scale > 1.0 && stored < f64::from(f32::MIN_POSITIVE);
+                w[p] = if approximate { w[p] } else { stored } * o.reroute_weight_scale;
                 load[x] += 1;
             }
         }
@@ -538,6 +553,24 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterConfig, 
                 continue;
             }
             let sum: f64 = row.clone().filter(|&p| kept[p]).map(|p| f64::from(w[p] as f32)).sum();
+            let subnormal = row.clone().any(|p| kept[p] && (w[p] as f32) < f32::MIN_POSITIVE);
+            if subnormal && 2.0 * sum < o.weight_scale {
+                // From the unrounded weights: the kept scores' logarithms.
+                let top = row.clone().filter(|&p| kept[p]).map(|p| log_w[p]).fold(f64::NEG_INFINITY, f64::max);
+                let rel = |p: usize| {
+                    let factor = if rerouted[p] { o.reroute_weight_scale } else { 1.0 };
+                    if kept[p] {
+                        (log_w[p] - top).exp() * factor
+                    } else {
+                        0.0
+                    }
+                };
+                let total: f64 = row.clone().map(rel).sum();
+                for p in row {
+                    w[p] = if total > 0.0 { rel(p) / total * o.weight_scale } else { 0.0 };
+                }
+                continue;
+            }
             for p in row {
                 w[p] = if sum != 0.0 { f64::from(w[p] as f32) / sum * o.weight_scale } else { 0.0 };
             }
