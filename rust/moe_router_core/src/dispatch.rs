@@ -132,13 +132,16 @@ impl Assignments<'_> {
                     if !keep {
                         continue;
                     }
-                    let flat = c * per_task + i;
-                    let at = format!("token {}, rank {}", flat / k, flat % k);
+                    // The position is only formatted for an error: this loop runs T*k times.
+                    let at = || {
+                        let flat = c * per_task + i;
+                        format!("token {}, rank {}", flat / k, flat % k)
+                    };
                     let x = usize::try_from(x).ok().filter(|&x| x < e).ok_or_else(|| {
-                        inconsistent("expert_indices", format!("{at} is kept with expert {x}, outside [0, {e})"))
+                        inconsistent("expert_indices", format!("{} is kept with expert {x}, outside [0, {e})", at()))
                     })?;
                     if s < 0 {
-                        return Err(inconsistent("expert_slots", format!("{at} is kept with slot {s}")));
+                        return Err(inconsistent("expert_slots", format!("{} is kept with slot {s}", at())));
                     }
                     counts[x] += 1;
                 }

@@ -2,6 +2,7 @@
 //! (float32, float64, float16), and how `combine` accumulates them.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 /// An element of hidden states or expert outputs.
 ///
@@ -47,22 +48,37 @@ macro_rules! float_payload {
 float_payload!(f32);
 float_payload!(f64);
 
+/// float16 elements widened per step of `combine` (a stack buffer of float32).
+const F16_BLOCK: usize = 256;
+
+/// float16 goes through `half`'s slice conversions, which use the CPU's F16C
+/// instructions (8 lanes) when it has them and the same rounding as
+/// `f16::to_f32` / `f16::from_f32` otherwise: the same bits as converting one
+/// element at a time, several times faster.
 impl Payload for f16 {
     type Acc = f32;
     const ZERO: Self = f16::ZERO;
     fn add_scaled(acc: &mut [f32], x: &[f16], weight: f32) {
-        for (a, &v) in acc.iter_mut().zip(x) {
-            *a += weight * v.to_f32();
+        let mut wide = [0f32; F16_BLOCK];
+        for (acc, x) in acc.chunks_mut(F16_BLOCK).zip(x.chunks(F16_BLOCK)) {
+            let wide = &mut wide[..x.len()];
+            x.convert_to_f32_slice(wide);
+            for (a, &v) in acc.iter_mut().zip(wide.iter()) {
+                *a += weight * v;
+            }
         }
     }
     fn add(acc: &mut [f32], x: &[f16]) {
-        for (a, &v) in acc.iter_mut().zip(x) {
-            *a += v.to_f32();
+        let mut wide = [0f32; F16_BLOCK];
+        for (acc, x) in acc.chunks_mut(F16_BLOCK).zip(x.chunks(F16_BLOCK)) {
+            let wide = &mut wide[..x.len()];
+            x.convert_to_f32_slice(wide);
+            for (a, &v) in acc.iter_mut().zip(wide.iter()) {
+                *a += v;
+            }
         }
     }
     fn store(out: &mut [f16], acc: &[f32]) {
-        for (o, &a) in out.iter_mut().zip(acc) {
-            *o = f16::from_f32(a);
-        }
+        out.convert_from_f32_slice(acc);
     }
 }
