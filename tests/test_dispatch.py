@@ -378,3 +378,18 @@ def test_new_entry_points_follow_the_type_rule(rng):
     ]:
         with pytest.raises(error, match=name):
             call()
+
+
+def test_outputs_too_large_for_memory_are_errors_not_aborts(rng):
+    dec = decide(rng, T=64, E=64, k=2, cf=1.0)
+    for call, name in [
+        (lambda: dec.dispatch_plan(alignment=2**40), "alignment"),
+        (lambda: mr.moe_align_block_size(dec.expert_indices, 1, 2**40), "num_experts"),
+        (lambda: mr.ExpertPlacement(num_experts=2**31 - 1, num_ranks=1), "num_experts"),
+    ]:
+        with pytest.raises(mr.InputError, match=name):
+            call()
+    with pytest.raises(mr.ConfigError, match="num_experts"):
+        mr.ExpertPlacement(num_experts=2**31, num_ranks=1)
+    with pytest.raises(mr.ConfigError, match="block_size"):
+        mr.moe_align_block_size(dec.expert_indices, 2**31, 64)

@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use crate::error::{Result, RouterError};
+use crate::error::{filled, Result, RouterError};
 use crate::payload::Payload;
 
 /// Rows handled by one task of the parallel passes (a few hundred KiB of data
@@ -243,9 +243,10 @@ impl DispatchPlan {
             Ok(())
         })?;
 
-        let mut token_ids = vec![-1i64; rows];
-        let mut ranks = vec![-1i32; rows];
-        let mut weights = vec![0f32; rows];
+        let argument = if layout.pad_to_capacity { "pad_to_capacity" } else { "alignment" };
+        let mut token_ids = filled(rows, -1i64, argument)?;
+        let mut ranks = filled(rows, -1i32, argument)?;
+        let mut weights = filled(rows, 0f32, argument)?;
         for (flat, &r) in row_of.iter().enumerate() {
             if r < 0 {
                 continue;

@@ -92,6 +92,15 @@ pub enum RouterError {
         allowed: String,
     },
 
+    /// An output the arguments ask for does not fit in memory.
+    #[error("{argument} asks for {bytes} bytes of output, more than can be allocated")]
+    TooLarge {
+        /// The argument that sizes the output.
+        argument: &'static str,
+        /// The bytes asked for (saturated at u128::MAX).
+        bytes: u128,
+    },
+
     /// Arrays that should describe one routing decision contradict each other
     /// (for example a slot used twice, or counts that do not add up).
     #[error("{argument} is inconsistent with the decision: {detail}")]
@@ -105,6 +114,16 @@ pub enum RouterError {
 
 /// Result type of the core.
 pub type Result<T> = std::result::Result<T, RouterError>;
+
+/// `vec![value; len]`, or `TooLarge` naming `argument` when the memory cannot be
+/// had (instead of the allocator's abort).
+pub(crate) fn filled<T: Clone>(len: usize, value: T, argument: &'static str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    let bytes = (len as u128).saturating_mul(std::mem::size_of::<T>().max(1) as u128);
+    v.try_reserve_exact(len).map_err(|_| RouterError::TooLarge { argument, bytes })?;
+    v.resize(len, value);
+    Ok(v)
+}
 
 impl RouterError {
     pub(crate) fn config(field: &'static str, value: impl ToString, allowed: impl Into<String>) -> Self {

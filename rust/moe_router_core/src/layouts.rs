@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use crate::dispatch::Assignments;
-use crate::error::{Result, RouterError};
+use crate::error::{filled, Result, RouterError};
 
 const TOKENS_PER_TASK: usize = 1024;
 
@@ -19,8 +19,8 @@ const TOKENS_PER_TASK: usize = 1024;
 pub fn megatron_routing_map(a: &Assignments<'_>) -> Result<(Vec<bool>, Vec<f32>)> {
     let (t, e, k) = (a.num_tokens, a.num_experts, a.top_k);
     let size = t.checked_mul(e).ok_or_else(|| RouterError::shape("routing_map", "[T, E]", "too large"))?;
-    let mut map = vec![false; size];
-    let mut probs = vec![0f32; size];
+    let mut map = filled(size, false, "routing_map")?;
+    let mut probs = filled(size, 0f32, "routing_map")?;
     if e == 0 {
         return Ok((map, probs));
     }
@@ -52,7 +52,11 @@ pub fn dense_masks(a: &Assignments<'_>) -> Result<(Vec<f32>, Vec<bool>)> {
     let (t, e, k, c) = (a.num_tokens, a.num_experts, a.top_k, a.capacity);
     let row = e.checked_mul(c).ok_or_else(|| RouterError::shape("combine_weights", "[T, E, C]", "too large"))?;
     let size = t.checked_mul(row).ok_or_else(|| RouterError::shape("combine_weights", "[T, E, C]", "too large"))?;
-    let mut weights = vec![0f32; size];
+    let mut weights = filled(size, 0f32, "dense_masks")?;
+    let mut mask_out = filled(0, false, "dense_masks")?;
+    mask_out
+        .try_reserve_exact(size)
+        .map_err(|_| RouterError::TooLarge { argument: "dense_masks", bytes: size as u128 })?;
     if row > 0 {
         weights.par_chunks_mut(row).enumerate().try_for_each(|(tok, w)| -> Result<()> {
             for j in 0..k {
@@ -71,8 +75,8 @@ pub fn dense_masks(a: &Assignments<'_>) -> Result<(Vec<f32>, Vec<bool>)> {
             Ok(())
         })?;
     }
-    let mask = weights.par_iter().map(|&w| w != 0.0).collect();
-    Ok((weights, mask))
+    weights.par_iter().map(|&w| w != 0.0).collect_into_vec(&mut mask_out);
+    Ok((weights, mask_out))
 }
 
 fn expert_in_range(x: i32, e: usize, flat: usize, k: usize) -> Result<usize> {
@@ -120,7 +124,13 @@ pub fn moe_align_block_size(
         return Err(RouterError::config("num_experts", 0, "must be an integer >= 1"));
     }
     let numel = expert_indices.len();
-    let too_large = || RouterError::shape("expert_indices", "at most 2**31 - 1 padded ids (vLLM's int32)", "more");
+    let too_large = || {
+        RouterError::config(
+            "block_size",
+            block_size,
+            "the padded ids (T*k + E*(block_size - 1)) must fit vLLM's int32 (2**31 - 1)",
+        )
+    };
     let mut max_padded =
         num_experts.checked_mul(block_size - 1).and_then(|p| p.checked_add(numel)).ok_or_else(too_large)?;
     if pad_sorted_ids {
@@ -132,7 +142,7 @@ pub fn moe_align_block_size(
     if i32::try_from(max_padded).is_err() {
         return Err(too_large());
     }
-    let mut counts = vec![0usize; num_experts];
+    let mut counts = filled(num_experts, 0usize, "num_experts")?;
     for (flat, &x) in expert_indices.iter().enumerate() {
         let x = usize::try_from(x).ok().filter(|&x| x < num_experts).ok_or(RouterError::BadValue {
             argument: "expert_indices",
@@ -149,14 +159,14 @@ pub fn moe_align_block_size(
         total += c.div_ceil(block_size) * block_size;
     }
     let sentinel = numel as i32;
-    let mut sorted_token_ids = vec![sentinel; max_padded];
+    let mut sorted_token_ids = filled(max_padded, sentinel, "block_size")?;
     let mut cursor = starts.clone();
     for (flat, &x) in expert_indices.iter().enumerate() {
         let x = x as usize;
         sorted_token_ids[cursor[x]] = flat as i32;
         cursor[x] += 1;
     }
-    let mut expert_ids = vec![0i32; max_padded.div_ceil(block_size)];
+    let mut expert_ids = filled(max_padded.div_ceil(block_size), 0i32, "block_size")?;
     for (x, (&start, &c)) in starts.iter().zip(&counts).enumerate() {
         let blocks = c.div_ceil(block_size);
         expert_ids[start / block_size..start / block_size + blocks].fill(x as i32);

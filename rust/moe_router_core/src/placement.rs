@@ -5,6 +5,15 @@
 
 use crate::error::{Result, RouterError};
 
+/// An empty list of `n` per-item lists, or `TooLarge` naming `argument`.
+fn lists(n: usize, argument: &'static str) -> Result<Vec<Vec<usize>>> {
+    let mut v: Vec<Vec<usize>> = Vec::new();
+    let bytes = (n as u128) * std::mem::size_of::<Vec<usize>>() as u128;
+    v.try_reserve_exact(n).map_err(|_| RouterError::TooLarge { argument, bytes })?;
+    v.resize_with(n, Vec::new);
+    Ok(v)
+}
+
 /// Experts spread over `num_ranks` processes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ExpertPlacement {
@@ -29,7 +38,11 @@ impl ExpertPlacement {
             ));
         }
         let per = num_experts / num_ranks;
-        Self::from_hosts(num_experts, num_ranks, (0..num_experts).map(|e| vec![e / per]).collect())
+        let mut hosts = lists(num_experts, "num_experts")?;
+        for (e, h) in hosts.iter_mut().enumerate() {
+            h.push(e / per);
+        }
+        Self::from_hosts(num_experts, num_ranks, hosts)
     }
 
     /// Expert `e` on rank `mapping[e]`, plus `replicas[e]` (further ranks
@@ -56,7 +69,10 @@ impl ExpertPlacement {
                 .filter(|&r| r < num_ranks)
                 .ok_or_else(|| RouterError::config(field, r, format!("every rank must be in [0, {num_ranks})")))
         };
-        let mut hosts = Vec::with_capacity(num_experts);
+        let mut hosts = lists(0, "num_experts")?;
+        hosts
+            .try_reserve_exact(num_experts)
+            .map_err(|_| RouterError::TooLarge { argument: "num_experts", bytes: num_experts as u128 })?;
         for (e, &primary) in mapping.iter().enumerate() {
             let mut ranks = vec![rank("mapping", primary)?];
             for &r in replicas.get(e).map(Vec::as_slice).unwrap_or(&[]) {
@@ -88,7 +104,7 @@ impl ExpertPlacement {
             ));
         }
         let per = p / num_ranks;
-        let mut hosts = vec![Vec::new(); num_experts];
+        let mut hosts = lists(num_experts, "num_experts")?;
         for (slot, &e) in physical.iter().enumerate() {
             let e = usize::try_from(e).ok().filter(|&e| e < num_experts).ok_or_else(|| {
                 RouterError::config("physical", e, format!("every logical expert id must be in [0, {num_experts})"))
@@ -114,7 +130,7 @@ impl ExpertPlacement {
                 "every expert must be placed",
             ));
         }
-        let mut local = vec![Vec::new(); num_ranks];
+        let mut local = lists(num_ranks, "num_ranks")?;
         for (e, ranks) in hosts.iter().enumerate() {
             for &r in ranks {
                 local[r].push(e);
@@ -183,6 +199,10 @@ fn check_sizes(num_experts: usize, num_ranks: usize) -> Result<()> {
     }
     if num_ranks == 0 {
         return Err(RouterError::config("num_ranks", 0, "must be an integer >= 1"));
+    }
+    // Expert ids are int32 throughout (the decision's expert_indices).
+    if num_experts > i32::MAX as usize {
+        return Err(RouterError::config("num_experts", num_experts, "must be at most 2**31 - 1"));
     }
     Ok(())
 }

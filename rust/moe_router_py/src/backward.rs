@@ -171,7 +171,7 @@ pub fn decision_backward<'py>(
         let view = readonly::<F>(logits, "logits")?;
         let data = view.as_slice().map_err(|e| unreadable("logits", e))?;
         let source = SliceLogits::new(data, t, e).map_err(to_py)?;
-        let out = PyArrayDyn::<F>::zeros(py, &shape[..], false);
+        let out = crate::plan::output::<F>(py, None, &shape[..])?;
         {
             let mut guard = out.try_readwrite().map_err(|e| unreadable("out", e))?;
             let target = guard.as_slice_mut().map_err(|e| unreadable("out", e))?;

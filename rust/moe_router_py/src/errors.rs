@@ -106,7 +106,8 @@ pub fn to_py(err: CoreError) -> PyErr {
         | CoreError::BadValue { .. }
         | CoreError::NonFiniteParameter { .. }
         | CoreError::InvalidEntry { .. }
-        | CoreError::Inconsistent { .. } => InputError::new_err(message),
+        | CoreError::Inconsistent { .. }
+        | CoreError::TooLarge { .. } => InputError::new_err(message),
         // The bindings cancel only on a signal, and raise the handler's own exception
         // then; this is for a handler that set the flag without raising.
         CoreError::Cancelled => PyKeyboardInterrupt::new_err(message),

@@ -143,7 +143,12 @@ pub(crate) fn output<'py, P: Element>(
     shape: &[usize],
 ) -> PyResult<Bound<'py, PyArrayDyn<P>>> {
     match out {
-        None => Ok(PyArrayDyn::<P>::zeros(py, shape, false)),
+        // numpy.zeros raises MemoryError when the output cannot be had (rust-numpy's zeros would panic).
+        None => {
+            let dtype = numpy::dtype::<P>(py);
+            let array = py.import("numpy")?.getattr("zeros")?.call1((shape.to_vec(), dtype))?;
+            Ok(array.cast_into::<PyArrayDyn<P>>()?)
+        }
         Some(o) => {
             let typed = o
                 .cast::<PyArrayDyn<P>>()
