@@ -183,7 +183,8 @@ def test_backward_bad_input(rng):
         (lambda: dec.backward(np.full((10, 2), np.nan)), mr.InputError, "grad_expert_weights"),
         (lambda: dec.backward(np.array([["a", "b"]] * 10)), TypeError, "grad_expert_weights"),
         (lambda: dec.backward(None, 1.0, np.ones((10, 5))), mr.InputError, "grad_router_probs"),
-        (lambda: dec.backward(None, float("inf")), mr.ConfigError, "grad_auxiliary_loss"),
+        (lambda: dec.backward(None, float("inf")), mr.InputError, "grad_auxiliary_loss"),
+        (lambda: dec.backward(None, float("nan")), mr.InputError, "grad_auxiliary_loss"),
     ]:
         with pytest.raises(error, match=name):
             call()
@@ -249,6 +250,8 @@ def test_router_backward_threads_and_errors(rng, restore_threads):
     other = mr.ExpertRouter(router.config, D, gate="linear")
     with pytest.raises(mr.ConfigError, match="not routed by this router"):
         other.backward(dec, g)
+    with pytest.raises(mr.InputTypeError, match="decision"):
+        router.backward("dec", g)
     with pytest.raises(mr.ConfigError, match="linear router"):
         router.backward(router.route_logits(rng.normal(size=(10, E))), None)
     with pytest.raises(mr.ConfigError, match="not routed from logits"):

@@ -56,3 +56,11 @@ def test_jax_gradients_equal_autodiff_of_the_same_math(score_function, normalize
     idx, w, aux = route(x, cfg, True, 0)
     np.testing.assert_array_equal(np.asarray(idx), dec.expert_indices)
     assert float(aux) == pytest.approx(dec.auxiliary_loss, rel=1e-12)
+
+
+def test_jax_bad_input():
+    cfg = mr.RouterConfig(num_experts=8, top_k=2)
+    with pytest.raises(mr.InputError, match="logits"):
+        route(jnp.zeros((4, 7)), cfg)
+    with pytest.raises(mr.InputError, match="NaN"):
+        route(jnp.full((4, 8), jnp.nan), cfg)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._core import InputError
 from .config import RouterConfig
 from .routing import route_logits
 
@@ -60,19 +61,31 @@ def route(logits: Any, config: RouterConfig, training: bool = True, step: int = 
 
     Raises
     ------
+    InputError
+        ``logits`` of the wrong shape (at trace time).
     ConfigError, InputError, TypeError
-        As :func:`moe_router.route_logits` (raised by the host callback).
+        As :func:`moe_router.route_logits` for concrete (eager) logits; under ``jit`` or
+        ``grad`` a bad value raised in the host callback reaches the caller as JAX's
+        ``JaxRuntimeError`` wrapping that message.
     """
     return _forward(logits, config, training, step)
 
 
 def _forward(logits: Any, config: RouterConfig, training: bool, step: int) -> Tuple[Any, Any, Any]:
+    if logits.ndim not in (2, 3) or logits.shape[-1] != config.num_experts:
+        raise InputError(f"logits has shape {list(logits.shape)}, expected [T, {config.num_experts}] or "
+                         f"[B, S, {config.num_experts}] (num_experts = {config.num_experts})")
+
     def host(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         dec = _decide(x, config, training, step)
         lead = x.shape[:-1]
         return (dec.expert_indices.reshape(*lead, -1), dec.expert_weights.reshape(*lead, -1),
                 np.asarray(dec.auxiliary_loss, dtype=x.dtype))
 
+    if not isinstance(logits, jax.core.Tracer):
+        # Concrete input: route here, so bad values raise the package's own errors.
+        return tuple(jnp.asarray(v) for v in host(np.asarray(logits)))
+    # Traced (jit, grad): the host callback; errors then surface as JAX runtime errors.
     return jax.pure_callback(host, _shapes(logits, config), logits)
 
 

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from . import _core, _inputs
-from ._core import ConfigError, InputError
+from ._core import ConfigError, InputError, InputTypeError
 from .balancer import LoadBalancer
 from .config import RouterConfig
 from .decision import RoutingDecision
@@ -326,6 +326,8 @@ class ExpertRouter:
         InputError, TypeError
             Gradient arrays of the wrong shape or type, or holding NaN/inf.
         """
+        if not isinstance(decision, RoutingDecision):
+            raise InputTypeError(f"decision must be a RoutingDecision, got {type(decision).__name__}")
         if decision not in self._decisions:
             raise ConfigError("invalid decision: it was not routed by this router (or was routed before it "
                               "was rebuilt); backward needs the decision's own router")

@@ -64,6 +64,18 @@ def _launch(args: argparse.Namespace, argv: List[str]) -> int:
     return max(p.wait() for p in procs)
 
 
+def _check_backend(args: argparse.Namespace) -> None:
+    """The backend's package imports (without starting it)."""
+    try:
+        if args.backend == "mpi":
+            import mpi4py  # noqa: F401
+        else:
+            import torch.distributed  # noqa: F401
+    except ImportError as err:
+        need = 'pip install "moe_router[mpi]"' if args.backend == "mpi" else "pip install torch"
+        raise CliError(f"the {args.backend} backend is not installed ({err}); {need}") from None
+
+
 def _backend(args: argparse.Namespace) -> Any:
     try:
         if args.backend == "mpi":
@@ -84,6 +96,12 @@ def _backend(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     """Run ``moe-router ep`` (launching the ranks first when started alone)."""
     if args.ranks > 1 and not any(name in os.environ for name in LAUNCHER_ENV):
+        # Refuse bad input once, here, rather than once per launched process.
+        logits, source = load_logits(args)
+        config_from_args(args, int(logits.shape[-1]), source["label"])
+        route_logits(logits.reshape(-1, logits.shape[-1]), config_from_args(args, int(logits.shape[-1]),
+                                                                            source["label"]))
+        _check_backend(args)
         return _launch(args, args.argv)
     from ..distributed import expert_parallel_forward
 

@@ -76,9 +76,10 @@ impl<'py> Prepared<'py> {
         grad_router_probs: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Self> {
         if !grad_auxiliary_loss.is_finite() {
-            return Err(config_error(format!(
-                "invalid grad_auxiliary_loss: got {grad_auxiliary_loss}; must be finite"
-            )));
+            return Err(crate::errors::value_error(
+                crate::errors::Family::Input,
+                format!("invalid grad_auxiliary_loss: got {grad_auxiliary_loss}; must be finite"),
+            ));
         }
         let (t, k, e) = (d.total_tokens(), d.top_k(), d.num_experts());
         let (experts, kept, rerouted) = d.choice_arrays(py);
