@@ -568,21 +568,22 @@ def main(argv=None) -> int:
     L.append("\n## permute: `[T, D]` -> `[N, D]` (ms)\n")
     L.append("`floor` = NumPy `np.copyto` of an `[N, D]` array into a preallocated one (1 thread; reads and "
              "writes N*D elements, as permute does). `mr out=` = `plan.permute(hidden, out=rows)`; `mr` = "
-             "`plan.permute(hidden)` (new output). `numpy` = `hidden[plan.token_ids]`; `torch` = "
-             "`index_select` (new output); `mcore` = Megatron-Core `moe_utils.permute` (new output, its "
+             "`plan.permute(hidden)` (new output). `numpy` = `hidden[plan.token_ids]`; `torch out=` = "
+             "`torch.index_select(hidden, 0, ids, out=rows)`; `torch` = `index_select` (new output); `mcore` = Megatron-Core `moe_utils.permute` (new output, its "
              "sorted indices included); `torch copy_` = a 2-thread `copy_` of the `[N, D]` buffer. "
              f"Targets: `mr out= / floor` <= {MOVE_VS_FLOOR:g}, `mcore / mr` >= {MCORE_VS_MOVE:g} "
              "(both allocating).\n")
-    L.append("| T | D | E | k | dtype | N | MB moved | floor | torch copy_ | mr out= | mr | numpy | torch "
-             "| mcore | mr out= / floor | mcore / mr | numpy / mr | torch / mr |")
-    L.append("|" + "---|" * 18)
+    L.append("| T | D | E | k | dtype | N | MB moved | floor | torch copy_ | mr out= | torch out= | mr | numpy "
+             "| torch | mcore | mr out= / floor | mcore / mr | numpy / mr | torch / mr |")
+    L.append("|" + "---|" * 19)
     for (T, D, dtype, E, k), r in sorted(MV.items(), key=mv_order):
         g = lambda key: peer(T, D, dtype, E, k, key)  # noqa: E731
         q = ratio(r["perm_out_s"], r["floor_perm_s"])
         mq = ratio(g("mcore_perm_s"), r["perm_s"])
         mb = 2 * r["N"] * D * itemsize(dtype) / 1e6
         L.append(f"| {T} | {D} | {E} | {k} | {dtype} | {r['N']} | {mb:.0f} | {fms(r['floor_perm_s'])} "
-                 f"| {fms(g('torch_copy_s'))} | {fms(r['perm_out_s'])} | {fms(r['perm_s'])} "
+                 f"| {fms(g('torch_copy_s'))} | {fms(r['perm_out_s'])} | {fms(g('torch_perm_out_s'))} "
+                 f"| {fms(r['perm_s'])} "
                  f"| {fms(r['np_perm_s'])} | {fms(g('torch_perm_s'))} | {fms(g('mcore_perm_s'))} "
                  f"| {fx(q)} {verdict(None if q is None else q <= MOVE_VS_FLOOR)} "
                  f"| {fx(mq)} {verdict(None if mq is None else mq >= MCORE_VS_MOVE)} "
