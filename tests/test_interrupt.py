@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 CHILD = r"""
-import sys, time
+import signal, sys, time
+# A parent that ignores SIGINT (a launcher, a CI runner) would pass that on: restore Python's handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np
 import moe_router as mr
 
