@@ -393,3 +393,20 @@ def test_outputs_too_large_for_memory_are_errors_not_aborts(rng):
         mr.ExpertPlacement(num_experts=2**31, num_ranks=1)
     with pytest.raises(mr.ConfigError, match="block_size"):
         mr.moe_align_block_size(dec.expert_indices, 2**31, 64)
+
+
+def test_an_empty_batch_goes_through_every_new_path():
+    cfg = mr.RouterConfig(num_experts=4, top_k=2, load_balance_loss_coeff=0.1)
+    dec = mr.route_logits(np.zeros((0, 4), np.float32), cfg)
+    plan = dec.dispatch_plan(alignment=4)
+    assert plan.num_rows == 0 and plan.expert_offsets.tolist() == [0] * 5
+    empty = np.zeros((0, 3), np.float32)
+    assert plan.permute(empty).shape == (0, 3) and plan.combine(empty).shape == (0, 3)
+    assert plan.unpermute(empty).shape == (0, 2, 3)
+    assert dec.backward(np.zeros((0, 2))).shape == (0, 4)
+    assert plan.megatron_routing_map()[0].shape == (0, 4) and plan.dense_masks()[0].shape == (0, 4, 0)
+    assert mr.moe_align_block_size(np.zeros((0, 2), np.int64), 4, 4)[2].tolist() == [0]
+    assert plan.all_to_all(mr.ExpertPlacement(4, 2)).send_counts.tolist() == [0, 0]
+    router = mr.ExpertRouter(cfg, 3, gate="linear")
+    gh, gw, gb = router.backward(router.route_tokens(empty))
+    assert gh.shape == (0, 3) and (gw == 0).all() and (gb == 0).all()

@@ -4,24 +4,17 @@
 
 use half::f16;
 use moe_router_core::{self as core, ExpertPlacement, Payload, ReceivePlan, SendPlan};
-use numpy::{Element, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
+use numpy::{Element, PyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use crate::args::count;
 use crate::arrays;
-use crate::errors::{to_py, unreadable, wrong_type, Family};
-use crate::plan::{as_numpy, output, payload, run_move, PAYLOAD_ARRAY};
+use crate::errors::{to_py, wrong_type, Family};
+use crate::plan::{as_numpy, int_array, output, payload, run_move, PAYLOAD_ARRAY};
 
 /// An int64 copy of an integer array-like (`TypeError` naming `name` otherwise).
 fn int_vector(x: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i64>> {
-    let array = as_numpy(x, name)?;
-    let kind: String = array.getattr("dtype")?.getattr("kind")?.extract()?;
-    if kind != "i" && kind != "u" {
-        return Err(wrong_type(name, "an integer array", &array));
-    }
-    let flat = array.call_method1("astype", ("int64",))?.call_method0("ravel")?;
-    let view = flat.cast::<PyArrayDyn<i64>>()?.readonly();
-    Ok(view.as_slice().map_err(|e| unreadable(name, e))?.to_vec())
+    int_array(x, name).map(|(values, _)| values)
 }
 
 /// Which ranks (processes) hold each expert, for expert parallelism.

@@ -104,6 +104,20 @@ pub(crate) fn as_numpy<'py>(x: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound
     x.py().import("moe_router._inputs")?.getattr("as_array")?.call1((x, name))
 }
 
+/// An integer array-like as int64 values (a C-contiguous copy) and its shape;
+/// `TypeError` naming `name` for anything but integers.
+pub(crate) fn int_array(x: &Bound<'_, PyAny>, name: &str) -> PyResult<(Vec<i64>, Vec<usize>)> {
+    let array = as_numpy(x, name)?;
+    let kind: String = array.getattr("dtype")?.getattr("kind")?.extract()?;
+    if kind != "i" && kind != "u" {
+        return Err(wrong_type(name, "an integer array", &array));
+    }
+    let numpy = array.py().import("numpy")?;
+    let ints = numpy.getattr("ascontiguousarray")?.call1((&array, "int64"))?;
+    let view = ints.cast::<PyArrayDyn<i64>>()?.readonly();
+    Ok((view.as_slice().map_err(|e| unreadable(name, e))?.to_vec(), view.shape().to_vec()))
+}
+
 /// The read-only, C-contiguous data of `array` as `P`.
 pub(crate) fn payload<'py, P: Element>(array: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArrayDyn<'py, P>> {
     let typed = array.cast::<PyArrayDyn<P>>().map_err(|_| wrong_type(name, PAYLOAD_ARRAY, array))?;
@@ -617,20 +631,12 @@ pub fn moe_align_block_size<'py>(
     let num_experts = count(num_experts, "num_experts", 1, Family::Config)?;
     let pad_sorted_ids =
         pad_sorted_ids.map(|p| flag(p, "pad_sorted_ids", Family::Config)).transpose()?.unwrap_or(false);
-    let ids = as_numpy(expert_indices, "expert_indices")?;
-    let kind: String = ids.getattr("dtype")?.getattr("kind")?.extract()?;
-    if kind != "i" && kind != "u" {
-        return Err(wrong_type("expert_indices", "an integer array", &ids));
-    }
-    let ids = ids.call_method1("astype", ("int64",))?;
-    let ids = ids.cast::<PyArrayDyn<i64>>()?.readonly();
-    let shape = ids.shape().to_vec();
+    let (flat, shape) = int_array(expert_indices, "expert_indices")?;
     if shape.len() != 2 {
         return Err(to_py(core::RouterError::shape("expert_indices", "[T, k]", format!("{shape:?}"))));
     }
-    let flat = ids.as_slice().map_err(|e| unreadable("expert_indices", e))?;
     let b = py
-        .detach(|| core::moe_align_block_size(flat, shape[1], num_experts, block_size, pad_sorted_ids))
+        .detach(|| core::moe_align_block_size(&flat, shape[1], num_experts, block_size, pad_sorted_ids))
         .map_err(to_py)?;
     let post = i32::try_from(b.num_tokens_post_padded).unwrap_or(i32::MAX);
     PyTuple::new(
