@@ -98,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
     if args.ranks > 1 and not any(name in os.environ for name in LAUNCHER_ENV):
         # Refuse bad input once, here, rather than once per launched process.
         logits, source = load_logits(args)
-        config_from_args(args, int(logits.shape[-1]), source["label"])
         route_logits(logits.reshape(-1, logits.shape[-1]), config_from_args(args, int(logits.shape[-1]),
                                                                             source["label"]))
         _check_backend(args)
