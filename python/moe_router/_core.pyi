@@ -50,6 +50,7 @@ class RouterConfig:
     seed: int
     expert_bias: tuple[float, ...] | None
     peer: str | None
+    routing: str
     num_experts_per_token: int
     def __new__(
         cls,
@@ -82,6 +83,7 @@ class RouterConfig:
         seed: int = ...,
         expert_bias: Sequence[float] | None = ...,
         peer: str | None = ...,
+        routing: str = ...,
         num_experts_per_token: int | None = ...,
     ) -> RouterConfig: ...
     def capacity(self, num_tokens: int, training: Optional[bool] = None) -> Optional[int]: ...

@@ -102,6 +102,9 @@ def _add_input_arguments(p: argparse.ArgumentParser) -> None:
 def _add_routing_options(p: argparse.ArgumentParser) -> None:
     """Options that build the ``RouterConfig`` (shared by every command that routes)."""
     g = p.add_argument_group("routing")
+    g.add_argument("--router", default="token_choice", metavar="ALGORITHM",
+                   help="routing algorithm, RouterConfig.routing (default: token_choice); "
+                        "a name the core does not know is reported with the accepted ones")
     g.add_argument("--num-experts", "-E", type=_positive_int, metavar="N",
                    help="E; defaults to the input's last dimension (a mismatch is an error)")
     g.add_argument("--top-k", "-k", type=_positive_int, default=2, metavar="K",
@@ -308,6 +311,7 @@ def config_from_args(args: argparse.Namespace, input_experts: int, label: str) -
         raise CliError(f"--num-experts {num_experts} does not match the input: {label} has "
                        f"{input_experts} experts (its last dimension)")
     return RouterConfig(
+        routing=args.router,
         num_experts=num_experts,
         top_k=args.top_k,
         capacity_factor=args.capacity_factor,
@@ -320,6 +324,7 @@ def config_from_args(args: argparse.Namespace, input_experts: int, label: str) -
 def config_summary(config: RouterConfig, training: bool, *extra: str) -> Dict[str, Any]:
     """The routing options of ``config`` as the reports show them (plus the fields ``extra``)."""
     summary: Dict[str, Any] = {
+        "routing": config.routing,
         "capacity_factor": config.capacity_factor,
         "score_function": config.score_function,
         "normalize_weights": config.normalize_weights,

@@ -65,6 +65,14 @@ pub enum ScoreFunction {
 }
 spelled_enum!(ScoreFunction, "score_function", ["softmax" => Softmax, "sigmoid" => Sigmoid]);
 
+/// Which routing algorithm assigns tokens to experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutingAlgorithm {
+    /// Each token picks its top-k experts; capacity then drops overflow (Switch, GShard, Mixtral).
+    TokenChoice,
+}
+spelled_enum!(RoutingAlgorithm, "routing", ["token_choice" => TokenChoice]);
+
 /// Which assignments survive when an expert receives more than `capacity`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropPolicy {
@@ -347,6 +355,8 @@ pub struct RouterConfig {
     pub expert_bias: Option<Vec<f64>>,
     /// The framework whose loss normalization `peer_load_balance_loss` follows (set by presets).
     pub peer: Option<Peer>,
+    /// The routing algorithm.
+    pub routing: RoutingAlgorithm,
 }
 
 impl Default for RouterConfig {
@@ -380,6 +390,7 @@ impl Default for RouterConfig {
             seed: 0,
             expert_bias: None,
             peer: None,
+            routing: RoutingAlgorithm::TokenChoice,
         }
     }
 }
@@ -421,6 +432,7 @@ impl RouterConfig {
         "seed",
         "expert_bias",
         "peer",
+        "routing",
     ];
 
     /// The defaults with `num_experts` experts and `top_k` per token.
@@ -473,6 +485,7 @@ impl RouterConfig {
     pub fn set_field(&mut self, name: &str, value: FieldValue) -> Result<()> {
         let v = &value;
         match name {
+            "routing" => self.routing = spelled(v)?,
             "num_experts" => self.num_experts = count("num_experts", v, 1, MAX_EXPERTS)?,
             "top_k" => self.top_k = count("top_k", v, 1, MAX_EXPERTS)?,
             "capacity_factor" => self.capacity_factor = factor("capacity_factor", v)?,
@@ -545,6 +558,7 @@ impl RouterConfig {
         let opt_int = |n: Option<usize>| n.map_or(FieldValue::None, int);
         let word = |s: String| FieldValue::Text(s);
         Some(match name {
+            "routing" => word(self.routing.to_string()),
             "num_experts" => int(self.num_experts),
             "top_k" | TOP_K_ALIAS => int(self.top_k),
             "capacity_factor" => factor_value(&self.capacity_factor),

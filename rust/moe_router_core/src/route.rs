@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use crate::assign::{self, Assignments};
 use crate::capacity::expert_capacity;
-use crate::config::{DropPolicy, Overflow, Peer, RouterConfig};
+use crate::config::{DropPolicy, Overflow, Peer, RouterConfig, RoutingAlgorithm};
 use crate::error::{Result, RouterError};
 use crate::losses::{self, LossSums, SequenceLoss, SequencePart};
 use crate::peer_loss;
@@ -174,6 +174,9 @@ pub fn route_into<S: LogitSource>(
     probs_out: Option<&mut [f32]>,
 ) -> Result<Routing> {
     options.validate()?;
+    match options.routing {
+        RoutingAlgorithm::TokenChoice => {}
+    }
     // A call without a selection bias uses the configuration's fixed one.
     let expert_bias = call.expert_bias.or(options.expert_bias.as_deref());
     // Megatron-Core counts a plain top-k in its loss; it differs from the routing
