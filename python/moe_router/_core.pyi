@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["AllToAllPlan", "CHUNK_TOKENS", "ConfigError", "ConfigTypeError", "DispatchPlan", "ExpertAssignment", "ExpertPlacement", "InputError", "InputTypeError", "MAX_THREADS", "PEERS", "ReceivePlan", "RouterConfig", "RouterError", "RoutingDecision", "gather_rows", "gate_forward", "gate_layout", "get_num_threads", "linear_backward", "moe_align_block_size", "peer_load_balance_loss", "plan_placement", "route_gate", "route_hidden", "route_logits", "set_num_threads"]
+__all__ = ["AllToAllPlan", "CHUNK_TOKENS", "ConfigError", "ConfigTypeError", "DispatchPlan", "ExpertAssignment", "ExpertPlacement", "InputError", "InputTypeError", "MAX_THREADS", "PEERS", "ReceivePlan", "RouterConfig", "RouterError", "RoutingDecision", "gather_rows", "gate_forward", "gate_layout", "get_num_threads", "moe_align_block_size", "peer_load_balance_loss", "plan_placement", "route_gate", "route_hidden", "route_logits", "router_backward", "set_num_threads"]
 
 CHUNK_TOKENS: int
 MAX_THREADS: int
@@ -279,7 +279,7 @@ class ReceivePlan:
     @property
     def inverse(self) -> npt.NDArray[np.int64]: ...
 
-def linear_backward(
+def router_backward(
     decision: RoutingDecision, grad_expert_weights: Any = None, grad_auxiliary_loss: Optional[float] = None,
     grad_router_probs: Any = None,
 ) -> Tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]: ...

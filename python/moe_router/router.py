@@ -294,15 +294,22 @@ class ExpertRouter:
     # -- accessors -------------------------------------------------------------
     def backward(self, decision: RoutingDecision, grad_expert_weights: Any = None, grad_auxiliary_loss: float = 1.0,
                  grad_router_probs: Any = None) -> tuple:
-        """Gradients of a ``route_tokens`` decision with respect to the linear router's inputs.
+        """Gradients of a ``route_tokens`` decision with respect to the router's inputs.
 
         The objective is :meth:`RoutingDecision.backward`'s (``sum(grad_expert_weights *
         expert_weights) + grad_auxiliary_loss * auxiliary_loss + sum(grad_router_probs *
-        router_probs)``, selection fixed, balance counts constant); its logits gradient ``G``
-        ``[T, E]`` is recomputed chunk by chunk from the hidden states and the weight the
-        decision was routed with, then ``grad_hidden = G @ W^T``, ``grad_weight = H^T @ G``,
-        ``grad_bias = sum_t G`` (GEMMs in Rust; the weight's sum is accumulated in fixed
-        groups of chunks, so it does not depend on the thread count).
+        router_probs)``, selection fixed, balance counts constant), recomputed chunk by
+        chunk from the hidden states and the weights the decision was routed with (GEMMs
+        in Rust; weight gradients are summed in fixed groups of chunks, so they do not
+        depend on the thread count).
+
+        - Linear router: with ``G = dL/dlogits`` ``[T, E]``, ``grad_hidden = G @ W^T``,
+          ``grad_weight = H^T @ G``, ``grad_bias = sum_t G``.
+        - Hierarchical gate (``p(e) = p(g) p(j | g)``): the gradient with respect to the
+          probabilities goes through the within-group softmax to ``W_g`` and through the
+          group softmax (plus the group router's z-loss) to ``W_group``; the sparse gate
+          gives no gradient into the groups it did not compute for a token (their
+          probabilities are the constant 0). The formulas are in ``docs/semantics.md``.
 
         Parameters
         ----------
@@ -315,14 +322,18 @@ class ExpertRouter:
         Returns
         -------
         (grad_hidden, grad_weight, grad_bias) : numpy.ndarray
-            ``batch_shape + [D]``, ``[D, E]`` and ``[E]``, in the routing GEMM's dtype
-            (``router_dtype``; float64 for float16 hidden states by default).
+            Linear router: ``batch_shape + [D]``, ``[D, E]`` and ``[E]``.
+        (grad_hidden, grad_group_weight, grad_expert_weight) : numpy.ndarray
+            Hierarchical gate: ``batch_shape + [D]``, ``[D, G]`` and ``[G, D, P]`` (0 in the
+            padding columns of a short last group).
+            Both in the routing GEMM's dtype (``router_dtype``; float64 for float16 hidden
+            states by default).
 
         Raises
         ------
         ConfigError
             ``decision`` was not made by this router, or by its ``route_logits`` (use
-            ``decision.backward``), or the router uses the hierarchical gate (no backward yet).
+            ``decision.backward``).
         InputError, TypeError
             Gradient arrays of the wrong shape or type, or holding NaN/inf.
         """
@@ -331,9 +342,7 @@ class ExpertRouter:
         if decision not in self._decisions:
             raise ConfigError("invalid decision: it was not routed by this router (or was routed before it "
                               "was rebuilt); backward needs the decision's own router")
-        if self._gate is not None:
-            raise ConfigError("invalid backward: the hierarchical gate has no backward yet; use gate='linear'")
-        gh, gw, gb = _core.linear_backward(decision, grad_expert_weights, grad_auxiliary_loss, grad_router_probs)
+        gh, gw, gb = _core.router_backward(decision, grad_expert_weights, grad_auxiliary_loss, grad_router_probs)
         return gh.reshape(*decision.batch_shape, self.input_dim), gw, gb
 
     def get_num_experts(self) -> int:

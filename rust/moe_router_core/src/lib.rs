@@ -41,6 +41,7 @@ mod eplb;
 mod error;
 mod exchange;
 mod gate;
+mod gate_backward;
 mod groups;
 mod layouts;
 mod linear;
@@ -73,6 +74,7 @@ pub use eplb::{imbalance, plan_placement, total_load, PlacementPlan, PlacementRe
 pub use error::{Result, RouterError};
 pub use exchange::{ReceivePlan, SendPlan};
 pub use gate::{gate_probabilities, GateShape, HierarchicalGate};
+pub use gate_backward::{backward_gate, GateGrads};
 pub use layouts::{dense_masks, megatron_routing_map, moe_align_block_size, BlockAlignment};
 pub use linear::{GemmScalar, LinearLogits};
 pub use linear_backward::{backward_linear, LinearGrads};

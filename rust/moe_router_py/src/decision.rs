@@ -205,6 +205,9 @@ pub enum SavedSource {
     Logits(Py<PyAny>),
     /// The linear router's `[T, D]` hidden states, `[D, E]` weight and `[E]` bias.
     Linear { hidden: Py<PyAny>, weight: Py<PyAny>, bias: Option<Py<PyAny>> },
+    /// The hierarchical gate's `[T, D]` hidden states, `[D, G]` group weight,
+    /// `[G, D, P]` expert weights and its sparsity.
+    Gate { hidden: Py<PyAny>, group_weight: Py<PyAny>, expert_weight: Py<PyAny>, group_top_k: Option<usize> },
 }
 
 /// The call a decision came from, kept for its backward: its source arrays,

@@ -259,15 +259,22 @@ fn route_gate<'py>(
     let group_top_k = gate_groups(group_top_k)?;
     let options = config.inner.for_gate();
     with_dtype!(hidden, "hidden", FLOAT_ARRAY, [f32, f64], T => {
-        with_gate::<T, _>(hidden, group_weight, expert_weight, options.num_experts, group_top_k, |gate| {
+        let decision = with_gate::<T, _>(hidden, group_weight, expert_weight, options.num_experts, group_top_k, |gate| {
             let shape = (gate.num_tokens(), gate.num_experts());
             args.run(py, shape, |call, p| core::route_into(gate, &options, call, p))
-        })
+        })?;
+        let saved = SavedSource::Gate {
+            hidden: hidden.clone().unbind(),
+            group_weight: group_weight.clone().unbind(),
+            expert_weight: expert_weight.clone().unbind(),
+            group_top_k,
+        };
+        Ok(decision.with_backward(args.backward_inputs(saved, config)))
     })
 }
 
 /// Borrow the gate's arrays as `T` (the hidden states' dtype) and run `f` on the gate.
-fn with_gate<'py, T: GemmScalar + Element + Logit, R>(
+pub(crate) fn with_gate<'py, T: GemmScalar + Element + Logit, R>(
     hidden: &Bound<'py, PyAny>,
     group_weight: &Bound<'py, PyAny>,
     expert_weight: &Bound<'py, PyAny>,
@@ -400,7 +407,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(gate_forward, m)?,
         wrap_pyfunction!(peer_load_balance_loss, m)?,
         wrap_pyfunction!(gate_layout, m)?,
-        wrap_pyfunction!(backward::linear_backward, m)?,
+        wrap_pyfunction!(backward::router_backward, m)?,
         wrap_pyfunction!(plan::moe_align_block_size, m)?,
         wrap_pyfunction!(set_num_threads, m)?,
         wrap_pyfunction!(get_num_threads, m)?,
