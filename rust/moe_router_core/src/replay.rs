@@ -15,6 +15,10 @@ pub struct Replay<'a> {
     pub experts: &'a [i32],
     /// `[T]` whether the token was routed (not padding) when recorded.
     pub active: &'a [bool],
+    /// E of the recording.
+    pub num_experts: usize,
+    /// k of the recording.
+    pub top_k: usize,
 }
 
 impl Replay<'_> {
@@ -24,11 +28,12 @@ impl Replay<'_> {
     /// mask routes every token).
     /// Every error names `replay`.
     pub fn check(&self, tokens: usize, experts: usize, top_k: usize, token_mask: Option<&[bool]>) -> Result<()> {
-        if self.experts.len() != tokens * top_k || self.active.len() != tokens {
+        let recorded = (self.active.len(), self.top_k, self.num_experts);
+        if recorded != (tokens, top_k, experts) || self.experts.len() != tokens * top_k {
             return Err(RouterError::shape(
                 "replay",
-                format!("[{tokens}, {top_k}] (the call's T and top_k)"),
-                format!("{} recorded choices of {} tokens", self.experts.len(), self.active.len()),
+                format!("[{tokens}, {top_k}] choices among {experts} experts (the call's T, top_k, num_experts)"),
+                format!("[{}, {}] choices among {} experts", recorded.0, recorded.1, recorded.2),
             ));
         }
         for (t, row) in self.experts.chunks(top_k.max(1)).enumerate() {
@@ -77,16 +82,17 @@ impl Replay<'_> {
     }
 }
 
-/// `[T]` per token, whether two recordings of `[T, k]` experts differ: a token
+/// `[T]` per token, whether two recordings of the same shape differ: a token
 /// routed in both whose expert sets (order ignored) differ, or a token routed
 /// in only one of them. Tokens that are padding in both never differ.
-pub fn differing_tokens(a: Replay, b: Replay, top_k: usize) -> Result<Vec<bool>> {
-    let t = a.active.len();
-    if b.active.len() != t || a.experts.len() != t * top_k || b.experts.len() != t * top_k {
+pub fn differing_tokens(a: Replay, b: Replay) -> Result<Vec<bool>> {
+    let (t, top_k) = (a.active.len(), a.top_k);
+    let shape = |r: &Replay| (r.active.len(), r.top_k, r.num_experts, r.experts.len());
+    if shape(&a) != shape(&b) || a.experts.len() != t * top_k {
         return Err(RouterError::shape(
             "replay",
-            format!("two recordings of [{t}, {top_k}] experts"),
-            format!("[{}, {top_k}]", b.active.len()),
+            format!("[{t}, {top_k}] choices among {} experts, as the first recording", a.num_experts),
+            format!("[{}, {}] choices among {} experts", b.active.len(), b.top_k, b.num_experts),
         ));
     }
     let k = top_k.max(1);
@@ -113,11 +119,11 @@ mod tests {
 
     #[test]
     fn sets_ignore_order_and_padding() {
-        let a = Replay { experts: &[0, 1, 2, 3, 0, 1], active: &[true, true, false] };
-        let b = Replay { experts: &[1, 0, 2, 4, 5, 6], active: &[true, true, false] };
-        assert_eq!(differing_tokens(a, b, 2).unwrap(), vec![false, true, false]);
-        let c = Replay { experts: &[0, 1, 2, 3, 0, 1], active: &[true, false, false] };
-        assert_eq!(differing_tokens(a, c, 2).unwrap(), vec![false, true, false]);
+        let a = Replay { experts: &[0, 1, 2, 3, 0, 1], active: &[true, true, false], num_experts: 7, top_k: 2 };
+        let b = Replay { experts: &[1, 0, 2, 4, 5, 6], active: &[true, true, false], num_experts: 7, top_k: 2 };
+        assert_eq!(differing_tokens(a, b).unwrap(), vec![false, true, false]);
+        let c = Replay { experts: &[0, 1, 2, 3, 0, 1], active: &[true, false, false], num_experts: 7, top_k: 2 };
+        assert_eq!(differing_tokens(a, c).unwrap(), vec![false, true, false]);
     }
 
     #[test]
@@ -130,22 +136,25 @@ mod tests {
         let call = RouteCall { expert_bias: Some(&bias), ..RouteCall::default() };
         let first = route_logits(logits.view(), &options, &call).unwrap();
         let active = vec![true; 700];
-        let replay = Replay { experts: &first.expert_indices, active: &active };
+        let replay = Replay { experts: &first.expert_indices, active: &active, num_experts: 6, top_k: 2 };
         let again = route_logits(logits.view(), &options, &RouteCall { replay: Some(replay), ..call }).unwrap();
         assert_eq!(first, again);
     }
 
     #[test]
     fn check_names_replay() {
-        let r = Replay { experts: &[0, 0], active: &[true] };
+        let r = Replay { experts: &[0, 0], active: &[true], num_experts: 4, top_k: 2 };
         let err = r.check(1, 4, 2, None).unwrap_err();
         assert!(err.to_string().starts_with("replay[0, 1] is 0"), "{err}");
-        let r = Replay { experts: &[0, 4], active: &[true] };
+        let r = Replay { experts: &[0, 4], active: &[true], num_experts: 4, top_k: 2 };
         assert!(r.check(1, 4, 2, None).unwrap_err().to_string().contains("[0, 4)"));
-        let r = Replay { experts: &[0, 1], active: &[false] };
+        let r = Replay { experts: &[0, 1], active: &[false], num_experts: 4, top_k: 2 };
         assert!(r.check(1, 4, 2, Some(&[true])).unwrap_err().to_string().contains("token 0"));
         assert!(r.check(1, 4, 2, None).unwrap_err().to_string().contains("token 0"));
         assert!(r.check(1, 4, 2, Some(&[false])).is_ok());
         assert!(r.check(2, 4, 2, None).unwrap_err().to_string().starts_with("replay has shape"));
+        assert!(r.check(1, 5, 2, None).unwrap_err().to_string().contains("among 4 experts"));
+        let d = Replay { experts: &[0], active: &[true], num_experts: 4, top_k: 1 };
+        assert!(differing_tokens(r, d).is_err());
     }
 }
