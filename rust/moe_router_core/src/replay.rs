@@ -43,7 +43,7 @@ impl Replay<'_> {
                         argument: "replay",
                         index: format!("[{t}, {j}]"),
                         value: x.to_string(),
-                        allowed: format!("expert ids must be in [0, {experts}) (the call's num_experts)"),
+                        allowed: format!("expert ids must be in [0, {experts})"),
                     });
                 }
                 if row[..j].contains(&x) {
