@@ -70,11 +70,29 @@ pub struct RecordedRoute {
     active: Vec<bool>,
 }
 
+/// The NumPy dtype of the expert ids of a recording of `num_experts` experts.
+fn compact_dtype(num_experts: usize) -> &'static str {
+    if num_experts <= i8::MAX as usize {
+        "int8"
+    } else if num_experts <= i16::MAX as usize {
+        "int16"
+    } else {
+        "int32"
+    }
+}
+
 /// The names under which a layer's parts are reported (arguments, or file keys).
 struct Names {
     experts: String,
     mask: String,
     shape: String,
+}
+
+impl Names {
+    /// The constructor's argument names.
+    fn arguments() -> Self {
+        Names { experts: "expert_indices".into(), mask: "token_mask".into(), shape: "batch_shape".into() }
+    }
 }
 
 impl RecordedRoute {
@@ -100,13 +118,7 @@ impl RecordedRoute {
         }
         let replay = Replay { experts: &experts, active: &active, num_experts, top_k: k };
         replay.check(t, num_experts, k, Some(&active)).map_err(|e| bad(&names.experts, e.to_string()))?;
-        let ids = if num_experts <= i8::MAX as usize {
-            arrays::matrix(py, experts.iter().map(|&x| x as i8).collect(), t, k)?.into_any()
-        } else if num_experts <= i16::MAX as usize {
-            arrays::matrix(py, experts.iter().map(|&x| x as i16).collect(), t, k)?.into_any()
-        } else {
-            arrays::matrix(py, experts.clone(), t, k)?.into_any()
-        };
+        let ids = arrays::matrix(py, experts.clone(), t, k)?.call_method1("astype", (compact_dtype(num_experts),))?;
         let mask = arrays::vector(py, active.clone()).into_any();
         crate::plan::read_only(&ids)?;
         crate::plan::read_only(&mask)?;
@@ -126,8 +138,15 @@ impl RecordedRoute {
         let (t, k) = (decision.total_tokens(), decision.top_k());
         let experts = decision.selected_experts(py)?;
         let active = decision.active_mask(py)?;
-        let names = Names { experts: "expert_indices".into(), mask: "token_mask".into(), shape: "batch_shape".into() };
-        Self::build(py, experts, [t, k], decision.num_experts(), active, decision.batch_shape_vec(py)?, &names)
+        Self::build(
+            py,
+            experts,
+            [t, k],
+            decision.num_experts(),
+            active,
+            decision.batch_shape_vec(py)?,
+            &Names::arguments(),
+        )
     }
 
     /// The core's view of this record.
@@ -185,8 +204,7 @@ impl RecordedRoute {
             None => vec![t],
             Some(s) => s.try_iter()?.map(|d| count(&d?, "batch_shape", 0, Family::Input)).collect::<PyResult<_>>()?,
         };
-        let names = Names { experts: "expert_indices".into(), mask: "token_mask".into(), shape: "batch_shape".into() };
-        Self::build(py, experts, [t, k], e, active, dims, &names)
+        Self::build(py, experts, [t, k], e, active, dims, &Names::arguments())
     }
 
     /// T.
@@ -493,13 +511,7 @@ fn read_layers(py: Python<'_>, r: &NpzReader<'_>) -> PyResult<Vec<Py<RecordedRou
         };
         let e_key = format!("{p}_num_experts");
         let e = r.scalar(&e_key, 1)? as usize;
-        let compact = if e <= i8::MAX as usize {
-            "int8"
-        } else if e <= i16::MAX as usize {
-            "int16"
-        } else {
-            "int32"
-        };
+        let compact = compact_dtype(e);
         let (array, dtype, shape) = r.get(&names.experts)?;
         let [t, k] = shape[..] else {
             return Err(r.error(&names.experts, format!("shape {shape:?}; expected [T, k]")));
