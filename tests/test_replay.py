@@ -120,6 +120,18 @@ def test_own_recording_replays_bit_for_bit(rng, options):
     assert_same_decision(dec, without)
 
 
+def test_megatron_preset_self_replay_keeps_its_plain_top_k_loss(rng):
+    # Megatron counts its loss on a fresh plain top-k; under a bias it differs from the routing used.
+    cfg = mr.preset("megatron", 8, 2, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
+    x = rng.normal(size=(100, 8)).astype(np.float32)
+    bias = rng.normal(size=8)
+    dec = mr.route_logits(x, cfg, expert_bias=bias)
+    again = mr.route_logits(x, cfg, expert_bias=bias, replay=dec.record())
+    assert_same_decision(dec, again)
+    assert again.peer_load_balance_loss == dec.peer_load_balance_loss
+    assert dec.peer_load_balance_loss != dec.load_balance_loss
+
+
 def test_record_holds_the_selection_compactly(rng):
     x = rng.normal(size=(2, 5, 8)).astype(np.float32)
     x[..., 0] += 4  # every token's first choice: expert 0 overflows, its assignments move
@@ -239,6 +251,22 @@ def test_expert_router_replays_through_new_weights(rng):
     np.testing.assert_array_equal(dec.expert_indices, rec.expert_indices)
     np.testing.assert_allclose(dec.expert_weights, ref["weights"], rtol=1e-5)
     assert_same_decision(router.route_logits(logits, replay=rec), mr.route_logits(logits, cfg, replay=rec))
+
+
+@pytest.mark.parametrize("gate", ["linear", "hierarchical"])
+def test_expert_router_self_replay_and_backward(rng, gate):
+    D, E = 12, 36
+    cfg = mr.RouterConfig(num_experts=E, top_k=2, capacity_factor=0.9, load_balance_loss_coeff=0.1)
+    router = mr.ExpertRouter(cfg, D, seed=2, gate=gate)
+    hidden = rng.normal(size=(3, 30, D))
+    mask = rng.random((3, 30)) > 0.1
+    dec = router.route_tokens(hidden, token_mask=mask)
+    again = router.route_tokens(hidden, token_mask=mask, replay=dec.record())
+    assert_same_decision(dec, again)
+    if gate == "linear":
+        g = rng.normal(size=(90, 2))
+        for a, b in zip(router.backward(dec, g), router.backward(again, g)):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_mismatched_replay_is_an_input_error_naming_replay(rng):
