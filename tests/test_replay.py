@@ -120,6 +120,16 @@ def test_own_recording_replays_bit_for_bit(rng, options):
     assert_same_decision(dec, without)
 
 
+def test_replay_is_the_same_at_any_thread_count(rng, restore_threads):
+    x = rng.normal(size=(3000, 16)).astype(np.float32)  # several chunks
+    cfg = mr.RouterConfig(num_experts=16, top_k=4, capacity_factor=0.8, drop_policy="probs", normalize_weights=True)
+    rec = mr.route_logits(rng.normal(size=(3000, 16)), cfg).record()
+    restore_threads(1)
+    one = mr.route_logits(x, cfg, replay=rec)
+    restore_threads(2)
+    assert_same_decision(one, mr.route_logits(x, cfg, replay=rec))
+
+
 def test_megatron_preset_self_replay_keeps_its_plain_top_k_loss(rng):
     # Megatron counts its loss on a fresh plain top-k; under a bias it differs from the routing used.
     cfg = mr.preset("megatron", 8, 2, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
