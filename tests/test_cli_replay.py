@@ -95,3 +95,17 @@ def test_replay_diff_reports_mismatches(capsys, tmp_path):
     assert "junk.npz is not a replay .npz file" in run_error(capsys, "replay-diff", str(tmp_path / "junk.npz"),
                                                              str(tmp_path / "two.npz"))
     assert "num_layers is 2" in run_error(capsys, "route", "--replay", str(tmp_path / "two.npz"))
+
+
+def test_route_hidden_records_and_replays(capsys, tmp_path):
+    rng = np.random.default_rng(5)
+    np.savez(tmp_path / "h.npz", hidden=rng.normal(size=(64, 10)).astype(np.float32),
+             w=rng.normal(size=(10, 8)).astype(np.float32), w2=rng.normal(size=(10, 8)).astype(np.float32))
+    first = route_json(capsys, "--hidden", str(tmp_path / "h.npz"), "--weight-key", "w",
+                       "--record", str(tmp_path / "r.npz"))
+    other = route_json(capsys, "--hidden", str(tmp_path / "h.npz"), "--weight-key", "w2")
+    replayed = route_json(capsys, "--hidden", str(tmp_path / "h.npz"), "--weight-key", "w2",
+                          "--replay", str(tmp_path / "r.npz"))
+    assert replayed["pre_drop_tokens_per_expert"] == first["pre_drop_tokens_per_expert"]
+    assert other["pre_drop_tokens_per_expert"] != first["pre_drop_tokens_per_expert"]
+    assert replayed["router_z_loss"] == other["router_z_loss"]  # the scores are w2's

@@ -57,8 +57,9 @@ def route_logits(
         use the recorded experts instead of a fresh top-k. The weights, losses
         and ``P_e`` are recomputed from ``logits`` at those experts (Megatron:
         ``probs = scores.gather(1, idx)``, then ``normalize_weights`` and
-        ``weight_scale``); ``expert_bias`` and group limits, which only select,
-        have no effect; capacity and the drop policy apply as usual. A recorded
+        ``weight_scale``); ``expert_bias`` and group limits do not change the
+        selection (group limits still bound overflow reroutes); capacity and the
+        drop policy apply as usual. A recorded
         expert whose logit is ``-inf`` gets weight 0 and no capacity. Without
         ``token_mask``, the recording's mask is used.
 
