@@ -16,13 +16,12 @@ Usage: ``python benches/replay_engines.py [--experts 64] [--repeat 20]`` (needs 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
 import moe_router as mr
+from bench_backward import median_time  # this folder is on sys.path when the script runs
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_router"
 
@@ -42,13 +41,8 @@ def engine_logits(layer: str, experts: int) -> tuple:
 
 
 def median_ms(call, repeat: int) -> float:
-    call()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    """Median wall time of ``repeat`` calls after one warm-up, in ms."""
+    return 1e3 * median_time(call, repeat)
 
 
 def main() -> None:
