@@ -2,7 +2,8 @@
 and ``RouterConfig``'s fields against ``RouterConfig.FIELDS`` by tests/test_stubs.py)."""
 
 import decimal
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, final
+import os
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple, Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -172,6 +173,40 @@ class RoutingDecision:
     def backward(
         self, grad_expert_weights: Any = None, grad_auxiliary_loss: Optional[float] = None, grad_router_probs: Any = None
     ) -> npt.NDArray[Any]: ...
+    def record(self) -> RecordedRoute: ...
+
+@final
+class RecordedRoute:
+    def __new__(
+        cls, expert_indices: Any, num_experts: int, token_mask: Any = None, batch_shape: Optional[Sequence[int]] = None
+    ) -> RecordedRoute: ...
+    @property
+    def expert_indices(self) -> npt.NDArray[np.signedinteger[Any]]: ...
+    @property
+    def token_mask(self) -> npt.NDArray[np.bool_]: ...
+    @property
+    def batch_shape(self) -> Tuple[int, ...]: ...
+    @property
+    def num_experts(self) -> int: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+    def save(self, path: Union[str, os.PathLike[str]]) -> None: ...
+    @staticmethod
+    def load(path: Union[str, os.PathLike[str]]) -> RecordedRoute: ...
+    def differing_tokens(self, other: RecordedRoute) -> npt.NDArray[np.bool_]: ...
+
+@final
+class RecordedRoutes:
+    def __new__(cls, layers: Iterable[Union[RecordedRoute, RoutingDecision]]) -> RecordedRoutes: ...
+    @property
+    def layers(self) -> List[RecordedRoute]: ...
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> RecordedRoute: ...
+    def save(self, path: Union[str, os.PathLike[str]]) -> None: ...
+    @staticmethod
+    def load(path: Union[str, os.PathLike[str]]) -> RecordedRoutes: ...
 
 @final
 class DispatchPlan:
@@ -309,6 +344,7 @@ def route_logits(
     sequence_length: Optional[int] = None,
     return_probs: bool = False,
     batch_shape: Optional[Sequence[int]] = None,
+    replay: Optional[RecordedRoute] = None,
 ) -> RoutingDecision: ...
 def route_hidden(
     hidden: npt.NDArray[Any],
@@ -323,6 +359,7 @@ def route_hidden(
     sequence_length: Optional[int] = None,
     return_probs: bool = False,
     batch_shape: Optional[Sequence[int]] = None,
+    replay: Optional[RecordedRoute] = None,
 ) -> RoutingDecision: ...
 def route_gate(
     hidden: npt.NDArray[Any],
@@ -338,6 +375,7 @@ def route_gate(
     sequence_length: Optional[int] = None,
     return_probs: bool = False,
     batch_shape: Optional[Sequence[int]] = None,
+    replay: Optional[RecordedRoute] = None,
 ) -> RoutingDecision: ...
 def gate_forward(
     hidden: npt.NDArray[Any],

@@ -200,7 +200,7 @@ class ExpertRouter:
         return step, (bias if np.any(bias != 0) else None)
 
     def route_tokens(self, hidden: Any, training: bool = False, token_mask: Any = None, *,
-                     return_probs: bool = False) -> RoutingDecision:
+                     return_probs: bool = False, replay: Any = None) -> RoutingDecision:
         """Route hidden states to experts.
 
         Parameters
@@ -218,6 +218,9 @@ class ExpertRouter:
         return_probs : bool
             Also return ``router_probs`` (float32 ``[T, E]``: the gate's probabilities,
             or the scores of the router logits), written in the routing pass.
+        replay : RecordedRoute, optional
+            Route with these recorded experts (router replay; see
+            :func:`moe_router.route_logits`); the weights come from this router's logits.
 
         Returns
         -------
@@ -237,12 +240,12 @@ class ExpertRouter:
         if self._gate is not None:
             gw, ew = self._gate.weights_for(rows.dtype)
             return self._route(_core.route_gate, (rows, gw, ew, self._gate.group_top_k), batch_shape, training,
-                               mask, return_probs)
+                               mask, return_probs, replay)
         w, b = self._weights.get(rows.dtype)
-        return self._route(_core.route_hidden, (rows, w, b), batch_shape, training, mask, return_probs)
+        return self._route(_core.route_hidden, (rows, w, b), batch_shape, training, mask, return_probs, replay)
 
     def route_logits(self, logits: Any, training: bool = False, token_mask: Any = None, *,
-                     return_probs: bool = False) -> RoutingDecision:
+                     return_probs: bool = False, replay: Any = None) -> RoutingDecision:
         """Route precomputed logits through this router's statistics and load balancer.
 
         Parameters
@@ -256,6 +259,8 @@ class ExpertRouter:
             False marks padding.
         return_probs : bool
             Also return ``router_probs`` (as :func:`moe_router.route_logits`).
+        replay : RecordedRoute, optional
+            Route with these recorded experts (as :func:`moe_router.route_logits`).
 
         Returns
         -------
@@ -274,17 +279,18 @@ class ExpertRouter:
         """
         rows, batch_shape, mask = _inputs.rows_and_mask(logits, "logits", self.config.num_experts, "num_experts",
                                                         token_mask, kinds=_inputs.LOGITS_KINDS)
-        return self._route(_core.route_logits, (rows,), batch_shape, training, mask, return_probs)
+        return self._route(_core.route_logits, (rows,), batch_shape, training, mask, return_probs, replay)
 
     def _route(self, core_call: Any, arrays: tuple, batch_shape: tuple, training: Any,
-               mask: Optional[np.ndarray], return_probs: Any) -> RoutingDecision:
+               mask: Optional[np.ndarray], return_probs: Any, replay: Any) -> RoutingDecision:
         """Call the core with this router's step, bias, statistics and balancer (``mask``: bool [T] or None)."""
         training = _inputs.flag(training, "training")
         step, bias = self._call_state(training)
         t0 = time.perf_counter()
         dec = core_call(*arrays, self.config, training=training, token_mask=mask, expert_bias=bias, step=step,
                         sequence_length=_inputs.sequence_length(batch_shape),
-                        return_probs=_inputs.flag(return_probs, "return_probs"), batch_shape=batch_shape)
+                        return_probs=_inputs.flag(return_probs, "return_probs"), batch_shape=batch_shape,
+                        replay=replay)
         self._stats.record(dec, time.perf_counter() - t0)
         self._decisions.add(dec)
         if training and self.config.enable_load_balancing:

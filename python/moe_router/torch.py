@@ -70,7 +70,9 @@ def route(logits: torch.Tensor, config: RouterConfig, training: bool = True,
     training : bool, default True
         Training mode (noise, training capacity factor).
     **call
-        ``token_mask``, ``expert_bias``, ``step``: as :func:`moe_router.route_logits`.
+        ``token_mask``, ``expert_bias``, ``step``, ``replay`` (router replay: the
+        recorded experts, gradients through the recomputed weights): as
+        :func:`moe_router.route_logits`.
 
     Returns
     -------

@@ -26,6 +26,7 @@ use crate::config::{DropPolicy, Overflow, Peer, RouterConfig, RoutingAlgorithm};
 use crate::error::{Result, RouterError};
 use crate::losses::{self, LossSums, SequenceLoss, SequencePart};
 use crate::peer_loss;
+use crate::replay::Replay;
 use crate::reroute;
 use crate::row::{RowContext, RowRouter, TokenOut};
 use crate::source::{ChunkBuf, Logit, LogitSource, SliceLogits};
@@ -72,6 +73,10 @@ pub struct RouteCall<'a> {
     /// call then returns [`RouterError::Cancelled`], so a caller's interrupt
     /// takes effect within one chunk per thread. Never set: the same result as None.
     pub cancel: Option<&'a AtomicBool>,
+    /// Route with these recorded experts instead of a fresh top-k (router
+    /// replay): the scores, weights and losses come from the logits, the
+    /// selection from the recording; capacity applies as usual.
+    pub replay: Option<Replay<'a>>,
 }
 
 /// The result of routing T tokens to E experts with k choices each.
@@ -541,6 +546,9 @@ fn check_call<S: LogitSource>(source: &S, options: &RouterConfig, call: &RouteCa
         if let Some((i, v)) = bias.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(RouterError::NonFiniteParameter { argument: "expert_bias", index: i, value: v.to_string() });
         }
+    }
+    if let Some(replay) = &call.replay {
+        replay.check(t, e, options.top_k, call.token_mask)?;
     }
     if let Some(s) = call.sequence_length {
         if (s == 0 && t != 0) || (s != 0 && !t.is_multiple_of(s)) {

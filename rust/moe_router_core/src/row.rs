@@ -158,14 +158,19 @@ impl RowRouter {
             *p = (s * row.scale) as f32;
         }
 
-        let keys_are_logits = self.compute_keys(ctx, row.scale);
-        let bound = if keys_are_logits {
-            self.logit_bound(ctx, &read)
+        // A replayed selection has no keys: its plain top-k (below) is computed afresh.
+        let keys_are_logits = ctx.call.replay.is_none() && self.compute_keys(ctx, row.scale);
+        if let Some(replay) = &ctx.call.replay {
+            replay.choices(token, &self.logits, out.experts, out.routed);
         } else {
-            block_lower_bound(&self.keys, options.top_k, &mut self.best)
-        };
-        let keys: &[f64] = if keys_are_logits { &self.logits } else { &self.keys };
-        select_top_k(simd, keys, out.experts, out.routed, &mut self.best, bound, &mut self.candidates);
+            let bound = if keys_are_logits {
+                self.logit_bound(ctx, &read)
+            } else {
+                block_lower_bound(&self.keys, options.top_k, &mut self.best)
+            };
+            let keys: &[f64] = if keys_are_logits { &self.logits } else { &self.keys };
+            select_top_k(simd, keys, out.experts, out.routed, &mut self.best, bound, &mut self.candidates);
+        }
         let chosen = Chosen {
             function: options.score_function,
             logits: &self.logits,
