@@ -60,7 +60,7 @@ def test_preset_defaults(name):
 
 
 def test_presets_listed():
-    assert mr.PRESETS == ("megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch")
+    assert mr.PRESETS == ("megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch", "tutel", "fairseq")
     with pytest.raises(ValueError, match="unknown preset 'gshard'.*megatron"):
         mr.preset("gshard", 8, 2)
 
