@@ -288,3 +288,16 @@ def test_new_fields_are_checked():
     cfg = mr.RouterConfig(num_experts=8, top_k=2, capacity_alignment=16, eval_capacity_token_fraction=0.07)
     assert cfg.capacity(100) == 32 and cfg.capacity(100, training=False) == 16  # ceil(7) = 7, up to 16
     assert mr.RouterConfig(**cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("bpr", [False, True])
+def test_batches_of_several_chunks(bpr):
+    """The parallel passes (chunks of 512 tokens) give the transcription's sequential answer."""
+    logits = draw_logits(11, 2500, 16, False)
+    for k in (1, 2, 3):
+        cfg = mr.preset("tutel", 16, k, capacity_factor=0.8, batch_prioritized_routing=bpr)
+        assert_same(mr.route_logits(logits, cfg, training=True), tutel_route(logits, k, 0.8, bpr, True, 1))
+    for k in (1, 2):
+        cfg = mr.preset("fairseq", 16, k, batch_prioritized_routing=bpr and k == 2)
+        assert_same(mr.route_logits(logits, cfg, training=True),
+                    fairseq_route(logits, k, 1.0, True, 0.25, False, bpr and k == 2))
