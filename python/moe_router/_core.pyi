@@ -52,6 +52,8 @@ class RouterConfig:
     expert_bias: tuple[float, ...] | None
     peer: str | None
     routing: str
+    capacity_alignment: int
+    eval_capacity_token_fraction: float | decimal.Decimal | None
     num_experts_per_token: int
     def __new__(
         cls,
@@ -85,6 +87,8 @@ class RouterConfig:
         expert_bias: Sequence[float] | None = ...,
         peer: str | None = ...,
         routing: str = ...,
+        capacity_alignment: int = ...,
+        eval_capacity_token_fraction: float | decimal.Decimal | None = ...,
         num_experts_per_token: int | None = ...,
     ) -> RouterConfig: ...
     def capacity(self, num_tokens: int, training: Optional[bool] = None) -> Optional[int]: ...

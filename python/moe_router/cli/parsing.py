@@ -115,7 +115,7 @@ def _add_routing_options(p: argparse.ArgumentParser) -> None:
                    help="score of each expert (default: softmax)")
     g.add_argument("--normalize-weights", action="store_true",
                    help="divide the k chosen scores by their sum (Mixtral, Qwen norm_topk_prob)")
-    g.add_argument("--drop-policy", choices=("position", "rank", "probs", "bpr"), default="position",
+    g.add_argument("--drop-policy", choices=("position", "rank", "probs", "bpr", "bpr_rank"), default="position",
                    help="which assignments survive when an expert is full (default: position)")
 
 

@@ -64,7 +64,7 @@ mod weights;
 
 pub use array_arg::ArrayArg;
 pub use backward::{backward_logits, Cotangents, SavedRouting};
-pub use capacity::expert_capacity;
+pub use capacity::{capacity_limit, expert_capacity};
 pub use config::{
     integer_range, CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore, GroupScoreInput,
     Overflow, Peer, RouterConfig, RoutingAlgorithm, ScoreFunction, TOP_K_ALIAS,

@@ -21,7 +21,7 @@ use ndarray::ArrayView2;
 use rayon::prelude::*;
 
 use crate::assign::{self, Assignments};
-use crate::capacity::expert_capacity;
+use crate::capacity::capacity_limit;
 use crate::config::{DropPolicy, Overflow, Peer, RouterConfig, RoutingAlgorithm};
 use crate::error::{Result, RouterError};
 use crate::losses::{self, LossSums, SequenceLoss, SequencePart};
@@ -199,7 +199,8 @@ pub fn route_into<S: LogitSource>(
     let mut expert_weights = vec![0f32; n];
     let mut kept = vec![false; n];
     let mut expert_slots = vec![-1i32; n];
-    let mut top1 = vec![0f32; if policy == DropPolicy::Bpr || reroute { t } else { 0 }];
+    let prioritized = matches!(policy, DropPolicy::Bpr | DropPolicy::BprRank);
+    let mut top1 = vec![0f32; if prioritized || reroute { t } else { 0 }];
     // Zeroed (lazily, page by page, by the allocator); pass 1 writes every active row.
     let wanted = if call.return_probs { t * e } else { 0 };
     let mut router_probs = Vec::new();
@@ -247,8 +248,7 @@ pub fn route_into<S: LogitSource>(
     let active = sums.active as usize;
 
     // Pass 2: capacity and slots.
-    let factor = options.capacity_factor_for(call.training);
-    let limit = expert_capacity(&factor, options.capacity_rounding, options.min_capacity, active, k, e);
+    let limit = capacity_limit(options, call.training, active);
     let capacity = limit.unwrap_or(usize::MAX);
     let (counts, tiny): (Vec<Vec<u32>>, Vec<TinyWeights>) =
         tallies.into_iter().map(|t| (t.counts, t.tiny_weights)).unzip();
@@ -267,7 +267,8 @@ pub fn route_into<S: LogitSource>(
         match policy {
             DropPolicy::Position => assign::assign_in_token_order(a, capacity, &counts, false),
             DropPolicy::Rank => assign::assign_in_token_order(a, capacity, &counts, true),
-            DropPolicy::Bpr => assign::assign_batch_prioritized(a, capacity, &top1),
+            DropPolicy::Bpr => assign::assign_batch_prioritized(a, capacity, &top1, false),
+            DropPolicy::BprRank => assign::assign_batch_prioritized(a, capacity, &top1, true),
             DropPolicy::Probs => assign::assign_by_weight(a, capacity, &expert_weights, &counts),
         }
     }
