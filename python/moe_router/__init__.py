@@ -19,6 +19,7 @@ from .balancer import LoadBalancer, LoadBalancingStats
 from .config import RouterConfig
 from .decision import DispatchPlan, ExpertAssignment, RoutingDecision, moe_align_block_size
 from .gate import GateNetwork
+from .global_balance import GlobalBalanceAccumulator
 from .presets import PRESETS, peer_load_balance_loss, preset
 from .router import ExpertRouter
 from .routing import route_logits
@@ -33,6 +34,7 @@ __all__ = [
     "ExpertPlacement",
     "ExpertRouter",
     "GateNetwork",
+    "GlobalBalanceAccumulator",
     "GradientWarning",
     "InputError",
     "InputTypeError",
