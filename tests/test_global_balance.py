@@ -236,6 +236,42 @@ def test_backward_with_global_counts(rng):
         d.backward(tokens_per_expert=d.pre_drop_tokens_per_expert, num_tokens=d.active_tokens), d.backward())
 
 
+def test_linear_router_backward_with_global_counts(rng):
+    E, k, D = 8, 2, 6
+    cfg = mr.RouterConfig(num_experts=E, top_k=k, load_balance_loss_coeff=1.0, router_z_loss_coeff=0.0)
+    W, b = rng.normal(size=(D, E)), rng.normal(size=E)
+    router = mr.ExpertRouter(cfg, input_dim=D, weight=W, bias=b, gate="linear")
+    h = rng.normal(size=(20, D))
+    dec = router.route_tokens(h, training=False)
+    acc = mr.GlobalBalanceAccumulator(E, k)
+    acc.add(dec)
+    acc.add_counts(np.arange(E) * 3, np.full(E, 2.5), 60)
+    n, N = acc.tokens_per_expert, acc.num_tokens
+    gh, gw, gb = router.backward(dec, tokens_per_expert=n, num_tokens=N)
+    q, c = softmax(h @ W + b), E * n / (k * N * N)
+    G = q * (c - (q * c).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(gh, G @ W.T, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(gw, h.T @ G, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(gb, G.sum(axis=0), rtol=1e-9, atol=1e-15)
+
+
+def test_quantiles_do_not_depend_on_the_thread_count(rng):
+    s = softmax(rng.normal(size=(4096, 64)) * 2)
+    bias = rng.normal(size=64) * 1e-3
+    before = mr.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 2, 4):
+            mr.set_num_threads(threads)
+            acc = mr.GlobalBalanceAccumulator(64, 2)
+            acc.add_quantiles(s, bias)
+            out.append(acc.quantile_sums)
+    finally:
+        mr.set_num_threads(before)
+    np.testing.assert_array_equal(out[0], qb_quantiles(s, 2, bias))
+    assert all(np.array_equal(o, out[0]) for o in out)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 def test_errors_name_the_argument(rng):

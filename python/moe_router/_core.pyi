@@ -282,7 +282,7 @@ class ReceivePlan:
 
 def linear_backward(
     decision: RoutingDecision, grad_expert_weights: Any = None, grad_auxiliary_loss: Optional[float] = None,
-    grad_router_probs: Any = None,
+    grad_router_probs: Any = None, tokens_per_expert: Any = None, num_tokens: Optional[int] = None,
 ) -> Tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]: ...
 
 class GlobalBalanceAccumulator:

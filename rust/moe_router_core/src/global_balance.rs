@@ -61,7 +61,9 @@ fn check_len(argument: &'static str, len: usize, experts: usize) -> Result<()> {
 fn check_bias(bias: &[f64], experts: usize) -> Result<()> {
     check_len("expert_bias", bias.len(), experts)?;
     match bias.iter().position(|b| !b.is_finite()) {
-        Some(i) => Err(RouterError::NonFiniteParameter { argument: "expert_bias", index: i, value: bias[i].to_string() }),
+        Some(i) => {
+            Err(RouterError::NonFiniteParameter { argument: "expert_bias", index: i, value: bias[i].to_string() })
+        }
         None => Ok(()),
     }
 }
@@ -82,7 +84,15 @@ pub fn sign_bias_update(load: &[f64], bias: &[f64], rate: f64) -> Result<Vec<f64
         return Err(entry("load", i, load[i], "every load must be finite and >= 0"));
     }
     let mean = load.iter().sum::<f64>() / load.len().max(1) as f64;
-    let step = |l: f64| if l < mean { rate } else if l > mean { -rate } else { 0.0 };
+    let step = |l: f64| {
+        if l < mean {
+            rate
+        } else if l > mean {
+            -rate
+        } else {
+            0.0
+        }
+    };
     Ok(bias.iter().zip(load).map(|(&b, &l)| b + step(l)).collect())
 }
 
@@ -100,7 +110,7 @@ pub fn expert_quantiles(scores: &[f64], experts: usize, top_k: usize, bias: &[f6
     }
     check_bias(bias, experts)?;
     let tokens = scores.len() / experts;
-    if tokens == 0 || tokens * experts != scores.len() || (tokens * top_k) % experts != 0 {
+    if tokens == 0 || tokens * experts != scores.len() || !(tokens * top_k).is_multiple_of(experts) {
         return Err(RouterError::shape(
             "scores",
             format!("[T, {experts}] with T >= 1 and T * top_k ({top_k}) a multiple of num_experts"),

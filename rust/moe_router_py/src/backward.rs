@@ -95,7 +95,11 @@ impl Balance {
         };
         let (counts, shape) = crate::plan::int_array(counts, "tokens_per_expert")?;
         if shape != [experts] {
-            let err = core::RouterError::shape("tokens_per_expert", format!("[{experts}] (num_experts)"), format!("{shape:?}"));
+            let err = core::RouterError::shape(
+                "tokens_per_expert",
+                format!("[{experts}] (num_experts)"),
+                format!("{shape:?}"),
+            );
             return Err(to_py(err));
         }
         if let Some(i) = counts.iter().position(|&n| n < 0) {
@@ -236,21 +240,25 @@ pub fn decision_backward<'py>(
 /// [T, D], grad_weight [D, E], grad_bias [E])`` in the hidden states' dtype
 /// (see ``ExpertRouter.backward``).
 #[pyfunction]
-#[pyo3(signature = (decision, grad_expert_weights=None, grad_auxiliary_loss=None, grad_router_probs=None))]
+#[pyo3(signature = (decision, grad_expert_weights=None, grad_auxiliary_loss=None, grad_router_probs=None, tokens_per_expert=None, num_tokens=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn linear_backward<'py>(
     py: Python<'py>,
     decision: &RoutingDecision,
     grad_expert_weights: Option<&Bound<'py, PyAny>>,
     grad_auxiliary_loss: Option<&Bound<'py, PyAny>>,
     grad_router_probs: Option<&Bound<'py, PyAny>>,
+    tokens_per_expert: Option<&Bound<'py, PyAny>>,
+    num_tokens: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let d = decision;
     let grad_auxiliary_loss = aux_cotangent(grad_auxiliary_loss)?;
+    let balance = Balance::from_args(tokens_per_expert, num_tokens, d.num_experts())?;
     let (inputs, _, _) = d.backward_parts();
     let not_linear = || config_error("invalid backward: this decision was not routed by a linear router".into());
     let inputs = inputs.ok_or_else(not_linear)?;
     let SavedSource::Linear { hidden, weight, bias } = &inputs.source else { return Err(not_linear()) };
-    let prepared = Prepared::new(d, py, inputs, grad_expert_weights, grad_auxiliary_loss, grad_router_probs, None)?;
+    let prepared = Prepared::new(d, py, inputs, grad_expert_weights, grad_auxiliary_loss, grad_router_probs, balance)?;
     let (saved, call, cot) = prepared.views(d, inputs, grad_auxiliary_loss)?;
     let (hidden, weight) = (hidden.bind(py), weight.bind(py));
     with_dtype!(hidden, "hidden", FLOAT_ARRAY, [f32, f64], F => {

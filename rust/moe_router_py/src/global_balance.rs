@@ -165,7 +165,8 @@ impl PyGlobalBalance {
         let e = self.inner.num_experts();
         let (counts, shape) = int_array(tokens_per_expert, "tokens_per_expert")?;
         if shape != [e] {
-            let err = core::RouterError::shape("tokens_per_expert", format!("[{e}] (num_experts)"), format!("{shape:?}"));
+            let err =
+                core::RouterError::shape("tokens_per_expert", format!("[{e}] (num_experts)"), format!("{shape:?}"));
             return Err(to_py(err));
         }
         let sums = per_expert(prob_sums, "prob_sums", e)?;
@@ -215,7 +216,8 @@ impl PyGlobalBalance {
         }
         let bias = bias_or_zeros(expert_bias, e)?;
         let inner = &mut self.inner;
-        py.detach(|| inner.add_quantiles(&values, &bias)).map_err(to_py)
+        let tokens = values.len() / e;
+        py.detach(|| crate::threads::install(tokens, e, || inner.add_quantiles(&values, &bias))).map_err(to_py)
     }
 
     /// Add ``other``'s statistics to this accumulator's.
