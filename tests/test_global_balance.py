@@ -272,6 +272,32 @@ def test_quantiles_do_not_depend_on_the_thread_count(rng):
     assert all(np.array_equal(o, out[0]) for o in out)
 
 
+def test_megatron_switch_loss_with_global_counts(rng):
+    """Megatron-Core's own loss function, fed as ``_apply_global_aux_loss`` feeds it at the last micro-batch
+    (counts summed over the M micro-batches, divided by M; each micro-batch's T and local probs), averaged
+    over the micro-batches as gradient accumulation does: the value and the gradient of ours."""
+    torch = pytest.importorskip("torch")
+    moe_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils")
+    E, k, T = 8, 2, 32
+    cfg = mr.RouterConfig(num_experts=E, top_k=k, load_balance_loss_coeff=1.0, router_z_loss_coeff=0.0)
+    xs = batches(rng, [T, T, T], E)
+    decs = [mr.route_logits(x, cfg) for x in xs]
+    acc = mr.GlobalBalanceAccumulator(E, k)
+    for d in decs:
+        acc.add(d)
+    n, N, M = acc.tokens_per_expert, acc.num_tokens, acc.num_micro_batches
+    averaged = torch.tensor(n / M, dtype=torch.float64)
+    total = 0.0
+    for x, d in zip(xs, decs):
+        logits = torch.tensor(x, requires_grad=True)
+        loss = moe_utils.switch_load_balancing_loss_func(torch.softmax(logits, -1), averaged, T, k, E, 1.0) / M
+        loss.backward()
+        total += float(loss)
+        np.testing.assert_allclose(d.backward(tokens_per_expert=n, num_tokens=N), logits.grad.numpy(),
+                                   rtol=1e-10, atol=1e-17)
+    assert acc.load_balance_loss() == pytest.approx(total, rel=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 def test_errors_name_the_argument(rng):
