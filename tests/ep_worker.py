@@ -137,7 +137,8 @@ def run(backend):
     print(f"rank {rank}/{size}: OK", flush=True)
 
 
-def main(argv=None):
+def main(argv=None, scenario=None):
+    """Set up the backend named on the command line and run ``scenario(backend)`` (default: this file's)."""
     p = argparse.ArgumentParser()
     p.add_argument("backend", choices=("mpi", "gloo"))
     p.add_argument("--rank", type=int, default=0)
@@ -152,7 +153,7 @@ def main(argv=None):
         dist.init_process_group("gloo", init_method=a.init, rank=a.rank, world_size=a.world)
         backend = TorchBackend()
     try:
-        run(backend)
+        (scenario or run)(backend)
     except Exception as err:  # report, then fail this rank
         print(f"rank {backend.rank}: FAILED: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise

@@ -20,6 +20,7 @@ from .config import RouterConfig
 from .decision import (DispatchPlan, ExpertAssignment, RecordedRoute, RecordedRoutes, RoutingDecision,
                        moe_align_block_size)
 from .gate import GateNetwork
+from .global_balance import GlobalBalanceAccumulator
 from .presets import PRESETS, peer_load_balance_loss, preset
 from .router import ExpertRouter
 from .routing import route_logits
@@ -34,6 +35,7 @@ __all__ = [
     "ExpertPlacement",
     "ExpertRouter",
     "GateNetwork",
+    "GlobalBalanceAccumulator",
     "GradientWarning",
     "InputError",
     "InputTypeError",

@@ -19,7 +19,8 @@ import numpy as np
 
 from . import _inputs
 from ._json import json_ready
-from ._core import ConfigError, ExpertPlacement, InputError, InputTypeError, plan_placement
+from ._core import (ConfigError, ExpertPlacement, GlobalBalanceAccumulator, InputError, InputTypeError, plan_placement,
+                    sign_bias_update)
 from .stats import _int_at_least, _locked, _per_mean
 
 __all__ = ["LoadBalancer", "LoadBalancingStats"]
@@ -145,7 +146,10 @@ class LoadBalancer:
            expert_bias[e] += bias_update_rate * sign(mean(load) - load[e])
 
        Overloaded experts lose ``rate``, underloaded ones gain it, experts at
-       exactly the mean keep their bias.
+       exactly the mean keep their bias. The rule is the core's
+       ``sign_bias_update``, which ``GlobalBalanceAccumulator.bias_update``
+       applies to a global batch; ``update(accumulator)`` feeds a global
+       batch's counts to the EMA and the bias at once.
 
     The router passes :attr:`expert_bias` (float64 [E]) to its next routing
     call: experts are then ranked by ``score + bias``, while the combine
@@ -292,7 +296,10 @@ class LoadBalancer:
     # ------------------------------------------------------------------ update
 
     def _load_of(self, decision: Any) -> np.ndarray:
-        raw = getattr(decision, "pre_drop_tokens_per_expert", decision)
+        if isinstance(decision, GlobalBalanceAccumulator):
+            raw = decision.tokens_per_expert  # the same pre-capacity counts, over a global batch
+        else:
+            raw = getattr(decision, "pre_drop_tokens_per_expert", decision)
         load = np.asarray(raw)
         if load.dtype.kind not in "iuf":
             raise InputTypeError(f"per-expert load must be numeric, got dtype {load.dtype}")
@@ -309,10 +316,12 @@ class LoadBalancer:
 
         Parameters
         ----------
-        decision : RoutingDecision or array_like
-            A decision (its ``pre_drop_tokens_per_expert`` is used) or a
-            per-expert load of shape [E] (counts; e.g. summed over the
-            micro-batches of one global batch).
+        decision : RoutingDecision, GlobalBalanceAccumulator or array_like
+            A decision (its ``pre_drop_tokens_per_expert`` is used), a
+            :class:`GlobalBalanceAccumulator` (its ``tokens_per_expert``: the
+            same counts summed over the micro-batches and ranks of one global
+            batch, Megatron-Core's once-per-global-batch update), or a
+            per-expert load of shape [E].
 
         Notes
         -----
@@ -339,7 +348,7 @@ class LoadBalancer:
             self._loads.append(share)
             self._steps += 1
             if self.enabled and self._rate > 0.0:
-                self._bias = self._bias + self._rate * np.sign(load.mean() - load)
+                self._bias = sign_bias_update(load, self._bias, self._rate)
 
     def reset(self) -> None:
         """Forget every step and zero the bias (configuration is kept)."""

@@ -299,7 +299,7 @@ class ExpertRouter:
 
     # -- accessors -------------------------------------------------------------
     def backward(self, decision: RoutingDecision, grad_expert_weights: Any = None, grad_auxiliary_loss: float = 1.0,
-                 grad_router_probs: Any = None) -> tuple:
+                 grad_router_probs: Any = None, tokens_per_expert: Any = None, num_tokens: Optional[int] = None) -> tuple:
         """Gradients of a ``route_tokens`` decision with respect to the router's inputs.
 
         The objective is :meth:`RoutingDecision.backward`'s (``sum(grad_expert_weights *
@@ -324,6 +324,10 @@ class ExpertRouter:
         grad_expert_weights : array of float, shape [T, k] or batch_shape + [k], optional
         grad_auxiliary_loss : float, default 1.0
         grad_router_probs : array of float, shape [T, E] or batch_shape + [E], optional
+        tokens_per_expert : array of int, shape [E], optional
+        num_tokens : int, optional
+            A global batch's counts and tokens for the load-balance term, both or
+            neither (``GlobalBalanceAccumulator``; see :meth:`RoutingDecision.backward`).
 
         Returns
         -------
@@ -348,7 +352,8 @@ class ExpertRouter:
         if decision not in self._decisions:
             raise ConfigError("invalid decision: it was not routed by this router (or was routed before it "
                               "was rebuilt); backward needs the decision's own router")
-        gh, gw, gb = _core.router_backward(decision, grad_expert_weights, grad_auxiliary_loss, grad_router_probs)
+        gh, gw, gb = _core.router_backward(decision, grad_expert_weights, grad_auxiliary_loss, grad_router_probs,
+                                           tokens_per_expert, num_tokens)
         return gh.reshape(*decision.batch_shape, self.input_dim), gw, gb
 
     def get_num_experts(self) -> int:

@@ -20,7 +20,8 @@
 //!   the former: its factor cancels);
 //! - balance loss: `d lb / d q_te = E n_e / (k T_a^2)` with `q` the score
 //!   distribution (`s`, or `s / sum s` for sigmoid) and `n_e` the routed
-//!   counts; per sequence the same with the sequence's counts, divided by the
+//!   counts (or a global batch's counts and tokens in place of `n_e` and
+//!   `T_a`); per sequence the same with the sequence's counts, divided by the
 //!   number of sequences;
 //! - z-loss: `d z / d x_te = 2 lse_t softmax(x_t)_e / T_a` (ST-MoE);
 //! - then through the score function (softmax or sigmoid Jacobian) and the
@@ -54,6 +55,10 @@ pub struct SavedRouting<'a> {
     pub pre_drop_tokens_per_expert: &'a [i64],
     /// `T_a`.
     pub active_tokens: usize,
+    /// `T` of the balance loss `E / (k T^2) * sum_e n_e * sum_t q_te`: `T_a`,
+    /// or a global batch's tokens when `pre_drop_tokens_per_expert` holds its
+    /// counts (Megatron-Core `global_aux_loss`).
+    pub balance_tokens: usize,
 }
 
 /// The cotangents of the decision's outputs.
@@ -149,7 +154,8 @@ where
     let active = saved.active_tokens.max(1) as f64;
     let aux = grads.auxiliary_loss;
     // d(aux)/d q_te: the same for every token (micro-batch loss) plus its sequence's part.
-    let lb_factor = aux * options.load_balance_loss_coeff * e as f64 / (k as f64 * active * active);
+    let balance = saved.balance_tokens.max(1) as f64;
+    let lb_factor = aux * options.load_balance_loss_coeff * e as f64 / (k as f64 * balance * balance);
     let dq_batch: Vec<f64> = saved.pre_drop_tokens_per_expert.iter().map(|&n| lb_factor * n as f64).collect();
     let dq_sequence: Option<(usize, Vec<Vec<f64>>)> = if aux != 0.0 {
         SequenceConstants::new(options, call, saved, t).map(|seq| {

@@ -12,7 +12,7 @@
 //! from), `linear` and `gate` (sources computed from hidden states), `route`
 //! (the pipeline), `row` (one token), `score`, `topk`, `groups`, `assign`
 //! (capacity slots), `weights` (normalization and renormalization), `replay` (a recorded selection), `reroute`,
-//! `capacity` and `decimal` (the capacity formula and its exact factor), `losses`, `math` and `simd` (row kernels and
+//! `capacity` and `decimal` (the capacity formula and its exact factor), `losses`, `global_balance` (statistics of a global batch and the balancing updates made from them), `math` and `simd` (row kernels and
 //! their instruction set), `rng`, `config`, `error`; after routing, `dispatch` (the expert-major
 //! row plan and its gathers/scatters), `payload` (the element types it moves)
 //! `layouts` (the frameworks' own dispatch formats), and for expert
@@ -42,6 +42,7 @@ mod error;
 mod exchange;
 mod gate;
 mod gate_backward;
+mod global_balance;
 mod groups;
 mod layouts;
 mod linear;
@@ -76,6 +77,7 @@ pub use error::{Result, RouterError};
 pub use exchange::{ReceivePlan, SendPlan};
 pub use gate::{gate_probabilities, GateShape, HierarchicalGate};
 pub use gate_backward::{backward_gate, GateGrads};
+pub use global_balance::{expert_quantiles, sign_bias_update, GlobalBalance};
 pub use layouts::{dense_masks, megatron_routing_map, moe_align_block_size, BlockAlignment};
 pub use linear::{GemmScalar, LinearLogits};
 pub use linear_backward::{backward_linear, LinearGrads};

@@ -64,6 +64,55 @@ struct Prepared<'py> {
     mask: Option<PyReadonlyArrayDyn<'py, bool>>,
     gw: Option<Vec<f64>>,
     gp: Option<Vec<f32>>,
+    balance: Option<Balance>,
+}
+
+/// Counts that replace the decision's own in the balance-loss gradient: a
+/// global batch's `[E]` routed assignments and its tokens.
+pub struct Balance {
+    counts: Vec<i64>,
+    tokens: usize,
+}
+
+impl Balance {
+    /// `tokens_per_expert` and `num_tokens` of `RoutingDecision.backward`: both or neither.
+    pub fn from_args(
+        counts: Option<&Bound<'_, PyAny>>,
+        tokens: Option<&Bound<'_, PyAny>>,
+        experts: usize,
+    ) -> PyResult<Option<Self>> {
+        let (counts, tokens) = match (counts.filter(|c| !c.is_none()), tokens.filter(|t| !t.is_none())) {
+            (None, None) => return Ok(None),
+            (Some(c), Some(t)) => (c, t),
+            _ => {
+                return Err(crate::errors::value_error(
+                    crate::errors::Family::Input,
+                    "tokens_per_expert and num_tokens go together: pass both (a global batch's counts and \
+                     tokens, e.g. GlobalBalanceAccumulator.tokens_per_expert and .num_tokens) or neither"
+                        .into(),
+                ))
+            }
+        };
+        let (counts, shape) = crate::plan::int_array(counts, "tokens_per_expert")?;
+        if shape != [experts] {
+            let err = core::RouterError::shape(
+                "tokens_per_expert",
+                format!("[{experts}] (num_experts)"),
+                format!("{shape:?}"),
+            );
+            return Err(to_py(err));
+        }
+        if let Some(i) = counts.iter().position(|&n| n < 0) {
+            return Err(to_py(core::RouterError::InvalidEntry {
+                argument: "tokens_per_expert",
+                index: format!("[{i}]"),
+                value: counts[i].to_string(),
+                allowed: "counts must be >= 0".into(),
+            }));
+        }
+        let tokens = crate::args::count(tokens, "num_tokens", 0, crate::errors::Family::Input)?;
+        Ok(Some(Balance { counts, tokens }))
+    }
 }
 
 impl<'py> Prepared<'py> {
@@ -74,6 +123,7 @@ impl<'py> Prepared<'py> {
         grad_expert_weights: Option<&Bound<'py, PyAny>>,
         grad_auxiliary_loss: f64,
         grad_router_probs: Option<&Bound<'py, PyAny>>,
+        balance: Option<Balance>,
     ) -> PyResult<Self> {
         if !grad_auxiliary_loss.is_finite() {
             return Err(crate::errors::value_error(
@@ -91,6 +141,7 @@ impl<'py> Prepared<'py> {
             rerouted: readonly::<bool>(&rerouted, "rerouted")?,
             pre_drop: readonly::<i64>(&d.pre_drop_counts(py), "pre_drop_tokens_per_expert")?,
             mask: inputs.token_mask.as_ref().map(|m| readonly::<bool>(m.bind(py), "token_mask")).transpose()?,
+            balance,
         })
     }
 
@@ -109,11 +160,12 @@ impl<'py> Prepared<'py> {
             routed,
             kept: self.kept.as_slice().map_err(|e| unreadable("kept", e))?,
             rerouted: self.rerouted.as_slice().map_err(|e| unreadable("rerouted", e))?,
-            pre_drop_tokens_per_expert: self
-                .pre_drop
-                .as_slice()
-                .map_err(|e| unreadable("pre_drop_tokens_per_expert", e))?,
+            pre_drop_tokens_per_expert: match &self.balance {
+                Some(b) => &b.counts,
+                None => self.pre_drop.as_slice().map_err(|e| unreadable("pre_drop_tokens_per_expert", e))?,
+            },
             active_tokens: d.active(),
+            balance_tokens: self.balance.as_ref().map_or(d.active(), |b| b.tokens),
         };
         let call = RouteCall {
             training: inputs.training,
@@ -138,17 +190,19 @@ impl<'py> Prepared<'py> {
 
 /// The decision's saved call (a ConfigError saying `not_routed` when it has
 /// none) and the cotangents, checked.
+#[allow(clippy::too_many_arguments)]
 fn prepare<'d, 'py>(
     py: Python<'py>,
     d: &'d RoutingDecision,
     grad_expert_weights: Option<&Bound<'py, PyAny>>,
     grad_auxiliary_loss: f64,
     grad_router_probs: Option<&Bound<'py, PyAny>>,
+    balance: Option<Balance>,
     not_routed: &'static str,
 ) -> PyResult<(&'d BackwardInputs, Prepared<'py>)> {
     let (inputs, _, _) = d.backward_parts();
     let inputs = inputs.ok_or_else(|| config_error(not_routed.into()))?;
-    let prepared = Prepared::new(d, py, inputs, grad_expert_weights, grad_auxiliary_loss, grad_router_probs)?;
+    let prepared = Prepared::new(d, py, inputs, grad_expert_weights, grad_auxiliary_loss, grad_router_probs, balance)?;
     Ok((inputs, prepared))
 }
 
@@ -167,10 +221,11 @@ pub fn decision_backward<'py>(
     grad_expert_weights: Option<&Bound<'py, PyAny>>,
     grad_auxiliary_loss: f64,
     grad_router_probs: Option<&Bound<'py, PyAny>>,
+    balance: Option<Balance>,
 ) -> PyResult<Bound<'py, PyAny>> {
     const NOT_LOGITS: &str = "invalid backward: this decision was not routed from logits; for hidden states use \
                               ExpertRouter.backward(decision)";
-    let (inputs, prepared) = prepare(py, d, grad_expert_weights, grad_auxiliary_loss, grad_router_probs, NOT_LOGITS)?;
+    let (inputs, prepared) = prepare(py, d, grad_expert_weights, grad_auxiliary_loss, grad_router_probs, balance, NOT_LOGITS)?;
     let SavedSource::Logits(logits) = &inputs.source else { return Err(config_error(NOT_LOGITS.into())) };
     let (saved, call, cot) = prepared.views(d, inputs, grad_auxiliary_loss)?;
     let (t, e) = (d.total_tokens(), d.num_experts());
@@ -198,19 +253,23 @@ pub fn decision_backward<'py>(
 /// hierarchical gate's ``(grad_hidden [T, D], grad_group_weight [D, G],
 /// grad_expert_weight [G, D, P])``.
 #[pyfunction]
-#[pyo3(signature = (decision, grad_expert_weights=None, grad_auxiliary_loss=None, grad_router_probs=None))]
+#[pyo3(signature = (decision, grad_expert_weights=None, grad_auxiliary_loss=None, grad_router_probs=None, tokens_per_expert=None, num_tokens=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn router_backward<'py>(
     py: Python<'py>,
     decision: &RoutingDecision,
     grad_expert_weights: Option<&Bound<'py, PyAny>>,
     grad_auxiliary_loss: Option<&Bound<'py, PyAny>>,
     grad_router_probs: Option<&Bound<'py, PyAny>>,
+    tokens_per_expert: Option<&Bound<'py, PyAny>>,
+    num_tokens: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let d = decision;
     let aux = aux_cotangent(grad_auxiliary_loss)?;
     const NOT_HIDDEN: &str = "invalid backward: this decision was not routed from hidden states by an ExpertRouter \
                               (linear router or hierarchical gate)";
-    let (inputs, prepared) = prepare(py, d, grad_expert_weights, aux, grad_router_probs, NOT_HIDDEN)?;
+    let balance = Balance::from_args(tokens_per_expert, num_tokens, d.num_experts())?;
+    let (inputs, prepared) = prepare(py, d, grad_expert_weights, aux, grad_router_probs, balance, NOT_HIDDEN)?;
     let (saved, call, cot) = prepared.views(d, inputs, aux)?;
     let (t, e) = (d.total_tokens(), d.num_experts());
     match &inputs.source {

@@ -474,6 +474,18 @@ impl RoutingDecision {
     /// grad_expert_weights : array of float, shape [T, k] or batch_shape + [k], optional
     /// grad_auxiliary_loss : float, default 1.0 (None means 1.0)
     /// grad_router_probs : array of float, shape [T, E] or batch_shape + [E], optional
+    /// tokens_per_expert : array of int, shape [E], optional
+    ///     Counts ``n_e`` for the load-balance term instead of this decision's
+    ///     ``pre_drop_tokens_per_expert``, held constant: a global batch's
+    ///     (``GlobalBalanceAccumulator.tokens_per_expert``, Megatron-Core
+    ///     ``global_aux_loss``). Give ``num_tokens`` with it.
+    /// num_tokens : int, optional
+    ///     The global batch's tokens ``N`` (``GlobalBalanceAccumulator.num_tokens``).
+    ///     With both, the load-balance term's gradient is that of
+    ///     ``load_balance_loss_coeff * E / (k N^2) * sum_e n_e * sum_t q_te``
+    ///     over this decision's tokens: summed over every micro-batch of every
+    ///     rank, the gradient of ``GlobalBalanceAccumulator.load_balance_loss()``.
+    ///     The z-loss and sequence terms keep their own (local) form.
     ///
     /// Returns
     /// -------
@@ -486,19 +498,23 @@ impl RoutingDecision {
     ///     The decision did not come from logits (use ``ExpertRouter.backward``),
     ///     or came from the hierarchical gate's probabilities.
     /// InputError
-    ///     A gradient array of the wrong shape, or NaN in it.
+    ///     A gradient array of the wrong shape, or NaN in it; ``tokens_per_expert``
+    ///     not [E] or negative, or given without ``num_tokens`` (or the reverse).
     /// TypeError
     ///     A gradient that is not a real array.
-    #[pyo3(signature = (grad_expert_weights=None, grad_auxiliary_loss=None, grad_router_probs=None))]
+    #[pyo3(signature = (grad_expert_weights=None, grad_auxiliary_loss=None, grad_router_probs=None, tokens_per_expert=None, num_tokens=None))]
     fn backward<'py>(
         &self,
         py: Python<'py>,
         grad_expert_weights: Option<&Bound<'py, PyAny>>,
         grad_auxiliary_loss: Option<&Bound<'py, PyAny>>,
         grad_router_probs: Option<&Bound<'py, PyAny>>,
+        tokens_per_expert: Option<&Bound<'py, PyAny>>,
+        num_tokens: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let g_aux = crate::backward::aux_cotangent(grad_auxiliary_loss)?;
-        crate::backward::decision_backward(self, py, grad_expert_weights, g_aux, grad_router_probs)
+        let balance = crate::backward::Balance::from_args(tokens_per_expert, num_tokens, self.num_experts)?;
+        crate::backward::decision_backward(self, py, grad_expert_weights, g_aux, grad_router_probs, balance)
     }
 
     /// The plan that moves tokens to their experts and back.

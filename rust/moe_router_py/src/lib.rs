@@ -27,6 +27,7 @@ mod decision;
 mod eplb;
 mod errors;
 mod exchange;
+mod global_balance;
 mod plan;
 mod replay;
 mod threads;
@@ -419,6 +420,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RecordedRoute>()?;
     m.add_class::<RecordedRoutes>()?;
     m.add_class::<plan::PyDispatchPlan>()?;
+    m.add_class::<global_balance::PyGlobalBalance>()?;
     exchange::register(m)?;
     for f in [
         wrap_pyfunction!(route_logits, m)?,
@@ -429,6 +431,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(gate_layout, m)?,
         wrap_pyfunction!(backward::router_backward, m)?,
         wrap_pyfunction!(plan::moe_align_block_size, m)?,
+        wrap_pyfunction!(global_balance::sign_bias_update, m)?,
         wrap_pyfunction!(set_num_threads, m)?,
         wrap_pyfunction!(get_num_threads, m)?,
     ] {

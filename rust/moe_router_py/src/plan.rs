@@ -104,18 +104,36 @@ pub(crate) fn as_numpy<'py>(x: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound
     x.py().import("moe_router._inputs")?.getattr("as_array")?.call1((x, name))
 }
 
+/// An array-like whose dtype kind is one of `kinds`, as a C-contiguous copy
+/// of `dtype` values and its shape; `TypeError` naming `name` otherwise.
+fn converted<T: Element + Copy>(
+    x: &Bound<'_, PyAny>,
+    name: &str,
+    kinds: &str,
+    dtype: &str,
+    expected: &str,
+) -> PyResult<(Vec<T>, Vec<usize>)> {
+    let array = as_numpy(x, name)?;
+    let kind: String = array.getattr("dtype")?.getattr("kind")?.extract()?;
+    if !kinds.contains(kind.as_str()) {
+        return Err(wrong_type(name, expected, &array));
+    }
+    let numpy = array.py().import("numpy")?;
+    let copy = numpy.getattr("ascontiguousarray")?.call1((&array, dtype))?;
+    let view = copy.cast::<PyArrayDyn<T>>()?.readonly();
+    Ok((view.as_slice().map_err(|e| unreadable(name, e))?.to_vec(), view.shape().to_vec()))
+}
+
 /// An integer array-like as int64 values (a C-contiguous copy) and its shape;
 /// `TypeError` naming `name` for anything but integers.
 pub(crate) fn int_array(x: &Bound<'_, PyAny>, name: &str) -> PyResult<(Vec<i64>, Vec<usize>)> {
-    let array = as_numpy(x, name)?;
-    let kind: String = array.getattr("dtype")?.getattr("kind")?.extract()?;
-    if kind != "i" && kind != "u" {
-        return Err(wrong_type(name, "an integer array", &array));
-    }
-    let numpy = array.py().import("numpy")?;
-    let ints = numpy.getattr("ascontiguousarray")?.call1((&array, "int64"))?;
-    let view = ints.cast::<PyArrayDyn<i64>>()?.readonly();
-    Ok((view.as_slice().map_err(|e| unreadable(name, e))?.to_vec(), view.shape().to_vec()))
+    converted(x, name, "iu", "int64", "an integer array")
+}
+
+/// A real array-like (integers or floats) as float64 values and its shape;
+/// `TypeError` naming `name` for other dtypes.
+pub(crate) fn real_array(x: &Bound<'_, PyAny>, name: &str) -> PyResult<(Vec<f64>, Vec<usize>)> {
+    converted(x, name, "iuf", "float64", "a real-valued array")
 }
 
 /// The read-only, C-contiguous data of `array` as `P`.
