@@ -70,8 +70,10 @@ spelled_enum!(ScoreFunction, "score_function", ["softmax" => Softmax, "sigmoid" 
 pub enum RoutingAlgorithm {
     /// Each token picks its top-k experts; capacity then drops overflow (Switch, GShard, Mixtral).
     TokenChoice,
+    /// Each expert picks its top-C tokens; a token gets 0..E experts (Zhou et al. 2022, flaxformer).
+    ExpertChoice,
 }
-spelled_enum!(RoutingAlgorithm, "routing", ["token_choice" => TokenChoice]);
+spelled_enum!(RoutingAlgorithm, "routing", ["token_choice" => TokenChoice, "expert_choice" => ExpertChoice]);
 
 /// Which assignments survive when an expert receives more than `capacity`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,9 +98,11 @@ pub enum CapacityRounding {
     Megatron,
     /// DeepSpeed: `ceil(f32(T / E) * f32(cf * k))` in float32.
     DeepSpeed,
+    /// flaxformer expert choice: `round_half_even(cf * T / E)`, exact, no k factor.
+    Flaxformer,
 }
 spelled_enum!(CapacityRounding, "capacity_rounding", [
-    "exact" => Exact, "megatron" => Megatron, "deepspeed" => DeepSpeed,
+    "exact" => Exact, "megatron" => Megatron, "deepspeed" => DeepSpeed, "flaxformer" => Flaxformer,
 ]);
 
 /// What a group is scored on.
@@ -357,6 +361,8 @@ pub struct RouterConfig {
     pub peer: Option<Peer>,
     /// The routing algorithm.
     pub routing: RoutingAlgorithm,
+    /// Expert choice with a per-token cap (EC-CAP): each token keeps at most this many experts.
+    pub expert_choice_cap: Option<usize>,
 }
 
 impl Default for RouterConfig {
@@ -391,6 +397,7 @@ impl Default for RouterConfig {
             expert_bias: None,
             peer: None,
             routing: RoutingAlgorithm::TokenChoice,
+            expert_choice_cap: None,
         }
     }
 }
@@ -433,6 +440,7 @@ impl RouterConfig {
         "expert_bias",
         "peer",
         "routing",
+        "expert_choice_cap",
     ];
 
     /// The defaults with `num_experts` experts and `top_k` per token.
@@ -547,6 +555,9 @@ impl RouterConfig {
                 }
             }
             "peer" => self.peer = optional(v, spelled)?,
+            "expert_choice_cap" => {
+                self.expert_choice_cap = optional(v, |v| count("expert_choice_cap", v, 1, MAX_EXPERTS))?
+            }
             _ => return Err(RouterError::UnknownField { name: name.to_string() }),
         }
         Ok(())
@@ -591,6 +602,7 @@ impl RouterConfig {
             "seed" => FieldValue::Int(i128::from(self.seed)),
             "expert_bias" => self.expert_bias.clone().map_or(FieldValue::None, FieldValue::Reals),
             "peer" => self.peer.map_or(FieldValue::None, |p| word(p.to_string())),
+            "expert_choice_cap" => opt_int(self.expert_choice_cap),
             _ => return None,
         })
     }
@@ -646,6 +658,7 @@ impl RouterConfig {
             ));
         }
         self.check_weight_factors()?;
+        crate::expert_choice::check_config(self)?;
         for (field, value) in [
             ("load_balance_loss_coeff", self.load_balance_loss_coeff),
             ("router_z_loss_coeff", self.router_z_loss_coeff),

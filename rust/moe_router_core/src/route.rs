@@ -24,6 +24,7 @@ use crate::assign::{self, Assignments};
 use crate::capacity::expert_capacity;
 use crate::config::{DropPolicy, Overflow, Peer, RouterConfig, RoutingAlgorithm};
 use crate::error::{Result, RouterError};
+use crate::expert_choice;
 use crate::losses::{self, LossSums, SequenceLoss, SequencePart};
 use crate::peer_loss;
 use crate::reroute;
@@ -176,6 +177,7 @@ pub fn route_into<S: LogitSource>(
     options.validate()?;
     match options.routing {
         RoutingAlgorithm::TokenChoice => {}
+        RoutingAlgorithm::ExpertChoice => return expert_choice::route_expert_choice(source, options, call, probs_out),
     }
     // A call without a selection bias uses the configuration's fixed one.
     let expert_bias = call.expert_bias.or(options.expert_bias.as_deref());
@@ -504,7 +506,7 @@ fn finish_tokens(options: &RouterConfig, call: &RouteCall, finish: Finish, weigh
 }
 
 /// Validate the per-call arguments against the source and options.
-fn check_call<S: LogitSource>(source: &S, options: &RouterConfig, call: &RouteCall) -> Result<()> {
+pub(crate) fn check_call<S: LogitSource>(source: &S, options: &RouterConfig, call: &RouteCall) -> Result<()> {
     let t = source.num_tokens();
     let e = options.num_experts;
     if source.num_experts() != e {
