@@ -51,6 +51,7 @@ class RouterConfig:
     expert_bias: tuple[float, ...] | None
     peer: str | None
     routing: str
+    expert_choice_cap: int | None
     num_experts_per_token: int
     def __new__(
         cls,
@@ -84,6 +85,7 @@ class RouterConfig:
         expert_bias: Sequence[float] | None = ...,
         peer: str | None = ...,
         routing: str = ...,
+        expert_choice_cap: int | None = ...,
         num_experts_per_token: int | None = ...,
     ) -> RouterConfig: ...
     def capacity(self, num_tokens: int, training: Optional[bool] = None) -> Optional[int]: ...
@@ -169,6 +171,7 @@ class RoutingDecision:
     def expert_utilization(self) -> Dict[str, float]: ...
     def to_dict(self) -> Dict[str, Any]: ...
     def dispatch_plan(self, alignment: Optional[int] = None, pad_to_capacity: Optional[bool] = None) -> DispatchPlan: ...
+    def token_experts(self) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.float32]]: ...
     def backward(
         self, grad_expert_weights: Any = None, grad_auxiliary_loss: Optional[float] = None, grad_router_probs: Any = None
     ) -> npt.NDArray[Any]: ...
