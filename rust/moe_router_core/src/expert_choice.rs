@@ -18,7 +18,6 @@
 //! Not causal: a token's experts depend on every other token of the call, so
 //! it must not route a decoder's tokens one step at a time.
 
-use std::cmp::Ordering as CmpOrdering;
 use std::sync::atomic::Ordering;
 
 use rayon::prelude::*;
@@ -83,9 +82,16 @@ pub(crate) fn check_config(options: &RouterConfig) -> Result<()> {
     Ok(())
 }
 
-/// An expert's order of tokens: score descending, then token ascending.
-fn by_score(a: &(f64, u32), b: &(f64, u32)) -> CmpOrdering {
-    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+/// An expert's order of tokens (score descending, then token ascending) as one
+/// integer, larger first: the score's bits (a score is >= 0, so its bits order
+/// as its value), then the complement of the token.
+fn order_key(score: f64, token: u32) -> u128 {
+    (u128::from(score.to_bits()) << 32) | u128::from(u32::MAX - token)
+}
+
+/// The `(score, token)` of an [`order_key`].
+fn from_order_key(key: u128) -> (f64, u32) {
+    (f64::from_bits((key >> 32) as u64), u32::MAX - key as u32)
 }
 
 /// A token's order of offers `(key, expert)`: key descending, then expert ascending.
@@ -115,6 +121,7 @@ pub(crate) fn route_expert_choice<S: LogitSource>(
     // Pass 1: scores (>= 0 where eligible, -1 elsewhere), score distributions, loss sums.
     let chunk = chunk_tokens(t, e);
     let mut scores = vec![-1f64; t * e];
+    let layout = Blocked { tokens: t, experts: e, chunk };
     let mut prob_factor = vec![0f64; t];
     let mut probs = vec![0f32; if call.return_probs { t * e } else { 0 }];
     let sums = score_tokens(source, options, call, chunk, &mut scores, &mut prob_factor, &mut probs)?;
@@ -124,29 +131,34 @@ pub(crate) fn route_expert_choice<S: LogitSource>(
     let factor = options.capacity_factor_for(call.training);
     let limit = expert_capacity(&factor, options.capacity_rounding, options.min_capacity, active, options.top_k, e);
     let capacity = limit.unwrap_or(usize::MAX);
-    let column = |x: usize| -> Vec<(f64, u32)> {
-        (0..t).filter_map(|tok| Some((scores[tok * e + x], tok as u32)).filter(|&(s, _)| s >= 0.0)).collect()
+    // Expert x's eligible tokens into `v` as order keys (scratch reused across experts).
+    let column = |x: usize, v: &mut Vec<u128>| {
+        v.clear();
+        for start in (0..t).step_by(chunk) {
+            let run = layout.run(&scores, start, x);
+            v.extend(run.iter().zip(start as u32..).filter(|(&s, _)| s >= 0.0).map(|(&s, tok)| order_key(s, tok)));
+        }
     };
     let chosen: Vec<Vec<(f64, u32)>> = match options.expert_choice_cap {
         None => (0..e)
             .into_par_iter()
-            .map(|x| {
-                let mut v = column(x);
+            .map_init(Vec::new, |v, x| {
+                column(x, v);
                 if v.len() > capacity {
-                    v.select_nth_unstable_by(capacity, by_score);
+                    v.select_nth_unstable_by(capacity, |a, b| b.cmp(a));
                     v.truncate(capacity);
                 }
-                v.sort_unstable_by(by_score);
-                v
+                v.sort_unstable_by(|a, b| b.cmp(a));
+                v.iter().map(|&key| from_order_key(key)).collect()
             })
             .collect(),
         Some(cap) => {
             let orders: Vec<Vec<(f64, u32)>> = (0..e)
                 .into_par_iter()
-                .map(|x| {
-                    let mut v = column(x);
-                    v.sort_unstable_by(by_score);
-                    v
+                .map_init(Vec::new, |v, x| {
+                    column(x, v);
+                    v.sort_unstable_by(|a, b| b.cmp(a));
+                    v.iter().map(|&key| from_order_key(key)).collect()
                 })
                 .collect();
             deferred_acceptance(&orders, capacity, cap, expert_bias, t)
@@ -213,7 +225,7 @@ pub(crate) fn route_expert_choice<S: LogitSource>(
     let counts: Vec<u64> = tokens_per_expert.iter().map(|&c| c as u64).collect();
     let seq_load_balance_loss = call.sequence_length.map(|len| {
         let csr = TokenLists { offsets: &offsets, entries: &entries };
-        sequence_loss(call, len, k, &scores, &prob_factor, &csr, e)
+        sequence_loss(call, len, k, (&layout, &scores), &prob_factor, &csr)
     });
     let router_probs = match probs_out {
         Some(out) => {
@@ -278,7 +290,32 @@ fn write_columns(mine: &[(u32, i32, f32)], idx: &mut [i32], w: &mut [f32], slots
     }
 }
 
-/// Pass 1 over all chunks: `scores[t, e]` = the token's float64 score for the
+/// The score buffer's layout: chunk by chunk (the pass-1 chunks), each chunk
+/// expert-major (`[E, chunk length]`), so that an expert's scores for a
+/// chunk's tokens are contiguous: pass 2 reads them as runs.
+struct Blocked {
+    tokens: usize,
+    experts: usize,
+    chunk: usize,
+}
+
+impl Blocked {
+    /// Index of (token, expert) in the buffer.
+    fn at(&self, token: usize, expert: usize) -> usize {
+        let start = token - token % self.chunk;
+        let len = self.chunk.min(self.tokens - start);
+        start * self.experts + expert * len + token - start
+    }
+
+    /// The expert's scores for the chunk that starts at `start`.
+    fn run<'s>(&self, scores: &'s [f64], start: usize, expert: usize) -> &'s [f64] {
+        let len = self.chunk.min(self.tokens - start);
+        let base = start * self.experts + expert * len;
+        &scores[base..base + len]
+    }
+}
+
+/// Pass 1 over all chunks: `scores` (laid out as [`Blocked`]) = the token's float64 score for the
 /// expert where eligible (finite logit, or a positive gate probability; -1
 /// elsewhere and on masked rows), `prob_factor[t]` turns a score into the
 /// token's score distribution, `probs` (if not empty) the float32 scores.
@@ -309,6 +346,7 @@ fn score_tokens<S: LogitSource>(
             }
             let start = c * chunk;
             let rows = source.chunk(start, (start + chunk).min(t), buf);
+            let rows_in_chunk = f.len();
             let mut sums = LossSums::new(e);
             for (i, f) in f.iter_mut().enumerate() {
                 let tok = start + i;
@@ -336,7 +374,7 @@ fn score_tokens<S: LogitSource>(
                     let z = z.to_f64();
                     let eligible = if gate { z > 0.0 } else { z > f64::NEG_INFINITY };
                     if eligible {
-                        s[i * e + x] = b * row.scale;
+                        s[x * rows_in_chunk + i] = b * row.scale;
                     }
                     if !p.is_empty() {
                         p[i * e + x] = (b * row.scale) as f32;
@@ -424,11 +462,11 @@ fn sequence_loss(
     call: &RouteCall,
     length: usize,
     k: usize,
-    scores: &[f64],
+    (layout, scores): (&Blocked, &[f64]),
     prob_factor: &[f64],
     lists: &TokenLists,
-    e: usize,
 ) -> f64 {
+    let e = layout.experts;
     let t = prob_factor.len();
     if length == 0 || t == 0 {
         return 0.0;
@@ -442,8 +480,8 @@ fn sequence_loss(
                     continue;
                 }
                 active += 1;
-                for (p, &s) in prob_sum.iter_mut().zip(&scores[tok * e..(tok + 1) * e]) {
-                    *p += s.max(0.0) * prob_factor[tok];
+                for (x, p) in prob_sum.iter_mut().enumerate() {
+                    *p += scores[layout.at(tok, x)].max(0.0) * prob_factor[tok];
                 }
                 for &(x, _, _) in &lists.entries[lists.offsets[tok]..lists.offsets[tok + 1]] {
                     counts[x as usize] += 1;
