@@ -712,16 +712,17 @@ def expert_choice(num_experts: int, top_k: Optional[int] = None, **overrides: An
 
     Behaviour set:
 
-    - **Routing**: ``routing="expert_choice"``: a float64 softmax over all E; every
+    - **Score function and selection**: ``routing="expert_choice"``: a float64 softmax over all E; every
       expert takes the C tokens with the highest probability for it (slots in
       descending probability, ties to the lower token, as ``jax.lax.top_k``); the
-      combine weight is that probability. A token gets 0..E experts.
+      combine weight is that probability. A token gets 0..E experts. No drop order applies:
+      an expert never overflows.
     - **Capacity**: ``C = max(int(round(cf * T / E)), min_expert_capacity)`` with
       Python's banker's ``round`` computed exactly on the decimal factor and no k
       factor (``capacity_rounding="flaxformer"``); ``train_capacity_factor`` and
       ``eval_capacity_factor`` (default 1.0 each) map to ``capacity_factor`` and
       ``eval_capacity_factor``, ``min_expert_capacity`` (default 4) to ``min_capacity``.
-    - **Losses**: flaxformer's expert-choice router returns an auxiliary loss of 0:
+    - **Loss normalization**: flaxformer's expert-choice router returns an auxiliary loss of 0:
       ``load_balance_loss_coeff`` is 0 (``load_balance_loss`` is still reported, from the
       real counts); ``router_z_loss_factor`` (default 0.0) maps to ``router_z_loss_coeff``.
     - ``jitter_noise`` (on the router input) is refused unless 0.

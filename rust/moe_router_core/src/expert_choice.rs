@@ -56,7 +56,11 @@ pub(crate) fn check_config(options: &RouterConfig) -> Result<()> {
         return refuse("normalize_weights", "True", "must be False (a weight is the token's score for the expert)");
     }
     if options.renormalize_after_drop {
-        return refuse("renormalize_after_drop", "True", "must be False (a weight is the token's score for the expert)");
+        return refuse(
+            "renormalize_after_drop",
+            "True",
+            "must be False (a weight is the token's score for the expert)",
+        );
     }
     if options.overflow == Overflow::Reroute {
         return refuse("overflow", "'reroute'", "must be 'drop' (an expert never overflows)");
@@ -76,7 +80,11 @@ pub(crate) fn check_config(options: &RouterConfig) -> Result<()> {
             return refuse("capacity_factor", "None", "must be a number > 0 (each expert takes C tokens)");
         }
         if options.eval_capacity_factor == Some(CapacityFactor::Dropless) {
-            return refuse("eval_capacity_factor", "'dropless'", "must be a number > 0 or None (each expert takes C tokens)");
+            return refuse(
+                "eval_capacity_factor",
+                "'dropless'",
+                "must be a number > 0 or None (each expert takes C tokens)",
+            );
         }
     }
     Ok(())
@@ -251,11 +259,7 @@ pub(crate) fn route_expert_choice<S: LogitSource>(
         first_choice_tokens_per_expert: first_choice,
         plain_tokens_per_expert: Vec::new(),
         router_probs,
-        expert_prob_mean: sums
-            .prob_sum
-            .iter()
-            .map(|&p| if sums.active == 0 { 0.0 } else { p / sums.active as f64 })
-            .collect(),
+        expert_prob_mean: sums.prob_mean(),
         dropless: limit.is_none(),
         active_tokens: active,
         kept_assignments,
@@ -267,9 +271,7 @@ pub(crate) fn route_expert_choice<S: LogitSource>(
         auxiliary_loss: 0.0,
         peer_load_balance_loss: None,
     };
-    routing.auxiliary_loss = options.load_balance_loss_coeff * routing.load_balance_loss
-        + options.router_z_loss_coeff * routing.router_z_loss
-        + routing.seq_load_balance_loss.map_or(0.0, |s| options.seq_load_balance_loss_coeff * s);
+    routing.set_auxiliary_loss(options);
     Ok(routing)
 }
 
@@ -544,7 +546,8 @@ mod tests {
         // Sigmoid scores: both experts like token 0 best; capped at 1 it keeps expert 0, and
         // expert 1 takes its next token, 2.
         let x = ndarray::array![[3.0f64, 2.9], [0.0, 0.0], [-1.0, 0.5]];
-        let sigmoid = config(2, 1, Some(1), Some(1)).with_fields([("score_function", FieldValue::Text("sigmoid".into()))]);
+        let sigmoid =
+            config(2, 1, Some(1), Some(1)).with_fields([("score_function", FieldValue::Text("sigmoid".into()))]);
         let r = route_logits(x.view(), &sigmoid.expect("valid"), &RouteCall::default()).expect("routes");
         assert_eq!(r.top_k, 1);
         assert_eq!(r.expert_indices, vec![0, 0, 1]);
@@ -562,7 +565,8 @@ mod tests {
             let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             (row[ex] - m).exp() / row.iter().map(|z| (z - m).exp()).sum::<f64>()
         };
-        let has = |tok: usize, ex: usize| (0..k).any(|j| r.kept[tok * k + j] && r.expert_indices[tok * k + j] == ex as i32);
+        let has =
+            |tok: usize, ex: usize| (0..k).any(|j| r.kept[tok * k + j] && r.expert_indices[tok * k + j] == ex as i32);
         for ex in 0..e {
             assert!(r.tokens_per_expert[ex] as usize <= c);
         }

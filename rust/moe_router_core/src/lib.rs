@@ -84,5 +84,5 @@ pub use placement::ExpertPlacement;
 pub use rng::{normal as keyed_normal, uniform as keyed_uniform, Stream as RngStream};
 pub use route::{chunk_tokens, route, route_into, route_logits, RouteCall, Routing, CHUNK_TOKENS};
 pub use simd::{simd_level, SimdLevel};
-pub use token_experts::{token_experts, TokenExperts};
 pub use source::{ChunkBuf, ChunkRows, Logit, LogitSource, SliceLogits};
+pub use token_experts::{token_experts, TokenExperts};

@@ -323,11 +323,7 @@ pub fn route_into<S: LogitSource>(
         first_choice_tokens_per_expert: first_choice,
         plain_tokens_per_expert: plain,
         router_probs,
-        expert_prob_mean: sums
-            .prob_sum
-            .iter()
-            .map(|&p| if sums.active == 0 { 0.0 } else { p / sums.active as f64 })
-            .collect(),
+        expert_prob_mean: sums.prob_mean(),
         capacity: reported_capacity,
         dropless: limit.is_none(),
         active_tokens: active,
@@ -346,15 +342,20 @@ pub fn route_into<S: LogitSource>(
         auxiliary_loss: 0.0,
         peer_load_balance_loss: None,
     };
-    routing.auxiliary_loss = options.load_balance_loss_coeff * routing.load_balance_loss
-        + options.router_z_loss_coeff * routing.router_z_loss
-        + routing.seq_load_balance_loss.map_or(0.0, |s| options.seq_load_balance_loss_coeff * s);
+    routing.set_auxiliary_loss(options);
     routing.peer_load_balance_loss =
         options.peer.map(|peer| peer_loss::peer_load_balance_loss(peer, &routing.loss_inputs()));
     Ok(routing)
 }
 
 impl Routing {
+    /// `auxiliary_loss` from the losses and the configuration's coefficients.
+    pub(crate) fn set_auxiliary_loss(&mut self, options: &RouterConfig) {
+        self.auxiliary_loss = options.load_balance_loss_coeff * self.load_balance_loss
+            + options.router_z_loss_coeff * self.router_z_loss
+            + self.seq_load_balance_loss.map_or(0.0, |s| options.seq_load_balance_loss_coeff * s);
+    }
+
     /// What the peers' load-balance losses read from this result.
     pub fn loss_inputs(&self) -> peer_loss::LossInputs<'_> {
         peer_loss::LossInputs {

@@ -23,7 +23,11 @@ pub fn token_experts(top_k: usize, experts: &[i32], weights: &[f32], kept: &[boo
     let n = experts.len();
     for (name, len) in [("expert_weights", weights.len()), ("kept", kept.len())] {
         if len != n || !n.is_multiple_of(k) {
-            return Err(RouterError::shape(name, format!("[T, {k}] like expert_indices ({n} values)"), format!("{len} values")));
+            return Err(RouterError::shape(
+                name,
+                format!("[T, {k}] like expert_indices ({n} values)"),
+                format!("{len} values"),
+            ));
         }
     }
     let mut offsets = Vec::with_capacity(n / k + 1);
@@ -45,8 +49,13 @@ mod tests {
 
     #[test]
     fn keeps_the_kept_entries_in_column_order() {
-        let r = token_experts(2, &[3, 1, 0, 2, 1, 0], &[0.5, 0.25, 0.0, 0.0, 1.0, 0.0], &[true, true, false, false, true, false])
-            .expect("consistent");
+        let r = token_experts(
+            2,
+            &[3, 1, 0, 2, 1, 0],
+            &[0.5, 0.25, 0.0, 0.0, 1.0, 0.0],
+            &[true, true, false, false, true, false],
+        )
+        .expect("consistent");
         assert_eq!(r.offsets, vec![0, 2, 2, 3]);
         assert_eq!(r.experts, vec![3, 1, 1]);
         assert_eq!(r.weights, vec![0.5, 0.25, 1.0]);

@@ -102,8 +102,12 @@ fn make_case(
         o.score_function = if rng.chance(0.3) { ScoreFunction::Sigmoid } else { ScoreFunction::Softmax };
         o.normalize_weights = rng.chance(0.5);
         o.weight_scale = rng.pick(&[1.0, 1.0, 2.5, 0.75]);
-        o.capacity_rounding =
-            rng.pick(&[CapacityRounding::Exact, CapacityRounding::Megatron, CapacityRounding::DeepSpeed]);
+        o.capacity_rounding = rng.pick(&[
+            CapacityRounding::Exact,
+            CapacityRounding::Megatron,
+            CapacityRounding::DeepSpeed,
+            CapacityRounding::Flaxformer,
+        ]);
         o.min_capacity = rng.pick(&[0, 0, 0, 4, 40]);
         o.renormalize_after_drop = rng.chance(0.3);
         if rng.chance(0.25) {

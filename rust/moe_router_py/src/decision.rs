@@ -530,7 +530,10 @@ impl RoutingDecision {
     /// ------
     /// InputError
     ///     The decision's arrays were modified into inconsistent shapes.
-    fn token_experts<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    fn token_experts<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
         let experts = self.expert_indices.bind(py).cast::<PyArray2<i32>>()?.readonly();
         let weights = self.expert_weights.bind(py).cast::<PyArray2<f32>>()?.readonly();
         let kept = self.kept.bind(py).cast::<PyArray2<bool>>()?.readonly();
