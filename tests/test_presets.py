@@ -47,6 +47,9 @@ EXPECTED = {
     "switch": dict(top_k=1, score_function="softmax", normalize_weights=False, capacity_factor=None,
                    expert_capacity=64, drop_policy="position", renormalize_after_drop=False,
                    load_balance_loss_coeff=0.001, router_z_loss_coeff=0.001, peer="switch"),
+    "expert_choice": dict(top_k=1, routing="expert_choice", score_function="softmax", capacity_factor=1.0,
+                          eval_capacity_factor=1.0, capacity_rounding="flaxformer", min_capacity=4,
+                          load_balance_loss_coeff=0.0, router_z_loss_coeff=0.0, peer=None),
 }
 
 
@@ -60,7 +63,8 @@ def test_preset_defaults(name):
 
 
 def test_presets_listed():
-    assert mr.PRESETS == ("megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch", "tutel", "fairseq")
+    assert mr.PRESETS == ("megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch", "tutel", "fairseq",
+                          "expert_choice")
     with pytest.raises(ValueError, match="unknown preset 'gshard'.*megatron"):
         mr.preset("gshard", 8, 2)
 

@@ -54,6 +54,7 @@ class RouterConfig:
     routing: str
     capacity_alignment: int
     eval_capacity_token_fraction: float | decimal.Decimal | None
+    expert_choice_cap: int | None
     num_experts_per_token: int
     def __new__(
         cls,
@@ -89,6 +90,7 @@ class RouterConfig:
         routing: str = ...,
         capacity_alignment: int = ...,
         eval_capacity_token_fraction: float | decimal.Decimal | None = ...,
+        expert_choice_cap: int | None = ...,
         num_experts_per_token: int | None = ...,
     ) -> RouterConfig: ...
     def capacity(self, num_tokens: int, training: Optional[bool] = None) -> Optional[int]: ...
@@ -174,6 +176,7 @@ class RoutingDecision:
     def expert_utilization(self) -> Dict[str, float]: ...
     def to_dict(self) -> Dict[str, Any]: ...
     def dispatch_plan(self, alignment: Optional[int] = None, pad_to_capacity: Optional[bool] = None) -> DispatchPlan: ...
+    def token_experts(self) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.float32]]: ...
     def backward(
         self, grad_expert_weights: Any = None, grad_auxiliary_loss: Optional[float] = None, grad_router_probs: Any = None,
         tokens_per_expert: Any = None, num_tokens: Optional[int] = None,

@@ -37,6 +37,7 @@ __all__ = [
     "deepseek_v3",
     "deepspeed",
     "fairseq",
+    "expert_choice",
     "megatron",
     "mixtral",
     "peer_load_balance_loss",
@@ -47,7 +48,8 @@ __all__ = [
 ]
 
 #: Names accepted by :func:`preset`.
-PRESETS = ("megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch", "tutel", "fairseq")
+PRESETS = ("megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch", "tutel", "fairseq",
+           "expert_choice")
 
 _OUR_NAMES = tuple(name for name in RouterConfig().to_dict() if name not in ("num_experts", "top_k", "peer"))
 
@@ -303,6 +305,21 @@ def _fairseq(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
     return kwargs, "fairseq"
 
 
+def _expert_choice(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[str]]:
+    name = "expert_choice"
+    _only(name, "jitter_noise", p["jitter_noise"], (0, 0.0, None),
+          "flaxformer multiplies the router input by U(1-eps, 1+eps); moe_router's jitter_eps acts on the "
+          "logits, so it is not the same noise")
+    kwargs = dict(
+        routing="expert_choice", score_function="softmax", normalize_weights=False, weight_scale=1.0,
+        capacity_factor=p["train_capacity_factor"], eval_capacity_factor=p["eval_capacity_factor"],
+        capacity_rounding="flaxformer", min_capacity=p["min_expert_capacity"],
+        load_balance_loss_coeff=0.0,
+        router_z_loss_coeff=_number(name, "router_z_loss_factor", p["router_z_loss_factor"]),
+    )
+    return kwargs, None
+
+
 _HF_LOSS = {"router_aux_loss_coef": _Param(("router_aux_loss_coef",), 0.001, ("load_balance_loss_coeff",))}
 
 _SPECS: Dict[str, _Spec] = {
@@ -409,6 +426,16 @@ _SPECS: Dict[str, _Spec] = {
         },
         expert_names=("moe_expert_count",), topk_names=(), default_top_k=2, translate=_fairseq,
     ),
+    "expert_choice": _Spec(
+        params={
+            "train_capacity_factor": _Param(("train_capacity_factor",), 1.0, ("capacity_factor",)),
+            "eval_capacity_factor": _Param(("eval_capacity_factor",), 1.0, ("eval_capacity_factor",)),
+            "min_expert_capacity": _Param(("min_expert_capacity",), 4, ("min_capacity",)),
+            "router_z_loss_factor": _Param(("router_z_loss_factor",), 0.0, ("router_z_loss_coeff",)),
+            "jitter_noise": _Param(("jitter_noise",), 0.0, ()),
+        },
+        expert_names=(), topk_names=(), default_top_k=1, translate=_expert_choice,
+    ),
 }
 
 
@@ -462,7 +489,7 @@ def preset(name: str, num_experts: int, top_k: Optional[int] = None, **overrides
 
     Parameters
     ----------
-    name : {"megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch", "tutel", "fairseq"}
+    name : {"megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch", "tutel", "fairseq", "expert_choice"}
         The framework; see the function of the same name in this module for
         every behaviour it sets.
     num_experts : int
@@ -472,7 +499,8 @@ def preset(name: str, num_experts: int, top_k: Optional[int] = None, **overrides
         k. The framework's name (``moe_router_topk``/``topk``, DeepSpeed ``k``,
         Hugging Face ``num_experts_per_tok``, Tutel ``k``) may be given instead.
         Default: the framework's default (Megatron 2, DeepSpeed 1, Mixtral 2,
-        Qwen-MoE 4, DeepSeek-V3 8, Switch 1, Tutel 1, fairseq 2).
+        Qwen-MoE 4, DeepSeek-V3 8, Switch 1, Tutel 1, fairseq 2, expert choice 1:
+        flaxformer's capacity has no k).
     **overrides
         Framework parameter names (see :func:`accepted_names`) and
         :class:`RouterConfig` field names. Our names are applied last; giving a
@@ -482,7 +510,8 @@ def preset(name: str, num_experts: int, top_k: Optional[int] = None, **overrides
     Returns
     -------
     RouterConfig
-        With ``peer`` set, so that decisions carry ``peer_load_balance_loss``.
+        With ``peer`` set where the framework's loss normalization differs, so that
+        decisions carry ``peer_load_balance_loss`` (None for expert choice).
 
     Raises
     ------
@@ -870,6 +899,42 @@ def fairseq(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> 
     checks this preset against a NumPy transcription of ``top1gating``/``top2gating``.
     """
     return preset("fairseq", num_experts, top_k, **overrides)
+
+
+def expert_choice(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> RouterConfig:
+    """flaxformer's ``ExpertsChooseMaskedRouter`` (expert-choice routing, Zhou et al. 2022,
+    "Mixture-of-Experts with Expert Choice Routing") for one group of tokens.
+
+    Behaviour set:
+
+    - **Score function and selection**: ``routing="expert_choice"``: a float64 softmax over all E; every
+      expert takes the C tokens with the highest probability for it (slots in
+      descending probability, ties to the lower token, as ``jax.lax.top_k``); the
+      combine weight is that probability. A token gets 0..E experts. No drop order applies:
+      an expert never overflows.
+    - **Capacity**: ``C = max(int(round(cf * T / E)), min_expert_capacity)`` with
+      Python's banker's ``round`` computed exactly on the decimal factor and no k
+      factor (``capacity_rounding="flaxformer"``); ``train_capacity_factor`` and
+      ``eval_capacity_factor`` (default 1.0 each) map to ``capacity_factor`` and
+      ``eval_capacity_factor``, ``min_expert_capacity`` (default 4) to ``min_capacity``.
+    - **Loss normalization**: flaxformer's expert-choice router returns an auxiliary loss of 0:
+      ``load_balance_loss_coeff`` is 0 (``load_balance_loss`` is still reported, from the
+      real counts); ``router_z_loss_factor`` (default 0.0) maps to ``router_z_loss_coeff``.
+    - ``jitter_noise`` (on the router input) is refused unless 0.
+
+    Groups: flaxformer splits a batch into groups (``num_groups``, about 4096 tokens
+    each in its gin configs) and routes every group on its own. This preset routes one
+    group: pass one group's tokens per call. ``expert_choice_cap=`` adds our EC-CAP
+    (at most that many experts per token), which flaxformer does not have.
+
+    Not causal: a token's experts depend on the other tokens of the group, later ones
+    included; flaxformer's docstring warns that it must not be used in decoders.
+
+    Differences: flaxformer computes the softmax in float32, we in float64, so tokens
+    whose float32 probabilities tie can be ordered differently; flaxformer treats all-zero
+    input rows as padding with ``ignore_padding_tokens``, we use ``token_mask``.
+    """
+    return preset("expert_choice", num_experts, top_k, **overrides)
 
 
 # ---------------------------------------------------------------------------

@@ -44,6 +44,8 @@ pub fn capacity_limit(options: &RouterConfig, training: bool, active_tokens: usi
 ///
 /// `Tutel` and `Fairseq` take the floor of the exact decimal product, where the
 /// frameworks multiply Python floats (`0.29 * 100` is 28.999999999999996 there).
+/// - `Flaxformer`: `round_half_even(cf * T / E)` on the decimal value, without k
+///   (flaxformer's expert-choice `int(round(cf * T / E))`; Python's `round` is banker's);
 ///
 /// then `max(min_capacity, .)` in every mode. No limit: a dropless factor, or a
 /// formula value beyond `usize::MAX` (2^64 - 1), reported as exactly that
@@ -76,6 +78,7 @@ pub fn expert_capacity(
         CapacityRounding::Tutel => cf.floor_mul(t.div_ceil(e)).and_then(|c| c.checked_mul(k)),
         CapacityRounding::Fairseq if k == 1 => cf.floor_mul(t.div_ceil(e)),
         CapacityRounding::Fairseq => t.div_ceil(e).checked_mul(k),
+        CapacityRounding::Flaxformer => cf.round_half_even_mul_div(t, e),
     };
     let raw = usize::try_from(raw?).ok()?;
     Some(raw.max(min_capacity))
@@ -116,6 +119,13 @@ mod tests {
         assert_eq!(cap("1.25", Exact, 0, 4096, 2, 64), Some(160));
         assert_eq!(cap("1.0", DeepSpeed, 4, 20, 1, 8), Some(4));
         assert_eq!(cap("1.0", Exact, 0, 20, 1, 8), Some(3));
+        // flaxformer column: no k factor, banker's rounding, its min_capacity 4.
+        assert_eq!(cap("1.05", Flaxformer, 4, 320, 2, 6), Some(56));
+        assert_eq!(cap("1.25", Flaxformer, 4, 4096, 2, 64), Some(80));
+        assert_eq!(cap("1.0", Flaxformer, 4, 100, 2, 8), Some(12));
+        assert_eq!(cap("1.0", Flaxformer, 4, 36, 1, 8), Some(4)); // 4.5 -> 4
+        assert_eq!(cap("1.0", Flaxformer, 0, 44, 1, 8), Some(6)); // 5.5 -> 6
+        assert_eq!(cap("1.0", Flaxformer, 4, 20, 1, 8), Some(4));
     }
 
     #[test]
@@ -174,7 +184,7 @@ mod tests {
     #[test]
     fn extreme_factors_are_exact_or_no_limit() {
         use CapacityRounding::*;
-        for rounding in [Exact, Megatron, DeepSpeed] {
+        for rounding in [Exact, Megatron, DeepSpeed, Flaxformer] {
             assert_eq!(cap("1e300", rounding, 0, 10, 1, 4), None, "{rounding:?}");
             assert_eq!(cap("1e30", rounding, 7, 10, 1, 4), None, "{rounding:?}");
         }

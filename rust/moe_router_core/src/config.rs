@@ -70,8 +70,10 @@ spelled_enum!(ScoreFunction, "score_function", ["softmax" => Softmax, "sigmoid" 
 pub enum RoutingAlgorithm {
     /// Each token picks its top-k experts; capacity then drops overflow (Switch, GShard, Mixtral).
     TokenChoice,
+    /// Each expert picks its top-C tokens; a token gets 0..E experts (Zhou et al. 2022, flaxformer).
+    ExpertChoice,
 }
-spelled_enum!(RoutingAlgorithm, "routing", ["token_choice" => TokenChoice]);
+spelled_enum!(RoutingAlgorithm, "routing", ["token_choice" => TokenChoice, "expert_choice" => ExpertChoice]);
 
 /// Which assignments survive when an expert receives more than `capacity`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,9 +107,12 @@ pub enum CapacityRounding {
     Tutel,
     /// fairseq: `floor(cf * ceil(T / E))` for k = 1, `2 * ceil(T / E)` (no factor) for k = 2.
     Fairseq,
+    /// flaxformer expert choice: `round_half_even(cf * T / E)`, exact, no k factor.
+    Flaxformer,
 }
 spelled_enum!(CapacityRounding, "capacity_rounding", [
     "exact" => Exact, "megatron" => Megatron, "deepspeed" => DeepSpeed, "tutel" => Tutel, "fairseq" => Fairseq,
+    "flaxformer" => Flaxformer,
 ]);
 
 /// What a group is scored on.
@@ -375,6 +380,8 @@ pub struct RouterConfig {
     /// In evaluation, `capacity = ceil(fraction * T)` instead of the factor's formula (fairseq
     /// `moe_eval_capacity_token_fraction`), if set.
     pub eval_capacity_token_fraction: Option<Decimal>,
+    /// Expert choice with a per-token cap (EC-CAP): each token keeps at most this many experts.
+    pub expert_choice_cap: Option<usize>,
 }
 
 impl Default for RouterConfig {
@@ -411,6 +418,7 @@ impl Default for RouterConfig {
             routing: RoutingAlgorithm::TokenChoice,
             capacity_alignment: 1,
             eval_capacity_token_fraction: None,
+            expert_choice_cap: None,
         }
     }
 }
@@ -455,6 +463,7 @@ impl RouterConfig {
         "routing",
         "capacity_alignment",
         "eval_capacity_token_fraction",
+        "expert_choice_cap",
     ];
 
     /// The defaults with `num_experts` experts and `top_k` per token.
@@ -573,6 +582,9 @@ impl RouterConfig {
             "eval_capacity_token_fraction" => {
                 self.eval_capacity_token_fraction = optional(v, |v| token_fraction("eval_capacity_token_fraction", v))?
             }
+            "expert_choice_cap" => {
+                self.expert_choice_cap = optional(v, |v| count("expert_choice_cap", v, 1, MAX_EXPERTS))?
+            }
             _ => return Err(RouterError::UnknownField { name: name.to_string() }),
         }
         Ok(())
@@ -621,6 +633,7 @@ impl RouterConfig {
             "eval_capacity_token_fraction" => {
                 self.eval_capacity_token_fraction.map_or(FieldValue::None, |d| factor_value(&CapacityFactor::Factor(d)))
             }
+            "expert_choice_cap" => opt_int(self.expert_choice_cap),
             _ => return None,
         })
     }
@@ -676,6 +689,7 @@ impl RouterConfig {
             ));
         }
         self.check_weight_factors()?;
+        crate::expert_choice::check_config(self)?;
         for (field, value) in [
             ("load_balance_loss_coeff", self.load_balance_loss_coeff),
             ("router_z_loss_coeff", self.router_z_loss_coeff),

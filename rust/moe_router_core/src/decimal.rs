@@ -150,6 +150,40 @@ impl Decimal {
         }
         x.to_u64()
     }
+
+    /// `round_half_even(self * numerator / denominator)` (Python's `round`),
+    /// exact; `None` when the result exceeds `u64::MAX`.
+    pub fn round_half_even_mul_div(&self, numerator: u64, denominator: u64) -> Option<u64> {
+        if self.digits == 0 || numerator == 0 {
+            return Some(0);
+        }
+        // floor(2x) and whether 2x is not whole decide the rounding.
+        let mut n = Wide::product(self.digits, numerator);
+        n.mul_small(2);
+        let mut cut = false;
+        if self.exp10 >= 0 {
+            for _ in 0..self.exp10 {
+                // At or above 2^129, 2x >= 2^65 once divided by a u64: x exceeds u64::MAX.
+                if !n.below_2_129() {
+                    return None;
+                }
+                n.mul_small(10);
+            }
+            cut |= n.floor_div_small(denominator.max(1));
+        } else {
+            cut |= n.floor_div_small(denominator.max(1));
+            for _ in 0..self.exp10.unsigned_abs() {
+                if n.is_zero() {
+                    break;
+                }
+                cut |= n.floor_div_small(10);
+            }
+        }
+        let twice = n.to_u128()?;
+        let half = twice / 2;
+        let up = twice % 2 == 1 && (cut || half % 2 == 1);
+        u64::try_from(half + u128::from(up)).ok()
+    }
 }
 
 /// A 256-bit unsigned integer, little-endian limbs: just enough arithmetic for
@@ -166,6 +200,25 @@ impl Wide {
 
     fn below_2_128(&self) -> bool {
         self.0[2] == 0 && self.0[3] == 0
+    }
+
+    fn below_2_129(&self) -> bool {
+        self.0[2] < 2 && self.0[3] == 0
+    }
+
+    /// `self = floor(self / d)`, `d >= 1`; returns whether a remainder was cut off.
+    fn floor_div_small(&mut self, d: u64) -> bool {
+        let mut rem = 0u128;
+        for limb in self.0.iter_mut().rev() {
+            let v = (rem << 64) | *limb as u128;
+            *limb = (v / d as u128) as u64;
+            rem = v % d as u128;
+        }
+        rem != 0
+    }
+
+    fn to_u128(self) -> Option<u128> {
+        (self.0[2] == 0 && self.0[3] == 0).then_some(u128::from(self.0[0]) | (u128::from(self.0[1]) << 64))
     }
 
     fn is_one(&self) -> bool {
@@ -275,6 +328,36 @@ mod tests {
             if let Some(r) = reference {
                 assert_eq!(Decimal::from_parts(digits, exp10).floor_mul(n), r, "{digits}e{exp10} * {n}");
             }
+        }
+    }
+
+    #[test]
+    fn round_half_even_mul_div_is_bankers_rounding() {
+        let d = |t: &str| Decimal::from_decimal_str(t).unwrap();
+        assert_eq!(d("1").round_half_even_mul_div(36, 8), Some(4)); // 4.5
+        assert_eq!(d("1").round_half_even_mul_div(44, 8), Some(6)); // 5.5
+        assert_eq!(d("1.25").round_half_even_mul_div(4096, 64), Some(80));
+        assert_eq!(d("0.3").round_half_even_mul_div(5, 1), Some(2)); // 1.5 exactly
+        assert_eq!(d("0.30000000000000004").round_half_even_mul_div(5, 1), Some(2)); // just above 1.5
+        assert_eq!(d("0.29999999999999999").round_half_even_mul_div(5, 1), Some(1));
+        assert_eq!(d("1e-300").round_half_even_mul_div(10, 4), Some(0));
+        assert_eq!(d("1e300").round_half_even_mul_div(10, 4), None);
+        assert_eq!(d("18446744073709551615").round_half_even_mul_div(1, 1), Some(u64::MAX));
+        assert_eq!(d("18446744073709551616").round_half_even_mul_div(1, 1), None);
+        let mut next = crate::rng::xorshift(0x51_7cc1_b727_220a);
+        for _ in 0..20_000 {
+            let digits = u128::from(next() >> 40);
+            let exp10 = (next() % 9) as i32 - 4;
+            let (n, den) = (next() >> 44, (next() >> 50).max(1));
+            let (num, dd) = if exp10 >= 0 {
+                (digits * u128::from(n) * 10u128.pow(exp10 as u32), u128::from(den))
+            } else {
+                (digits * u128::from(n), u128::from(den) * 10u128.pow(exp10.unsigned_abs()))
+            };
+            let (q, r) = (num / dd, num % dd);
+            let want = q + u128::from(2 * r > dd || (2 * r == dd && q % 2 == 1));
+            let got = Decimal::from_parts(digits, exp10).round_half_even_mul_div(n, den);
+            assert_eq!(got.map(u128::from), Some(want), "{digits}e{exp10} * {n} / {den}");
         }
     }
 

@@ -10,10 +10,10 @@
 //!
 //! Inside, one concept per (private) module: `source` (where logits come
 //! from), `linear` and `gate` (sources computed from hidden states), `route`
-//! (the pipeline), `row` (one token), `score`, `topk`, `groups`, `assign`
+//! (the pipeline), `expert_choice` (the other routing algorithm), `row` (one token), `score`, `topk`, `groups`, `assign`
 //! (capacity slots), `weights` (normalization and renormalization), `replay` (a recorded selection), `reroute`,
 //! `capacity` and `decimal` (the capacity formula and its exact factor), `losses`, `global_balance` (statistics of a global batch and the balancing updates made from them), `math` and `simd` (row kernels and
-//! their instruction set), `rng`, `config`, `error`; after routing, `dispatch` (the expert-major
+//! their instruction set), `rng`, `config`, `error`; after routing, `token_experts` (each token's experts, CSR), `dispatch` (the expert-major
 //! row plan and its gathers/scatters), `payload` (the element types it moves)
 //! `layouts` (the frameworks' own dispatch formats), and for expert
 //! parallelism `placement` (experts on ranks), `eplb` (placement advice from
@@ -40,6 +40,7 @@ mod dispatch;
 mod eplb;
 mod error;
 mod exchange;
+mod expert_choice;
 mod gate;
 mod gate_backward;
 mod global_balance;
@@ -60,6 +61,7 @@ mod row;
 mod score;
 mod simd;
 mod source;
+mod token_experts;
 mod topk;
 mod weights;
 
@@ -89,3 +91,4 @@ pub use rng::{normal as keyed_normal, uniform as keyed_uniform, Stream as RngStr
 pub use route::{chunk_tokens, route, route_into, route_logits, RouteCall, Routing, CHUNK_TOKENS};
 pub use simd::{simd_level, SimdLevel};
 pub use source::{ChunkBuf, ChunkRows, Logit, LogitSource, SliceLogits};
+pub use token_experts::{token_experts, TokenExperts};

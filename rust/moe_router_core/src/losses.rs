@@ -56,6 +56,11 @@ impl LossSums {
         self.active += 1;
     }
 
+    /// `P_e`: the mean over active tokens of each expert's share (0 when none is active).
+    pub fn prob_mean(&self) -> Vec<f64> {
+        self.prob_sum.iter().map(|&p| if self.active == 0 { 0.0 } else { p / self.active as f64 }).collect()
+    }
+
     /// Add `other` (the next chunk) to these sums.
     pub fn merge(&mut self, other: &LossSums) {
         for (a, b) in self.prob_sum.iter_mut().zip(&other.prob_sum) {

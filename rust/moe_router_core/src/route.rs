@@ -24,6 +24,7 @@ use crate::assign::{self, Assignments};
 use crate::capacity::capacity_limit;
 use crate::config::{DropPolicy, Overflow, Peer, RouterConfig, RoutingAlgorithm};
 use crate::error::{Result, RouterError};
+use crate::expert_choice;
 use crate::losses::{self, LossSums, SequenceLoss, SequencePart};
 use crate::peer_loss;
 use crate::replay::Replay;
@@ -181,6 +182,7 @@ pub fn route_into<S: LogitSource>(
     options.validate()?;
     match options.routing {
         RoutingAlgorithm::TokenChoice => {}
+        RoutingAlgorithm::ExpertChoice => return expert_choice::route_expert_choice(source, options, call, probs_out),
     }
     // A call without a selection bias uses the configuration's fixed one.
     let expert_bias = call.expert_bias.or(options.expert_bias.as_deref());
@@ -327,11 +329,7 @@ pub fn route_into<S: LogitSource>(
         first_choice_tokens_per_expert: first_choice,
         plain_tokens_per_expert: plain,
         router_probs,
-        expert_prob_mean: sums
-            .prob_sum
-            .iter()
-            .map(|&p| if sums.active == 0 { 0.0 } else { p / sums.active as f64 })
-            .collect(),
+        expert_prob_mean: sums.prob_mean(),
         capacity: reported_capacity,
         dropless: limit.is_none(),
         active_tokens: active,
@@ -350,15 +348,20 @@ pub fn route_into<S: LogitSource>(
         auxiliary_loss: 0.0,
         peer_load_balance_loss: None,
     };
-    routing.auxiliary_loss = options.load_balance_loss_coeff * routing.load_balance_loss
-        + options.router_z_loss_coeff * routing.router_z_loss
-        + routing.seq_load_balance_loss.map_or(0.0, |s| options.seq_load_balance_loss_coeff * s);
+    routing.set_auxiliary_loss(options);
     routing.peer_load_balance_loss =
         options.peer.map(|peer| peer_loss::peer_load_balance_loss(peer, &routing.loss_inputs()));
     Ok(routing)
 }
 
 impl Routing {
+    /// `auxiliary_loss` from the losses and the configuration's coefficients.
+    pub(crate) fn set_auxiliary_loss(&mut self, options: &RouterConfig) {
+        self.auxiliary_loss = options.load_balance_loss_coeff * self.load_balance_loss
+            + options.router_z_loss_coeff * self.router_z_loss
+            + self.seq_load_balance_loss.map_or(0.0, |s| options.seq_load_balance_loss_coeff * s);
+    }
+
     /// What the peers' load-balance losses read from this result.
     pub fn loss_inputs(&self) -> peer_loss::LossInputs<'_> {
         peer_loss::LossInputs {
@@ -510,7 +513,7 @@ fn finish_tokens(options: &RouterConfig, call: &RouteCall, finish: Finish, weigh
 }
 
 /// Validate the per-call arguments against the source and options.
-fn check_call<S: LogitSource>(source: &S, options: &RouterConfig, call: &RouteCall) -> Result<()> {
+pub(crate) fn check_call<S: LogitSource>(source: &S, options: &RouterConfig, call: &RouteCall) -> Result<()> {
     let t = source.num_tokens();
     let e = options.num_experts;
     if source.num_experts() != e {

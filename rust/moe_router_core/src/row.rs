@@ -18,6 +18,22 @@ const LOGIT_HINT: &str = "router logits must be finite or -inf (-inf marks an ex
 const HIDDEN_HINT: &str = "check the hidden states and the router weight for NaN, inf or values so large \
      that the product overflows";
 
+/// The error for an active row whose z-loss term `logsumexp^2` overflows float64:
+/// `|logsumexp|` above `sqrt(f64::MAX)`, about 1.34e154 (only float64 logits get there).
+pub(crate) fn z_term_overflow(ctx: &RowContext, token: usize) -> RouterError {
+    RouterError::BadValue {
+        argument: ctx.argument,
+        problem: if ctx.argument == "hidden" {
+            "gives router logits whose logsumexp squared (the z-loss term) overflows float64"
+        } else {
+            "has a logsumexp whose square (the z-loss term) overflows float64"
+        },
+        token,
+        hint: "|logsumexp(logits)| must be below 1.34e154, the square root of the float64 maximum; \
+               rescale the logits",
+    }
+}
+
 /// What every token of one call shares.
 pub(crate) struct RowContext<'a> {
     pub options: &'a RouterConfig,
@@ -141,18 +157,7 @@ impl RowRouter {
             row.z_term = z;
         }
         if !row.z_term.is_finite() {
-            // |logsumexp| above sqrt(f64::MAX), about 1.34e154: only float64 logits get there.
-            return Err(RouterError::BadValue {
-                argument: ctx.argument,
-                problem: if ctx.argument == "hidden" {
-                    "gives router logits whose logsumexp squared (the z-loss term) overflows float64"
-                } else {
-                    "has a logsumexp whose square (the z-loss term) overflows float64"
-                },
-                token,
-                hint: "|logsumexp(logits)| must be below 1.34e154, the square root of the float64 maximum; \
-                       rescale the logits",
-            });
+            return Err(z_term_overflow(ctx, token));
         }
         for (p, &s) in out.probs.iter_mut().zip(&self.scores) {
             *p = (s * row.scale) as f32;

@@ -108,6 +108,7 @@ fn make_case(
             CapacityRounding::DeepSpeed,
             CapacityRounding::Tutel,
             if k <= 2 { CapacityRounding::Fairseq } else { CapacityRounding::Exact },
+            CapacityRounding::Flaxformer,
         ]);
         o.capacity_alignment = rng.pick(&[1, 1, 1, 4, 24]);
         o.min_capacity = rng.pick(&[0, 0, 0, 4, 40]);

@@ -26,7 +26,10 @@ use crate::errors::{to_py, Family};
 /// documented in the type stub and in docs/semantics.md; the formulas follow
 /// the Switch Transformer (capacity, load-balance loss), ST-MoE (z-loss),
 /// DeepSeek-V3 (groups, sigmoid scores, expert bias) and the peers named by
-/// ``peer``.
+/// ``peer``. ``routing='expert_choice'`` lets each expert take its top-C tokens
+/// (Zhou et al. 2022; ``expert_choice_cap`` caps the experts per token, EC-CAP);
+/// it is not causal (a token's experts depend on later tokens), so it must not
+/// route a decoder step by step.
 ///
 /// Raises
 /// ------

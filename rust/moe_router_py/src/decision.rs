@@ -304,7 +304,9 @@ impl RoutingDecision {
     }
 
     /// The same decision, differentiable through `backward`.
-    pub fn with_backward(mut self, inputs: BackwardInputs) -> Self {
+    pub fn with_backward(mut self, mut inputs: BackwardInputs) -> Self {
+        // The backward reads k from its configuration: expert choice decides its own.
+        inputs.config.top_k = self.top_k;
         self.backward_inputs = Some(inputs);
         self
     }
@@ -566,6 +568,46 @@ impl RoutingDecision {
             .transpose()?
             .unwrap_or(false);
         PyDispatchPlan::build(slf.py(), slf, PlanLayout { alignment, pad_to_capacity })
+    }
+
+    /// Each token's kept assignments in CSR form, in column order (weight
+    /// descending for expert choice, rank order for token choice); dropped and
+    /// filler choices are left out.
+    ///
+    /// Returns
+    /// -------
+    /// offsets : numpy.ndarray, int64, shape [T + 1]
+    ///     Token t's entries are ``offsets[t]:offsets[t + 1]``; ``offsets[T] = N``,
+    ///     the kept assignments.
+    /// experts : numpy.ndarray, int32, shape [N]
+    ///     Expert ids.
+    /// weights : numpy.ndarray, float32, shape [N]
+    ///     Combine weights.
+    ///
+    /// Raises
+    /// ------
+    /// InputError
+    ///     The decision's arrays were modified into inconsistent shapes.
+    fn token_experts<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let experts = self.expert_indices.bind(py).cast::<PyArray2<i32>>()?.readonly();
+        let weights = self.expert_weights.bind(py).cast::<PyArray2<f32>>()?.readonly();
+        let kept = self.kept.bind(py).cast::<PyArray2<bool>>()?.readonly();
+        let unreadable = crate::errors::unreadable;
+        let csr = moe_router_core::token_experts(
+            self.top_k,
+            experts.as_slice().map_err(|e| unreadable("expert_indices", e))?,
+            weights.as_slice().map_err(|e| unreadable("expert_weights", e))?,
+            kept.as_slice().map_err(|e| unreadable("kept", e))?,
+        )
+        .map_err(crate::errors::to_py)?;
+        Ok((
+            arrays::vector(py, csr.offsets).into_any(),
+            arrays::vector(py, csr.experts).into_any(),
+            arrays::vector(py, csr.weights).into_any(),
+        ))
     }
 
     /// Per token, its kept assignments as ``ExpertAssignment`` (built on first use).

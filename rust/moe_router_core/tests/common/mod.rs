@@ -248,6 +248,12 @@ pub fn reference_capacity(
                 _ => k * per_expert as usize,
             }
         }
+        CapacityRounding::Flaxformer => {
+            let (num, den) = decimal_fraction(d);
+            let (top, bottom) = (num * t_active as u128, den * e as u128);
+            let (q, r) = (top / bottom, top % bottom);
+            (q + u128::from(2 * r > bottom || (2 * r == bottom && q % 2 == 1))) as usize
+        }
     };
     Some(raw.max(min_capacity))
 }
