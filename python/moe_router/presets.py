@@ -144,6 +144,8 @@ def _megatron(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
         load_balance_loss_coeff=coeff if lb_type == "aux_loss" else 0.0,
         seq_load_balance_loss_coeff=coeff if lb_type == "seq_aux_loss" else 0.0,
         router_z_loss_coeff=z, expert_bias=p["expert_bias"],
+        # float32 scores as Megatron computes them, ranked where Megatron ranks (the logits after top-k-then-softmax)
+        score_precision="float32_logits" if score == "softmax" and not pre else "float32",
     )
     return kwargs, "megatron"
 
@@ -174,6 +176,8 @@ def _deepspeed(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
         capacity_rounding="deepspeed", min_capacity=p["min_capacity"], expert_capacity=None,
         drop_policy=policy, renormalize_after_drop=gate != "top1",
         router_z_loss_coeff=0.0,
+        # top-1/top-2 take argmax of the gates and (second choice) of the logits; top-k ranks float32 gates
+        score_precision="float32" if gate == "topk" else "float32_logits",
     )
     return kwargs, "deepspeed_" + gate
 
@@ -188,7 +192,7 @@ def _hf_common(name: str, k: int, p: Dict[str, Any]) -> Dict[str, Any]:
     # HF's loss is k times ours: the same strength on ours needs k times the coefficient.
     return dict(score_function="softmax", capacity_factor=None, eval_capacity_factor=None,
                 expert_capacity=None, weight_scale=1.0, load_balance_loss_coeff=coef * k,
-                router_z_loss_coeff=0.0)
+                router_z_loss_coeff=0.0, score_precision="float32")
 
 
 def _mixtral(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
@@ -220,7 +224,7 @@ def _deepseek_v3(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str
         expert_bias=p["e_score_correction_bias"],
         capacity_factor=None, eval_capacity_factor=None, expert_capacity=None,
         load_balance_loss_coeff=0.0 if seq else alpha, seq_load_balance_loss_coeff=alpha if seq else 0.0,
-        router_z_loss_coeff=0.0,
+        router_z_loss_coeff=0.0, score_precision="float32",
     )
     return kwargs, "deepseek_v3"
 
@@ -239,6 +243,7 @@ def _switch(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
         min_capacity=0, drop_policy="position", renormalize_after_drop=False,
         load_balance_loss_coeff=_number(name, "router_aux_loss_coef", p["router_aux_loss_coef"]),
         router_z_loss_coeff=_number(name, "router_z_loss_coef", p["router_z_loss_coef"]),
+        score_precision="float32",
     )
     return kwargs, "switch"
 

@@ -121,6 +121,25 @@ pub enum Overflow {
 }
 spelled_enum!(Overflow, "overflow", ["drop" => Drop, "reroute" => Reroute]);
 
+/// The arithmetic of the scores, the selection and the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScorePrecision {
+    /// Float64 throughout; experts ranked by their exact scores (the native semantics).
+    Float64,
+    /// The peers' float32 arithmetic (softmax: max-subtract, exp, sum, multiply by the
+    /// reciprocal; sigmoid `1 / (1 + exp(-z))`), experts ranked by those float32 scores plus
+    /// bias, so saturated scores (exactly 0 or 1) tie and go to the lower index
+    /// (Hugging Face routers, DeepSpeed top-k, Megatron-Core pre-softmax and sigmoid).
+    Float32,
+    /// The float32 arithmetic of `Float32`, experts ranked by the logits (Megatron-Core's
+    /// top-k-then-softmax, whose weights are a float32 softmax over the chosen logits;
+    /// DeepSpeed's top-1/top-2 and Switch's argmax).
+    Float32Logits,
+}
+spelled_enum!(ScorePrecision, "score_precision", [
+    "float64" => Float64, "float32" => Float32, "float32_logits" => Float32Logits,
+]);
+
 /// The framework whose load-balance loss normalization `peer_load_balance_loss` reproduces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peer {
@@ -357,6 +376,8 @@ pub struct RouterConfig {
     pub peer: Option<Peer>,
     /// The routing algorithm.
     pub routing: RoutingAlgorithm,
+    /// Float64 scores (native) or the peers' float32 arithmetic (set by the presets).
+    pub score_precision: ScorePrecision,
 }
 
 impl Default for RouterConfig {
@@ -391,6 +412,7 @@ impl Default for RouterConfig {
             expert_bias: None,
             peer: None,
             routing: RoutingAlgorithm::TokenChoice,
+            score_precision: ScorePrecision::Float64,
         }
     }
 }
@@ -433,6 +455,7 @@ impl RouterConfig {
         "expert_bias",
         "peer",
         "routing",
+        "score_precision",
     ];
 
     /// The defaults with `num_experts` experts and `top_k` per token.
@@ -547,6 +570,7 @@ impl RouterConfig {
                 }
             }
             "peer" => self.peer = optional(v, spelled)?,
+            "score_precision" => self.score_precision = spelled(v)?,
             _ => return Err(RouterError::UnknownField { name: name.to_string() }),
         }
         Ok(())
@@ -591,6 +615,7 @@ impl RouterConfig {
             "seed" => FieldValue::Int(i128::from(self.seed)),
             "expert_bias" => self.expert_bias.clone().map_or(FieldValue::None, FieldValue::Reals),
             "peer" => self.peer.map_or(FieldValue::None, |p| word(p.to_string())),
+            "score_precision" => word(self.score_precision.to_string()),
             _ => return None,
         })
     }

@@ -40,6 +40,7 @@ mod dispatch;
 mod eplb;
 mod error;
 mod exchange;
+mod float32;
 mod gate;
 mod groups;
 mod layouts;
@@ -65,7 +66,7 @@ pub use backward::{backward_logits, Cotangents, SavedRouting};
 pub use capacity::expert_capacity;
 pub use config::{
     integer_range, CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore, GroupScoreInput,
-    Overflow, Peer, RouterConfig, RoutingAlgorithm, ScoreFunction, TOP_K_ALIAS,
+    Overflow, Peer, RouterConfig, RoutingAlgorithm, ScoreFunction, ScorePrecision, TOP_K_ALIAS,
 };
 pub use decimal::Decimal;
 pub use dispatch::{gather_rows, Assignments, DispatchPlan, PlanLayout};
