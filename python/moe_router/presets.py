@@ -521,8 +521,13 @@ def megatron(num_experts: int, top_k: Optional[int] = None, **overrides: Any) ->
       each expert buffer ``decision.capacity``.
     - Megatron refuses ``softmax`` with k = 1 unless ``pre_softmax`` (a gradient concern);
       we route it as Megatron's functions do (every weight 1).
-    - Selection on float32 probabilities in Megatron can tie where the logits do not
-      (underflow); we rank by the exact scores, ties to the lower expert index.
+    - Megatron scores in float32; so does the preset (``score_precision="float32_logits"``
+      after top-k, ``"float32"`` with ``pre_softmax`` or sigmoid, ranking those float32
+      scores): probabilities that underflow to 0 and sigmoid scores that saturate to 1.0
+      tie, and we give the tie to the lower expert (or token) index where torch's order is
+      unspecified. A routed assignment of float32 probability 0 keeps its place before
+      unrouted tokens under ``drop_policy="probs"``; Megatron's ``topk`` over the expert's
+      column may keep an unrouted token of probability 0 instead.
     - ``moe_input_jitter_eps``, Sinkhorn and ``global_aux_loss`` are refused.
     """
     return preset("megatron", num_experts, top_k, **overrides)
@@ -570,6 +575,11 @@ def deepspeed(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -
       T is simply not binding).
     - DeepSpeed's dense ``[T, E, C]`` output silently loses routes whose weight
       underflowed to 0; we keep them, as its ``sparse_routes`` path does.
+    - Gates are float32 as in DeepSpeed (``score_precision``): top-k ranks them (gates that
+      underflow to 0 tie, to the lower expert index; under ``drop_policy="probs"`` a routed
+      gate of 0 keeps its place before unrouted tokens, where DeepSpeed's ``topk`` may not),
+      top-1/top-2 take the argmax of the logits; renormalization divides by
+      ``max(sum, float32 eps)`` as DeepSpeed does.
     """
     return preset("deepspeed", num_experts, top_k, **overrides)
 
@@ -592,9 +602,10 @@ def mixtral(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> 
       coef * k``, so ``auxiliary_loss`` equals Mixtral's added term. No z-loss.
 
     Differences: ``router_jitter_noise`` multiplies the hidden states (router *and*
-    experts) in Hugging Face; only 0 is accepted. Float32 probabilities can tie where
-    the logits do not (underflow); we break ties by the exact scores, then the lower
-    expert index.
+    experts) in Hugging Face; only 0 is accepted. The preset scores in float32 as Mixtral
+    does (``score_precision="float32"``): probabilities that underflow to 0 tie where the
+    logits do not, and the tie goes to the lower expert index (torch's order among equal
+    values is unspecified).
     """
     return preset("mixtral", num_experts, top_k, **overrides)
 
@@ -651,7 +662,9 @@ def deepseek_v3(num_experts: int, top_k: Optional[int] = None, **overrides: Any)
       ``top2_sum`` of a one-expert group is that expert's score.
     - The order of ``topk_idx`` in Hugging Face is unspecified (``sorted=False``); ours
       is best first. Compare the sets.
-    - It adds 1e-20 to the renormalization denominator (negligible).
+    - Scores, weights and the 1e-20 added to the renormalization denominator are float32
+      as in Hugging Face (``score_precision="float32"``): sigmoid scores that saturate to
+      1.0 tie, and the tie goes to the lower expert index.
     """
     return preset("deepseek_v3", num_experts, top_k, **overrides)
 
