@@ -13,10 +13,13 @@
 //! sigmoid is `1 / (1 + exp(-z))`; `exp` is rounded once from float64 (torch's
 //! vectorized float32 `exp` is within a few units in the last place of it, so
 //! scores strictly between the saturation points can differ by such a step).
-//! Scalar code: these rows do not use the vector kernels.
+//! The exponentials use the vector kernel; the float32 sums, divisions and the
+//! selection on the float32 keys are scalar.
 
 use crate::config::{RouterConfig, ScoreFunction, ScorePrecision};
+use crate::math::exp_shifted;
 use crate::score::RowScores;
+use crate::simd::Simd;
 use crate::weights::Chosen;
 
 /// Added to the sum of a token's chosen sigmoid scores before dividing by it
@@ -37,19 +40,27 @@ fn exp32(x: f32) -> f32 {
     f64::from(x).exp() as f32
 }
 
-/// Float32 logistic sigmoid as torch computes it: `1 / (1 + exp(-z))`.
-pub(crate) fn sigmoid32(z: f32) -> f32 {
-    1.0 / (1.0 + exp32(-z))
-}
-
 /// Overwrite `buffer` with the float32 scores of `logits` (as float64 values;
 /// `-inf` logits score 0) and return how to read it (`scale` 1). `z_term` is the
-/// row's float64 z-loss term. The logits must be within the float32 range.
-pub(crate) fn score_row(function: ScoreFunction, logits: &[f64], buffer: &mut [f64], z_term: f64) -> RowScores {
+/// row's float64 z-loss term; `scratch` has the row's length. The logits must be
+/// within the float32 range. The exponentials run through the vector kernel
+/// (`exp_shifted`, float64, then rounded to float32 once).
+pub(crate) fn score_row(
+    simd: Simd,
+    function: ScoreFunction,
+    logits: &[f64],
+    buffer: &mut [f64],
+    scratch: &mut [f64],
+    z_term: f64,
+) -> RowScores {
     if function == ScoreFunction::Sigmoid {
+        for (x, &z) in scratch.iter_mut().zip(logits) {
+            *x = f64::from(-(z as f32));
+        }
+        exp_shifted(simd, scratch, 0.0, buffer);
         let mut sum = 0.0;
-        for (b, &z) in buffer.iter_mut().zip(logits) {
-            *b = f64::from(sigmoid32(z as f32));
+        for b in buffer.iter_mut() {
+            *b = f64::from(1.0 / (1.0 + *b as f32));
             sum += *b;
         }
         // The loss's distribution is normalized with the same epsilon (Megatron-Core's aux-loss scores).
@@ -57,9 +68,13 @@ pub(crate) fn score_row(function: ScoreFunction, logits: &[f64], buffer: &mut [f
         return RowScores { z_term, scale: 1.0, prob_scale };
     }
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z as f32));
+    for (x, &z) in scratch.iter_mut().zip(logits) {
+        *x = f64::from(z as f32 - max);
+    }
+    exp_shifted(simd, scratch, 0.0, buffer);
     let mut sum = 0.0f32;
-    for (b, &z) in buffer.iter_mut().zip(logits) {
-        let e = exp32(z as f32 - max);
+    for b in buffer.iter_mut() {
+        let e = *b as f32;
         *b = f64::from(e);
         sum += e;
     }
@@ -134,23 +149,24 @@ mod tests {
     fn softmax_underflows_and_sigmoid_saturates_as_torch_does() {
         // Values from torch 2.13 on CPU: softmax([0, -x]) and sigmoid(+-x) in float32.
         let mut b = [0.0; 2];
-        score_row(ScoreFunction::Softmax, &[0.0, -103.9], &mut b, 0.0);
+        score_row(Simd::current(), ScoreFunction::Softmax, &[0.0, -103.9], &mut b, &mut [0.0; 2], 0.0);
         assert_eq!(b[1], f64::from(1.401_298_5e-45_f32));
-        score_row(ScoreFunction::Softmax, &[0.0, -104.0], &mut b, 0.0);
+        score_row(Simd::current(), ScoreFunction::Softmax, &[0.0, -104.0], &mut b, &mut [0.0; 2], 0.0);
         assert_eq!(b, [1.0, 0.0]);
-        score_row(ScoreFunction::Softmax, &[200.0, 200.0], &mut b, 0.0);
+        score_row(Simd::current(), ScoreFunction::Softmax, &[200.0, 200.0], &mut b, &mut [0.0; 2], 0.0);
         assert_eq!(b, [0.5, 0.5]);
-        assert_eq!(sigmoid32(16.64), 1.0); // correctly rounded it would be 1 - 2^-24
-        assert_eq!(sigmoid32(16.6), 1.0 - f32::EPSILON);
-        assert_eq!(sigmoid32(-88.7), 3.006_636e-39);
-        assert_eq!(sigmoid32(-88.8), 0.0); // exp(88.8) overflows float32
-        assert_eq!(sigmoid32(f32::NEG_INFINITY), 0.0);
+        let z = [16.64, 16.6, -88.7, -88.8, f64::NEG_INFINITY];
+        let mut s = [0.0; 5];
+        score_row(Simd::current(), ScoreFunction::Sigmoid, &z, &mut s, &mut [0.0; 5], 0.0);
+        // 16.64: correctly rounded it would be 1 - 2^-24; -88.8: exp(88.8) overflows float32
+        let want = [1.0, 1.0 - f32::EPSILON, 3.006_636e-39, 0.0, 0.0];
+        assert_eq!(s, want.map(f64::from));
     }
 
     #[test]
     fn softmax_of_neg_inf_is_zero_and_rows_sum_to_one() {
         let mut b = [0.0; 3];
-        let r = score_row(ScoreFunction::Softmax, &[f64::NEG_INFINITY, 1.0, 2.0], &mut b, 4.0);
+        let r = score_row(Simd::current(), ScoreFunction::Softmax, &[f64::NEG_INFINITY, 1.0, 2.0], &mut b, &mut [0.0; 3], 4.0);
         assert_eq!(b[0], 0.0);
         assert!((b.iter().sum::<f64>() - 1.0).abs() < 1e-7);
         assert_eq!((r.scale, r.z_term), (1.0, 4.0));
@@ -166,7 +182,7 @@ mod tests {
         };
         let logits = [-46.0, -47.0, -200.0];
         let mut buffer = [0.0; 3];
-        score_row(ScoreFunction::Sigmoid, &logits, &mut buffer, 0.0);
+        score_row(Simd::current(), ScoreFunction::Sigmoid, &logits, &mut buffer, &mut [0.0; 3], 0.0);
         let chosen = Chosen {
             function: ScoreFunction::Sigmoid,
             logits: &logits,
@@ -177,7 +193,8 @@ mod tests {
         };
         let mut w = [0f32; 2];
         write_weights(&options, &chosen, &mut w);
-        let (s0, s1) = (sigmoid32(-46.0), sigmoid32(-47.0));
+        let (s0, s1) = (buffer[0] as f32, buffer[1] as f32);
+        assert!(s0 > 0.0 && s1 > 0.0 && buffer[2] == 0.0);
         assert_eq!(w, [s0 / (s0 + s1 + 1e-20), s1 / (s0 + s1 + 1e-20)]);
         assert!(w[0] + w[1] < 0.99); // the epsilon is not negligible at these scores
         let all_zero = Chosen { experts: &[2, 2], ..chosen };
@@ -194,7 +211,7 @@ mod tests {
         };
         let logits = [80.0, -40.0, 0.0];
         let mut buffer = [0.0; 3];
-        score_row(ScoreFunction::Softmax, &logits, &mut buffer, 0.0);
+        score_row(Simd::current(), ScoreFunction::Softmax, &logits, &mut buffer, &mut [0.0; 3], 0.0);
         let chosen = Chosen {
             function: ScoreFunction::Softmax,
             logits: &logits,

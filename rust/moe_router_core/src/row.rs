@@ -255,7 +255,8 @@ impl RowRouter {
         let function = ctx.options.score_function;
         let row = score_row(ctx.simd, function, &self.logits, max, &mut self.scores);
         if float32::applies(ctx.options) {
-            return float32::score_row(function, &self.logits, &mut self.scores, row.z_term);
+            // `keys` is scratch until the selection fills it.
+            return float32::score_row(ctx.simd, function, &self.logits, &mut self.scores, &mut self.keys, row.z_term);
         }
         row
     }
