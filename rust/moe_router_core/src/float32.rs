@@ -172,6 +172,23 @@ mod tests {
         assert_eq!((r.scale, r.z_term), (1.0, 4.0));
     }
 
+    /// The float32 scores of a 3-expert row and the weights of its experts 0 and 1.
+    fn first_two_weights(options: &RouterConfig, logits: &[f64; 3]) -> ([f64; 3], [f32; 2]) {
+        let mut buffer = [0.0; 3];
+        score_row(Simd::current(), options.score_function, logits, &mut buffer, &mut [0.0; 3], 0.0);
+        let chosen = Chosen {
+            function: options.score_function,
+            logits,
+            buffer: &buffer,
+            scale: 1.0,
+            experts: &[0, 1],
+            routed: &[true, true],
+        };
+        let mut w = [0f32; 2];
+        write_weights(options, &chosen, &mut w);
+        (buffer, w)
+    }
+
     #[test]
     fn sigmoid_weights_carry_the_peers_epsilon() {
         let options = RouterConfig {
@@ -181,23 +198,19 @@ mod tests {
             ..RouterConfig::new(3, 2)
         };
         let logits = [-46.0, -47.0, -200.0];
-        let mut buffer = [0.0; 3];
-        score_row(Simd::current(), ScoreFunction::Sigmoid, &logits, &mut buffer, &mut [0.0; 3], 0.0);
-        let chosen = Chosen {
-            function: ScoreFunction::Sigmoid,
-            logits: &logits,
-            buffer: &buffer,
-            scale: 1.0,
-            experts: &[0, 1],
-            routed: &[true, true],
-        };
-        let mut w = [0f32; 2];
-        write_weights(&options, &chosen, &mut w);
+        let (buffer, mut w) = first_two_weights(&options, &logits);
         let (s0, s1) = (buffer[0] as f32, buffer[1] as f32);
         assert!(s0 > 0.0 && s1 > 0.0 && buffer[2] == 0.0);
         assert_eq!(w, [s0 / (s0 + s1 + 1e-20), s1 / (s0 + s1 + 1e-20)]);
         assert!(w[0] + w[1] < 0.99); // the epsilon is not negligible at these scores
-        let all_zero = Chosen { experts: &[2, 2], ..chosen };
+        let all_zero = Chosen {
+            function: ScoreFunction::Sigmoid,
+            logits: &logits,
+            buffer: &buffer,
+            scale: 1.0,
+            experts: &[2, 2],
+            routed: &[true, true],
+        };
         write_weights(&options, &all_zero, &mut w);
         assert_eq!(w, [0.0, 0.0]);
     }
@@ -209,19 +222,7 @@ mod tests {
             score_precision: ScorePrecision::Float32Logits,
             ..RouterConfig::new(3, 2)
         };
-        let logits = [80.0, -40.0, 0.0];
-        let mut buffer = [0.0; 3];
-        score_row(Simd::current(), ScoreFunction::Softmax, &logits, &mut buffer, &mut [0.0; 3], 0.0);
-        let chosen = Chosen {
-            function: ScoreFunction::Softmax,
-            logits: &logits,
-            buffer: &buffer,
-            scale: 1.0,
-            experts: &[0, 1],
-            routed: &[true, true],
-        };
-        let mut w = [0f32; 2];
-        write_weights(&options, &chosen, &mut w);
+        let (_, w) = first_two_weights(&options, &[80.0, -40.0, 0.0]);
         assert_eq!(w, [1.0, 0.0]); // exp(-120) underflows float32
     }
 
