@@ -42,7 +42,9 @@ fn exp32(x: f32) -> f32 {
 
 /// Overwrite `buffer` with the float32 scores of `logits` (as float64 values;
 /// `-inf` logits score 0) and return how to read it (`scale` 1). `z_term` is the
-/// row's float64 z-loss term; `scratch` has the row's length. The logits must be
+/// row's float64 z-loss term for sigmoid; softmax computes its own, `(m + ln S)^2`
+/// in float64 from the float32 max `m` and sum `S` (within float32 precision of the
+/// exact value, as the peers' float32 z-loss). `scratch` has the row's length. The logits must be
 /// within the float32 range. The exponentials run through the vector kernel
 /// (`exp_shifted`, float64, then rounded to float32 once).
 pub(crate) fn score_row(
@@ -82,7 +84,8 @@ pub(crate) fn score_row(
     for b in buffer.iter_mut() {
         *b = f64::from(*b as f32 * reciprocal);
     }
-    RowScores { z_term, scale: 1.0, prob_scale: 1.0 }
+    let lse = f64::from(max) + f64::from(sum).ln();
+    RowScores { z_term: lse * lse, scale: 1.0, prob_scale: 1.0 }
 }
 
 /// A selection key: the float32 score plus the float32 bias, added in float32.
@@ -150,7 +153,7 @@ mod tests {
         // Values from torch 2.13 on CPU: softmax([0, -x]) and sigmoid(+-x) in float32.
         let mut b = [0.0; 2];
         score_row(Simd::current(), ScoreFunction::Softmax, &[0.0, -103.9], &mut b, &mut [0.0; 2], 0.0);
-        assert_eq!(b[1], f64::from(1.401_298_5e-45_f32));
+        assert_eq!(b[1], f64::from(f32::from_bits(1))); // the smallest subnormal
         score_row(Simd::current(), ScoreFunction::Softmax, &[0.0, -104.0], &mut b, &mut [0.0; 2], 0.0);
         assert_eq!(b, [1.0, 0.0]);
         score_row(Simd::current(), ScoreFunction::Softmax, &[200.0, 200.0], &mut b, &mut [0.0; 2], 0.0);
@@ -166,10 +169,12 @@ mod tests {
     #[test]
     fn softmax_of_neg_inf_is_zero_and_rows_sum_to_one() {
         let mut b = [0.0; 3];
-        let r = score_row(Simd::current(), ScoreFunction::Softmax, &[f64::NEG_INFINITY, 1.0, 2.0], &mut b, &mut [0.0; 3], 4.0);
+        let r = score_row(Simd::current(), ScoreFunction::Softmax, &[f64::NEG_INFINITY, 1.0, 2.0], &mut b, &mut [0.0; 3], 0.0);
         assert_eq!(b[0], 0.0);
         assert!((b.iter().sum::<f64>() - 1.0).abs() < 1e-7);
-        assert_eq!((r.scale, r.z_term), (1.0, 4.0));
+        let lse = (1.0f64.exp() + 2.0f64.exp()).ln();
+        assert_eq!(r.scale, 1.0);
+        assert!((r.z_term.sqrt() - lse).abs() < 1e-6);
     }
 
     /// The float32 scores of a 3-expert row and the weights of its experts 0 and 1.

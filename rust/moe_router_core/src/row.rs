@@ -253,12 +253,17 @@ impl RowRouter {
     /// in its place (`float32`); the z-loss term is float64 either way.
     fn score(&mut self, ctx: &RowContext, max: f64) -> RowScores {
         let function = ctx.options.score_function;
-        let row = score_row(ctx.simd, function, &self.logits, max, &mut self.scores);
-        if float32::applies(ctx.options) {
-            // `keys` is scratch until the selection fills it.
-            return float32::score_row(ctx.simd, function, &self.logits, &mut self.scores, &mut self.keys, row.z_term);
+        if !float32::applies(ctx.options) {
+            return score_row(ctx.simd, function, &self.logits, max, &mut self.scores);
         }
-        row
+        // Softmax: the float32 pass gives the logsumexp too; sigmoid needs the float64 one.
+        let z_term = if function == ScoreFunction::Sigmoid {
+            score_row(ctx.simd, function, &self.logits, max, &mut self.scores).z_term
+        } else {
+            f64::NAN
+        };
+        // `keys` is scratch until the selection fills it.
+        float32::score_row(ctx.simd, function, &self.logits, &mut self.scores, &mut self.keys, z_term)
     }
 
     /// Selection keys: the logits when there is no bias and no group limit (the
