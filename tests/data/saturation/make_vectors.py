@@ -14,8 +14,9 @@ comes from the peers' own functions in ``../shared/peers/reference.py``.
 
 The cases have magnitudes of 20 to 200 with exactly repeated row maxima: float32
 softmax underflows to exactly 0 for the losing experts (from a gap of about 104),
-sigmoid saturates to exactly 1.0 (above about 17) and to 0 (below about -104), and
-float32 ``exp`` alone would overflow above 88.7.
+torch's float32 sigmoid saturates to exactly 1.0 (above about 16.6) and to 0 (below
+about -88.7, where its ``exp(-z)`` overflows), and float32 ``exp`` alone would overflow
+above 88.7.
 """
 
 from __future__ import annotations
