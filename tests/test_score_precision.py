@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import moe_router as mr
 from helpers import sigmoid, softmax
@@ -79,6 +81,45 @@ def test_renormalization_after_drop_clamps_at_the_float32_epsilon():
     np.testing.assert_array_equal(dec.expert_weights[1], [0.0, 0.0])  # 0 / eps, not 1
     native = mr.route_logits(x, cfg.replace(score_precision="float64"))
     np.testing.assert_array_equal(native.expert_weights[1], [0.0, 1.0])
+
+
+#: Logits from a few magnitudes far apart, so rows repeat values and saturate in float32.
+SATURATING = st.sampled_from([-200.0, -104.0, -88.8, -80.0, -40.0, -17.0, 0.0, 16.7, 17.0, 40.0, 80.0, 88.8, 200.0])
+
+
+@settings(deadline=None, max_examples=60, derandomize=True)
+@given(rows=st.lists(st.lists(SATURATING, min_size=6, max_size=6), min_size=1, max_size=12),
+       k=st.integers(1, 5), sigmoid=st.booleans())
+def test_float32_selection_and_weights_match_the_reference(rows, k, sigmoid):
+    x = np.array(rows, np.float32)
+    function = "sigmoid" if sigmoid else "softmax"
+    cfg = mr.RouterConfig(6, k, capacity_factor=None, score_function=function, normalize_weights=True,
+                          score_precision="float32")
+    dec = mr.route_logits(x, cfg)
+    s = sigmoid32(x) if sigmoid else softmax32(x)
+    experts = topk_lower_index(s, k)
+    np.testing.assert_array_equal(dec.expert_indices, experts)
+    chosen = np.take_along_axis(s, experts, axis=1)
+    total = np.zeros(len(x), F32)
+    for j in range(k):
+        total += chosen[:, j]
+    want = chosen / (total + SIGMOID_EPS if sigmoid else total)[:, None]
+    np.testing.assert_allclose(dec.expert_weights, want, rtol=1e-6, atol=0)
+    assert np.isfinite(dec.expert_weights).all()
+
+
+def test_probs_drop_breaks_float32_ties_by_token(rng):
+    # Each row repeats its maximum far above the rest: every token's two best probabilities are
+    # exactly 0.5 in float32 whatever the row's level; the top-1 goes to the lower expert, and
+    # expert 0 keeps its first C tokens.
+    x = np.full((12, 4), -80.0, np.float32)
+    x[:, 0] = x[:, 1] = 80.0 + rng.uniform(0, 1, size=12).astype(np.float32)
+    cfg = mr.preset("megatron", 4, 1, pre_softmax=True, capacity_factor=0.5)
+    dec = mr.route_logits(x, cfg, training=True)
+    assert cfg.score_precision == "float32" and dec.capacity == 2
+    np.testing.assert_array_equal(dec.expert_indices[:, 0], np.zeros(12))
+    np.testing.assert_array_equal(dec.expert_weights[:2, 0], [0.5, 0.5])
+    np.testing.assert_array_equal(dec.kept[:, 0], np.arange(12) < 2)
 
 
 def test_native_float64_is_unchanged_by_the_field(rng):
