@@ -250,7 +250,8 @@ impl RowRouter {
     }
 
     /// The row's scores: float64 (`score_row`), or the peers' float32 arithmetic
-    /// in its place (`float32`); the z-loss term is float64 either way.
+    /// in its place (`float32`), whose softmax also gives the z-loss term (from its
+    /// float32 max and sum); the sigmoid's z-loss term is the float64 one.
     fn score(&mut self, ctx: &RowContext, max: f64) -> RowScores {
         let function = ctx.options.score_function;
         if !float32::applies(ctx.options) {
@@ -260,7 +261,7 @@ impl RowRouter {
         let z_term = if function == ScoreFunction::Sigmoid {
             score_row(ctx.simd, function, &self.logits, max, &mut self.scores).z_term
         } else {
-            f64::NAN
+            f64::NAN // unused: the float32 softmax computes its own
         };
         // `keys` is scratch until the selection fills it.
         float32::score_row(ctx.simd, function, &self.logits, &mut self.scores, &mut self.keys, z_term)
