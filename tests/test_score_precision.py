@@ -26,6 +26,15 @@ def topk_lower_index(values: np.ndarray, k: int) -> np.ndarray:
     return np.stack([sorted(range(len(row)), key=lambda e: (-row[e], e))[:k] for row in values])
 
 
+def normalized_choices(scores: np.ndarray, experts: np.ndarray, eps: np.float32) -> np.ndarray:
+    """The chosen float32 scores divided by their float32 sum (in rank order) plus ``eps``."""
+    chosen = np.take_along_axis(scores, experts, axis=1)
+    total = np.zeros(len(scores), F32)
+    for j in range(experts.shape[1]):
+        total += chosen[:, j]
+    return chosen / (total + eps)[:, None]
+
+
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_float32_scores_rank_saturated_ties_to_the_lower_index(rng, k):
     x = saturated_logits(rng)
@@ -35,11 +44,7 @@ def test_float32_scores_rank_saturated_ties_to_the_lower_index(rng, k):
     np.testing.assert_array_equal(dec.router_probs, p)  # bit for bit
     experts = topk_lower_index(p, k)
     np.testing.assert_array_equal(dec.expert_indices, experts)
-    chosen = np.take_along_axis(p, experts, axis=1)
-    total = np.zeros(len(x), F32)
-    for j in range(k):
-        total += chosen[:, j]
-    np.testing.assert_allclose(dec.expert_weights, chosen / total[:, None], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(dec.expert_weights, normalized_choices(p, experts, F32(0)), rtol=1e-6, atol=0)
     # some choice here really differs from the exact ranking by logits
     native = mr.route_logits(x, cfg.replace(score_precision="float64"))
     if k > 1:
@@ -99,11 +104,7 @@ def test_float32_selection_and_weights_match_the_reference(rows, k, sigmoid):
     s = sigmoid32(x) if sigmoid else softmax32(x)
     experts = topk_lower_index(s, k)
     np.testing.assert_array_equal(dec.expert_indices, experts)
-    chosen = np.take_along_axis(s, experts, axis=1)
-    total = np.zeros(len(x), F32)
-    for j in range(k):
-        total += chosen[:, j]
-    want = chosen / (total + SIGMOID_EPS if sigmoid else total)[:, None]
+    want = normalized_choices(s, experts, SIGMOID_EPS if sigmoid else F32(0))
     np.testing.assert_allclose(dec.expert_weights, want, rtol=1e-6, atol=0)
     assert np.isfinite(dec.expert_weights).all()
 
