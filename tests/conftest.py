@@ -26,6 +26,8 @@ REAL_ROUTER_DIR = SHARED_DIR / "data" / "real_router"
 REAL_ROUTER_FILES = ("minilm_l3.npz", "minilm_l5.npz")
 REAL_L5 = REAL_ROUTER_DIR / "minilm_l5.npz"
 VECTORS_DIR = SHARED_DIR / "peers" / "vectors"
+#: Peer vectors of this repository where float32 scores saturate (``tests/data/saturation/make_vectors.py``).
+SATURATION_DIR = TESTS_DIR / "data" / "saturation"
 #: In CI (``CI=true``) missing shared data fails the tests that need it instead of skipping them.
 IN_CI = os.environ.get("CI", "").strip().lower() == "true"
 

@@ -55,6 +55,7 @@ class RouterConfig:
     capacity_alignment: int
     eval_capacity_token_fraction: float | decimal.Decimal | None
     expert_choice_cap: int | None
+    score_precision: str
     num_experts_per_token: int
     def __new__(
         cls,
@@ -91,6 +92,7 @@ class RouterConfig:
         capacity_alignment: int = ...,
         eval_capacity_token_fraction: float | decimal.Decimal | None = ...,
         expert_choice_cap: int | None = ...,
+        score_precision: str = ...,
         num_experts_per_token: int | None = ...,
     ) -> RouterConfig: ...
     def capacity(self, num_tokens: int, training: Optional[bool] = None) -> Optional[int]: ...

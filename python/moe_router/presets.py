@@ -148,6 +148,8 @@ def _megatron(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
         load_balance_loss_coeff=coeff if lb_type == "aux_loss" else 0.0,
         seq_load_balance_loss_coeff=coeff if lb_type == "seq_aux_loss" else 0.0,
         router_z_loss_coeff=z, expert_bias=p["expert_bias"],
+        # float32 scores as Megatron computes them, ranked where Megatron ranks (the logits after top-k-then-softmax)
+        score_precision="float32_logits" if score == "softmax" and not pre else "float32",
     )
     return kwargs, "megatron"
 
@@ -178,6 +180,8 @@ def _deepspeed(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
         capacity_rounding="deepspeed", min_capacity=p["min_capacity"], expert_capacity=None,
         drop_policy=policy, renormalize_after_drop=gate != "top1",
         router_z_loss_coeff=0.0,
+        # top-1/top-2 take argmax of the gates and (second choice) of the logits; top-k ranks float32 gates
+        score_precision="float32" if gate == "topk" else "float32_logits",
     )
     return kwargs, "deepspeed_" + gate
 
@@ -192,7 +196,7 @@ def _hf_common(name: str, k: int, p: Dict[str, Any]) -> Dict[str, Any]:
     # HF's loss is k times ours: the same strength on ours needs k times the coefficient.
     return dict(score_function="softmax", capacity_factor=None, eval_capacity_factor=None,
                 expert_capacity=None, weight_scale=1.0, load_balance_loss_coeff=coef * k,
-                router_z_loss_coeff=0.0)
+                router_z_loss_coeff=0.0, score_precision="float32")
 
 
 def _mixtral(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
@@ -224,7 +228,7 @@ def _deepseek_v3(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str
         expert_bias=p["e_score_correction_bias"],
         capacity_factor=None, eval_capacity_factor=None, expert_capacity=None,
         load_balance_loss_coeff=0.0 if seq else alpha, seq_load_balance_loss_coeff=alpha if seq else 0.0,
-        router_z_loss_coeff=0.0,
+        router_z_loss_coeff=0.0, score_precision="float32",
     )
     return kwargs, "deepseek_v3"
 
@@ -243,6 +247,7 @@ def _switch(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
         min_capacity=0, drop_policy="position", renormalize_after_drop=False,
         load_balance_loss_coeff=_number(name, "router_aux_loss_coef", p["router_aux_loss_coef"]),
         router_z_loss_coeff=_number(name, "router_z_loss_coef", p["router_z_loss_coef"]),
+        score_precision="float32",
     )
     return kwargs, "switch"
 
@@ -634,8 +639,13 @@ def megatron(num_experts: int, top_k: Optional[int] = None, **overrides: Any) ->
       each expert buffer ``decision.capacity``.
     - Megatron refuses ``softmax`` with k = 1 unless ``pre_softmax`` (a gradient concern);
       we route it as Megatron's functions do (every weight 1).
-    - Selection on float32 probabilities in Megatron can tie where the logits do not
-      (underflow); we rank by the exact scores, ties to the lower expert index.
+    - Megatron scores in float32; so does the preset (``score_precision="float32_logits"``
+      after top-k, ``"float32"`` with ``pre_softmax`` or sigmoid, ranking those float32
+      scores): probabilities that underflow to 0 and sigmoid scores that saturate to 1.0
+      tie, and we give the tie to the lower expert (or token) index where torch's order is
+      unspecified. A routed assignment of float32 probability 0 keeps its place before
+      unrouted tokens under ``drop_policy="probs"``; Megatron's ``topk`` over the expert's
+      column may keep an unrouted token of probability 0 instead.
     - ``moe_input_jitter_eps``, Sinkhorn and ``global_aux_loss`` are refused.
     """
     return preset("megatron", num_experts, top_k, **overrides)
@@ -683,6 +693,11 @@ def deepspeed(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -
       T is simply not binding).
     - DeepSpeed's dense ``[T, E, C]`` output silently loses routes whose weight
       underflowed to 0; we keep them, as its ``sparse_routes`` path does.
+    - Gates are float32 as in DeepSpeed (``score_precision``): top-k ranks them (gates that
+      underflow to 0 tie, to the lower expert index; under ``drop_policy="probs"`` a routed
+      gate of 0 keeps its place before unrouted tokens, where DeepSpeed's ``topk`` may not),
+      top-1/top-2 take the argmax of the logits; renormalization divides by
+      ``max(sum, float32 eps)`` as DeepSpeed does.
     """
     return preset("deepspeed", num_experts, top_k, **overrides)
 
@@ -705,9 +720,10 @@ def mixtral(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> 
       coef * k``, so ``auxiliary_loss`` equals Mixtral's added term. No z-loss.
 
     Differences: ``router_jitter_noise`` multiplies the hidden states (router *and*
-    experts) in Hugging Face; only 0 is accepted. Float32 probabilities can tie where
-    the logits do not (underflow); we break ties by the exact scores, then the lower
-    expert index.
+    experts) in Hugging Face; only 0 is accepted. The preset scores in float32 as Mixtral
+    does (``score_precision="float32"``): probabilities that underflow to 0 tie where the
+    logits do not, and the tie goes to the lower expert index (torch's order among equal
+    values is unspecified).
     """
     return preset("mixtral", num_experts, top_k, **overrides)
 
@@ -764,7 +780,9 @@ def deepseek_v3(num_experts: int, top_k: Optional[int] = None, **overrides: Any)
       ``top2_sum`` of a one-expert group is that expert's score.
     - The order of ``topk_idx`` in Hugging Face is unspecified (``sorted=False``); ours
       is best first. Compare the sets.
-    - It adds 1e-20 to the renormalization denominator (negligible).
+    - Scores, weights and the 1e-20 added to the renormalization denominator are float32
+      as in Hugging Face (``score_precision="float32"``): sigmoid scores that saturate to
+      1.0 tie, and the tie goes to the lower expert index.
     """
     return preset("deepseek_v3", num_experts, top_k, **overrides)
 

@@ -135,6 +135,25 @@ pub enum Overflow {
 }
 spelled_enum!(Overflow, "overflow", ["drop" => Drop, "reroute" => Reroute]);
 
+/// The arithmetic of the scores, the selection and the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScorePrecision {
+    /// Float64 throughout; experts ranked by their exact scores (the native semantics).
+    Float64,
+    /// The peers' float32 arithmetic (softmax: max-subtract, exp, sum, multiply by the
+    /// reciprocal; sigmoid `1 / (1 + exp(-z))`), experts ranked by those float32 scores plus
+    /// bias, so saturated scores (exactly 0 or 1) tie and go to the lower index
+    /// (Hugging Face routers, DeepSpeed top-k, Megatron-Core pre-softmax and sigmoid).
+    Float32,
+    /// The float32 arithmetic of `Float32`, experts ranked by the logits (Megatron-Core's
+    /// top-k-then-softmax, whose weights are a float32 softmax over the chosen logits;
+    /// DeepSpeed's top-1/top-2 and Switch's argmax).
+    Float32Logits,
+}
+spelled_enum!(ScorePrecision, "score_precision", [
+    "float64" => Float64, "float32" => Float32, "float32_logits" => Float32Logits,
+]);
+
 /// The framework whose load-balance loss normalization `peer_load_balance_loss` reproduces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peer {
@@ -382,6 +401,8 @@ pub struct RouterConfig {
     pub eval_capacity_token_fraction: Option<Decimal>,
     /// Expert choice with a per-token cap (EC-CAP): each token keeps at most this many experts.
     pub expert_choice_cap: Option<usize>,
+    /// Float64 scores (native) or the peers' float32 arithmetic (set by the presets).
+    pub score_precision: ScorePrecision,
 }
 
 impl Default for RouterConfig {
@@ -419,6 +440,7 @@ impl Default for RouterConfig {
             capacity_alignment: 1,
             eval_capacity_token_fraction: None,
             expert_choice_cap: None,
+            score_precision: ScorePrecision::Float64,
         }
     }
 }
@@ -464,6 +486,7 @@ impl RouterConfig {
         "capacity_alignment",
         "eval_capacity_token_fraction",
         "expert_choice_cap",
+        "score_precision",
     ];
 
     /// The defaults with `num_experts` experts and `top_k` per token.
@@ -585,6 +608,7 @@ impl RouterConfig {
             "expert_choice_cap" => {
                 self.expert_choice_cap = optional(v, |v| count("expert_choice_cap", v, 1, MAX_EXPERTS))?
             }
+            "score_precision" => self.score_precision = spelled(v)?,
             _ => return Err(RouterError::UnknownField { name: name.to_string() }),
         }
         Ok(())
@@ -634,6 +658,7 @@ impl RouterConfig {
                 self.eval_capacity_token_fraction.map_or(FieldValue::None, |d| factor_value(&CapacityFactor::Factor(d)))
             }
             "expert_choice_cap" => opt_int(self.expert_choice_cap),
+            "score_precision" => word(self.score_precision.to_string()),
             _ => return None,
         })
     }

@@ -41,6 +41,7 @@ mod eplb;
 mod error;
 mod exchange;
 mod expert_choice;
+mod float32;
 mod gate;
 mod gate_backward;
 mod global_balance;
@@ -70,7 +71,7 @@ pub use backward::{backward_logits, Cotangents, SavedRouting};
 pub use capacity::{capacity_limit, expert_capacity};
 pub use config::{
     integer_range, CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore, GroupScoreInput,
-    Overflow, Peer, RouterConfig, RoutingAlgorithm, ScoreFunction, TOP_K_ALIAS,
+    Overflow, Peer, RouterConfig, RoutingAlgorithm, ScoreFunction, ScorePrecision, TOP_K_ALIAS,
 };
 pub use decimal::Decimal;
 pub use dispatch::{gather_rows, Assignments, DispatchPlan, PlanLayout};

@@ -25,6 +25,7 @@ use crate::capacity::capacity_limit;
 use crate::config::{DropPolicy, Overflow, Peer, RouterConfig, RoutingAlgorithm};
 use crate::error::{Result, RouterError};
 use crate::expert_choice;
+use crate::float32;
 use crate::losses::{self, LossSums, SequenceLoss, SequencePart};
 use crate::peer_loss;
 use crate::replay::Replay;
@@ -500,7 +501,11 @@ fn finish_tokens(options: &RouterConfig, call: &RouteCall, finish: Finish, weigh
                 }
                 if renormalize && n > 0 {
                     let moved = rerouted.get(token * k..(token + 1) * k).unwrap_or(&[]);
-                    renormalize_kept(options, token, w, kp, moved, &mut recorded, &mut logs);
+                    if float32::applies(options) {
+                        float32::renormalize_kept(options, w, kp);
+                    } else {
+                        renormalize_kept(options, token, w, kp, moved, &mut recorded, &mut logs);
+                    }
                 }
                 kept_total += n;
                 if n == 0 && call.token_mask.is_none_or(|m| m[token]) {

@@ -3,12 +3,13 @@
 
 use crate::config::{GroupScoreInput, RouterConfig, ScoreFunction};
 use crate::error::{Result, RouterError};
+use crate::float32;
 use crate::groups::limit_to_best_groups;
 use crate::losses::SequenceLoss;
 use crate::math::{read_row, RowRead, LANES};
 use crate::rng::{self, Stream};
 use crate::route::{RouteCall, Tally};
-use crate::score::score_row;
+use crate::score::{score_row, RowScores};
 use crate::simd::Simd;
 use crate::source::Logit;
 use crate::topk::{block_lower_bound, second_largest, select_top_k, sort8_descending};
@@ -152,7 +153,16 @@ impl RowRouter {
             }
         }
         let simd = ctx.simd;
-        let mut row = score_row(simd, options.score_function, &self.logits, max, &mut self.scores);
+        if float32::applies(options) && !(max as f32).is_finite() {
+            return Err(RouterError::BadValue {
+                argument: ctx.argument,
+                problem: "has a logit beyond the float32 range, which score_precision float32 cannot score",
+                token,
+                hint: "the presets score in float32 as the frameworks do; pass score_precision='float64' for \
+                       larger logits",
+            });
+        }
+        let mut row = self.score(ctx, max);
         if let Some(z) = z_squared {
             row.z_term = z;
         }
@@ -184,7 +194,11 @@ impl RowRouter {
             experts: out.experts,
             routed: out.routed,
         };
-        write_weights(options, token, &chosen, out.weights, &mut self.weight_scratch, &mut tally.tiny_weights);
+        if float32::applies(options) {
+            float32::write_weights(options, &chosen, out.weights);
+        } else {
+            write_weights(options, token, &chosen, out.weights, &mut self.weight_scratch, &mut tally.tiny_weights);
+        }
         self.last_top1 = if out.routed[0] { (self.scores[out.experts[0] as usize] * row.scale) as f32 } else { 0.0 };
 
         let per_rank = tally.counts.len() > e;
@@ -245,28 +259,54 @@ impl RowRouter {
         }
     }
 
+    /// The row's scores: float64 (`score_row`), or the peers' float32 arithmetic
+    /// in its place (`float32`), whose softmax also gives the z-loss term (from its
+    /// float32 max and sum); the sigmoid's z-loss term is the float64 one.
+    fn score(&mut self, ctx: &RowContext, max: f64) -> RowScores {
+        let function = ctx.options.score_function;
+        if !float32::applies(ctx.options) {
+            return score_row(ctx.simd, function, &self.logits, max, &mut self.scores);
+        }
+        // Softmax: the float32 pass gives the logsumexp too; sigmoid needs the float64 one.
+        let z_term = if function == ScoreFunction::Sigmoid {
+            score_row(ctx.simd, function, &self.logits, max, &mut self.scores).z_term
+        } else {
+            f64::NAN // unused: the float32 softmax computes its own
+        };
+        // `keys` is scratch until the selection fills it.
+        float32::score_row(ctx.simd, function, &self.logits, &mut self.scores, &mut self.keys, z_term)
+    }
+
     /// Selection keys: the logits when there is no bias and no group limit (the
     /// same order as the exact scores, immune to ties that rounding of the scores
     /// would create; returns true), otherwise scores plus bias with the rejected
     /// groups at `-inf`, in `self.keys` (returns false). `scale` reads the scores.
+    /// With `score_precision = "float32"` the keys are the float32 scores plus bias
+    /// (added in float32), so saturated scores tie as the peers' do.
     fn compute_keys(&mut self, ctx: &RowContext, scale: f64) -> bool {
         let options = ctx.options;
         let bias = ctx.call.expert_bias;
-        if bias.is_none() && options.groups().is_none() {
+        let on_scores32 = float32::ranks_scores(options);
+        if bias.is_none() && options.groups().is_none() && !on_scores32 {
             return true;
         }
         for i in 0..options.num_experts {
             let z = self.logits[i];
             let eligible = z > f64::NEG_INFINITY;
+            let b = bias.map(|b| b[i]);
+            let score = self.scores[i] * scale;
+            let scored = if on_scores32 { float32::biased(score, b) } else { score + b.unwrap_or(0.0) };
             let base = match options.group_score_input {
-                GroupScoreInput::Scores => self.scores[i] * scale,
-                GroupScoreInput::Logits => z,
+                GroupScoreInput::Scores => scored,
+                GroupScoreInput::Logits => z + b.unwrap_or(0.0),
             };
-            self.group_keys[i] = if eligible { base + bias.map_or(0.0, |b| b[i]) } else { f64::NEG_INFINITY };
-            self.keys[i] = match bias {
-                Some(b) if eligible => self.scores[i] * scale + b[i],
-                Some(_) => f64::NEG_INFINITY,
-                None => z,
+            self.group_keys[i] = if eligible { base } else { f64::NEG_INFINITY };
+            self.keys[i] = if !eligible {
+                f64::NEG_INFINITY
+            } else if b.is_some() || on_scores32 {
+                scored
+            } else {
+                z
             };
         }
         if let Some(limit) = &options.groups() {
@@ -288,7 +328,7 @@ impl RowRouter {
         if ctx.noise {
             max = self.add_noise(ctx.options, ctx.call.step, token);
         }
-        let row = score_row(ctx.simd, ctx.options.score_function, &self.logits, max, &mut self.scores);
+        let row = self.score(ctx, max);
         let keys_are_logits = self.compute_keys(ctx, row.scale);
         let keys = if keys_are_logits { &self.logits } else { &self.keys };
         for (o, &key) in out.iter_mut().zip(keys) {
