@@ -342,6 +342,7 @@ def test_hidden_state_path(rng) -> None:
     (dict(num_groups=2, group_top_k=1), "num_groups"),
     (dict(capacity_factor=None), "capacity_factor"),
     (dict(eval_capacity_factor="dropless"), "eval_capacity_factor"),
+    (dict(score_precision="float32"), "score_precision"),
 ])
 def test_refused_settings(kwargs, field) -> None:
     with pytest.raises(mr.ConfigError, match=field) as info:

@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use rayon::prelude::*;
 
 use crate::capacity::expert_capacity;
-use crate::config::{CapacityFactor, DropPolicy, Overflow, RouterConfig, RoutingAlgorithm, ScoreFunction};
+use crate::config::{CapacityFactor, DropPolicy, Overflow, RouterConfig, RoutingAlgorithm, ScoreFunction, ScorePrecision};
 use crate::error::{Result, RouterError};
 use crate::losses::{self, LossSums};
 use crate::route::{check_call, chunk_tokens, RouteCall, Routing};
@@ -71,6 +71,10 @@ pub(crate) fn check_config(options: &RouterConfig) -> Result<()> {
     }
     if let Some(g) = options.num_groups {
         return refuse("num_groups", &g.to_string(), "must be None (group limits are a token-choice rule)");
+    }
+    if options.score_precision != ScorePrecision::Float64 {
+        let precision = format!("'{}'", options.score_precision);
+        return refuse("score_precision", &precision, "must be 'float64' (the peers' float32 mode is token choice's)");
     }
     if let Some(p) = options.peer {
         return refuse("peer", &format!("'{p}'"), "must be None (no framework loss to reproduce)");

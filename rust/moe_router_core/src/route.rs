@@ -181,6 +181,13 @@ pub fn route_into<S: LogitSource>(
     probs_out: Option<&mut [f32]>,
 ) -> Result<Routing> {
     options.validate()?;
+    if call.replay.is_some() && options.routing != RoutingAlgorithm::TokenChoice {
+        return Err(RouterError::config(
+            "routing",
+            format!("'{}'", options.routing),
+            "must be 'token_choice' to replay a recording (a replay replaces token choice's top-k)",
+        ));
+    }
     match options.routing {
         RoutingAlgorithm::TokenChoice => {}
         RoutingAlgorithm::ExpertChoice => return expert_choice::route_expert_choice(source, options, call, probs_out),
