@@ -51,6 +51,8 @@ class RouterConfig:
     expert_bias: tuple[float, ...] | None
     peer: str | None
     routing: str
+    sinkhorn_tolerance: float
+    sinkhorn_max_iterations: int
     num_experts_per_token: int
     def __new__(
         cls,
@@ -84,6 +86,8 @@ class RouterConfig:
         expert_bias: Sequence[float] | None = ...,
         peer: str | None = ...,
         routing: str = ...,
+        sinkhorn_tolerance: float = ...,
+        sinkhorn_max_iterations: int = ...,
         num_experts_per_token: int | None = ...,
     ) -> RouterConfig: ...
     def capacity(self, num_tokens: int, training: Optional[bool] = None) -> Optional[int]: ...
@@ -162,6 +166,10 @@ class RoutingDecision:
     def num_experts(self) -> int: ...
     @property
     def top_k(self) -> int: ...
+    @property
+    def sinkhorn_iterations(self) -> Optional[int]: ...
+    @property
+    def sinkhorn_converged(self) -> Optional[bool]: ...
     @property
     def expert_assignments(self) -> List[List[ExpertAssignment]]: ...
     def routing_efficiency(self) -> float: ...

@@ -59,19 +59,25 @@ pub enum ScoreFunction {
     Softmax,
     /// Element-wise logistic sigmoid (DeepSeek-V3).
     Sigmoid,
+    /// Element-wise `sqrt(softplus(z))` (Megatron-Core `sqrtsoftplus`), handled as sigmoid.
+    SqrtSoftplus,
     /// The rows already hold non-negative scores (a gate's probabilities); 0 marks
     /// an expert as not eligible. Set by the hierarchical gate, not by users.
     Probabilities,
 }
-spelled_enum!(ScoreFunction, "score_function", ["softmax" => Softmax, "sigmoid" => Sigmoid]);
+spelled_enum!(ScoreFunction, "score_function", [
+    "softmax" => Softmax, "sigmoid" => Sigmoid, "sqrtsoftplus" => SqrtSoftplus,
+]);
 
 /// Which routing algorithm assigns tokens to experts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RoutingAlgorithm {
     /// Each token picks its top-k experts; capacity then drops overflow (Switch, GShard, Mixtral).
     TokenChoice,
+    /// Top-k of a Sinkhorn-balanced score matrix in training (Megatron-Core S-BASE, `crate::sinkhorn`).
+    Sinkhorn,
 }
-spelled_enum!(RoutingAlgorithm, "routing", ["token_choice" => TokenChoice]);
+spelled_enum!(RoutingAlgorithm, "routing", ["token_choice" => TokenChoice, "sinkhorn" => Sinkhorn]);
 
 /// Which assignments survive when an expert receives more than `capacity`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,6 +363,10 @@ pub struct RouterConfig {
     pub peer: Option<Peer>,
     /// The routing algorithm.
     pub routing: RoutingAlgorithm,
+    /// Sinkhorn stops once the mean change of the expert scaling is at most this (> 0).
+    pub sinkhorn_tolerance: f64,
+    /// Sinkhorn stops after this many iterations even if not converged (>= 1).
+    pub sinkhorn_max_iterations: usize,
 }
 
 impl Default for RouterConfig {
@@ -391,6 +401,8 @@ impl Default for RouterConfig {
             expert_bias: None,
             peer: None,
             routing: RoutingAlgorithm::TokenChoice,
+            sinkhorn_tolerance: 1e-4,
+            sinkhorn_max_iterations: 1000,
         }
     }
 }
@@ -433,6 +445,8 @@ impl RouterConfig {
         "expert_bias",
         "peer",
         "routing",
+        "sinkhorn_tolerance",
+        "sinkhorn_max_iterations",
     ];
 
     /// The defaults with `num_experts` experts and `top_k` per token.
@@ -547,6 +561,10 @@ impl RouterConfig {
                 }
             }
             "peer" => self.peer = optional(v, spelled)?,
+            "sinkhorn_tolerance" => self.sinkhorn_tolerance = real("sinkhorn_tolerance", v)?,
+            "sinkhorn_max_iterations" => {
+                self.sinkhorn_max_iterations = count("sinkhorn_max_iterations", v, 1, usize::MAX)?
+            }
             _ => return Err(RouterError::UnknownField { name: name.to_string() }),
         }
         Ok(())
@@ -591,6 +609,8 @@ impl RouterConfig {
             "seed" => FieldValue::Int(i128::from(self.seed)),
             "expert_bias" => self.expert_bias.clone().map_or(FieldValue::None, FieldValue::Reals),
             "peer" => self.peer.map_or(FieldValue::None, |p| word(p.to_string())),
+            "sinkhorn_tolerance" => float_value(self.sinkhorn_tolerance),
+            "sinkhorn_max_iterations" => int(self.sinkhorn_max_iterations),
             _ => return None,
         })
     }
@@ -747,7 +767,7 @@ impl RouterConfig {
                 ));
             }
         }
-        Ok(())
+        self.check_sinkhorn()
     }
 
     /// `weight_scale` in (0, float32 max], `reroute_weight_scale` in [0, float32 max],

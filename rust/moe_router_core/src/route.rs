@@ -72,6 +72,9 @@ pub struct RouteCall<'a> {
     /// call then returns [`RouterError::Cancelled`], so a caller's interrupt
     /// takes effect within one chunk per thread. Never set: the same result as None.
     pub cancel: Option<&'a AtomicBool>,
+    /// `[T, k]` experts chosen beforehand (by rank; Sinkhorn routing): they
+    /// replace the top-k, and the weights are the scores at them.
+    pub selection: Option<&'a [i32]>,
 }
 
 /// The result of routing T tokens to E experts with k choices each.
@@ -143,6 +146,10 @@ pub struct Routing {
     pub auxiliary_loss: f64,
     /// The load-balance loss as `config.peer` computes it, when a peer is set.
     pub peer_load_balance_loss: Option<f64>,
+    /// Sinkhorn iterations run (`routing = Sinkhorn` in training), else None.
+    pub sinkhorn_iterations: Option<usize>,
+    /// Whether Sinkhorn met its tolerance before its iteration cap, else None.
+    pub sinkhorn_converged: Option<bool>,
 }
 
 /// Route an `[T, E]` array of logits. Non-standard layouts are copied once.
@@ -176,6 +183,7 @@ pub fn route_into<S: LogitSource>(
     options.validate()?;
     match options.routing {
         RoutingAlgorithm::TokenChoice => {}
+        RoutingAlgorithm::Sinkhorn => return crate::sinkhorn::route_sinkhorn(source, options, call, probs_out),
     }
     // A call without a selection bias uses the configuration's fixed one.
     let expert_bias = call.expert_bias.or(options.expert_bias.as_deref());
@@ -343,6 +351,8 @@ pub fn route_into<S: LogitSource>(
         }),
         auxiliary_loss: 0.0,
         peer_load_balance_loss: None,
+        sinkhorn_iterations: None,
+        sinkhorn_converged: None,
     };
     routing.auxiliary_loss = options.load_balance_loss_coeff * routing.load_balance_loss
         + options.router_z_loss_coeff * routing.router_z_loss
@@ -540,6 +550,15 @@ fn check_call<S: LogitSource>(source: &S, options: &RouterConfig, call: &RouteCa
         }
         if let Some((i, v)) = bias.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(RouterError::NonFiniteParameter { argument: "expert_bias", index: i, value: v.to_string() });
+        }
+    }
+    if let Some(sel) = call.selection {
+        if sel.len() != t * options.top_k {
+            let k = options.top_k;
+            return Err(RouterError::shape("selection", format!("[{t}, {k}]"), format!("{} values", sel.len())));
+        }
+        if let Some(&x) = sel.iter().find(|&&x| x < 0 || x as usize >= e) {
+            return Err(RouterError::shape("selection", format!("expert ids in [0, {e})"), format!("expert id {x}")));
         }
     }
     if let Some(s) = call.sequence_length {

@@ -159,13 +159,21 @@ impl RowRouter {
         }
 
         let keys_are_logits = self.compute_keys(ctx, row.scale);
-        let bound = if keys_are_logits {
-            self.logit_bound(ctx, &read)
+        let selected = ctx.call.selection.map(|s| &s[token * options.top_k..(token + 1) * options.top_k]);
+        if let Some(chosen) = selected {
+            for ((x, r), &c) in out.experts.iter_mut().zip(out.routed.iter_mut()).zip(chosen) {
+                *x = c;
+                *r = self.logits[c as usize] > f64::NEG_INFINITY;
+            }
         } else {
-            block_lower_bound(&self.keys, options.top_k, &mut self.best)
-        };
-        let keys: &[f64] = if keys_are_logits { &self.logits } else { &self.keys };
-        select_top_k(simd, keys, out.experts, out.routed, &mut self.best, bound, &mut self.candidates);
+            let bound = if keys_are_logits {
+                self.logit_bound(ctx, &read)
+            } else {
+                block_lower_bound(&self.keys, options.top_k, &mut self.best)
+            };
+            let keys: &[f64] = if keys_are_logits { &self.logits } else { &self.keys };
+            select_top_k(simd, keys, out.experts, out.routed, &mut self.best, bound, &mut self.candidates);
+        }
         let chosen = Chosen {
             function: options.score_function,
             logits: &self.logits,
@@ -188,7 +196,7 @@ impl RowRouter {
         }
         if !tally.plain.is_empty() {
             // The plain top-k: the same scores and order, without bias and groups.
-            let (experts, routed): (&[i32], &[bool]) = if keys_are_logits {
+            let (experts, routed): (&[i32], &[bool]) = if keys_are_logits && selected.is_none() {
                 (out.experts, out.routed)
             } else {
                 let bound = self.logit_bound(ctx, &read);
@@ -379,6 +387,11 @@ impl RowRouter {
             max = self.add_noise(options, ctx.call.step, token);
         }
         Ok((score_row(ctx.simd, ctx.options.score_function, &self.logits, max, &mut self.scores), max))
+    }
+
+    /// The (noisy) logits of the last [`RowRouter::rescore`].
+    pub(crate) fn logits(&self) -> &[f64] {
+        &self.logits
     }
 
     /// The score buffer of the last [`RowRouter::rescore`] (`score_e = buffer[e] * scale`).
