@@ -70,7 +70,7 @@ pub fn sinkhorn_balance(
     tolerance: f64,
     max_iterations: usize,
 ) -> SinkhornBalance {
-    let t = if experts == 0 { 0 } else { cost.len() / experts };
+    let t = cost.len().checked_div(experts).unwrap_or(0);
     let is_active = |tok: usize| active.is_none_or(|m| m[tok]);
     let n_active = (0..t).filter(|&tok| is_active(tok)).count();
     let mut d0 = vec![0.0; t];
