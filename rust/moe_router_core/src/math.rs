@@ -209,13 +209,14 @@ const SOFTPLUS_TAIL: f64 = -37.0;
 
 /// `sqrt(softplus(z))` (Megatron-Core `sqrtsoftplus`), with softplus in its stable
 /// form `max(z, 0) + log1p(e^-|z|)`, and `e^(z/2)` below `SOFTPLUS_TAIL`
-/// (0 for -inf). Scalar in every build: `log1p` has no vector kernel here.
+/// (0 for -inf). Scalar in every build, with the standard library's `exp` and
+/// `log1p` (the same calls whatever the build): they have no vector kernel here.
 #[inline(always)]
 pub(crate) fn sqrt_softplus(z: f64) -> f64 {
     if z < SOFTPLUS_TAIL {
-        exp_f64(0.5 * z)
+        (0.5 * z).exp()
     } else {
-        (z.max(0.0) + exp_f64(-z.abs()).ln_1p()).sqrt()
+        (z.max(0.0) + (-z.abs()).exp().ln_1p()).sqrt()
     }
 }
 
@@ -232,7 +233,7 @@ pub(crate) fn log_sqrt_softplus(z: f64) -> f64 {
 /// (`e^(z/2) / 2` below `SOFTPLUS_TAIL`; 0 for -inf).
 pub(crate) fn sqrt_softplus_slope(z: f64) -> f64 {
     if z < SOFTPLUS_TAIL {
-        0.5 * exp_f64(0.5 * z)
+        0.5 * (0.5 * z).exp()
     } else {
         sigmoid(z) / (2.0 * sqrt_softplus(z))
     }

@@ -35,10 +35,10 @@ use rayon::prelude::*;
 
 use crate::config::{RouterConfig, RoutingAlgorithm, ScoreFunction};
 use crate::error::{Result, RouterError};
-use crate::math::exp_f64;
+use crate::math::{exp_shifted, read_row};
 use crate::route::{chunk_tokens, route_into, RouteCall, Routing};
 use crate::simd::Simd;
-use crate::source::{ChunkBuf, Logit, LogitSource};
+use crate::source::{ChunkBuf, LogitSource};
 use crate::topk::select_top_k;
 
 /// Megatron-Core's guard against a zero row or column sum.
@@ -229,27 +229,24 @@ fn balanced_selection<S: LogitSource>(
     // Cost rows; an ineligible expert's cost is -0.0, so that it adds nothing to
     // the sums but stays apart from a cost that underflowed to +0.
     let mut cost = vec![0.0f64; t * e];
-    let valid = cost.par_chunks_mut(chunk * e).enumerate().map_init(ChunkBuf::default, |buf, (c, block)| {
+    let simd = Simd::current();
+    let scratch = || (ChunkBuf::default(), vec![0.0f64; e]);
+    let valid = cost.par_chunks_mut(chunk * e).enumerate().map_init(scratch, |(buf, z), (c, block)| {
         let start = c * chunk;
         let rows = source.chunk(start, start + block.len() / e, buf).rows;
         for (i, (dst, row)) in block.chunks_exact_mut(e).zip(rows.chunks_exact(e)).enumerate() {
             if !is_active(start + i) {
                 continue;
             }
-            let mut max = f64::NEG_INFINITY;
-            for &z in row {
-                let z = z.to_f64();
-                if z.is_nan() || z == f64::INFINITY {
-                    return false;
-                }
-                max = max.max(z);
-            }
-            if max == f64::NEG_INFINITY {
+            let read = read_row(simd, row, z);
+            if read.bad || read.max == f64::NEG_INFINITY {
                 return false;
             }
-            for (d, &z) in dst.iter_mut().zip(row) {
-                let z = z.to_f64();
-                *d = if z == f64::NEG_INFINITY { -0.0 } else { exp_f64(z - max) };
+            exp_shifted(simd, z, read.max, dst);
+            for (d, &v) in dst.iter_mut().zip(z.iter()) {
+                if v == f64::NEG_INFINITY {
+                    *d = -0.0;
+                }
             }
         }
         true
@@ -260,7 +257,6 @@ fn balanced_selection<S: LogitSource>(
     let balance =
         sinkhorn_balance(&cost, e, call.token_mask, options.sinkhorn_tolerance, options.sinkhorn_max_iterations);
     let mut selection = vec![0i32; t * k];
-    let simd = Simd::current();
     selection.par_chunks_mut(chunk * k).zip(cost.par_chunks(chunk * e)).enumerate().for_each_init(
         || (vec![0.0; e], vec![false; k], vec![0.0; k], Vec::new()),
         |(keys, routed, best, candidates), (c, (sel, rows))| {
