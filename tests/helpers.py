@@ -139,3 +139,17 @@ def waits_for_lock(obj: Any, read: Callable[[], Any]) -> bool:
         waited = not done.wait(0.02)
     thread.join(5.0)
     return waited and done.is_set()
+
+
+def same_at_thread_counts(compute: Callable[[], Any], set_threads: Callable[[int], Any],
+                          counts: Tuple[int, ...] = (1, 2, 3)) -> Any:
+    """``compute()`` run with each thread count; asserts every array of the results is
+    bit-identical across the counts and returns the first result."""
+    got = []
+    for n in counts:
+        set_threads(n)
+        got.append(compute())
+    for other in got[1:]:
+        for a, b in zip(got[0], other):
+            np.testing.assert_array_equal(a, b)
+    return got[0]

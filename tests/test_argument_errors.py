@@ -77,6 +77,7 @@ KINDS: Dict[str, str] = {
     "overflow": "choice", "reroute_weight_scale": "real", "num_groups": "int", "group_top_k": "int",
     "group_score": "choice", "group_score_input": "choice", "jitter_eps": "real", "noise_std": "real",
     "seed": "int", "expert_bias": "reals", "peer": "choice", "routing": "choice",
+    "capacity_alignment": "int", "eval_capacity_token_fraction": "factor",
     "sinkhorn_tolerance": "real", "sinkhorn_max_iterations": "int",
 }
 WRONG_TYPES: Dict[str, List[Any]] = {
@@ -100,6 +101,7 @@ BAD_VALUES: Dict[str, List[Any]] = {
     "group_score_input": ["probs"], "jitter_eps": [1], "noise_std": [-1.0], "seed": [-1],
     "expert_bias": [[0.0] * 3], "peer": ["torch"], "routing": ["token-choice"],
     "renormalize_after_drop": [], "normalize_weights": [], "enable_load_balancing": [],
+    "capacity_alignment": [0, -8], "eval_capacity_token_fraction": [0, -0.25, float("nan"), float("inf")],
     "sinkhorn_tolerance": [0, -1e-4, float("nan"), float("inf")], "sinkhorn_max_iterations": [0, -1],
 }
 #: Fields whose check needs another field set (a lone ``group_top_k`` needs ``num_groups``).

@@ -108,7 +108,8 @@ def test_bare_command_says_a_command_is_required(capsys: pytest.CaptureFixture) 
     assert main([]) == 2
     out, err = capsys.readouterr()
     lines = err.splitlines()
-    assert out == "" and lines[0] == ("moe-router: a command is required: route, balance, plan, ep, placement or train "
+    assert out == "" and lines[0] == ("moe-router: a command is required: route, balance, plan, ep, placement, train or "
+                                      "replay-diff "
                                       "(see 'moe-router COMMAND --help')")
     assert lines[1].startswith("usage: moe-router")
 

@@ -60,7 +60,7 @@ def test_preset_defaults(name):
 
 
 def test_presets_listed():
-    assert mr.PRESETS == ("megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch")
+    assert mr.PRESETS == ("megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch", "tutel", "fairseq")
     with pytest.raises(ValueError, match="unknown preset 'gshard'.*megatron"):
         mr.preset("gshard", 8, 2)
 
@@ -319,7 +319,7 @@ def test_native_configs_have_no_peer_loss(rng):
     with pytest.raises(ValueError, match="not made by a preset"):
         mr.peer_load_balance_loss(dec, cfg)
     with pytest.raises(ValueError, match="unknown peer"):
-        mr.peer_load_balance_loss(dec, "fairseq")
+        mr.peer_load_balance_loss(dec, "fastmoe")
     # an explicit peer name still works on a native decision
     assert mr.peer_load_balance_loss(dec, "mixtral") == pytest.approx(2 * dec.load_balance_loss)
 

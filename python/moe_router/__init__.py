@@ -17,7 +17,8 @@ from ._core import (AllToAllPlan, ConfigError, ConfigTypeError, ExpertPlacement,
 from ._inputs import GradientWarning
 from .balancer import LoadBalancer, LoadBalancingStats
 from .config import RouterConfig
-from .decision import DispatchPlan, ExpertAssignment, RoutingDecision, moe_align_block_size
+from .decision import (DispatchPlan, ExpertAssignment, RecordedRoute, RecordedRoutes, RoutingDecision,
+                       moe_align_block_size)
 from .gate import GateNetwork
 from .presets import PRESETS, peer_load_balance_loss, preset
 from .router import ExpertRouter
@@ -40,6 +41,8 @@ __all__ = [
     "LoadBalancingStats",
     "PRESETS",
     "ReceivePlan",
+    "RecordedRoute",
+    "RecordedRoutes",
     "RouterConfig",
     "RouterError",
     "RoutingDecision",

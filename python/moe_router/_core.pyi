@@ -2,12 +2,13 @@
 and ``RouterConfig``'s fields against ``RouterConfig.FIELDS`` by tests/test_stubs.py)."""
 
 import decimal
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, final
+import os
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple, Union, final
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["AllToAllPlan", "CHUNK_TOKENS", "ConfigError", "ConfigTypeError", "DispatchPlan", "ExpertAssignment", "ExpertPlacement", "InputError", "InputTypeError", "MAX_THREADS", "PEERS", "ReceivePlan", "RouterConfig", "RouterError", "RoutingDecision", "gather_rows", "gate_forward", "gate_layout", "get_num_threads", "linear_backward", "moe_align_block_size", "peer_load_balance_loss", "plan_placement", "route_gate", "route_hidden", "route_logits", "set_num_threads"]
+__all__ = ["AllToAllPlan", "CHUNK_TOKENS", "ConfigError", "ConfigTypeError", "DispatchPlan", "ExpertAssignment", "ExpertPlacement", "InputError", "InputTypeError", "MAX_THREADS", "PEERS", "ReceivePlan", "RouterConfig", "RouterError", "RoutingDecision", "gather_rows", "gate_forward", "gate_layout", "get_num_threads", "moe_align_block_size", "peer_load_balance_loss", "plan_placement", "route_gate", "route_hidden", "route_logits", "router_backward", "set_num_threads"]
 
 CHUNK_TOKENS: int
 MAX_THREADS: int
@@ -51,6 +52,8 @@ class RouterConfig:
     expert_bias: tuple[float, ...] | None
     peer: str | None
     routing: str
+    capacity_alignment: int
+    eval_capacity_token_fraction: float | decimal.Decimal | None
     sinkhorn_tolerance: float
     sinkhorn_max_iterations: int
     num_experts_per_token: int
@@ -86,6 +89,8 @@ class RouterConfig:
         expert_bias: Sequence[float] | None = ...,
         peer: str | None = ...,
         routing: str = ...,
+        capacity_alignment: int = ...,
+        eval_capacity_token_fraction: float | decimal.Decimal | None = ...,
         sinkhorn_tolerance: float = ...,
         sinkhorn_max_iterations: int = ...,
         num_experts_per_token: int | None = ...,
@@ -180,6 +185,40 @@ class RoutingDecision:
     def backward(
         self, grad_expert_weights: Any = None, grad_auxiliary_loss: Optional[float] = None, grad_router_probs: Any = None
     ) -> npt.NDArray[Any]: ...
+    def record(self) -> RecordedRoute: ...
+
+@final
+class RecordedRoute:
+    def __new__(
+        cls, expert_indices: Any, num_experts: int, token_mask: Any = None, batch_shape: Optional[Sequence[int]] = None
+    ) -> RecordedRoute: ...
+    @property
+    def expert_indices(self) -> npt.NDArray[np.signedinteger[Any]]: ...
+    @property
+    def token_mask(self) -> npt.NDArray[np.bool_]: ...
+    @property
+    def batch_shape(self) -> Tuple[int, ...]: ...
+    @property
+    def num_experts(self) -> int: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+    def save(self, path: Union[str, os.PathLike[str]]) -> None: ...
+    @staticmethod
+    def load(path: Union[str, os.PathLike[str]]) -> RecordedRoute: ...
+    def differing_tokens(self, other: RecordedRoute) -> npt.NDArray[np.bool_]: ...
+
+@final
+class RecordedRoutes:
+    def __new__(cls, layers: Iterable[Union[RecordedRoute, RoutingDecision]]) -> RecordedRoutes: ...
+    @property
+    def layers(self) -> List[RecordedRoute]: ...
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> RecordedRoute: ...
+    def save(self, path: Union[str, os.PathLike[str]]) -> None: ...
+    @staticmethod
+    def load(path: Union[str, os.PathLike[str]]) -> RecordedRoutes: ...
 
 @final
 class DispatchPlan:
@@ -287,7 +326,7 @@ class ReceivePlan:
     @property
     def inverse(self) -> npt.NDArray[np.int64]: ...
 
-def linear_backward(
+def router_backward(
     decision: RoutingDecision, grad_expert_weights: Any = None, grad_auxiliary_loss: Optional[float] = None,
     grad_router_probs: Any = None,
 ) -> Tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]: ...
@@ -317,6 +356,7 @@ def route_logits(
     sequence_length: Optional[int] = None,
     return_probs: bool = False,
     batch_shape: Optional[Sequence[int]] = None,
+    replay: Optional[RecordedRoute] = None,
 ) -> RoutingDecision: ...
 def route_hidden(
     hidden: npt.NDArray[Any],
@@ -331,6 +371,7 @@ def route_hidden(
     sequence_length: Optional[int] = None,
     return_probs: bool = False,
     batch_shape: Optional[Sequence[int]] = None,
+    replay: Optional[RecordedRoute] = None,
 ) -> RoutingDecision: ...
 def route_gate(
     hidden: npt.NDArray[Any],
@@ -346,6 +387,7 @@ def route_gate(
     sequence_length: Optional[int] = None,
     return_probs: bool = False,
     batch_shape: Optional[Sequence[int]] = None,
+    replay: Optional[RecordedRoute] = None,
 ) -> RoutingDecision: ...
 def gate_forward(
     hidden: npt.NDArray[Any],

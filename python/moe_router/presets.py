@@ -36,16 +36,18 @@ __all__ = [
     "accepted_names",
     "deepseek_v3",
     "deepspeed",
+    "fairseq",
     "megatron",
     "mixtral",
     "peer_load_balance_loss",
     "preset",
     "qwen_moe",
     "switch",
+    "tutel",
 ]
 
 #: Names accepted by :func:`preset`.
-PRESETS = ("megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch")
+PRESETS = ("megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch", "tutel", "fairseq")
 
 _OUR_NAMES = tuple(name for name in RouterConfig().to_dict() if name not in ("num_experts", "top_k", "peer"))
 
@@ -253,6 +255,64 @@ def _switch(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
     return kwargs, "switch"
 
 
+def _tutel(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
+    name = "tutel"
+    if not _flag(name, "is_gshard_loss", p["is_gshard_loss"]):
+        raise _err(name, "is_gshard_loss=False selects Tutel's load_importance_loss, which moe_router does "
+                         "not compute; pass is_gshard_loss=True (the GShard loss)")
+    _flag(name, "fp32_gate", p["fp32_gate"])
+    cf = p["capacity_factor"]
+    if cf is not None:
+        cf = _number(name, "capacity_factor", cf)
+        # 0: dropless; -x: min(needed, bound), which keeps exactly what the bound x keeps.
+        cf = None if cf == 0 else abs(cf)
+    noise = _number(name, "gate_noise", p["gate_noise"])
+    # moe_layer.py: alignment = sharded_count * a2a_ffn_overlap_degree up to megablocks_size,
+    # then up to a multiple of 128 above 256.
+    mega = max(_typed(name, _inputs.integer, p["megablocks_size"], "megablocks_size"), 1)
+    align = _count(name, "sharded_count", p["sharded_count"]) * _count(
+        name, "a2a_ffn_overlap_degree", p["a2a_ffn_overlap_degree"])
+    align = -(-align // mega) * mega
+    align = -(-align // 128) * 128 if align > 256 else align
+    bpr = _flag(name, "batch_prioritized_routing", p["batch_prioritized_routing"])
+    kwargs = dict(
+        score_function="softmax", normalize_weights=_flag(name, "normalize_gate", p["normalize_gate"]) and k > 1,
+        weight_scale=1.0, capacity_factor=cf, eval_capacity_factor=None, capacity_rounding="tutel",
+        capacity_alignment=align, min_capacity=0, expert_capacity=None,
+        drop_policy="bpr_rank" if bpr else "rank", renormalize_after_drop=False,
+        noise_std=noise / E if noise > 0 else 0.0, jitter_eps=0.0, router_z_loss_coeff=0.0,
+    )
+    return kwargs, "tutel"
+
+
+def _fairseq(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
+    name = "fairseq"
+    if k not in (1, 2):
+        raise _err(name, f"fairseq's gates are top1gating and top2gating; top_k = {k} is neither")
+    _flag(name, "use_fp32", p["use_fp32"])
+    policy = p["second_expert_policy"]
+    if k == 2 and policy in ("sampling", "random"):
+        raise _err(name, f"second_expert_policy={policy!r} draws from torch's RNG (Gumbel noise on the second "
+                         "choice's logits, in evaluation too; or keeping it with probability min(1, 2*g2)), "
+                         "which moe_router's noise (on every logit, training only) cannot express; pass "
+                         "second_expert_policy='all' for the deterministic second-best expert")
+    before = _flag(name, "normalize_gate_prob_before_dropping", p["normalize_gate_prob_before_dropping"])
+    bpr = _flag(name, "batch_prioritized_routing", p["batch_prioritized_routing"])
+    if bpr and k == 1:
+        raise _err(name, "batch_prioritized_routing exists in fairseq's top2gating only (top_k = 2)")
+    fraction = p["moe_eval_capacity_token_fraction"]
+    if fraction is not None and _number(name, "moe_eval_capacity_token_fraction", fraction) <= 0:
+        fraction = None  # fairseq: a fraction <= 0 means the training formula in evaluation too
+    kwargs = dict(
+        score_function="softmax", normalize_weights=k == 2 and before, weight_scale=1.0,
+        capacity_factor=p["capacity_factor"], eval_capacity_factor=None, capacity_rounding="fairseq",
+        eval_capacity_token_fraction=fraction, capacity_alignment=1, min_capacity=0, expert_capacity=None,
+        drop_policy=("bpr_rank" if bpr else "rank") if k == 2 else "position",
+        renormalize_after_drop=k == 2 and not before, router_z_loss_coeff=0.0,
+    )
+    return kwargs, "fairseq"
+
+
 _HF_LOSS = {"router_aux_loss_coef": _Param(("router_aux_loss_coef",), 0.001, ("load_balance_loss_coeff",))}
 
 _SPECS: Dict[str, _Spec] = {
@@ -330,6 +390,35 @@ _SPECS: Dict[str, _Spec] = {
         },
         expert_names=(), topk_names=(), default_top_k=1, translate=_switch,
     ),
+    "tutel": _Spec(
+        params={
+            "capacity_factor": _Param(("capacity_factor",), 1.0, ("capacity_factor",)),
+            "gate_noise": _Param(("gate_noise",), 0.0, ("noise_std",)),
+            "normalize_gate": _Param(("normalize_gate",), True, ("normalize_weights",)),
+            "batch_prioritized_routing": _Param(("batch_prioritized_routing",), False, ("drop_policy",)),
+            "sharded_count": _Param(("sharded_count",), 1, ("capacity_alignment",)),
+            "a2a_ffn_overlap_degree": _Param(("a2a_ffn_overlap_degree",), 1, ("capacity_alignment",)),
+            "megablocks_size": _Param(("megablocks_size",), 0, ("capacity_alignment",)),
+            "is_gshard_loss": _Param(("is_gshard_loss",), True, ()),
+            "fp32_gate": _Param(("fp32_gate",), False, ()),
+        },
+        expert_names=("num_global_experts",), topk_names=("k",), default_top_k=1, translate=_tutel,
+    ),
+    "fairseq": _Spec(
+        params={
+            "capacity_factor": _Param(("capacity_factor",), 1.0, ("capacity_factor",)),
+            "moe_eval_capacity_token_fraction": _Param(("moe_eval_capacity_token_fraction",), 0.25,
+                                                       ("eval_capacity_token_fraction",)),
+            "second_expert_policy": _Param(("second_expert_policy", "moe_second_expert_policy"), "all", ()),
+            "normalize_gate_prob_before_dropping": _Param(
+                ("normalize_gate_prob_before_dropping", "moe_normalize_gate_prob_before_dropping"), False,
+                ("normalize_weights", "renormalize_after_drop")),
+            "batch_prioritized_routing": _Param(("batch_prioritized_routing", "moe_batch_prioritized_routing"),
+                                                False, ("drop_policy",)),
+            "use_fp32": _Param(("use_fp32", "moe_gating_use_fp32"), False, ()),
+        },
+        expert_names=("moe_expert_count",), topk_names=(), default_top_k=2, translate=_fairseq,
+    ),
 }
 
 
@@ -383,7 +472,7 @@ def preset(name: str, num_experts: int, top_k: Optional[int] = None, **overrides
 
     Parameters
     ----------
-    name : {"megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch"}
+    name : {"megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch", "tutel", "fairseq"}
         The framework; see the function of the same name in this module for
         every behaviour it sets.
     num_experts : int
@@ -391,9 +480,9 @@ def preset(name: str, num_experts: int, top_k: Optional[int] = None, **overrides
         ``num_local_experts``, ``n_routed_experts``) may also be given and must agree.
     top_k : int, optional
         k. The framework's name (``moe_router_topk``/``topk``, DeepSpeed ``k``,
-        Hugging Face ``num_experts_per_tok``) may be given instead. Default: the
-        framework's default (Megatron 2, DeepSpeed 1, Mixtral 2, Qwen-MoE 4,
-        DeepSeek-V3 8, Switch 1).
+        Hugging Face ``num_experts_per_tok``, Tutel ``k``) may be given instead.
+        Default: the framework's default (Megatron 2, DeepSpeed 1, Mixtral 2,
+        Qwen-MoE 4, DeepSeek-V3 8, Switch 1, Tutel 1, fairseq 2).
     **overrides
         Framework parameter names (see :func:`accepted_names`) and
         :class:`RouterConfig` field names. Our names are applied last; giving a
@@ -693,6 +782,110 @@ def switch(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> R
     unless 0.
     """
     return preset("switch", num_experts, top_k, **overrides)
+
+
+def tutel(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> RouterConfig:
+    """Tutel's ``moe_layer.MOELayer`` routing: ``fast_dispatch.extract_critical`` with
+    ``losses.gshard_loss`` (microsoft/tutel, commit 82af7aa).
+
+    Behaviour set:
+
+    - **Score function and noise**: softmax over all E of the logits (``MOELayer.forward``,
+      ``routing()``); in training with ``gate_noise > 0`` (default 0) the logits get
+      ``gate_noise * N(0, 1) / E`` first (``noise_std = gate_noise / E``), and the
+      noisy scores make the selection, the weights and the loss, as in Tutel.
+    - **Selection and weights**: top-k of the scores (``torch.topk``; we break ties to
+      the lower expert index); the gates are the chosen scores, divided by their sum
+      over the k choices **before** capacity (``normalize_gate=True``, default, k > 1
+      only: ``normalize_weights``), so a dropped choice stays in the denominator and
+      the survivors are not renormalized. Tutel's ``max(sum, eps)`` clamp never binds
+      (the sum is at least the top score, >= 1/E).
+    - **Capacity**: ``k * floor(cf * ceil(T / E))`` (``capacity_rounding="tutel"``),
+      with ``capacity_factor`` (default 1.0, Tutel's ``CAP_FACTOR``) taken as its exact
+      decimal (Tutel multiplies Python floats; they differ when the float product lands
+      just below an integer). ``cf = 0`` (Tutel: capacity = the largest need) is dropless
+      routing; ``cf < 0`` (Tutel: ``min(needed, k * int(-cf * ceil(T/E)))``) keeps
+      exactly what the bound ``-cf`` keeps, so it routes with ``capacity_factor = -cf``
+      (the decision's ``capacity`` then reports the bound, not the minimum). Then rounded
+      up to a multiple of Tutel's alignment (``capacity_alignment``):
+      ``sharded_count * a2a_ffn_overlap_degree`` rounded up to ``megablocks_size`` (when
+      > 0), then to a multiple of 128 when above 256 (``MOELayer.forward``).
+    - **Drop order and slots**: rank-major (``drop_policy="rank"``: every first choice,
+      in token order, before any second choice; Tutel's ``cumsum - 1`` per rank offset
+      by the earlier ranks' totals before dropping). ``batch_prioritized_routing=True``:
+      tokens ordered by their top score, highest first, then rank-major in that order
+      (``drop_policy="bpr_rank"``, ``compute_sorted_location``); we break ties by token
+      order (Tutel's ``argsort`` leaves them open) and compare the scores in float32.
+    - **Loss normalization**: ``gshard_loss`` is ``E * sum_e f1_e P_e`` over the first
+      choices (``peer_load_balance_loss``, balanced value 1); ``load_balance_loss``
+      stays ours (all k choices). No z-loss; ``load_balance_loss_coeff`` keeps our
+      default (Tutel returns ``l_aux`` for the caller to weigh).
+
+    Differences, documented rather than faked:
+
+    - ``gate_noise`` draws from our counter-based RNG, not torch's: the same
+      distribution, other draws. Tutel's noise is off in evaluation, as ours.
+    - ``is_gshard_loss=False`` (``load_importance_loss``) is refused.
+    - With fewer than k eligible experts (``-inf`` logits) Tutel routes the extra
+      choices with gate 0 and they take capacity; ours are unrouted fillers.
+    - ``cf <= 0`` with ``batch_prioritized_routing``: Tutel reads the capacity from the
+      last row of the un-sorted locations, which then underestimates the need
+      (anchors.md 4.4); we route dropless (``cf = 0``) or by the bound (``cf < 0``).
+    - Tutel resets ``megablocks_size`` to 0 with one local expert, with gradients
+      enabled or with several workers; pass 0 then. ``inequivalent_tokens`` (T taken
+      as the maximum over workers) is not modelled: route the batch you have.
+
+    Tutel is not installable here (CUDA/C++ extensions); ``tests/test_peer_presets.py``
+    checks this preset against a NumPy transcription of the functions above.
+    """
+    return preset("tutel", num_experts, top_k, **overrides)
+
+
+def fairseq(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> RouterConfig:
+    """fairseq's MoE gates, ``fairseq/modules/moe/top1gate.py`` ``top1gating`` (k = 1)
+    and ``top2gate.py`` ``top2gating`` (k = 2) (branch ``moe``, commit ebea007).
+
+    Behaviour set:
+
+    - **Score function**: softmax over all E; the first expert is the argmax of the
+      probabilities, the second (top-2) the argmax of the logits without the first
+      (ties to the lower index, as ``torch.argmax``): ``second_expert_policy='all'``.
+    - **Capacity**: training: top-1 ``floor(cf * ceil(T / E))`` (``capacity_factor``,
+      default 1.0, exact decimal), top-2 ``2 * ceil(T / E)`` whatever the factor
+      (``capacity_rounding="fairseq"``). Evaluation: ``ceil(fraction * T)`` with
+      ``moe_eval_capacity_token_fraction`` (default 0.25; <= 0 means the training
+      formula) -> ``eval_capacity_token_fraction``, exact on the decimal.
+    - **Drop order and slots**: top-1 in token order; top-2 rank-major (all first
+      choices before the second ones, ``drop_policy="rank"``);
+      ``batch_prioritized_routing=True`` (top-2 only) orders tokens by their top
+      probability first (``drop_policy="bpr_rank"``, ties by token order, float32).
+    - **Weights**: top-1 the raw probability. Top-2 with
+      ``normalize_gate_prob_before_dropping=False`` (default): the survivors'
+      probabilities renormalized to sum 1 after drops (``renormalize_after_drop``);
+      with True: ``g_j / (g1 + g2)`` before capacity (``normalize_weights``).
+    - **Loss normalization**: ``l_aux = E^2 * mean_e(me * ce)`` = ``E * sum_e f1_e P_e``
+      over first choices before drops (``peer_load_balance_loss``, balanced value 1).
+      No z-loss; ``load_balance_loss_coeff`` keeps our default.
+
+    Differences, documented rather than faked:
+
+    - ``second_expert_policy='sampling'`` (fairseq's default: Gumbel noise on the
+      logits choosing the second expert, in evaluation too) and ``'random'`` (keep the
+      second expert with probability ``min(1, 2 * g2)``) draw from torch's RNG and act
+      on the second choice only, which our noise (every logit, training only) cannot
+      express: they are refused.
+    - Padding (``token_mask``): fairseq removes padding tokens from the masks (they
+      take no capacity, as ours), but its capacity ``ceil(T/E)`` and the means of
+      ``l_aux`` count every token, padding included; ours count active tokens, so
+      with padding the capacity and ``peer_load_balance_loss`` differ.
+    - ``use_fp32`` / ``moe_gating_use_fp32`` is accepted: we score in float64 always.
+    - With Tutel installed, fairseq hands the locations to Tutel's kernels; the kept
+      assignments are the same.
+
+    fairseq's MoE branch is not installable here (old torch); ``tests/test_peer_presets.py``
+    checks this preset against a NumPy transcription of ``top1gating``/``top2gating``.
+    """
+    return preset("fairseq", num_experts, top_k, **overrides)
 
 
 # ---------------------------------------------------------------------------

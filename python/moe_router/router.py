@@ -200,7 +200,7 @@ class ExpertRouter:
         return step, (bias if np.any(bias != 0) else None)
 
     def route_tokens(self, hidden: Any, training: bool = False, token_mask: Any = None, *,
-                     return_probs: bool = False) -> RoutingDecision:
+                     return_probs: bool = False, replay: Any = None) -> RoutingDecision:
         """Route hidden states to experts.
 
         Parameters
@@ -218,6 +218,9 @@ class ExpertRouter:
         return_probs : bool
             Also return ``router_probs`` (float32 ``[T, E]``: the gate's probabilities,
             or the scores of the router logits), written in the routing pass.
+        replay : RecordedRoute, optional
+            Route with these recorded experts (router replay; see
+            :func:`moe_router.route_logits`); the weights come from this router's logits.
 
         Returns
         -------
@@ -237,12 +240,12 @@ class ExpertRouter:
         if self._gate is not None:
             gw, ew = self._gate.weights_for(rows.dtype)
             return self._route(_core.route_gate, (rows, gw, ew, self._gate.group_top_k), batch_shape, training,
-                               mask, return_probs)
+                               mask, return_probs, replay)
         w, b = self._weights.get(rows.dtype)
-        return self._route(_core.route_hidden, (rows, w, b), batch_shape, training, mask, return_probs)
+        return self._route(_core.route_hidden, (rows, w, b), batch_shape, training, mask, return_probs, replay)
 
     def route_logits(self, logits: Any, training: bool = False, token_mask: Any = None, *,
-                     return_probs: bool = False) -> RoutingDecision:
+                     return_probs: bool = False, replay: Any = None) -> RoutingDecision:
         """Route precomputed logits through this router's statistics and load balancer.
 
         Parameters
@@ -256,6 +259,8 @@ class ExpertRouter:
             False marks padding.
         return_probs : bool
             Also return ``router_probs`` (as :func:`moe_router.route_logits`).
+        replay : RecordedRoute, optional
+            Route with these recorded experts (as :func:`moe_router.route_logits`).
 
         Returns
         -------
@@ -274,17 +279,18 @@ class ExpertRouter:
         """
         rows, batch_shape, mask = _inputs.rows_and_mask(logits, "logits", self.config.num_experts, "num_experts",
                                                         token_mask, kinds=_inputs.LOGITS_KINDS)
-        return self._route(_core.route_logits, (rows,), batch_shape, training, mask, return_probs)
+        return self._route(_core.route_logits, (rows,), batch_shape, training, mask, return_probs, replay)
 
     def _route(self, core_call: Any, arrays: tuple, batch_shape: tuple, training: Any,
-               mask: Optional[np.ndarray], return_probs: Any) -> RoutingDecision:
+               mask: Optional[np.ndarray], return_probs: Any, replay: Any) -> RoutingDecision:
         """Call the core with this router's step, bias, statistics and balancer (``mask``: bool [T] or None)."""
         training = _inputs.flag(training, "training")
         step, bias = self._call_state(training)
         t0 = time.perf_counter()
         dec = core_call(*arrays, self.config, training=training, token_mask=mask, expert_bias=bias, step=step,
                         sequence_length=_inputs.sequence_length(batch_shape),
-                        return_probs=_inputs.flag(return_probs, "return_probs"), batch_shape=batch_shape)
+                        return_probs=_inputs.flag(return_probs, "return_probs"), batch_shape=batch_shape,
+                        replay=replay)
         self._stats.record(dec, time.perf_counter() - t0)
         self._decisions.add(dec)
         if training and self.config.enable_load_balancing:
@@ -294,15 +300,22 @@ class ExpertRouter:
     # -- accessors -------------------------------------------------------------
     def backward(self, decision: RoutingDecision, grad_expert_weights: Any = None, grad_auxiliary_loss: float = 1.0,
                  grad_router_probs: Any = None) -> tuple:
-        """Gradients of a ``route_tokens`` decision with respect to the linear router's inputs.
+        """Gradients of a ``route_tokens`` decision with respect to the router's inputs.
 
         The objective is :meth:`RoutingDecision.backward`'s (``sum(grad_expert_weights *
         expert_weights) + grad_auxiliary_loss * auxiliary_loss + sum(grad_router_probs *
-        router_probs)``, selection fixed, balance counts constant); its logits gradient ``G``
-        ``[T, E]`` is recomputed chunk by chunk from the hidden states and the weight the
-        decision was routed with, then ``grad_hidden = G @ W^T``, ``grad_weight = H^T @ G``,
-        ``grad_bias = sum_t G`` (GEMMs in Rust; the weight's sum is accumulated in fixed
-        groups of chunks, so it does not depend on the thread count).
+        router_probs)``, selection fixed, balance counts constant), recomputed chunk by
+        chunk from the hidden states and the weights the decision was routed with (GEMMs
+        in Rust; weight gradients are summed in fixed groups of chunks, so they do not
+        depend on the thread count).
+
+        - Linear router: with ``G = dL/dlogits`` ``[T, E]``, ``grad_hidden = G @ W^T``,
+          ``grad_weight = H^T @ G``, ``grad_bias = sum_t G``.
+        - Hierarchical gate (``p(e) = p(g) p(j | g)``): the gradient with respect to the
+          probabilities goes through the within-group softmax to ``W_g`` and through the
+          group softmax (plus the group router's z-loss) to ``W_group``; the sparse gate
+          gives no gradient into the groups it did not compute for a token (their
+          probabilities are the constant 0). The formulas are in ``docs/semantics.md``.
 
         Parameters
         ----------
@@ -315,14 +328,18 @@ class ExpertRouter:
         Returns
         -------
         (grad_hidden, grad_weight, grad_bias) : numpy.ndarray
-            ``batch_shape + [D]``, ``[D, E]`` and ``[E]``, in the routing GEMM's dtype
-            (``router_dtype``; float64 for float16 hidden states by default).
+            Linear router: ``batch_shape + [D]``, ``[D, E]`` and ``[E]``.
+        (grad_hidden, grad_group_weight, grad_expert_weight) : numpy.ndarray
+            Hierarchical gate: ``batch_shape + [D]``, ``[D, G]`` and ``[G, D, P]`` (0 in the
+            padding columns of a short last group).
+            Both in the routing GEMM's dtype (``router_dtype``; float64 for float16 hidden
+            states by default).
 
         Raises
         ------
         ConfigError
             ``decision`` was not made by this router, or by its ``route_logits`` (use
-            ``decision.backward``), or the router uses the hierarchical gate (no backward yet).
+            ``decision.backward``).
         InputError, TypeError
             Gradient arrays of the wrong shape or type, or holding NaN/inf.
         """
@@ -331,9 +348,7 @@ class ExpertRouter:
         if decision not in self._decisions:
             raise ConfigError("invalid decision: it was not routed by this router (or was routed before it "
                               "was rebuilt); backward needs the decision's own router")
-        if self._gate is not None:
-            raise ConfigError("invalid backward: the hierarchical gate has no backward yet; use gate='linear'")
-        gh, gw, gb = _core.linear_backward(decision, grad_expert_weights, grad_auxiliary_loss, grad_router_probs)
+        gh, gw, gb = _core.router_backward(decision, grad_expert_weights, grad_auxiliary_loss, grad_router_probs)
         return gh.reshape(*decision.batch_shape, self.input_dim), gw, gb
 
     def get_num_experts(self) -> int:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from . import _core, _inputs
-from ._core import RouterConfig, RoutingDecision
+from ._core import RecordedRoute, RouterConfig, RoutingDecision
 
 
 def route_logits(
@@ -17,6 +17,7 @@ def route_logits(
     *,
     step: int = 0,
     return_probs: bool = False,
+    replay: Optional[RecordedRoute] = None,
 ) -> RoutingDecision:
     """Route tokens to experts from their router logits.
 
@@ -51,6 +52,16 @@ def route_logits(
         Also return ``router_probs``: float32 ``[T, E]``, each token's score
         distribution as the router computed it (after training noise), 0 for
         padding; written by the core in the routing pass.
+    replay : RecordedRoute, optional
+        Router replay (Megatron-Core ``router_replay``; Rollout Routing Replay):
+        use the recorded experts instead of a fresh top-k. The weights, losses
+        and ``P_e`` are recomputed from ``logits`` at those experts (Megatron:
+        ``probs = scores.gather(1, idx)``, then ``normalize_weights`` and
+        ``weight_scale``); ``expert_bias`` and group limits do not change the
+        selection (group limits still bound overflow reroutes); capacity and the
+        drop policy apply as usual. A recorded
+        expert whose logit is ``-inf`` gets weight 0 and no capacity. Without
+        ``token_mask``, the recording's mask is used.
 
     Returns
     -------
@@ -64,7 +75,8 @@ def route_logits(
         (an ``InputError`` and a ``TypeError``) ``logits`` is not a real-valued
         array (bool, complex, strings, objects), ``token_mask`` not a bool (or
         0/1 integer) array, ``expert_bias`` not real-valued, ``training`` or
-        ``return_probs`` not a bool, ``step`` not an int.
+        ``return_probs`` not a bool, ``step`` not an int, ``replay`` not a
+        ``RecordedRoute``.
     ConfigTypeError
         (a ``ConfigError`` and a ``TypeError``) ``config`` is not a RouterConfig.
     InputError
@@ -72,7 +84,8 @@ def route_logits(
         ``-inf``, or whose ``logsumexp**2`` (z-loss term) overflows float64
         (``|logsumexp| > 1.34e154``), with the index of the first offending token;
         integer logits or bias that float64 would round (beyond 2**53);
-        non-finite bias; ``step`` outside ``[0, 2**64 - 1]``.
+        non-finite bias; ``step`` outside ``[0, 2**64 - 1]``; a ``replay`` of
+        another T, k or E, or whose padding ``token_mask`` would route (naming ``replay``).
 
     Notes
     -----
@@ -96,4 +109,5 @@ def route_logits(
     return _core.route_logits(rows, config, training=_inputs.flag(training, "training"), token_mask=mask,
                               expert_bias=bias, step=_inputs.step(step),
                               sequence_length=_inputs.sequence_length(batch_shape),
-                              return_probs=_inputs.flag(return_probs, "return_probs"), batch_shape=batch_shape)
+                              return_probs=_inputs.flag(return_probs, "return_probs"), batch_shape=batch_shape,
+                              replay=replay)

@@ -5,8 +5,10 @@ the backward is :meth:`RoutingDecision.backward` (closed form, in Rust), so
 the combine weights and the auxiliary loss carry gradients to the logits.
 :class:`TopKRouter` is an ``nn.Module`` with Hugging Face's router contract
 (``MixtralTopKRouter``, ``Qwen2MoeTopKRouter``): ``forward(hidden) ->
-(router_logits, expert_weights, expert_indices)``. torch is not a dependency of
-the package; this module imports it.
+(router_logits, expert_weights, expert_indices)``. :func:`route_op` is the same
+routing as the ``torch.library`` custom op ``torch.ops.moe_router.route`` with a
+registered autograd formula, which ``torch.compile`` traces without a graph
+break. torch is not a dependency of the package; this module imports it.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ._core import ConfigError
+from ._core import ConfigError, ConfigTypeError
 from .config import RouterConfig
 from .decision import RoutingDecision
 from .presets import preset
 from .routing import route_logits
 
-__all__ = ["TopKRouter", "combine", "permute", "route"]
+__all__ = ["TopKRouter", "combine", "permute", "route", "route_op"]
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
@@ -68,7 +70,9 @@ def route(logits: torch.Tensor, config: RouterConfig, training: bool = True,
     training : bool, default True
         Training mode (noise, training capacity factor).
     **call
-        ``token_mask``, ``expert_bias``, ``step``: as :func:`moe_router.route_logits`.
+        ``token_mask``, ``expert_bias``, ``step``, ``replay`` (router replay: the
+        recorded experts, gradients through the recomputed weights): as
+        :func:`moe_router.route_logits`.
 
     Returns
     -------
@@ -93,6 +97,133 @@ def route(logits: torch.Tensor, config: RouterConfig, training: bool = True,
     box: List[RoutingDecision] = []
     indices, weights, aux = _Route.apply(logits, config, training, call, box)
     return indices, weights, aux, box[0]
+
+
+#: The configurations the custom op has seen, by their ``repr`` (an op argument must be a
+#: plain value; the ``repr`` of a RouterConfig names every non-default field).
+_CONFIGS: Dict[str, RouterConfig] = {}
+
+
+def _route_call(logits: torch.Tensor, config: str, training: bool, step: int,
+                token_mask: Optional[torch.Tensor], expert_bias: Optional[torch.Tensor]) -> RoutingDecision:
+    mask = None if token_mask is None else token_mask.detach().cpu().numpy()
+    bias = None if expert_bias is None else expert_bias.detach().double().cpu().numpy()
+    return route_logits(_numpy(logits), _CONFIGS[config], training=training, step=step, token_mask=mask,
+                        expert_bias=bias)
+
+
+@torch.library.custom_op("moe_router::route", mutates_args=())
+def _route_op(logits: torch.Tensor, config: str, training: bool, step: int, token_mask: Optional[torch.Tensor],
+              expert_bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dec = _route_call(logits, config, training, step, token_mask, expert_bias)
+    lead = tuple(logits.shape[:-1])
+    indices = torch.from_numpy(dec.expert_indices.astype(np.int64)).reshape(*lead, dec.top_k)
+    weights = torch.from_numpy(dec.expert_weights).reshape(*lead, dec.top_k)
+    return indices, weights, torch.tensor(dec.auxiliary_loss, dtype=_loss_dtype(logits))
+
+
+def _loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+@_route_op.register_fake
+def _route_shapes(logits: torch.Tensor, config: str, training: bool, step: int, token_mask: Optional[torch.Tensor],
+                  expert_bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k = _CONFIGS[config].top_k
+    lead = tuple(logits.shape[:-1])
+    return (logits.new_empty(*lead, k, dtype=torch.int64), logits.new_empty(*lead, k, dtype=torch.float32),
+            logits.new_empty((), dtype=_loss_dtype(logits)))
+
+
+@torch.library.custom_op("moe_router::route_backward", mutates_args=())
+def _route_backward_op(logits: torch.Tensor, grad_weights: torch.Tensor, grad_aux: torch.Tensor, config: str,
+                       training: bool, step: int, token_mask: Optional[torch.Tensor],
+                       expert_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # Routing is deterministic in (logits, config, training, step, mask, bias): routing
+    # again gives the forward's decision, so no Python object crosses the graph.
+    dec = _route_call(logits, config, training, step, token_mask, expert_bias)
+    grad = dec.backward(grad_weights.detach().double().cpu().numpy(), float(grad_aux))
+    return torch.from_numpy(grad).to(logits.dtype).reshape(logits.shape)
+
+
+@_route_backward_op.register_fake
+def _route_backward_shapes(logits: torch.Tensor, grad_weights: torch.Tensor, grad_aux: torch.Tensor, config: str,
+                           training: bool, step: int, token_mask: Optional[torch.Tensor],
+                           expert_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.empty_like(logits)
+
+
+def _route_setup(ctx: Any, inputs: Tuple[Any, ...], output: Any) -> None:
+    logits, config, training, step, token_mask, expert_bias = inputs
+    ctx.save_for_backward(logits, token_mask, expert_bias)
+    ctx.config, ctx.training, ctx.step = config, training, step
+    ctx.weights_shape = output[1].shape
+
+
+def _route_grad(ctx: Any, _: Any, grad_weights: Optional[torch.Tensor],
+                grad_aux: Optional[torch.Tensor]) -> Tuple[Any, ...]:
+    logits, token_mask, expert_bias = ctx.saved_tensors
+    if grad_weights is None:
+        grad_weights = logits.new_zeros(ctx.weights_shape, dtype=torch.float32)
+    if grad_aux is None:
+        grad_aux = logits.new_zeros((), dtype=_loss_dtype(logits))
+    grad = _route_backward_op(logits, grad_weights, grad_aux, ctx.config, ctx.training, ctx.step, token_mask,
+                              expert_bias)
+    return grad, None, None, None, None, None
+
+
+_route_op.register_autograd(_route_grad, setup_context=_route_setup)
+
+
+def route_op(logits: torch.Tensor, config: RouterConfig, training: bool = True, step: int = 0,
+             token_mask: Optional[torch.Tensor] = None,
+             expert_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`route` as the custom op ``torch.ops.moe_router.route``, for ``torch.compile``.
+
+    The op and its backward (``torch.ops.moe_router.route_backward``) are registered with
+    ``torch.library.custom_op``, with fake (meta) implementations giving the output shapes
+    and the autograd formula of :meth:`RoutingDecision.backward`, so a compiled model keeps
+    the router in its graph (no graph break) and differentiates through it. No decision
+    object crosses the graph: the backward routes the saved logits again (routing is
+    deterministic in the logits, configuration, mode, step, mask and bias), which costs one
+    more routing pass than :func:`route`; use :func:`route` in eager code, where the
+    decision is kept.
+
+    Parameters
+    ----------
+    logits : torch.Tensor, float, shape [T, E] or [B, S, E] (CPU)
+    config : RouterConfig
+        A token-choice configuration (the op's output has ``top_k`` columns).
+    training : bool, default True
+    step : int, default 0
+        The RNG step of training noise and reroute draws.
+    token_mask : torch.Tensor of bool, shape [T] or [B, S], optional
+    expert_bias : torch.Tensor of float, shape [E], optional
+
+    Returns
+    -------
+    expert_indices : torch.Tensor, int64, shape [..., k]
+    expert_weights : torch.Tensor, float32, shape [..., k]
+    auxiliary_loss : torch.Tensor, scalar (float64 for float64 logits, else float32)
+
+    Raises
+    ------
+    ConfigTypeError
+        ``config`` is not a RouterConfig.
+    ConfigError, InputError, TypeError
+        As :func:`moe_router.route_logits`.
+    """
+    return _route_op(logits, _config_key(config), bool(training), int(step), token_mask, expert_bias)
+
+
+@torch._dynamo.assume_constant_result
+def _config_key(config: RouterConfig) -> str:
+    """The op's string for ``config`` (a constant to ``torch.compile``: configurations are immutable)."""
+    if not isinstance(config, RouterConfig):
+        raise ConfigTypeError(f"config must be a RouterConfig, got {type(config).__name__}")
+    key = repr(config)
+    _CONFIGS.setdefault(key, config)
+    return key
 
 
 class _Permute(torch.autograd.Function):

@@ -35,13 +35,19 @@ Commands
     Train a linear router's weight with the closed-form gradients (NumPy Adam)
     on a balance loss plus a task proxy; per-step loads, drops and losses.
 
+``moe-router route ... --record OUT.npz`` / ``--replay REC.npz``
+    Write the routing's selection as a replay file, or route with a recorded one.
+``moe-router replay-diff A B``
+    Per layer, the tokens whose expert sets differ between two replay recordings
+    and their share, the layers that differ, the tokens differing in any layer.
+
 Layout
 ------
 ``parsing``
     The argument parser, option types and the ``RouterConfig`` the options describe.
 ``loading``
     One loader for input files (.npy/.npz, key selection), used for logits and hidden states.
-``route``, ``balance``, ``plan``, ``ep``, ``placement``, ``train``
+``route``, ``balance``, ``plan``, ``ep``, ``placement``, ``train``, ``replay_diff``
     One module per command: ``run(args)`` builds the report as plain data.
 ``render``, ``plot``
     The report as rich text or JSON; the balance plot (matplotlib).
@@ -58,7 +64,7 @@ import argparse
 import sys
 from typing import Callable, Dict, Optional, Sequence
 
-from . import balance, ep, placement, plan, route, train
+from . import balance, ep, placement, plan, replay_diff, route, train
 from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
 from .parsing import build_parser
 
@@ -67,7 +73,8 @@ __all__ = ["CliError", "build_parser", "main"]
 #: Command name -> its handler.
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {"route": route.run, "balance": balance.run,
                                                             "plan": plan.run, "ep": ep.run,
-                                                            "placement": placement.run, "train": train.run}
+                                                            "placement": placement.run, "train": train.run,
+                                                            "replay-diff": replay_diff.run}
 
 
 def _fail(message: str) -> int:

@@ -115,7 +115,7 @@ def _add_routing_options(p: argparse.ArgumentParser) -> None:
                    help="score of each expert (default: softmax)")
     g.add_argument("--normalize-weights", action="store_true",
                    help="divide the k chosen scores by their sum (Mixtral, Qwen norm_topk_prob)")
-    g.add_argument("--drop-policy", choices=("position", "rank", "probs", "bpr"), default="position",
+    g.add_argument("--drop-policy", choices=("position", "rank", "probs", "bpr", "bpr_rank"), default="position",
                    help="which assignments survive when an expert is full (default: position)")
 
 
@@ -163,6 +163,13 @@ def _add_route_parser(sub: Any) -> None:
                             f"(default: {DEFAULT_CHART_EDGE})")
     chart.add_argument("--all-experts", action="store_true", help="show every expert in the load chart")
     _add_threads(g)
+    r = p.add_argument_group("router replay")
+    r.add_argument("--record", metavar="OUT.npz",
+                   help="write the routing's selection as a one-layer replay file (RecordedRoute.save), "
+                        "for moe-router replay-diff or route --replay")
+    r.add_argument("--replay", metavar="REC.npz",
+                   help="route with the experts of this one-layer recording (router replay): weights, losses "
+                        "and drops from the input's logits")
 
 
 def _add_balance_parser(sub: Any) -> None:
@@ -281,6 +288,20 @@ def _add_train_parser(sub: Any) -> None:
     o.add_argument("--plot", metavar="OUT.png", help=f"draw the curves (needs matplotlib: {PLOT_INSTALL})")
 
 
+def _add_replay_diff_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "replay-diff", help="compare two router replay recordings: tokens whose expert sets differ, per layer",
+        description="Load two replay recordings (.npz, RecordedRoutes.save or route --record) and report, per "
+                    "layer, how many tokens' sets of experts differ (rank order ignored; a token routed in one "
+                    "recording only counts as differing) and their share of the tokens routed in either, how "
+                    "many layers differ at all and, when every layer has the same T, how many tokens differ in "
+                    "at least one layer. Layers whose T, k or E differ, and layers present in one file only, "
+                    "are reported as mismatches.")
+    p.add_argument("a", metavar="A", help="first recording (.npz)")
+    p.add_argument("b", metavar="B", help="second recording (.npz)")
+    _add_json(p.add_argument_group("output"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``moe-router`` argument parser: one subparser per command, its name in ``command``."""
     parser = _Parser(prog="moe-router",
@@ -293,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ep_parser(sub)
     _add_placement_parser(sub)
     _add_train_parser(sub)
+    _add_replay_diff_parser(sub)
     return parser
 
 

@@ -158,6 +158,9 @@ def render_route(report: Report, console: Console) -> None:
     if router is not None:
         summary.append(("router", f"{router['kind']}, D={router['input_dim']}, dtype {router['dtype']}"))
     shape = " x ".join(str(n) for n in source["shape"])
+    replay = report.get("replay") or {}
+    if replay.get("replayed"):
+        summary.append(("replay", f"experts from {replay['replayed']} (weights from this input)"))
     summary += [
         ("tokens", f"{report['tokens']}  (input {shape}, {source['dtype']})"),
         ("experts", str(report["experts"])),
@@ -191,6 +194,8 @@ def render_route(report: Report, console: Console) -> None:
          f"median of {_plural(t['calls'], 'call')} (min {_fmt_ms(t['min_ms'])}), {_plural(t['threads'], 'thread')}"),
     ]
     console.print(_grid(stats, ({"style": "bold"}, {"justify": "right"}, {"style": "dim"})))
+    if replay.get("recorded"):
+        console.print(Text(f"recorded the selection to {replay['recorded']}", style="dim"))
 
 
 # --------------------------------------------------------------------------- balance
@@ -372,4 +377,35 @@ def render_train(report: Report, console: Console) -> None:
         if i % every == 0 or i == len(history) - 1:
             table.add_row(str(h["step"]), f"{h['max_mean_load']:.2f}", str(h["dropped_assignments"]),
                           f"{h['load_balance_loss']:.4f}", f"{h['task_loss']:.4f}")
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- replay-diff
+
+
+def render_replay_diff(report: Report, console: Console) -> None:
+    """The ``moe-router replay-diff`` report: the totals, then one row per layer."""
+    a, b = report["a"], report["b"]
+    rows: List[Sequence[Cell]] = [("A", f"{a['path']} ({_plural(a['layers'], 'layer')})"),
+                                  ("B", f"{b['path']} ({_plural(b['layers'], 'layer')})"),
+                                  ("layers differing", f"{report['layers_differing']} of {report['layers_compared']} "
+                                                       f"compared ({100 * report['layers_differing_share']:.1f} %)")]
+    if report["any_layer"] is not None:
+        anyl = report["any_layer"]
+        rows.append(("tokens differing in any layer", f"{anyl['differing_tokens']} of {anyl['routed_tokens']} "
+                                                      f"({100 * anyl['differing_share']:.1f} %)"))
+    if not report["comparable"]:
+        rows.append(("mismatch", Text("the recordings do not match in layers or shape (see the table)",
+                                      style="bold red")))
+    _print_summary(console, "replay-diff", rows)
+    table = _plain_table(console, "per layer (a token differs when its set of experts differs, or it is routed in "
+                                  "one recording only)")
+    for name in ("layer", "tokens", "routed", "differing", "share"):
+        table.add_column(name, justify="right")
+    for row in report["layers"]:
+        if row["mismatch"] is not None:
+            table.add_row(str(row["layer"]), Text(f"mismatch: {row['mismatch']}", style="red"), "", "", "")
+        else:
+            table.add_row(str(row["layer"]), str(row["tokens"]), str(row["routed_tokens"]),
+                          str(row["differing_tokens"]), f"{100 * row['differing_share']:.1f} %")
     console.print(table)

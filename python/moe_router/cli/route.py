@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import get_num_threads
-from ..decision import RoutingDecision
+from ..decision import RecordedRoute, RoutingDecision
 from ..router import ExpertRouter
 from ..routing import route_logits
 from .errors import CliError
@@ -122,8 +122,17 @@ def run(args: argparse.Namespace) -> int:
     logits, source = load_logits(args)
     apply_threads(args)
     config = config_from_args(args, int(logits.shape[-1]), source["label"])
-    decision, times = time_calls(lambda: route_logits(logits, config, training=args.training), args.repeat)
-    report = build_report(decision, config, source, times, _chart_edge(args), args.training)
+    replay = None if args.replay is None else RecordedRoute.load(args.replay)
+    decision, times = time_calls(lambda: route_logits(logits, config, training=args.training, replay=replay),
+                                 args.repeat)
+    return _finish(args, decision, build_report(decision, config, source, times, _chart_edge(args), args.training))
+
+
+def _finish(args: argparse.Namespace, decision: RoutingDecision, report: Dict[str, Any]) -> int:
+    """Write ``--record``, note ``--replay`` and ``--record`` in the report, print it."""
+    if args.record is not None:
+        decision.record().save(args.record)
+    report["replay"] = {"replayed": args.replay, "recorded": args.record}
     return emit(report, args.json, render_route)
 
 
@@ -139,7 +148,9 @@ def _run_hidden(args: argparse.Namespace) -> int:
                               f"{args.hidden}[{args.weight_key}] {list(weight.shape)}")
     router = ExpertRouter(config, router_info["input_dim"], weight=weight, bias=bias, gate="linear",
                           router_dtype=args.router_dtype)
-    decision, times = time_calls(lambda: router.route_tokens(hidden, training=args.training), args.repeat)
+    replay = None if args.replay is None else RecordedRoute.load(args.replay)
+    decision, times = time_calls(lambda: router.route_tokens(hidden, training=args.training, replay=replay),
+                                 args.repeat)
     report = build_report(decision, config, source, times, _chart_edge(args), args.training)
     report["router"] = router_info
-    return emit(report, args.json, render_route)
+    return _finish(args, decision, report)

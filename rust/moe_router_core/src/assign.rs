@@ -9,6 +9,7 @@
 //!
 //! - position: (token, rank);          rank: (rank, token);
 //! - bpr: (top-1 score desc, token, rank), scores compared as float32;
+//!   bpr_rank: (rank, top-1 score desc, token);
 //! - probs: per expert, the `capacity` highest weights win (float32 weights,
 //!   ties to the lower token); slots then in token order among the kept.
 
@@ -103,30 +104,34 @@ fn rank_bases(counts: &[Vec<u32>], k: usize, e: usize) -> Vec<u32> {
 }
 
 /// Batch-prioritized routing: tokens ordered by top-1 score (float32,
-/// descending, ties to the lower token), then token-major.
-pub(crate) fn assign_batch_prioritized(a: Assignments, capacity: usize, top1: &[f32]) {
+/// descending, ties to the lower token), then token-major, or rank-major
+/// (`rank_major`: every first choice in that order before any second choice).
+pub(crate) fn assign_batch_prioritized(a: Assignments, capacity: usize, top1: &[f32], rank_major: bool) {
     let (k, e) = (a.top_k, a.num_experts);
     let t = top1.len();
     let mut order: Vec<u32> = (0..t as u32).collect();
     order.par_sort_unstable_by(|&x, &y| top1[y as usize].total_cmp(&top1[x as usize]).then(x.cmp(&y)));
 
-    // Counts per chunk of the priority order.
+    // Counts per chunk of the priority order, per expert or per `rank * E + expert`.
+    let counter = |j: usize, x: i32| if rank_major { j * e } else { 0 } + x as usize;
+    let width = if rank_major { k * e } else { e };
     let counts: Vec<Vec<u32>> = order
         .par_chunks(CHUNK_TOKENS)
         .map(|toks| {
-            let mut c = vec![0u32; e];
+            let mut c = vec![0u32; width];
             for &tok in toks {
                 let r = tok as usize * k..(tok as usize + 1) * k;
-                for (&x, &kept) in a.experts[r.clone()].iter().zip(&a.kept[r]) {
+                for (j, (&x, &kept)) in a.experts[r.clone()].iter().zip(&a.kept[r]).enumerate() {
                     if kept {
-                        c[x as usize] += 1;
+                        c[counter(j, x)] += 1;
                     }
                 }
             }
             c
         })
         .collect();
-    let offsets = exclusive_prefix(&counts, &vec![0u32; e]);
+    let base = if rank_major { rank_bases(&counts, k, e) } else { vec![0u32; e] };
+    let offsets = exclusive_prefix(&counts, &base);
 
     // Slots in priority order, then gathered back to token order.
     let mut ordered_slots = vec![-1i32; t * k];
@@ -143,7 +148,7 @@ pub(crate) fn assign_batch_prioritized(a: Assignments, capacity: usize, top1: &[
                     if !routed[src] {
                         continue;
                     }
-                    let x = experts[src] as usize;
+                    let x = counter(j, experts[src]);
                     let pos = next[x];
                     next[x] += 1;
                     if (pos as usize) < capacity {

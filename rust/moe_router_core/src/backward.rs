@@ -107,10 +107,13 @@ impl SequenceConstants {
 /// Gradient of the call's outputs with respect to `source`'s logits, into
 /// `out` (`[T, E]` row-major; masked rows are 0).
 ///
-/// Errors: shapes that disagree (`Shape`), a source of gate probabilities
-/// (`InvalidConfig`: the hierarchical gate has its own backward), or a row
-/// that no longer scores as in the routing pass (`BadValue`: the logits were
-/// changed since).
+/// For `ScoreFunction::Probabilities` (a gate's probabilities routed as the
+/// scores), `out` receives the gradient with respect to those probabilities
+/// instead, without the z-loss (the gate's backward adds its own, see
+/// `gate_backward`).
+///
+/// Errors: shapes that disagree (`Shape`), or a row that no longer scores as
+/// in the routing pass (`BadValue`: the logits were changed since).
 pub fn backward_logits<S: LogitSource>(
     source: &S,
     options: &RouterConfig,
@@ -130,13 +133,6 @@ where
     } else {
         options
     };
-    if options.score_function == ScoreFunction::Probabilities {
-        return Err(RouterError::config(
-            "score_function",
-            "probabilities",
-            "the hierarchical gate's probabilities have no logits backward",
-        ));
-    }
     let (t, e, k) = (source.num_tokens(), options.num_experts, options.top_k);
     let tk = t * k;
     let check = |name: &'static str, len: usize, want: usize, what: String| {
@@ -195,7 +191,8 @@ where
             let scores = router.scores();
             // Element-wise scores (sigmoid, sqrtsoftplus) share every term but the slope.
             let sigmoid = matches!(options.score_function, ScoreFunction::Sigmoid | ScoreFunction::SqrtSoftplus);
-            if !sigmoid && grads.router_probs.is_none() {
+            let probabilities = options.score_function == ScoreFunction::Probabilities;
+            if !sigmoid && !probabilities && grads.router_probs.is_none() {
                 let seq_row = dq_sequence.as_ref().map(|(len, rows)| &rows[tok / len][..]);
                 let weights = grads.expert_weights.map(|g| &g[tok * k..(tok + 1) * k]);
                 let lse = max - row.scale.ln();
@@ -230,7 +227,22 @@ where
             }
             if has_dq {
                 let seq_row = dq_sequence.as_ref().map(|(len, rows)| &rows[tok / len][..]);
-                distribution_term(sigmoid, scores, row.scale, row.prob_scale, &dq_batch, seq_row, &mut work.ds);
+                distribution_term(
+                    sigmoid || probabilities,
+                    scores,
+                    row.scale,
+                    row.prob_scale,
+                    &dq_batch,
+                    seq_row,
+                    &mut work.ds,
+                );
+            }
+            if probabilities {
+                // The gate's backward takes it from here (its z-loss is its own).
+                for (o, &d) in dst.iter_mut().zip(&work.ds) {
+                    *o = S::Elem::from_f64(d);
+                }
+                continue;
             }
             // Through the score function to the logits the router used.
             let (ds, dx) = (&work.ds, &mut work.dx);
@@ -415,9 +427,9 @@ fn softmax_row(
 }
 
 /// `ds += (dq through q)` with `dq = dq_batch (+ dq_sequence)`: `q = s` for softmax,
-/// `q = s / sum(s)` for sigmoid (`sum(s) = scale / prob_scale`).
+/// `q = s / sum(s)` when `normalized` (sigmoid, gate probabilities; `sum(s) = scale / prob_scale`).
 fn distribution_term(
-    sigmoid: bool,
+    normalized: bool,
     buffer: &[f64],
     scale: f64,
     prob_scale: f64,
@@ -429,7 +441,7 @@ fn distribution_term(
         return;
     }
     let dq = |e: usize| dq_batch[e] + dq_sequence.map_or(0.0, |s| s[e]);
-    if sigmoid {
+    if normalized {
         let sum = scale / prob_scale;
         let dot: f64 = buffer.iter().enumerate().map(|(e, &b)| b * prob_scale * dq(e)).sum();
         for (e, s) in ds.iter_mut().enumerate() {

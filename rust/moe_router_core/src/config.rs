@@ -90,8 +90,13 @@ pub enum DropPolicy {
     Probs,
     /// Batch-prioritized routing: tokens by top-1 score, highest first (stable), then as `Position`.
     Bpr,
+    /// Rank-major batch-prioritized routing: tokens ordered as `Bpr`, then as `Rank` in that
+    /// order (Tutel `extract_critical`, fairseq `top2gating` with `batch_prioritized_routing`).
+    BprRank,
 }
-spelled_enum!(DropPolicy, "drop_policy", ["position" => Position, "rank" => Rank, "probs" => Probs, "bpr" => Bpr]);
+spelled_enum!(DropPolicy, "drop_policy", [
+    "position" => Position, "rank" => Rank, "probs" => Probs, "bpr" => Bpr, "bpr_rank" => BprRank,
+]);
 
 /// How `capacity_factor * T * k / E` is rounded to an integer capacity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,9 +107,13 @@ pub enum CapacityRounding {
     Megatron,
     /// DeepSpeed: `ceil(f32(T / E) * f32(cf * k))` in float32.
     DeepSpeed,
+    /// Tutel: `k * floor(cf * ceil(T / E))`, exact on the decimal factor.
+    Tutel,
+    /// fairseq: `floor(cf * ceil(T / E))` for k = 1, `2 * ceil(T / E)` (no factor) for k = 2.
+    Fairseq,
 }
 spelled_enum!(CapacityRounding, "capacity_rounding", [
-    "exact" => Exact, "megatron" => Megatron, "deepspeed" => DeepSpeed,
+    "exact" => Exact, "megatron" => Megatron, "deepspeed" => DeepSpeed, "tutel" => Tutel, "fairseq" => Fairseq,
 ]);
 
 /// What a group is scored on.
@@ -146,11 +155,15 @@ pub enum Peer {
     DeepSeekV3,
     /// Hugging Face Switch Transformers: the Switch normalization.
     Switch,
+    /// Tutel `gshard_loss`: first choices only, as DeepSpeed top-1/top-2.
+    Tutel,
+    /// fairseq `top1gating`/`top2gating` `l_aux`: first choices only, as DeepSpeed top-1/top-2.
+    Fairseq,
 }
 spelled_enum!(Peer, "peer", [
     "megatron" => Megatron, "deepspeed_top1" => DeepSpeedTop1, "deepspeed_top2" => DeepSpeedTop2,
     "deepspeed_topk" => DeepSpeedTopK, "mixtral" => Mixtral, "qwen_moe" => QwenMoe,
-    "deepseek_v3" => DeepSeekV3, "switch" => Switch,
+    "deepseek_v3" => DeepSeekV3, "switch" => Switch, "tutel" => Tutel, "fairseq" => Fairseq,
 ]);
 
 impl Peer {
@@ -363,6 +376,11 @@ pub struct RouterConfig {
     pub peer: Option<Peer>,
     /// The routing algorithm.
     pub routing: RoutingAlgorithm,
+    /// The capacity is rounded up to a multiple of this (Tutel's `alignment`); 1 = as computed.
+    pub capacity_alignment: usize,
+    /// In evaluation, `capacity = ceil(fraction * T)` instead of the factor's formula (fairseq
+    /// `moe_eval_capacity_token_fraction`), if set.
+    pub eval_capacity_token_fraction: Option<Decimal>,
     /// Sinkhorn stops once the mean change of the expert scaling is at most this (> 0).
     pub sinkhorn_tolerance: f64,
     /// Sinkhorn stops after this many iterations even if not converged (>= 1).
@@ -401,6 +419,8 @@ impl Default for RouterConfig {
             expert_bias: None,
             peer: None,
             routing: RoutingAlgorithm::TokenChoice,
+            capacity_alignment: 1,
+            eval_capacity_token_fraction: None,
             sinkhorn_tolerance: 1e-4,
             sinkhorn_max_iterations: 1000,
         }
@@ -445,6 +465,8 @@ impl RouterConfig {
         "expert_bias",
         "peer",
         "routing",
+        "capacity_alignment",
+        "eval_capacity_token_fraction",
         "sinkhorn_tolerance",
         "sinkhorn_max_iterations",
     ];
@@ -561,6 +583,10 @@ impl RouterConfig {
                 }
             }
             "peer" => self.peer = optional(v, spelled)?,
+            "capacity_alignment" => self.capacity_alignment = count("capacity_alignment", v, 1, usize::MAX)?,
+            "eval_capacity_token_fraction" => {
+                self.eval_capacity_token_fraction = optional(v, |v| token_fraction("eval_capacity_token_fraction", v))?
+            }
             "sinkhorn_tolerance" => self.sinkhorn_tolerance = real("sinkhorn_tolerance", v)?,
             "sinkhorn_max_iterations" => {
                 self.sinkhorn_max_iterations = count("sinkhorn_max_iterations", v, 1, usize::MAX)?
@@ -609,6 +635,10 @@ impl RouterConfig {
             "seed" => FieldValue::Int(i128::from(self.seed)),
             "expert_bias" => self.expert_bias.clone().map_or(FieldValue::None, FieldValue::Reals),
             "peer" => self.peer.map_or(FieldValue::None, |p| word(p.to_string())),
+            "capacity_alignment" => int(self.capacity_alignment),
+            "eval_capacity_token_fraction" => {
+                self.eval_capacity_token_fraction.map_or(FieldValue::None, |d| factor_value(&CapacityFactor::Factor(d)))
+            }
             "sinkhorn_tolerance" => float_value(self.sinkhorn_tolerance),
             "sinkhorn_max_iterations" => int(self.sinkhorn_max_iterations),
             _ => return None,
@@ -735,6 +765,7 @@ impl RouterConfig {
                 ));
             }
         }
+        self.check_peer_capacity()?;
         if !(0.0..=1.0).contains(&self.expert_dropout) {
             return Err(RouterError::config("expert_dropout", self.expert_dropout, "must be in [0, 1]"));
         }
@@ -799,6 +830,36 @@ impl RouterConfig {
                      (the float32 maximum): a rerouted weight can be that large"
                 ),
             ));
+        }
+        Ok(())
+    }
+}
+
+impl RouterConfig {
+    /// The combinations of the peers' capacity rules that have no meaning: fairseq's
+    /// formula exists for k <= 2 only, and an evaluation token fraction replaces the
+    /// evaluation factor and the fixed capacity, so it cannot be given with them.
+    fn check_peer_capacity(&self) -> Result<()> {
+        if self.capacity_rounding == CapacityRounding::Fairseq && self.top_k > 2 {
+            return Err(RouterError::config(
+                "capacity_rounding",
+                "'fairseq'",
+                format!("fairseq's capacity formulas are for top-1 and top-2 gating; top_k = {}", self.top_k),
+            ));
+        }
+        if let Some(fraction) = &self.eval_capacity_token_fraction {
+            let other = match (&self.eval_capacity_factor, self.expert_capacity) {
+                (Some(_), _) => Some("eval_capacity_factor"),
+                (None, Some(_)) => Some("expert_capacity"),
+                (None, None) => None,
+            };
+            if let Some(other) = other {
+                return Err(RouterError::config(
+                    "eval_capacity_token_fraction",
+                    fraction.to_f64(),
+                    format!("sets the evaluation capacity, and so does {other}: give one of them"),
+                ));
+            }
         }
         Ok(())
     }
@@ -891,6 +952,20 @@ fn factor(field: &'static str, value: &FieldValue) -> Result<CapacityFactor> {
         FieldValue::BigInt(t) if !t.starts_with('-') => Decimal::parse_factor(field, t).map(CapacityFactor::Factor),
         FieldValue::Int(_) | FieldValue::BigInt(_) => Err(refuse("must be > 0")),
         _ => Err(RouterError::wrong_type(field, value, &format!("must be a number > 0; {}", dropless_hint(field)))),
+    }
+}
+
+/// A share of the tokens: a finite number > 0, exact as the decimal it prints as.
+fn token_fraction(field: &'static str, value: &FieldValue) -> Result<Decimal> {
+    let refuse = || RouterError::config(field, value, "must be a finite number > 0 (a share of the tokens), or None");
+    match value {
+        FieldValue::Real { value: v, .. } if !(v.is_finite() && *v > 0.0) => Err(refuse()),
+        FieldValue::Real { text, .. } | FieldValue::BigInt(text) if !text.starts_with('-') => {
+            Decimal::from_decimal_str(text).filter(|d| !d.is_zero()).ok_or_else(refuse)
+        }
+        FieldValue::Int(i) if *i > 0 => Ok(Decimal::from_parts(i.unsigned_abs(), 0)),
+        FieldValue::Real { .. } | FieldValue::Int(_) | FieldValue::BigInt(_) => Err(refuse()),
+        _ => Err(RouterError::wrong_type(field, value, "must be a number > 0 (a share of the tokens), or None")),
     }
 }
 

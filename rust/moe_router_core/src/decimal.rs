@@ -127,6 +127,29 @@ impl Decimal {
         }
         n.to_u64()
     }
+
+    /// `floor(self * n)`, exactly, or `None` when it exceeds `u64::MAX` (Tutel's and
+    /// fairseq's `int(capacity_factor * tokens_per_expert)` on the decimal factor).
+    pub fn floor_mul(&self, n: u64) -> Option<u64> {
+        let mut x = Wide::product(self.digits, n);
+        if self.exp10 >= 0 {
+            for _ in 0..self.exp10 {
+                if !x.below_2_128() {
+                    return None;
+                }
+                x.mul_small(10);
+            }
+        } else {
+            // floor(floor(x / a) / b) = floor(x / (a b)); once 0, it stays 0.
+            for _ in 0..self.exp10.unsigned_abs() {
+                if x.is_zero() {
+                    break;
+                }
+                x.div_small(10, false);
+            }
+        }
+        x.to_u64()
+    }
 }
 
 /// A 256-bit unsigned integer, little-endian limbs: just enough arithmetic for
@@ -149,6 +172,10 @@ impl Wide {
         *self == Wide([1, 0, 0, 0])
     }
 
+    fn is_zero(&self) -> bool {
+        *self == Wide([0; 4])
+    }
+
     /// `self *= m`; the caller keeps `self` below 2^128 first, so it cannot overflow.
     fn mul_small(&mut self, m: u64) {
         let mut carry = 0u128;
@@ -161,13 +188,18 @@ impl Wide {
 
     /// `self = ceil(self / d)`, `d >= 1`.
     fn ceil_div_small(&mut self, d: u64) {
+        self.div_small(d, true);
+    }
+
+    /// `self = ceil(self / d)` (`up`) or `floor(self / d)`, `d >= 1`.
+    fn div_small(&mut self, d: u64, up: bool) {
         let mut rem = 0u128;
         for limb in self.0.iter_mut().rev() {
             let v = (rem << 64) | *limb as u128;
             *limb = (v / d as u128) as u64;
             rem = v % d as u128;
         }
-        if rem != 0 {
+        if up && rem != 0 {
             for limb in self.0.iter_mut() {
                 let (v, overflow) = limb.overflowing_add(1);
                 *limb = v;
@@ -219,6 +251,31 @@ mod tests {
         // 38 significant digits times 2^40: the product exceeds u128, the result does not.
         let many = d("1234.5678901234567890123456789012345678");
         assert_eq!(many.ceil_mul_div(1 << 40, 1), Some(1_357_421_750_469_624));
+    }
+
+    #[test]
+    fn floor_mul_agrees_with_u128_arithmetic() {
+        let d = |t: &str| Decimal::from_decimal_str(t).unwrap();
+        // Python's float product 0.29 * 100 is 28.999999999999996; the decimal's is 29.
+        assert_eq!(d("0.29").floor_mul(100), Some(29));
+        assert_eq!(d("1.25").floor_mul(7), Some(8));
+        assert_eq!(d("1e-300").floor_mul(10), Some(0));
+        assert_eq!(d("1e19").floor_mul(2), None);
+        let mut next = crate::rng::xorshift(0x2545_f491_4f6c_dd1du64);
+        for _ in 0..20_000 {
+            let digits = u128::from(next() >> (next() % 64));
+            let exp10 = (next() % 41) as i32 - 20;
+            let n = next() >> (next() % 64);
+            let reference = (|| {
+                let product = digits.checked_mul(u128::from(n))?;
+                let scale = 10u128.checked_pow(exp10.unsigned_abs())?;
+                let value = if exp10 >= 0 { product.checked_mul(scale)? } else { product / scale };
+                Some(u64::try_from(value).ok())
+            })();
+            if let Some(r) = reference {
+                assert_eq!(Decimal::from_parts(digits, exp10).floor_mul(n), r, "{digits}e{exp10} * {n}");
+            }
+        }
     }
 
     #[test]

@@ -59,15 +59,15 @@ impl GateShape {
 /// Gate probabilities for `[T, D]` hidden states, computed chunk by chunk.
 #[derive(Debug, Clone, Copy)]
 pub struct HierarchicalGate<'a, F> {
-    hidden: &'a [F],
-    tokens: usize,
-    dim: usize,
+    pub(crate) hidden: &'a [F],
+    pub(crate) tokens: usize,
+    pub(crate) dim: usize,
     /// `[D, G]` row-major.
-    group_weight: &'a [F],
+    pub(crate) group_weight: &'a [F],
     /// `[G, D, P]` row-major: group g's `[D, P]` expert router.
-    expert_weight: &'a [F],
-    shape: GateShape,
-    group_top_k: Option<usize>,
+    pub(crate) expert_weight: &'a [F],
+    pub(crate) shape: GateShape,
+    pub(crate) group_top_k: Option<usize>,
 }
 
 impl<'a, F: GemmScalar> HierarchicalGate<'a, F> {
@@ -140,7 +140,12 @@ impl<'a, F: GemmScalar> HierarchicalGate<'a, F> {
         self.shape
     }
 
-    fn expert_router(&self, g: usize) -> &'a [F] {
+    /// D, the hidden size.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub(crate) fn expert_router(&self, g: usize) -> &'a [F] {
         let size = self.dim * self.shape.per_group;
         &self.expert_weight[g * size..(g + 1) * size]
     }
@@ -247,7 +252,7 @@ impl<F: GemmScalar> LogitSource for HierarchicalGate<'_, F> {
 }
 
 /// Softmax of `logits` into `out` (float64); returns `logsumexp(logits)`.
-fn softmax_into<F: GemmScalar>(logits: &[F], out: &mut [f64]) -> f64 {
+pub(crate) fn softmax_into<F: GemmScalar>(logits: &[F], out: &mut [f64]) -> f64 {
     let max = logits.iter().map(|v| v.to_f64()).fold(f64::NEG_INFINITY, f64::max);
     let mut sum = 0.0;
     for (o, v) in out.iter_mut().zip(logits) {
@@ -261,7 +266,7 @@ fn softmax_into<F: GemmScalar>(logits: &[F], out: &mut [f64]) -> f64 {
 }
 
 /// The `chosen.len()` best groups by score (ties to the lower index).
-fn best_groups(simd: Simd, scores: &[f64], chosen: &mut [u32], best: &mut [f64]) {
+pub(crate) fn best_groups(simd: Simd, scores: &[f64], chosen: &mut [u32], best: &mut [f64]) {
     let (mut experts, mut routed) = (vec![0i32; chosen.len()], vec![false; chosen.len()]);
     select_top_k(simd, scores, &mut experts, &mut routed, best, f64::NEG_INFINITY, &mut Vec::new());
     for (c, &g) in chosen.iter_mut().zip(&experts) {

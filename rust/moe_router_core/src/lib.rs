@@ -11,7 +11,7 @@
 //! Inside, one concept per (private) module: `source` (where logits come
 //! from), `linear` and `gate` (sources computed from hidden states), `route`
 //! (the pipeline), `row` (one token), `score`, `topk`, `groups`, `assign`
-//! (capacity slots), `weights` (normalization and renormalization), `reroute`,
+//! (capacity slots), `weights` (normalization and renormalization), `replay` (a recorded selection), `reroute`,
 //! `capacity` and `decimal` (the capacity formula and its exact factor), `losses`, `math` and `simd` (row kernels and
 //! their instruction set), `rng`, `config`, `error`; after routing, `dispatch` (the expert-major
 //! row plan and its gathers/scatters), `payload` (the element types it moves)
@@ -41,6 +41,7 @@ mod eplb;
 mod error;
 mod exchange;
 mod gate;
+mod gate_backward;
 mod groups;
 mod layouts;
 mod linear;
@@ -50,6 +51,7 @@ mod math;
 mod payload;
 mod peer_loss;
 mod placement;
+mod replay;
 mod reroute;
 mod rng;
 mod route;
@@ -63,7 +65,7 @@ mod weights;
 
 pub use array_arg::ArrayArg;
 pub use backward::{backward_logits, Cotangents, SavedRouting};
-pub use capacity::expert_capacity;
+pub use capacity::{capacity_limit, expert_capacity};
 pub use config::{
     integer_range, CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore, GroupScoreInput,
     Overflow, Peer, RouterConfig, RoutingAlgorithm, ScoreFunction, TOP_K_ALIAS,
@@ -74,12 +76,14 @@ pub use eplb::{imbalance, plan_placement, total_load, PlacementPlan, PlacementRe
 pub use error::{Result, RouterError};
 pub use exchange::{ReceivePlan, SendPlan};
 pub use gate::{gate_probabilities, GateShape, HierarchicalGate};
+pub use gate_backward::{backward_gate, GateGrads};
 pub use layouts::{dense_masks, megatron_routing_map, moe_align_block_size, BlockAlignment};
 pub use linear::{GemmScalar, LinearLogits};
 pub use linear_backward::{backward_linear, LinearGrads};
 pub use payload::Payload;
 pub use peer_loss::{peer_load_balance_loss, LossInputs};
 pub use placement::ExpertPlacement;
+pub use replay::{differing_tokens, Replay};
 pub use rng::{normal as keyed_normal, uniform as keyed_uniform, Stream as RngStream};
 pub use route::{chunk_tokens, route, route_into, route_logits, RouteCall, Routing, CHUNK_TOKENS};
 pub use simd::{simd_level, SimdLevel};

@@ -16,7 +16,7 @@ use crate::linear::{GemmScalar, LinearLogits};
 use crate::route::{chunk_tokens, RouteCall};
 
 /// Most partial sums of `hidden^T @ G` kept at once (each `[D, E]`).
-const WEIGHT_GROUPS: usize = 16;
+pub(crate) const WEIGHT_GROUPS: usize = 16;
 
 /// Gradients of the linear router's inputs.
 #[derive(Debug, Clone, PartialEq)]

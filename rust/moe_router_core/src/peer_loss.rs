@@ -6,7 +6,9 @@
 //!   the T*k routed choices (our `load_balance_loss`);
 //! - Hugging Face Mixtral / Qwen-MoE: k times that (their `f_e` sums to k);
 //! - DeepSpeed top-1 / top-2: `E * sum_e f1_e P_e` with `f1_e` the share of tokens
-//!   whose first choice is e (DeepSpeed `top1gating`/`top2gating`, `me * ce`);
+//!   whose first choice is e (DeepSpeed `top1gating`/`top2gating`, `me * ce`); Tutel
+//!   `losses.gshard_loss` and fairseq `top1gating`/`top2gating` `l_aux` have the same
+//!   normalization (fairseq's means include padding tokens; ours count active tokens);
 //! - Megatron-Core: `E / (k*T) * sum_e n_e P_e` with `n_e` counted by a plain
 //!   top-k that ignores the expert bias and the group limit
 //!   (`switch_load_balancing_loss_func` on `tokens_per_expert` of the unbiased top-k).
@@ -41,7 +43,9 @@ pub fn peer_load_balance_loss(peer: Peer, x: &LossInputs) -> f64 {
     let dot = |counts: &[i64]| -> f64 { counts.iter().zip(x.expert_prob_mean).map(|(&n, &p)| n as f64 * p).sum() };
     match peer {
         Peer::Mixtral | Peer::QwenMoe => k * x.load_balance_loss,
-        Peer::DeepSpeedTop1 | Peer::DeepSpeedTop2 => e * dot(x.first_choice_tokens_per_expert) / t,
+        Peer::DeepSpeedTop1 | Peer::DeepSpeedTop2 | Peer::Tutel | Peer::Fairseq => {
+            e * dot(x.first_choice_tokens_per_expert) / t
+        }
         Peer::Megatron if !x.plain_tokens_per_expert.is_empty() => e / (k * t) * dot(x.plain_tokens_per_expert),
         Peer::Megatron | Peer::DeepSpeedTopK | Peer::DeepSeekV3 | Peer::Switch => x.load_balance_loss,
     }

@@ -102,12 +102,20 @@ pub(crate) fn reroute_overflow(
                 }
             }
         }
-        DropPolicy::Bpr => {
+        DropPolicy::Bpr | DropPolicy::BprRank => {
             let mut order: Vec<usize> = (0..t).collect();
             order.sort_by(|&x, &y| before.top1[y].total_cmp(&before.top1[x]).then(x.cmp(&y)));
-            for tok in order {
+            if options.drop_policy == DropPolicy::BprRank {
                 for j in 0..k {
-                    visit(tok, j);
+                    for &tok in &order {
+                        visit(tok, j);
+                    }
+                }
+            } else {
+                for &tok in &order {
+                    for j in 0..k {
+                        visit(tok, j);
+                    }
                 }
             }
         }

@@ -21,11 +21,12 @@ use ndarray::ArrayView2;
 use rayon::prelude::*;
 
 use crate::assign::{self, Assignments};
-use crate::capacity::expert_capacity;
+use crate::capacity::capacity_limit;
 use crate::config::{DropPolicy, Overflow, Peer, RouterConfig, RoutingAlgorithm};
 use crate::error::{Result, RouterError};
 use crate::losses::{self, LossSums, SequenceLoss, SequencePart};
 use crate::peer_loss;
+use crate::replay::Replay;
 use crate::reroute;
 use crate::row::{RowContext, RowRouter, TokenOut};
 use crate::source::{ChunkBuf, Logit, LogitSource, SliceLogits};
@@ -72,9 +73,10 @@ pub struct RouteCall<'a> {
     /// call then returns [`RouterError::Cancelled`], so a caller's interrupt
     /// takes effect within one chunk per thread. Never set: the same result as None.
     pub cancel: Option<&'a AtomicBool>,
-    /// `[T, k]` experts chosen beforehand (by rank; Sinkhorn routing): they
-    /// replace the top-k, and the weights are the scores at them.
-    pub selection: Option<&'a [i32]>,
+    /// Route with these recorded experts instead of a fresh top-k (router
+    /// replay): the scores, weights and losses come from the logits, the
+    /// selection from the recording; capacity applies as usual.
+    pub replay: Option<Replay<'a>>,
 }
 
 /// The result of routing T tokens to E experts with k choices each.
@@ -202,7 +204,8 @@ pub fn route_into<S: LogitSource>(
     let mut expert_weights = vec![0f32; n];
     let mut kept = vec![false; n];
     let mut expert_slots = vec![-1i32; n];
-    let mut top1 = vec![0f32; if policy == DropPolicy::Bpr || reroute { t } else { 0 }];
+    let prioritized = matches!(policy, DropPolicy::Bpr | DropPolicy::BprRank);
+    let mut top1 = vec![0f32; if prioritized || reroute { t } else { 0 }];
     // Zeroed (lazily, page by page, by the allocator); pass 1 writes every active row.
     let wanted = if call.return_probs { t * e } else { 0 };
     let mut router_probs = Vec::new();
@@ -250,8 +253,7 @@ pub fn route_into<S: LogitSource>(
     let active = sums.active as usize;
 
     // Pass 2: capacity and slots.
-    let factor = options.capacity_factor_for(call.training);
-    let limit = expert_capacity(&factor, options.capacity_rounding, options.min_capacity, active, k, e);
+    let limit = capacity_limit(options, call.training, active);
     let capacity = limit.unwrap_or(usize::MAX);
     let (counts, tiny): (Vec<Vec<u32>>, Vec<TinyWeights>) =
         tallies.into_iter().map(|t| (t.counts, t.tiny_weights)).unzip();
@@ -270,7 +272,8 @@ pub fn route_into<S: LogitSource>(
         match policy {
             DropPolicy::Position => assign::assign_in_token_order(a, capacity, &counts, false),
             DropPolicy::Rank => assign::assign_in_token_order(a, capacity, &counts, true),
-            DropPolicy::Bpr => assign::assign_batch_prioritized(a, capacity, &top1),
+            DropPolicy::Bpr => assign::assign_batch_prioritized(a, capacity, &top1, false),
+            DropPolicy::BprRank => assign::assign_batch_prioritized(a, capacity, &top1, true),
             DropPolicy::Probs => assign::assign_by_weight(a, capacity, &expert_weights, &counts),
         }
     }
@@ -552,14 +555,8 @@ fn check_call<S: LogitSource>(source: &S, options: &RouterConfig, call: &RouteCa
             return Err(RouterError::NonFiniteParameter { argument: "expert_bias", index: i, value: v.to_string() });
         }
     }
-    if let Some(sel) = call.selection {
-        if sel.len() != t * options.top_k {
-            let k = options.top_k;
-            return Err(RouterError::shape("selection", format!("[{t}, {k}]"), format!("{} values", sel.len())));
-        }
-        if let Some(&x) = sel.iter().find(|&&x| x < 0 || x as usize >= e) {
-            return Err(RouterError::shape("selection", format!("expert ids in [0, {e})"), format!("expert id {x}")));
-        }
+    if let Some(replay) = &call.replay {
+        replay.check(t, e, options.top_k, call.token_mask)?;
     }
     if let Some(s) = call.sequence_length {
         if (s == 0 && t != 0) || (s != 0 && !t.is_multiple_of(s)) {

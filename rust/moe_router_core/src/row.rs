@@ -158,13 +158,10 @@ impl RowRouter {
             *p = (s * row.scale) as f32;
         }
 
-        let keys_are_logits = self.compute_keys(ctx, row.scale);
-        let selected = ctx.call.selection.map(|s| &s[token * options.top_k..(token + 1) * options.top_k]);
-        if let Some(chosen) = selected {
-            for ((x, r), &c) in out.experts.iter_mut().zip(out.routed.iter_mut()).zip(chosen) {
-                *x = c;
-                *r = self.logits[c as usize] > f64::NEG_INFINITY;
-            }
+        // A replayed selection has no keys: its plain top-k (below) is computed afresh.
+        let keys_are_logits = ctx.call.replay.is_none() && self.compute_keys(ctx, row.scale);
+        if let Some(replay) = &ctx.call.replay {
+            replay.choices(token, &self.logits, out.experts, out.routed);
         } else {
             let bound = if keys_are_logits {
                 self.logit_bound(ctx, &read)
@@ -196,7 +193,7 @@ impl RowRouter {
         }
         if !tally.plain.is_empty() {
             // The plain top-k: the same scores and order, without bias and groups.
-            let (experts, routed): (&[i32], &[bool]) = if keys_are_logits && selected.is_none() {
+            let (experts, routed): (&[i32], &[bool]) = if keys_are_logits {
                 (out.experts, out.routed)
             } else {
                 let bound = self.logit_bound(ctx, &read);

@@ -13,8 +13,9 @@
 //! are the unbalanced activation at the chosen experts, `sigmoid(z)` for k = 1
 //! and `softmax(z)` over all E for k > 1, not renormalized, times
 //! `weight_scale`: the token-choice pipeline routes the logits with that score
-//! function and this selection, so capacity, drops, losses and the backward
-//! are the token-choice ones. In evaluation the selection is the plain top-k of
+//! function and this selection (as a replay, `crate::replay`), so capacity,
+//! drops, losses and the backward are the token-choice ones. A call that
+//! replays a recording routes the recorded experts with these weights. In evaluation the selection is the plain top-k of
 //! the activation (no Sinkhorn).
 //!
 //! Unlike Megatron, each row's maximum is subtracted before `exp`, so no
@@ -36,6 +37,7 @@ use rayon::prelude::*;
 use crate::config::{RouterConfig, RoutingAlgorithm, ScoreFunction};
 use crate::error::{Result, RouterError};
 use crate::math::{exp_shifted, read_row};
+use crate::replay::Replay;
 use crate::route::{chunk_tokens, route_into, RouteCall, Routing};
 use crate::simd::Simd;
 use crate::source::{ChunkBuf, LogitSource};
@@ -199,15 +201,20 @@ pub(crate) fn route_sinkhorn<S: LogitSource>(
             "is not available with routing='sinkhorn': Sinkhorn balances the load itself",
         ));
     }
-    if !call.training || source.num_experts() != options.num_experts {
-        // Evaluation: the plain top-k of the activation (a shape error is reported there too).
+    if !call.training || call.replay.is_some() || source.num_experts() != options.num_experts {
+        // Evaluation: the plain top-k of the activation; a replay: the recorded experts
+        // (a shape error is reported there too).
         return route_into(source, &activation, call, probs_out);
     }
     let Some((selection, balance)) = balanced_selection(source, options, call) else {
         // A row the pipeline refuses (NaN, +inf, no eligible expert): it reports it.
         return route_into(source, &activation, call, probs_out);
     };
-    let mut routing = route_into(source, &activation, &RouteCall { selection: Some(&selection), ..*call }, probs_out)?;
+    let t = source.num_tokens();
+    let active: Vec<bool> = (0..t).map(|tok| call.token_mask.is_none_or(|m| m[tok])).collect();
+    let replay =
+        Replay { experts: &selection, active: &active, num_experts: options.num_experts, top_k: options.top_k };
+    let mut routing = route_into(source, &activation, &RouteCall { replay: Some(replay), ..*call }, probs_out)?;
     routing.sinkhorn_iterations = Some(balance.iterations);
     routing.sinkhorn_converged = Some(balance.converged);
     Ok(routing)

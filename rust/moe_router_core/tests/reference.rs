@@ -102,12 +102,21 @@ fn make_case(
         o.score_function = if rng.chance(0.3) { ScoreFunction::Sigmoid } else { ScoreFunction::Softmax };
         o.normalize_weights = rng.chance(0.5);
         o.weight_scale = rng.pick(&[1.0, 1.0, 2.5, 0.75]);
-        o.capacity_rounding =
-            rng.pick(&[CapacityRounding::Exact, CapacityRounding::Megatron, CapacityRounding::DeepSpeed]);
+        o.capacity_rounding = rng.pick(&[
+            CapacityRounding::Exact,
+            CapacityRounding::Megatron,
+            CapacityRounding::DeepSpeed,
+            CapacityRounding::Tutel,
+            if k <= 2 { CapacityRounding::Fairseq } else { CapacityRounding::Exact },
+        ]);
+        o.capacity_alignment = rng.pick(&[1, 1, 1, 4, 24]);
         o.min_capacity = rng.pick(&[0, 0, 0, 4, 40]);
         o.renormalize_after_drop = rng.chance(0.3);
         if rng.chance(0.25) {
             o.eval_capacity_factor = Some(rng.pick(&[CapacityFactor::Dropless, factor("0.75"), factor("1.1")]));
+        } else if rng.chance(0.25) {
+            let CapacityFactor::Factor(fraction) = factor(rng.pick(&["0.25", "0.07", "1.5"])) else { unreachable!() };
+            o.eval_capacity_token_fraction = Some(fraction);
         }
         if rng.chance(0.3) {
             o.overflow = Overflow::Reroute;
@@ -204,6 +213,11 @@ fn grid_probs() {
 #[test]
 fn grid_bpr() {
     grid(DropPolicy::Bpr);
+}
+
+#[test]
+fn grid_bpr_rank() {
+    grid(DropPolicy::BprRank);
 }
 
 fn plain_case(t: usize, e: usize, k: usize, seed: u64) -> Case {

@@ -20,14 +20,27 @@ pub fn is_numpy_kind(value: &Bound<'_, PyAny>, kinds: &str) -> PyResult<bool> {
     }
 }
 
+/// True for the built-in scalars, which are never NumPy scalars: the common
+/// case is answered without a failing attribute lookup (an exception costs
+/// microseconds on every routing call).
+fn is_builtin_scalar(value: &Bound<'_, PyAny>) -> bool {
+    value.is_instance_of::<PyBool>() || value.is_instance_of::<PyInt>() || value.is_exact_instance_of::<PyFloat>()
+}
+
 /// A Python `bool` (or `numpy.bool_`).
 pub fn is_bool(value: &Bound<'_, PyAny>) -> PyResult<bool> {
-    Ok(value.is_instance_of::<PyBool>() || is_numpy_kind(value, "b")?)
+    if is_builtin_scalar(value) {
+        return Ok(value.is_instance_of::<PyBool>());
+    }
+    is_numpy_kind(value, "b")
 }
 
 /// A Python `int` or NumPy integer, not a bool.
 pub fn is_int(value: &Bound<'_, PyAny>) -> PyResult<bool> {
-    Ok(!is_bool(value)? && (value.is_instance_of::<PyInt>() || is_numpy_kind(value, "iu")?))
+    if is_builtin_scalar(value) {
+        return Ok(value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>());
+    }
+    is_numpy_kind(value, "iu")
 }
 
 /// `value` as a flag: `True` or `False` only (1 and 0 are the wrong type).

@@ -136,6 +136,22 @@ impl<'py> Prepared<'py> {
     }
 }
 
+/// The decision's saved call (a ConfigError saying `not_routed` when it has
+/// none) and the cotangents, checked.
+fn prepare<'d, 'py>(
+    py: Python<'py>,
+    d: &'d RoutingDecision,
+    grad_expert_weights: Option<&Bound<'py, PyAny>>,
+    grad_auxiliary_loss: f64,
+    grad_router_probs: Option<&Bound<'py, PyAny>>,
+    not_routed: &'static str,
+) -> PyResult<(&'d BackwardInputs, Prepared<'py>)> {
+    let (inputs, _, _) = d.backward_parts();
+    let inputs = inputs.ok_or_else(|| config_error(not_routed.into()))?;
+    let prepared = Prepared::new(d, py, inputs, grad_expert_weights, grad_auxiliary_loss, grad_router_probs)?;
+    Ok((inputs, prepared))
+}
+
 /// `grad_auxiliary_loss`: a real number, 1.0 when None.
 pub fn aux_cotangent(value: Option<&Bound<'_, PyAny>>) -> PyResult<f64> {
     value
@@ -152,17 +168,10 @@ pub fn decision_backward<'py>(
     grad_auxiliary_loss: f64,
     grad_router_probs: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let (inputs, _, _) = d.backward_parts();
-    let not_logits = || {
-        config_error(
-            "invalid backward: this decision was not routed from logits; for hidden states use \
-             ExpertRouter.backward(decision)"
-                .into(),
-        )
-    };
-    let inputs = inputs.ok_or_else(not_logits)?;
-    let SavedSource::Logits(logits) = &inputs.source else { return Err(not_logits()) };
-    let prepared = Prepared::new(d, py, inputs, grad_expert_weights, grad_auxiliary_loss, grad_router_probs)?;
+    const NOT_LOGITS: &str = "invalid backward: this decision was not routed from logits; for hidden states use \
+                              ExpertRouter.backward(decision)";
+    let (inputs, prepared) = prepare(py, d, grad_expert_weights, grad_auxiliary_loss, grad_router_probs, NOT_LOGITS)?;
+    let SavedSource::Logits(logits) = &inputs.source else { return Err(config_error(NOT_LOGITS.into())) };
     let (saved, call, cot) = prepared.views(d, inputs, grad_auxiliary_loss)?;
     let (t, e) = (d.total_tokens(), d.num_experts());
     let mut shape = d.batch_shape_vec(py)?;
@@ -183,12 +192,14 @@ pub fn decision_backward<'py>(
     })
 }
 
-/// The linear router's backward for a decision of ``route_hidden``: ``(grad_hidden
-/// [T, D], grad_weight [D, E], grad_bias [E])`` in the hidden states' dtype
-/// (see ``ExpertRouter.backward``).
+/// The backward of a decision of ``route_hidden`` or ``route_gate`` (see
+/// ``ExpertRouter.backward``), in the hidden states' dtype: the linear router's
+/// ``(grad_hidden [T, D], grad_weight [D, E], grad_bias [E])``, or the
+/// hierarchical gate's ``(grad_hidden [T, D], grad_group_weight [D, G],
+/// grad_expert_weight [G, D, P])``.
 #[pyfunction]
 #[pyo3(signature = (decision, grad_expert_weights=None, grad_auxiliary_loss=None, grad_router_probs=None))]
-pub fn linear_backward<'py>(
+pub fn router_backward<'py>(
     py: Python<'py>,
     decision: &RoutingDecision,
     grad_expert_weights: Option<&Bound<'py, PyAny>>,
@@ -196,28 +207,48 @@ pub fn linear_backward<'py>(
     grad_router_probs: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let d = decision;
-    let grad_auxiliary_loss = aux_cotangent(grad_auxiliary_loss)?;
-    let (inputs, _, _) = d.backward_parts();
-    let not_linear = || config_error("invalid backward: this decision was not routed by a linear router".into());
-    let inputs = inputs.ok_or_else(not_linear)?;
-    let SavedSource::Linear { hidden, weight, bias } = &inputs.source else { return Err(not_linear()) };
-    let prepared = Prepared::new(d, py, inputs, grad_expert_weights, grad_auxiliary_loss, grad_router_probs)?;
-    let (saved, call, cot) = prepared.views(d, inputs, grad_auxiliary_loss)?;
-    let (hidden, weight) = (hidden.bind(py), weight.bind(py));
-    with_dtype!(hidden, "hidden", FLOAT_ARRAY, [f32, f64], F => {
-        let (h, w) = (readonly::<F>(hidden, "hidden")?, readonly::<F>(weight, "weight")?);
-        let b = bias.as_ref().map(|b| readonly::<F>(b.bind(py), "bias")).transpose()?;
-        let b = b.as_ref().map(|b| arg(b, "bias")).transpose()?;
-        let source = LinearLogits::from_arrays(arg(&h, "hidden")?, arg(&w, "weight")?, b).map_err(to_py)?;
-        let (t, e) = (d.total_tokens(), d.num_experts());
-        let dim = h.shape()[1];
-        let g = py
-            .detach(|| threads::install(t, e, || core::backward_linear(&source, &inputs.config, &call, &saved, &cot)))
-            .map_err(to_py)?;
-        Ok((
-            arrays::matrix(py, g.hidden, t, dim)?.into_any(),
-            arrays::matrix(py, g.weight, dim, e)?.into_any(),
-            arrays::vector(py, g.bias).into_any(),
-        ))
-    })
+    let aux = aux_cotangent(grad_auxiliary_loss)?;
+    const NOT_HIDDEN: &str = "invalid backward: this decision was not routed from hidden states by an ExpertRouter \
+                              (linear router or hierarchical gate)";
+    let (inputs, prepared) = prepare(py, d, grad_expert_weights, aux, grad_router_probs, NOT_HIDDEN)?;
+    let (saved, call, cot) = prepared.views(d, inputs, aux)?;
+    let (t, e) = (d.total_tokens(), d.num_experts());
+    match &inputs.source {
+        SavedSource::Logits(_) => Err(config_error(NOT_HIDDEN.into())),
+        SavedSource::Linear { hidden, weight, bias } => {
+            let (hidden, weight) = (hidden.bind(py), weight.bind(py));
+            with_dtype!(hidden, "hidden", FLOAT_ARRAY, [f32, f64], F => {
+                let (h, w) = (readonly::<F>(hidden, "hidden")?, readonly::<F>(weight, "weight")?);
+                let b = bias.as_ref().map(|b| readonly::<F>(b.bind(py), "bias")).transpose()?;
+                let b = b.as_ref().map(|b| arg(b, "bias")).transpose()?;
+                let source = LinearLogits::from_arrays(arg(&h, "hidden")?, arg(&w, "weight")?, b).map_err(to_py)?;
+                let dim = h.shape()[1];
+                let g = py
+                    .detach(|| threads::install(t, e, || core::backward_linear(&source, &inputs.config, &call, &saved, &cot)))
+                    .map_err(to_py)?;
+                Ok((
+                    arrays::matrix(py, g.hidden, t, dim)?.into_any(),
+                    arrays::matrix(py, g.weight, dim, e)?.into_any(),
+                    arrays::vector(py, g.bias).into_any(),
+                ))
+            })
+        }
+        SavedSource::Gate { hidden, group_weight, expert_weight, group_top_k } => {
+            let options = inputs.config.for_gate();
+            let (hidden, gw, ew) = (hidden.bind(py), group_weight.bind(py), expert_weight.bind(py));
+            with_dtype!(hidden, "hidden", FLOAT_ARRAY, [f32, f64], F => {
+                crate::with_gate::<F, _>(hidden, gw, ew, options.num_experts, *group_top_k, |gate| {
+                    let (shape, dim) = (gate.shape(), gate.dim());
+                    let g = py
+                        .detach(|| threads::install(t, e, || core::backward_gate(gate, &options, &call, &saved, &cot)))
+                        .map_err(to_py)?;
+                    Ok((
+                        arrays::matrix(py, g.hidden, t, dim)?.into_any(),
+                        arrays::matrix(py, g.group_weight, dim, shape.groups)?.into_any(),
+                        arrays::vector(py, g.expert_weight).reshape([shape.groups, dim, shape.per_group])?.into_any(),
+                    ))
+                })
+            })
+        }
+    }
 }

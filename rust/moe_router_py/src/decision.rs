@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use moe_router_core::{LossInputs, Routing};
-use numpy::{PyArray2, PyArrayMethods};
+use numpy::{PyArray2, PyArrayDyn, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
@@ -206,6 +206,8 @@ pub struct RoutingDecision {
     original_experts: Vec<i32>,
     /// What `backward` scores again: set by the logits entry point.
     backward_inputs: Option<BackwardInputs>,
+    /// The call's bool `[T]` token mask, if any (for `record`).
+    token_mask: Option<Py<PyAny>>,
 }
 
 /// What a decision was routed from (references to the arrays, no copies).
@@ -214,6 +216,9 @@ pub enum SavedSource {
     Logits(Py<PyAny>),
     /// The linear router's `[T, D]` hidden states, `[D, E]` weight and `[E]` bias.
     Linear { hidden: Py<PyAny>, weight: Py<PyAny>, bias: Option<Py<PyAny>> },
+    /// The hierarchical gate's `[T, D]` hidden states, `[D, G]` group weight,
+    /// `[G, D, P]` expert weights and its sparsity.
+    Gate { hidden: Py<PyAny>, group_weight: Py<PyAny>, expert_weight: Py<PyAny>, group_top_k: Option<usize> },
 }
 
 /// The call a decision came from, kept for its backward: its source arrays,
@@ -282,7 +287,31 @@ impl RoutingDecision {
             routed: r.routed,
             original_experts: r.original_expert_indices,
             backward_inputs: None,
+            token_mask: None,
         })
+    }
+
+    /// The same decision, knowing the call's bool `[T]` token mask.
+    pub fn with_token_mask(mut self, mask: Option<Py<PyAny>>) -> Self {
+        self.token_mask = mask;
+        self
+    }
+
+    /// `[T, k]` the experts as selected, before capacity reroutes (what a replay repeats).
+    pub fn selected_experts(&self, py: Python<'_>) -> PyResult<Vec<i32>> {
+        if !self.original_experts.is_empty() {
+            return Ok(self.original_experts.clone());
+        }
+        let ids = self.expert_indices.bind(py).cast::<PyArray2<i32>>()?.readonly();
+        Ok(ids.as_array().iter().copied().collect())
+    }
+
+    /// `[T]` whether each token was routed (not padding).
+    pub fn active_mask(&self, py: Python<'_>) -> PyResult<Vec<bool>> {
+        match &self.token_mask {
+            None => Ok(vec![true; self.total_tokens]),
+            Some(m) => Ok(m.bind(py).cast::<PyArrayDyn<bool>>()?.readonly().as_array().iter().copied().collect()),
+        }
     }
 
     /// The same decision, differentiable through `backward`.
@@ -506,6 +535,19 @@ impl RoutingDecision {
     /// InputError
     ///     The decision's arrays were modified into an inconsistent state (a
     ///     slot used twice, counts that do not add up, an expert out of range).
+    /// This decision's selection, recorded for replay (``replay=`` of
+    /// :func:`moe_router.route_logits`; Megatron-Core ``router_replay``, R3).
+    ///
+    /// Returns
+    /// -------
+    /// RecordedRoute
+    ///     The ``[T, k]`` experts by rank as selected (before capacity drops and
+    ///     reroutes; not the weights), the routed tokens (``token_mask``), the
+    ///     batch shape, E and k.
+    fn record(&self, py: Python<'_>) -> PyResult<crate::replay::RecordedRoute> {
+        crate::replay::RecordedRoute::of_decision(py, self)
+    }
+
     #[pyo3(signature = (alignment=None, pad_to_capacity=None))]
     fn dispatch_plan(
         slf: Bound<'_, Self>,

@@ -28,6 +28,7 @@ mod eplb;
 mod errors;
 mod exchange;
 mod plan;
+mod replay;
 mod threads;
 
 use moe_router_core::{
@@ -46,6 +47,7 @@ use crate::args::{count, flag, integer};
 use crate::config::PyRouterConfig;
 use crate::decision::{BackwardInputs, ExpertAssignment, RoutingDecision, SavedSource};
 use crate::errors::{to_py, unreadable, wrong_type, Family};
+use crate::replay::{RecordedRoute, RecordedRoutes};
 
 const FLOAT_ARRAY: &str = "a C-contiguous float32 or float64 NumPy array";
 
@@ -69,7 +71,8 @@ pub(crate) fn arg<'a, T: Element>(
 
 /// Per-call arguments shared by the routing entry points, taken as keywords:
 /// `training`, `token_mask`, `expert_bias`, `step`, `sequence_length`,
-/// `return_probs`, `batch_shape` (see `moe_router.route_logits`).
+/// `return_probs`, `batch_shape`, `replay` (see `moe_router.route_logits`).
+/// A replay without a `token_mask` routes the recording's tokens.
 struct CallArgs<'py> {
     training: bool,
     token_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
@@ -78,6 +81,7 @@ struct CallArgs<'py> {
     sequence_length: Option<usize>,
     return_probs: bool,
     batch_shape: Option<Vec<usize>>,
+    replay: Option<Bound<'py, RecordedRoute>>,
 }
 
 impl<'py> CallArgs<'py> {
@@ -90,6 +94,7 @@ impl<'py> CallArgs<'py> {
             sequence_length: None,
             return_probs: false,
             batch_shape: None,
+            replay: None,
         };
         for (key, value) in kwargs.into_iter().flatten() {
             let key: String = key.extract()?;
@@ -107,7 +112,18 @@ impl<'py> CallArgs<'py> {
                 }
                 "token_mask" => args.token_mask = Some(borrow::<bool>(&value, "token_mask")?),
                 "expert_bias" => args.expert_bias = Some(borrow::<f64>(&value, "expert_bias")?),
+                "replay" => {
+                    let expected = "a moe_router.RecordedRoute (one layer; index a RecordedRoutes by layer)";
+                    args.replay = Some(
+                        value.cast::<RecordedRoute>().map_err(|_| wrong_type("replay", expected, &value))?.clone(),
+                    );
+                }
                 _ => return Err(PyTypeError::new_err(format!("unexpected keyword argument '{key}'"))),
+            }
+        }
+        if let (Some(r), None) = (&args.replay, &args.token_mask) {
+            if r.get().has_padding() {
+                args.token_mask = Some(borrow::<bool>(r.get().token_mask_array(r.py()), "replay")?);
             }
         }
         Ok(args)
@@ -122,6 +138,7 @@ impl<'py> CallArgs<'py> {
             sequence_length: self.sequence_length,
             return_probs: self.return_probs,
             cancel: Some(cancel),
+            replay: self.replay.as_ref().map(|r| r.get().as_replay()),
             ..RouteCall::default()
         })
     }
@@ -178,7 +195,8 @@ impl<'py> CallArgs<'py> {
         }
         let routing = routing.map_err(to_py)?;
         let batch_shape = self.batch_shape.clone().unwrap_or_else(|| vec![routing.num_tokens]);
-        RoutingDecision::new(py, routing, &batch_shape, probs.map(|p| p.into_any().unbind()))
+        let mask = self.token_mask.as_ref().map(|m| m.as_any().clone().unbind());
+        Ok(RoutingDecision::new(py, routing, &batch_shape, probs.map(|p| p.into_any().unbind()))?.with_token_mask(mask))
     }
 }
 
@@ -259,15 +277,22 @@ fn route_gate<'py>(
     let group_top_k = gate_groups(group_top_k)?;
     let options = config.inner.for_gate();
     with_dtype!(hidden, "hidden", FLOAT_ARRAY, [f32, f64], T => {
-        with_gate::<T, _>(hidden, group_weight, expert_weight, options.num_experts, group_top_k, |gate| {
+        let decision = with_gate::<T, _>(hidden, group_weight, expert_weight, options.num_experts, group_top_k, |gate| {
             let shape = (gate.num_tokens(), gate.num_experts());
             args.run(py, shape, |call, p| core::route_into(gate, &options, call, p))
-        })
+        })?;
+        let saved = SavedSource::Gate {
+            hidden: hidden.clone().unbind(),
+            group_weight: group_weight.clone().unbind(),
+            expert_weight: expert_weight.clone().unbind(),
+            group_top_k,
+        };
+        Ok(decision.with_backward(args.backward_inputs(saved, config)))
     })
 }
 
 /// Borrow the gate's arrays as `T` (the hidden states' dtype) and run `f` on the gate.
-fn with_gate<'py, T: GemmScalar + Element + Logit, R>(
+pub(crate) fn with_gate<'py, T: GemmScalar + Element + Logit, R>(
     hidden: &Bound<'py, PyAny>,
     group_weight: &Bound<'py, PyAny>,
     expert_weight: &Bound<'py, PyAny>,
@@ -391,6 +416,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyRouterConfig>()?;
     m.add_class::<RoutingDecision>()?;
     m.add_class::<ExpertAssignment>()?;
+    m.add_class::<RecordedRoute>()?;
+    m.add_class::<RecordedRoutes>()?;
     m.add_class::<plan::PyDispatchPlan>()?;
     exchange::register(m)?;
     for f in [
@@ -400,7 +427,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(gate_forward, m)?,
         wrap_pyfunction!(peer_load_balance_loss, m)?,
         wrap_pyfunction!(gate_layout, m)?,
-        wrap_pyfunction!(backward::linear_backward, m)?,
+        wrap_pyfunction!(backward::router_backward, m)?,
         wrap_pyfunction!(plan::moe_align_block_size, m)?,
         wrap_pyfunction!(set_num_threads, m)?,
         wrap_pyfunction!(get_num_threads, m)?,

@@ -238,6 +238,16 @@ pub fn reference_capacity(
             let b = (cf * k as f64) as f32;
             (a * b).ceil() as usize
         }
+        CapacityRounding::Tutel | CapacityRounding::Fairseq => {
+            let (num, den) = decimal_fraction(d);
+            let per_expert = t_active.div_ceil(e) as u128;
+            let floored = (num * per_expert / den) as usize;
+            match (rounding, k) {
+                (CapacityRounding::Tutel, _) => k * floored,
+                (_, 1) => floored,
+                _ => k * per_expert as usize,
+            }
+        }
     };
     Some(raw.max(min_capacity))
 }
@@ -422,7 +432,14 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterConfig, 
         (Some(eval), false) => eval,
         _ => &o.capacity_factor,
     };
-    let limit = reference_capacity(cf, o.capacity_rounding, o.min_capacity, t_active, k, e);
+    let limit = match (&o.eval_capacity_token_fraction, call.training) {
+        (Some(fraction), false) => {
+            let (num, den) = decimal_fraction(fraction);
+            Some(((num * t_active as u128).div_ceil(den) as usize).max(o.min_capacity))
+        }
+        _ => reference_capacity(cf, o.capacity_rounding, o.min_capacity, t_active, k, e),
+    };
+    let limit = limit.map(|c| c.div_ceil(o.capacity_alignment) * o.capacity_alignment);
     let cap = limit.unwrap_or(usize::MAX);
 
     // Item 9: the policy's order over (token, rank).
@@ -447,10 +464,14 @@ pub fn reference<F: Copy + Into<f64>>(logits: &[F], t: usize, o: &RouterConfig, 
             }
             v
         }
-        DropPolicy::Bpr => {
+        DropPolicy::Bpr | DropPolicy::BprRank => {
             let mut toks = by_token.clone();
             toks.sort_by(|&a, &b| top1[b].partial_cmp(&top1[a]).expect("no NaN").then(a.cmp(&b)));
-            token_major(&toks)
+            if o.drop_policy == DropPolicy::Bpr {
+                token_major(&toks)
+            } else {
+                (0..k).flat_map(|j| toks.iter().map(move |&i| (i, j))).collect()
+            }
         }
     };
     let mut kept = vec![false; n];
