@@ -126,8 +126,9 @@ def test_balance_after_convergence(case) -> None:
     balanced, iterations, converged = reference_sinkhorn(z, None, tol, 5000)
     dec = mr.route_logits(z, config(e, 1, sinkhorn_tolerance=tol, sinkhorn_max_iterations=5000), training=True)
     assert (dec.sinkhorn_iterations, dec.sinkhorn_converged) == (iterations, True)
-    # Columns sum to 1/E up to the 1e-8 term; rows to 1/T up to the last change of d1.
-    np.testing.assert_allclose(balanced.sum(0) * e, 1.0, atol=1e-5)
+    # Columns sum to (1/E) S_e / (S_e + 1e-8) (S_e the column's scaled mass, as low as
+    # about 1e-3 for wide skewed rows); rows to 1/T up to the last change of d1.
+    np.testing.assert_allclose(balanced.sum(0) * e, 1.0, atol=1e-4)
     np.testing.assert_allclose(balanced.sum(1) * t, 1.0, atol=50 * tol)
 
 
