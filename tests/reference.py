@@ -38,7 +38,7 @@ class ReferenceInputError(ValueError):
 
 
 def row_scores(z: np.ndarray, score_function: str) -> np.ndarray:
-    """float64 softmax over all E (exp(-inf) = 0) or element-wise sigmoid."""
+    """float64 softmax over all E (exp(-inf) = 0), element-wise sigmoid or sqrt(softplus)."""
     if score_function == "softmax":
         m = float(np.max(z))
         e = np.exp(z - m)
@@ -54,13 +54,18 @@ def row_scores(z: np.ndarray, score_function: str) -> np.ndarray:
                 ev = math.exp(v)
                 out[i] = ev / (1.0 + ev)
         return out
+    if score_function == "sqrtsoftplus":
+        return np.sqrt(np.logaddexp(0.0, z))
     raise ValueError(f"unknown score_function {score_function!r}")
 
 
 def log_score(v: float, score_function: str) -> float:
-    """log of an eligible expert's score, up to a constant of the row: the logit, or log(sigmoid)."""
+    """log of an eligible expert's score, up to a constant of the row: the logit, log(sigmoid),
+    or log(sqrt(softplus)) (``v / 2`` where softplus underflows)."""
     if score_function == "softmax":
         return v
+    if score_function == "sqrtsoftplus":
+        return 0.5 * math.log(math.log1p(math.exp(v))) if v > -700.0 else 0.5 * v
     return -math.log1p(math.exp(-v)) if v > 0.0 else v - math.log1p(math.exp(v))
 
 

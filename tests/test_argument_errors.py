@@ -78,6 +78,7 @@ KINDS: Dict[str, str] = {
     "group_score": "choice", "group_score_input": "choice", "jitter_eps": "real", "noise_std": "real",
     "seed": "int", "expert_bias": "reals", "peer": "choice", "routing": "choice",
     "capacity_alignment": "int", "eval_capacity_token_fraction": "factor", "expert_choice_cap": "int", "score_precision": "choice",
+    "sinkhorn_tolerance": "real", "sinkhorn_max_iterations": "int",
 }
 WRONG_TYPES: Dict[str, List[Any]] = {
     "int": [2.0, np.float64(3.0), True, np.bool_(True), "2", [2], object()],
@@ -102,6 +103,7 @@ BAD_VALUES: Dict[str, List[Any]] = {
     "expert_choice_cap": [0, 9], "score_precision": ["float16"],
     "renormalize_after_drop": [], "normalize_weights": [], "enable_load_balancing": [],
     "capacity_alignment": [0, -8], "eval_capacity_token_fraction": [0, -0.25, float("nan"), float("inf")],
+    "sinkhorn_tolerance": [0, -1e-4, float("nan"), float("inf")], "sinkhorn_max_iterations": [0, -1],
 }
 #: Fields whose check needs another field set (a lone ``group_top_k`` needs ``num_groups``).
 CONTEXT = {"num_groups": {"group_top_k": 1}, "group_top_k": {"num_groups": 4}}

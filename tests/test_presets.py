@@ -210,11 +210,11 @@ def test_unknown_names_are_refused_with_the_accepted_list():
     ("switch", dict(router_jitter_noise=0.01), "router input"),
     ("mixtral", dict(router_jitter_noise=0.1), "jitter"),
     ("megatron", dict(top_k=2, expert_bias=[0.0] * 8), "sigmoid"),
-    ("megatron", dict(top_k=2, moe_router_score_function="sqrtsoftplus"), "sqrtsoftplus"),
+    ("megatron", dict(top_k=2, moe_router_load_balancing_type="global_aux_loss"), "global_aux_loss"),
     ("megatron", dict(top_k=2, num_groups=4, group_topk=4), "topk must be >= group_topk"),
     ("megatron", dict(top_k=2, num_groups=4), "go together"),
     ("megatron", dict(top_k=2, drop_policy="rank"), "'probs' or 'position'"),
-    ("megatron", dict(top_k=2, moe_router_load_balancing_type="sinkhorn"), "sinkhorn"),
+    ("megatron", dict(top_k=2, moe_router_load_balancing_type="sinkhorn", moe_aux_loss_coeff=0.01), "requires 0"),
     ("megatron", dict(top_k=2, moe_input_jitter_eps=0.01), "jitter"),
     ("deepseek_v3", dict(top_k=4, scoring_func="softmax", n_group=4, topk_group=2), "sigmoid"),
 ])

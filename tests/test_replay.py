@@ -294,7 +294,7 @@ def test_mismatched_replay_is_an_input_error_naming_replay(rng):
         mr.route_logits(x, cfg, replay=mr.RecordedRoutes([rec]))
     # Only token choice has a top-k to replace.
     chooser = mr.RouterConfig(num_experts=8, top_k=2, routing="expert_choice")
-    with pytest.raises(mr.ConfigError, match="routing: got 'expert_choice'; must be 'token_choice' to replay"):
+    with pytest.raises(mr.ConfigError, match="routing: got 'expert_choice'; must be 'token_choice' or 'sinkhorn' to replay"):
         mr.route_logits(x, chooser, replay=rec)
 
 

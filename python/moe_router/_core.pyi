@@ -56,6 +56,8 @@ class RouterConfig:
     eval_capacity_token_fraction: float | decimal.Decimal | None
     expert_choice_cap: int | None
     score_precision: str
+    sinkhorn_tolerance: float
+    sinkhorn_max_iterations: int
     num_experts_per_token: int
     def __new__(
         cls,
@@ -93,6 +95,8 @@ class RouterConfig:
         eval_capacity_token_fraction: float | decimal.Decimal | None = ...,
         expert_choice_cap: int | None = ...,
         score_precision: str = ...,
+        sinkhorn_tolerance: float = ...,
+        sinkhorn_max_iterations: int = ...,
         num_experts_per_token: int | None = ...,
     ) -> RouterConfig: ...
     def capacity(self, num_tokens: int, training: Optional[bool] = None) -> Optional[int]: ...
@@ -171,6 +175,10 @@ class RoutingDecision:
     def num_experts(self) -> int: ...
     @property
     def top_k(self) -> int: ...
+    @property
+    def sinkhorn_iterations(self) -> Optional[int]: ...
+    @property
+    def sinkhorn_converged(self) -> Optional[bool]: ...
     @property
     def expert_assignments(self) -> List[List[ExpertAssignment]]: ...
     def routing_efficiency(self) -> float: ...

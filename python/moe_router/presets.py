@@ -103,11 +103,11 @@ def _only(preset_name: str, name: str, value: Any, allowed: Iterable[Any], why: 
 def _megatron(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
     name = "megatron"
     score = p["score_function"]
-    _only(name, "score_function", score, ("softmax", "sigmoid"),
-          "moe_router supports the softmax and sigmoid score functions (not sqrtsoftplus)")
+    _only(name, "score_function", score, ("softmax", "sigmoid", "sqrtsoftplus"),
+          "Megatron-Core's score functions are softmax, sigmoid and sqrtsoftplus")
     pre = _flag(name, "pre_softmax", p["pre_softmax"])
     # softmax after top-k (Megatron's default) is the renormalized top-k of the full
-    # softmax; sigmoid scores are renormalized only for k > 1.
+    # softmax; sigmoid and sqrtsoftplus scores are renormalized only for k > 1.
     normalize = (not pre) if score == "softmax" else k > 1
     scale = 1.0 if p["scaling_factor"] is None else _number(name, "scaling_factor", p["scaling_factor"])
     groups, group_topk = p["num_groups"], p["group_topk"]
@@ -129,13 +129,22 @@ def _megatron(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
           "Megatron-Core's moe_token_drop_policy is 'probs' or 'position'")
     _flag(name, "pad_to_capacity", p["pad_to_capacity"])
     bias_on = _flag(name, "moe_router_enable_expert_bias", p["enable_expert_bias"])
-    if (bias_on or p["expert_bias"] is not None) and score != "sigmoid":
-        raise _err(name, "Megatron-Core allows an expert bias only with score_function='sigmoid'")
+    if (bias_on or p["expert_bias"] is not None) and score == "softmax":
+        raise _err(name, "Megatron-Core allows an expert bias only with score_function='sigmoid' or 'sqrtsoftplus'")
     lb_type = p["load_balancing_type"]
-    _only(name, "moe_router_load_balancing_type", lb_type, ("aux_loss", "seq_aux_loss", "none"),
-          "moe_router computes the micro-batch ('aux_loss') and sequence ('seq_aux_loss') losses; "
-          "sinkhorn and global_aux_loss are not available")
+    _only(name, "moe_router_load_balancing_type", lb_type, ("aux_loss", "seq_aux_loss", "sinkhorn", "none"),
+          "moe_router computes the micro-batch ('aux_loss') and sequence ('seq_aux_loss') losses and "
+          "Sinkhorn routing; global_aux_loss is not available")
     coeff = _number(name, "aux_loss_coeff", p["aux_loss_coeff"])
+    sinkhorn: Dict[str, Any] = {}
+    if lb_type == "sinkhorn":
+        if coeff != 0:
+            raise _err(name, f"moe_aux_loss_coeff={coeff!r} with sinkhorn: Megatron-Core requires 0")
+        if bias_on or p["expert_bias"] is not None:
+            raise _err(name, "Megatron-Core's Sinkhorn routing does not use an expert bias")
+        # sinkhorn_load_balancing reads neither the score function nor the groups.
+        sinkhorn = dict(routing="sinkhorn", score_function="softmax", normalize_weights=False,
+                        num_groups=None, group_top_k=None)
     z = 0.0 if p["z_loss_coeff"] is None else _number(name, "z_loss_coeff", p["z_loss_coeff"])
     _only(name, "moe_input_jitter_eps", p["input_jitter_eps"], (None, 0, 0.0),
           "Megatron-Core jitters the router input (also in evaluation); moe_router's jitter_eps acts on "
@@ -151,6 +160,7 @@ def _megatron(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
         # float32 scores as Megatron computes them, ranked where Megatron ranks (the logits after top-k-then-softmax)
         score_precision="float32_logits" if score == "softmax" and not pre else "float32",
     )
+    kwargs.update(sinkhorn)
     return kwargs, "megatron"
 
 
@@ -348,7 +358,7 @@ _SPECS: Dict[str, _Spec] = {
                                      ("load_balance_loss_coeff", "seq_load_balance_loss_coeff")),
             "z_loss_coeff": _Param(("z_loss_coeff", "moe_z_loss_coeff"), None, ("router_z_loss_coeff",)),
             "load_balancing_type": _Param(("moe_router_load_balancing_type", "load_balancing_type"), "aux_loss",
-                                          ("load_balance_loss_coeff", "seq_load_balance_loss_coeff")),
+                                          ("load_balance_loss_coeff", "seq_load_balance_loss_coeff", "routing")),
             "input_jitter_eps": _Param(("moe_input_jitter_eps", "input_jitter_eps"), None, ()),
         },
         expert_names=("num_moe_experts",), topk_names=("topk", "moe_router_topk"), default_top_k=2,
@@ -595,8 +605,9 @@ def megatron(num_experts: int, top_k: Optional[int] = None, **overrides: Any) ->
       taken on the logits and the softmax runs over the k chosen logits, which equals our
       softmax over all E followed by ``normalize_weights=True``. With ``pre_softmax=True``
       the softmax runs over all E first and the chosen probabilities are not
-      renormalized (``normalize_weights=False``). ``score_function="sigmoid"``: sigmoid
-      scores, renormalized over the chosen experts only when k > 1 (as Megatron).
+      renormalized (``normalize_weights=False``). ``score_function="sigmoid"`` or
+      ``"sqrtsoftplus"`` (``sqrt(softplus(z))``): those scores, renormalized over the
+      chosen experts only when k > 1 (as Megatron).
     - **Scaling**: ``scaling_factor`` / ``moe_router_topk_scaling_factor`` ->
       ``weight_scale`` (None = 1).
     - **Groups**: ``num_groups`` / ``group_topk`` (``moe_router_num_groups``,
@@ -607,7 +618,7 @@ def megatron(num_experts: int, top_k: Optional[int] = None, **overrides: Any) ->
       ``pre_softmax``, biased sigmoid scores with ``sigmoid``.
     - **Expert bias**: ``expert_bias`` (values, stored on the config) or
       ``moe_router_enable_expert_bias=True`` (pass the bias to ``route_logits``);
-      selection only, sigmoid only (Megatron's rule).
+      selection only, sigmoid or sqrtsoftplus only (Megatron's rule).
     - **Capacity**: ``capacity_factor`` / ``moe_expert_capacity_factor`` (default None =
       dropless; negative = dropless, as Megatron) with Megatron's float64 formula
       ``ceil((T*k/E) * cf)`` (``capacity_rounding="megatron"``), no ``min_capacity``
@@ -646,7 +657,12 @@ def megatron(num_experts: int, top_k: Optional[int] = None, **overrides: Any) ->
       unspecified. A routed assignment of float32 probability 0 keeps its place before
       unrouted tokens under ``drop_policy="probs"``; Megatron's ``topk`` over the expert's
       column may keep an unrouted token of probability 0 instead.
-    - ``moe_input_jitter_eps``, Sinkhorn and ``global_aux_loss`` are refused.
+    - **Sinkhorn**: ``moe_router_load_balancing_type="sinkhorn"`` -> ``routing="sinkhorn"``
+      (``sinkhorn_load_balancing``); ``moe_aux_loss_coeff`` must be 0 and no expert bias
+      (Megatron's rules); the score function and groups are not used (as in Megatron).
+      Our iteration subtracts each row's maximum before ``exp`` and stops after
+      ``sinkhorn_max_iterations`` (see ``docs/semantics.md``).
+    - ``moe_input_jitter_eps`` and ``global_aux_loss`` are refused.
     """
     return preset("megatron", num_experts, top_k, **overrides)
 

@@ -111,7 +111,7 @@ def _add_routing_options(p: argparse.ArgumentParser) -> None:
                    help="experts per token (default: 2)")
     g.add_argument("--capacity-factor", "-c", type=_capacity_factor, default=1.25, metavar="CF|none",
                    help="capacity = ceil(CF * T * k / E), exact decimal; 'none' = dropless (default: 1.25)")
-    g.add_argument("--score-function", choices=("softmax", "sigmoid"), default="softmax",
+    g.add_argument("--score-function", choices=("softmax", "sigmoid", "sqrtsoftplus"), default="softmax",
                    help="score of each expert (default: softmax)")
     g.add_argument("--normalize-weights", action="store_true",
                    help="divide the k chosen scores by their sum (Mixtral, Qwen norm_topk_prob)")
@@ -149,6 +149,9 @@ def _add_route_parser(sub: Any) -> None:
                    help="precision of the router GEMM (default: float32 for float32 hidden states, "
                         "float64 for float64 and float16 ones)")
     _add_routing_options(p)
+    p.add_argument_group("routing").add_argument(
+        "--training", action="store_true",
+        help="route in training mode (training capacity and noise; Sinkhorn routing acts only in training)")
     g = p.add_argument_group("output and timing")
     _add_json(g)
     g.add_argument("--repeat", "-n", type=_positive_int, default=DEFAULT_REPEAT, metavar="N",

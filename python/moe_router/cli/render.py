@@ -184,6 +184,9 @@ def render_route(report: Report, console: Console) -> None:
     ]
     if report["seq_load_balance_loss"] is not None:
         stats.append(("seq_load_balance_loss", f"{report['seq_load_balance_loss']:.6g}", "mean over sequences"))
+    if report.get("sinkhorn_iterations") is not None:
+        stats.append(("sinkhorn iterations", str(report["sinkhorn_iterations"]),
+                      "converged" if report["sinkhorn_converged"] else "stopped at sinkhorn_max_iterations"))
     stats += [
         ("auxiliary_loss", f"{report['auxiliary_loss']:.6g}",
          f"{cfg['load_balance_loss_coeff']:g} * lb + {cfg['router_z_loss_coeff']:g} * z"),

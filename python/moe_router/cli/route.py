@@ -61,7 +61,8 @@ def report_head(decision: RoutingDecision, source: Dict[str, Any], config: Dict[
 
 
 def build_report(decision: RoutingDecision, config: Any, source: Dict[str, Any],
-                 times: List[float], edge: Optional[int] = DEFAULT_CHART_EDGE) -> Dict[str, Any]:
+                 times: List[float], edge: Optional[int] = DEFAULT_CHART_EDGE,
+                 training: bool = False) -> Dict[str, Any]:
     """Everything the route report shows, as JSON-ready data (both renderings read this).
 
     The load chart holds the ``edge`` busiest and idlest experts, or every expert
@@ -79,7 +80,7 @@ def build_report(decision: RoutingDecision, config: Any, source: Dict[str, Any],
         experts.append({"expert": e, "kept": n_kept, "pre_drop": n_pre, "dropped": n_pre - n_kept,
                         "capacity_percent": percent})
     report = {"command": "route", **report_head(decision, source, config_summary(
-        config, False, "load_balance_loss_coeff", "router_z_loss_coeff"))}
+        config, training, "load_balance_loss_coeff", "router_z_loss_coeff"))}
     report.update({
         "kept_assignments": d["kept_assignments"],
         "dropped_assignments": d["dropped_assignments"],
@@ -93,6 +94,8 @@ def build_report(decision: RoutingDecision, config: Any, source: Dict[str, Any],
         "router_z_loss": decision.router_z_loss,
         "seq_load_balance_loss": decision.seq_load_balance_loss,
         "auxiliary_loss": decision.auxiliary_loss,
+        "sinkhorn_iterations": d["sinkhorn_iterations"],
+        "sinkhorn_converged": d["sinkhorn_converged"],
         "load_chart": {"experts": experts, "not_shown": not_shown, "edge": None if not_shown == 0 else edge,
                        "order": "pre_drop descending"},
         "tokens_per_expert": d["tokens_per_expert"],
@@ -120,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     config = config_from_args(args, int(logits.shape[-1]), source["label"])
     replay = None if args.replay is None else RecordedRoute.load(args.replay)
-    decision, times = time_calls(lambda: route_logits(logits, config, replay=replay), args.repeat)
-    return _finish(args, decision, build_report(decision, config, source, times, _chart_edge(args)))
+    decision, times = time_calls(lambda: route_logits(logits, config, training=args.training, replay=replay),
+                                 args.repeat)
+    return _finish(args, decision, build_report(decision, config, source, times, _chart_edge(args), args.training))
 
 
 def _finish(args: argparse.Namespace, decision: RoutingDecision, report: Dict[str, Any]) -> int:
@@ -145,7 +149,8 @@ def _run_hidden(args: argparse.Namespace) -> int:
     router = ExpertRouter(config, router_info["input_dim"], weight=weight, bias=bias, gate="linear",
                           router_dtype=args.router_dtype)
     replay = None if args.replay is None else RecordedRoute.load(args.replay)
-    decision, times = time_calls(lambda: router.route_tokens(hidden, replay=replay), args.repeat)
-    report = build_report(decision, config, source, times, _chart_edge(args))
+    decision, times = time_calls(lambda: router.route_tokens(hidden, training=args.training, replay=replay),
+                                 args.repeat)
+    report = build_report(decision, config, source, times, _chart_edge(args), args.training)
     report["router"] = router_info
     return _finish(args, decision, report)

@@ -24,15 +24,17 @@
 //!   `T_a`); per sequence the same with the sequence's counts, divided by the
 //!   number of sequences;
 //! - z-loss: `d z / d x_te = 2 lse_t softmax(x_t)_e / T_a` (ST-MoE);
-//! - then through the score function (softmax or sigmoid Jacobian) and the
+//! - then through the score function (softmax or sigmoid Jacobian, or
+//!   `d sqrt(softplus(x))/dx = sigmoid(x) / (2 sqrt(softplus(x)))`) and the
 //!   training jitter (`x' = x * (1 - eps + 2 eps u)`; additive noise has
 //!   derivative 1). Formulas as TransformerEngine's fused router backward and
 //!   Megatron-Core's `MoEAuxLossAutoScaler` compute them.
 
 use rayon::prelude::*;
 
-use crate::config::{RouterConfig, ScoreFunction};
+use crate::config::{RouterConfig, RoutingAlgorithm, ScoreFunction};
 use crate::error::{Result, RouterError};
+use crate::math::sqrt_softplus_slope;
 use crate::route::{chunk_tokens, RouteCall};
 use crate::row::{RowContext, RowRouter};
 use crate::source::{ChunkBuf, Logit, LogitSource};
@@ -128,6 +130,14 @@ pub fn backward_logits<S: LogitSource>(
 where
     S::Elem: Logit,
 {
+    // A Sinkhorn decision's weights are its activation's scores at the chosen experts.
+    let activation;
+    let options = if options.routing == RoutingAlgorithm::Sinkhorn {
+        activation = options.sinkhorn_activation();
+        &activation
+    } else {
+        options
+    };
     let (t, e, k) = (source.num_tokens(), options.num_experts, options.top_k);
     let tk = t * k;
     let check = |name: &'static str, len: usize, want: usize, what: String| {
@@ -185,7 +195,8 @@ where
             }
             let (row, max) = router.rescore(&ctx, tok, &rows[i * e..(i + 1) * e], &mut work.jitter)?;
             let scores = router.scores();
-            let sigmoid = options.score_function == ScoreFunction::Sigmoid;
+            // Element-wise scores (sigmoid, sqrtsoftplus) share every term but the slope.
+            let sigmoid = matches!(options.score_function, ScoreFunction::Sigmoid | ScoreFunction::SqrtSoftplus);
             let probabilities = options.score_function == ScoreFunction::Probabilities;
             if !sigmoid && !probabilities && grads.router_probs.is_none() {
                 let seq_row = dq_sequence.as_ref().map(|(len, rows)| &rows[tok / len][..]);
@@ -241,7 +252,11 @@ where
             }
             // Through the score function to the logits the router used.
             let (ds, dx) = (&work.ds, &mut work.dx);
-            if sigmoid {
+            if options.score_function == ScoreFunction::SqrtSoftplus {
+                for ((d, &x), &g) in dx.iter_mut().zip(router.logits()).zip(ds) {
+                    *d = g * sqrt_softplus_slope(x);
+                }
+            } else if sigmoid {
                 for ((d, &b), &g) in dx.iter_mut().zip(scores).zip(ds) {
                     let s = b * row.scale;
                     *d = g * s * (1.0 - s);

@@ -59,11 +59,15 @@ pub enum ScoreFunction {
     Softmax,
     /// Element-wise logistic sigmoid (DeepSeek-V3).
     Sigmoid,
+    /// Element-wise `sqrt(softplus(z))` (Megatron-Core `sqrtsoftplus`), handled as sigmoid.
+    SqrtSoftplus,
     /// The rows already hold non-negative scores (a gate's probabilities); 0 marks
     /// an expert as not eligible. Set by the hierarchical gate, not by users.
     Probabilities,
 }
-spelled_enum!(ScoreFunction, "score_function", ["softmax" => Softmax, "sigmoid" => Sigmoid]);
+spelled_enum!(ScoreFunction, "score_function", [
+    "softmax" => Softmax, "sigmoid" => Sigmoid, "sqrtsoftplus" => SqrtSoftplus,
+]);
 
 /// Which routing algorithm assigns tokens to experts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,8 +76,12 @@ pub enum RoutingAlgorithm {
     TokenChoice,
     /// Each expert picks its top-C tokens; a token gets 0..E experts (Zhou et al. 2022, flaxformer).
     ExpertChoice,
+    /// Top-k of a Sinkhorn-balanced score matrix in training (Megatron-Core S-BASE, `crate::sinkhorn`).
+    Sinkhorn,
 }
-spelled_enum!(RoutingAlgorithm, "routing", ["token_choice" => TokenChoice, "expert_choice" => ExpertChoice]);
+spelled_enum!(RoutingAlgorithm, "routing", [
+    "token_choice" => TokenChoice, "expert_choice" => ExpertChoice, "sinkhorn" => Sinkhorn,
+]);
 
 /// Which assignments survive when an expert receives more than `capacity`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -403,6 +411,10 @@ pub struct RouterConfig {
     pub expert_choice_cap: Option<usize>,
     /// Float64 scores (native) or the peers' float32 arithmetic (set by the presets).
     pub score_precision: ScorePrecision,
+    /// Sinkhorn stops once the mean change of the expert scaling is at most this (> 0).
+    pub sinkhorn_tolerance: f64,
+    /// Sinkhorn stops after this many iterations even if not converged (>= 1).
+    pub sinkhorn_max_iterations: usize,
 }
 
 impl Default for RouterConfig {
@@ -441,6 +453,8 @@ impl Default for RouterConfig {
             eval_capacity_token_fraction: None,
             expert_choice_cap: None,
             score_precision: ScorePrecision::Float64,
+            sinkhorn_tolerance: 1e-4,
+            sinkhorn_max_iterations: 1000,
         }
     }
 }
@@ -487,6 +501,8 @@ impl RouterConfig {
         "eval_capacity_token_fraction",
         "expert_choice_cap",
         "score_precision",
+        "sinkhorn_tolerance",
+        "sinkhorn_max_iterations",
     ];
 
     /// The defaults with `num_experts` experts and `top_k` per token.
@@ -609,6 +625,10 @@ impl RouterConfig {
                 self.expert_choice_cap = optional(v, |v| count("expert_choice_cap", v, 1, MAX_EXPERTS))?
             }
             "score_precision" => self.score_precision = spelled(v)?,
+            "sinkhorn_tolerance" => self.sinkhorn_tolerance = real("sinkhorn_tolerance", v)?,
+            "sinkhorn_max_iterations" => {
+                self.sinkhorn_max_iterations = count("sinkhorn_max_iterations", v, 1, usize::MAX)?
+            }
             _ => return Err(RouterError::UnknownField { name: name.to_string() }),
         }
         Ok(())
@@ -659,6 +679,8 @@ impl RouterConfig {
             }
             "expert_choice_cap" => opt_int(self.expert_choice_cap),
             "score_precision" => word(self.score_precision.to_string()),
+            "sinkhorn_tolerance" => float_value(self.sinkhorn_tolerance),
+            "sinkhorn_max_iterations" => int(self.sinkhorn_max_iterations),
             _ => return None,
         })
     }
@@ -817,7 +839,7 @@ impl RouterConfig {
                 ));
             }
         }
-        Ok(())
+        self.check_sinkhorn()
     }
 
     /// `weight_scale` in (0, float32 max], `reroute_weight_scale` in [0, float32 max],

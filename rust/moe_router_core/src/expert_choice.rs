@@ -274,6 +274,8 @@ pub(crate) fn route_expert_choice<S: LogitSource>(
         seq_load_balance_loss,
         auxiliary_loss: 0.0,
         peer_load_balance_loss: None,
+        sinkhorn_iterations: None,
+        sinkhorn_converged: None,
     };
     routing.set_auxiliary_loss(options);
     Ok(routing)

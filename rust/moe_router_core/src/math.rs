@@ -202,6 +202,48 @@ pub(crate) fn sigmoid(z: f64) -> f64 {
     num / (1.0 + e)
 }
 
+/// Below this logit `sqrt(softplus(z)) = e^(z/2) sqrt(1 - e^z / 2 + ...)` is
+/// `e^(z/2)` to float64 precision (`e^-37 / 4 < 2^-55`), which stays
+/// representable where `e^z` underflows.
+const SOFTPLUS_TAIL: f64 = -37.0;
+
+/// `sqrt(softplus(z))` (Megatron-Core `sqrtsoftplus`), with softplus in its stable
+/// form `max(z, 0) + log1p(e^-|z|)`, and `e^(z/2)` below `SOFTPLUS_TAIL`
+/// (0 for -inf). Scalar in every build, with the standard library's `exp` and
+/// `log1p` (the same calls whatever the build): they have no vector kernel here.
+#[inline(always)]
+pub(crate) fn sqrt_softplus(z: f64) -> f64 {
+    if z < SOFTPLUS_TAIL {
+        (0.5 * z).exp()
+    } else {
+        (z.max(0.0) + (-z.abs()).exp().ln_1p()).sqrt()
+    }
+}
+
+/// `log(sqrt(softplus(z)))`, finite for every finite `z` (-inf for -inf).
+pub(crate) fn log_sqrt_softplus(z: f64) -> f64 {
+    if z < SOFTPLUS_TAIL {
+        0.5 * z
+    } else {
+        sqrt_softplus(z).ln()
+    }
+}
+
+/// `d sqrt(softplus(z)) / dz = sigmoid(z) / (2 sqrt(softplus(z)))`
+/// (`e^(z/2) / 2` below `SOFTPLUS_TAIL`; 0 for -inf).
+pub(crate) fn sqrt_softplus_slope(z: f64) -> f64 {
+    if z < SOFTPLUS_TAIL {
+        0.5 * (0.5 * z).exp()
+    } else {
+        sigmoid(z) / (2.0 * sqrt_softplus(z))
+    }
+}
+
+/// `out[e] = sqrt(softplus(z[e]))` (0 for -inf); returns the sum over the fixed lanes.
+pub(crate) fn sqrt_softplus_row(z: &[f64], out: &mut [f64]) -> f64 {
+    map_and_sum(z, out, sqrt_softplus)
+}
+
 /// Sum of the lanes in a fixed order (pairwise), the same in every build.
 #[inline(always)]
 fn lane_sum(acc: &[f64; LANES]) -> f64 {
@@ -517,6 +559,25 @@ mod tests {
         for simd in Simd::all() {
             assert_eq!(run(simd), want, "{simd:?}");
         }
+    }
+
+    #[test]
+    fn sqrt_softplus_is_stable_and_its_slope_matches_differences() {
+        assert_eq!(sqrt_softplus(f64::NEG_INFINITY), 0.0);
+        assert_eq!(sqrt_softplus_slope(f64::NEG_INFINITY), 0.0);
+        assert!((sqrt_softplus(0.0) - 2f64.ln().sqrt()).abs() < 1e-15);
+        assert!((sqrt_softplus(1e4) - 100.0).abs() < 1e-12);
+        assert!((sqrt_softplus(-800.0) / (-400.0f64).exp() - 1.0).abs() < 1e-12);
+        for z in [-50.0f64, -37.5, -36.5, -3.0, -0.2, 0.0, 0.7, 5.0, 40.0] {
+            let h = 1e-6 * (1.0f64).max(z.abs());
+            let fd = (sqrt_softplus(z + h) - sqrt_softplus(z - h)) / (2.0 * h);
+            let slope = sqrt_softplus_slope(z);
+            assert!((fd - slope).abs() <= 1e-7 * slope.abs() + 1e-12, "{z}: {fd} vs {slope}");
+            assert!((log_sqrt_softplus(z).exp() / sqrt_softplus(z) - 1.0).abs() < 1e-14, "{z}");
+        }
+        // Continuous across the tail's threshold.
+        let (a, b) = (sqrt_softplus(-37.0 - 1e-12), sqrt_softplus(-37.0));
+        assert!((a / b - 1.0).abs() < 1e-11);
     }
 
     #[test]

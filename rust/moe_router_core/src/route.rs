@@ -150,6 +150,10 @@ pub struct Routing {
     pub auxiliary_loss: f64,
     /// The load-balance loss as `config.peer` computes it, when a peer is set.
     pub peer_load_balance_loss: Option<f64>,
+    /// Sinkhorn iterations run (`routing = Sinkhorn` in training), else None.
+    pub sinkhorn_iterations: Option<usize>,
+    /// Whether Sinkhorn met its tolerance before its iteration cap, else None.
+    pub sinkhorn_converged: Option<bool>,
 }
 
 /// Route an `[T, E]` array of logits. Non-standard layouts are copied once.
@@ -181,16 +185,19 @@ pub fn route_into<S: LogitSource>(
     probs_out: Option<&mut [f32]>,
 ) -> Result<Routing> {
     options.validate()?;
-    if call.replay.is_some() && options.routing != RoutingAlgorithm::TokenChoice {
+    // A replay replaces a per-token top-k: token choice's, or Sinkhorn's (its weights
+    // come from the activation); the other algorithms have none.
+    if call.replay.is_some() && !matches!(options.routing, RoutingAlgorithm::TokenChoice | RoutingAlgorithm::Sinkhorn) {
         return Err(RouterError::config(
             "routing",
             format!("'{}'", options.routing),
-            "must be 'token_choice' to replay a recording (a replay replaces token choice's top-k)",
+            "must be 'token_choice' or 'sinkhorn' to replay a recording (a replay replaces their per-token top-k)",
         ));
     }
     match options.routing {
         RoutingAlgorithm::TokenChoice => {}
         RoutingAlgorithm::ExpertChoice => return expert_choice::route_expert_choice(source, options, call, probs_out),
+        RoutingAlgorithm::Sinkhorn => return crate::sinkhorn::route_sinkhorn(source, options, call, probs_out),
     }
     // A call without a selection bias uses the configuration's fixed one.
     let expert_bias = call.expert_bias.or(options.expert_bias.as_deref());
@@ -355,6 +362,8 @@ pub fn route_into<S: LogitSource>(
         }),
         auxiliary_loss: 0.0,
         peer_load_balance_loss: None,
+        sinkhorn_iterations: None,
+        sinkhorn_converged: None,
     };
     routing.set_auxiliary_loss(options);
     routing.peer_load_balance_loss =

@@ -431,6 +431,11 @@ impl RowRouter {
         Ok((score_row(ctx.simd, ctx.options.score_function, &self.logits, max, &mut self.scores), max))
     }
 
+    /// The (noisy) logits of the last [`RowRouter::rescore`].
+    pub(crate) fn logits(&self) -> &[f64] {
+        &self.logits
+    }
+
     /// The score buffer of the last [`RowRouter::rescore`] (`score_e = buffer[e] * scale`).
     pub(crate) fn scores(&self) -> &[f64] {
         &self.scores

@@ -1,4 +1,4 @@
-//! Scores of one token's row of logits: softmax or sigmoid, with the
+//! Scores of one token's row of logits: softmax, sigmoid or sqrtsoftplus, with the
 //! log-sum-exp that the z-loss needs.
 //!
 //! `-inf` logits are allowed and mean "not eligible": their score is 0.
@@ -8,7 +8,7 @@
 //! normalization costs no extra pass over the row.
 
 use crate::config::ScoreFunction;
-use crate::math::{exp_f64, exp_shifted, sigmoid_row};
+use crate::math::{exp_f64, exp_shifted, log_sqrt_softplus, sigmoid_row, sqrt_softplus_row};
 use crate::simd::Simd;
 
 /// A sigmoid row whose scores sum to less than this is held relative to its
@@ -53,11 +53,16 @@ pub(crate) fn score_row(
     let exp_sum = exp_shifted(simd, logits, max_logit, buffer);
     let lse = max_logit + exp_sum.ln();
     match function {
-        ScoreFunction::Sigmoid => {
-            let mut sum = sigmoid_row(simd, logits, buffer);
+        ScoreFunction::Sigmoid | ScoreFunction::SqrtSoftplus => {
+            let mut sum = if function == ScoreFunction::Sigmoid {
+                sigmoid_row(simd, logits, buffer)
+            } else {
+                sqrt_softplus_row(logits, buffer)
+            };
             let mut scale = 1.0;
             if sum < TINY {
-                // Every score is subnormal-sized or 0 (logits below about -667):
+                // Every score is subnormal-sized or 0 (sigmoid logits below about
+                // -667, sqrtsoftplus ones below about -1335):
                 // hold them relative to the largest, from their logarithms, so
                 // that their ratios, 1 / sum and the normalized weights stay
                 // exact. `scale`, the largest score, may underflow to 0.
@@ -77,7 +82,7 @@ pub(crate) fn score_row(
 
 /// The logarithm of an eligible expert's score, up to a constant of the row
 /// (`value` is its logit, or its probability for `Probabilities`): `z` for
-/// softmax, `log(sigmoid(z))` for sigmoid, `log(p)`. Finite for every finite
+/// softmax, `log(sigmoid(z))` for sigmoid, `log(sqrt(softplus(z)))`, `log(p)`. Finite for every finite
 /// logit, where the score itself may underflow to a subnormal or 0.
 pub(crate) fn log_score(function: ScoreFunction, value: f64) -> f64 {
     match function {
@@ -85,6 +90,7 @@ pub(crate) fn log_score(function: ScoreFunction, value: f64) -> f64 {
         // log(sigmoid(z)) = -log(1 + e^-z), written so that e^. never overflows.
         ScoreFunction::Sigmoid if value > 0.0 => -exp_f64(-value).ln_1p(),
         ScoreFunction::Sigmoid => value - exp_f64(value).ln_1p(),
+        ScoreFunction::SqrtSoftplus => log_sqrt_softplus(value),
         ScoreFunction::Probabilities => value.ln(),
     }
 }
@@ -118,6 +124,22 @@ mod tests {
         let lse = z.iter().map(|v: &f64| v.exp()).sum::<f64>().ln();
         assert!((r.z_term.sqrt() - lse).abs() < 1e-14);
         assert!((s[0] * r.scale - 0.6439142598879724).abs() < 1e-15);
+    }
+
+    #[test]
+    fn sqrtsoftplus_rows_and_tiny_rows() {
+        let z = [-1.0, 0.0, 2.0, f64::NEG_INFINITY];
+        let mut s = [0.0; 4];
+        let r = score_row(Simd::current(), ScoreFunction::SqrtSoftplus, &z, 2.0, &mut s);
+        let want: Vec<f64> = z.iter().map(|&v: &f64| v.exp().ln_1p().sqrt()).collect();
+        for (a, b) in s.iter().zip(&want) {
+            assert!((a * r.scale - b).abs() < 1e-15, "{a} {b}");
+        }
+        assert!((r.prob_scale * want.iter().sum::<f64>() - 1.0).abs() < 1e-15);
+        // Scores below 1e-290: held relative to the largest, ratios exact.
+        let z = [-1400.0, -1402.0];
+        let r = score_row(Simd::current(), ScoreFunction::SqrtSoftplus, &z, -1400.0, &mut s[..2]);
+        assert!((s[1] / s[0] - (-1.0f64).exp()).abs() < 1e-15 && r.prob_scale > 0.0);
     }
 
     #[test]

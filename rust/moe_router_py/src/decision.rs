@@ -131,6 +131,11 @@ impl ExpertAssignment {
 ///     For a configuration made by a preset (``config.peer`` set), the load-balance
 ///     loss as that framework computes it (coefficient 1); see
 ///     :func:`moe_router.presets.peer_load_balance_loss`. None otherwise.
+/// sinkhorn_iterations : int or None
+///     Sinkhorn iterations run (``routing="sinkhorn"`` in training); None otherwise.
+/// sinkhorn_converged : bool or None
+///     Whether Sinkhorn met ``sinkhorn_tolerance`` before ``sinkhorn_max_iterations``
+///     (``routing="sinkhorn"`` in training); None otherwise.
 /// router_probs : numpy.ndarray or None
 ///     float32 ``[T, E]`` score distribution of each token as the router computed
 ///     it (0 for padding), when asked for with ``return_probs=True``.
@@ -186,6 +191,10 @@ pub struct RoutingDecision {
     num_experts: usize,
     #[pyo3(get)]
     top_k: usize,
+    #[pyo3(get)]
+    sinkhorn_iterations: Option<usize>,
+    #[pyo3(get)]
+    sinkhorn_converged: Option<bool>,
     /// Summaries kept in Rust for the peer losses and the per-expert views.
     tokens_per_expert_counts: Vec<i64>,
     expert_prob_mean_values: Vec<f64>,
@@ -269,6 +278,8 @@ impl RoutingDecision {
             peer_load_balance_loss: r.peer_load_balance_loss,
             num_experts: e,
             top_k: k,
+            sinkhorn_iterations: r.sinkhorn_iterations,
+            sinkhorn_converged: r.sinkhorn_converged,
             tokens_per_expert_counts: r.tokens_per_expert,
             expert_prob_mean_values: r.expert_prob_mean,
             first_choice_tokens_per_expert: r.first_choice_tokens_per_expert,
@@ -665,6 +676,8 @@ impl RoutingDecision {
         d.set_item("seq_load_balance_loss", self.seq_load_balance_loss)?;
         d.set_item("auxiliary_loss", self.auxiliary_loss)?;
         d.set_item("peer_load_balance_loss", self.peer_load_balance_loss)?;
+        d.set_item("sinkhorn_iterations", self.sinkhorn_iterations)?;
+        d.set_item("sinkhorn_converged", self.sinkhorn_converged)?;
         let ready = py.import("moe_router._json")?.getattr("json_ready")?.call1((d,))?;
         Ok(ready.cast_into::<PyDict>()?)
     }
