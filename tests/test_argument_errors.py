@@ -77,6 +77,7 @@ KINDS: Dict[str, str] = {
     "overflow": "choice", "reroute_weight_scale": "real", "num_groups": "int", "group_top_k": "int",
     "group_score": "choice", "group_score_input": "choice", "jitter_eps": "real", "noise_std": "real",
     "seed": "int", "expert_bias": "reals", "peer": "choice", "routing": "choice",
+    "balanced_solver": "choice",
 }
 WRONG_TYPES: Dict[str, List[Any]] = {
     "int": [2.0, np.float64(3.0), True, np.bool_(True), "2", [2], object()],
@@ -98,6 +99,7 @@ BAD_VALUES: Dict[str, List[Any]] = {
     "reroute_weight_scale": [-1], "num_groups": [0, 3], "group_top_k": [0], "group_score": ["sum"],
     "group_score_input": ["probs"], "jitter_eps": [1], "noise_std": [-1.0], "seed": [-1],
     "expert_bias": [[0.0] * 3], "peer": ["torch"], "routing": ["token-choice"],
+    "balanced_solver": ["auction"],
     "renormalize_after_drop": [], "normalize_weights": [], "enable_load_balancing": [],
 }
 #: Fields whose check needs another field set (a lone ``group_top_k`` needs ``num_groups``).

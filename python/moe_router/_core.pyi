@@ -51,6 +51,7 @@ class RouterConfig:
     expert_bias: tuple[float, ...] | None
     peer: str | None
     routing: str
+    balanced_solver: str
     num_experts_per_token: int
     def __new__(
         cls,
@@ -84,6 +85,7 @@ class RouterConfig:
         expert_bias: Sequence[float] | None = ...,
         peer: str | None = ...,
         routing: str = ...,
+        balanced_solver: str = ...,
         num_experts_per_token: int | None = ...,
     ) -> RouterConfig: ...
     def capacity(self, num_tokens: int, training: Optional[bool] = None) -> Optional[int]: ...

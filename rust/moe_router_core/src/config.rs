@@ -70,8 +70,21 @@ spelled_enum!(ScoreFunction, "score_function", ["softmax" => Softmax, "sigmoid" 
 pub enum RoutingAlgorithm {
     /// Each token picks its top-k experts; capacity then drops overflow (Switch, GShard, Mixtral).
     TokenChoice,
+    /// Training: every expert gets exactly `T_active / E` tokens, maximizing the
+    /// total logit (BASE layers); evaluation: top-1 without capacity.
+    Balanced,
 }
-spelled_enum!(RoutingAlgorithm, "routing", ["token_choice" => TokenChoice]);
+spelled_enum!(RoutingAlgorithm, "routing", ["token_choice" => TokenChoice, "balanced" => Balanced]);
+
+/// How `routing = "balanced"` solves its assignment problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalancedSolver {
+    /// The exact optimum (successive shortest augmenting paths).
+    Exact,
+    /// fairseq's approximate auction (`balanced_assignment.cpp`), reproduced step for step.
+    FairseqAuction,
+}
+spelled_enum!(BalancedSolver, "balanced_solver", ["exact" => Exact, "fairseq_auction" => FairseqAuction]);
 
 /// Which assignments survive when an expert receives more than `capacity`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,6 +370,8 @@ pub struct RouterConfig {
     pub peer: Option<Peer>,
     /// The routing algorithm.
     pub routing: RoutingAlgorithm,
+    /// The solver of `routing = "balanced"`.
+    pub balanced_solver: BalancedSolver,
 }
 
 impl Default for RouterConfig {
@@ -391,6 +406,7 @@ impl Default for RouterConfig {
             expert_bias: None,
             peer: None,
             routing: RoutingAlgorithm::TokenChoice,
+            balanced_solver: BalancedSolver::Exact,
         }
     }
 }
@@ -433,6 +449,7 @@ impl RouterConfig {
         "expert_bias",
         "peer",
         "routing",
+        "balanced_solver",
     ];
 
     /// The defaults with `num_experts` experts and `top_k` per token.
@@ -547,6 +564,7 @@ impl RouterConfig {
                 }
             }
             "peer" => self.peer = optional(v, spelled)?,
+            "balanced_solver" => self.balanced_solver = spelled(v)?,
             _ => return Err(RouterError::UnknownField { name: name.to_string() }),
         }
         Ok(())
@@ -591,6 +609,7 @@ impl RouterConfig {
             "seed" => FieldValue::Int(i128::from(self.seed)),
             "expert_bias" => self.expert_bias.clone().map_or(FieldValue::None, FieldValue::Reals),
             "peer" => self.peer.map_or(FieldValue::None, |p| word(p.to_string())),
+            "balanced_solver" => word(self.balanced_solver.to_string()),
             _ => return None,
         })
     }
@@ -746,6 +765,36 @@ impl RouterConfig {
                     format!("must be finite; expert_bias[{i}] = {v}"),
                 ));
             }
+        }
+        self.check_balanced()
+    }
+
+    /// `routing = "balanced"` assigns one expert per token, from the logits as given.
+    fn check_balanced(&self) -> Result<()> {
+        if self.routing != RoutingAlgorithm::Balanced {
+            return Ok(());
+        }
+        let why = "routing='balanced' assigns exactly one expert per token (BASE layers)";
+        if self.top_k != 1 {
+            return Err(RouterError::config("top_k", self.top_k, format!("must be 1: {why}")));
+        }
+        if let Some(g) = self.num_groups {
+            return Err(RouterError::config("num_groups", g, format!("must be None: {why} from all experts")));
+        }
+        if self.seq_load_balance_loss_coeff != 0.0 {
+            return Err(RouterError::config(
+                "seq_load_balance_loss_coeff",
+                self.seq_load_balance_loss_coeff,
+                "must be 0: routing='balanced' fixes every expert's load in training (no sequence-level loss)",
+            ));
+        }
+        if self.jitter_eps > 0.0 || self.noise_std > 0.0 {
+            let field = if self.jitter_eps > 0.0 { "jitter_eps" } else { "noise_std" };
+            return Err(RouterError::config(
+                field,
+                self.jitter_eps.max(self.noise_std),
+                "must be 0: routing='balanced' assigns by the logits as given",
+            ));
         }
         Ok(())
     }

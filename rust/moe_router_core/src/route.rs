@@ -176,6 +176,7 @@ pub fn route_into<S: LogitSource>(
     options.validate()?;
     match options.routing {
         RoutingAlgorithm::TokenChoice => {}
+        RoutingAlgorithm::Balanced => return crate::balanced::route_balanced(source, options, call, probs_out),
     }
     // A call without a selection bias uses the configuration's fixed one.
     let expert_bias = call.expert_bias.or(options.expert_bias.as_deref());
