@@ -47,6 +47,9 @@ EXPECTED = {
     "switch": dict(top_k=1, score_function="softmax", normalize_weights=False, capacity_factor=None,
                    expert_capacity=64, drop_policy="position", renormalize_after_drop=False,
                    load_balance_loss_coeff=0.001, router_z_loss_coeff=0.001, peer="switch"),
+    "base": dict(top_k=1, routing="balanced", balanced_solver="fairseq_auction", score_function="sigmoid",
+                 normalize_weights=False, capacity_factor=None, load_balance_loss_coeff=0.0,
+                 router_z_loss_coeff=0.0, peer=None),
 }
 
 
@@ -60,7 +63,7 @@ def test_preset_defaults(name):
 
 
 def test_presets_listed():
-    assert mr.PRESETS == ("megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch")
+    assert mr.PRESETS == ("megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch", "base")
     with pytest.raises(ValueError, match="unknown preset 'gshard'.*megatron"):
         mr.preset("gshard", 8, 2)
 

@@ -710,21 +710,24 @@ def base(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> Rou
       fairseq's auction on the logits (``x . centroid_e``), reproduced step for step in
       the logits' precision: ``eps = max(1e-4, (max - min) / 50)``, bids
       ``top_j - top_{jpw+1} + eps``, 100 rounds that keep the winners' bids, then its
-      approximation; non-finite logits replaced by the smallest finite one. Every
-      expert gets exactly ``T_active / E`` tokens (T_active must divide by E). Use
-      ``balanced_solver="exact"`` for the optimum of the same problem.
-    - **Evaluation**: greedy top-1 without capacity (``greedy_assignment``).
-    - **Weights**: ``sigmoid(logit)`` of the assigned expert (``score_function="sigmoid"``),
-      BASE's ``alpha``; the layer's output is ``alpha * expert(x) + (1 - alpha) * x``,
+      approximation; non-finite logits replaced by the smallest finite one.
+      ``balanced_solver="exact"`` gives the optimum of the same problem.
+    - **Capacity**: none applies; every expert gets exactly ``T_active / E`` tokens in
+      training (T_active must divide by E), and evaluation is greedy top-1 without
+      capacity (``greedy_assignment``). No drop order applies: nothing is dropped; slots
+      are in token order within an expert.
+    - **Score function**: ``sigmoid``: the weight is ``sigmoid(logit)`` of the assigned
+      expert, BASE's ``alpha``; the layer's output is ``alpha * expert(x) + (1 - alpha) * x``,
       the residual part outside the router.
-    - **Losses**: none (both coefficients 0); ``peer`` is None.
+    - **Loss normalization**: BASE has no auxiliary loss: both coefficients are 0 and
+      ``peer`` is None.
 
     Differences: ``torch.topk`` leaves the order of equal values unspecified; here
     the lower token index ranks first. ``base_shuffle`` (a random permutation of
     the tokens across workers before routing) is refused unless False. E is
     fairseq's number of data-parallel workers (``num_workers``).
     The C++ extension cannot be built here: the tests check this preset against a
-    NumPy transcription of the C++ algorithm.
+    NumPy transcription of the C++ algorithm (``tests/balanced_reference.py``).
     """
     return preset("base", num_experts, top_k, **overrides)
 
