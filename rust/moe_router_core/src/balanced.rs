@@ -174,3 +174,45 @@ fn auction<F: Logit>(argument: &'static str, mut rows: Vec<F>, e: usize) -> Resu
     }
     Ok(experts)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::route_logits;
+    use ndarray::array;
+
+    fn config(solver: BalancedSolver) -> RouterConfig {
+        RouterConfig { routing: RoutingAlgorithm::Balanced, balanced_solver: solver, ..RouterConfig::new(2, 1) }
+    }
+
+    #[test]
+    fn training_balances_and_evaluation_is_greedy() {
+        // Every token prefers expert 0; token 2 loses least by moving.
+        let logits = array![[3.0f64, 0.0], [2.0, 0.0], [1.0, 0.5], [4.0, 0.0]];
+        let call = RouteCall { training: true, ..RouteCall::default() };
+        for solver in [BalancedSolver::Exact, BalancedSolver::FairseqAuction] {
+            let r = route_logits(logits.view(), &config(solver), &call).unwrap();
+            assert_eq!(r.expert_indices, vec![0, 1, 1, 0], "{solver}");
+            assert_eq!(r.expert_slots, vec![0, 0, 1, 1]);
+            assert_eq!(r.tokens_per_expert, vec![2, 2]);
+            let p = 1.0 / (1.0 + (-2.0f64).exp());
+            assert!((f64::from(r.expert_weights[1]) - (1.0 - p)).abs() < 1e-7);
+            assert_eq!((r.capacity, r.dropless, r.dropped_assignments), (2, false, 0));
+        }
+        let eval = route_logits(logits.view(), &config(BalancedSolver::Exact), &RouteCall::default()).unwrap();
+        assert_eq!(eval.expert_indices, vec![0, 0, 0, 0]);
+        assert!(eval.dropless);
+    }
+
+    #[test]
+    fn refuses_an_active_count_not_divisible_by_e() {
+        let logits = array![[1.0f32, 0.0], [0.0, 1.0], [1.0, 0.0]];
+        let call = RouteCall { training: true, ..RouteCall::default() };
+        let err = route_logits(logits.view(), &config(BalancedSolver::Exact), &call).unwrap_err();
+        assert!(err.to_string().contains("3 active tokens"), "{err}");
+        let mask = [true, true, false];
+        let masked = RouteCall { token_mask: Some(&mask), ..call };
+        let r = route_logits(logits.view(), &config(BalancedSolver::Exact), &masked).unwrap();
+        assert_eq!((r.expert_indices[0], r.expert_indices[1], r.kept[2]), (0, 1, false));
+    }
+}

@@ -240,7 +240,7 @@ mod tests {
         let mut state = 12345u64;
         for case in 0..60 {
             let e = 2 + case % 3;
-            let n = e * (1 + case % 3);
+            let n = e * (1 + (case / 3) % 2);
             let scores: Vec<f64> = (0..n * e)
                 .map(|_| {
                     state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
