@@ -64,8 +64,9 @@ struct Exchange<'a> {
     /// `[E * E]` gains of moving a token of `a` to `b`, at `a * E + b`; stale
     /// entries (tokens that left `a`) are dropped when they reach the top.
     heaps: Vec<BinaryHeap<Gain>>,
-    /// `[E * E]` the valid top of each heap, if any.
-    best: Vec<Option<Gain>>,
+    /// `[E * E]` the valid top gain of each heap (`-inf` when empty) and its token.
+    best_gain: Vec<f64>,
+    best_token: Vec<u32>,
     potential: Vec<f64>,
     sink_potential: f64,
     dist: Vec<f64>,
@@ -98,7 +99,9 @@ impl<'a> Exchange<'a> {
             while heap.peek().is_some_and(|g| self.assigned[g.token as usize] != expert as u32) {
                 heap.pop();
             }
-            self.best[expert * e + b] = heap.peek().copied();
+            let top = heap.peek().copied().unwrap_or(Gain { value: f64::NEG_INFINITY, token: NONE });
+            self.best_gain[expert * e + b] = top.value;
+            self.best_token[expert * e + b] = top.token;
         }
     }
 
@@ -115,10 +118,11 @@ impl<'a> Exchange<'a> {
         self.pred[sink] = NONE;
         self.settled.fill(false);
         loop {
-            let mut next = NONE as usize;
-            for v in (0..=sink).filter(|&v| !self.settled[v]) {
-                if next == NONE as usize || self.dist[v] < self.dist[next] {
+            let (mut next, mut low) = (sink, f64::INFINITY);
+            for v in 0..=sink {
+                if !self.settled[v] && self.dist[v] < low {
                     next = v;
+                    low = self.dist[v];
                 }
             }
             if self.dist[next] == f64::INFINITY {
@@ -137,13 +141,14 @@ impl<'a> Exchange<'a> {
                     self.pred[sink] = a as u32;
                 }
             }
-            for b in (0..e).filter(|&b| !self.settled[b]) {
-                if let Some(g) = self.best[a * e + b] {
-                    let nd = da + (-g.value + self.potential[a] - self.potential[b]).max(0.0);
-                    if nd < self.dist[b] {
-                        self.dist[b] = nd;
-                        self.pred[b] = a as u32;
-                    }
+            // An empty heap has gain -inf: its edge never improves a distance.
+            let pa = self.potential[a];
+            let gains = &self.best_gain[a * e..(a + 1) * e];
+            for b in 0..e {
+                let nd = da + (pa - self.potential[b] - gains[b]).max(0.0);
+                if nd < self.dist[b] && !self.settled[b] {
+                    self.dist[b] = nd;
+                    self.pred[b] = a as u32;
                 }
             }
         }
@@ -159,7 +164,7 @@ impl<'a> Exchange<'a> {
         self.counts[b] += 1;
         while self.pred[b] != NONE {
             let a = self.pred[b] as usize;
-            let moved = self.best[a * e + b].map_or(NONE, |g| g.token) as usize;
+            let moved = self.best_token[a * e + b] as usize;
             path.push((moved, b));
             b = a;
         }
@@ -190,7 +195,8 @@ pub(crate) fn solve_exact(scores: &[f64], experts: usize) -> Result<Vec<u32>, In
         assigned: vec![NONE; n],
         counts: vec![0; experts],
         heaps: (0..experts * experts).map(|_| BinaryHeap::new()).collect(),
-        best: vec![None; experts * experts],
+        best_gain: vec![f64::NEG_INFINITY; experts * experts],
+        best_token: vec![NONE; experts * experts],
         potential: vec![0.0; experts],
         sink_potential: 0.0,
         dist: vec![0.0; experts + 1],
