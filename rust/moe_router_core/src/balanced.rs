@@ -111,7 +111,8 @@ pub(crate) fn route_balanced<S: LogitSource>(
     r.seq_load_balance_loss = None;
     // E * sum_e f_e P_e with every f_e = 1 / E.
     r.load_balance_loss = r.expert_prob_mean.iter().sum();
-    r.auxiliary_loss = options.load_balance_loss_coeff * r.load_balance_loss + options.router_z_loss_coeff * r.router_z_loss;
+    r.auxiliary_loss =
+        options.load_balance_loss_coeff * r.load_balance_loss + options.router_z_loss_coeff * r.router_z_loss;
     r.peer_load_balance_loss = options.peer.map(|peer| peer_loss::peer_load_balance_loss(peer, &r.loss_inputs()));
     Ok(r)
 }
@@ -156,7 +157,7 @@ fn auction<F: Logit>(argument: &'static str, mut rows: Vec<F>, e: usize) -> Resu
         detail: format!("fairseq's auction did not end within {} rounds", stuck.rounds),
     })?;
     let mut experts = vec![u32::MAX; n];
-    let share = if e == 0 { 0 } else { n / e };
+    let share = n / e;
     for (i, &tok) in lists.iter().enumerate() {
         let tok = tok as usize;
         if experts[tok] != u32::MAX {

@@ -144,8 +144,8 @@ impl<'a> Exchange<'a> {
             // An empty heap has gain -inf: its edge never improves a distance.
             let pa = self.potential[a];
             let gains = &self.best_gain[a * e..(a + 1) * e];
-            for b in 0..e {
-                let nd = da + (pa - self.potential[b] - gains[b]).max(0.0);
+            for (b, &gain) in gains.iter().enumerate() {
+                let nd = da + (pa - self.potential[b] - gain).max(0.0);
                 if nd < self.dist[b] && !self.settled[b] {
                     self.dist[b] = nd;
                     self.pred[b] = a as u32;

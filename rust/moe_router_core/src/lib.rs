@@ -67,8 +67,8 @@ pub use array_arg::ArrayArg;
 pub use backward::{backward_logits, Cotangents, SavedRouting};
 pub use capacity::expert_capacity;
 pub use config::{
-    integer_range, BalancedSolver, CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore, GroupScoreInput,
-    Overflow, Peer, RouterConfig, RoutingAlgorithm, ScoreFunction, TOP_K_ALIAS,
+    integer_range, BalancedSolver, CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore,
+    GroupScoreInput, Overflow, Peer, RouterConfig, RoutingAlgorithm, ScoreFunction, TOP_K_ALIAS,
 };
 pub use decimal::Decimal;
 pub use dispatch::{gather_rows, Assignments, DispatchPlan, PlanLayout};
