@@ -204,6 +204,22 @@ def test_batch_of_sequences_is_one_balanced_batch() -> None:
     assert dec.seq_load_balance_loss is None
 
 
+def test_config_capacity_is_the_share() -> None:
+    assert cfg(4).capacity(40) == 10 and cfg(4).capacity(40, training=False) is None
+
+
+def test_hidden_states_and_probs() -> None:
+    rng = np.random.default_rng(10)
+    hidden, weight = rng.normal(size=(32, 6)), rng.normal(size=(6, 4))
+    router = mr.ExpertRouter(cfg(4), 6, weight=weight, gate="linear")
+    dec = router.route_tokens(hidden, training=True)
+    check_balanced(dec, 4)
+    direct = mr.route_logits(hidden @ weight, cfg(4), training=True, return_probs=True)
+    assert np.array_equal(dec.expert_indices, direct.expert_indices)
+    np.testing.assert_allclose(direct.router_probs, softmax(hidden @ weight), rtol=1e-6)
+    assert mr.route_logits(hidden @ weight, cfg(4), training=True).router_probs is None
+
+
 def test_empty_batch() -> None:
     dec = mr.route_logits(np.zeros((0, 4)), cfg(4), training=True)
     assert dec.expert_indices.shape == (0, 1) and dec.tokens_per_expert.tolist() == [0, 0, 0, 0]

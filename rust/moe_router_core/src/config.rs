@@ -648,6 +648,24 @@ impl RouterConfig {
         }
     }
 
+    /// Per-expert capacity for `tokens` active tokens, as routing applies it: the
+    /// formula of [`crate::expert_capacity`], or for `routing = "balanced"` the share
+    /// `ceil(tokens / E)` in training (routing requires it exact) and no limit in evaluation.
+    pub fn capacity_for(&self, tokens: usize, training: bool) -> Option<usize> {
+        if self.routing == RoutingAlgorithm::Balanced {
+            return training.then(|| tokens.div_ceil(self.num_experts));
+        }
+        let factor = self.capacity_factor_for(training);
+        crate::capacity::expert_capacity(
+            &factor,
+            self.capacity_rounding,
+            self.min_capacity,
+            tokens,
+            self.top_k,
+            self.num_experts,
+        )
+    }
+
     /// Check every range and every combination; the error names the field.
     pub fn validate(&self) -> Result<()> {
         let e = self.num_experts;

@@ -8,7 +8,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
-use moe_router_core::{expert_capacity, FieldValue, RouterConfig as CoreConfig};
+use moe_router_core::{FieldValue, RouterConfig as CoreConfig};
 use pyo3::exceptions::{PyAttributeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyString, PyTuple};
@@ -199,7 +199,8 @@ impl PyRouterConfig {
     ///     ``max(min_capacity, ceil(cf * T * k / E))`` with the configured rounding
     ///     (exact decimal by default; GShard/Switch capacity), or ``expert_capacity``.
     ///     None for dropless routing, and when that value exceeds ``2**64 - 1``
-    ///     (it could not bind: routing is then dropless).
+    ///     (it could not bind: routing is then dropless). With
+    ///     ``routing="balanced"``: ``T / E`` in training, None in evaluation.
     ///
     /// Raises
     /// ------
@@ -211,9 +212,7 @@ impl PyRouterConfig {
     fn capacity(&self, num_tokens: &Bound<'_, PyAny>, training: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
         let tokens = args::count(num_tokens, "num_tokens", 0, Family::Config)?;
         let training = training.map(|t| args::flag(t, "training", Family::Config)).transpose()?.unwrap_or(true);
-        let c = &self.inner;
-        let factor = c.capacity_factor_for(training);
-        Ok(expert_capacity(&factor, c.capacity_rounding, c.min_capacity, tokens, c.top_k, c.num_experts))
+        Ok(self.inner.capacity_for(tokens, training))
     }
 
     /// The configuration as a dict of constructor arguments (``RouterConfig(**d)`` rebuilds it).
