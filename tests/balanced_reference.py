@@ -6,6 +6,9 @@
 - :func:`fairseq_auction`: a NumPy transcription of fairseq's
   ``clib/libbase/balanced_assignment.cpp`` (BASE layers; its C++ extension needs a
   torch build and cannot be installed here).
+- :func:`optimum_k`: the optimum with k distinct experts per token, from the
+  transportation linear program (its matrix is totally unimodular, so the LP
+  optimum is the integer one), solved by ``scipy.optimize.linprog``.
 - :func:`greedy_experts`: tokens in order, each to its best expert with room.
 """
 
@@ -23,6 +26,25 @@ def optimum(logits: np.ndarray) -> float:
     finite = np.where(np.isfinite(wide), wide, -1e18)
     rows, cols = optimize.linear_sum_assignment(finite, maximize=True)
     return float(np.asarray(logits, np.float64)[rows, cols // (T // E)].sum())
+
+
+def optimum_k(logits: np.ndarray, k: int) -> float:
+    """The largest total logit with k distinct experts per token and T*k/E per expert."""
+    from scipy import optimize
+
+    T, E = logits.shape
+    s = np.asarray(logits, np.float64).reshape(-1)
+    ok = np.isfinite(s)
+    rows = np.zeros((T + E, T * E))
+    for t in range(T):
+        rows[t, t * E:(t + 1) * E] = 1
+    for e in range(E):
+        rows[T + e, e::E] = 1
+    rhs = np.concatenate([np.full(T, k), np.full(E, T * k // E)])
+    res = optimize.linprog(-np.where(ok, s, 0.0), A_eq=rows, b_eq=rhs,
+                           bounds=[(0, 1 if f else 0) for f in ok], method="highs")
+    assert res.status == 0, res.message
+    return float(-res.fun)
 
 
 def fairseq_auction(scores: np.ndarray) -> np.ndarray:

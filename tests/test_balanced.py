@@ -16,14 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_router as mr
-from balanced_reference import auction_experts, greedy_experts, optimum, total
+from balanced_reference import auction_experts, greedy_experts, optimum, optimum_k, total
 from helpers import balance_json, route_json
 
 pytest.importorskip("scipy.optimize")
 
 
-def cfg(E: int, **kw) -> mr.RouterConfig:
-    return mr.RouterConfig(num_experts=E, top_k=1, routing="balanced", **kw)
+def cfg(E: int, k: int = 1, **kw) -> mr.RouterConfig:
+    return mr.RouterConfig(num_experts=E, top_k=k, routing="balanced", **kw)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -67,6 +67,32 @@ def test_exact_is_the_optimum(shape, seed, integer) -> None:
     if E > 1:  # fairseq's top-(T/E + 1) needs E >= 2
         assert got >= total(x, auction_experts(x)) - 1e-12
     np.testing.assert_allclose(dec.expert_weights[:, 0], softmax(x)[np.arange(len(x)), idx], rtol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 4), st.integers(0, 2**32 - 1), st.booleans(), st.booleans())
+def test_exact_with_k_distinct_experts_is_the_optimum(E, share, seed, integer, normalize) -> None:
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, E + 1))
+    T = E * share // np.gcd(E, k)  # T * k divisible by E
+    x = rng.integers(-3, 4, size=(T, E)).astype(np.float64) if integer else rng.normal(size=(T, E))
+    dec = mr.route_logits(x, cfg(E, k, normalize_weights=normalize), training=True)
+    idx = dec.expert_indices.astype(np.int64)
+    assert all(len(set(row)) == k for row in idx.tolist())
+    assert np.array_equal(np.bincount(idx.reshape(-1), minlength=E), np.full(E, T * k // E))
+    assert dec.kept.all() and dec.capacity == T * k // E
+    # ranks: logit descending, the lower expert first on ties
+    for row, xs in zip(idx.tolist(), x):
+        assert row == sorted(row, key=lambda e: (-xs[e], e))
+    got = float(np.take_along_axis(x, idx, axis=1).sum())
+    assert got == pytest.approx(optimum_k(x, k), rel=1e-9, abs=1e-9)
+    w = np.take_along_axis(softmax(x), idx, axis=1)
+    if normalize:
+        w = w / w.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(dec.expert_weights, w, rtol=1e-6)
+    for e in range(E):
+        rows, ranks = np.nonzero(idx == e)
+        assert np.array_equal(dec.expert_slots[rows, ranks], np.arange(len(rows)))
 
 
 @settings(max_examples=60, deadline=None)
@@ -134,6 +160,9 @@ def test_evaluation_is_greedy_top1_without_capacity() -> None:
     assert np.array_equal(dec.expert_indices, plain.expert_indices)
     assert np.array_equal(dec.expert_weights, plain.expert_weights)
     assert dec.dropless and dec.kept.all()
+    top2 = mr.route_logits(x, cfg(8, 2), training=False)
+    plain2 = mr.route_logits(x, mr.RouterConfig(num_experts=8, top_k=2, capacity_factor=None), training=False)
+    assert np.array_equal(top2.expert_indices, plain2.expert_indices)
 
 
 def test_thread_count_does_not_change_the_result(restore_threads) -> None:
@@ -175,7 +204,9 @@ def test_bad_input() -> None:
     with pytest.raises(mr.InputError, match="11 active tokens"):
         mr.route_logits(np.zeros((12, 4)), cfg(4), training=True, token_mask=mask)
     with pytest.raises(mr.ConfigError, match="top_k"):
-        mr.RouterConfig(num_experts=4, top_k=2, routing="balanced")
+        cfg(4, 2, balanced_solver="fairseq_auction")
+    with pytest.raises(mr.InputError, match="3 active tokens"):
+        mr.route_logits(np.zeros((3, 4)), cfg(4, 2), training=True)
     with pytest.raises(mr.ConfigError, match="jitter_eps"):
         cfg(4, jitter_eps=0.1)
     with pytest.raises(mr.ConfigError, match="num_groups"):

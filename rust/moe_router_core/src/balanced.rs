@@ -1,7 +1,8 @@
 //! Balanced assignment routing (BASE layers, Lewis et al. 2021): in training
-//! every expert gets exactly `T_active / E` tokens (k = 1), chosen to maximize
-//! the total affinity; in evaluation each token takes its top-1 expert with no
-//! capacity limit (BASE's greedy inference).
+//! every expert gets exactly `T_active * k / E` assignments, each token k
+//! distinct experts (BASE: k = 1), chosen to maximize the total affinity; in
+//! evaluation each token takes its top-k experts with no capacity limit
+//! (BASE's greedy inference).
 //!
 //! The affinity of token t and expert e is the router logit, BASE's
 //! `x . centroid_e` (for the hierarchical gate, its probability); `-inf` keeps
@@ -50,14 +51,14 @@ pub(crate) fn route_balanced<S: LogitSource>(
     let scored = RouteCall { return_probs: true, ..*call };
     let mut probs_out = if call.return_probs { probs_out } else { None };
     let mut r = route_into(source, &plain, &scored, probs_out.as_deref_mut())?;
-    let (t, e) = (r.num_tokens, r.num_experts);
+    let (t, e, k) = (r.num_tokens, r.num_experts, r.top_k);
     let active = r.active_tokens;
-    if !active.is_multiple_of(e) {
+    if !(active * k).is_multiple_of(e) {
         return Err(RouterError::shape(
             source.argument(),
             format!(
-                "a number of active tokens divisible by num_experts = {e} (routing='balanced' gives every \
-                 expert exactly T_active / E tokens)"
+                "a number of active tokens T_active with T_active * top_k divisible by num_experts = {e} \
+                 (routing='balanced' gives every expert exactly T_active * top_k / E tokens; top_k = {k})"
             ),
             format!("{active} active tokens"),
         ));
@@ -67,49 +68,66 @@ pub(crate) fn route_balanced<S: LogitSource>(
     let experts = match options.balanced_solver {
         BalancedSolver::Exact => {
             let wide: Vec<f64> = rows.par_iter().map(|v| v.to_f64()).collect();
-            solve_exact(&wide, e).map_err(|bad| RouterError::BadValue {
+            solve_exact(&wide, e, k).map_err(|bad| RouterError::BadValue {
                 argument: source.argument(),
                 problem: "leaves no balanced assignment (too many experts are -inf for the tokens up to here)",
                 token: tokens[bad.token],
-                hint: "with routing='balanced' each expert must be reachable by T_active / E tokens",
+                hint: "with routing='balanced' each expert must be reachable by T_active * top_k / E tokens",
             })?
         }
-        BalancedSolver::FairseqAuction => auction(source.argument(), rows, e)?,
+        BalancedSolver::FairseqAuction => auction(source.argument(), &rows, e)?,
     };
 
     let probs: &[f32] = match probs_out.as_deref() {
         Some(p) => p,
         None => &r.router_probs,
     };
-    let share = active / e;
+    let share = active * k / e;
     let mut filled = vec![0i32; e];
+    let mut first_choice = vec![0i64; e];
     let ws = options.weight_scale;
-    for (&tok, &x) in tokens.iter().zip(&experts) {
-        let x = x as usize;
-        r.expert_indices[tok] = x as i32;
-        r.expert_slots[tok] = filled[x];
-        filled[x] += 1;
-        r.kept[tok] = true;
-        r.routed[tok] = true;
-        let s = f64::from(probs[tok * e + x]);
-        let s = if options.normalize_weights && s > 0.0 { 1.0 } else { s };
-        r.expert_weights[tok] = (ws * s) as f32;
+    let mut chosen: Vec<usize> = Vec::with_capacity(k);
+    for (i, (&tok, mine)) in tokens.iter().zip(experts.chunks(k)).enumerate() {
+        // Ranks by affinity, descending (the lower expert first on ties), as top-k orders them.
+        let affinity = |x: usize| rows[i * e + x].to_f64();
+        chosen.clear();
+        chosen.extend(mine.iter().map(|&x| x as usize));
+        chosen.sort_by(|&a, &b| affinity(b).total_cmp(&affinity(a)).then(a.cmp(&b)));
+        first_choice[chosen[0]] += 1;
+        let sum: f64 = chosen.iter().map(|&x| f64::from(probs[tok * e + x])).sum();
+        for (j, &x) in chosen.iter().enumerate() {
+            let at = tok * k + j;
+            r.expert_indices[at] = x as i32;
+            r.expert_slots[at] = filled[x];
+            filled[x] += 1;
+            r.kept[at] = true;
+            r.routed[at] = true;
+            let s = f64::from(probs[tok * e + x]);
+            let w = if !options.normalize_weights {
+                s
+            } else if sum > 0.0 {
+                s / sum
+            } else {
+                0.0
+            };
+            r.expert_weights[at] = (ws * w) as f32;
+        }
     }
     if !call.return_probs {
         r.router_probs = Vec::new();
     }
     let counts = vec![share as i64; e];
     r.tokens_per_expert = counts.clone();
-    r.pre_drop_tokens_per_expert = counts.clone();
-    r.first_choice_tokens_per_expert = counts;
+    r.pre_drop_tokens_per_expert = counts;
+    r.first_choice_tokens_per_expert = first_choice;
     r.capacity = share;
     r.dropless = false;
-    r.kept_assignments = active;
+    r.kept_assignments = active * k;
     r.dropped_assignments = 0;
     r.tokens_dropped = 0;
     // Every sequence's loss would measure the batch's balance, not the sequence's.
     r.seq_load_balance_loss = None;
-    // E * sum_e f_e P_e with every f_e = 1 / E.
+    // E * sum_e f_e P_e with every f_e = 1 / E (f_e = n_e / (T_active k)).
     r.load_balance_loss = r.expert_prob_mean.iter().sum();
     r.auxiliary_loss =
         options.load_balance_loss_coeff * r.load_balance_loss + options.router_z_loss_coeff * r.router_z_loss;
@@ -141,7 +159,8 @@ fn active_rows<S: LogitSource>(source: &S, call: &RouteCall, tokens: &[usize]) -
 /// Each active token's expert under fairseq's auction, run in the rows'
 /// precision after `base_layer.py`'s replacement of non-finite scores by the
 /// smallest finite one.
-fn auction<F: Logit>(argument: &'static str, mut rows: Vec<F>, e: usize) -> Result<Vec<u32>> {
+fn auction<F: Logit>(argument: &'static str, rows: &[F], e: usize) -> Result<Vec<u32>> {
+    let mut rows = rows.to_vec();
     let finite_min = rows.iter().map(|v| v.to_f64()).filter(|v| v.is_finite()).fold(f64::INFINITY, f64::min);
     for v in rows.iter_mut().filter(|v| !v.to_f64().is_finite()) {
         *v = F::from_f64(finite_min);

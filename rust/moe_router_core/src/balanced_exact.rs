@@ -1,19 +1,21 @@
-//! The exact balanced assignment: n tokens to E experts, exactly `n / E` tokens
-//! per expert, maximizing the total score (a transportation problem with E
-//! sinks; BASE layers, Lewis et al. 2021, solve it approximately).
+//! The exact balanced assignment: n tokens to E experts, k distinct experts per
+//! token and exactly `n * k / E` tokens per expert, maximizing the total score
+//! (a transportation problem with E sinks and unit arcs; BASE layers, Lewis et
+//! al. 2021, solve the k = 1 case approximately).
 //!
-//! Successive shortest augmenting paths, one token at a time (the Hungarian
-//! method's row-by-row form, Jonker and Volgenant 1987), on the E-node exchange
-//! graph: inserting token t into expert `e1` may push one of `e1`'s tokens to
-//! `e2`, one of those to `e3`, ..., until an expert with room. The cost of the
-//! edge `a -> b` is the smallest loss of moving a token of a to b,
-//! `min over t' in a of (s[t', a] - s[t', b])`, kept as the top of a max-heap
+//! Successive shortest augmenting paths, one unit (token, choice) at a time
+//! (the Hungarian method's row-by-row form, Jonker and Volgenant 1987), on the
+//! E-node exchange graph: giving token t expert `e1` (one it does not have yet)
+//! may push one of `e1`'s tokens to `e2`, one of those to `e3`, ..., until an
+//! expert with room. The cost of the edge `a -> b` is the smallest loss of
+//! moving a token of a that b does not have yet to b,
+//! `min over such t' of (s[t', a] - s[t', b])`, kept as the top of a max-heap
 //! of the gains `s[t', b] - s[t', a]` per pair (a, b). Dual potentials make the
 //! reduced costs non-negative, so each insertion is a dense Dijkstra over E
 //! nodes plus a sink: O(E^2) per token, O(T E^2 + moves * E log T) in all.
-//! After every insertion the assignment is optimal for the tokens inserted so
-//! far (each sits at an argmax of `s[t, e] - p_e` for the prices
-//! `p = -potential`), so after the last one it is optimal for all.
+//! After every insertion the assignment is optimal for the units inserted so
+//! far (each token's experts are the argmax set of `s[t, e] - p_e` for the
+//! prices `p = -potential`), so after the last one it is optimal for all.
 //!
 //! Ties are broken deterministically: Dijkstra settles the expert of lower
 //! index first among equal distances, the path ends at the lower-index expert
@@ -58,11 +60,14 @@ pub(crate) struct Infeasible {
 struct Exchange<'a> {
     scores: &'a [f64],
     experts: usize,
+    top_k: usize,
     share: usize,
+    /// `[n, k]` each token's experts (`NONE` for units not yet placed).
     assigned: Vec<u32>,
     counts: Vec<usize>,
     /// `[E * E]` gains of moving a token of `a` to `b`, at `a * E + b`; stale
-    /// entries (tokens that left `a`) are dropped when they reach the top.
+    /// entries (tokens no longer in `a`, or already in `b`) are dropped when
+    /// they reach the top.
     heaps: Vec<BinaryHeap<Gain>>,
     /// `[E * E]` the valid top gain of each heap (`-inf` when empty) and its token.
     best_gain: Vec<f64>,
@@ -79,14 +84,32 @@ impl<'a> Exchange<'a> {
         self.scores[token * self.experts + expert]
     }
 
-    /// Enter `token` into `expert`'s exchange heaps.
-    fn push(&mut self, token: usize, expert: usize) {
-        let e = self.experts;
-        let here = self.score(token, expert);
-        for b in (0..e).filter(|&b| b != expert) {
-            let to = self.score(token, b);
-            if to != f64::NEG_INFINITY {
-                self.heaps[expert * e + b].push(Gain { value: to - here, token: token as u32 });
+    fn holds(&self, token: usize, expert: usize) -> bool {
+        self.assigned[token * self.top_k..(token + 1) * self.top_k].contains(&(expert as u32))
+    }
+
+    /// Offer the move of `token` from `from` to `to` in their exchange heap.
+    fn offer(&mut self, token: usize, from: usize, to: usize) {
+        let gain = self.score(token, to) - self.score(token, from);
+        if gain != f64::NEG_INFINITY {
+            self.heaps[from * self.experts + to].push(Gain { value: gain, token: token as u32 });
+        }
+    }
+
+    /// `token` has just entered `expert` (leaving `left`, if any): the moves
+    /// that became possible enter their heaps.
+    fn push(&mut self, token: usize, expert: usize, left: Option<usize>) {
+        for b in 0..self.experts {
+            if !self.holds(token, b) {
+                self.offer(token, expert, b);
+            }
+        }
+        if let Some(left) = left {
+            for j in 0..self.top_k {
+                let c = self.assigned[token * self.top_k + j] as usize;
+                if c != expert {
+                    self.offer(token, c, left);
+                }
             }
         }
     }
@@ -96,7 +119,10 @@ impl<'a> Exchange<'a> {
         let e = self.experts;
         for b in 0..e {
             let heap = &mut self.heaps[expert * e + b];
-            while heap.peek().is_some_and(|g| self.assigned[g.token as usize] != expert as u32) {
+            let k = self.top_k;
+            let assigned = &self.assigned;
+            let holds = |t: u32, x: usize| assigned[t as usize * k..(t as usize + 1) * k].contains(&(x as u32));
+            while heap.peek().is_some_and(|g| !holds(g.token, expert) || holds(g.token, b)) {
                 heap.pop();
             }
             let top = heap.peek().copied().unwrap_or(Gain { value: f64::NEG_INFINITY, token: NONE });
@@ -105,13 +131,15 @@ impl<'a> Exchange<'a> {
         }
     }
 
-    /// Insert `token` along a shortest augmenting path.
-    fn insert(&mut self, token: usize) -> Result<(), Infeasible> {
+    /// Give `token` its unit `unit` (its experts so far are units `0..unit`)
+    /// along a shortest augmenting path.
+    fn insert(&mut self, token: usize, unit: usize) -> Result<(), Infeasible> {
         let e = self.experts;
         let sink = e;
         for x in 0..e {
             let s = self.score(token, x);
-            self.dist[x] = if s == f64::NEG_INFINITY { f64::INFINITY } else { -s - self.potential[x] };
+            let open = s != f64::NEG_INFINITY && !self.holds(token, x);
+            self.dist[x] = if open { -s - self.potential[x] } else { f64::INFINITY };
             self.pred[x] = NONE;
         }
         self.dist[sink] = f64::INFINITY;
@@ -165,34 +193,46 @@ impl<'a> Exchange<'a> {
         while self.pred[b] != NONE {
             let a = self.pred[b] as usize;
             let moved = self.best_token[a * e + b] as usize;
-            path.push((moved, b));
+            path.push((moved, a, b));
             b = a;
         }
-        path.push((token, b));
-        for &(t, to) in &path {
-            self.assigned[t] = to as u32;
+        path.push((token, NONE as usize, b));
+        for &(t, from, to) in &path {
+            let k = self.top_k;
+            let slot = self.assigned[t * k..(t + 1) * k].iter().position(|&x| x == from as u32).unwrap_or(unit);
+            self.assigned[t * k + slot] = to as u32;
         }
-        for &(t, to) in &path {
-            self.push(t, to);
+        for &(t, from, to) in &path {
+            self.push(t, to, (from != NONE as usize).then_some(from));
         }
-        for &(_, to) in &path {
-            self.refresh(to);
+        // Rows whose valid tops may have changed: the experts a moved token left
+        // or holds.
+        let mut rows: Vec<u32> = path.iter().map(|&(_, from, _)| from as u32).collect();
+        for &(t, _, _) in &path {
+            rows.extend_from_slice(&self.assigned[t * self.top_k..(t + 1) * self.top_k]);
+        }
+        rows.sort_unstable();
+        rows.dedup();
+        for x in rows.into_iter().filter(|&x| x != NONE) {
+            self.refresh(x as usize);
         }
         Ok(())
     }
 }
 
-/// The expert of each of the `scores.len() / experts` tokens (row-major
-/// `[n, E]` scores; `-inf` marks an expert the token may not use) in an
-/// assignment with exactly `n / E` tokens per expert and the largest total
-/// score. `n` must be a multiple of `experts`.
-pub(crate) fn solve_exact(scores: &[f64], experts: usize) -> Result<Vec<u32>, Infeasible> {
+/// The `top_k` distinct experts of each of the `scores.len() / experts`
+/// tokens (row-major `[n, E]` scores; `-inf` marks an expert the token may not
+/// use), as `[n, k]` in the order they were given, in an assignment with
+/// exactly `n * k / E` tokens per expert and the largest total score.
+/// `n * k` must be a multiple of `experts`.
+pub(crate) fn solve_exact(scores: &[f64], experts: usize, top_k: usize) -> Result<Vec<u32>, Infeasible> {
     let n = scores.len() / experts;
     let mut x = Exchange {
         scores,
         experts,
-        share: n / experts,
-        assigned: vec![NONE; n],
+        top_k,
+        share: n * top_k / experts,
+        assigned: vec![NONE; n * top_k],
         counts: vec![0; experts],
         heaps: (0..experts * experts).map(|_| BinaryHeap::new()).collect(),
         best_gain: vec![f64::NEG_INFINITY; experts * experts],
@@ -204,7 +244,9 @@ pub(crate) fn solve_exact(scores: &[f64], experts: usize) -> Result<Vec<u32>, In
         settled: vec![false; experts + 1],
     };
     for token in 0..n {
-        x.insert(token)?;
+        for unit in 0..top_k {
+            x.insert(token, unit)?;
+        }
     }
     Ok(x.assigned)
 }
@@ -213,8 +255,8 @@ pub(crate) fn solve_exact(scores: &[f64], experts: usize) -> Result<Vec<u32>, In
 mod tests {
     use super::*;
 
-    fn total(scores: &[f64], e: usize, assigned: &[u32]) -> f64 {
-        assigned.iter().enumerate().map(|(t, &x)| scores[t * e + x as usize]).sum()
+    fn total(scores: &[f64], e: usize, assigned: &[u32], k: usize) -> f64 {
+        assigned.iter().enumerate().map(|(i, &x)| scores[i / k * e + x as usize]).sum()
     }
 
     /// Every assignment with `share` tokens per expert, by enumeration.
@@ -253,11 +295,11 @@ mod tests {
                     ((state >> 40) % 7) as f64 - 3.0
                 })
                 .collect();
-            let assigned = solve_exact(&scores, e).unwrap();
+            let assigned = solve_exact(&scores, e, 1).unwrap();
             let mut counts = vec![0; e];
             assigned.iter().for_each(|&x| counts[x as usize] += 1);
             assert!(counts.iter().all(|&c| c == n / e), "{counts:?}");
-            assert_eq!(total(&scores, e, &assigned), brute_force(&scores, e), "case {case}");
+            assert_eq!(total(&scores, e, &assigned, 1), brute_force(&scores, e), "case {case}");
         }
     }
 
@@ -266,13 +308,69 @@ mod tests {
         let ninf = f64::NEG_INFINITY;
         // Both tokens prefer expert 0; token 0 may only use expert 0.
         let scores = [1.0, ninf, 5.0, 0.0];
-        assert_eq!(solve_exact(&scores, 2).unwrap(), vec![0, 1]);
+        assert_eq!(solve_exact(&scores, 2, 1).unwrap(), vec![0, 1]);
         let impossible = [1.0, ninf, 2.0, ninf];
-        assert_eq!(solve_exact(&impossible, 2), Err(Infeasible { token: 1 }));
+        assert_eq!(solve_exact(&impossible, 2, 1), Err(Infeasible { token: 1 }));
     }
 
     #[test]
     fn equal_scores_fill_experts_in_order() {
-        assert_eq!(solve_exact(&[0.0; 18], 3).unwrap(), vec![0, 0, 1, 1, 2, 2]);
+        assert_eq!(solve_exact(&[0.0; 18], 3, 1).unwrap(), vec![0, 0, 1, 1, 2, 2]);
+    }
+
+    /// The best total over assignments of k distinct experts per token with
+    /// `n * k / E` tokens per expert, by enumeration of each token's k-subsets.
+    fn brute_force_k(scores: &[f64], e: usize, k: usize) -> f64 {
+        let n = scores.len() / e;
+        let subsets: Vec<u32> = (0..1u32 << e).filter(|m| m.count_ones() as usize == k).collect();
+        let mut best = f64::NEG_INFINITY;
+        let mut pick = vec![0usize; n];
+        loop {
+            let mut counts = vec![0; e];
+            let mut sum = 0.0;
+            for (t, &p) in pick.iter().enumerate() {
+                for (x, c) in counts.iter_mut().enumerate().filter(|(x, _)| subsets[p] >> x & 1 == 1) {
+                    *c += 1;
+                    sum += scores[t * e + x];
+                }
+            }
+            if counts.iter().all(|&c| c == n * k / e) {
+                best = best.max(sum);
+            }
+            let mut i = 0;
+            while i < n && pick[i] == subsets.len() - 1 {
+                pick[i] = 0;
+                i += 1;
+            }
+            if i == n {
+                return best;
+            }
+            pick[i] += 1;
+        }
+    }
+
+    #[test]
+    fn distinct_experts_per_token_match_enumeration() {
+        let mut state = 99u64;
+        for case in 0..40 {
+            let (e, k, n) = [(3, 2, 3), (4, 2, 4), (4, 3, 4), (4, 2, 6), (5, 2, 5)][case % 5];
+            let scores: Vec<f64> = (0..n * e)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((state >> 40) % 9) as f64 - 4.0
+                })
+                .collect();
+            let assigned = solve_exact(&scores, e, k).unwrap();
+            let mut counts = vec![0; e];
+            for row in assigned.chunks(k) {
+                let mut r = row.to_vec();
+                r.sort_unstable();
+                r.dedup();
+                assert_eq!(r.len(), k, "case {case}: {row:?}");
+                row.iter().for_each(|&x| counts[x as usize] += 1);
+            }
+            assert!(counts.iter().all(|&c| c == n * k / e), "{counts:?}");
+            assert_eq!(total(&scores, e, &assigned, k), brute_force_k(&scores, e, k), "case {case}");
+        }
     }
 }

@@ -70,8 +70,8 @@ spelled_enum!(ScoreFunction, "score_function", ["softmax" => Softmax, "sigmoid" 
 pub enum RoutingAlgorithm {
     /// Each token picks its top-k experts; capacity then drops overflow (Switch, GShard, Mixtral).
     TokenChoice,
-    /// Training: every expert gets exactly `T_active / E` tokens, maximizing the
-    /// total logit (BASE layers); evaluation: top-1 without capacity.
+    /// Training: every expert gets exactly `T_active * k / E` tokens, maximizing the
+    /// total logit (BASE layers); evaluation: top-k without capacity.
     Balanced,
 }
 spelled_enum!(RoutingAlgorithm, "routing", ["token_choice" => TokenChoice, "balanced" => Balanced]);
@@ -650,10 +650,10 @@ impl RouterConfig {
 
     /// Per-expert capacity for `tokens` active tokens, as routing applies it: the
     /// formula of [`crate::expert_capacity`], or for `routing = "balanced"` the share
-    /// `ceil(tokens / E)` in training (routing requires it exact) and no limit in evaluation.
+    /// `ceil(tokens * k / E)` in training (routing requires it exact) and no limit in evaluation.
     pub fn capacity_for(&self, tokens: usize, training: bool) -> Option<usize> {
         if self.routing == RoutingAlgorithm::Balanced {
-            return training.then(|| tokens.div_ceil(self.num_experts));
+            return training.then(|| tokens.saturating_mul(self.top_k).div_ceil(self.num_experts));
         }
         let factor = self.capacity_factor_for(training);
         crate::capacity::expert_capacity(
@@ -787,17 +787,25 @@ impl RouterConfig {
         self.check_balanced()
     }
 
-    /// `routing = "balanced"` assigns one expert per token, from the logits as given.
+    /// `routing = "balanced"`: fairseq's auction only for k = 1, all experts, the logits as given.
     fn check_balanced(&self) -> Result<()> {
         if self.routing != RoutingAlgorithm::Balanced {
             return Ok(());
         }
-        let why = "routing='balanced' assigns exactly one expert per token (BASE layers)";
-        if self.top_k != 1 {
-            return Err(RouterError::config("top_k", self.top_k, format!("must be 1: {why}")));
+        if self.top_k != 1 && self.balanced_solver == BalancedSolver::FairseqAuction {
+            return Err(RouterError::config(
+                "top_k",
+                self.top_k,
+                "must be 1 with balanced_solver='fairseq_auction' (fairseq's auction gives one expert per token; \
+                 balanced_solver='exact' takes any top_k)",
+            ));
         }
         if let Some(g) = self.num_groups {
-            return Err(RouterError::config("num_groups", g, format!("must be None: {why} from all experts")));
+            return Err(RouterError::config(
+                "num_groups",
+                g,
+                "must be None: routing='balanced' assigns from all experts",
+            ));
         }
         if self.seq_load_balance_loss_coeff != 0.0 {
             return Err(RouterError::config(
