@@ -25,7 +25,7 @@ use crate::peer_loss;
 use crate::route::{chunk_tokens, route_into, RouteCall, Routing};
 use crate::source::{ChunkBuf, Logit, LogitSource};
 
-/// The token-choice configuration balanced routing scores with: top-1, no capacity.
+/// The token-choice configuration balanced routing scores with: the same top-k, no capacity.
 fn greedy(options: &RouterConfig) -> RouterConfig {
     RouterConfig {
         routing: RoutingAlgorithm::TokenChoice,
@@ -191,6 +191,12 @@ fn auction<F: Logit>(argument: &'static str, rows: &[F], e: usize) -> Result<Vec
             });
         }
         experts[tok] = (i / share) as u32;
+    }
+    if let Some(tok) = experts.iter().position(|&x| x == u32::MAX) {
+        return Err(RouterError::Inconsistent {
+            argument,
+            detail: format!("fairseq's auction left active token {tok} out"),
+        });
     }
     Ok(experts)
 }
