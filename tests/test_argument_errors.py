@@ -78,7 +78,7 @@ KINDS: Dict[str, str] = {
     "group_score": "choice", "group_score_input": "choice", "jitter_eps": "real", "noise_std": "real",
     "seed": "int", "expert_bias": "reals", "peer": "choice", "routing": "choice",
     "capacity_alignment": "int", "eval_capacity_token_fraction": "factor", "expert_choice_cap": "int", "score_precision": "choice",
-    "sinkhorn_tolerance": "real", "sinkhorn_max_iterations": "int",
+    "sinkhorn_tolerance": "real", "sinkhorn_max_iterations": "int", "balanced_solver": "choice",
 }
 WRONG_TYPES: Dict[str, List[Any]] = {
     "int": [2.0, np.float64(3.0), True, np.bool_(True), "2", [2], object()],
@@ -100,7 +100,7 @@ BAD_VALUES: Dict[str, List[Any]] = {
     "reroute_weight_scale": [-1], "num_groups": [0, 3], "group_top_k": [0], "group_score": ["sum"],
     "group_score_input": ["probs"], "jitter_eps": [1], "noise_std": [-1.0], "seed": [-1],
     "expert_bias": [[0.0] * 3], "peer": ["torch"], "routing": ["token-choice"],
-    "expert_choice_cap": [0, 9], "score_precision": ["float16"],
+    "expert_choice_cap": [0, 9], "score_precision": ["float16"], "balanced_solver": ["auction"],
     "renormalize_after_drop": [], "normalize_weights": [], "enable_load_balancing": [],
     "capacity_alignment": [0, -8], "eval_capacity_token_fraction": [0, -0.25, float("nan"), float("inf")],
     "sinkhorn_tolerance": [0, -1e-4, float("nan"), float("inf")], "sinkhorn_max_iterations": [0, -1],

@@ -50,6 +50,9 @@ EXPECTED = {
     "expert_choice": dict(top_k=1, routing="expert_choice", score_function="softmax", capacity_factor=1.0,
                           eval_capacity_factor=1.0, capacity_rounding="flaxformer", min_capacity=4,
                           load_balance_loss_coeff=0.0, router_z_loss_coeff=0.0, peer=None),
+    "base": dict(top_k=1, routing="balanced", balanced_solver="fairseq_auction", score_function="sigmoid",
+                 normalize_weights=False, capacity_factor=None, load_balance_loss_coeff=0.0,
+                 router_z_loss_coeff=0.0, peer=None),
 }
 
 
@@ -64,7 +67,7 @@ def test_preset_defaults(name):
 
 def test_presets_listed():
     assert mr.PRESETS == ("megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch", "tutel", "fairseq",
-                          "expert_choice")
+                          "expert_choice", "base")
     with pytest.raises(ValueError, match="unknown preset 'gshard'.*megatron"):
         mr.preset("gshard", 8, 2)
 

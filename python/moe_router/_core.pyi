@@ -58,6 +58,7 @@ class RouterConfig:
     score_precision: str
     sinkhorn_tolerance: float
     sinkhorn_max_iterations: int
+    balanced_solver: str
     num_experts_per_token: int
     def __new__(
         cls,
@@ -97,6 +98,7 @@ class RouterConfig:
         score_precision: str = ...,
         sinkhorn_tolerance: float = ...,
         sinkhorn_max_iterations: int = ...,
+        balanced_solver: str = ...,
         num_experts_per_token: int | None = ...,
     ) -> RouterConfig: ...
     def capacity(self, num_tokens: int, training: Optional[bool] = None) -> Optional[int]: ...

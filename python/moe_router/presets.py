@@ -34,6 +34,7 @@ from ._core import PEERS, ConfigError, ConfigTypeError, InputError, RouterConfig
 __all__ = [
     "PRESETS",
     "accepted_names",
+    "base",
     "deepseek_v3",
     "deepspeed",
     "fairseq",
@@ -49,7 +50,7 @@ __all__ = [
 
 #: Names accepted by :func:`preset`.
 PRESETS = ("megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch", "tutel", "fairseq",
-           "expert_choice")
+           "expert_choice", "base")
 
 _OUR_NAMES = tuple(name for name in RouterConfig().to_dict() if name not in ("num_experts", "top_k", "peer"))
 
@@ -65,7 +66,7 @@ class _Spec(NamedTuple):
     expert_names: Tuple[str, ...]   # the framework's names for E (must agree with num_experts)
     topk_names: Tuple[str, ...]     # the framework's names for k
     default_top_k: int
-    translate: Callable[[int, int, Dict[str, Any]], Tuple[Dict[str, Any], str]]
+    translate: Callable[[int, int, Dict[str, Any]], Tuple[Dict[str, Any], Optional[str]]]
 
 
 def _err(preset_name: str, message: str) -> ConfigError:
@@ -335,6 +336,21 @@ def _expert_choice(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], O
     return kwargs, None
 
 
+def _base(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[str]]:
+    name = "base"
+    if k != 1:
+        raise _err(name, f"a BASE layer sends each token to one expert, got top_k = {k}")
+    _only(name, "base_shuffle", p["base_shuffle"], (False,),
+          "fairseq sends every token to a random worker before routing (torch.randperm); shuffle the "
+          "batch yourself and pass base_shuffle=False")
+    kwargs = dict(
+        routing="balanced", balanced_solver="fairseq_auction", score_function="sigmoid",
+        normalize_weights=False, weight_scale=1.0, capacity_factor=None, eval_capacity_factor=None,
+        load_balance_loss_coeff=0.0, router_z_loss_coeff=0.0,
+    )
+    return kwargs, None
+
+
 _HF_LOSS = {"router_aux_loss_coef": _Param(("router_aux_loss_coef",), 0.001, ("load_balance_loss_coeff",))}
 
 _SPECS: Dict[str, _Spec] = {
@@ -451,6 +467,10 @@ _SPECS: Dict[str, _Spec] = {
         },
         expert_names=(), topk_names=(), default_top_k=1, translate=_expert_choice,
     ),
+    "base": _Spec(
+        params={"base_shuffle": _Param(("base_shuffle",), False, ())},
+        expert_names=("num_workers",), topk_names=(), default_top_k=1, translate=_base,
+    ),
 }
 
 
@@ -504,7 +524,8 @@ def preset(name: str, num_experts: int, top_k: Optional[int] = None, **overrides
 
     Parameters
     ----------
-    name : {"megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch", "tutel", "fairseq", "expert_choice"}
+    name : {"megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch", "tutel", "fairseq",
+            "expert_choice", "base"}
         The framework; see the function of the same name in this module for
         every behaviour it sets.
     num_experts : int
@@ -515,7 +536,7 @@ def preset(name: str, num_experts: int, top_k: Optional[int] = None, **overrides
         Hugging Face ``num_experts_per_tok``, Tutel ``k``) may be given instead.
         Default: the framework's default (Megatron 2, DeepSpeed 1, Mixtral 2,
         Qwen-MoE 4, DeepSeek-V3 8, Switch 1, Tutel 1, fairseq 2, expert choice 1:
-        flaxformer's capacity has no k).
+        flaxformer's capacity has no k, BASE 1).
     **overrides
         Framework parameter names (see :func:`accepted_names`) and
         :class:`RouterConfig` field names. Our names are applied last; giving a
@@ -526,7 +547,8 @@ def preset(name: str, num_experts: int, top_k: Optional[int] = None, **overrides
     -------
     RouterConfig
         With ``peer`` set where the framework's loss normalization differs, so that
-        decisions carry ``peer_load_balance_loss`` (None for expert choice).
+        decisions carry ``peer_load_balance_loss`` (None for expert choice and for
+        ``"base"``, which has no balance loss).
 
     Raises
     ------
@@ -969,6 +991,38 @@ def expert_choice(num_experts: int, top_k: Optional[int] = None, **overrides: An
     input rows as padding with ``ignore_padding_tokens``, we use ``token_mask``.
     """
     return preset("expert_choice", num_experts, top_k, **overrides)
+
+
+def base(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> RouterConfig:
+    """fairseq's BASE layer (``fairseq/modules/base_layer.py`` with
+    ``clib/libbase/balanced_assignment.cpp``; Lewis et al. 2021, "BASE Layers").
+
+    Behaviour set:
+
+    - **Training assignment**: ``routing="balanced"``, ``balanced_solver="fairseq_auction"``:
+      fairseq's auction on the logits (``x . centroid_e``), reproduced step for step in
+      the logits' precision: ``eps = max(1e-4, (max - min) / 50)``, bids
+      ``top_j - top_{jpw+1} + eps``, 100 rounds that keep the winners' bids, then its
+      approximation; non-finite logits replaced by the smallest finite one.
+      ``balanced_solver="exact"`` gives the optimum of the same problem.
+    - **Capacity**: none applies; every expert gets exactly ``T_active / E`` tokens in
+      training (T_active must divide by E), and evaluation is greedy top-1 without
+      capacity (``greedy_assignment``). No drop order applies: nothing is dropped; slots
+      are in token order within an expert.
+    - **Score function**: ``sigmoid``: the weight is ``sigmoid(logit)`` of the assigned
+      expert, BASE's ``alpha``; the layer's output is ``alpha * expert(x) + (1 - alpha) * x``,
+      the residual part outside the router.
+    - **Loss normalization**: BASE has no auxiliary loss: both coefficients are 0 and
+      ``peer`` is None.
+
+    Differences: ``torch.topk`` leaves the order of equal values unspecified; here
+    the lower token index ranks first. ``base_shuffle`` (a random permutation of
+    the tokens across workers before routing) is refused unless False. E is
+    fairseq's number of data-parallel workers (``num_workers``).
+    The C++ extension cannot be built here: the tests check this preset against a
+    NumPy transcription of the C++ algorithm (``tests/balanced_reference.py``).
+    """
+    return preset("base", num_experts, top_k, **overrides)
 
 
 # ---------------------------------------------------------------------------

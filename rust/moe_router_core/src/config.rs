@@ -78,10 +78,23 @@ pub enum RoutingAlgorithm {
     ExpertChoice,
     /// Top-k of a Sinkhorn-balanced score matrix in training (Megatron-Core S-BASE, `crate::sinkhorn`).
     Sinkhorn,
+    /// Training: every expert gets exactly `T_active * k / E` tokens, maximizing the
+    /// total logit (BASE layers); evaluation: top-k without capacity.
+    Balanced,
 }
 spelled_enum!(RoutingAlgorithm, "routing", [
-    "token_choice" => TokenChoice, "expert_choice" => ExpertChoice, "sinkhorn" => Sinkhorn,
+    "token_choice" => TokenChoice, "expert_choice" => ExpertChoice, "sinkhorn" => Sinkhorn, "balanced" => Balanced,
 ]);
+
+/// How `routing = "balanced"` solves its assignment problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalancedSolver {
+    /// The exact optimum (successive shortest augmenting paths).
+    Exact,
+    /// fairseq's approximate auction (`balanced_assignment.cpp`), reproduced step for step.
+    FairseqAuction,
+}
+spelled_enum!(BalancedSolver, "balanced_solver", ["exact" => Exact, "fairseq_auction" => FairseqAuction]);
 
 /// Which assignments survive when an expert receives more than `capacity`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -415,6 +428,8 @@ pub struct RouterConfig {
     pub sinkhorn_tolerance: f64,
     /// Sinkhorn stops after this many iterations even if not converged (>= 1).
     pub sinkhorn_max_iterations: usize,
+    /// The solver of `routing = "balanced"`.
+    pub balanced_solver: BalancedSolver,
 }
 
 impl Default for RouterConfig {
@@ -455,6 +470,7 @@ impl Default for RouterConfig {
             score_precision: ScorePrecision::Float64,
             sinkhorn_tolerance: 1e-4,
             sinkhorn_max_iterations: 1000,
+            balanced_solver: BalancedSolver::Exact,
         }
     }
 }
@@ -503,6 +519,7 @@ impl RouterConfig {
         "score_precision",
         "sinkhorn_tolerance",
         "sinkhorn_max_iterations",
+        "balanced_solver",
     ];
 
     /// The defaults with `num_experts` experts and `top_k` per token.
@@ -629,6 +646,7 @@ impl RouterConfig {
             "sinkhorn_max_iterations" => {
                 self.sinkhorn_max_iterations = count("sinkhorn_max_iterations", v, 1, usize::MAX)?
             }
+            "balanced_solver" => self.balanced_solver = spelled(v)?,
             _ => return Err(RouterError::UnknownField { name: name.to_string() }),
         }
         Ok(())
@@ -681,6 +699,7 @@ impl RouterConfig {
             "score_precision" => word(self.score_precision.to_string()),
             "sinkhorn_tolerance" => float_value(self.sinkhorn_tolerance),
             "sinkhorn_max_iterations" => int(self.sinkhorn_max_iterations),
+            "balanced_solver" => word(self.balanced_solver.to_string()),
             _ => return None,
         })
     }
@@ -717,6 +736,16 @@ impl RouterConfig {
             (Some(eval), false) => eval.clone(),
             _ => self.capacity_factor.clone(),
         }
+    }
+
+    /// Per-expert capacity for `tokens` active tokens, as routing applies it: the
+    /// formula of [`crate::expert_capacity`], or for `routing = "balanced"` the share
+    /// `ceil(tokens * k / E)` in training (routing requires it exact) and no limit in evaluation.
+    pub fn capacity_for(&self, tokens: usize, training: bool) -> Option<usize> {
+        if self.routing == RoutingAlgorithm::Balanced {
+            return training.then(|| tokens.saturating_mul(self.top_k).div_ceil(self.num_experts));
+        }
+        crate::capacity::capacity_limit(self, training, tokens)
     }
 
     /// Check every range and every combination; the error names the field.
@@ -839,7 +868,46 @@ impl RouterConfig {
                 ));
             }
         }
-        self.check_sinkhorn()
+        self.check_sinkhorn()?;
+        self.check_balanced()
+    }
+
+    /// `routing = "balanced"`: fairseq's auction only for k = 1, all experts, the logits as given.
+    fn check_balanced(&self) -> Result<()> {
+        if self.routing != RoutingAlgorithm::Balanced {
+            return Ok(());
+        }
+        if self.top_k != 1 && self.balanced_solver == BalancedSolver::FairseqAuction {
+            return Err(RouterError::config(
+                "top_k",
+                self.top_k,
+                "must be 1 with balanced_solver='fairseq_auction' (fairseq's auction gives one expert per token; \
+                 balanced_solver='exact' takes any top_k)",
+            ));
+        }
+        if let Some(g) = self.num_groups {
+            return Err(RouterError::config(
+                "num_groups",
+                g,
+                "must be None: routing='balanced' assigns from all experts",
+            ));
+        }
+        if self.seq_load_balance_loss_coeff != 0.0 {
+            return Err(RouterError::config(
+                "seq_load_balance_loss_coeff",
+                self.seq_load_balance_loss_coeff,
+                "must be 0: routing='balanced' fixes every expert's load in training (no sequence-level loss)",
+            ));
+        }
+        if self.jitter_eps > 0.0 || self.noise_std > 0.0 {
+            let field = if self.jitter_eps > 0.0 { "jitter_eps" } else { "noise_std" };
+            return Err(RouterError::config(
+                field,
+                self.jitter_eps.max(self.noise_std),
+                "must be 0: routing='balanced' assigns by the logits as given",
+            ));
+        }
+        Ok(())
     }
 
     /// `weight_scale` in (0, float32 max], `reroute_weight_scale` in [0, float32 max],

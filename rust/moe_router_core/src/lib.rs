@@ -33,6 +33,9 @@
 mod array_arg;
 mod assign;
 mod backward;
+mod balanced;
+mod balanced_auction;
+mod balanced_exact;
 mod capacity;
 mod config;
 mod decimal;
@@ -71,8 +74,8 @@ pub use array_arg::ArrayArg;
 pub use backward::{backward_logits, Cotangents, SavedRouting};
 pub use capacity::{capacity_limit, expert_capacity};
 pub use config::{
-    integer_range, CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore, GroupScoreInput,
-    Overflow, Peer, RouterConfig, RoutingAlgorithm, ScoreFunction, ScorePrecision, TOP_K_ALIAS,
+    integer_range, BalancedSolver, CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore,
+    GroupScoreInput, Overflow, Peer, RouterConfig, RoutingAlgorithm, ScoreFunction, ScorePrecision, TOP_K_ALIAS,
 };
 pub use decimal::Decimal;
 pub use dispatch::{gather_rows, Assignments, DispatchPlan, PlanLayout};

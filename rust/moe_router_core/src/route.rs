@@ -198,6 +198,7 @@ pub fn route_into<S: LogitSource>(
         RoutingAlgorithm::TokenChoice => {}
         RoutingAlgorithm::ExpertChoice => return expert_choice::route_expert_choice(source, options, call, probs_out),
         RoutingAlgorithm::Sinkhorn => return crate::sinkhorn::route_sinkhorn(source, options, call, probs_out),
+        RoutingAlgorithm::Balanced => return crate::balanced::route_balanced(source, options, call, probs_out),
     }
     // A call without a selection bias uses the configuration's fixed one.
     let expert_bias = call.expert_bias.or(options.expert_bias.as_deref());

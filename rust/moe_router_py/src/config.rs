@@ -8,7 +8,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
-use moe_router_core::{capacity_limit, FieldValue, RouterConfig as CoreConfig};
+use moe_router_core::{FieldValue, RouterConfig as CoreConfig};
 use pyo3::exceptions::{PyAttributeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyString, PyTuple};
@@ -204,7 +204,8 @@ impl PyRouterConfig {
     ///     or in evaluation ``max(min_capacity, ceil(eval_capacity_token_fraction * T))``
     ///     (fairseq); then rounded up to a multiple of ``capacity_alignment`` (Tutel).
     ///     None for dropless routing, and when that value exceeds ``2**64 - 1``
-    ///     (it could not bind: routing is then dropless).
+    ///     (it could not bind: routing is then dropless). With
+    ///     ``routing="balanced"``: ``T / E`` in training, None in evaluation.
     ///
     /// Raises
     /// ------
@@ -216,7 +217,7 @@ impl PyRouterConfig {
     fn capacity(&self, num_tokens: &Bound<'_, PyAny>, training: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
         let tokens = args::count(num_tokens, "num_tokens", 0, Family::Config)?;
         let training = training.map(|t| args::flag(t, "training", Family::Config)).transpose()?.unwrap_or(true);
-        Ok(capacity_limit(&self.inner, training, tokens))
+        Ok(self.inner.capacity_for(tokens, training))
     }
 
     /// The configuration as a dict of constructor arguments (``RouterConfig(**d)`` rebuilds it).
