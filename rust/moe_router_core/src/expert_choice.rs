@@ -23,7 +23,9 @@ use std::sync::atomic::Ordering;
 use rayon::prelude::*;
 
 use crate::capacity::expert_capacity;
-use crate::config::{CapacityFactor, DropPolicy, Overflow, RouterConfig, RoutingAlgorithm, ScoreFunction, ScorePrecision};
+use crate::config::{
+    CapacityFactor, DropPolicy, Overflow, RouterConfig, RoutingAlgorithm, ScoreFunction, ScorePrecision,
+};
 use crate::error::{Result, RouterError};
 use crate::losses::{self, LossSums};
 use crate::route::{check_call, chunk_tokens, RouteCall, Routing};

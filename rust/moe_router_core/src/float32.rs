@@ -103,9 +103,7 @@ pub(crate) fn biased(score: f64, bias: Option<f64>) -> f64 {
 /// - softmax ranked by scores: `p_j / sum_i p_i` (Hugging Face `routing_weights /= sum`);
 /// - sigmoid: `s_j / (sum_i s_i + 1e-20)` (Megatron-Core, Hugging Face DeepSeek-V3).
 pub(crate) fn write_weights(options: &RouterConfig, chosen: &Chosen, weights: &mut [f32]) {
-    let picked = || {
-        chosen.experts.iter().zip(chosen.routed).filter(|(_, &r)| r).map(|(&x, _)| x as usize)
-    };
+    let picked = || chosen.experts.iter().zip(chosen.routed).filter(|(_, &r)| r).map(|(&x, _)| x as usize);
     let scale = options.weight_scale as f32;
     let softmax_of_logits = options.normalize_weights
         && chosen.function == ScoreFunction::Softmax
@@ -169,7 +167,14 @@ mod tests {
     #[test]
     fn softmax_of_neg_inf_is_zero_and_rows_sum_to_one() {
         let mut b = [0.0; 3];
-        let r = score_row(Simd::current(), ScoreFunction::Softmax, &[f64::NEG_INFINITY, 1.0, 2.0], &mut b, &mut [0.0; 3], 0.0);
+        let r = score_row(
+            Simd::current(),
+            ScoreFunction::Softmax,
+            &[f64::NEG_INFINITY, 1.0, 2.0],
+            &mut b,
+            &mut [0.0; 3],
+            0.0,
+        );
         assert_eq!(b[0], 0.0);
         assert!((b.iter().sum::<f64>() - 1.0).abs() < 1e-7);
         let lse = (1.0f64.exp() + 2.0f64.exp()).ln();

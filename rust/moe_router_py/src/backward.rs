@@ -225,7 +225,8 @@ pub fn decision_backward<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     const NOT_LOGITS: &str = "invalid backward: this decision was not routed from logits; for hidden states use \
                               ExpertRouter.backward(decision)";
-    let (inputs, prepared) = prepare(py, d, grad_expert_weights, grad_auxiliary_loss, grad_router_probs, balance, NOT_LOGITS)?;
+    let (inputs, prepared) =
+        prepare(py, d, grad_expert_weights, grad_auxiliary_loss, grad_router_probs, balance, NOT_LOGITS)?;
     let SavedSource::Logits(logits) = &inputs.source else { return Err(config_error(NOT_LOGITS.into())) };
     let (saved, call, cot) = prepared.views(d, inputs, grad_auxiliary_loss)?;
     let (t, e) = (d.total_tokens(), d.num_experts());
