@@ -310,7 +310,7 @@ def test_errors_name_the_argument(rng):
         (lambda: mr.GlobalBalanceAccumulator(0, 1), mr.ConfigError, "num_experts"),
         (lambda: mr.GlobalBalanceAccumulator(4, 5), mr.ConfigError, "top_k"),
         (lambda: mr.GlobalBalanceAccumulator(4.0, 1), mr.ConfigTypeError, "num_experts"),
-        (lambda: acc.add(dec8), mr.InputError, "decision"),
+        (lambda: acc.add(dec8), mr.InputError, "^decision is inconsistent: it has num_experts = 8"),
         (lambda: acc.add(dec4k1), mr.InputError, "decision"),
         (lambda: acc.add(np.zeros(4)), mr.InputTypeError, "decision"),
         (lambda: acc.add_counts(np.array([1, 1, 1]), np.ones(4), 2), mr.InputError, "tokens_per_expert"),

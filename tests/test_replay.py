@@ -411,7 +411,7 @@ def test_unreadable_files(tmp_path):
     np.savez_compressed(tmp_path / "ok.npz", **good_arrays())
     assert mr.RecordedRoute.load(tmp_path / "ok.npz").token_mask.tolist() == [True, False]
     (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
-    with pytest.raises(mr.InputError, match="junk.npz is not a replay .npz file"):
+    with pytest.raises(mr.InputError, match=r"junk.npz is not a replay .npz file \(not a NumPy .npy/.npz file\)$"):
         mr.RecordedRoutes.load(tmp_path / "junk.npz")
     np.save(tmp_path / "single.npy", np.zeros(3))
     with pytest.raises(mr.InputError, match="single.npy is not a replay .npz file .a single array"):

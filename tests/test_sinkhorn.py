@@ -299,3 +299,13 @@ def test_agrees_with_megatron_sinkhorn(source, key, k) -> None:
     same, total = megatron_agreement(z, k)
     print(f"{source.rsplit('/', 1)[-1]}[{key}] k={k}: {same} of {total} rows agree with Megatron")
     assert same >= 0.99 * total
+
+
+def test_the_hierarchical_gate_is_refused_and_auto_picks_the_linear_router() -> None:
+    cfg = mr.RouterConfig(num_experts=64, top_k=2, routing="sinkhorn", capacity_factor=None)
+    with pytest.raises(mr.ConfigError, match="invalid gate: routing='sinkhorn' balances logits"):
+        mr.ExpertRouter(cfg, 16, gate="hierarchical")
+    router = mr.ExpertRouter(cfg, 16)  # gate="auto", E > 32
+    assert router.gate is None and router.weight.shape == (16, 64)
+    dec = router.route_tokens(np.random.default_rng(0).normal(size=(256, 16)), training=True)
+    assert dec.sinkhorn_iterations is not None and dec.sinkhorn_iterations >= 1

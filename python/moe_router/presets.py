@@ -24,6 +24,8 @@ routed with it carries ``peer_load_balance_loss``, the framework's own value.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -275,6 +277,8 @@ def _tutel(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
         # 0: dropless; -x: min(needed, bound), which keeps exactly what the bound x keeps.
         cf = None if cf == 0 else abs(cf)
     noise = _number(name, "gate_noise", p["gate_noise"])
+    if not (math.isfinite(noise) and noise >= 0):
+        raise _err(name, f"gate_noise must be a finite number >= 0 (0: no noise), got {noise!r}")
     # moe_layer.py: alignment = sharded_count * a2a_ffn_overlap_degree up to megablocks_size,
     # then up to a multiple of 128 above 256.
     mega = max(_typed(name, _inputs.integer, p["megablocks_size"], "megablocks_size"), 1)
@@ -299,6 +303,9 @@ def _fairseq(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
         raise _err(name, f"fairseq's gates are top1gating and top2gating; top_k = {k} is neither")
     _flag(name, "use_fp32", p["use_fp32"])
     policy = p["second_expert_policy"]
+    _only(name, "second_expert_policy", policy, ("all", "sampling", "random"),
+          "fairseq's policies are 'sampling', 'random' and (any other value, here spelt 'all') the "
+          "deterministic second-best expert")
     if k == 2 and policy in ("sampling", "random"):
         raise _err(name, f"second_expert_policy={policy!r} draws from torch's RNG (Gumbel noise on the second "
                          "choice's logits, in evaluation too; or keeping it with probability min(1, 2*g2)), "

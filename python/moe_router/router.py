@@ -59,8 +59,8 @@ class ExpertRouter:
         Router bias, in the weight's dtype (an integer it would round, beyond 2**24
         for float32, is an InputError).
     gate : {"auto", "linear", "hierarchical"}
-        "auto" picks the hierarchical gate when E > 32 and no ``weight`` is given,
-        the linear router otherwise.
+        "auto" picks the hierarchical gate when E > 32, no ``weight`` is given and the
+        routing is not Sinkhorn (which balances logits), the linear router otherwise.
     group_top_k : int, optional
         For the hierarchical gate: groups computed per token (None = dense).
     balancer : LoadBalancer, optional
@@ -100,7 +100,12 @@ class ExpertRouter:
         self.input_dim = _inputs.integer(input_dim, "input_dim", 1, _inputs.I32_MAX)
         self.router_dtype = router_dtype
         e = config.num_experts
-        hierarchical = gate == "hierarchical" or (gate == "auto" and weight is None and e > 32)
+        # Sinkhorn balances logits, which the hierarchical gate does not produce.
+        logits_only = config.routing == "sinkhorn"
+        hierarchical = gate == "hierarchical" or (gate == "auto" and weight is None and e > 32 and not logits_only)
+        if hierarchical and logits_only:
+            raise ConfigError("invalid gate: routing='sinkhorn' balances logits, and the hierarchical gate gives "
+                              "probabilities; use gate='linear'")
         if hierarchical and (weight is not None or bias is not None):
             raise ConfigError("invalid gate: 'hierarchical' has its own weights; weight and bias apply to "
                               "the linear router (gate='linear')")

@@ -162,6 +162,7 @@ def render_route(report: Report, console: Console) -> None:
     if replay.get("replayed"):
         summary.append(("replay", f"experts from {replay['replayed']} (weights from this input)"))
     summary += [
+        ("routing", f"{cfg['routing']} ({'training' if cfg['training'] else 'evaluation'})"),
         ("tokens", f"{report['tokens']}  (input {shape}, {source['dtype']})"),
         ("experts", str(report["experts"])),
         ("top_k", str(report["top_k"])),

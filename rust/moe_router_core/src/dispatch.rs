@@ -91,7 +91,7 @@ pub struct DispatchPlan {
 }
 
 fn inconsistent(argument: &'static str, detail: String) -> RouterError {
-    RouterError::Inconsistent { argument, detail }
+    RouterError::Inconsistent { argument, detail: format!("with the decision: {detail}") }
 }
 
 fn check_len<T>(argument: &'static str, data: &[T], want: usize, what: &str) -> Result<()> {

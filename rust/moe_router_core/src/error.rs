@@ -101,9 +101,9 @@ pub enum RouterError {
         bytes: u128,
     },
 
-    /// Arrays that should describe one routing decision contradict each other
-    /// (for example a slot used twice, or counts that do not add up).
-    #[error("{argument} is inconsistent with the decision: {detail}")]
+    /// Values that should agree contradict each other (a decision's slot used
+    /// twice, counts that do not add up, an accumulator of another E).
+    #[error("{argument} is inconsistent: {detail}")]
     Inconsistent {
         /// Argument (decision field) name.
         argument: &'static str,

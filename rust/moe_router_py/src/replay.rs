@@ -483,6 +483,9 @@ fn load_layers(py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<Vec<Py<Recor
     let file = match numpy.getattr("load")?.call((path,), Some(&kwargs)) {
         Ok(f) => f,
         Err(e) if e.is_instance_of::<pyo3::exceptions::PyOSError>(py) => return Err(e),
+        // NumPy reads a file that is not an archive as a pickle, which it refuses with
+        // advice to load it unsafely: not advice to repeat.
+        Err(e) if e.to_string().contains("allow_pickle") => return Err(not_npz("not a NumPy .npy/.npz file".into())),
         Err(e) => return Err(not_npz(e.to_string())),
     };
     let Ok(files) = file.getattr("files") else {
