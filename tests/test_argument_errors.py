@@ -106,7 +106,10 @@ BAD_VALUES: Dict[str, List[Any]] = {
     "sinkhorn_tolerance": [0, -1e-4, float("nan"), float("inf")], "sinkhorn_max_iterations": [0, -1],
 }
 #: Fields whose check needs another field set (a lone ``group_top_k`` needs ``num_groups``).
-CONTEXT = {"num_groups": {"group_top_k": 1}, "group_top_k": {"num_groups": 4}}
+CONTEXT = {"num_groups": {"group_top_k": 1}, "group_top_k": {"num_groups": 4},
+           # a routing algorithm's own fields need that algorithm
+           "expert_choice_cap": {"routing": "expert_choice"}, "sinkhorn_tolerance": {"routing": "sinkhorn"},
+           "sinkhorn_max_iterations": {"routing": "sinkhorn"}, "balanced_solver": {"routing": "balanced"}}
 
 
 def test_every_field_has_a_kind() -> None:
@@ -134,7 +137,7 @@ def test_bad_value_is_a_config_error(field: str) -> None:
 def test_reals_accept_ints_and_numpy_scalars(field: str) -> None:
     value = {"expert_dropout": 0, "jitter_eps": 0}.get(field, 1)
     for v in (value, float(value), np.float32(value), np.int64(value)):
-        assert float(getattr(mr.RouterConfig(**{field: v}), field)) == float(value)
+        assert float(getattr(mr.RouterConfig(**CONTEXT.get(field, {}), **{field: v}), field)) == float(value)
 
 
 @pytest.mark.parametrize("field", [f for f in mr.RouterConfig.FIELDS if KINDS[f] == "flag"])
@@ -370,3 +373,19 @@ def test_expert_counts_accept_exactly_int32(value: int) -> None:
         assert_bad_value(lambda: mr.RouterConfig(num_experts=value, top_k=1), mr.ConfigError, "num_experts")
         assert_bad_value(lambda: mr.preset("mixtral", value, 1), mr.ConfigError, "num_experts")
         assert_bad_value(lambda: mr.LoadBalancer(value), mr.ConfigError, "num_experts")
+
+
+#: Fields that belong to one routing algorithm, with a non-default value, and that algorithm.
+ALGORITHM_FIELDS = [("expert_choice_cap", 2, "expert_choice"), ("sinkhorn_tolerance", 1e-3, "sinkhorn"),
+                    ("sinkhorn_max_iterations", 50, "sinkhorn"), ("balanced_solver", "fairseq_auction", "balanced")]
+
+
+@pytest.mark.parametrize("field,value,owner", ALGORITHM_FIELDS)
+def test_an_algorithms_field_set_under_another_algorithm_is_refused(field, value, owner):
+    for routing in ("token_choice", "expert_choice", "sinkhorn", "balanced"):
+        kwargs = {"num_experts": 8, "top_k": 1, "routing": routing, field: value}
+        if routing == owner:
+            assert getattr(mr.RouterConfig(**kwargs), field) == value
+        else:
+            with pytest.raises(mr.ConfigError, match=rf"^invalid {field}: .*applies to routing='{owner}' only"):
+                mr.RouterConfig(**kwargs)

@@ -279,6 +279,12 @@ def test_expert_router_self_replay_and_backward(rng, gate):
             np.testing.assert_array_equal(a, b)
 
 
+def test_recorded_route_num_experts_is_bounded_like_the_config():
+    with pytest.raises(mr.InputError, match=r"num_experts"):
+        mr.RecordedRoute(np.zeros((2, 1), np.int64), 2**31)
+    assert mr.RecordedRoute(np.zeros((2, 1), np.int64), 2**31 - 1).num_experts == 2**31 - 1
+
+
 def test_mismatched_replay_is_an_input_error_naming_replay(rng):
     cfg = mr.RouterConfig(num_experts=8, top_k=2)
     x = rng.normal(size=(10, 8))

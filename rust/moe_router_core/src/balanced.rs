@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use crate::balanced_auction::fairseq_auction;
 use crate::balanced_exact::solve_exact;
-use crate::config::{BalancedSolver, CapacityFactor, RouterConfig, RoutingAlgorithm};
+use crate::config::{BalancedSolver, CapacityFactor, RouterConfig};
 use crate::error::{Result, RouterError};
 use crate::peer_loss;
 use crate::route::{chunk_tokens, route_into, RouteCall, Routing};
@@ -28,11 +28,10 @@ use crate::source::{ChunkBuf, Logit, LogitSource};
 /// The token-choice configuration balanced routing scores with: the same top-k, no capacity.
 fn greedy(options: &RouterConfig) -> RouterConfig {
     RouterConfig {
-        routing: RoutingAlgorithm::TokenChoice,
         capacity_factor: CapacityFactor::Dropless,
         eval_capacity_factor: None,
         expert_capacity: None,
-        ..options.clone()
+        ..options.as_token_choice()
     }
 }
 
@@ -204,6 +203,7 @@ fn auction<F: Logit>(argument: &'static str, rows: &[F], e: usize) -> Result<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RoutingAlgorithm;
     use crate::route::route_logits;
     use ndarray::array;
 

@@ -869,7 +869,50 @@ impl RouterConfig {
             }
         }
         self.check_sinkhorn()?;
+        self.check_algorithm_fields()?;
         self.check_balanced()
+    }
+
+    /// This configuration as token choice, with every other algorithm's own
+    /// fields at their defaults: how Sinkhorn and balanced routing hand their
+    /// selection to the token-choice pipeline.
+    pub(crate) fn as_token_choice(&self) -> RouterConfig {
+        let default = RouterConfig::default();
+        RouterConfig {
+            routing: RoutingAlgorithm::TokenChoice,
+            expert_choice_cap: default.expert_choice_cap,
+            sinkhorn_tolerance: default.sinkhorn_tolerance,
+            sinkhorn_max_iterations: default.sinkhorn_max_iterations,
+            balanced_solver: default.balanced_solver,
+            ..self.clone()
+        }
+    }
+
+    /// A field of one routing algorithm set under another is a mistake, not a
+    /// no-op: it must keep its default there (the fields [`Self::as_token_choice`] resets).
+    fn check_algorithm_fields(&self) -> Result<()> {
+        let default = RouterConfig::default();
+        let owned = [
+            ("expert_choice_cap", RoutingAlgorithm::ExpertChoice, self.expert_choice_cap != default.expert_choice_cap),
+            ("sinkhorn_tolerance", RoutingAlgorithm::Sinkhorn, self.sinkhorn_tolerance != default.sinkhorn_tolerance),
+            (
+                "sinkhorn_max_iterations",
+                RoutingAlgorithm::Sinkhorn,
+                self.sinkhorn_max_iterations != default.sinkhorn_max_iterations,
+            ),
+            ("balanced_solver", RoutingAlgorithm::Balanced, self.balanced_solver != default.balanced_solver),
+        ];
+        for (field, owner, set) in owned {
+            if set && self.routing != owner {
+                let value = self.field(field).map_or_else(String::new, |v| v.to_string());
+                return Err(RouterError::config(
+                    field,
+                    value,
+                    format!("applies to routing='{owner}' only; leave the default with routing='{}'", self.routing),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// `routing = "balanced"`: fairseq's auction only for k = 1, all experts, the logits as given.

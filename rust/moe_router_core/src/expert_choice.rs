@@ -36,12 +36,7 @@ use crate::source::{ChunkBuf, Logit, LogitSource};
 /// defaults, and `expert_choice_cap` needs expert choice and lies in `1..=E`.
 pub(crate) fn check_config(options: &RouterConfig) -> Result<()> {
     if options.routing != RoutingAlgorithm::ExpertChoice {
-        return match options.expert_choice_cap {
-            Some(cap) => {
-                Err(RouterError::config("expert_choice_cap", cap, "applies to routing='expert_choice' only; use None"))
-            }
-            None => Ok(()),
-        };
+        return Ok(());
     }
     let e = options.num_experts;
     if let Some(cap) = options.expert_choice_cap.filter(|&c| c > e) {

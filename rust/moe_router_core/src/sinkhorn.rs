@@ -177,12 +177,7 @@ impl RouterConfig {
     /// scores are the activation (`sigmoid` for k = 1, `softmax` for k > 1).
     pub(crate) fn sinkhorn_activation(&self) -> RouterConfig {
         let score_function = if self.top_k == 1 { ScoreFunction::Sigmoid } else { ScoreFunction::Softmax };
-        RouterConfig {
-            routing: RoutingAlgorithm::TokenChoice,
-            score_function,
-            normalize_weights: false,
-            ..self.clone()
-        }
+        RouterConfig { score_function, normalize_weights: false, ..self.as_token_choice() }
     }
 }
 

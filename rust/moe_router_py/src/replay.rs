@@ -188,7 +188,7 @@ impl RecordedRoute {
         token_mask: Option<&Bound<'_, PyAny>>,
         batch_shape: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let e = count(num_experts, "num_experts", 1, Family::Input)?;
+        let e = crate::args::integer(num_experts, "num_experts", 1, i32::MAX.into(), Family::Input)?;
         let (wide, shape) = int_array(expert_indices, "expert_indices")?;
         let [t, k] = shape[..] else {
             let message = format!("expert_indices: shape {shape:?}; expected [T, k]");
