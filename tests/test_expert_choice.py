@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import moe_router as mr
 from moe_router.data import default_logits
-from helpers import route_json
+from helpers import route_json, text_report
 
 Lists = List[List[Tuple[float, int]]]
 
@@ -388,3 +388,10 @@ def test_cli_route_on_the_embedded_data(capsys) -> None:
     assert report["capacity"] == dec.capacity == 160
     assert report["top_k"] == dec.top_k and report["tokens_dropped"] == dec.tokens_dropped
     assert report["dropped_assignments"] == dec.dropped_assignments
+
+
+def test_cli_text_report_names_unfilled_columns_not_drops(capsys) -> None:
+    _, lines, row = text_report(capsys, "route", "--router", "expert_choice")
+    dec = mr.route_logits(default_logits()[0], ec(64, top_k=2))
+    assert row("unfilled token columns").split()[3] == str(dec.dropped_assignments)
+    assert not any(line.startswith("dropped assignments") for line in lines)

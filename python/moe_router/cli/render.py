@@ -175,6 +175,11 @@ def render_route(report: Report, console: Console) -> None:
 
     t = report["timing"]
     stats: List[Sequence[Cell]] = [
+        # Under expert choice no assignment is dropped: the experts pick tokens, and a
+        # token's [T, k] columns that no expert filled are counted instead.
+        ("unfilled token columns", str(report["dropped_assignments"]),
+         f"of {report['assignments']} (tokens x k; experts choose their tokens)")
+        if cfg["routing"] == "expert_choice" else
         ("dropped assignments", str(report["dropped_assignments"]), f"of {report['assignments']} (tokens x k)"),
         ("tokens dropped", str(report["tokens_dropped"]),
          f"of {report['active_tokens']} (tokens with no kept expert)"),

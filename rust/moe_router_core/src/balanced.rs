@@ -53,14 +53,14 @@ pub(crate) fn route_balanced<S: LogitSource>(
     let (t, e, k) = (r.num_tokens, r.num_experts, r.top_k);
     let active = r.active_tokens;
     if !(active * k).is_multiple_of(e) {
-        return Err(RouterError::shape(
-            source.argument(),
-            format!(
-                "a number of active tokens T_active with T_active * top_k divisible by num_experts = {e} \
-                 (routing='balanced' gives every expert exactly T_active * top_k / E tokens; top_k = {k})"
+        return Err(RouterError::Inconsistent {
+            argument: source.argument(),
+            detail: format!(
+                "routing='balanced' gives every expert exactly T_active * top_k / num_experts tokens, \
+                 so T_active * top_k must be divisible by num_experts = {e}; got {active} active tokens \
+                 with top_k = {k}"
             ),
-            format!("{active} active tokens"),
-        ));
+        });
     }
     let tokens: Vec<usize> = (0..t).filter(|&i| call.token_mask.is_none_or(|m| m[i])).collect();
     let rows = active_rows(source, call, &tokens);
