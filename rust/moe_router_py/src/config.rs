@@ -55,7 +55,7 @@ pub struct PyRouterConfig {
 
 /// A Python value as the core's `FieldValue`: its kind decides what the core
 /// accepts (the type checks and the messages are the core's).
-fn to_field(value: &Bound<'_, PyAny>) -> PyResult<FieldValue> {
+pub(crate) fn to_field(value: &Bound<'_, PyAny>) -> PyResult<FieldValue> {
     let py = value.py();
     if value.is_none() {
         return Ok(FieldValue::None);
@@ -117,7 +117,7 @@ fn from_field<'py>(py: Python<'py>, value: FieldValue) -> PyResult<Bound<'py, Py
     }
 }
 
-fn fields_of<'py>(kwargs: Option<&Bound<'py, PyDict>>) -> PyResult<Vec<(String, FieldValue)>> {
+pub(crate) fn fields_of<'py>(kwargs: Option<&Bound<'py, PyDict>>) -> PyResult<Vec<(String, FieldValue)>> {
     let mut out = Vec::new();
     if let Some(kwargs) = kwargs {
         for (key, value) in kwargs.iter() {
