@@ -534,10 +534,11 @@ def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Uni
         ``"deepspeed_top2"``.
     logits : array_like [T, E] or [B, S, E], optional
         Megatron-Core only: the logits as routed. Megatron counts ``f_e`` with a
-        plain top-k that ignores the expert bias and groups; when the decision was
-        routed with either, pass the logits to reproduce that count. Without them the
-        decision's own pre-drop counts are used (exact when there was no bias and no
-        group limit).
+        plain top-k that ignores the expert bias and groups; the core counts it
+        from these logits when given. Without them: the plain counts the decision
+        kept (a decision routed with a Megatron preset under a bias or groups has
+        them, from logits or hidden states alike), else its own pre-drop counts
+        (exact when there was no bias and no group limit).
     token_mask : array_like of bool, optional
         Megatron-Core with ``logits``: the mask the decision was routed with.
 
@@ -560,7 +561,9 @@ def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Uni
     ConfigTypeError
         ``config_or_preset_name`` is neither a RouterConfig nor a string.
     InputTypeError
-        ``decision`` is not a RoutingDecision.
+        ``decision`` is not a RoutingDecision, or ``logits`` not a real array.
+    InputError
+        ``logits`` do not match the decision (last dimension E, batch shape).
 
     Examples
     --------

@@ -254,14 +254,13 @@ impl PyRouterConfig {
     #[classmethod]
     #[pyo3(signature = (name, num_experts, top_k=None, **overrides))]
     fn preset<'py>(
-        cls: &Bound<'py, pyo3::types::PyType>,
+        _cls: &Bound<'py, pyo3::types::PyType>,
         name: &Bound<'py, PyAny>,
         num_experts: &Bound<'py, PyAny>,
         top_k: Option<&Bound<'py, PyAny>>,
         overrides: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let preset = cls.py().import("moe_router.presets")?.getattr("preset")?;
-        preset.call((name, num_experts, top_k), overrides)
+    ) -> PyResult<Self> {
+        crate::presets::preset_config(name, num_experts, top_k, overrides)
     }
 
     fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
