@@ -319,6 +319,26 @@ def test_megatron_counts_a_plain_topk_with_bias_or_groups(rng):
     assert dec3.peer_load_balance_loss == dec3.load_balance_loss == pytest.approx(want, rel=1e-9)
 
 
+def test_megatron_plain_count_without_logits_on_the_hidden_state_path(rng):
+    """A decision routed from hidden states keeps Megatron's plain counts: no logits needed."""
+    E, k, T, D = 16, 4, 120, 6
+    hidden = rng.normal(size=(T, D))
+    cfg = mr.preset("megatron", E, k, score_function="sigmoid", num_groups=4, group_topk=2,
+                    expert_bias=rng.normal(size=E) * 0.5)
+    router = mr.ExpertRouter(cfg, D, gate="linear", weight=rng.normal(size=(D, E)))
+    dec = router.route_tokens(hidden)
+    x = hidden @ router.weight
+    s = sigmoid(x)
+    P = (s / s.sum(1, keepdims=True)).mean(0)
+    plain = np.bincount(np.argsort(-x, axis=1, kind="stable")[:, :k].ravel(), minlength=E)
+    want = E / (k * T) * np.dot(plain, P)
+    assert dec.peer_load_balance_loss == pytest.approx(want, rel=1e-9)
+    assert mr.peer_load_balance_loss(dec, cfg) == dec.peer_load_balance_loss
+    assert mr.peer_load_balance_loss(dec, "megatron", logits=x) == pytest.approx(want, rel=1e-9)
+    with pytest.raises(mr.InputError, match="batch shape"):
+        mr.peer_load_balance_loss(dec, "megatron", logits=x.reshape(4, T // 4, E))
+
+
 def test_native_configs_have_no_peer_loss(rng):
     cfg = mr.RouterConfig(8, 2)
     dec = mr.route_logits(rng.normal(size=(10, 8)), cfg)

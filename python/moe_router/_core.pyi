@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 from typing_extensions import disjoint_base
 
-__all__ = ["AllToAllPlan", "CHUNK_TOKENS", "ConfigError", "ConfigTypeError", "DispatchPlan", "ExpertAssignment", "ExpertPlacement", "GlobalBalanceAccumulator", "InputError", "InputTypeError", "MAX_THREADS", "PEERS", "ReceivePlan", "RecordedRoute", "RecordedRoutes", "RouterConfig", "RouterError", "RoutingDecision", "gather_rows", "gate_forward", "gate_layout", "get_num_threads", "moe_align_block_size", "peer_load_balance_loss", "plan_placement", "route_gate", "route_hidden", "route_logits", "router_backward", "set_num_threads", "sign_bias_update"]
+__all__ = ["AllToAllPlan", "CHUNK_TOKENS", "ConfigError", "ConfigTypeError", "DispatchPlan", "ExpertAssignment", "ExpertPlacement", "GlobalBalanceAccumulator", "InputError", "InputTypeError", "MAX_THREADS", "PEERS", "PRESETS", "ReceivePlan", "RecordedRoute", "RecordedRoutes", "RouterConfig", "RouterError", "RoutingDecision", "gather_rows", "gate_forward", "gate_layout", "get_num_threads", "moe_align_block_size", "peer_load_balance_loss", "plan_placement", "preset_accepted_names", "preset_config", "route_gate", "route_hidden", "route_logits", "router_backward", "set_num_threads", "sign_bias_update"]
 
 CHUNK_TOKENS: int
 MAX_THREADS: int
@@ -441,8 +441,16 @@ def gate_forward(
     group_top_k: Optional[int] = None,
 ) -> Tuple[npt.NDArray[Any], npt.NDArray[np.float64]]: ...
 def peer_load_balance_loss(
-    decision: RoutingDecision, peer: str, plain_tokens_per_expert: Optional[Sequence[int]] = None
+    decision: Any,
+    config_or_preset_name: Any,
+    logits: Optional[npt.NDArray[Any]] = None,
+    batch_shape: Optional[Sequence[int]] = None,
+    token_mask: Optional[npt.NDArray[np.bool_]] = None,
 ) -> float: ...
 def gate_layout(num_experts: int) -> Tuple[int, int]: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
+
+PRESETS: Tuple[str, ...]
+def preset_config(name: str, num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> RouterConfig: ...
+def preset_accepted_names(name: str) -> List[str]: ...

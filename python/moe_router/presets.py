@@ -24,14 +24,10 @@ routed with it carries ``peer_load_balance_loss``, the framework's own value.
 
 from __future__ import annotations
 
-import math
-
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
-
-import numpy as np
+from typing import Any, List, Optional, Union
 
 from . import _core, _inputs
-from ._core import PEERS, ConfigError, ConfigTypeError, InputError, RouterConfig, RoutingDecision
+from ._core import RouterConfig, RoutingDecision
 
 __all__ = [
     "PRESETS",
@@ -51,479 +47,12 @@ __all__ = [
 ]
 
 #: Names accepted by :func:`preset`.
-PRESETS = ("megatron", "deepspeed", "mixtral", "qwen_moe", "deepseek_v3", "switch", "tutel", "fairseq",
-           "expert_choice", "base")
-
-_OUR_NAMES = tuple(name for name in RouterConfig().to_dict() if name not in ("num_experts", "top_k", "peer"))
-
-
-class _Param(NamedTuple):
-    names: Tuple[str, ...]          # accepted spellings; the first is the canonical one
-    default: Any
-    fields: Tuple[str, ...]         # RouterConfig fields it determines (for conflict checks)
-
-
-class _Spec(NamedTuple):
-    params: Dict[str, _Param]
-    expert_names: Tuple[str, ...]   # the framework's names for E (must agree with num_experts)
-    topk_names: Tuple[str, ...]     # the framework's names for k
-    default_top_k: int
-    translate: Callable[[int, int, Dict[str, Any]], Tuple[Dict[str, Any], Optional[str]]]
-
-
-def _err(preset_name: str, message: str) -> ConfigError:
-    return ConfigError(f"preset {preset_name!r}: {message}")
-
-
-def _typed(preset_name: str, read: Callable[..., Any], value: Any, name: str, *args: Any) -> Any:
-    """``read(value, name, *args)`` (an ``_inputs`` reader), its error message prefixed with the preset."""
-    try:
-        return read(value, name, *args)
-    except ConfigError as exc:
-        raise type(exc)(f"preset {preset_name!r}: {exc}") from None
-
-
-def _flag(preset_name: str, name: str, value: Any) -> bool:
-    return _typed(preset_name, _inputs.flag, value, name, ConfigError)
-
-
-def _number(preset_name: str, name: str, value: Any) -> float:
-    return _typed(preset_name, _inputs.real, value, name)
-
-
-def _count(preset_name: str, name: str, value: Any) -> int:
-    return _typed(preset_name, _inputs.integer, value, name, 1, _inputs.I32_MAX)
-
-
-def _only(preset_name: str, name: str, value: Any, allowed: Iterable[Any], why: str) -> None:
-    if value not in tuple(allowed):
-        raise _err(preset_name, f"{name}={value!r} is not supported: {why}")
-
-
-# ---------------------------------------------------------------------------
-# translations: framework settings -> RouterConfig arguments
-# ---------------------------------------------------------------------------
-def _megatron(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
-    name = "megatron"
-    score = p["score_function"]
-    _only(name, "score_function", score, ("softmax", "sigmoid", "sqrtsoftplus"),
-          "Megatron-Core's score functions are softmax, sigmoid and sqrtsoftplus")
-    pre = _flag(name, "pre_softmax", p["pre_softmax"])
-    # softmax after top-k (Megatron's default) is the renormalized top-k of the full
-    # softmax; sigmoid and sqrtsoftplus scores are renormalized only for k > 1.
-    normalize = (not pre) if score == "softmax" else k > 1
-    scale = 1.0 if p["scaling_factor"] is None else _number(name, "scaling_factor", p["scaling_factor"])
-    groups, group_topk = p["num_groups"], p["group_topk"]
-    group_score = "max"
-    if (groups is None) != (group_topk is None):
-        raise _err(name, "num_groups and group_topk go together (Megatron-Core requires both)")
-    if group_topk is not None:
-        per_group = k // _count(name, "group_topk", group_topk)
-        if per_group < 1:
-            raise _err(name, f"Megatron-Core scores a group by the sum of its top topk // group_topk = "
-                             f"{per_group} scores; topk must be >= group_topk")
-        group_score = "max" if per_group == 1 else f"top{per_group}_sum"
-    # Groups are ranked on the tensor selection runs on: raw logits in post-softmax mode.
-    group_input = "logits" if score == "softmax" and not pre else "scores"
-    cf = p["capacity_factor"]
-    if cf is not None and _number(name, "capacity_factor", cf) < 0:
-        cf = None  # Megatron-Core turns a negative factor into dropless routing
-    _only(name, "drop_policy", p["drop_policy"], ("probs", "position"),
-          "Megatron-Core's moe_token_drop_policy is 'probs' or 'position'")
-    _flag(name, "pad_to_capacity", p["pad_to_capacity"])
-    bias_on = _flag(name, "moe_router_enable_expert_bias", p["enable_expert_bias"])
-    if (bias_on or p["expert_bias"] is not None) and score == "softmax":
-        raise _err(name, "Megatron-Core allows an expert bias only with score_function='sigmoid' or 'sqrtsoftplus'")
-    lb_type = p["load_balancing_type"]
-    _only(name, "moe_router_load_balancing_type", lb_type, ("aux_loss", "seq_aux_loss", "sinkhorn", "none"),
-          "moe_router computes the micro-batch ('aux_loss') and sequence ('seq_aux_loss') losses and "
-          "Sinkhorn routing; global_aux_loss is not available")
-    coeff = _number(name, "aux_loss_coeff", p["aux_loss_coeff"])
-    sinkhorn: Dict[str, Any] = {}
-    if lb_type == "sinkhorn":
-        if coeff != 0:
-            raise _err(name, f"moe_aux_loss_coeff={coeff!r} with sinkhorn: Megatron-Core requires 0")
-        if bias_on or p["expert_bias"] is not None:
-            raise _err(name, "Megatron-Core's Sinkhorn routing does not use an expert bias")
-        # sinkhorn_load_balancing reads neither the score function nor the groups.
-        sinkhorn = dict(routing="sinkhorn", score_function="softmax", normalize_weights=False,
-                        num_groups=None, group_top_k=None)
-    z = 0.0 if p["z_loss_coeff"] is None else _number(name, "z_loss_coeff", p["z_loss_coeff"])
-    _only(name, "moe_input_jitter_eps", p["input_jitter_eps"], (None, 0, 0.0),
-          "Megatron-Core jitters the router input (also in evaluation); moe_router's jitter_eps acts on "
-          "the logits, so it is not the same noise")
-    kwargs = dict(
-        score_function=score, normalize_weights=normalize, weight_scale=scale,
-        num_groups=groups, group_top_k=group_topk, group_score=group_score, group_score_input=group_input,
-        capacity_factor=cf, eval_capacity_factor=None, capacity_rounding="megatron", min_capacity=0,
-        expert_capacity=None, drop_policy=p["drop_policy"], renormalize_after_drop=False,
-        load_balance_loss_coeff=coeff if lb_type == "aux_loss" else 0.0,
-        seq_load_balance_loss_coeff=coeff if lb_type == "seq_aux_loss" else 0.0,
-        router_z_loss_coeff=z, expert_bias=p["expert_bias"],
-        # float32 scores as Megatron computes them, ranked where Megatron ranks (the logits after top-k-then-softmax)
-        score_precision="float32_logits" if score == "softmax" and not pre else "float32",
-    )
-    kwargs.update(sinkhorn)
-    return kwargs, "megatron"
-
-
-def _deepspeed(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
-    name = "deepspeed"
-    gate = p["gate"] if p["gate"] is not None else ("top1" if k == 1 else "top2" if k == 2 else "topk")
-    _only(name, "gate", gate, ("top1", "top2", "topk"), "DeepSpeed's gating functions are top1, top2, topk")
-    if (gate == "top1" and k != 1) or (gate == "top2" and k != 2):
-        raise _err(name, f"gate={gate!r} routes {gate[-1]} expert(s) per token, but top_k = {k}")
-    if _flag(name, "use_rts", p["use_rts"]):
-        raise _err(name, "use_rts=True (random token selection) keeps the tokens of an overflowing expert "
-                         "by torch's RNG, which cannot be reproduced; pass use_rts=False for DeepSpeed's "
-                         "deterministic order (tokens in order, drop_policy='position')")
-    if _flag(name, "top2_2nd_expert_sampling", p["top2_2nd_expert_sampling"]) and gate == "top2":
-        raise _err(name, "top2_2nd_expert_sampling=True draws the second expert with Gumbel noise from "
-                         "torch's RNG (also in evaluation), which cannot be reproduced; pass False")
-    _only(name, "noisy_gate_policy", p["noisy_gate_policy"], (None, "None"),
-          "DeepSpeed's 'Jitter' and 'RSample' draw from torch's RNG and cannot be reproduced")
-    drop = _flag(name, "drop_tokens", p["drop_tokens"])
-    policy = p["drop_policy"]
-    if policy is None:
-        policy = {"top1": "position", "top2": "rank", "topk": "probs"}[gate]
-    kwargs = dict(
-        score_function="softmax", normalize_weights=False, weight_scale=1.0,
-        capacity_factor=p["capacity_factor"] if drop else None,
-        eval_capacity_factor=p["eval_capacity_factor"] if drop else None,
-        capacity_rounding="deepspeed", min_capacity=p["min_capacity"], expert_capacity=None,
-        drop_policy=policy, renormalize_after_drop=gate != "top1",
-        router_z_loss_coeff=0.0,
-        # top-1/top-2 take argmax of the gates and (second choice) of the logits; top-k ranks float32 gates
-        score_precision="float32" if gate == "topk" else "float32_logits",
-    )
-    return kwargs, "deepspeed_" + gate
-
-
-def _hf_common(name: str, k: int, p: Dict[str, Any]) -> Dict[str, Any]:
-    if "router_jitter_noise" in p:
-        _only(name, "router_jitter_noise", p["router_jitter_noise"], (0, 0.0, None),
-              "Hugging Face multiplies the router input (and, for Mixtral, the experts' input) by "
-              "U(1-eps, 1+eps) in training; moe_router's jitter_eps acts on the logits, so it is not the "
-              "same noise; use router_jitter_noise=0 (or our jitter_eps knowingly)")
-    coef = _number(name, "router_aux_loss_coef", p["router_aux_loss_coef"])
-    # HF's loss is k times ours: the same strength on ours needs k times the coefficient.
-    return dict(score_function="softmax", capacity_factor=None, eval_capacity_factor=None,
-                expert_capacity=None, weight_scale=1.0, load_balance_loss_coeff=coef * k,
-                router_z_loss_coeff=0.0, score_precision="float32")
-
-
-def _mixtral(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
-    kwargs = _hf_common("mixtral", k, p)
-    kwargs.update(normalize_weights=True)
-    return kwargs, "mixtral"
-
-
-def _qwen_moe(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
-    kwargs = _hf_common("qwen_moe", k, p)
-    kwargs.update(normalize_weights=_flag("qwen_moe", "norm_topk_prob", p["norm_topk_prob"]))
-    return kwargs, "qwen_moe"
-
-
-def _deepseek_v3(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
-    name = "deepseek_v3"
-    _only(name, "scoring_func", p["scoring_func"], ("sigmoid",), "DeepSeek-V3 routes on sigmoid scores")
-    _only(name, "topk_method", p["topk_method"], ("noaux_tc",),
-          "DeepSeek-V3's router is 'noaux_tc' (bias-corrected, group-limited top-k)")
-    groups, group_topk = p["n_group"], p["topk_group"]
-    if (groups is None) != (group_topk is None):
-        raise _err(name, "n_group and topk_group go together")
-    alpha = _number(name, "aux_loss_alpha", p["aux_loss_alpha"])
-    seq = _flag(name, "seq_aux", p["seq_aux"])
-    kwargs = dict(
-        score_function="sigmoid", num_groups=groups, group_top_k=group_topk, group_score="top2_sum",
-        normalize_weights=_flag(name, "norm_topk_prob", p["norm_topk_prob"]),
-        weight_scale=_number(name, "routed_scaling_factor", p["routed_scaling_factor"]),
-        expert_bias=p["e_score_correction_bias"],
-        capacity_factor=None, eval_capacity_factor=None, expert_capacity=None,
-        load_balance_loss_coeff=0.0 if seq else alpha, seq_load_balance_loss_coeff=alpha if seq else 0.0,
-        router_z_loss_coeff=0.0, score_precision="float32",
-    )
-    return kwargs, "deepseek_v3"
-
-
-def _switch(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
-    name = "switch"
-    if k != 1:
-        raise _err(name, f"the Switch Transformers router is top-1, got top_k = {k}")
-    _only(name, "router_jitter_noise", p["router_jitter_noise"], (0, 0.0, None),
-          "Hugging Face multiplies the router input by U(1-eps, 1+eps) in training (default 0.01); "
-          "moe_router's jitter_eps acts on the logits, so it is not the same noise; use "
-          "router_jitter_noise=0 (or our jitter_eps knowingly)")
-    kwargs = dict(
-        score_function="softmax", normalize_weights=False, weight_scale=1.0,
-        capacity_factor=None, eval_capacity_factor=None, expert_capacity=p["expert_capacity"],
-        min_capacity=0, drop_policy="position", renormalize_after_drop=False,
-        load_balance_loss_coeff=_number(name, "router_aux_loss_coef", p["router_aux_loss_coef"]),
-        router_z_loss_coeff=_number(name, "router_z_loss_coef", p["router_z_loss_coef"]),
-        score_precision="float32",
-    )
-    return kwargs, "switch"
-
-
-def _tutel(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
-    name = "tutel"
-    if not _flag(name, "is_gshard_loss", p["is_gshard_loss"]):
-        raise _err(name, "is_gshard_loss=False selects Tutel's load_importance_loss, which moe_router does "
-                         "not compute; pass is_gshard_loss=True (the GShard loss)")
-    _flag(name, "fp32_gate", p["fp32_gate"])
-    cf = p["capacity_factor"]
-    if cf is not None:
-        cf = _number(name, "capacity_factor", cf)
-        # 0: dropless; -x: min(needed, bound), which keeps exactly what the bound x keeps.
-        cf = None if cf == 0 else abs(cf)
-    noise = _number(name, "gate_noise", p["gate_noise"])
-    if not (math.isfinite(noise) and noise >= 0):
-        raise _err(name, f"gate_noise must be a finite number >= 0 (0: no noise), got {noise!r}")
-    # moe_layer.py: alignment = sharded_count * a2a_ffn_overlap_degree up to megablocks_size,
-    # then up to a multiple of 128 above 256.
-    mega = max(_typed(name, _inputs.integer, p["megablocks_size"], "megablocks_size"), 1)
-    align = _count(name, "sharded_count", p["sharded_count"]) * _count(
-        name, "a2a_ffn_overlap_degree", p["a2a_ffn_overlap_degree"])
-    align = -(-align // mega) * mega
-    align = -(-align // 128) * 128 if align > 256 else align
-    bpr = _flag(name, "batch_prioritized_routing", p["batch_prioritized_routing"])
-    kwargs = dict(
-        score_function="softmax", normalize_weights=_flag(name, "normalize_gate", p["normalize_gate"]) and k > 1,
-        weight_scale=1.0, capacity_factor=cf, eval_capacity_factor=None, capacity_rounding="tutel",
-        capacity_alignment=align, min_capacity=0, expert_capacity=None,
-        drop_policy="bpr_rank" if bpr else "rank", renormalize_after_drop=False,
-        noise_std=noise / E if noise > 0 else 0.0, jitter_eps=0.0, router_z_loss_coeff=0.0,
-    )
-    return kwargs, "tutel"
-
-
-def _fairseq(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
-    name = "fairseq"
-    if k not in (1, 2):
-        raise _err(name, f"fairseq's gates are top1gating and top2gating; top_k = {k} is neither")
-    _flag(name, "use_fp32", p["use_fp32"])
-    policy = p["second_expert_policy"]
-    _only(name, "second_expert_policy", policy, ("all", "sampling", "random"),
-          "fairseq's policies are 'sampling', 'random' and (any other value, here spelt 'all') the "
-          "deterministic second-best expert")
-    if k == 2 and policy in ("sampling", "random"):
-        raise _err(name, f"second_expert_policy={policy!r} draws from torch's RNG (Gumbel noise on the second "
-                         "choice's logits, in evaluation too; or keeping it with probability min(1, 2*g2)), "
-                         "which moe_router's noise (on every logit, training only) cannot express; pass "
-                         "second_expert_policy='all' for the deterministic second-best expert")
-    before = _flag(name, "normalize_gate_prob_before_dropping", p["normalize_gate_prob_before_dropping"])
-    bpr = _flag(name, "batch_prioritized_routing", p["batch_prioritized_routing"])
-    if bpr and k == 1:
-        raise _err(name, "batch_prioritized_routing exists in fairseq's top2gating only (top_k = 2)")
-    fraction = p["moe_eval_capacity_token_fraction"]
-    if fraction is not None and _number(name, "moe_eval_capacity_token_fraction", fraction) <= 0:
-        fraction = None  # fairseq: a fraction <= 0 means the training formula in evaluation too
-    kwargs = dict(
-        score_function="softmax", normalize_weights=k == 2 and before, weight_scale=1.0,
-        capacity_factor=p["capacity_factor"], eval_capacity_factor=None, capacity_rounding="fairseq",
-        eval_capacity_token_fraction=fraction, capacity_alignment=1, min_capacity=0, expert_capacity=None,
-        drop_policy=("bpr_rank" if bpr else "rank") if k == 2 else "position",
-        renormalize_after_drop=k == 2 and not before, router_z_loss_coeff=0.0,
-    )
-    return kwargs, "fairseq"
-
-
-def _expert_choice(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[str]]:
-    name = "expert_choice"
-    _only(name, "jitter_noise", p["jitter_noise"], (0, 0.0, None),
-          "flaxformer multiplies the router input by U(1-eps, 1+eps); moe_router's jitter_eps acts on the "
-          "logits, so it is not the same noise")
-    kwargs = dict(
-        routing="expert_choice", score_function="softmax", normalize_weights=False, weight_scale=1.0,
-        capacity_factor=p["train_capacity_factor"], eval_capacity_factor=p["eval_capacity_factor"],
-        capacity_rounding="flaxformer", min_capacity=p["min_expert_capacity"],
-        load_balance_loss_coeff=0.0,
-        router_z_loss_coeff=_number(name, "router_z_loss_factor", p["router_z_loss_factor"]),
-    )
-    return kwargs, None
-
-
-def _base(E: int, k: int, p: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[str]]:
-    name = "base"
-    if k != 1:
-        raise _err(name, f"a BASE layer sends each token to one expert, got top_k = {k}")
-    _only(name, "base_shuffle", p["base_shuffle"], (False,),
-          "fairseq sends every token to a random worker before routing (torch.randperm); shuffle the "
-          "batch yourself and pass base_shuffle=False")
-    kwargs = dict(
-        routing="balanced", balanced_solver="fairseq_auction", score_function="sigmoid",
-        normalize_weights=False, weight_scale=1.0, capacity_factor=None, eval_capacity_factor=None,
-        load_balance_loss_coeff=0.0, router_z_loss_coeff=0.0,
-    )
-    return kwargs, None
-
-
-_HF_LOSS = {"router_aux_loss_coef": _Param(("router_aux_loss_coef",), 0.001, ("load_balance_loss_coeff",))}
-
-_SPECS: Dict[str, _Spec] = {
-    "megatron": _Spec(
-        params={
-            "score_function": _Param(("score_function", "moe_router_score_function"), "softmax",
-                                     ("score_function", "normalize_weights")),
-            "pre_softmax": _Param(("pre_softmax", "moe_router_pre_softmax", "use_pre_softmax"), False,
-                                  ("normalize_weights",)),
-            "scaling_factor": _Param(("scaling_factor", "moe_router_topk_scaling_factor"), None,
-                                     ("weight_scale",)),
-            "num_groups": _Param(("num_groups", "moe_router_num_groups"), None, ("num_groups",)),
-            "group_topk": _Param(("group_topk", "moe_router_group_topk"), None, ("group_top_k", "group_score")),
-            "capacity_factor": _Param(("capacity_factor", "moe_expert_capacity_factor"), None,
-                                      ("capacity_factor",)),
-            "drop_policy": _Param(("drop_policy", "moe_token_drop_policy"), "probs", ("drop_policy",)),
-            "pad_to_capacity": _Param(("pad_to_capacity", "moe_pad_expert_input_to_capacity"), False, ()),
-            "expert_bias": _Param(("expert_bias",), None, ("expert_bias",)),
-            "enable_expert_bias": _Param(("moe_router_enable_expert_bias", "enable_expert_bias"), False, ()),
-            "aux_loss_coeff": _Param(("aux_loss_coeff", "moe_aux_loss_coeff"), 0.0,
-                                     ("load_balance_loss_coeff", "seq_load_balance_loss_coeff")),
-            "z_loss_coeff": _Param(("z_loss_coeff", "moe_z_loss_coeff"), None, ("router_z_loss_coeff",)),
-            "load_balancing_type": _Param(("moe_router_load_balancing_type", "load_balancing_type"), "aux_loss",
-                                          ("load_balance_loss_coeff", "seq_load_balance_loss_coeff", "routing")),
-            "input_jitter_eps": _Param(("moe_input_jitter_eps", "input_jitter_eps"), None, ()),
-        },
-        expert_names=("num_moe_experts",), topk_names=("topk", "moe_router_topk"), default_top_k=2,
-        translate=_megatron,
-    ),
-    "deepspeed": _Spec(
-        params={
-            "gate": _Param(("gate",), None, ("drop_policy", "renormalize_after_drop")),
-            "capacity_factor": _Param(("capacity_factor",), 1.0, ("capacity_factor",)),
-            "eval_capacity_factor": _Param(("eval_capacity_factor",), 1.0, ("eval_capacity_factor",)),
-            "min_capacity": _Param(("min_capacity",), 4, ("min_capacity",)),
-            "drop_tokens": _Param(("drop_tokens",), True, ("capacity_factor", "eval_capacity_factor")),
-            "drop_policy": _Param(("drop_policy",), None, ("drop_policy",)),
-            "use_rts": _Param(("use_rts",), False, ()),
-            "top2_2nd_expert_sampling": _Param(("top2_2nd_expert_sampling",), False, ()),
-            "noisy_gate_policy": _Param(("noisy_gate_policy",), None, ()),
-        },
-        expert_names=(), topk_names=("k",), default_top_k=1, translate=_deepspeed,
-    ),
-    "mixtral": _Spec(
-        params=dict(_HF_LOSS, router_jitter_noise=_Param(("router_jitter_noise",), 0.0, ())),
-        expert_names=("num_local_experts",), topk_names=("num_experts_per_tok",), default_top_k=2,
-        translate=_mixtral,
-    ),
-    "qwen_moe": _Spec(
-        params=dict(_HF_LOSS, norm_topk_prob=_Param(("norm_topk_prob",), False, ("normalize_weights",))),
-        expert_names=(), topk_names=("num_experts_per_tok",), default_top_k=4, translate=_qwen_moe,
-    ),
-    "deepseek_v3": _Spec(
-        params={
-            "n_group": _Param(("n_group",), 8, ("num_groups",)),
-            "topk_group": _Param(("topk_group",), 4, ("group_top_k",)),
-            "routed_scaling_factor": _Param(("routed_scaling_factor",), 2.5, ("weight_scale",)),
-            "norm_topk_prob": _Param(("norm_topk_prob",), True, ("normalize_weights",)),
-            "e_score_correction_bias": _Param(("e_score_correction_bias",), None, ("expert_bias",)),
-            "scoring_func": _Param(("scoring_func",), "sigmoid", ("score_function",)),
-            "topk_method": _Param(("topk_method",), "noaux_tc", ()),
-            "aux_loss_alpha": _Param(("aux_loss_alpha",), 0.001,
-                                     ("load_balance_loss_coeff", "seq_load_balance_loss_coeff")),
-            "seq_aux": _Param(("seq_aux",), True, ("load_balance_loss_coeff", "seq_load_balance_loss_coeff")),
-        },
-        expert_names=("n_routed_experts",), topk_names=("num_experts_per_tok",), default_top_k=8,
-        translate=_deepseek_v3,
-    ),
-    "switch": _Spec(
-        params={
-            "expert_capacity": _Param(("expert_capacity",), 64, ("expert_capacity",)),
-            "router_aux_loss_coef": _Param(("router_aux_loss_coef",), 0.001, ("load_balance_loss_coeff",)),
-            "router_z_loss_coef": _Param(("router_z_loss_coef",), 0.001, ("router_z_loss_coeff",)),
-            "router_jitter_noise": _Param(("router_jitter_noise",), 0.0, ()),
-        },
-        expert_names=(), topk_names=(), default_top_k=1, translate=_switch,
-    ),
-    "tutel": _Spec(
-        params={
-            "capacity_factor": _Param(("capacity_factor",), 1.0, ("capacity_factor",)),
-            "gate_noise": _Param(("gate_noise",), 0.0, ("noise_std",)),
-            "normalize_gate": _Param(("normalize_gate",), True, ("normalize_weights",)),
-            "batch_prioritized_routing": _Param(("batch_prioritized_routing",), False, ("drop_policy",)),
-            "sharded_count": _Param(("sharded_count",), 1, ("capacity_alignment",)),
-            "a2a_ffn_overlap_degree": _Param(("a2a_ffn_overlap_degree",), 1, ("capacity_alignment",)),
-            "megablocks_size": _Param(("megablocks_size",), 0, ("capacity_alignment",)),
-            "is_gshard_loss": _Param(("is_gshard_loss",), True, ()),
-            "fp32_gate": _Param(("fp32_gate",), False, ()),
-        },
-        expert_names=("num_global_experts",), topk_names=("k",), default_top_k=1, translate=_tutel,
-    ),
-    "fairseq": _Spec(
-        params={
-            "capacity_factor": _Param(("capacity_factor",), 1.0, ("capacity_factor",)),
-            "moe_eval_capacity_token_fraction": _Param(("moe_eval_capacity_token_fraction",), 0.25,
-                                                       ("eval_capacity_token_fraction",)),
-            "second_expert_policy": _Param(("second_expert_policy", "moe_second_expert_policy"), "all", ()),
-            "normalize_gate_prob_before_dropping": _Param(
-                ("normalize_gate_prob_before_dropping", "moe_normalize_gate_prob_before_dropping"), False,
-                ("normalize_weights", "renormalize_after_drop")),
-            "batch_prioritized_routing": _Param(("batch_prioritized_routing", "moe_batch_prioritized_routing"),
-                                                False, ("drop_policy",)),
-            "use_fp32": _Param(("use_fp32", "moe_gating_use_fp32"), False, ()),
-        },
-        expert_names=("moe_expert_count",), topk_names=(), default_top_k=2, translate=_fairseq,
-    ),
-    "expert_choice": _Spec(
-        params={
-            "train_capacity_factor": _Param(("train_capacity_factor",), 1.0, ("capacity_factor",)),
-            "eval_capacity_factor": _Param(("eval_capacity_factor",), 1.0, ("eval_capacity_factor",)),
-            "min_expert_capacity": _Param(("min_expert_capacity",), 4, ("min_capacity",)),
-            "router_z_loss_factor": _Param(("router_z_loss_factor",), 0.0, ("router_z_loss_coeff",)),
-            "jitter_noise": _Param(("jitter_noise",), 0.0, ()),
-        },
-        expert_names=(), topk_names=(), default_top_k=1, translate=_expert_choice,
-    ),
-    "base": _Spec(
-        params={"base_shuffle": _Param(("base_shuffle",), False, ())},
-        expert_names=("num_workers",), topk_names=(), default_top_k=1, translate=_base,
-    ),
-}
-
-
-def _names(name: str) -> Tuple[List[str], List[str]]:
-    spec = _spec(name)
-    peer: List[str] = []
-    for param in spec.params.values():
-        peer.extend(param.names)
-    peer.extend(spec.expert_names + spec.topk_names)
-    return sorted(set(peer)), sorted(set(_OUR_NAMES + ("num_experts_per_token",)) - set(peer))
+PRESETS = _core.PRESETS
 
 
 def accepted_names(name: str) -> List[str]:
     """Every override name :func:`preset` accepts for ``name``: the framework's, then ours."""
-    framework, ours = _names(name)
-    return framework + ours
-
-
-def _spec(name: str) -> _Spec:
-    if not isinstance(name, str):
-        raise _inputs.wrong_type("preset name", name, "must be one of " + ", ".join(repr(p) for p in PRESETS))
-    if name not in _SPECS:
-        raise ConfigError(f"unknown preset {name!r}; expected one of " + ", ".join(repr(p) for p in PRESETS))
-    return _SPECS[name]
-
-
-def _same(a: Any, b: Any) -> bool:
-    if a is None or b is None:
-        return a is b
-    try:
-        return bool(np.array_equal(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)))
-    except (TypeError, ValueError):
-        return bool(a == b)
-
-
-def _pop_aliases(name: str, what: str, names: Iterable[str], overrides: Dict[str, Any]) -> Tuple[Optional[str], Any]:
-    """Pop every spelling of one setting; they must agree. Returns (name used, value)."""
-    used: Optional[str] = None
-    value: Any = None
-    for n in names:
-        if n in overrides:
-            v = overrides.pop(n)
-            if used is not None and not _same(v, value):
-                raise _err(name, f"{used}={value!r} and {n}={v!r} both set {what} and disagree")
-            used, value = n, v
-    return used, value
+    return _core.preset_accepted_names(name)
 
 
 def preset(name: str, num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> RouterConfig:
@@ -575,48 +104,7 @@ def preset(name: str, num_experts: int, top_k: Optional[int] = None, **overrides
     >>> cfg.normalize_weights, cfg.capacity_rounding, cfg.drop_policy, cfg.capacity(4096)
     (False, 'megatron', 'probs', 640)
     """
-    spec = _spec(name)
-    num_experts = _count(name, "num_experts", num_experts)
-    overrides = dict(overrides)
-    # E and k under the framework's names
-    used, value = _pop_aliases(name, "num_experts", spec.expert_names, overrides)
-    if used is not None and not _same(value, num_experts):
-        raise _err(name, f"{used}={value!r} disagrees with num_experts={num_experts!r}")
-    used, value = _pop_aliases(name, "top_k", spec.topk_names + ("num_experts_per_token",), overrides)
-    if used is not None:
-        if top_k is not None and not _same(value, top_k):
-            raise _err(name, f"{used}={value!r} disagrees with top_k={top_k!r}")
-        top_k = value
-    if top_k is None:
-        top_k = spec.default_top_k
-    top_k = _count(name, "top_k", top_k)
-    # the framework's settings
-    settings: Dict[str, Any] = {}
-    given: Dict[str, str] = {}
-    for key, param in spec.params.items():
-        used, value = _pop_aliases(name, key, param.names, overrides)
-        if used is None:
-            settings[key] = param.default
-        else:
-            settings[key] = value
-            given[key] = used
-    ours = {}
-    for key in list(overrides):
-        if key in _OUR_NAMES:
-            ours[key] = overrides.pop(key)
-    if overrides:
-        framework, our_names = _names(name)
-        raise ConfigTypeError(f"preset {name!r} got unknown setting(s) {sorted(overrides)}; accepted: the "
-                              f"framework's names {', '.join(framework)}; and RouterConfig's names "
-                              f"{', '.join(our_names)}")
-    kwargs, peer = spec.translate(num_experts, top_k, settings)
-    for field, value in ours.items():
-        for key, used in given.items():
-            if field in spec.params[key].fields and field in kwargs and not _same(kwargs[field], value):
-                raise _err(name, f"{used}={settings[key]!r} sets {field}={kwargs[field]!r}, but "
-                                 f"{field}={value!r} was also given")
-        kwargs[field] = value
-    return RouterConfig(num_experts=num_experts, top_k=top_k, peer=peer, **kwargs)
+    return _core.preset_config(name, num_experts, top_k, **overrides)
 
 
 # ---------------------------------------------------------------------------
@@ -1032,9 +520,6 @@ def base(num_experts: int, top_k: Optional[int] = None, **overrides: Any) -> Rou
     return preset("base", num_experts, top_k, **overrides)
 
 
-# ---------------------------------------------------------------------------
-# the frameworks' load-balance losses
-# ---------------------------------------------------------------------------
 def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Union[RouterConfig, str], *,
                            logits: Any = None, token_mask: Any = None) -> float:
     """The load-balance loss of ``decision`` as the framework computes it (coefficient 1).
@@ -1049,10 +534,11 @@ def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Uni
         ``"deepspeed_top2"``.
     logits : array_like [T, E] or [B, S, E], optional
         Megatron-Core only: the logits as routed. Megatron counts ``f_e`` with a
-        plain top-k that ignores the expert bias and groups; when the decision was
-        routed with either, pass the logits to reproduce that count. Without them the
-        decision's own pre-drop counts are used (exact when there was no bias and no
-        group limit).
+        plain top-k that ignores the expert bias and groups; the core counts it
+        from these logits when given. Without them: the plain counts the decision
+        kept (a decision routed with a Megatron preset under a bias or groups has
+        them, from logits or hidden states alike), else its own pre-drop counts
+        (exact when there was no bias and no group limit).
     token_mask : array_like of bool, optional
         Megatron-Core with ``logits``: the mask the decision was routed with.
 
@@ -1075,7 +561,9 @@ def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Uni
     ConfigTypeError
         ``config_or_preset_name`` is neither a RouterConfig nor a string.
     InputTypeError
-        ``decision`` is not a RoutingDecision.
+        ``decision`` is not a RoutingDecision, or ``logits`` not a real array.
+    InputError
+        ``logits`` do not match the decision (last dimension E, batch shape).
 
     Examples
     --------
@@ -1085,23 +573,8 @@ def peer_load_balance_loss(decision: RoutingDecision, config_or_preset_name: Uni
     >>> bool(np.isclose(dec.peer_load_balance_loss, 2 * dec.load_balance_loss))
     True
     """
-    _inputs.instance(decision, "decision", RoutingDecision, InputError)
-    peer = config_or_preset_name
-    if not isinstance(peer, (RouterConfig, str)):
-        raise _inputs.wrong_type("config_or_preset_name", peer, "must be a RouterConfig made by a preset, or a "
-                                 "preset or peer name")
-    if isinstance(peer, RouterConfig):
-        if peer.peer is None:
-            raise ConfigError("the configuration has no peer (it was not made by a preset); pass a preset "
-                              "name, e.g. peer_load_balance_loss(decision, 'mixtral')")
-        peer = peer.peer
-    plain = None
-    if peer == "megatron" and logits is not None:
+    rows = batch_shape = mask = None
+    if logits is not None and isinstance(decision, RoutingDecision):
         rows, batch_shape, mask = _inputs.rows_and_mask(logits, "logits", decision.num_experts, "num_experts",
                                                         token_mask, kinds=_inputs.LOGITS_KINDS)
-        if batch_shape != decision.batch_shape:
-            raise InputError(f"logits have batch shape {list(batch_shape)}, the decision "
-                             f"{list(decision.batch_shape)}")
-        plain_cfg = RouterConfig(num_experts=decision.num_experts, top_k=decision.top_k, capacity_factor=None)
-        plain = _core.route_logits(rows, plain_cfg, token_mask=mask).pre_drop_tokens_per_expert.tolist()
-    return _core.peer_load_balance_loss(decision, peer, plain)
+    return _core.peer_load_balance_loss(decision, config_or_preset_name, rows, batch_shape, mask)

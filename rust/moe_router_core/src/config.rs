@@ -1022,7 +1022,12 @@ const MAX_EXPERTS: usize = i32::MAX as usize;
 
 /// An integer field in `[minimum, maximum]`: an `int` (never a bool or a float,
 /// which are the wrong type); one outside the range is a bad value.
-fn integer<T: TryFrom<i128>>(field: &'static str, value: &FieldValue, minimum: i128, maximum: i128) -> Result<T> {
+pub(crate) fn integer<T: TryFrom<i128>>(
+    field: &'static str,
+    value: &FieldValue,
+    minimum: i128,
+    maximum: i128,
+) -> Result<T> {
     let range =
         || RouterError::config(field, value, format!("must be an integer in {}", integer_range(minimum, maximum)));
     match value {
@@ -1048,14 +1053,14 @@ pub fn integer_range(minimum: i128, maximum: i128) -> String {
     format!("[{}, {}]", show(minimum), show(maximum))
 }
 
-fn boolean(field: &'static str, value: &FieldValue) -> Result<bool> {
+pub(crate) fn boolean(field: &'static str, value: &FieldValue) -> Result<bool> {
     match value {
         FieldValue::Bool(b) => Ok(*b),
         _ => Err(RouterError::wrong_type(field, value, "must be True or False (a bool)")),
     }
 }
 
-fn real(field: &'static str, value: &FieldValue) -> Result<f64> {
+pub(crate) fn real(field: &'static str, value: &FieldValue) -> Result<f64> {
     match value {
         FieldValue::Real { value, .. } => Ok(*value),
         FieldValue::Int(i) => Ok(*i as f64),

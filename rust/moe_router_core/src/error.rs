@@ -101,6 +101,18 @@ pub enum RouterError {
         bytes: u128,
     },
 
+    /// A compatibility preset refused its arguments: an unknown preset or setting,
+    /// a value the framework rejects or whose behaviour cannot be reproduced, or a
+    /// value of the wrong kind (`wrong_type`, raised as a `TypeError`). The message
+    /// names the preset and the parameter.
+    #[error("{message}")]
+    Preset {
+        /// The whole message.
+        message: String,
+        /// The value has the wrong kind (a float for a flag, an unknown name, ...).
+        wrong_type: bool,
+    },
+
     /// Values that should agree contradict each other (a decision's slot used
     /// twice, counts that do not add up, an accumulator of another E).
     #[error("{argument} is inconsistent: {detail}")]

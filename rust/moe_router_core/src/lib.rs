@@ -57,6 +57,7 @@ mod math;
 mod payload;
 mod peer_loss;
 mod placement;
+mod presets;
 mod replay;
 mod reroute;
 mod rng;
@@ -89,8 +90,9 @@ pub use layouts::{dense_masks, megatron_routing_map, moe_align_block_size, Block
 pub use linear::{GemmScalar, LinearLogits};
 pub use linear_backward::{backward_linear, LinearGrads};
 pub use payload::Payload;
-pub use peer_loss::{peer_load_balance_loss, LossInputs};
+pub use peer_loss::{peer_load_balance_loss, plain_topk_counts, LossInputs};
 pub use placement::ExpertPlacement;
+pub use presets::{accepted_names, preset, PRESETS};
 pub use replay::{differing_tokens, Replay};
 pub use rng::{normal as keyed_normal, uniform as keyed_uniform, Stream as RngStream};
 pub use route::{chunk_tokens, route, route_into, route_logits, RouteCall, Routing, CHUNK_TOKENS};

@@ -13,7 +13,10 @@
 //!   top-k that ignores the expert bias and the group limit
 //!   (`switch_load_balancing_loss_func` on `tokens_per_expert` of the unbiased top-k).
 
-use crate::config::Peer;
+use crate::config::{CapacityFactor, Peer, RouterConfig};
+use crate::error::Result;
+use crate::route::{route, RouteCall};
+use crate::source::LogitSource;
 
 /// What a peer's loss reads from a routing result.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +52,15 @@ pub fn peer_load_balance_loss(peer: Peer, x: &LossInputs) -> f64 {
         Peer::Megatron if !x.plain_tokens_per_expert.is_empty() => e / (k * t) * dot(x.plain_tokens_per_expert),
         Peer::Megatron | Peer::DeepSpeedTopK | Peer::DeepSeekV3 | Peer::Switch => x.load_balance_loss,
     }
+}
+
+/// Megatron-Core's `n_e`: per expert, the active tokens whose plain top-k of
+/// `source` (no bias, no groups, no capacity; ties to the lower index) contains it.
+pub fn plain_topk_counts<S: LogitSource>(source: &S, top_k: usize, token_mask: Option<&[bool]>) -> Result<Vec<i64>> {
+    let plain =
+        RouterConfig { capacity_factor: CapacityFactor::Dropless, ..RouterConfig::new(source.num_experts(), top_k) };
+    let call = RouteCall { token_mask, ..RouteCall::default() };
+    Ok(route(source, &plain, &call)?.pre_drop_tokens_per_expert)
 }
 
 #[cfg(test)]

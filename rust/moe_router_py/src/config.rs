@@ -55,7 +55,7 @@ pub struct PyRouterConfig {
 
 /// A Python value as the core's `FieldValue`: its kind decides what the core
 /// accepts (the type checks and the messages are the core's).
-fn to_field(value: &Bound<'_, PyAny>) -> PyResult<FieldValue> {
+pub(crate) fn to_field(value: &Bound<'_, PyAny>) -> PyResult<FieldValue> {
     let py = value.py();
     if value.is_none() {
         return Ok(FieldValue::None);
@@ -117,7 +117,7 @@ fn from_field<'py>(py: Python<'py>, value: FieldValue) -> PyResult<Bound<'py, Py
     }
 }
 
-fn fields_of<'py>(kwargs: Option<&Bound<'py, PyDict>>) -> PyResult<Vec<(String, FieldValue)>> {
+pub(crate) fn fields_of<'py>(kwargs: Option<&Bound<'py, PyDict>>) -> PyResult<Vec<(String, FieldValue)>> {
     let mut out = Vec::new();
     if let Some(kwargs) = kwargs {
         for (key, value) in kwargs.iter() {
@@ -254,14 +254,13 @@ impl PyRouterConfig {
     #[classmethod]
     #[pyo3(signature = (name, num_experts, top_k=None, **overrides))]
     fn preset<'py>(
-        cls: &Bound<'py, pyo3::types::PyType>,
+        _cls: &Bound<'py, pyo3::types::PyType>,
         name: &Bound<'py, PyAny>,
         num_experts: &Bound<'py, PyAny>,
         top_k: Option<&Bound<'py, PyAny>>,
         overrides: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let preset = cls.py().import("moe_router.presets")?.getattr("preset")?;
-        preset.call((name, num_experts, top_k), overrides)
+    ) -> PyResult<Self> {
+        crate::presets::preset_config(name, num_experts, top_k, overrides)
     }
 
     fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {

@@ -199,6 +199,8 @@ pub struct RoutingDecision {
     tokens_per_expert_counts: Vec<i64>,
     expert_prob_mean_values: Vec<f64>,
     first_choice_tokens_per_expert: Vec<i64>,
+    /// Megatron-Core's plain top-k counts, when the routing counted them (else empty).
+    plain_tokens_per_expert: Vec<i64>,
     assignments: OnceLock<Py<PyList>>,
     /// `[T, k]` routed before capacity, and the experts before reroutes
     /// (empty: none), for the backward.
@@ -283,6 +285,7 @@ impl RoutingDecision {
             tokens_per_expert_counts: r.tokens_per_expert,
             expert_prob_mean_values: r.expert_prob_mean,
             first_choice_tokens_per_expert: r.first_choice_tokens_per_expert,
+            plain_tokens_per_expert: r.plain_tokens_per_expert,
             assignments: OnceLock::new(),
             routed: r.routed,
             original_experts: r.original_expert_indices,
@@ -322,8 +325,11 @@ impl RoutingDecision {
         self
     }
 
-    /// What the peers' losses read, with Megatron's plain counts if known.
+    /// What the peers' losses read, with Megatron's plain counts if known
+    /// (`plain_tokens_per_expert`, else those the routing counted).
     pub fn loss_inputs<'a>(&'a self, plain_tokens_per_expert: &'a [i64]) -> LossInputs<'a> {
+        let plain =
+            if plain_tokens_per_expert.is_empty() { &self.plain_tokens_per_expert } else { plain_tokens_per_expert };
         LossInputs {
             num_experts: self.num_experts,
             top_k: self.top_k,
@@ -331,7 +337,7 @@ impl RoutingDecision {
             load_balance_loss: self.load_balance_loss,
             expert_prob_mean: &self.expert_prob_mean_values,
             first_choice_tokens_per_expert: &self.first_choice_tokens_per_expert,
-            plain_tokens_per_expert,
+            plain_tokens_per_expert: plain,
         }
     }
 

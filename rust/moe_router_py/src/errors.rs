@@ -101,7 +101,10 @@ pub fn to_py(err: CoreError) -> PyErr {
     let message = err.to_string();
     match err {
         CoreError::InvalidConfig { .. } => ConfigError::new_err(message),
-        CoreError::WrongType { .. } | CoreError::UnknownField { .. } => type_error(Family::Config, message),
+        CoreError::WrongType { .. } | CoreError::UnknownField { .. } | CoreError::Preset { wrong_type: true, .. } => {
+            type_error(Family::Config, message)
+        }
+        CoreError::Preset { .. } => ConfigError::new_err(message),
         CoreError::Shape { .. }
         | CoreError::BadValue { .. }
         | CoreError::NonFiniteParameter { .. }

@@ -28,7 +28,9 @@ mod eplb;
 mod errors;
 mod exchange;
 mod global_balance;
+mod peer_loss;
 mod plan;
+mod presets;
 mod replay;
 mod threads;
 
@@ -330,35 +332,6 @@ fn gate_forward<'py>(
     })
 }
 
-/// The load-balance loss of ``decision`` as framework ``peer`` computes it
-/// (coefficient 1): a ``RouterConfig.peer`` value, or ``"deepspeed"`` for the
-/// DeepSpeed gate of the decision's k. ``plain_tokens_per_expert`` are
-/// Megatron-Core's plain top-k counts when the routing used an expert bias or
-/// groups. Raises ``ConfigError`` for an unknown peer.
-#[pyfunction]
-#[pyo3(signature = (decision, peer, plain_tokens_per_expert=None))]
-fn peer_load_balance_loss(
-    decision: &RoutingDecision,
-    peer: &str,
-    plain_tokens_per_expert: Option<Vec<i64>>,
-) -> PyResult<f64> {
-    let name = match (peer, decision.top_k()) {
-        ("deepspeed", 1) => "deepspeed_top1",
-        ("deepspeed", 2) => "deepspeed_top2",
-        ("deepspeed", _) => "deepspeed_topk",
-        (other, _) => other,
-    };
-    let peer: Peer = name.parse().map_err(|_| {
-        let known: Vec<String> = Peer::spellings().map(|p| format!("'{p}'")).collect();
-        errors::config_error(format!(
-            "unknown peer '{peer}'; expected 'deepspeed' or a RouterConfig.peer value ({})",
-            known.join(", ")
-        ))
-    })?;
-    let plain = plain_tokens_per_expert.unwrap_or_default();
-    Ok(core::peer_load_balance_loss(peer, &decision.loss_inputs(&plain)))
-}
-
 /// ``(G, P)``: the hierarchical gate's ``G = ceil(sqrt(E))`` groups of ``P = ceil(E / G)`` experts.
 #[pyfunction]
 fn gate_layout(num_experts: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
@@ -422,12 +395,13 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<plan::PyDispatchPlan>()?;
     m.add_class::<global_balance::PyGlobalBalance>()?;
     exchange::register(m)?;
+    presets::register(m)?;
     for f in [
         wrap_pyfunction!(route_logits, m)?,
         wrap_pyfunction!(route_hidden, m)?,
         wrap_pyfunction!(route_gate, m)?,
         wrap_pyfunction!(gate_forward, m)?,
-        wrap_pyfunction!(peer_load_balance_loss, m)?,
+        wrap_pyfunction!(peer_loss::peer_load_balance_loss, m)?,
         wrap_pyfunction!(gate_layout, m)?,
         wrap_pyfunction!(backward::router_backward, m)?,
         wrap_pyfunction!(plan::moe_align_block_size, m)?,
