@@ -581,7 +581,7 @@ impl PyLoadBalancingStats {
     }
 
     /// True when at least one step was seen and ``load_cv() < max_cv`` (default 0.2).
-    #[pyo3(signature = (max_cv=core::WELL_BALANCED_CV))]
+    #[pyo3(signature = (max_cv=core::WELL_BALANCED_CV), text_signature = "($self, max_cv=0.2)")]
     fn is_well_balanced(&self, max_cv: f64) -> bool {
         self.inner.is_well_balanced(max_cv)
     }
