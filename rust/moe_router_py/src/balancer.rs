@@ -13,6 +13,7 @@ use crate::errors::{to_py, Family};
 use crate::exchange::PyExpertPlacement;
 use crate::global_balance::PyGlobalBalance;
 use crate::guarded::Guarded;
+use crate::json::{finite, finite_all};
 use crate::plan::real_array;
 
 /// `num_experts`: an int in `[1, 2**31 - 1]` (expert ids are int32).
@@ -163,7 +164,9 @@ impl PyLoadBalancer {
     fn load_of(decision: &Bound<'_, PyAny>) -> PyResult<(Vec<f64>, Vec<usize>)> {
         let py = decision.py();
         if let Ok(d) = decision.cast::<RoutingDecision>() {
-            return real_array(&d.get().pre_drop_counts(py), "load");
+            let counts: Vec<f64> = d.get().stats_call(py)?.pre_drop.iter().map(|&n| n as f64).collect();
+            let e = counts.len();
+            return Ok((counts, vec![e]));
         }
         if let Ok(acc) = decision.cast::<PyGlobalBalance>() {
             let counts = acc.borrow().tokens_per_expert_counts().iter().map(|&n| n as f64).collect::<Vec<_>>();
@@ -588,22 +591,22 @@ impl PyLoadBalancingStats {
 
     /// JSON-ready copy: arrays as lists, a float that is not finite as None
     /// (``json.dumps(..., allow_nan=False)`` accepts it).
-    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = &self.inner;
         let d = PyDict::new(py);
-        d.set_item("expert_loads", &s.expert_loads)?;
+        d.set_item("expert_loads", finite_all(&s.expert_loads))?;
         d.set_item("steps", s.steps)?;
         d.set_item("imbalanced", s.imbalanced)?;
-        d.set_item("imbalance_ratio", s.imbalance_ratio)?;
-        d.set_item("threshold", s.threshold)?;
+        d.set_item("imbalance_ratio", finite(s.imbalance_ratio))?;
+        d.set_item("threshold", finite(s.threshold))?;
         d.set_item("warmup_steps", s.warmup_steps)?;
-        d.set_item("expert_bias", &s.expert_bias)?;
-        d.set_item("bias_update_rate", s.bias_update_rate)?;
+        d.set_item("expert_bias", finite_all(&s.expert_bias))?;
+        d.set_item("bias_update_rate", finite(s.bias_update_rate))?;
         d.set_item("enabled", s.enabled)?;
-        d.set_item("load_cv", s.load_cv())?;
+        d.set_item("load_cv", finite(s.load_cv()))?;
         d.set_item("well_balanced", s.is_well_balanced(core::WELL_BALANCED_CV))?;
-        d.set_item("last_load", &s.last_load)?;
-        py.import("moe_router._json")?.getattr("json_ready")?.call1((d,))
+        d.set_item("last_load", s.last_load.as_deref().map(finite_all))?;
+        Ok(d)
     }
 
     /// ``(LoadBalancingStats, fields)``: a snapshot pickles and copies by value.

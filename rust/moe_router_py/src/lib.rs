@@ -30,6 +30,7 @@ mod errors;
 mod exchange;
 mod global_balance;
 mod guarded;
+mod json;
 mod plan;
 mod replay;
 mod stats;

@@ -10,6 +10,7 @@ use crate::args::{integer, real, Given};
 use crate::decision::RoutingDecision;
 use crate::errors::{to_py, type_error, Family};
 use crate::guarded::Guarded;
+use crate::json::{finite, finite_all};
 use crate::plan::int_array;
 
 /// Default number of recent timed calls whose latencies feed the percentiles.
@@ -201,28 +202,26 @@ impl PyRoutingStats {
         self.read(py, |s| f(s.totals()))
     }
 
-    /// The utilization summary of `s` (a copy of the state) as a dict (``[expert, utilization]`` lists).
-    fn summary_dict<'py>(py: Python<'py>, s: &core::RoutingStats) -> PyResult<Bound<'py, PyDict>> {
+    /// The utilization summary of `s` (a copy of the state) as a dict (``[expert, utilization]``
+    /// lists); `json`: every float that is not finite as None.
+    fn summary_dict<'py>(py: Python<'py>, s: &core::RoutingStats, json: bool) -> PyResult<Bound<'py, PyDict>> {
+        let v = |x: f64| if json { finite(x) } else { Some(x) };
+        let pair =
+            |p: Option<(usize, f64)>| p.map(|(e, x)| (e, v(x)).into_pyobject(py).map(|t| t.to_list())).transpose();
         let u = s.utilization_summary();
         let d = PyDict::new(py);
-        d.set_item("mean_utilization", u.mean)?;
-        d.set_item("min_utilization", u.min)?;
-        d.set_item("max_utilization", u.max)?;
-        d.set_item("utilization_cv", u.cv)?;
-        d.set_item(
-            "most_utilized_expert",
-            u.most.map(|(e, x)| (e, x).into_pyobject(py)).transpose()?.map(|t| t.to_list()),
-        )?;
-        d.set_item(
-            "least_utilized_expert",
-            u.least.map(|(e, x)| (e, x).into_pyobject(py)).transpose()?.map(|t| t.to_list()),
-        )?;
-        d.set_item("routing_efficiency", s.routing_efficiency())?;
-        d.set_item("average_routing_efficiency", s.average(Averaged::RoutingEfficiency))?;
-        d.set_item("tokens_dropped_rate", s.tokens_dropped_rate())?;
-        d.set_item("assignment_drop_rate", s.assignment_drop_rate())?;
-        d.set_item("average_load_balance_loss", s.average(Averaged::LoadBalanceLoss))?;
-        d.set_item("average_router_z_loss", s.average(Averaged::RouterZLoss))?;
+        d.set_item("mean_utilization", v(u.mean))?;
+        d.set_item("min_utilization", v(u.min))?;
+        d.set_item("max_utilization", v(u.max))?;
+        d.set_item("utilization_cv", v(u.cv))?;
+        d.set_item("most_utilized_expert", pair(u.most)?)?;
+        d.set_item("least_utilized_expert", pair(u.least)?)?;
+        d.set_item("routing_efficiency", v(s.routing_efficiency()))?;
+        d.set_item("average_routing_efficiency", s.average(Averaged::RoutingEfficiency).and_then(v))?;
+        d.set_item("tokens_dropped_rate", v(s.tokens_dropped_rate()))?;
+        d.set_item("assignment_drop_rate", v(s.assignment_drop_rate()))?;
+        d.set_item("average_load_balance_loss", s.average(Averaged::LoadBalanceLoss).and_then(v))?;
+        d.set_item("average_router_z_loss", s.average(Averaged::RouterZLoss).and_then(v))?;
         Ok(d)
     }
 }
@@ -469,7 +468,7 @@ impl PyRoutingStats {
     ///     utilizations are fractions in [0, 1].
     fn utilization_summary<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let state = self.read(py, |s| s.clone())?;
-        Self::summary_dict(py, &state)
+        Self::summary_dict(py, &state, false)
     }
 
     /// The ``q``-th percentile (0..100) of the recent latencies, in seconds; None before any timed call.
@@ -530,7 +529,7 @@ impl PyRoutingStats {
     /// (``latency_ms``); an undefined value (no call yet) is None, and so is
     /// every float that is not finite (an infinite throughput, a running loss
     /// average that overflowed), as JSON has no infinity or NaN.
-    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.read(py, |s| s.clone())?;
         let t = s.totals();
         let d = PyDict::new(py);
@@ -551,13 +550,13 @@ impl PyRoutingStats {
             d.set_item(name, value)?;
         }
         let rates = [
-            ("tokens_dropped_rate", Some(s.tokens_dropped_rate())),
-            ("assignment_drop_rate", Some(s.assignment_drop_rate())),
-            ("routing_efficiency", Some(s.routing_efficiency())),
-            ("average_routing_efficiency", s.average(Averaged::RoutingEfficiency)),
-            ("average_load_balance_loss", s.average(Averaged::LoadBalanceLoss)),
-            ("average_router_z_loss", s.average(Averaged::RouterZLoss)),
-            ("average_auxiliary_loss", s.average(Averaged::AuxiliaryLoss)),
+            ("tokens_dropped_rate", finite(s.tokens_dropped_rate())),
+            ("assignment_drop_rate", finite(s.assignment_drop_rate())),
+            ("routing_efficiency", finite(s.routing_efficiency())),
+            ("average_routing_efficiency", s.average(Averaged::RoutingEfficiency).and_then(finite)),
+            ("average_load_balance_loss", s.average(Averaged::LoadBalanceLoss).and_then(finite)),
+            ("average_router_z_loss", s.average(Averaged::RouterZLoss).and_then(finite)),
+            ("average_auxiliary_loss", s.average(Averaged::AuxiliaryLoss).and_then(finite)),
         ];
         for (name, value) in rates {
             d.set_item(name, value)?;
@@ -565,9 +564,9 @@ impl PyRoutingStats {
         d.set_item("expert_token_counts", s.kept_per_expert())?;
         d.set_item("pre_drop_token_counts", s.pre_drop_per_expert())?;
         d.set_item("capacity_offered", t.capacity_offered)?;
-        d.set_item("expert_utilization", s.expert_utilization())?;
-        d.set_item("utilization_summary", Self::summary_dict(py, &s)?)?;
-        d.set_item("load_variance_history", s.load_variance_history())?;
+        d.set_item("expert_utilization", finite_all(&s.expert_utilization()))?;
+        d.set_item("utilization_summary", Self::summary_dict(py, &s, true)?)?;
+        d.set_item("load_variance_history", finite_all(&s.load_variance_history()))?;
         d.set_item("latency_window", s.window())?;
         let lat = s.latencies();
         let p = lat.p50_p95_p99;
@@ -581,14 +580,14 @@ impl PyRoutingStats {
         ];
         let (seconds, millis) = (PyDict::new(py), PyDict::new(py));
         for (name, value) in figures {
-            seconds.set_item(name, value)?;
-            millis.set_item(name, value.map(|v| 1e3 * v))?;
+            seconds.set_item(name, value.and_then(finite))?;
+            millis.set_item(name, value.map(|v| 1e3 * v).and_then(finite))?;
         }
         d.set_item("latency_s", seconds)?;
         d.set_item("latency_ms", millis)?;
-        d.set_item("total_time_s", s.total_time())?;
-        d.set_item("throughput_tokens_per_s", s.throughput())?;
-        py.import("moe_router._json")?.getattr("json_ready")?.call1((d,))
+        d.set_item("total_time_s", finite(s.total_time()))?;
+        d.set_item("throughput_tokens_per_s", s.throughput().and_then(finite))?;
+        Ok(d)
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
