@@ -171,13 +171,7 @@ impl LoadBalancer {
     /// Errors, before anything changes: `load` not of E entries, or an entry
     /// negative or not finite.
     pub fn update(&mut self, load: &[f64]) -> Result<()> {
-        let e = self.settings.num_experts;
-        if load.len() != e {
-            return Err(RouterError::Inconsistent {
-                argument: "load",
-                detail: format!("expected a per-expert load of shape [{e}] (num_experts), got shape [{}]", load.len()),
-            });
-        }
+        self.check_load_shape(&[load.len()])?;
         if let Some(i) = load.iter().position(|l| !(l.is_finite() && *l >= 0.0)) {
             return Err(RouterError::InvalidEntry {
                 argument: "load",
@@ -208,6 +202,18 @@ impl LoadBalancer {
         self.shares.push_back(share);
         self.steps += 1;
         Ok(())
+    }
+
+    /// Errors unless `shape` is `[E]`, the shape of a per-expert load.
+    pub fn check_load_shape(&self, shape: &[usize]) -> Result<()> {
+        let e = self.settings.num_experts;
+        if shape == [e] {
+            return Ok(());
+        }
+        Err(RouterError::Inconsistent {
+            argument: "load",
+            detail: format!("expected a per-expert load of shape [{e}] (num_experts), got shape {shape:?}"),
+        })
     }
 
     /// Forget every step and zero the bias (the settings are kept).

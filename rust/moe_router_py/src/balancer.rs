@@ -13,8 +13,8 @@ use crate::errors::{to_py, Family};
 use crate::exchange::PyExpertPlacement;
 use crate::global_balance::PyGlobalBalance;
 use crate::guarded::Guarded;
-use crate::json::{finite, finite_all};
 use crate::plan::real_array;
+use crate::report::{finite, finite_all, format_float};
 
 /// `num_experts`: an int in `[1, 2**31 - 1]` (expert ids are int32).
 fn experts(value: &Bound<'_, PyAny>) -> PyResult<usize> {
@@ -24,11 +24,6 @@ fn experts(value: &Bound<'_, PyAny>) -> PyResult<usize> {
 /// A configuration real (its range is the core's to check).
 fn setting(name: &'static str) -> impl Fn(&Bound<'_, PyAny>) -> PyResult<f64> {
     move |v| real(v, name, Family::Config)
-}
-
-/// Python's ``format(x, spec)``.
-fn format_g(py: Python<'_>, x: f64, spec: &str) -> PyResult<String> {
-    py.import("builtins")?.getattr("format")?.call1((x, spec))?.extract()
 }
 
 /// The default ``bias_update_rate`` for E experts: ``0.1 / E``, a tenth of the mean softmax score.
@@ -240,18 +235,7 @@ impl PyLoadBalancer {
     ///     The load is not numeric.
     fn update(&self, py: Python<'_>, decision: &Bound<'_, PyAny>) -> PyResult<()> {
         let (load, shape) = Self::load_of(decision)?;
-        self.inner
-            .with(py, |b| {
-                let e = b.settings().num_experts;
-                if shape.len() != 1 {
-                    return Err(core::RouterError::Inconsistent {
-                        argument: "load",
-                        detail: format!("expected a per-expert load of shape [{e}] (num_experts), got shape {shape:?}"),
-                    });
-                }
-                b.update(&load)
-            })?
-            .map_err(to_py)
+        self.inner.with(py, |b| b.check_load_shape(&shape).and_then(|()| b.update(&load)))?.map_err(to_py)
     }
 
     /// Forget every step and zero the bias (configuration is kept).
@@ -422,11 +406,11 @@ impl PyLoadBalancer {
              enabled={}, max|bias|={})",
             s.expert_loads.len(),
             s.steps,
-            format_g(py, s.imbalance_ratio, ".4g")?,
+            format_float(py, s.imbalance_ratio, ".4g")?,
             python(s.imbalanced),
-            format_g(py, s.bias_update_rate, "g")?,
+            format_float(py, s.bias_update_rate, "g")?,
             python(s.enabled),
-            format_g(py, max_bias, ".4g")?
+            format_float(py, max_bias, ".4g")?
         ))
     }
 }

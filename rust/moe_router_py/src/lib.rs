@@ -30,9 +30,9 @@ mod errors;
 mod exchange;
 mod global_balance;
 mod guarded;
-mod json;
 mod plan;
 mod replay;
+mod report;
 mod stats;
 mod threads;
 

@@ -10,8 +10,8 @@ use crate::args::{integer, real, Given};
 use crate::decision::RoutingDecision;
 use crate::errors::{to_py, type_error, Family};
 use crate::guarded::Guarded;
-use crate::json::{finite, finite_all};
 use crate::plan::int_array;
+use crate::report::{finite, finite_all, format_float};
 
 /// Default number of recent timed calls whose latencies feed the percentiles.
 pub const DEFAULT_WINDOW: usize = 1024;
@@ -89,11 +89,6 @@ impl Call {
         }
         Ok(Call { kept, pre_drop, counts, averaged })
     }
-}
-
-/// Python's ``format(x, spec)``.
-fn format_g(py: Python<'_>, x: f64, spec: &str) -> PyResult<String> {
-    py.import("builtins")?.getattr("format")?.call1((x, spec))?.extract()
 }
 
 /// Totals, averages, per-expert utilization and latency of routing calls.
@@ -593,9 +588,10 @@ impl PyRoutingStats {
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let (t, cv, p50, throughput) = self
             .read(py, |s| (*s.totals(), s.utilization_cv(), s.latencies().p50_p95_p99.map(|p| p[0]), s.throughput()))?;
-        let latency = p50.map_or(Ok("n/a".to_string()), |p| format_g(py, 1e3 * p, ".3g").map(|g| format!("{g} ms")))?;
-        let rate =
-            throughput.map_or(Ok("n/a".to_string()), |r| format_g(py, r, ".4g").map(|g| format!("{g} tokens/s")))?;
+        let latency =
+            p50.map_or(Ok("n/a".to_string()), |p| format_float(py, 1e3 * p, ".3g").map(|g| format!("{g} ms")))?;
+        let rate = throughput
+            .map_or(Ok("n/a".to_string()), |r| format_float(py, r, ".4g").map(|g| format!("{g} tokens/s")))?;
         Ok(format!(
             "RoutingStats(calls={}, active_tokens={}, kept_assignments={}, dropped_assignments={}, tokens_dropped={}, \
              utilization_cv={}, latency_p50={latency}, throughput={rate})",
@@ -604,7 +600,7 @@ impl PyRoutingStats {
             t.kept_assignments,
             t.dropped_assignments,
             t.tokens_dropped,
-            format_g(py, cv, ".4g")?
+            format_float(py, cv, ".4g")?
         ))
     }
 }
