@@ -121,6 +121,17 @@ def assert_matches(report: Dict[str, Any], decision: Any) -> None:
         assert report[field] == expected[key], field
 
 
+def is_documented_getter(cls: type, name: str) -> bool:
+    """True when ``cls.name`` is a documented property with no setter: a Python ``property``
+    or a compiled class's getter (a getset descriptor; writing it raises ``AttributeError``)."""
+    import types
+
+    prop = vars(cls)[name]
+    if isinstance(prop, property):
+        return prop.fset is None and bool(prop.__doc__)
+    return isinstance(prop, types.GetSetDescriptorType) and bool(prop.__doc__)
+
+
 def waits_for_lock(obj: Any, read: Callable[[], Any]) -> bool:
     """True when ``read()`` waits while this thread holds ``obj._lock`` and finishes once it is released."""
     import threading

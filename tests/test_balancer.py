@@ -12,7 +12,7 @@ import pytest
 import moe_router as mr
 from moe_router.balancer import LoadBalancer, LoadBalancingStats, default_bias_update_rate
 from conftest import REAL_L5, needs_real_router
-from helpers import softmax, waits_for_lock
+from helpers import is_documented_getter, softmax, waits_for_lock
 
 
 
@@ -301,8 +301,7 @@ def test_reads_are_documented_read_only_properties_and_wait_for_the_lock() -> No
     lb.update(np.array([5, 1, 0]))
     for name in ("num_experts", "ema_decay", "imbalance_threshold", "warmup_steps", "expert_bias", "steps",
                  "expert_loads", "load_history"):
-        prop = vars(LoadBalancer)[name]
-        assert isinstance(prop, property) and prop.fset is None and prop.__doc__, name
+        assert is_documented_getter(LoadBalancer, name), name
         with pytest.raises(AttributeError):
             setattr(lb, name, 0)
     for name in ("expert_bias", "steps", "expert_loads", "load_history"):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import moe_router as mr
 from moe_router.stats import RoutingStats
-from helpers import waits_for_lock
+from helpers import is_documented_getter, waits_for_lock
 
 
 @dataclass
@@ -403,8 +403,7 @@ def test_reads_are_documented_read_only_properties_and_wait_for_the_lock() -> No
     s = RoutingStats()
     s.record(fake([2, 1], [3, 1], 2), 0.001)
     for name in PROPERTIES:
-        prop = vars(RoutingStats)[name]
-        assert isinstance(prop, property) and prop.fset is None and prop.__doc__, name
+        assert is_documented_getter(RoutingStats, name), name
         with pytest.raises(AttributeError):
             setattr(s, name, 0)
         assert waits_for_lock(s, lambda: getattr(s, name)), name

@@ -17,7 +17,10 @@
 //! row plan and its gathers/scatters), `payload` (the element types it moves)
 //! `layouts` (the frameworks' own dispatch formats), and for expert
 //! parallelism `placement` (experts on ranks), `eplb` (placement advice from
-//! expert loads, DeepSeek's EPLB) and `exchange` (the all-to-all plan).
+//! expert loads, DeepSeek's EPLB) and `exchange` (the all-to-all plan); for
+//! bookkeeping over many calls, `routing_stats` (totals, utilization, latencies),
+//! `load_balancer` (load EMA and the aux-loss-free bias) and `reductions` (the
+//! float64 sums, moments and percentiles they report, with NumPy's bits).
 //!
 //! ```
 //! use moe_router_core::{route_logits, RouteCall, RouterConfig};
@@ -52,16 +55,19 @@ mod groups;
 mod layouts;
 mod linear;
 mod linear_backward;
+mod load_balancer;
 mod losses;
 mod math;
 mod payload;
 mod peer_loss;
 mod placement;
 mod presets;
+mod reductions;
 mod replay;
 mod reroute;
 mod rng;
 mod route;
+mod routing_stats;
 mod row;
 mod score;
 mod simd;
@@ -89,6 +95,11 @@ pub use global_balance::{expert_quantiles, sign_bias_update, GlobalBalance};
 pub use layouts::{dense_masks, megatron_routing_map, moe_align_block_size, BlockAlignment};
 pub use linear::{GemmScalar, LinearLogits};
 pub use linear_backward::{backward_linear, LinearGrads};
+pub use load_balancer::{
+    default_bias_update_rate, BalanceSnapshot, BalancerSettings, LoadBalancer, DEFAULT_EMA_DECAY,
+    DEFAULT_IMBALANCE_THRESHOLD, DEFAULT_LOAD_HISTORY, DEFAULT_RELATIVE_BIAS_RATE, DEFAULT_WARMUP_STEPS,
+    WELL_BALANCED_CV,
+};
 pub use payload::Payload;
 pub use peer_loss::{peer_load_balance_loss, plain_topk_counts, LossInputs};
 pub use placement::ExpertPlacement;
@@ -96,6 +107,7 @@ pub use presets::{accepted_names, preset, PRESETS};
 pub use replay::{differing_tokens, Replay};
 pub use rng::{normal as keyed_normal, uniform as keyed_uniform, Stream as RngStream};
 pub use route::{chunk_tokens, route, route_into, route_logits, RouteCall, Routing, CHUNK_TOKENS};
+pub use routing_stats::{Averaged, CallRecord, Latencies, RoutingStats, Totals, UtilizationSummary};
 pub use simd::{simd_level, SimdLevel};
 pub use sinkhorn::{sinkhorn_balance, SinkhornBalance};
 pub use source::{ChunkBuf, ChunkRows, Logit, LogitSource, SliceLogits};

@@ -88,3 +88,23 @@ pub fn real(value: &Bound<'_, PyAny>, name: &str, family: Family) -> PyResult<f6
     // An int too large for a float64 is a value out of range.
     value.extract::<f64>().map_err(|_| bad_scalar(family, name, "must be a finite real number", value))
 }
+
+/// An optional argument as the caller gave it: `Given(None)` when left out,
+/// `Given(Some(obj))` otherwise, an explicit `None` included, so that None
+/// can be refused as the wrong type while the default applies to omission.
+pub struct Given<'py>(pub Option<Bound<'py, PyAny>>);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Given<'py> {
+    type Error = std::convert::Infallible;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> Result<Self, Self::Error> {
+        Ok(Given(Some(obj.to_owned())))
+    }
+}
+
+impl<'py> Given<'py> {
+    /// `read` of the given value, or `default` when the argument was left out.
+    pub fn or<T>(&self, default: T, read: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<T>) -> PyResult<T> {
+        self.0.as_ref().map_or(Ok(default), read)
+    }
+}

@@ -391,6 +391,26 @@ impl RoutingDecision {
         self.active_tokens
     }
 
+    /// The counts and losses `RoutingStats.record` adds up.
+    pub fn stats_call(&self, py: Python<'_>) -> PyResult<crate::stats::Call> {
+        let (pre_drop, _) =
+            crate::plan::int_array(self.pre_drop_tokens_per_expert.bind(py), "pre_drop_tokens_per_expert")?;
+        let count = |n: usize| n as u64;
+        Ok(crate::stats::Call {
+            kept: self.tokens_per_expert_counts.clone(),
+            pre_drop,
+            counts: [
+                count(self.capacity),
+                count(self.total_tokens),
+                count(self.active_tokens),
+                count(self.kept_assignments),
+                count(self.dropped_assignments),
+                count(self.tokens_dropped),
+            ],
+            averaged: [self.load_balance_loss, self.router_z_loss, self.auxiliary_loss, self.efficiency()],
+        })
+    }
+
     /// The `[T, k]` arrays and counts, borrowed read-only.
     pub fn assignment_arrays<'py>(&self, py: Python<'py>) -> PyResult<DecisionArrays<'py>> {
         DecisionArrays::borrow(

@@ -83,6 +83,13 @@ pub struct PyGlobalBalance {
     inner: GlobalBalance,
 }
 
+impl PyGlobalBalance {
+    /// `[E]` routed assignments before capacity, summed over the global batch.
+    pub fn tokens_per_expert_counts(&self) -> &[i64] {
+        self.inner.tokens_per_expert()
+    }
+}
+
 #[pymethods]
 impl PyGlobalBalance {
     #[new]

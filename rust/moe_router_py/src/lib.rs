@@ -22,16 +22,20 @@ macro_rules! with_dtype {
 mod args;
 mod arrays;
 mod backward;
+mod balancer;
 mod config;
 mod decision;
 mod eplb;
 mod errors;
 mod exchange;
 mod global_balance;
+mod guarded;
 mod peer_loss;
 mod plan;
 mod presets;
 mod replay;
+mod report;
+mod stats;
 mod threads;
 
 use moe_router_core::{
@@ -394,6 +398,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RecordedRoutes>()?;
     m.add_class::<plan::PyDispatchPlan>()?;
     m.add_class::<global_balance::PyGlobalBalance>()?;
+    m.add_class::<stats::PyRoutingStats>()?;
+    m.add_class::<balancer::PyLoadBalancer>()?;
+    m.add_class::<balancer::PyLoadBalancingStats>()?;
     exchange::register(m)?;
     presets::register(m)?;
     for f in [
@@ -406,6 +413,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(backward::router_backward, m)?,
         wrap_pyfunction!(plan::moe_align_block_size, m)?,
         wrap_pyfunction!(global_balance::sign_bias_update, m)?,
+        wrap_pyfunction!(balancer::default_bias_update_rate, m)?,
         wrap_pyfunction!(set_num_threads, m)?,
         wrap_pyfunction!(get_num_threads, m)?,
     ] {
@@ -418,6 +426,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InputTypeError", errors::type_error_class(py, Family::Input)?)?;
     m.add("CHUNK_TOKENS", core::CHUNK_TOKENS)?;
     m.add("MAX_THREADS", threads::MAX_THREADS)?;
+    m.add("DEFAULT_RELATIVE_BIAS_RATE", core::DEFAULT_RELATIVE_BIAS_RATE)?;
     m.add("PEERS", PyTuple::new(py, Peer::spellings().collect::<Vec<_>>())?)?;
     if let Err(text) = threads::from_env() {
         let message = format!(
