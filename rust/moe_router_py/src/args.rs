@@ -140,7 +140,7 @@ pub mod py {
         let allowed = PyTuple::new(value.py(), allowed.try_iter()?.collect::<PyResult<Vec<_>>>()?)?;
         let shown: Vec<String> = allowed.iter().map(|a| a.repr().map(|r| r.to_string())).collect::<PyResult<_>>()?;
         let spelled = format!("must be one of {}", shown.join(", "));
-        if !value.is_instance_of::<PyString>() && !(value.is_none() && allowed.contains(value)?) {
+        if !(value.is_instance_of::<PyString>() || (value.is_none() && allowed.contains(value)?)) {
             return Err(wrong_scalar(family, name, &spelled, value));
         }
         if !allowed.contains(value)? {

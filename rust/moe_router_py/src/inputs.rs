@@ -15,8 +15,8 @@
 use numpy::{PyArrayDescr, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::PyTypeInfo;
 use pyo3::types::{PyBool, PyDict, PyList, PyTuple, PyType};
+use pyo3::PyTypeInfo;
 
 use crate::config::PyRouterConfig;
 use crate::errors::{type_error, unreadable, value_error, wrong_scalar, ConfigError, Family};
@@ -512,7 +512,8 @@ pub fn cast<'py>(
         .map(|a| a.map(|a| np.call_method("ascontiguousarray", (a,), Some(&kwargs))).transpose())
         .collect::<PyResult<_>>()?;
     if let Some(c) = casts {
-        let items: Vec<Bound<'py, PyAny>> = made.iter().map(|a| a.clone().unwrap_or_else(|| py.None().into_bound(py))).collect();
+        let items: Vec<Bound<'py, PyAny>> =
+            made.iter().map(|a| a.clone().unwrap_or_else(|| py.None().into_bound(py))).collect();
         c.set_item(&key, PyTuple::new(py, items)?)?;
     }
     Ok(made)
@@ -531,6 +532,9 @@ pub fn dtype_arg(spec: Option<&Bound<'_, PyAny>>, name: &str, family: Family) ->
     spec.filter(|s| !s.is_none()).map(|s| Float::from_spec(s, name, family)).transpose()
 }
 
+/// What [`read_rows`] returns to Python.
+type ReadRows<'py> = (Bound<'py, PyUntypedArray>, Bound<'py, PyTuple>, Option<Bound<'py, PyUntypedArray>>);
+
 /// ``(rows, batch_shape, mask)``: ``x`` as C-contiguous float32/float64
 /// ``[T, width]`` rows (read in place when it already is), the input's leading
 /// shape, and the bool ``[T]`` token mask (None when every token is routed).
@@ -548,7 +552,7 @@ pub fn read_rows<'py>(
     token_mask: Option<&Bound<'py, PyAny>>,
     dtype: Option<&Bound<'py, PyAny>>,
     kinds: &str,
-) -> PyResult<(Bound<'py, PyUntypedArray>, Bound<'py, PyTuple>, Option<Bound<'py, PyUntypedArray>>)> {
+) -> PyResult<ReadRows<'py>> {
     let dtype = dtype_arg(dtype, "dtype", Family::Input)?;
     let mask = token_mask.filter(|m| !m.is_none());
     let rows = rows_and_mask(x, name, width, width_name, mask, dtype, Kinds::parse(kinds))?;
@@ -604,7 +608,7 @@ pub fn cast_arrays<'py>(
 pub fn family_of(error: Option<&Bound<'_, PyAny>>, default: Family) -> Family {
     match error {
         None => default,
-        Some(e) if e.is(&e.py().get_type::<ConfigError>()) => Family::Config,
+        Some(e) if e.is(e.py().get_type::<ConfigError>()) => Family::Config,
         Some(_) => Family::Input,
     }
 }
