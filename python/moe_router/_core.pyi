@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 from typing_extensions import disjoint_base
 
-__all__ = ["AllToAllPlan", "CHUNK_TOKENS", "ConfigError", "ConfigTypeError", "DispatchPlan", "ExpertAssignment", "ExpertPlacement", "GlobalBalanceAccumulator", "InputError", "InputTypeError", "MAX_THREADS", "PEERS", "ReceivePlan", "RecordedRoute", "RecordedRoutes", "RouterConfig", "RouterError", "RoutingDecision", "cast_arrays", "check_choice", "check_flag", "check_instance", "check_integer", "check_real", "float_dtype", "gate_forward", "gate_layout", "gather_rows", "get_num_threads", "is_int", "is_real", "moe_align_block_size", "peer_load_balance_loss", "plan_placement", "read_rows", "read_weight", "route_gate", "route_hidden", "route_logits", "router_backward", "set_num_threads", "sign_bias_update", "wrong_type_error"]
+__all__ = ["AllToAllPlan", "CHUNK_TOKENS", "ConfigError", "ConfigTypeError", "DispatchPlan", "ExpertAssignment", "ExpertPlacement", "GlobalBalanceAccumulator", "InputError", "InputTypeError", "MAX_THREADS", "PEERS", "ReceivePlan", "RecordedRoute", "RecordedRoutes", "RouterConfig", "RouterError", "RoutingDecision", "cast_arrays", "check_choice", "check_flag", "check_instance", "check_integer", "check_real", "float_dtype", "gate_forward", "gate_layout", "gather_rows", "get_num_threads", "hierarchical_gate", "is_int", "is_real", "moe_align_block_size", "peer_load_balance_loss", "plan_placement", "read_rows", "read_weight", "route_gate", "route_hidden", "route_logits", "router_backward", "set_num_threads", "sign_bias_update", "wrong_type_error"]
 
 CHUNK_TOKENS: int
 MAX_THREADS: int
@@ -480,3 +480,6 @@ def check_instance(value: Any, name: str, cls: type, error: Optional[type] = Non
 def wrong_type_error(name: str, value: Any, expected: str, error: Optional[type] = None) -> Exception: ...
 def is_int(value: Any) -> bool: ...
 def is_real(value: Any) -> bool: ...
+def hierarchical_gate(
+    config: RouterConfig, gate: str, given_weight: bool, given_bias: bool, given_group_top_k: bool
+) -> bool: ...

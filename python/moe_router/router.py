@@ -18,9 +18,6 @@ from .decision import RoutingDecision
 from .gate import GateNetwork
 from .stats import RoutingStats
 
-_GATES = ("auto", "linear", "hierarchical")
-
-
 def compute_dtype(hidden: Any, router_dtype: Optional[str]) -> Optional[np.dtype]:
     """The dtype of the router GEMM: ``router_dtype`` if set, float64 for half-precision
     hidden states (NumPy or torch float16/bfloat16: exact products), else None (the
@@ -91,7 +88,6 @@ class ExpertRouter:
                  bias: Any = None, gate: str = "auto", group_top_k: Optional[int] = None,
                  balancer: Optional[LoadBalancer] = None, router_dtype: Optional[str] = None) -> None:
         _inputs.instance(config, "config", RouterConfig)
-        _inputs.choice(gate, "gate", _GATES)
         _inputs.choice(router_dtype, "router_dtype", (None, "float32", "float64"))
         seed = _inputs.integer(seed, "seed")
         if balancer is not None:
@@ -100,33 +96,14 @@ class ExpertRouter:
         self.input_dim = _inputs.integer(input_dim, "input_dim", 1, _inputs.I32_MAX)
         self.router_dtype = router_dtype
         e = config.num_experts
-        # Sinkhorn balances logits, which the hierarchical gate does not produce.
-        logits_only = config.routing == "sinkhorn"
-        hierarchical = gate == "hierarchical" or (gate == "auto" and weight is None and e > 32 and not logits_only)
-        if hierarchical and logits_only:
-            raise ConfigError("invalid gate: routing='sinkhorn' balances logits, and the hierarchical gate gives "
-                              "probabilities; use gate='linear'")
-        if hierarchical and (weight is not None or bias is not None):
-            raise ConfigError("invalid gate: 'hierarchical' has its own weights; weight and bias apply to "
-                              "the linear router (gate='linear')")
+        hierarchical = _core.hierarchical_gate(config, gate, weight is not None, bias is not None,
+                                               group_top_k is not None)
         self._lock = threading.RLock()
         self._step = 0
-        self._gate: Optional[GateNetwork] = None
+        self._gate = GateNetwork(self.input_dim, e, seed=seed, group_top_k=group_top_k) if hierarchical else None
         # The linear router's (weight, bias) and their conversions to the hidden states' dtype.
         self._weights: tuple = ((None, None), {})
-        if hierarchical:
-            if config.score_function != "softmax":
-                raise ConfigError(f"invalid gate: the hierarchical gate computes its own probabilities "
-                                  f"(softmax of groups times softmax within groups); score_function="
-                                  f"{config.score_function!r} applies to the linear router (gate='linear')")
-            if config.jitter_eps > 0 or config.noise_std > 0:
-                raise ConfigError("invalid gate: jitter_eps and noise_std perturb logits; the hierarchical "
-                                  "gate routes probabilities (use gate='linear' for noisy routing)")
-            self._gate = GateNetwork(self.input_dim, e, seed=seed, group_top_k=group_top_k)
-        else:
-            if group_top_k is not None:
-                raise ConfigError("invalid group_top_k: only the hierarchical gate computes groups "
-                                  "(use num_groups/group_top_k in RouterConfig for group-limited routing)")
+        if not hierarchical:
             if weight is None:
                 rng = np.random.default_rng(seed)
                 weight = (rng.standard_normal((self.input_dim, e)) / math.sqrt(self.input_dim)).astype(np.float32)

@@ -27,6 +27,7 @@ mod decision;
 mod eplb;
 mod errors;
 mod exchange;
+mod gate_choice;
 mod global_balance;
 mod inputs;
 mod plan;
@@ -535,6 +536,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(global_balance::sign_bias_update, m)?,
         wrap_pyfunction!(set_num_threads, m)?,
         wrap_pyfunction!(get_num_threads, m)?,
+        wrap_pyfunction!(gate_choice::hierarchical_gate, m)?,
         wrap_pyfunction!(inputs::read_rows, m)?,
         wrap_pyfunction!(inputs::read_weight, m)?,
         wrap_pyfunction!(inputs::float_dtype, m)?,
