@@ -48,14 +48,23 @@ class DLPackOnly:
 
 @pytest.fixture
 def spy(monkeypatch) -> List[np.ndarray]:
-    """Records the logits/hidden arrays the compiled core receives."""
+    """Records the logits/hidden arrays the compiled core routes.
+
+    The entry points read their argument with the bindings' input reader
+    (``_core.read_rows``); the spy runs that reader itself, records the rows it
+    makes, and routes them (with the mask and batch shape it found).
+    """
     seen: List[np.ndarray] = []
-    for fn in ("route_logits", "route_hidden"):
+    for fn, name, kinds in (("route_logits", "logits", "fiu"), ("route_hidden", "hidden", "f")):
         original = getattr(_core, fn)
 
-        def wrapper(rows, *args, _original=original, **kwargs):
+        def wrapper(x, *args, _original=original, _name=name, _kinds=kinds, **kwargs):
+            width = args[0].num_experts if _name == "logits" else args[0].shape[0]
+            rows, batch, mask = _core.read_rows(x, _name, width, "width", kwargs.pop("token_mask", None),
+                                                kwargs.get("dtype"), _kinds)
             seen.append(rows)
-            return _original(rows, *args, **kwargs)
+            return _original(rows, *args, token_mask=mask, batch_shape=batch,
+                             sequence_length=batch[1] if len(batch) == 2 else None, **kwargs)
 
         monkeypatch.setattr(_core, fn, wrapper)
     return seen

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 from typing_extensions import disjoint_base
 
-__all__ = ["AllToAllPlan", "CHUNK_TOKENS", "ConfigError", "ConfigTypeError", "DEFAULT_RELATIVE_BIAS_RATE", "DispatchPlan", "ExpertAssignment", "ExpertPlacement", "GlobalBalanceAccumulator", "InputError", "InputTypeError", "LoadBalancer", "LoadBalancingStats", "MAX_THREADS", "PEERS", "PRESETS", "ReceivePlan", "RecordedRoute", "RecordedRoutes", "RouterConfig", "RouterError", "RoutingDecision", "RoutingStats", "default_bias_update_rate", "gate_forward", "gate_layout", "gather_rows", "get_num_threads", "moe_align_block_size", "peer_load_balance_loss", "plan_placement", "preset_accepted_names", "preset_config", "route_gate", "route_hidden", "route_logits", "router_backward", "set_num_threads", "sign_bias_update"]
+__all__ = ["AllToAllPlan", "CHUNK_TOKENS", "ConfigError", "ConfigTypeError", "DEFAULT_RELATIVE_BIAS_RATE", "DispatchPlan", "ExpertAssignment", "ExpertPlacement", "GlobalBalanceAccumulator", "InputError", "InputTypeError", "LoadBalancer", "LoadBalancingStats", "MAX_THREADS", "PEERS", "PRESETS", "ReceivePlan", "RecordedRoute", "RecordedRoutes", "RouterConfig", "RouterError", "RoutingDecision", "RoutingStats", "cast_arrays", "check_choice", "check_flag", "check_instance", "check_integer", "check_real", "default_bias_update_rate", "float_dtype", "gate_forward", "gate_layout", "gather_rows", "get_num_threads", "hierarchical_gate", "is_int", "is_real", "moe_align_block_size", "peer_load_balance_loss", "plan_placement", "preset_accepted_names", "preset_config", "read_rows", "read_weight", "route_gate", "route_hidden", "route_logits", "router_backward", "set_num_threads", "sign_bias_update", "wrong_type_error"]
 
 CHUNK_TOKENS: int
 MAX_THREADS: int
@@ -390,12 +390,12 @@ def moe_align_block_size(
 ) -> Tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.int32]]: ...
 
 def route_logits(
-    logits: npt.NDArray[Any],
+    logits: Any,
     config: RouterConfig,
     *,
     training: bool = False,
-    token_mask: Optional[npt.NDArray[np.bool_]] = None,
-    expert_bias: Optional[npt.NDArray[np.float64]] = None,
+    token_mask: Any = None,
+    expert_bias: Any = None,
     step: int = 0,
     sequence_length: Optional[int] = None,
     return_probs: bool = False,
@@ -403,14 +403,16 @@ def route_logits(
     replay: Optional[RecordedRoute] = None,
 ) -> RoutingDecision: ...
 def route_hidden(
-    hidden: npt.NDArray[Any],
+    hidden: Any,
     weight: npt.NDArray[Any],
     bias: Optional[npt.NDArray[Any]],
     config: RouterConfig,
     *,
+    dtype: Any = None,
+    casts: Optional[Dict[Any, Any]] = None,
     training: bool = False,
-    token_mask: Optional[npt.NDArray[np.bool_]] = None,
-    expert_bias: Optional[npt.NDArray[np.float64]] = None,
+    token_mask: Any = None,
+    expert_bias: Any = None,
     step: int = 0,
     sequence_length: Optional[int] = None,
     return_probs: bool = False,
@@ -418,15 +420,17 @@ def route_hidden(
     replay: Optional[RecordedRoute] = None,
 ) -> RoutingDecision: ...
 def route_gate(
-    hidden: npt.NDArray[Any],
+    hidden: Any,
     group_weight: npt.NDArray[Any],
     expert_weight: npt.NDArray[Any],
     group_top_k: Optional[int],
     config: RouterConfig,
     *,
+    dtype: Any = None,
+    casts: Optional[Dict[Any, Any]] = None,
     training: bool = False,
-    token_mask: Optional[npt.NDArray[np.bool_]] = None,
-    expert_bias: Optional[npt.NDArray[np.float64]] = None,
+    token_mask: Any = None,
+    expert_bias: Any = None,
     step: int = 0,
     sequence_length: Optional[int] = None,
     return_probs: bool = False,
@@ -439,6 +443,8 @@ def gate_forward(
     expert_weight: npt.NDArray[Any],
     num_experts: int,
     group_top_k: Optional[int] = None,
+    *,
+    casts: Optional[Dict[Any, Any]] = None,
 ) -> Tuple[npt.NDArray[Any], npt.NDArray[np.float64]]: ...
 def peer_load_balance_loss(
     decision: Any,
@@ -619,3 +625,34 @@ class LoadBalancingStats:
     def last_load(self) -> Optional[npt.NDArray[np.float64]]: ...
     @property
     def load_variance(self) -> float: ...
+
+# Input readers (rust/moe_router_py/src/inputs.rs) and scalar readers (args.rs).
+def read_rows(
+    x: Any,
+    name: str,
+    width: int,
+    width_name: str,
+    token_mask: Any = None,
+    dtype: Any = None,
+    kinds: str = "f",
+) -> Tuple[npt.NDArray[Any], Tuple[int, ...], Optional[npt.NDArray[np.bool_]]]: ...
+def read_weight(
+    value: Any, name: str, shape: Sequence[int], what: str = "", dtype: Any = None, kinds: str = "f"
+) -> npt.NDArray[Any]: ...
+def float_dtype(spec: Any, name: str, error: Optional[type] = None) -> np.dtype[Any]: ...
+def cast_arrays(
+    casts: Dict[Any, Any], dtype: Any, arrays: Sequence[Optional[npt.NDArray[Any]]]
+) -> Tuple[Any, ...]: ...
+def check_flag(value: Any, name: str, error: Optional[type] = None) -> bool: ...
+def check_integer(
+    value: Any, name: str, minimum: int = 0, maximum: int = ..., error: Optional[type] = None
+) -> int: ...
+def check_real(value: Any, name: str, error: Optional[type] = None) -> float: ...
+def check_choice(value: Any, name: str, allowed: Sequence[Any], error: Optional[type] = None) -> Any: ...
+def check_instance(value: Any, name: str, cls: type, error: Optional[type] = None) -> Any: ...
+def wrong_type_error(name: str, value: Any, expected: str, error: Optional[type] = None) -> Exception: ...
+def is_int(value: Any) -> bool: ...
+def is_real(value: Any) -> bool: ...
+def hierarchical_gate(
+    config: RouterConfig, gate: str, given_weight: bool, given_bias: bool, given_group_top_k: bool
+) -> bool: ...

@@ -8,19 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from . import _core, _inputs
-from ._core import ConfigError, InputError, InputTypeError
-
-
-def _float_dtype(spec: Any, name: str, error: type = InputError) -> np.dtype:
-    """The dtype ``spec`` names, which must be float32 or float64: the gate's weights
-    have no other dtype. Anything else is the TypeError of family ``error``."""
-    try:
-        dtype = np.dtype(spec)
-    except TypeError:
-        dtype = None
-    if dtype not in (np.float32, np.float64):
-        raise _inputs.wrong_type(name, spec, "must be float32 or float64", error)
-    return dtype
+from ._core import ConfigError
 
 
 class GateNetwork:
@@ -71,42 +59,43 @@ class GateNetwork:
         self._groups, self._per_group = _core.gate_layout(self._experts)
         self.group_top_k = None if group_top_k is None else _inputs.integer(group_top_k, "group_top_k", 1,
                                                                             self._groups)
-        dtype = _float_dtype(dtype, "dtype", ConfigError)
+        dtype = _core.float_dtype(dtype, "dtype", ConfigError)
         rng = np.random.default_rng(_inputs.integer(seed, "seed"))
         std = 1.0 / math.sqrt(self._dim)
-        self._weights = _inputs.Casts(None, None)
+        # The weights and their conversions to the hidden states' dtype (keyed by dtype).
+        self._arrays: list = [None, None]
+        self._casts: Dict[Any, Tuple[np.ndarray, np.ndarray]] = {}
         self.group_weight = (rng.standard_normal((self._dim, self._groups)) * std).astype(dtype)
         self.expert_weight = (rng.standard_normal((self._groups, self._dim, self._per_group)) * std).astype(dtype)
 
     @property
     def group_weight(self) -> np.ndarray:
         """Group router weight, float ``[D, G]`` (read-only; assign a new array to change it)."""
-        return self._weights.arrays[0]
+        return self._arrays[0]
 
     @group_weight.setter
     def group_weight(self, value: Any) -> None:
-        dtype = _float_dtype(getattr(value, "dtype", np.float64), "group_weight")
-        w = _inputs.weight(value, "group_weight", (self._dim, self._groups), kinds="f", dtype=dtype)
-        self._weights = _inputs.Casts(w, self._weights.arrays[1])
+        self._set(0, value, "group_weight", (self._dim, self._groups))
 
     @property
     def expert_weight(self) -> np.ndarray:
         """Within-group expert routers, float ``[G, D, P]`` (read-only; assign a new array to change it)."""
-        return self._weights.arrays[1]
+        return self._arrays[1]
 
     @expert_weight.setter
     def expert_weight(self, value: Any) -> None:
-        shape = (self._groups, self._dim, self._per_group)
-        dtype = _float_dtype(getattr(value, "dtype", np.float64), "expert_weight")
-        w = _inputs.weight(value, "expert_weight", shape, kinds="f", dtype=dtype)
-        self._weights = _inputs.Casts(self._weights.arrays[0], w)
+        self._set(1, value, "expert_weight", (self._groups, self._dim, self._per_group))
+
+    def _set(self, which: int, value: Any, name: str, shape: Tuple[int, ...]) -> None:
+        """Replace one weight by a private float32/float64 copy of ``value`` (its own dtype)."""
+        arrays = list(self._arrays)
+        arrays[which] = _core.read_weight(value, name, shape, dtype=getattr(value, "dtype", np.float64))
+        self._arrays, self._casts = arrays, {}
 
     def weights_for(self, dtype: Any) -> Tuple[np.ndarray, np.ndarray]:
         """``(group_weight [D, G], expert_weight [G, D, P])`` as C-contiguous arrays of
         ``dtype`` (float32 or float64), each converted once and cached."""
-        gw, ew = self._weights.get(_float_dtype(dtype, "dtype"))
-        assert gw is not None and ew is not None
-        return gw, ew
+        return _core.cast_arrays(self._casts, dtype, self._arrays)
 
     def forward(self, hidden: Any) -> np.ndarray:
         """Expert probabilities of ``hidden``.
@@ -130,18 +119,7 @@ class GateNetwork:
             Not a floating-point array, or a masked array with masked entries
             (this function has no padding to give them).
         """
-        if isinstance(hidden, np.ma.MaskedArray) and np.ma.is_masked(hidden):
-            raise InputTypeError("hidden is a masked array with masked entries; forward computes every token's "
-                                 "probabilities (route it with ExpertRouter, which treats masked tokens as "
-                                 "padding, or pass hidden.filled(0))")
-        rows, batch_shape = _inputs.float_rows(hidden, "hidden", self._dim, "input_dim")
-        finite = np.isfinite(rows).all(axis=1)
-        if not finite.all():
-            raise InputError(f"hidden contains NaN or infinite values at token {int(np.argmin(finite))} "
-                             f"(the first offending token)")
-        gw, ew = self.weights_for(rows.dtype)
-        probs, _ = _core.gate_forward(rows, gw, ew, self._experts, self.group_top_k)
-        return probs.reshape(*batch_shape, self._experts)
+        return _core.gate_forward(hidden, *self._arrays, self._experts, self.group_top_k, casts=self._casts)[0]
 
     __call__ = forward
 

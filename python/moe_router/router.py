@@ -11,15 +11,12 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from . import _core, _inputs
-from ._core import ConfigError, InputError, InputTypeError
+from ._core import ConfigError, InputTypeError
 from .balancer import LoadBalancer
 from .config import RouterConfig
 from .decision import RoutingDecision
 from .gate import GateNetwork
 from .stats import RoutingStats
-
-_GATES = ("auto", "linear", "hierarchical")
-
 
 def compute_dtype(hidden: Any, router_dtype: Optional[str]) -> Optional[np.dtype]:
     """The dtype of the router GEMM: ``router_dtype`` if set, float64 for half-precision
@@ -91,7 +88,6 @@ class ExpertRouter:
                  bias: Any = None, gate: str = "auto", group_top_k: Optional[int] = None,
                  balancer: Optional[LoadBalancer] = None, router_dtype: Optional[str] = None) -> None:
         _inputs.instance(config, "config", RouterConfig)
-        _inputs.choice(gate, "gate", _GATES)
         _inputs.choice(router_dtype, "router_dtype", (None, "float32", "float64"))
         seed = _inputs.integer(seed, "seed")
         if balancer is not None:
@@ -100,32 +96,14 @@ class ExpertRouter:
         self.input_dim = _inputs.integer(input_dim, "input_dim", 1, _inputs.I32_MAX)
         self.router_dtype = router_dtype
         e = config.num_experts
-        # Sinkhorn balances logits, which the hierarchical gate does not produce.
-        logits_only = config.routing == "sinkhorn"
-        hierarchical = gate == "hierarchical" or (gate == "auto" and weight is None and e > 32 and not logits_only)
-        if hierarchical and logits_only:
-            raise ConfigError("invalid gate: routing='sinkhorn' balances logits, and the hierarchical gate gives "
-                              "probabilities; use gate='linear'")
-        if hierarchical and (weight is not None or bias is not None):
-            raise ConfigError("invalid gate: 'hierarchical' has its own weights; weight and bias apply to "
-                              "the linear router (gate='linear')")
+        hierarchical = _core.hierarchical_gate(config, gate, weight is not None, bias is not None,
+                                               group_top_k is not None)
         self._lock = threading.RLock()
         self._step = 0
-        self._gate: Optional[GateNetwork] = None
-        self._weights = _inputs.Casts(None, None)
-        if hierarchical:
-            if config.score_function != "softmax":
-                raise ConfigError(f"invalid gate: the hierarchical gate computes its own probabilities "
-                                  f"(softmax of groups times softmax within groups); score_function="
-                                  f"{config.score_function!r} applies to the linear router (gate='linear')")
-            if config.jitter_eps > 0 or config.noise_std > 0:
-                raise ConfigError("invalid gate: jitter_eps and noise_std perturb logits; the hierarchical "
-                                  "gate routes probabilities (use gate='linear' for noisy routing)")
-            self._gate = GateNetwork(self.input_dim, e, seed=seed, group_top_k=group_top_k)
-        else:
-            if group_top_k is not None:
-                raise ConfigError("invalid group_top_k: only the hierarchical gate computes groups "
-                                  "(use num_groups/group_top_k in RouterConfig for group-limited routing)")
+        self._gate = GateNetwork(self.input_dim, e, seed=seed, group_top_k=group_top_k) if hierarchical else None
+        # The linear router's (weight, bias) and their conversions to the hidden states' dtype.
+        self._weights: tuple = ((None, None), {})
+        if not hierarchical:
             if weight is None:
                 rng = np.random.default_rng(seed)
                 weight = (rng.standard_normal((self.input_dim, e)) / math.sqrt(self.input_dim)).astype(np.float32)
@@ -140,21 +118,20 @@ class ExpertRouter:
     # -- weights ---------------------------------------------------------------
     def _set_weights(self, weight: Any, bias: Any) -> None:
         e = self.config.num_experts
-        w = _inputs.weight(weight, "weight", (self.input_dim, e), " (input_dim x num_experts)")
-        b = None if bias is None else _inputs.weight(bias, "bias", (e,), " (one value per expert)", w.dtype,
-                                                  _inputs.BIAS_KINDS)
+        w = _core.read_weight(weight, "weight", (self.input_dim, e), " (input_dim x num_experts)")
+        b = None if bias is None else _core.read_weight(bias, "bias", (e,), " (one value per expert)", w.dtype, "fiu")
         with self._lock:
-            self._weights = _inputs.Casts(w, b)
+            self._weights = ((w, b), {})
 
     @property
     def weight(self) -> Optional[np.ndarray]:
         """The linear router's weight ``[D, E]`` (None for the hierarchical gate)."""
-        return self._weights.arrays[0]
+        return self._weights[0][0]
 
     @property
     def bias(self) -> Optional[np.ndarray]:
         """The linear router's bias ``[E]`` or None."""
-        return self._weights.arrays[1]
+        return self._weights[0][1]
 
     @property
     def gate(self) -> Optional[GateNetwork]:
@@ -185,7 +162,7 @@ class ExpertRouter:
             raise ConfigError("invalid update_router_weights: this router uses the hierarchical gate "
                               "(gate='hierarchical'), which has no single weight matrix")
         shape = (self.input_dim, self.config.num_experts)
-        w = _inputs.weight(new_weights, "new_weights", shape, ", the router weight's shape (input_dim x num_experts)")
+        w = _core.read_weight(new_weights, "new_weights", shape, ", the router weight's shape (input_dim x num_experts)")
         # The bias follows the new weight's dtype (the kept one is converted).
         self._set_weights(w, self.bias if bias is None else bias)
 
@@ -240,14 +217,14 @@ class ExpertRouter:
         InputTypeError
             Non-floating-point input, or a flag that is not a bool.
         """
-        rows, batch_shape, mask = _inputs.rows_and_mask(hidden, "hidden", self.input_dim, "input_dim", token_mask,
-                                                        dtype=compute_dtype(hidden, self.router_dtype))
+        dtype = compute_dtype(hidden, self.router_dtype)
         if self._gate is not None:
-            gw, ew = self._gate.weights_for(rows.dtype)
-            return self._route(_core.route_gate, (rows, gw, ew, self._gate.group_top_k), batch_shape, training,
-                               mask, return_probs, replay)
-        w, b = self._weights.get(rows.dtype)
-        return self._route(_core.route_hidden, (rows, w, b), batch_shape, training, mask, return_probs, replay)
+            g = self._gate
+            return self._route(_core.route_gate, (hidden, g.group_weight, g.expert_weight, g.group_top_k), training,
+                               token_mask, return_probs, replay, dtype=dtype, casts=g._casts)
+        (w, b), casts = self._weights
+        return self._route(_core.route_hidden, (hidden, w, b), training, token_mask, return_probs, replay,
+                           dtype=dtype, casts=casts)
 
     def route_logits(self, logits: Any, training: bool = False, token_mask: Any = None, *,
                      return_probs: bool = False, replay: Any = None) -> RoutingDecision:
@@ -282,20 +259,22 @@ class ExpertRouter:
         InputTypeError
             Not a real-valued array, or a flag that is not a bool.
         """
-        rows, batch_shape, mask = _inputs.rows_and_mask(logits, "logits", self.config.num_experts, "num_experts",
-                                                        token_mask, kinds=_inputs.LOGITS_KINDS)
-        return self._route(_core.route_logits, (rows,), batch_shape, training, mask, return_probs, replay)
+        return self._route(_core.route_logits, (logits,), training, token_mask, return_probs, replay)
 
-    def _route(self, core_call: Any, arrays: tuple, batch_shape: tuple, training: Any,
-               mask: Optional[np.ndarray], return_probs: Any, replay: Any) -> RoutingDecision:
-        """Call the core with this router's step, bias, statistics and balancer (``mask``: bool [T] or None)."""
+    def _route(self, core_call: Any, arrays: tuple, training: Any, token_mask: Any, return_probs: Any, replay: Any,
+               **inputs: Any) -> RoutingDecision:
+        """Call the core with this router's step, bias, statistics and balancer."""
         training = _inputs.flag(training, "training")
         step, bias = self._call_state(training)
         t0 = time.perf_counter()
-        dec = core_call(*arrays, self.config, training=training, token_mask=mask, expert_bias=bias, step=step,
-                        sequence_length=_inputs.sequence_length(batch_shape),
-                        return_probs=_inputs.flag(return_probs, "return_probs"), batch_shape=batch_shape,
-                        replay=replay)
+        try:
+            dec = core_call(*arrays, self.config, training=training, token_mask=token_mask, expert_bias=bias,
+                            step=step, return_probs=return_probs, replay=replay, **inputs)
+        except BaseException:
+            with self._lock:  # a refused call uses up no step (unless another call took the next one)
+                if training and self._step == step + 1:
+                    self._step = step
+            raise
         self._stats.record(dec, time.perf_counter() - t0)
         self._decisions.add(dec)
         if training and self.config.enable_load_balancing:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from . import _core, _inputs
+from . import _core
 from ._core import RecordedRoute, RouterConfig, RoutingDecision
 
 
@@ -102,12 +102,5 @@ def route_logits(
     >>> dec.expert_indices.tolist(), [round(w, 4) for w in dec.expert_weights[0].tolist()]
     ([[0, 1]], [0.6439, 0.2369])
     """
-    _inputs.instance(config, "config", RouterConfig)
-    rows, batch_shape, mask = _inputs.rows_and_mask(logits, "logits", config.num_experts, "num_experts",
-                                                    token_mask, kinds=_inputs.LOGITS_KINDS)
-    bias = _inputs.expert_bias(expert_bias, config.num_experts)
-    return _core.route_logits(rows, config, training=_inputs.flag(training, "training"), token_mask=mask,
-                              expert_bias=bias, step=_inputs.step(step),
-                              sequence_length=_inputs.sequence_length(batch_shape),
-                              return_probs=_inputs.flag(return_probs, "return_probs"), batch_shape=batch_shape,
-                              replay=replay)
+    return _core.route_logits(logits, config, training=training, token_mask=token_mask, expert_bias=expert_bias,
+                              step=step, return_probs=return_probs, replay=replay)

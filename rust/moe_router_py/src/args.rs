@@ -108,3 +108,105 @@ impl<'py> Given<'py> {
         self.0.as_ref().map_or(Ok(default), read)
     }
 }
+
+/// The Python face of these rules, for the package's Python code (presets,
+/// statistics, the balancer): ``error`` is the family's exception class
+/// (``ConfigError`` or ``InputError``; the default is ``InputError`` for a
+/// flag, ``ConfigError`` otherwise).
+pub mod py {
+    use pyo3::prelude::*;
+    use pyo3::types::{PyString, PyTuple, PyType};
+
+    use crate::errors::{bad_scalar, type_error, wrong_scalar, Family};
+    use crate::inputs::family_of;
+
+    /// ``value`` as a flag (``True``/``False`` or ``numpy.bool_``); 1 and 0 are the wrong type.
+    #[pyfunction]
+    #[pyo3(signature = (value, name, error=None))]
+    pub fn check_flag(value: &Bound<'_, PyAny>, name: &str, error: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+        super::flag(value, name, family_of(error, Family::Input))
+    }
+
+    /// ``value`` as an int in ``[minimum, maximum]``.
+    #[pyfunction]
+    #[pyo3(signature = (value, name, minimum=0, maximum=u64::MAX as i128, error=None))]
+    pub fn check_integer(
+        value: &Bound<'_, PyAny>,
+        name: &str,
+        minimum: i128,
+        maximum: i128,
+        error: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<i128> {
+        super::integer(value, name, minimum, maximum, family_of(error, Family::Config))
+    }
+
+    /// ``value`` as a float64: an int or a float (range checks are the caller's).
+    #[pyfunction]
+    #[pyo3(signature = (value, name, error=None))]
+    pub fn check_real(value: &Bound<'_, PyAny>, name: &str, error: Option<&Bound<'_, PyAny>>) -> PyResult<f64> {
+        super::real(value, name, family_of(error, Family::Config))
+    }
+
+    /// ``value`` if it is one of ``allowed`` (strings, maybe None); a non-string is the wrong type.
+    #[pyfunction]
+    #[pyo3(signature = (value, name, allowed, error=None))]
+    pub fn check_choice<'py>(
+        value: &Bound<'py, PyAny>,
+        name: &str,
+        allowed: &Bound<'py, PyAny>,
+        error: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let family = family_of(error, Family::Config);
+        let allowed = PyTuple::new(value.py(), allowed.try_iter()?.collect::<PyResult<Vec<_>>>()?)?;
+        let shown: Vec<String> = allowed.iter().map(|a| a.repr().map(|r| r.to_string())).collect::<PyResult<_>>()?;
+        let spelled = format!("must be one of {}", shown.join(", "));
+        if !(value.is_instance_of::<PyString>() || (value.is_none() && allowed.contains(value)?)) {
+            return Err(wrong_scalar(family, name, &spelled, value));
+        }
+        if !allowed.contains(value)? {
+            return Err(bad_scalar(family, name, &spelled, value));
+        }
+        Ok(value.clone())
+    }
+
+    /// ``value`` if it is a ``cls``, else the TypeError of family ``error``.
+    #[pyfunction]
+    #[pyo3(signature = (value, name, cls, error=None))]
+    pub fn check_instance<'py>(
+        value: &Bound<'py, PyAny>,
+        name: &str,
+        cls: &Bound<'py, PyType>,
+        error: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if value.is_instance(cls)? {
+            return Ok(value.clone());
+        }
+        let got = value.get_type().name()?;
+        Err(type_error(family_of(error, Family::Config), format!("{name} must be a {}, got {got}", cls.name()?)))
+    }
+
+    /// The TypeError of family ``error`` for ``value`` given as ``name``; ``expected`` reads "must be ...".
+    #[pyfunction]
+    #[pyo3(signature = (name, value, expected, error=None))]
+    pub fn wrong_type_error<'py>(
+        py: Python<'py>,
+        name: &str,
+        value: &Bound<'py, PyAny>,
+        expected: &str,
+        error: Option<&Bound<'py, PyAny>>,
+    ) -> Bound<'py, PyAny> {
+        wrong_scalar(family_of(error, Family::Config), name, expected, value).into_value(py).into_bound(py).into_any()
+    }
+
+    /// An ``int`` or NumPy integer, not a bool.
+    #[pyfunction]
+    pub fn is_int(value: &Bound<'_, PyAny>) -> PyResult<bool> {
+        super::is_int(value)
+    }
+
+    /// An ``int``, ``float`` or NumPy real, not a bool.
+    #[pyfunction]
+    pub fn is_real(value: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Ok(super::is_int(value)? || value.is_instance_of::<pyo3::types::PyFloat>() || super::is_numpy_kind(value, "f")?)
+    }
+}

@@ -28,8 +28,10 @@ mod decision;
 mod eplb;
 mod errors;
 mod exchange;
+mod gate_choice;
 mod global_balance;
 mod guarded;
+mod inputs;
 mod peer_loss;
 mod plan;
 mod presets;
@@ -44,7 +46,7 @@ use moe_router_core::{
 };
 use std::sync::atomic::AtomicBool;
 
-use numpy::{Element, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{Element, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::PyRuntimeWarning;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -82,6 +84,7 @@ pub(crate) fn arg<'a, T: Element>(
 /// A replay without a `token_mask` routes the recording's tokens.
 struct CallArgs<'py> {
     training: bool,
+    mask_arg: Option<Bound<'py, PyAny>>,
     token_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
     expert_bias: Option<PyReadonlyArrayDyn<'py, f64>>,
     step: u64,
@@ -92,9 +95,11 @@ struct CallArgs<'py> {
 }
 
 impl<'py> CallArgs<'py> {
-    fn from_kwargs(kwargs: Option<&Bound<'py, PyDict>>) -> PyResult<Self> {
+    /// The keywords of a call on `num_experts` experts (the width of `expert_bias`).
+    fn from_kwargs(kwargs: Option<&Bound<'py, PyDict>>, num_experts: usize) -> PyResult<Self> {
         let mut args = CallArgs {
             training: false,
+            mask_arg: None,
             token_mask: None,
             expert_bias: None,
             step: 0,
@@ -117,8 +122,11 @@ impl<'py> CallArgs<'py> {
                         value.try_iter()?.map(|d| count(&d?, "batch_shape", 0, input)).collect();
                     args.batch_shape = Some(dims?);
                 }
-                "token_mask" => args.token_mask = Some(borrow::<bool>(&value, "token_mask")?),
-                "expert_bias" => args.expert_bias = Some(borrow::<f64>(&value, "expert_bias")?),
+                "token_mask" => args.mask_arg = Some(value),
+                "expert_bias" => {
+                    let bias = inputs::expert_bias(&value, num_experts)?.into_any();
+                    args.expert_bias = Some(borrow::<f64>(&bias, "expert_bias")?);
+                }
                 "replay" => {
                     let expected = "a moe_router.RecordedRoute (one layer; index a RecordedRoutes by layer)";
                     args.replay = Some(
@@ -128,12 +136,34 @@ impl<'py> CallArgs<'py> {
                 _ => return Err(PyTypeError::new_err(format!("unexpected keyword argument '{key}'"))),
             }
         }
-        if let (Some(r), None) = (&args.replay, &args.token_mask) {
+        Ok(args)
+    }
+
+    /// Read the call's rows (logits or hidden states) and, with them, its token
+    /// mask, batch shape and sequence length (see [`inputs::rows_and_mask`]).
+    fn read_rows(
+        &mut self,
+        x: &Bound<'py, PyAny>,
+        name: &str,
+        width: usize,
+        width_name: &str,
+        dtype: Option<inputs::Float>,
+        kinds: inputs::Kinds,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let rows = inputs::rows_and_mask(x, name, width, width_name, self.mask_arg.as_ref(), dtype, kinds)?;
+        if let Some(mask) = rows.mask {
+            self.token_mask = Some(borrow::<bool>(mask.as_any(), "token_mask")?);
+        }
+        if self.sequence_length.is_none() && rows.batch_shape.len() == 2 {
+            self.sequence_length = Some(rows.batch_shape[1]);
+        }
+        self.batch_shape.get_or_insert(rows.batch_shape);
+        if let (Some(r), None) = (&self.replay, &self.token_mask) {
             if r.get().has_padding() {
-                args.token_mask = Some(borrow::<bool>(r.get().token_mask_array(r.py()), "replay")?);
+                self.token_mask = Some(borrow::<bool>(r.get().token_mask_array(r.py()), "replay")?);
             }
         }
-        Ok(args)
+        Ok(rows.array.into_any())
     }
 
     fn call<'a>(&'a self, cancel: &'a AtomicBool) -> PyResult<RouteCall<'a>> {
@@ -211,22 +241,24 @@ fn contiguous<'a, T: Element>(a: Option<&'a PyReadonlyArrayDyn<'_, T>>, name: &s
     a.map(|a| a.as_slice().map_err(|_| unreadable(name, "it must be C-contiguous"))).transpose()
 }
 
-/// Route ``[T, E]`` logits (C-contiguous float32 or float64).
-///
-/// The Python wrapper :func:`moe_router.route_logits` normalizes loose input
-/// and documents the arguments; ``batch_shape`` is the input's leading shape.
-/// Raises ``TypeError`` for another dtype, ``InputError``/``ConfigError`` for bad values.
+/// Route ``[T, E]`` or ``[B, S, E]`` logits (see :func:`moe_router.route_logits`,
+/// which documents the arguments); C-contiguous float32/float64 input is read in place.
+/// Raises ``InputTypeError``/``ConfigTypeError`` for wrong types, ``InputError``/``ConfigError``
+/// for bad values.
 #[pyfunction]
 #[pyo3(signature = (logits, config, **call))]
 fn route_logits<'py>(
     py: Python<'py>,
     logits: &Bound<'py, PyAny>,
-    config: &PyRouterConfig,
+    config: &Bound<'py, PyAny>,
     call: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<RoutingDecision> {
-    let args = CallArgs::from_kwargs(call)?;
-    with_dtype!(logits, "logits", FLOAT_ARRAY, [f32, f64], T => {
-        let view = borrow::<T>(logits, "logits")?;
+    let config = inputs::config(config)?.get();
+    let e = config.inner.num_experts;
+    let mut args = CallArgs::from_kwargs(call, e)?;
+    let logits = args.read_rows(logits, "logits", e, "num_experts", None, inputs::Kinds::Real)?;
+    with_dtype!(&logits, "logits", FLOAT_ARRAY, [f32, f64], T => {
+        let view = borrow::<T>(&logits, "logits")?;
         let x = arg(&view, "logits")?;
         let [t, e] = two_d(&x)?;
         let source = SliceLogits::new(x.data, t, e).map_err(to_py)?;
@@ -235,22 +267,41 @@ fn route_logits<'py>(
     })
 }
 
-/// Route ``[T, D]`` hidden states through the linear router ``hidden @ weight + bias``
-/// (weight ``[D, E]``, bias ``[E]`` or None, all of the hidden states' dtype); the
-/// product is computed chunk by chunk inside the routing pass.
+/// The first dimension of a weight argument (D), 0 when it has none.
+fn leading_dim(weight: &Bound<'_, PyAny>) -> usize {
+    weight.cast::<PyUntypedArray>().ok().and_then(|w| w.shape().first().copied()).unwrap_or(0)
+}
+
+/// Route ``[T, D]`` or ``[B, S, D]`` hidden states through the linear router
+/// ``hidden @ weight + bias`` (weight ``[D, E]``, bias ``[E]`` or None); the product
+/// is computed chunk by chunk inside the routing pass. The hidden states are read
+/// as ``dtype`` (None: their own float32/float64); weights of another dtype are
+/// converted once and kept in the dict ``casts``.
 #[pyfunction]
-#[pyo3(signature = (hidden, weight, bias, config, **call))]
+#[pyo3(signature = (hidden, weight, bias, config, *, dtype=None, casts=None, **call))]
+#[allow(clippy::too_many_arguments)]
 fn route_hidden<'py>(
     py: Python<'py>,
     hidden: &Bound<'py, PyAny>,
     weight: &Bound<'py, PyAny>,
     bias: Option<&Bound<'py, PyAny>>,
-    config: &PyRouterConfig,
+    config: &Bound<'py, PyAny>,
+    dtype: Option<&Bound<'py, PyAny>>,
+    casts: Option<&Bound<'py, PyDict>>,
     call: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<RoutingDecision> {
-    let args = CallArgs::from_kwargs(call)?;
-    with_dtype!(hidden, "hidden", FLOAT_ARRAY, [f32, f64], T => {
-        let (h, w) = (borrow::<T>(hidden, "hidden")?, borrow::<T>(weight, "weight")?);
+    let config = inputs::config(config)?.get();
+    let mut args = CallArgs::from_kwargs(call, config.inner.num_experts)?;
+    let dtype = inputs::dtype_arg(dtype, "dtype", Family::Input)?;
+    let hidden = args.read_rows(hidden, "hidden", leading_dim(weight), "input_dim", dtype, inputs::Kinds::Float)?;
+    let float = hidden.cast::<PyUntypedArray>().ok().and_then(|h| inputs::Float::of(&h.dtype()));
+    let weights = match float {
+        Some(f) => inputs::cast(py, casts, &[Some(weight), bias], f)?,
+        None => vec![Some(weight.clone()), bias.cloned()],
+    };
+    let (weight, bias) = (weights[0].as_ref().unwrap_or(weight), weights[1].as_ref());
+    with_dtype!(&hidden, "hidden", FLOAT_ARRAY, [f32, f64], T => {
+        let (h, w) = (borrow::<T>(&hidden, "hidden")?, borrow::<T>(weight, "weight")?);
         let b = bias.map(|b| borrow::<T>(b, "bias")).transpose()?;
         let b = b.as_ref().map(|b| arg(b, "bias")).transpose()?;
         let source = LinearLogits::from_arrays(arg(&h, "hidden")?, arg(&w, "weight")?, b).map_err(to_py)?;
@@ -265,26 +316,51 @@ fn route_hidden<'py>(
     })
 }
 
-/// Route ``[T, D]`` hidden states through the hierarchical gate (group weight
-/// ``[D, G]``, expert weights ``[G, D, P]``); ``group_top_k`` None is the dense
-/// gate. The routing treats the gate's probabilities as the scores; the z-loss
-/// is the group router's.
+/// The gate's weights as the hidden states' dtype (converted once, kept in `casts`).
+fn gate_weights<'py>(
+    hidden: &Bound<'py, PyAny>,
+    group_weight: &Bound<'py, PyAny>,
+    expert_weight: &Bound<'py, PyAny>,
+    casts: Option<&Bound<'py, PyDict>>,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let float = hidden.cast::<PyUntypedArray>().ok().and_then(|h| inputs::Float::of(&h.dtype()));
+    let Some(float) = float else { return Ok((group_weight.clone(), expert_weight.clone())) };
+    let cast = inputs::cast(hidden.py(), casts, &[Some(group_weight), Some(expert_weight)], float)?;
+    let mut cast = cast.into_iter().flatten();
+    match (cast.next(), cast.next()) {
+        (Some(gw), Some(ew)) => Ok((gw, ew)),
+        _ => Ok((group_weight.clone(), expert_weight.clone())),
+    }
+}
+
+/// Route ``[T, D]`` or ``[B, S, D]`` hidden states through the hierarchical gate
+/// (group weight ``[D, G]``, expert weights ``[G, D, P]``); ``group_top_k`` None is
+/// the dense gate. The routing treats the gate's probabilities as the scores; the
+/// z-loss is the group router's. ``dtype`` and ``casts`` as in :func:`route_hidden`.
 #[pyfunction]
-#[pyo3(signature = (hidden, group_weight, expert_weight, group_top_k, config, **call))]
+#[pyo3(signature = (hidden, group_weight, expert_weight, group_top_k, config, *, dtype=None, casts=None, **call))]
+#[allow(clippy::too_many_arguments)]
 fn route_gate<'py>(
     py: Python<'py>,
     hidden: &Bound<'py, PyAny>,
     group_weight: &Bound<'py, PyAny>,
     expert_weight: &Bound<'py, PyAny>,
     group_top_k: Option<&Bound<'py, PyAny>>,
-    config: &PyRouterConfig,
+    config: &Bound<'py, PyAny>,
+    dtype: Option<&Bound<'py, PyAny>>,
+    casts: Option<&Bound<'py, PyDict>>,
     call: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<RoutingDecision> {
-    let args = CallArgs::from_kwargs(call)?;
+    let config = inputs::config(config)?.get();
+    let mut args = CallArgs::from_kwargs(call, config.inner.num_experts)?;
     let group_top_k = gate_groups(group_top_k)?;
+    let dtype = inputs::dtype_arg(dtype, "dtype", Family::Input)?;
+    let width = leading_dim(group_weight);
+    let hidden = args.read_rows(hidden, "hidden", width, "input_dim", dtype, inputs::Kinds::Float)?;
+    let (group_weight, expert_weight) = gate_weights(&hidden, group_weight, expert_weight, casts)?;
     let options = config.inner.for_gate();
-    with_dtype!(hidden, "hidden", FLOAT_ARRAY, [f32, f64], T => {
-        let decision = with_gate::<T, _>(hidden, group_weight, expert_weight, options.num_experts, group_top_k, |gate| {
+    with_dtype!(&hidden, "hidden", FLOAT_ARRAY, [f32, f64], T => {
+        let decision = with_gate::<T, _>(&hidden, &group_weight, &expert_weight, options.num_experts, group_top_k, |gate| {
             let shape = (gate.num_tokens(), gate.num_experts());
             args.run(py, shape, |call, p| core::route_into(gate, &options, call, p))
         })?;
@@ -314,9 +390,11 @@ pub(crate) fn with_gate<'py, T: GemmScalar + Element + Logit, R>(
     f(&HierarchicalGate::from_arrays(h, gw, ew, num_experts, group_top_k).map_err(to_py)?)
 }
 
-/// The hierarchical gate's probabilities ``[T, E]`` and per-token z-loss terms ``[T]``.
+/// The hierarchical gate's probabilities (``batch_shape + [E]``, in the hidden
+/// states' dtype) and per-token z-loss terms ``[T]``, for ``[T, D]`` or ``[B, S, D]``
+/// hidden states without padding. ``casts`` as in :func:`route_hidden`.
 #[pyfunction]
-#[pyo3(signature = (hidden, group_weight, expert_weight, num_experts, group_top_k=None))]
+#[pyo3(signature = (hidden, group_weight, expert_weight, num_experts, group_top_k=None, *, casts=None))]
 fn gate_forward<'py>(
     py: Python<'py>,
     hidden: &Bound<'py, PyAny>,
@@ -324,14 +402,38 @@ fn gate_forward<'py>(
     expert_weight: &Bound<'py, PyAny>,
     num_experts: &Bound<'py, PyAny>,
     group_top_k: Option<&Bound<'py, PyAny>>,
+    casts: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let num_experts = experts_arg(num_experts)?;
     let group_top_k = gate_groups(group_top_k)?;
-    with_dtype!(hidden, "hidden", FLOAT_ARRAY, [f32, f64], T => {
-        with_gate::<T, _>(hidden, group_weight, expert_weight, num_experts, group_top_k, |gate| {
+    if inputs::has_masked_entries(hidden)? {
+        return Err(errors::type_error(
+            Family::Input,
+            "hidden is a masked array with masked entries; forward computes every token's probabilities (route \
+             it with ExpertRouter, which treats masked tokens as padding, or pass hidden.filled(0))"
+                .into(),
+        ));
+    }
+    let width = leading_dim(group_weight);
+    let (hidden, batch_shape) = inputs::float_rows(hidden, "hidden", width, "input_dim", None, inputs::Kinds::Float)?;
+    let hidden = hidden.into_any();
+    let (group_weight, expert_weight) = gate_weights(&hidden, group_weight, expert_weight, casts)?;
+    with_dtype!(&hidden, "hidden", FLOAT_ARRAY, [f32, f64], T => {
+        let view = borrow::<T>(&hidden, "hidden")?;
+        let rows = arg(&view, "hidden")?.data.chunks(width.max(1));
+        if let Some(t) = rows.into_iter().position(|row| row.iter().any(|v| !v.is_finite())) {
+            return Err(errors::value_error(
+                Family::Input,
+                format!("hidden contains NaN or infinite values at token {t} (the first offending token)"),
+            ));
+        }
+        with_gate::<T, _>(&hidden, &group_weight, &expert_weight, num_experts, group_top_k, |gate| {
             let (t, e) = (gate.num_tokens(), gate.num_experts());
             let (probs, z) = py.detach(|| threads::install(t, e, || gate_probabilities(gate)));
-            Ok((arrays::matrix(py, probs, t, e)?.into_any(), arrays::vector(py, z).into_any()))
+            let probs = arrays::matrix(py, probs, t, e)?;
+            let shape: Vec<usize> = batch_shape.iter().copied().chain([e]).collect();
+            let probs = probs.call_method1("reshape", (PyTuple::new(py, shape)?,))?;
+            Ok((probs, arrays::vector(py, z).into_any()))
         })
     })
 }
@@ -416,6 +518,19 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(balancer::default_bias_update_rate, m)?,
         wrap_pyfunction!(set_num_threads, m)?,
         wrap_pyfunction!(get_num_threads, m)?,
+        wrap_pyfunction!(gate_choice::hierarchical_gate, m)?,
+        wrap_pyfunction!(inputs::read_rows, m)?,
+        wrap_pyfunction!(inputs::read_weight, m)?,
+        wrap_pyfunction!(inputs::float_dtype, m)?,
+        wrap_pyfunction!(inputs::cast_arrays, m)?,
+        wrap_pyfunction!(args::py::check_flag, m)?,
+        wrap_pyfunction!(args::py::check_integer, m)?,
+        wrap_pyfunction!(args::py::check_real, m)?,
+        wrap_pyfunction!(args::py::check_choice, m)?,
+        wrap_pyfunction!(args::py::check_instance, m)?,
+        wrap_pyfunction!(args::py::wrong_type_error, m)?,
+        wrap_pyfunction!(args::py::is_int, m)?,
+        wrap_pyfunction!(args::py::is_real, m)?,
     ] {
         m.add_function(f)?;
     }
