@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import sys
+import weakref
 
 import numpy as np
 import pytest
 
 import moe_router as mr
-from helpers import sigmoid, softmax
+from helpers import same_at_thread_counts, sigmoid, softmax
+from reference import reference_route
 
 
 @pytest.fixture
@@ -215,3 +219,66 @@ def test_expert_router_returns_probs(gate, rng):
     assert (dec.router_probs[~active] == 0).all()
     chosen = np.take_along_axis(dec.router_probs, dec.expert_indices.astype(np.int64), axis=1)
     np.testing.assert_allclose(dec.expert_weights[dec.kept], chosen[dec.kept], rtol=1e-6)
+
+
+ARRAYS = ("expert_indices", "expert_weights", "expert_slots", "kept", "rerouted", "tokens_per_expert",
+          "pre_drop_tokens_per_expert", "expert_prob_mean", "expert_capacities", "router_probs")
+
+
+@pytest.mark.parametrize("overflow", ["drop", "reroute"])
+def test_arrays_are_read_only_views_of_the_decision(rng, overflow):
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    cfg = mr.RouterConfig(num_experts=8, top_k=2, capacity_factor=0.8, overflow=overflow)
+    dec = mr.route_logits(x, cfg, return_probs=True)
+    for name in ARRAYS:
+        a = getattr(dec, name)
+        assert not a.flags.writeable, name
+        with pytest.raises(ValueError, match="read-only"):
+            a[...] = 0
+        if name != "router_probs":  # NumPy's own array (allocated for the core to write into)
+            with pytest.raises(ValueError):
+                a.flags.writeable = True
+    # a new view per read, each of the decision's own memory
+    assert dec.expert_indices is not dec.expert_indices
+    assert np.shares_memory(dec.expert_weights, dec.expert_weights)
+    assert dec.expert_weights.base is dec
+
+
+def test_a_view_outlives_its_decision_and_nothing_leaks(rng):
+    x = rng.normal(size=(64, 16))
+    dec = mr.route_logits(x, mr.RouterConfig(num_experts=16, top_k=4, capacity_factor=1.0))
+    want = {name: getattr(dec, name).copy() for name in ARRAYS[:-1]}
+    refs = sys.getrefcount(dec)
+    views = {name: getattr(dec, name) for name in want}
+    assert sys.getrefcount(dec) == refs + len(views)  # each view holds the decision, nothing else does
+    alive = weakref.ref(dec)
+    del dec
+    gc.collect()
+    assert alive() is not None
+    for name, a in views.items():
+        np.testing.assert_array_equal(a, want[name])
+    del a, views
+    assert alive() is None  # freed by reference counting: no cycle through a cached view
+    dec = mr.route_logits(x, mr.RouterConfig(num_experts=16, top_k=4, capacity_factor=1.0))
+    dec.expert_assignments, dec.to_dict(), dec.dispatch_plan(), dec.record()
+    alive = weakref.ref(dec)
+    del dec
+    assert alive() is None
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 512, 513, 1500])
+@pytest.mark.parametrize("policy", ["position", "probs", "bpr"])
+def test_one_chunk_on_the_calling_thread_is_the_pooled_result(rng, restore_threads, T, policy):
+    E, k = 64, 4
+    x = rng.normal(size=(T, E)).astype(np.float32)
+    cfg = mr.RouterConfig(num_experts=E, top_k=k, capacity_factor=1.0, drop_policy=policy)
+
+    def run():
+        d = mr.route_logits(x, cfg)
+        return (d.expert_indices, d.expert_weights, d.expert_slots, d.kept, d.tokens_per_expert,
+                d.expert_prob_mean, np.array([d.load_balance_loss, d.router_z_loss, d.capacity]))
+    got = same_at_thread_counts(run, restore_threads, counts=(1, 2, 3, 0))
+    want = reference_route(x, cfg)
+    for name, a in zip(("expert_indices", "expert_slots", "kept", "tokens_per_expert"), got[:1] + got[2:5]):
+        np.testing.assert_array_equal(a, want[name], err_msg=name)
+    np.testing.assert_allclose(got[1], want["expert_weights"], rtol=1e-6, atol=1e-7)

@@ -44,7 +44,8 @@ class _Route(torch.autograd.Function):
         ctx.decision, ctx.dtype, ctx.shape = dec, logits.dtype, logits.shape
         lead = tuple(logits.shape[:-1])
         indices = torch.from_numpy(dec.expert_indices.astype(np.int64)).reshape(*lead, dec.top_k)
-        weights = torch.from_numpy(dec.expert_weights).reshape(*lead, dec.top_k)
+        # A tensor of its own: the decision's arrays are read-only views.
+        weights = torch.from_numpy(dec.expert_weights.copy()).reshape(*lead, dec.top_k)
         aux = torch.tensor(dec.auxiliary_loss, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
         ctx.mark_non_differentiable(indices)
         return indices, weights, aux
@@ -118,7 +119,7 @@ def _route_op(logits: torch.Tensor, config: str, training: bool, step: int, toke
     dec = _route_call(logits, config, training, step, token_mask, expert_bias)
     lead = tuple(logits.shape[:-1])
     indices = torch.from_numpy(dec.expert_indices.astype(np.int64)).reshape(*lead, dec.top_k)
-    weights = torch.from_numpy(dec.expert_weights).reshape(*lead, dec.top_k)
+    weights = torch.from_numpy(dec.expert_weights.copy()).reshape(*lead, dec.top_k)
     return indices, weights, torch.tensor(dec.auxiliary_loss, dtype=_loss_dtype(logits))
 
 

@@ -426,16 +426,6 @@ fn score_and_select<S: LogitSource>(
     let (e, k) = (options.num_experts, options.top_k);
     let ctx = RowContext::new(options, call, source.argument());
     let chunks = t.div_ceil(chunk);
-    let (step, probs_step) = (chunk * k, chunk * e);
-    let parts: Vec<PassOne> = split_parts(out.experts, step, chunks)
-        .into_iter()
-        .zip(split_parts(out.weights, step, chunks))
-        .zip(split_parts(out.routed, step, chunks))
-        .zip(split_parts(out.top1, chunk, chunks))
-        .zip(split_parts(out.probs, probs_step, chunks))
-        .map(|((((experts, weights), routed), top1), probs)| PassOne { experts, weights, routed, top1, probs })
-        .collect();
-
     let one_chunk = |c: usize, part: PassOne, state: &mut (RowRouter, ChunkBuf<S::Elem>)| -> Result<Tally> {
         if call.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(RouterError::Cancelled);
@@ -468,14 +458,23 @@ fn score_and_select<S: LogitSource>(
         Ok(tally)
     };
     let init = || (RowRouter::new(options), ChunkBuf::default());
+    if chunks == 1 {
+        // Decode-sized batches: the whole output is the chunk, routed on the
+        // calling thread (no split, no thread-pool round trip).
+        return Ok(vec![one_chunk(0, out, &mut init())?]);
+    }
 
-    let results: Vec<Result<Tally>> = if chunks <= 1 {
-        // Decode-sized batches: no thread-pool round trip.
-        let mut state = init();
-        parts.into_iter().map(|part| one_chunk(0, part, &mut state)).collect()
-    } else {
-        parts.into_par_iter().enumerate().map_init(init, |state, (c, part)| one_chunk(c, part, state)).collect()
-    };
+    let (step, probs_step) = (chunk * k, chunk * e);
+    let parts: Vec<PassOne> = split_parts(out.experts, step, chunks)
+        .into_iter()
+        .zip(split_parts(out.weights, step, chunks))
+        .zip(split_parts(out.routed, step, chunks))
+        .zip(split_parts(out.top1, chunk, chunks))
+        .zip(split_parts(out.probs, probs_step, chunks))
+        .map(|((((experts, weights), routed), top1), probs)| PassOne { experts, weights, routed, top1, probs })
+        .collect();
+    let results: Vec<Result<Tally>> =
+        parts.into_par_iter().enumerate().map_init(init, |state, (c, part)| one_chunk(c, part, state)).collect();
     results.into_iter().collect()
 }
 

@@ -157,9 +157,8 @@ impl PyLoadBalancer {
     /// The per-expert load of `decision`: a decision's pre-capacity counts, an
     /// accumulator's, an object's `pre_drop_tokens_per_expert`, or the array itself.
     fn load_of(decision: &Bound<'_, PyAny>) -> PyResult<(Vec<f64>, Vec<usize>)> {
-        let py = decision.py();
         if let Ok(d) = decision.cast::<RoutingDecision>() {
-            let counts: Vec<f64> = d.get().stats_call(py)?.pre_drop.iter().map(|&n| n as f64).collect();
+            let counts: Vec<f64> = d.get().stats_call().pre_drop.iter().map(|&n| n as f64).collect();
             let e = counts.len();
             return Ok((counts, vec![e]));
         }

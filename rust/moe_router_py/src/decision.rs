@@ -1,19 +1,24 @@
 //! `RoutingDecision` and `ExpertAssignment`: the core's result as Python objects.
 //!
-//! The arrays move from Rust into NumPy once, when the decision is built; the
-//! getters hand out those arrays, and the summaries read the core's counts.
+//! The decision keeps the core's `Routing` as it is; each array getter hands out
+//! a read-only NumPy view of one of its vectors, made when it is read (arrays
+//! nobody reads are never made), whose base is the decision.
 
 use std::sync::OnceLock;
 
-use moe_router_core::{LossInputs, Routing};
-use numpy::{PyArray2, PyArrayDyn, PyArrayMethods};
+use moe_router_core::{Assignments, LossInputs, Routing};
+use numpy::ndarray::{ArrayView, Dimension, IntoDimension};
+use numpy::{
+    npyffi, Element, PyArray, PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
+};
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::args::{integer, real};
 use crate::arrays;
 use crate::errors::Family;
-use crate::plan::{DecisionArrays, PyDispatchPlan};
+use crate::plan::PyDispatchPlan;
 use moe_router_core::PlanLayout;
 
 /// One kept (token, expert) assignment.
@@ -79,8 +84,12 @@ impl ExpertAssignment {
 /// How a batch of T tokens is routed to E experts, k choices each.
 ///
 /// Produced by :func:`moe_router.route_logits`, ``ExpertRouter.route_tokens``
-/// and ``ExpertRouter.route_logits``; the arrays are owned by the decision
-/// (moved from Rust, not copied). Semantics: docs/semantics.md.
+/// and ``ExpertRouter.route_logits``. Its arrays are read-only NumPy views of
+/// the core's result, not copies: each read of an array attribute makes a new
+/// view (``writeable=False``, its ``base`` the decision, which it keeps alive);
+/// an array never read is never made. Writing into one raises ``ValueError``,
+/// so a decision always holds what the router computed. Semantics:
+/// docs/semantics.md.
 ///
 /// Attributes
 /// ----------
@@ -143,69 +152,16 @@ impl ExpertAssignment {
 ///     Leading shape of the input (``(T,)`` or ``(B, S)``).
 #[pyclass(frozen, weakref, module = "moe_router")]
 pub struct RoutingDecision {
-    #[pyo3(get)]
-    expert_indices: Py<PyAny>,
-    #[pyo3(get)]
-    expert_weights: Py<PyAny>,
-    #[pyo3(get)]
-    expert_slots: Py<PyAny>,
-    #[pyo3(get)]
-    kept: Py<PyAny>,
-    #[pyo3(get)]
-    rerouted: Py<PyAny>,
-    #[pyo3(get)]
-    tokens_per_expert: Py<PyAny>,
-    #[pyo3(get)]
-    pre_drop_tokens_per_expert: Py<PyAny>,
-    #[pyo3(get)]
-    expert_prob_mean: Py<PyAny>,
-    #[pyo3(get)]
-    router_probs: Option<Py<PyAny>>,
-    #[pyo3(get)]
+    /// The core's result. Its vectors are never written after construction
+    /// (the class is frozen), so NumPy views of them stay valid while the
+    /// decision lives; each view holds the decision as its base.
+    r: Routing,
+    /// `[T, E]` probabilities the bindings allocated (then `r.router_probs` is empty).
+    probs: Option<Py<PyAny>>,
     batch_shape: Py<PyTuple>,
-    #[pyo3(get)]
-    capacity: usize,
-    #[pyo3(get)]
-    dropless: bool,
-    #[pyo3(get)]
-    total_tokens: usize,
-    #[pyo3(get)]
-    active_tokens: usize,
-    #[pyo3(get)]
-    kept_assignments: usize,
-    #[pyo3(get)]
-    dropped_assignments: usize,
-    #[pyo3(get)]
-    tokens_dropped: usize,
-    #[pyo3(get)]
-    load_balance_loss: f64,
-    #[pyo3(get)]
-    router_z_loss: f64,
-    #[pyo3(get)]
-    seq_load_balance_loss: Option<f64>,
-    #[pyo3(get)]
-    auxiliary_loss: f64,
-    #[pyo3(get)]
-    peer_load_balance_loss: Option<f64>,
-    #[pyo3(get)]
-    num_experts: usize,
-    #[pyo3(get)]
-    top_k: usize,
-    #[pyo3(get)]
-    sinkhorn_iterations: Option<usize>,
-    #[pyo3(get)]
-    sinkhorn_converged: Option<bool>,
-    /// Summaries kept in Rust for the peer losses and the per-expert views.
-    tokens_per_expert_counts: Vec<i64>,
-    expert_prob_mean_values: Vec<f64>,
-    first_choice_tokens_per_expert: Vec<i64>,
-    /// Megatron-Core's plain top-k counts, when the routing counted them (else empty).
-    plain_tokens_per_expert: Vec<i64>,
+    /// `[T, k]` false, made on first read of `rerouted` when no reroute could happen.
+    no_reroutes: OnceLock<Vec<bool>>,
     assignments: OnceLock<Py<PyList>>,
-    /// `[T, k]` routed before capacity, and the experts before reroutes
-    /// (empty: none), for the backward.
-    routed: Vec<bool>,
-    original_experts: Vec<i32>,
     /// What `backward` scores again: set by the logits entry point.
     backward_inputs: Option<BackwardInputs>,
     /// The call's bool `[T]` token mask, if any (for `record`).
@@ -241,54 +197,18 @@ pub struct BackwardInputs {
 }
 
 impl RoutingDecision {
-    /// Move a core result into NumPy arrays; `batch_shape` is the input's leading shape.
+    /// Keep a core result (no array is made until it is read); `batch_shape` is
+    /// the input's leading shape, `probs` the `[T, E]` probabilities the caller allocated.
     pub fn new(py: Python<'_>, r: Routing, batch_shape: &[usize], probs: Option<Py<PyAny>>) -> PyResult<Self> {
-        let (t, k, e) = (r.num_tokens, r.top_k, r.num_experts);
-        let rerouted = if r.rerouted.is_empty() {
-            // No reroute could happen: zeros are mapped lazily by the allocator.
-            PyArray2::<bool>::zeros(py, [t, k], false).into_any().unbind()
-        } else {
-            arrays::matrix(py, r.rerouted, t, k)?.into_any().unbind()
-        };
-        let router_probs = match probs {
-            Some(p) => Some(p),
-            None if r.router_probs.is_empty() => None,
-            None => Some(arrays::matrix(py, r.router_probs, t, e)?.into_any().unbind()),
-        };
+        if let Some(p) = &probs {
+            read_only(p.bind(py).cast::<PyUntypedArray>()?);
+        }
         Ok(RoutingDecision {
-            expert_indices: arrays::matrix(py, r.expert_indices, t, k)?.into_any().unbind(),
-            expert_weights: arrays::matrix(py, r.expert_weights, t, k)?.into_any().unbind(),
-            expert_slots: arrays::matrix(py, r.expert_slots, t, k)?.into_any().unbind(),
-            kept: arrays::matrix(py, r.kept, t, k)?.into_any().unbind(),
-            rerouted,
-            tokens_per_expert: arrays::vector(py, r.tokens_per_expert.clone()).into_any().unbind(),
-            pre_drop_tokens_per_expert: arrays::vector(py, r.pre_drop_tokens_per_expert).into_any().unbind(),
-            expert_prob_mean: arrays::vector(py, r.expert_prob_mean.clone()).into_any().unbind(),
-            router_probs,
+            r,
+            probs,
             batch_shape: PyTuple::new(py, batch_shape)?.unbind(),
-            capacity: r.capacity,
-            dropless: r.dropless,
-            total_tokens: t,
-            active_tokens: r.active_tokens,
-            kept_assignments: r.kept_assignments,
-            dropped_assignments: r.dropped_assignments,
-            tokens_dropped: r.tokens_dropped,
-            load_balance_loss: r.load_balance_loss,
-            router_z_loss: r.router_z_loss,
-            seq_load_balance_loss: r.seq_load_balance_loss,
-            auxiliary_loss: r.auxiliary_loss,
-            peer_load_balance_loss: r.peer_load_balance_loss,
-            num_experts: e,
-            top_k: k,
-            sinkhorn_iterations: r.sinkhorn_iterations,
-            sinkhorn_converged: r.sinkhorn_converged,
-            tokens_per_expert_counts: r.tokens_per_expert,
-            expert_prob_mean_values: r.expert_prob_mean,
-            first_choice_tokens_per_expert: r.first_choice_tokens_per_expert,
-            plain_tokens_per_expert: r.plain_tokens_per_expert,
+            no_reroutes: OnceLock::new(),
             assignments: OnceLock::new(),
-            routed: r.routed,
-            original_experts: r.original_expert_indices,
             backward_inputs: None,
             token_mask: None,
         })
@@ -301,18 +221,18 @@ impl RoutingDecision {
     }
 
     /// `[T, k]` the experts as selected, before capacity reroutes (what a replay repeats).
-    pub fn selected_experts(&self, py: Python<'_>) -> PyResult<Vec<i32>> {
-        if !self.original_experts.is_empty() {
-            return Ok(self.original_experts.clone());
+    pub fn selected_experts(&self) -> Vec<i32> {
+        if self.r.original_expert_indices.is_empty() {
+            self.r.expert_indices.clone()
+        } else {
+            self.r.original_expert_indices.clone()
         }
-        let ids = self.expert_indices.bind(py).cast::<PyArray2<i32>>()?.readonly();
-        Ok(ids.as_array().iter().copied().collect())
     }
 
     /// `[T]` whether each token was routed (not padding).
     pub fn active_mask(&self, py: Python<'_>) -> PyResult<Vec<bool>> {
         match &self.token_mask {
-            None => Ok(vec![true; self.total_tokens]),
+            None => Ok(vec![true; self.r.num_tokens]),
             Some(m) => Ok(m.bind(py).cast::<PyArrayDyn<bool>>()?.readonly().as_array().iter().copied().collect()),
         }
     }
@@ -320,7 +240,7 @@ impl RoutingDecision {
     /// The same decision, differentiable through `backward`.
     pub fn with_backward(mut self, mut inputs: BackwardInputs) -> Self {
         // The backward reads k from its configuration: expert choice decides its own.
-        inputs.config.top_k = self.top_k;
+        inputs.config.top_k = self.r.top_k;
         self.backward_inputs = Some(inputs);
         self
     }
@@ -328,42 +248,11 @@ impl RoutingDecision {
     /// What the peers' losses read, with Megatron's plain counts if known
     /// (`plain_tokens_per_expert`, else those the routing counted).
     pub fn loss_inputs<'a>(&'a self, plain_tokens_per_expert: &'a [i64]) -> LossInputs<'a> {
-        let plain =
-            if plain_tokens_per_expert.is_empty() { &self.plain_tokens_per_expert } else { plain_tokens_per_expert };
-        LossInputs {
-            num_experts: self.num_experts,
-            top_k: self.top_k,
-            active_tokens: self.active_tokens,
-            load_balance_loss: self.load_balance_loss,
-            expert_prob_mean: &self.expert_prob_mean_values,
-            first_choice_tokens_per_expert: &self.first_choice_tokens_per_expert,
-            plain_tokens_per_expert: plain,
+        if plain_tokens_per_expert.is_empty() {
+            self.r.loss_inputs()
+        } else {
+            LossInputs { plain_tokens_per_expert, ..self.r.loss_inputs() }
         }
-    }
-
-    /// k.
-    pub fn top_k(&self) -> usize {
-        self.top_k
-    }
-
-    /// T.
-    pub fn total_tokens(&self) -> usize {
-        self.total_tokens
-    }
-
-    /// E.
-    pub fn num_experts(&self) -> usize {
-        self.num_experts
-    }
-
-    /// Per-expert capacity.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// True when no capacity limit applied.
-    pub fn is_dropless(&self) -> bool {
-        self.dropless
     }
 
     /// The input's leading shape.
@@ -373,66 +262,82 @@ impl RoutingDecision {
 
     /// What the backward needs besides the cotangents.
     pub fn backward_parts(&self) -> (Option<&BackwardInputs>, &[bool], &[i32]) {
-        (self.backward_inputs.as_ref(), &self.routed, &self.original_experts)
+        (self.backward_inputs.as_ref(), &self.r.routed, &self.r.original_expert_indices)
     }
 
-    /// The `[T, k]` choices, kept flags and reroute flags as NumPy arrays.
+    /// Copies of the `[T, k]` choices, kept flags and reroute flags as NumPy arrays.
     pub fn choice_arrays<'py>(&self, py: Python<'py>) -> (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>) {
-        (self.expert_indices.bind(py).clone(), self.kept.bind(py).clone(), self.rerouted.bind(py).clone())
+        let rerouted = if self.r.rerouted.is_empty() {
+            PyArray1::<bool>::zeros(py, self.r.expert_indices.len(), false).into_any()
+        } else {
+            PyArray1::from_slice(py, &self.r.rerouted).into_any()
+        };
+        let (experts, kept) =
+            (PyArray1::from_slice(py, &self.r.expert_indices), PyArray1::from_slice(py, &self.r.kept));
+        (experts.into_any(), kept.into_any(), rerouted)
     }
 
-    /// `[E]` routed assignments before capacity.
+    /// A copy of the `[E]` routed assignments before capacity.
     pub fn pre_drop_counts<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
-        self.pre_drop_tokens_per_expert.bind(py).clone()
+        PyArray1::from_slice(py, &self.r.pre_drop_tokens_per_expert).into_any()
     }
 
     /// Active tokens.
     pub fn active(&self) -> usize {
-        self.active_tokens
+        self.r.active_tokens
     }
 
     /// The counts and losses `RoutingStats.record` adds up.
-    pub fn stats_call(&self, py: Python<'_>) -> PyResult<crate::stats::Call> {
-        let (pre_drop, _) =
-            crate::plan::int_array(self.pre_drop_tokens_per_expert.bind(py), "pre_drop_tokens_per_expert")?;
+    pub fn stats_call(&self) -> crate::stats::Call {
+        let r = &self.r;
         let count = |n: usize| n as u64;
-        Ok(crate::stats::Call {
-            kept: self.tokens_per_expert_counts.clone(),
-            pre_drop,
+        crate::stats::Call {
+            kept: r.tokens_per_expert.clone(),
+            pre_drop: r.pre_drop_tokens_per_expert.clone(),
             counts: [
-                count(self.capacity),
-                count(self.total_tokens),
-                count(self.active_tokens),
-                count(self.kept_assignments),
-                count(self.dropped_assignments),
-                count(self.tokens_dropped),
+                count(r.capacity),
+                count(r.num_tokens),
+                count(r.active_tokens),
+                count(r.kept_assignments),
+                count(r.dropped_assignments),
+                count(r.tokens_dropped),
             ],
-            averaged: [self.load_balance_loss, self.router_z_loss, self.auxiliary_loss, self.efficiency()],
-        })
+            averaged: [r.load_balance_loss, r.router_z_loss, r.auxiliary_loss, self.efficiency()],
+        }
     }
 
-    /// The `[T, k]` arrays and counts, borrowed read-only.
-    pub fn assignment_arrays<'py>(&self, py: Python<'py>) -> PyResult<DecisionArrays<'py>> {
-        DecisionArrays::borrow(
-            self.expert_indices.bind(py),
-            self.expert_slots.bind(py),
-            self.expert_weights.bind(py),
-            self.kept.bind(py),
-            self.tokens_per_expert.bind(py),
-        )
+    /// The core's view of the `[T, k]` arrays and counts.
+    pub fn assignments(&self) -> Assignments<'_> {
+        Assignments {
+            num_tokens: self.r.num_tokens,
+            num_experts: self.r.num_experts,
+            top_k: self.r.top_k,
+            expert_indices: &self.r.expert_indices,
+            expert_slots: &self.r.expert_slots,
+            expert_weights: &self.r.expert_weights,
+            kept: &self.r.kept,
+            tokens_per_expert: &self.r.tokens_per_expert,
+            capacity: self.r.capacity,
+            dropless: self.r.dropless,
+        }
+    }
+
+    /// `[T, k]`.
+    fn choices_shape(&self) -> (usize, usize) {
+        (self.r.num_tokens, self.r.top_k)
     }
 
     fn efficiency(&self) -> f64 {
-        let total = self.active_tokens * self.top_k;
+        let total = self.r.active_tokens * self.r.top_k;
         if total == 0 {
             1.0
         } else {
-            self.kept_assignments as f64 / total as f64
+            self.r.kept_assignments as f64 / total as f64
         }
     }
 
     fn cv(&self) -> f64 {
-        let loads = &self.tokens_per_expert_counts;
+        let loads = &self.r.tokens_per_expert;
         if loads.is_empty() {
             return 0.0;
         }
@@ -446,12 +351,179 @@ impl RoutingDecision {
     }
 }
 
+/// Clear `array`'s writeable flag (a decision's arrays are not to be modified).
+fn read_only(array: &Bound<'_, PyUntypedArray>) {
+    // SAFETY: a flag of a live array; clearing WRITEABLE only forbids writes.
+    unsafe { (*npyffi::_PyArray_GET_ITEM_DATA(array.as_array_ptr())).flags &= !npyffi::NPY_ARRAY_WRITEABLE };
+}
+
+/// A read-only NumPy view of `data`, one of the vectors of `owner`'s routing,
+/// with `shape`; the view keeps `owner` alive.
+fn view<'py, T: Element, D: Dimension>(
+    owner: &Bound<'py, RoutingDecision>,
+    data: &[T],
+    shape: impl IntoDimension<Dim = D>,
+) -> PyResult<Bound<'py, PyArray<T, D>>> {
+    let array = ArrayView::from_shape(shape, data)
+        .map_err(|e| PyRuntimeError::new_err(format!("internal shape error: {e}")))?;
+    // SAFETY: the decision is frozen and its routing's vectors are never written
+    // or reallocated while it lives; the view holds a reference to it.
+    let v = unsafe { PyArray::borrow_from_array(&array, owner.clone().into_any()) };
+    read_only(v.as_untyped());
+    Ok(v)
+}
+
 #[pymethods]
 impl RoutingDecision {
+    #[getter]
+    fn expert_indices<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyArray2<i32>>> {
+        view(slf, &slf.get().r.expert_indices, slf.get().choices_shape())
+    }
+
+    #[getter]
+    fn expert_weights<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        view(slf, &slf.get().r.expert_weights, slf.get().choices_shape())
+    }
+
+    #[getter]
+    fn expert_slots<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyArray2<i32>>> {
+        view(slf, &slf.get().r.expert_slots, slf.get().choices_shape())
+    }
+
+    #[getter]
+    fn kept<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyArray2<bool>>> {
+        view(slf, &slf.get().r.kept, slf.get().choices_shape())
+    }
+
+    #[getter]
+    fn rerouted<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyArray2<bool>>> {
+        let d = slf.get();
+        let flags = if d.r.rerouted.is_empty() {
+            // No reroute could happen: zeros, mapped lazily by the allocator.
+            d.no_reroutes.get_or_init(|| vec![false; d.r.expert_indices.len()])
+        } else {
+            &d.r.rerouted
+        };
+        view(slf, flags, d.choices_shape())
+    }
+
+    #[getter]
+    fn tokens_per_expert<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let counts = &slf.get().r.tokens_per_expert;
+        view(slf, counts, counts.len())
+    }
+
     /// Alias of :attr:`tokens_per_expert` (kept assignments per expert).
     #[getter]
-    fn expert_capacities(&self, py: Python<'_>) -> Py<PyAny> {
-        self.tokens_per_expert.clone_ref(py)
+    fn expert_capacities<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        Self::tokens_per_expert(slf)
+    }
+
+    #[getter]
+    fn pre_drop_tokens_per_expert<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let counts = &slf.get().r.pre_drop_tokens_per_expert;
+        view(slf, counts, counts.len())
+    }
+
+    #[getter]
+    fn expert_prob_mean<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let means = &slf.get().r.expert_prob_mean;
+        view(slf, means, means.len())
+    }
+
+    #[getter]
+    fn router_probs<'py>(slf: &Bound<'py, Self>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let d = slf.get();
+        match &d.probs {
+            Some(p) => Ok(Some(p.bind(slf.py()).clone())),
+            None if d.r.router_probs.is_empty() => Ok(None),
+            None => Ok(Some(view(slf, &d.r.router_probs, (d.r.num_tokens, d.r.num_experts))?.into_any())),
+        }
+    }
+
+    #[getter]
+    fn batch_shape(&self, py: Python<'_>) -> Py<PyTuple> {
+        self.batch_shape.clone_ref(py)
+    }
+
+    #[getter]
+    pub fn capacity(&self) -> usize {
+        self.r.capacity
+    }
+
+    #[getter]
+    pub fn dropless(&self) -> bool {
+        self.r.dropless
+    }
+
+    #[getter]
+    pub fn total_tokens(&self) -> usize {
+        self.r.num_tokens
+    }
+
+    #[getter]
+    fn active_tokens(&self) -> usize {
+        self.r.active_tokens
+    }
+
+    #[getter]
+    fn kept_assignments(&self) -> usize {
+        self.r.kept_assignments
+    }
+
+    #[getter]
+    fn dropped_assignments(&self) -> usize {
+        self.r.dropped_assignments
+    }
+
+    #[getter]
+    fn tokens_dropped(&self) -> usize {
+        self.r.tokens_dropped
+    }
+
+    #[getter]
+    fn load_balance_loss(&self) -> f64 {
+        self.r.load_balance_loss
+    }
+
+    #[getter]
+    fn router_z_loss(&self) -> f64 {
+        self.r.router_z_loss
+    }
+
+    #[getter]
+    fn seq_load_balance_loss(&self) -> Option<f64> {
+        self.r.seq_load_balance_loss
+    }
+
+    #[getter]
+    fn auxiliary_loss(&self) -> f64 {
+        self.r.auxiliary_loss
+    }
+
+    #[getter]
+    fn peer_load_balance_loss(&self) -> Option<f64> {
+        self.r.peer_load_balance_loss
+    }
+
+    #[getter]
+    pub fn num_experts(&self) -> usize {
+        self.r.num_experts
+    }
+
+    #[getter]
+    pub fn top_k(&self) -> usize {
+        self.r.top_k
+    }
+
+    #[getter]
+    fn sinkhorn_iterations(&self) -> Option<usize> {
+        self.r.sinkhorn_iterations
+    }
+
+    #[getter]
+    fn sinkhorn_converged(&self) -> Option<bool> {
+        self.r.sinkhorn_converged
     }
 
     /// Kept assignments over ``active_tokens * k``; 1.0 for an empty batch.
@@ -474,9 +546,9 @@ impl RoutingDecision {
     ///     active_tokens``, 0 for an empty batch), ``assignment_drop_rate`` and
     ///     ``routing_efficiency``.
     fn expert_utilization<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let loads = &self.tokens_per_expert_counts;
-        let (lo, hi, mean) = if self.capacity > 0 && !loads.is_empty() {
-            let c = self.capacity as f64;
+        let loads = &self.r.tokens_per_expert;
+        let (lo, hi, mean) = if self.r.capacity > 0 && !loads.is_empty() {
+            let c = self.r.capacity as f64;
             let u = loads.iter().map(|&x| x as f64 / c);
             let lo = u.clone().fold(f64::INFINITY, f64::min);
             let hi = u.clone().fold(f64::NEG_INFINITY, f64::max);
@@ -484,12 +556,15 @@ impl RoutingDecision {
         } else {
             (0.0, 0.0, 0.0)
         };
-        let active = self.active_tokens;
+        let active = self.r.active_tokens;
         let d = PyDict::new(py);
         d.set_item("min_utilization", lo)?;
         d.set_item("max_utilization", hi)?;
         d.set_item("mean_utilization", mean)?;
-        d.set_item("tokens_dropped_rate", if active == 0 { 0.0 } else { self.tokens_dropped as f64 / active as f64 })?;
+        d.set_item(
+            "tokens_dropped_rate",
+            if active == 0 { 0.0 } else { self.r.tokens_dropped as f64 / active as f64 },
+        )?;
         d.set_item("assignment_drop_rate", 1.0 - self.efficiency())?;
         d.set_item("routing_efficiency", self.efficiency())?;
         Ok(d)
@@ -552,8 +627,21 @@ impl RoutingDecision {
         num_tokens: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let g_aux = crate::backward::aux_cotangent(grad_auxiliary_loss)?;
-        let balance = crate::backward::Balance::from_args(tokens_per_expert, num_tokens, self.num_experts)?;
+        let balance = crate::backward::Balance::from_args(tokens_per_expert, num_tokens, self.r.num_experts)?;
         crate::backward::decision_backward(self, py, grad_expert_weights, g_aux, grad_router_probs, balance)
+    }
+
+    /// This decision's selection, recorded for replay (``replay=`` of
+    /// :func:`moe_router.route_logits`; Megatron-Core ``router_replay``, R3).
+    ///
+    /// Returns
+    /// -------
+    /// RecordedRoute
+    ///     The ``[T, k]`` experts by rank as selected (before capacity drops and
+    ///     reroutes; not the weights), the routed tokens (``token_mask``), the
+    ///     batch shape, E and k.
+    fn record(&self, py: Python<'_>) -> PyResult<crate::replay::RecordedRoute> {
+        crate::replay::RecordedRoute::of_decision(py, self)
     }
 
     /// The plan that moves tokens to their experts and back.
@@ -576,22 +664,6 @@ impl RoutingDecision {
     /// ------
     /// ConfigError
     ///     ``alignment < 1``, or ``pad_to_capacity`` on a dropless decision.
-    /// InputError
-    ///     The decision's arrays were modified into an inconsistent state (a
-    ///     slot used twice, counts that do not add up, an expert out of range).
-    /// This decision's selection, recorded for replay (``replay=`` of
-    /// :func:`moe_router.route_logits`; Megatron-Core ``router_replay``, R3).
-    ///
-    /// Returns
-    /// -------
-    /// RecordedRoute
-    ///     The ``[T, k]`` experts by rank as selected (before capacity drops and
-    ///     reroutes; not the weights), the routed tokens (``token_mask``), the
-    ///     batch shape, E and k.
-    fn record(&self, py: Python<'_>) -> PyResult<crate::replay::RecordedRoute> {
-        crate::replay::RecordedRoute::of_decision(py, self)
-    }
-
     #[pyo3(signature = (alignment=None, pad_to_capacity=None))]
     fn dispatch_plan(
         slf: Bound<'_, Self>,
@@ -620,26 +692,13 @@ impl RoutingDecision {
     ///     Expert ids.
     /// weights : numpy.ndarray, float32, shape [N]
     ///     Combine weights.
-    ///
-    /// Raises
-    /// ------
-    /// InputError
-    ///     The decision's arrays were modified into inconsistent shapes.
     fn token_experts<'py>(
         &self,
         py: Python<'py>,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-        let experts = self.expert_indices.bind(py).cast::<PyArray2<i32>>()?.readonly();
-        let weights = self.expert_weights.bind(py).cast::<PyArray2<f32>>()?.readonly();
-        let kept = self.kept.bind(py).cast::<PyArray2<bool>>()?.readonly();
-        let unreadable = crate::errors::unreadable;
-        let csr = moe_router_core::token_experts(
-            self.top_k,
-            experts.as_slice().map_err(|e| unreadable("expert_indices", e))?,
-            weights.as_slice().map_err(|e| unreadable("expert_weights", e))?,
-            kept.as_slice().map_err(|e| unreadable("kept", e))?,
-        )
-        .map_err(crate::errors::to_py)?;
+        let r = &self.r;
+        let csr = moe_router_core::token_experts(r.top_k, &r.expert_indices, &r.expert_weights, &r.kept)
+            .map_err(crate::errors::to_py)?;
         Ok((
             arrays::vector(py, csr.offsets).into_any(),
             arrays::vector(py, csr.experts).into_any(),
@@ -653,18 +712,16 @@ impl RoutingDecision {
         if let Some(list) = self.assignments.get() {
             return Ok(list.clone_ref(py));
         }
-        let experts = self.expert_indices.bind(py).cast::<PyArray2<i32>>()?.readonly();
-        let weights = self.expert_weights.bind(py).cast::<PyArray2<f32>>()?.readonly();
-        let kept = self.kept.bind(py).cast::<PyArray2<bool>>()?.readonly();
-        let (experts, weights, kept) = (experts.as_array(), weights.as_array(), kept.as_array());
+        let r = &self.r;
         let out = PyList::empty(py);
-        for tok in 0..self.total_tokens {
+        for tok in 0..self.r.num_tokens {
             let row = PyList::empty(py);
-            for rank in 0..self.top_k {
-                if kept[[tok, rank]] {
+            for rank in 0..self.r.top_k {
+                let at = tok * r.top_k + rank;
+                if r.kept[at] {
                     let a = ExpertAssignment {
-                        expert_id: i64::from(experts[[tok, rank]]),
-                        probability: f64::from(weights[[tok, rank]]),
+                        expert_id: i64::from(r.expert_indices[at]),
+                        probability: f64::from(r.expert_weights[at]),
                         token_idx: tok as i64,
                         expert_rank: rank as i64,
                     };
@@ -684,26 +741,26 @@ impl RoutingDecision {
     /// accepts the result (the rule of ``moe_router._json.json_ready``).
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        d.set_item("total_tokens", self.total_tokens)?;
-        d.set_item("active_tokens", self.active_tokens)?;
-        d.set_item("num_experts", self.num_experts)?;
-        d.set_item("top_k", self.top_k)?;
-        d.set_item("capacity", self.capacity)?;
-        d.set_item("dropless", self.dropless)?;
-        d.set_item("tokens_per_expert", self.tokens_per_expert.bind(py).call_method0("tolist")?)?;
-        d.set_item("pre_drop_tokens_per_expert", self.pre_drop_tokens_per_expert.bind(py).call_method0("tolist")?)?;
-        d.set_item("kept_assignments", self.kept_assignments)?;
-        d.set_item("dropped_assignments", self.dropped_assignments)?;
-        d.set_item("tokens_dropped", self.tokens_dropped)?;
+        d.set_item("total_tokens", self.r.num_tokens)?;
+        d.set_item("active_tokens", self.r.active_tokens)?;
+        d.set_item("num_experts", self.r.num_experts)?;
+        d.set_item("top_k", self.r.top_k)?;
+        d.set_item("capacity", self.r.capacity)?;
+        d.set_item("dropless", self.r.dropless)?;
+        d.set_item("tokens_per_expert", &self.r.tokens_per_expert)?;
+        d.set_item("pre_drop_tokens_per_expert", &self.r.pre_drop_tokens_per_expert)?;
+        d.set_item("kept_assignments", self.r.kept_assignments)?;
+        d.set_item("dropped_assignments", self.r.dropped_assignments)?;
+        d.set_item("tokens_dropped", self.r.tokens_dropped)?;
         d.set_item("routing_efficiency", self.efficiency())?;
         d.set_item("load_balance_cv", self.cv())?;
-        d.set_item("load_balance_loss", self.load_balance_loss)?;
-        d.set_item("router_z_loss", self.router_z_loss)?;
-        d.set_item("seq_load_balance_loss", self.seq_load_balance_loss)?;
-        d.set_item("auxiliary_loss", self.auxiliary_loss)?;
-        d.set_item("peer_load_balance_loss", self.peer_load_balance_loss)?;
-        d.set_item("sinkhorn_iterations", self.sinkhorn_iterations)?;
-        d.set_item("sinkhorn_converged", self.sinkhorn_converged)?;
+        d.set_item("load_balance_loss", self.r.load_balance_loss)?;
+        d.set_item("router_z_loss", self.r.router_z_loss)?;
+        d.set_item("seq_load_balance_loss", self.r.seq_load_balance_loss)?;
+        d.set_item("auxiliary_loss", self.r.auxiliary_loss)?;
+        d.set_item("peer_load_balance_loss", self.r.peer_load_balance_loss)?;
+        d.set_item("sinkhorn_iterations", self.r.sinkhorn_iterations)?;
+        d.set_item("sinkhorn_converged", self.r.sinkhorn_converged)?;
         let ready = py.import("moe_router._json")?.getattr("json_ready")?.call1((d,))?;
         Ok(ready.cast_into::<PyDict>()?)
     }
@@ -711,13 +768,13 @@ impl RoutingDecision {
     fn __repr__(&self) -> String {
         format!(
             "RoutingDecision(T={}, E={}, k={}, capacity={}, dropped_assignments={}, load_balance_loss={}, router_z_loss={})",
-            self.total_tokens,
-            self.num_experts,
-            self.top_k,
-            self.capacity,
-            self.dropped_assignments,
-            g6(self.load_balance_loss),
-            g6(self.router_z_loss)
+            self.r.num_tokens,
+            self.r.num_experts,
+            self.r.top_k,
+            self.r.capacity,
+            self.r.dropped_assignments,
+            g6(self.r.load_balance_loss),
+            g6(self.r.router_z_loss)
         )
     }
 }

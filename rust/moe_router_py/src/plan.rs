@@ -228,10 +228,9 @@ impl PyDispatchPlan {
     /// Build the plan of `decision` (borrowed arrays, GIL released).
     pub fn build(py: Python<'_>, decision: Bound<'_, RoutingDecision>, layout: PlanLayout) -> PyResult<Self> {
         let d = decision.get();
-        let arrays = d.assignment_arrays(py)?;
         let capacity = d.capacity();
         let plan = {
-            let a = arrays.view(d)?;
+            let a = d.assignments();
             py.detach(|| threads::install_rows(a.num_tokens * a.top_k, || DispatchPlan::new(&a, layout)))
                 .map_err(to_py)?
         };
@@ -303,8 +302,7 @@ impl PyDispatchPlan {
         f: impl FnOnce(&Assignments<'_>) -> core::Result<R> + Send,
     ) -> PyResult<R> {
         let decision = self.decision.bind(py).get();
-        let arrays = decision.assignment_arrays(py)?;
-        let a = arrays.view(decision)?;
+        let a = decision.assignments();
         py.detach(|| threads::install_rows(a.num_tokens * a.top_k, || f(&a))).map_err(to_py)
     }
 }
@@ -565,8 +563,7 @@ impl PyDispatchPlan {
     /// capacity : int
     fn tutel_encoding<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         let decision = self.decision.bind(py).get();
-        let arrays = decision.assignment_arrays(py)?;
-        let a = arrays.view(decision)?;
+        let a = decision.assignments();
         let (t, k) = (a.num_tokens, a.top_k);
         let c = i32::try_from(self.capacity).unwrap_or(i32::MAX);
         let (indices, locations, gates) = (PyList::empty(py), PyList::empty(py), PyList::empty(py));
@@ -665,52 +662,4 @@ pub fn moe_align_block_size<'py>(
             PyArray1::from_slice(py, &[post]).into_any(),
         ],
     )
-}
-
-/// A decision's `[T, k]` arrays and counts, borrowed read-only while the core reads them.
-pub struct DecisionArrays<'py> {
-    experts: PyReadonlyArrayDyn<'py, i32>,
-    slots: PyReadonlyArrayDyn<'py, i32>,
-    weights: PyReadonlyArrayDyn<'py, f32>,
-    kept: PyReadonlyArrayDyn<'py, bool>,
-    tokens_per_expert: PyReadonlyArrayDyn<'py, i64>,
-}
-
-impl<'py> DecisionArrays<'py> {
-    /// Borrow the decision's arrays (read-only); each must still have its dtype.
-    pub fn borrow(
-        experts: &Bound<'py, PyAny>,
-        slots: &Bound<'py, PyAny>,
-        weights: &Bound<'py, PyAny>,
-        kept: &Bound<'py, PyAny>,
-        tokens_per_expert: &Bound<'py, PyAny>,
-    ) -> PyResult<Self> {
-        fn get<'py, T: Element>(a: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
-            let typed = a.cast::<PyArrayDyn<T>>().map_err(|_| wrong_type(name, std::any::type_name::<T>(), a))?;
-            typed.try_readonly().map_err(|e| unreadable(name, e))
-        }
-        Ok(DecisionArrays {
-            experts: get(experts, "expert_indices")?,
-            slots: get(slots, "expert_slots")?,
-            weights: get(weights, "expert_weights")?,
-            kept: get(kept, "kept")?,
-            tokens_per_expert: get(tokens_per_expert, "tokens_per_expert")?,
-        })
-    }
-
-    /// The core's view, with T, E, k and the capacity of `d`.
-    pub fn view(&self, d: &RoutingDecision) -> PyResult<Assignments<'_>> {
-        Ok(Assignments {
-            num_tokens: d.total_tokens(),
-            num_experts: d.num_experts(),
-            top_k: d.top_k(),
-            expert_indices: self.experts.as_slice().map_err(|e| unreadable("expert_indices", e))?,
-            expert_slots: self.slots.as_slice().map_err(|e| unreadable("expert_slots", e))?,
-            expert_weights: self.weights.as_slice().map_err(|e| unreadable("expert_weights", e))?,
-            kept: self.kept.as_slice().map_err(|e| unreadable("kept", e))?,
-            tokens_per_expert: self.tokens_per_expert.as_slice().map_err(|e| unreadable("tokens_per_expert", e))?,
-            capacity: d.capacity(),
-            dropless: d.is_dropless(),
-        })
-    }
 }

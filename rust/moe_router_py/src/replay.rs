@@ -136,7 +136,7 @@ impl RecordedRoute {
     /// The record of `decision`: its experts before capacity and reroutes, its routed tokens.
     pub fn of_decision(py: Python<'_>, decision: &RoutingDecision) -> PyResult<Self> {
         let (t, k) = (decision.total_tokens(), decision.top_k());
-        let experts = decision.selected_experts(py)?;
+        let experts = decision.selected_experts();
         let active = decision.active_mask(py)?;
         Self::build(
             py,

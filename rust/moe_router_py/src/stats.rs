@@ -51,7 +51,7 @@ impl Call {
     /// object through the attributes of the same names.
     fn of(decision: &Bound<'_, PyAny>) -> PyResult<Self> {
         if let Ok(d) = decision.cast::<RoutingDecision>() {
-            return d.get().stats_call(decision.py());
+            return Ok(d.get().stats_call());
         }
         let refused = |e: PyErr| {
             let kind = decision.get_type().name().map(|n| n.to_string()).unwrap_or_default();

@@ -74,19 +74,23 @@ fn current() -> Option<Arc<ThreadPool>> {
 /// chunk runs on the calling thread: the core does not split it, and handing it
 /// to a pool costs a cross-thread round trip worth more than the work.
 pub fn install<R: Send>(tokens: usize, experts: usize, f: impl FnOnce() -> R + Send) -> R {
-    let split = moe_router_core::chunk_tokens(tokens, experts) < tokens;
-    match current() {
-        Some(pool) if split => pool.install(f),
-        _ => f(),
+    match splits(tokens, experts).then(current).flatten() {
+        Some(pool) => pool.install(f),
+        None => f(),
     }
+}
+
+/// Whether the core splits a `tokens` x `experts` input in more than one chunk.
+fn splits(tokens: usize, experts: usize) -> bool {
+    moe_router_core::chunk_tokens(tokens, experts) < tokens
 }
 
 /// Run `f` (a pass over `items` rows or assignments) in the pool; small passes
 /// stay on the calling thread for the same reason as in [`install`].
 pub fn install_rows<R: Send>(items: usize, f: impl FnOnce() -> R + Send) -> R {
-    match current() {
-        Some(pool) if items >= SPLIT_ITEMS => pool.install(f),
-        _ => f(),
+    match (items >= SPLIT_ITEMS).then(current).flatten() {
+        Some(pool) => pool.install(f),
+        None => f(),
     }
 }
 
@@ -105,11 +109,7 @@ pub fn install_interruptible<R: Send>(
     f: impl FnOnce() -> R + Send,
     mut interrupted: impl FnMut() -> bool,
 ) -> R {
-    let split = moe_router_core::chunk_tokens(tokens, experts) < tokens;
-    let pool = match current() {
-        Some(pool) if split => pool,
-        _ => return f(),
-    };
+    let Some(pool) = splits(tokens, experts).then(current).flatten() else { return f() };
     let (done, result) = mpsc::channel();
     pool.in_place_scope(|scope| {
         scope.spawn(move |_| {
