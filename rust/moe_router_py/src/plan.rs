@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use half::f16;
 use moe_router_core::{self as core, Assignments, DispatchPlan, Payload, PlanLayout};
-use numpy::{Element, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{Element, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
@@ -96,12 +96,9 @@ pub(crate) fn read_only(array: &Bound<'_, PyAny>) -> PyResult<()> {
 }
 
 /// `x` as a NumPy array: NumPy arrays as they are, anything else (torch CPU
-/// tensors, lists) through the package's array interop.
+/// tensors, lists) through the package's array interop ([`crate::inputs::as_array`]).
 pub(crate) fn as_numpy<'py>(x: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py, PyAny>> {
-    if x.cast::<PyUntypedArray>().is_ok() {
-        return Ok(x.clone());
-    }
-    x.py().import("moe_router._inputs")?.getattr("as_array")?.call1((x, name))
+    Ok(crate::inputs::as_array(x, name)?.into_any())
 }
 
 /// An array-like whose dtype kind is one of `kinds`, as a C-contiguous copy
