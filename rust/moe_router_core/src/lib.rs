@@ -62,6 +62,7 @@ mod reroute;
 mod rng;
 mod route;
 mod row;
+mod row_block;
 mod score;
 mod simd;
 mod sinkhorn;
