@@ -51,6 +51,8 @@ pub(crate) struct BlockOut<'o> {
 /// Returns false, having written nothing, when a row needs the per-token path:
 /// a logit that is not finite (`-inf` experts, or a row to reject) or a
 /// z-loss term that overflows.
+// The lane loops index token-major arrays by expert (a transpose): ranges read clearer.
+#[allow(clippy::needless_range_loop)]
 pub(crate) fn route_block<F: Logit>(
     ctx: &RowContext,
     start: usize,
