@@ -69,6 +69,7 @@ mod rng;
 mod route;
 mod routing_stats;
 mod row;
+mod row_block;
 mod score;
 mod simd;
 mod sinkhorn;

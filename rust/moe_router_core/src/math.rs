@@ -246,7 +246,7 @@ pub(crate) fn sqrt_softplus_row(z: &[f64], out: &mut [f64]) -> f64 {
 
 /// Sum of the lanes in a fixed order (pairwise), the same in every build.
 #[inline(always)]
-fn lane_sum(acc: &[f64; LANES]) -> f64 {
+pub(crate) fn lane_sum(acc: &[f64; LANES]) -> f64 {
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 

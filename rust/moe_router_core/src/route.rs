@@ -31,6 +31,7 @@ use crate::peer_loss;
 use crate::replay::Replay;
 use crate::reroute;
 use crate::row::{RowContext, RowRouter, TokenOut};
+use crate::row_block::{route_block, BlockOut, BLOCK};
 use crate::source::{ChunkBuf, Logit, LogitSource, SliceLogits};
 use crate::weights::{renormalize_kept, Recorded, TinyWeights};
 
@@ -438,17 +439,38 @@ fn score_and_select<S: LogitSource>(
         let rows = chunk_rows.rows;
         let mut tally = Tally::new(e, ranks, call.plain_topk_counts);
         let mut seq = call.sequence_length.map(|s| SequenceLoss::new(s, e, k, start));
-        for i in 0..end - start {
-            let out = TokenOut {
-                experts: &mut idx[i * k..(i + 1) * k],
-                weights: &mut w[i * k..(i + 1) * k],
-                routed: &mut r[i * k..(i + 1) * k],
-                probs: if probs.is_empty() { &mut [] } else { &mut probs[i * e..(i + 1) * e] },
-            };
-            let z_squared = chunk_rows.z_squared.map(|z| z[i]);
-            router.route_token(&ctx, start + i, &rows[i * e..(i + 1) * e], z_squared, out, &mut tally, seq.as_mut())?;
-            if !top1.is_empty() {
-                top1[i] = router.last_top1;
+        let tokens = end - start;
+        for group in (0..tokens).step_by(BLOCK) {
+            let stop = (group + BLOCK).min(tokens);
+            if ctx.blocks
+                && stop - group == BLOCK
+                && chunk_rows.z_squared.is_none()
+                && (start + group..start + stop).all(|token| ctx.is_active(token))
+            {
+                let out = BlockOut {
+                    experts: &mut idx[group * k..stop * k],
+                    weights: &mut w[group * k..stop * k],
+                    routed: &mut r[group * k..stop * k],
+                    probs: if probs.is_empty() { &mut [] } else { &mut probs[group * e..stop * e] },
+                    top1: if top1.is_empty() { &mut [] } else { &mut top1[group..stop] },
+                };
+                if route_block(&ctx, start + group, &rows[group * e..stop * e], out, &mut tally) {
+                    continue;
+                }
+            }
+            for i in group..stop {
+                let out = TokenOut {
+                    experts: &mut idx[i * k..(i + 1) * k],
+                    weights: &mut w[i * k..(i + 1) * k],
+                    routed: &mut r[i * k..(i + 1) * k],
+                    probs: if probs.is_empty() { &mut [] } else { &mut probs[i * e..(i + 1) * e] },
+                };
+                let z_squared = chunk_rows.z_squared.map(|z| z[i]);
+                let raw = &rows[i * e..(i + 1) * e];
+                router.route_token(&ctx, start + i, raw, z_squared, out, &mut tally, seq.as_mut())?;
+                if !top1.is_empty() {
+                    top1[i] = router.last_top1;
+                }
             }
         }
         if let Some(mut seq) = seq {
@@ -605,6 +627,15 @@ pub(crate) struct Tally {
 }
 
 impl Tally {
+    /// Count a token's plain top-k choices (`experts`, with their `routed` flags).
+    pub(crate) fn count_plain(&mut self, experts: &[i32], routed: &[bool]) {
+        for (&x, &r) in experts.iter().zip(routed) {
+            if r {
+                self.plain[x as usize] += 1;
+            }
+        }
+    }
+
     pub(crate) fn new(experts: usize, ranks: usize, plain: bool) -> Self {
         Tally {
             counts: vec![0; experts * ranks],

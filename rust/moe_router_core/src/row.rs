@@ -9,6 +9,7 @@ use crate::losses::SequenceLoss;
 use crate::math::{read_row, RowRead, LANES};
 use crate::rng::{self, Stream};
 use crate::route::{RouteCall, Tally};
+use crate::row_block;
 use crate::score::{score_row, RowScores};
 use crate::simd::Simd;
 use crate::source::Logit;
@@ -43,6 +44,8 @@ pub(crate) struct RowContext<'a> {
     /// The kernels' instruction set, chosen once for the call.
     pub simd: Simd,
     noise: bool,
+    /// Whether tokens are routed eight at a time (`crate::row_block`).
+    pub blocks: bool,
 }
 
 impl<'a> RowContext<'a> {
@@ -50,7 +53,14 @@ impl<'a> RowContext<'a> {
         let noise = call.training
             && options.score_function != ScoreFunction::Probabilities
             && (options.jitter_eps > 0.0 || options.noise_std > 0.0);
-        RowContext { options, call, argument, simd: Simd::current(), noise }
+        let mut ctx = RowContext { options, call, argument, simd: Simd::current(), noise, blocks: false };
+        ctx.blocks = row_block::applies(&ctx);
+        ctx
+    }
+
+    /// Whether training noise is added to the logits.
+    pub(crate) fn has_noise(&self) -> bool {
+        self.noise
     }
 
     #[inline]
@@ -87,6 +97,52 @@ pub(crate) struct TokenOut<'o> {
     pub probs: &'o mut [f32],
 }
 
+/// Pass 1's per-token bookkeeping once `out` holds the token's choices: its
+/// weights, its routed and first-choice counts and its loss sums in `tally`.
+/// `logits` and `scores` are the row as scored (`row` reads them); returns the
+/// score of the first choice (0 if it has none), for batch-prioritized routing.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) fn record_token(
+    ctx: &RowContext,
+    token: usize,
+    logits: &[f64],
+    scores: &[f64],
+    row: RowScores,
+    out: &mut TokenOut,
+    weight_scratch: &mut [f64],
+    tally: &mut Tally,
+) -> f32 {
+    let options = ctx.options;
+    let e = options.num_experts;
+    let chosen = Chosen {
+        function: options.score_function,
+        logits,
+        buffer: scores,
+        scale: row.scale,
+        experts: out.experts,
+        routed: out.routed,
+    };
+    if float32::applies(options) {
+        float32::write_weights(options, &chosen, out.weights);
+    } else {
+        write_weights(options, token, &chosen, out.weights, weight_scratch, &mut tally.tiny_weights);
+    }
+    let per_rank = tally.counts.len() > e;
+    for (j, (&x, &r)) in out.experts.iter().zip(out.routed.iter()).enumerate() {
+        if r {
+            tally.counts[if per_rank { j * e } else { 0 } + x as usize] += 1;
+        }
+    }
+    tally.losses.add_token(ctx.simd, scores, row);
+    if out.routed[0] {
+        tally.first_choice[out.experts[0] as usize] += 1;
+        (scores[out.experts[0] as usize] * row.scale) as f32
+    } else {
+        0.0
+    }
+}
+
 impl RowRouter {
     pub(crate) fn new(options: &RouterConfig) -> Self {
         let e = options.num_experts;
@@ -118,12 +174,11 @@ impl RowRouter {
         token: usize,
         raw: &[F],
         z_squared: Option<f64>,
-        out: TokenOut,
+        mut out: TokenOut,
         tally: &mut Tally,
         seq: Option<&mut SequenceLoss>,
     ) -> Result<()> {
         let options = ctx.options;
-        let e = options.num_experts;
         if !ctx.is_active(token) {
             // Padding: not read, not routed; valid expert ids keep gathers safe.
             for (j, x) in out.experts.iter_mut().enumerate() {
@@ -186,30 +241,8 @@ impl RowRouter {
             let keys: &[f64] = if keys_are_logits { &self.logits } else { &self.keys };
             select_top_k(simd, keys, out.experts, out.routed, &mut self.best, bound, &mut self.candidates);
         }
-        let chosen = Chosen {
-            function: options.score_function,
-            logits: &self.logits,
-            buffer: &self.scores,
-            scale: row.scale,
-            experts: out.experts,
-            routed: out.routed,
-        };
-        if float32::applies(options) {
-            float32::write_weights(options, &chosen, out.weights);
-        } else {
-            write_weights(options, token, &chosen, out.weights, &mut self.weight_scratch, &mut tally.tiny_weights);
-        }
-        self.last_top1 = if out.routed[0] { (self.scores[out.experts[0] as usize] * row.scale) as f32 } else { 0.0 };
-
-        let per_rank = tally.counts.len() > e;
-        for (j, (&x, &r)) in out.experts.iter().zip(out.routed.iter()).enumerate() {
-            if r {
-                tally.counts[if per_rank { j * e } else { 0 } + x as usize] += 1;
-            }
-        }
-        if out.routed[0] {
-            tally.first_choice[out.experts[0] as usize] += 1;
-        }
+        self.last_top1 =
+            record_token(ctx, token, &self.logits, &self.scores, row, &mut out, &mut self.weight_scratch, tally);
         if !tally.plain.is_empty() {
             // The plain top-k: the same scores and order, without bias and groups.
             let (experts, routed): (&[i32], &[bool]) = if keys_are_logits {
@@ -220,13 +253,8 @@ impl RowRouter {
                 select_top_k(simd, &self.logits, px, pr, &mut self.best, bound, &mut self.candidates);
                 (px, pr)
             };
-            for (&x, &r) in experts.iter().zip(routed) {
-                if r {
-                    tally.plain[x as usize] += 1;
-                }
-            }
+            tally.count_plain(experts, routed);
         }
-        tally.losses.add_token(simd, &self.scores, row);
         if let Some(seq) = seq {
             let routed_experts =
                 out.experts.iter().zip(out.routed.iter()).filter(|(_, &r)| r).map(|(&x, _)| x as usize);

@@ -1,0 +1,317 @@
+//! Routing of eight tokens of eight experts at once (E = 8, Mixtral's shape):
+//! the tokens sit across the lanes, so the largest logit, the shifted `exp`,
+//! its sum and the top-k are vertical operations on 8-lane arrays instead of
+//! short horizontal ones per row.
+//!
+//! Every value is computed by the same operations in the same order as the
+//! per-token path (`RowRouter::route_token`): the `exp` kernel of the call's
+//! SIMD level, the read pass's fold for the maximum, `lane_sum` for the sum of
+//! the scores, insertion by key with ties to the lower index for the top-k
+//! (the spec's order), and the same per-token bookkeeping (`record_token`).
+//! So the results are the same bits; only the work is shared.
+
+use crate::config::ScoreFunction;
+use crate::math::{exp_shifted, lane_sum};
+use crate::route::Tally;
+use crate::row::{record_token, RowContext, TokenOut};
+use crate::score::RowScores;
+use crate::source::Logit;
+
+/// Tokens (and experts) per block.
+pub(crate) const BLOCK: usize = 8;
+
+/// Whether a call routes blocks: E = 8, k <= 8, a float64 softmax of the logits
+/// as they are (no training noise), selected by logit (no bias, no group
+/// limit, no replay), without the sequence-level loss.
+pub(crate) fn applies(ctx: &RowContext) -> bool {
+    let (options, call) = (ctx.options, ctx.call);
+    options.num_experts == BLOCK
+        && options.top_k <= BLOCK
+        && options.score_function == ScoreFunction::Softmax
+        && !crate::float32::applies(options)
+        && !ctx.has_noise()
+        && call.expert_bias.is_none()
+        && options.groups().is_none()
+        && call.replay.is_none()
+        && call.sequence_length.is_none()
+}
+
+/// Where a block's outputs go: `[8, k]` choices, weights and routed flags,
+/// `[8, 8]` scores (or empty), `[8]` first-choice scores (or empty).
+pub(crate) struct BlockOut<'o> {
+    pub experts: &'o mut [i32],
+    pub weights: &'o mut [f32],
+    pub routed: &'o mut [bool],
+    pub probs: &'o mut [f32],
+    pub top1: &'o mut [f32],
+}
+
+/// Route the 8 active tokens `start..start + 8` whose logits are `raw`
+/// (`[8, 8]` row-major), as `route_token` would, and add them to `tally`.
+/// Returns false, having written nothing, when a row needs the per-token path:
+/// a logit that is not finite (`-inf` experts, or a row to reject) or a
+/// z-loss term that overflows.
+// The lane loops index token-major arrays by expert (a transpose): ranges read clearer.
+#[allow(clippy::needless_range_loop)]
+pub(crate) fn route_block<F: Logit>(
+    ctx: &RowContext,
+    start: usize,
+    raw: &[F],
+    out: BlockOut,
+    tally: &mut Tally,
+) -> bool {
+    debug_assert!(applies(ctx) && raw.len() == BLOCK * BLOCK);
+    let k = ctx.options.top_k;
+    // z[t][e]: token t's logits.
+    let mut z = [[0.0f64; BLOCK]; BLOCK];
+    let mut finite = true;
+    for (row, values) in z.iter_mut().zip(raw.chunks_exact(BLOCK)) {
+        for (v, r) in row.iter_mut().zip(values) {
+            *v = r.to_f64();
+            finite &= v.is_finite();
+        }
+    }
+    if !finite {
+        return false;
+    }
+    // The largest logit, folded over the experts in order as the read pass does.
+    let mut max = [f64::NEG_INFINITY; BLOCK];
+    for e in 0..BLOCK {
+        for t in 0..BLOCK {
+            let v = z[t][e];
+            max[t] = if v > max[t] { v } else { max[t] };
+        }
+    }
+    let mut shifted = [[0.0f64; BLOCK]; BLOCK];
+    for t in 0..BLOCK {
+        for e in 0..BLOCK {
+            shifted[t][e] = z[t][e] - max[t];
+        }
+    }
+    // One call of the level's `exp` for the block (`x - 0.0` is `x`); its sum is not a row's.
+    let mut scores = [[0.0f64; BLOCK]; BLOCK];
+    exp_shifted(ctx.simd, shifted.as_flattened(), 0.0, scores.as_flattened_mut());
+    let mut rows = [RowScores { z_term: 0.0, scale: 0.0, prob_scale: 0.0 }; BLOCK];
+    for (row, (s, &m)) in rows.iter_mut().zip(scores.iter().zip(&max)) {
+        let sum = lane_sum(s);
+        let lse = m + sum.ln();
+        *row = RowScores { z_term: lse * lse, scale: 1.0 / sum, prob_scale: 1.0 / sum };
+    }
+    if rows.iter().any(|r| !r.z_term.is_finite()) {
+        return false;
+    }
+
+    // Top-k by insertion in the spec's order (key descending, then index
+    // ascending); a displaced entry moves down past ties of higher index.
+    let mut best = [[f64::NEG_INFINITY; BLOCK]; BLOCK];
+    let mut chosen = [[0.0f64; BLOCK]; BLOCK];
+    for e in 0..BLOCK {
+        let mut key: [f64; BLOCK] = std::array::from_fn(|t| z[t][e]);
+        let mut index = [e as f64; BLOCK];
+        for (b, c) in best.iter_mut().zip(chosen.iter_mut()).take(k) {
+            for t in 0..BLOCK {
+                let larger = key[t] > b[t] || (key[t] == b[t] && index[t] < c[t]);
+                let (kb, cb) = (b[t], c[t]);
+                b[t] = if larger { key[t] } else { kb };
+                c[t] = if larger { index[t] } else { cb };
+                key[t] = if larger { kb } else { key[t] };
+                index[t] = if larger { cb } else { index[t] };
+            }
+        }
+    }
+
+    let BlockOut { experts, weights, routed, probs, top1 } = out;
+    let mut weight_scratch = [0.0f64; BLOCK];
+    for t in 0..BLOCK {
+        let span = t * k..(t + 1) * k;
+        let mut token_out = TokenOut {
+            experts: &mut experts[span.clone()],
+            weights: &mut weights[span.clone()],
+            routed: &mut routed[span],
+            probs: if probs.is_empty() { &mut [] } else { &mut probs[t * BLOCK..(t + 1) * BLOCK] },
+        };
+        for (x, c) in token_out.experts.iter_mut().zip(&chosen) {
+            *x = c[t] as i32;
+        }
+        token_out.routed.fill(true); // every logit is finite
+        let row = rows[t];
+        for (p, &s) in token_out.probs.iter_mut().zip(&scores[t]) {
+            *p = (s * row.scale) as f32;
+        }
+        let first =
+            record_token(ctx, start + t, &z[t], &scores[t], row, &mut token_out, &mut weight_scratch[..k], tally);
+        if let Some(slot) = top1.get_mut(t) {
+            *slot = first;
+        }
+        if !tally.plain.is_empty() {
+            tally.count_plain(token_out.experts, token_out.routed);
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DropPolicy, RouterConfig};
+    use crate::route::{route_logits, RouteCall};
+    use crate::row::RowRouter;
+    use crate::simd::Simd;
+    use ndarray::ArrayView2;
+
+    /// Deterministic values: a mix of spread-out logits, repeats (ties), signed zeros and large ones.
+    fn logits(seed: u64, n: usize, kind: usize) -> Vec<f64> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                let u = (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64;
+                match kind {
+                    0 => 8.0 * u - 4.0,
+                    1 => [-1.0, 0.0, -0.0, 1.0][(u * 4.0) as usize], // ties everywhere
+                    2 => 1e30 * (2.0 * u - 1.0),
+                    _ => 700.0 * (2.0 * u - 1.0),
+                }
+            })
+            .collect()
+    }
+
+    struct Outputs {
+        experts: Vec<i32>,
+        weights: Vec<f32>,
+        routed: Vec<bool>,
+        probs: Vec<f32>,
+        top1: Vec<f32>,
+        tally: Tally,
+    }
+
+    impl Outputs {
+        fn new(k: usize, ranks: usize, plain: bool) -> Self {
+            Outputs {
+                experts: vec![-7; BLOCK * k],
+                weights: vec![-7.0; BLOCK * k],
+                routed: vec![false; BLOCK * k],
+                probs: vec![-7.0; BLOCK * BLOCK],
+                top1: vec![-7.0; BLOCK],
+                tally: Tally::new(BLOCK, ranks, plain),
+            }
+        }
+
+        fn same(&self, other: &Outputs) -> bool {
+            self.experts == other.experts
+                && self.weights.iter().map(|w| w.to_bits()).eq(other.weights.iter().map(|w| w.to_bits()))
+                && self.routed == other.routed
+                && self.probs.iter().map(|w| w.to_bits()).eq(other.probs.iter().map(|w| w.to_bits()))
+                && self.top1.iter().map(|w| w.to_bits()).eq(other.top1.iter().map(|w| w.to_bits()))
+                && self.tally.counts == other.tally.counts
+                && self.tally.first_choice == other.tally.first_choice
+                && self.tally.plain == other.tally.plain
+                && format!("{:?}", self.tally.losses) == format!("{:?}", other.tally.losses)
+                && format!("{:?}", self.tally.tiny_weights) == format!("{:?}", other.tally.tiny_weights)
+        }
+    }
+
+    /// The block kernel against `route_token` on each token, at every SIMD level.
+    fn check<F: Logit>(options: &RouterConfig, call: &RouteCall, raw: &[F], plain: bool) -> bool {
+        let k = options.top_k;
+        let ranks = if options.drop_policy == DropPolicy::Rank { k } else { 1 };
+        let mut accepted = None;
+        for simd in Simd::all() {
+            let mut ctx = RowContext::new(options, call, "logits");
+            assert!(ctx.blocks);
+            ctx.simd = simd;
+            let mut block = Outputs::new(k, ranks, plain);
+            let out = BlockOut {
+                experts: &mut block.experts,
+                weights: &mut block.weights,
+                routed: &mut block.routed,
+                probs: &mut block.probs,
+                top1: &mut block.top1,
+            };
+            let ok = route_block(&ctx, 3, raw, out, &mut block.tally);
+            let mut single = Outputs::new(k, ranks, plain);
+            if !ok {
+                // Nothing written: the per-token path takes the block.
+                assert!(block.same(&single), "{simd:?} wrote a refused block");
+                assert!(accepted != Some(true));
+                accepted = Some(false);
+                continue;
+            }
+            let mut router = RowRouter::new(options);
+            for t in 0..BLOCK {
+                let out = TokenOut {
+                    experts: &mut single.experts[t * k..(t + 1) * k],
+                    weights: &mut single.weights[t * k..(t + 1) * k],
+                    routed: &mut single.routed[t * k..(t + 1) * k],
+                    probs: &mut single.probs[t * BLOCK..(t + 1) * BLOCK],
+                };
+                let row = &raw[t * BLOCK..(t + 1) * BLOCK];
+                router.route_token(&ctx, 3 + t, row, None, out, &mut single.tally, None).expect("a valid row");
+                single.top1[t] = router.last_top1;
+            }
+            assert!(block.same(&single), "{simd:?}: block and per-token routing differ");
+            assert!(accepted != Some(false));
+            accepted = Some(true);
+        }
+        accepted == Some(true)
+    }
+
+    #[test]
+    fn blocks_route_as_single_tokens_at_every_level() {
+        for k in 1..=BLOCK {
+            for (case, policy) in [DropPolicy::Position, DropPolicy::Rank, DropPolicy::Probs].into_iter().enumerate() {
+                let mut options = RouterConfig::new(BLOCK, k);
+                options.drop_policy = policy;
+                options.normalize_weights = case != 1;
+                options.renormalize_after_drop = case == 2;
+                options.weight_scale = if case == 2 { 2.5 } else { 1.0 };
+                let call = RouteCall::default();
+                for kind in 0..4 {
+                    let z = logits((k * 10 + kind) as u64, BLOCK * BLOCK, kind);
+                    assert!(check(&options, &call, &z, case == 0), "k={k} kind={kind}");
+                    let z32: Vec<f32> = z.iter().map(|&v| v as f32).collect();
+                    assert!(check(&options, &call, &z32, false), "k={k} kind={kind} (float32)");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_that_are_not_all_finite_go_to_the_per_token_path() {
+        let options = RouterConfig::new(BLOCK, 2);
+        let call = RouteCall::default();
+        for bad in [f64::NEG_INFINITY, f64::INFINITY, f64::NAN, 1e200] {
+            let mut z = logits(5, BLOCK * BLOCK, 0);
+            z[BLOCK * 5 + 3] = bad;
+            // 1e200: finite, but its z-loss term overflows float64.
+            assert!(!check(&options, &call, &z, false), "{bad}");
+        }
+    }
+
+    #[test]
+    fn calls_that_block_route_as_before_across_the_tail_and_fallbacks() {
+        // T = 1003: two chunks, blocks, a tail of 3, -inf and masked rows inside blocks.
+        let t = 1003;
+        let mut z = logits(9, t * BLOCK, 0);
+        for i in (0..t).step_by(37) {
+            z[i * BLOCK + i % BLOCK] = f64::NEG_INFINITY;
+        }
+        let mask: Vec<bool> = (0..t).map(|i| i % 101 != 7).collect();
+        let options = RouterConfig::new(BLOCK, 2);
+        let call = RouteCall { token_mask: Some(&mask), return_probs: true, ..RouteCall::default() };
+        let view = ArrayView2::from_shape((t, BLOCK), &z).expect("shape");
+        let all = route_logits(view, &options, &call).expect("valid");
+        for i in [0usize, 5, 37, 74, 700, 1000, 1002] {
+            let one = ArrayView2::from_shape((1, BLOCK), &z[i * BLOCK..(i + 1) * BLOCK]).expect("shape");
+            let single =
+                route_logits(one, &options, &RouteCall { return_probs: true, ..RouteCall::default() }).expect("valid");
+            if mask[i] {
+                assert_eq!(all.expert_indices[i * 2..i * 2 + 2], single.expert_indices[..], "token {i}");
+                assert_eq!(all.expert_weights[i * 2..i * 2 + 2], single.expert_weights[..], "token {i}");
+                assert_eq!(all.router_probs[i * BLOCK..(i + 1) * BLOCK], single.router_probs[..], "token {i}");
+            }
+        }
+    }
+}
