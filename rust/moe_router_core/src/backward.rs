@@ -543,3 +543,38 @@ mod dense {
         dispatch!(simd, softmax_output(s, scale, dq, c, jitter, out))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::dense;
+    use crate::simd::Simd;
+
+    #[test]
+    fn dense_loops_give_the_same_bits_at_every_level() {
+        for e in [1usize, 7, 8, 13, 64, 67] {
+            let s: Vec<f64> = (0..e).map(|i| ((i * 37 % 11) as f64 * 0.173).exp() / 9.0).collect();
+            let dq: Vec<f64> = (0..e).map(|i| (i as f64 * 0.61).sin() * 1e-3).collect();
+            let jitter: Vec<f64> = (0..e).map(|i| 1.0 + (i % 3) as f64 * 0.01).collect();
+            let run = |simd: Simd| {
+                let dot = dense::dot(simd, &s, &dq);
+                let (mut o32, mut o64) = (vec![0f32; e], vec![0f64; e]);
+                dense::softmax_output(simd, &s, 0.5, &dq, dot, &jitter, &mut o32);
+                dense::softmax_output(simd, &s, 0.5, &dq, dot, &jitter, &mut o64);
+                (dot.to_bits(), o32.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), o64)
+            };
+            let want = run(Simd::all()[0]);
+            let plain: f64 = s.iter().zip(&dq).map(|(a, b)| a * b).sum();
+            assert!((f64::from_bits(want.0) - plain).abs() <= 1e-15 * plain.abs().max(1e-300) * e as f64);
+            for (i, &o) in want.2.iter().enumerate() {
+                let d = s[i] * 0.5 * (dq[i] - f64::from_bits(want.0)) * jitter[i];
+                assert_eq!(o, d, "e={e} i={i}");
+            }
+            for simd in Simd::all() {
+                let got = run(simd);
+                assert_eq!(got.0, want.0, "{simd:?} e={e}");
+                assert_eq!(got.1, want.1, "{simd:?} e={e}");
+                assert!(got.2.iter().zip(&want.2).all(|(a, b)| a.to_bits() == b.to_bits()), "{simd:?} e={e}");
+            }
+        }
+    }
+}

@@ -226,6 +226,7 @@ pub fn aux_cotangent(value: Option<&Bound<'_, PyAny>>) -> PyResult<f64> {
 }
 
 /// See `RoutingDecision.backward`.
+#[allow(clippy::too_many_arguments)]
 pub fn decision_backward<'py>(
     d: &RoutingDecision,
     py: Python<'py>,
@@ -233,6 +234,7 @@ pub fn decision_backward<'py>(
     grad_auxiliary_loss: f64,
     grad_router_probs: Option<&Bound<'py, PyAny>>,
     balance: Option<Balance>,
+    out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     const NOT_LOGITS: &str = "invalid backward: this decision was not routed from logits; for hidden states use \
                               ExpertRouter.backward(decision)";
@@ -248,7 +250,7 @@ pub fn decision_backward<'py>(
         let view = readonly::<F>(logits, "logits")?;
         let data = view.as_slice().map_err(|e| unreadable("logits", e))?;
         let source = SliceLogits::new(data, t, e).map_err(to_py)?;
-        let out = crate::plan::output::<F>(py, None, &shape[..])?;
+        let out = crate::plan::output::<F>(py, out.filter(|o| !o.is_none()), &shape[..])?;
         {
             let mut guard = out.try_readwrite().map_err(|e| unreadable("out", e))?;
             let target = guard.as_slice_mut().map_err(|e| unreadable("out", e))?;
