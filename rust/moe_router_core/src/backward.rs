@@ -191,8 +191,8 @@ where
             let probabilities = options.score_function == ScoreFunction::Probabilities;
             if !sigmoid && !probabilities && grads.router_probs.is_none() {
                 let weights = grads.expert_weights.map(|g| &g[tok * k..(tok + 1) * k]);
-                let lse = max - row.scale.ln();
-                let z = z_factor * lse;
+                // the z-loss term z_factor * lse (its logarithm only when the z-loss is on)
+                let z = if z_factor != 0.0 { z_factor * (max - row.scale.ln()) } else { 0.0 };
                 softmax_row(ctx.simd, options, saved, tok * k, weights, dq.row(tok), z, scores, row.scale, work, dst);
                 continue;
             }
@@ -268,6 +268,8 @@ struct RowGrad {
     /// `[k]` numerator and denominator factors of the weights.
     numerator: Vec<f64>,
     denominator: Vec<f64>,
+    /// `[k]`: whether choice j is the first with its expert.
+    first_time: Vec<bool>,
 }
 
 impl RowGrad {
@@ -279,6 +281,7 @@ impl RowGrad {
             jitter: vec![1.0; e],
             numerator: vec![0.0; k],
             denominator: vec![0.0; k],
+            first_time: vec![false; k],
         }
     }
 }
@@ -359,29 +362,27 @@ fn softmax_row<F: Logit>(
     // The weights' entries, gathered into ds at their experts only.
     let k = work.numerator.len();
     let experts = &saved.original_experts[first..first + k];
-    // an expert appears once among a token's choices, except as a filler beyond its eligible ones
-    let first_time = |j: usize| !experts[..j].contains(&experts[j]);
     let mut sparse = 0.0;
     if let Some(g) = weights {
+        // an expert appears once among a token's choices, except as a filler beyond its eligible ones
+        for (j, seen) in work.first_time.iter_mut().enumerate() {
+            *seen = !experts[..j].contains(&experts[j]);
+        }
         for &x in experts {
             work.ds[x as usize] = 0.0;
         }
         weight_term(options, saved, first, g, buffer, scale, work);
-        for (j, &x) in experts.iter().enumerate() {
-            if first_time(j) {
-                sparse += buffer[x as usize] * work.ds[x as usize];
-            }
+        for (&x, _) in experts.iter().zip(&work.first_time).filter(|(_, &f)| f) {
+            sparse += buffer[x as usize] * work.ds[x as usize];
         }
     }
     let c = (dense::dot(simd, buffer, dq) + sparse) * scale - z;
     dense::softmax_output(simd, buffer, scale, dq, c, &work.jitter, out);
     if weights.is_some() {
-        for (j, &x) in experts.iter().enumerate() {
-            if first_time(j) {
-                let x = x as usize;
-                let d = buffer[x] * scale * (dq[x] - c) + buffer[x] * scale * work.ds[x];
-                out[x] = F::from_f64(d * work.jitter[x]);
-            }
+        for (&x, _) in experts.iter().zip(&work.first_time).filter(|(_, &f)| f) {
+            let x = x as usize;
+            let d = buffer[x] * scale * (dq[x] - c) + buffer[x] * scale * work.ds[x];
+            out[x] = F::from_f64(d * work.jitter[x]);
         }
     }
 }
