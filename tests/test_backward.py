@@ -111,6 +111,40 @@ def test_backward_matches_finite_differences(rng, options):
     assert max_relative_error(got, want) <= 1e-4
 
 
+@pytest.mark.parametrize("options", [o for o in OPTIONS if o["score_function"] == "softmax"],
+                         ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_softmax_without_probability_cotangent_matches_finite_differences(rng, options):
+    """The softmax row without ``grad_router_probs`` (its own dense passes), with the sequence loss."""
+    B, S, E, k = 2, 7, 6, 2
+    x = rng.normal(size=(B, S, E)) * 1.5
+    mask = rng.random((B, S)) > 0.2
+    cfg = mr.RouterConfig(num_experts=E, top_k=k, load_balance_loss_coeff=0.3, router_z_loss_coeff=0.05,
+                          seq_load_balance_loss_coeff=0.2, **options)
+    dec = mr.route_logits(x, cfg, token_mask=mask)
+    g_w = rng.normal(size=(B, S, k))
+    got = dec.backward(g_w, 1.3)
+    assert (got[~mask] == 0).all()
+    want = central_differences(lambda z: reference_objective(z, dec, cfg, g_w, 1.3, None, mask, S), x.copy())
+    assert max_relative_error(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("extra", [{}, {"seq_load_balance_loss_coeff": 0.1, "normalize_weights": True},
+                                   {"jitter_eps": 0.2, "renormalize_after_drop": True, "weight_scale": 2.5}])
+def test_softmax_row_agrees_with_the_general_path_over_many_chunks(rng, extra):
+    """A zero ``grad_router_probs`` routes the same gradient through the general code path."""
+    B, S, E, k = 6, 500, 67, 3
+    x = rng.normal(size=(B, S, E)).astype(np.float32)
+    mask = rng.random((B, S)) > 0.1
+    cfg = mr.RouterConfig(num_experts=E, top_k=k, capacity_factor=1.0, load_balance_loss_coeff=0.01,
+                          router_z_loss_coeff=0.001, **extra)
+    dec = mr.route_logits(x, cfg, training=True, token_mask=mask)
+    g_w = rng.normal(size=(B, S, k))
+    fast = dec.backward(g_w, 0.7)
+    general = dec.backward(g_w, 0.7, np.zeros((B, S, E), np.float32))
+    np.testing.assert_allclose(fast, general, rtol=1e-5, atol=1e-12)
+    assert np.abs(fast).max() > 0 and (fast[~mask] == 0).all()
+
+
 def test_float32_logits_give_float32_gradients(rng):
     x = rng.normal(size=(20, 8)).astype(np.float32)
     cfg = mr.RouterConfig(num_experts=8, top_k=2, normalize_weights=True, load_balance_loss_coeff=0.1)

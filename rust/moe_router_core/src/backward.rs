@@ -37,6 +37,7 @@ use crate::error::{Result, RouterError};
 use crate::math::sqrt_softplus_slope;
 use crate::route::{chunk_tokens, RouteCall};
 use crate::row::{RowContext, RowRouter};
+use crate::simd::Simd;
 use crate::source::{ChunkBuf, Logit, LogitSource};
 
 /// What the forward call decided, as the backward reads it (`[T, k]` row-major).
@@ -166,18 +167,8 @@ where
     // d(aux)/d q_te: the same for every token (micro-batch loss) plus its sequence's part.
     let balance = saved.balance_tokens.max(1) as f64;
     let lb_factor = aux * options.load_balance_loss_coeff * e as f64 / (k as f64 * balance * balance);
-    let dq_batch: Vec<f64> = saved.pre_drop_tokens_per_expert.iter().map(|&n| lb_factor * n as f64).collect();
-    let dq_sequence: Option<(usize, Vec<Vec<f64>>)> = if aux != 0.0 {
-        SequenceConstants::new(options, call, saved, t).map(|seq| {
-            let coeff = aux * options.seq_load_balance_loss_coeff;
-            let rows =
-                seq.counts.iter().zip(&seq.factor).map(|(c, &f)| c.iter().map(|&n| coeff * f * n as f64).collect());
-            (seq.length, rows.collect())
-        })
-    } else {
-        None
-    };
-    let has_dq = lb_factor != 0.0 || dq_sequence.is_some();
+    let dq = BalanceRows::new(options, call, saved, lb_factor, aux, t);
+    let has_dq = lb_factor != 0.0 || dq.sequence.is_some();
     // d(aux)/d x_te from the z-loss: z_factor * lse_t * softmax(x_t)_e.
     let z_factor = aux * options.router_z_loss_coeff * 2.0 / active;
     let ctx = RowContext::new(options, call, source.argument());
@@ -199,24 +190,10 @@ where
             let sigmoid = matches!(options.score_function, ScoreFunction::Sigmoid | ScoreFunction::SqrtSoftplus);
             let probabilities = options.score_function == ScoreFunction::Probabilities;
             if !sigmoid && !probabilities && grads.router_probs.is_none() {
-                let seq_row = dq_sequence.as_ref().map(|(len, rows)| &rows[tok / len][..]);
                 let weights = grads.expert_weights.map(|g| &g[tok * k..(tok + 1) * k]);
-                let lse = max - row.scale.ln();
-                softmax_row(
-                    options,
-                    saved,
-                    tok * k,
-                    weights,
-                    &dq_batch,
-                    seq_row,
-                    z_factor * lse,
-                    scores,
-                    row.scale,
-                    work,
-                );
-                for ((o, &d), &f) in dst.iter_mut().zip(&work.dx).zip(&work.jitter) {
-                    *o = S::Elem::from_f64(d * f);
-                }
+                // the z-loss term z_factor * lse (its logarithm only when the z-loss is on)
+                let z = if z_factor != 0.0 { z_factor * (max - row.scale.ln()) } else { 0.0 };
+                softmax_row(ctx.simd, options, saved, tok * k, weights, dq.row(tok), z, scores, row.scale, work, dst);
                 continue;
             }
             // ds: the gradient with respect to the scores s_e = buffer[e] * scale.
@@ -232,16 +209,8 @@ where
                 weight_term(options, saved, tok * k, &g[tok * k..(tok + 1) * k], scores, row.scale, work);
             }
             if has_dq {
-                let seq_row = dq_sequence.as_ref().map(|(len, rows)| &rows[tok / len][..]);
-                distribution_term(
-                    sigmoid || probabilities,
-                    scores,
-                    row.scale,
-                    row.prob_scale,
-                    &dq_batch,
-                    seq_row,
-                    &mut work.ds,
-                );
+                let normalized = sigmoid || probabilities;
+                distribution_term(normalized, scores, row.scale, row.prob_scale, dq.row(tok), &mut work.ds);
             }
             if probabilities {
                 // The gate's backward takes it from here (its z-loss is its own).
@@ -299,6 +268,8 @@ struct RowGrad {
     /// `[k]` numerator and denominator factors of the weights.
     numerator: Vec<f64>,
     denominator: Vec<f64>,
+    /// `[k]`: whether choice j is the first with its expert.
+    first_time: Vec<bool>,
 }
 
 impl RowGrad {
@@ -310,6 +281,7 @@ impl RowGrad {
             jitter: vec![1.0; e],
             numerator: vec![0.0; k],
             denominator: vec![0.0; k],
+            first_time: vec![false; k],
         }
     }
 }
@@ -368,94 +340,242 @@ fn weight_term(
     }
 }
 
-/// The softmax row without a `router_probs` cotangent, in two dense passes:
-/// with `ds = dq + (the weights' k sparse entries)` and `z` the z-loss factor
-/// times lse, `dx_e = s_e (ds_e - sum_f s_f ds_f + z)`. Writes `work.dx`.
+/// The softmax row without a `router_probs` cotangent, written straight into
+/// `out`: with `ds = dq + (the weights' k sparse entries)` and `z` the z-loss
+/// factor times lse, `dx_e = s_e (ds_e - sum_f s_f ds_f + z)`, times the jitter
+/// factor. One dense pass for the dot product, one for the output, then the k
+/// weighted experts are written again with their sparse part.
 #[allow(clippy::too_many_arguments)]
-fn softmax_row(
+fn softmax_row<F: Logit>(
+    simd: Simd,
     options: &RouterConfig,
     saved: &SavedRouting,
     first: usize,
     weights: Option<&[f64]>,
-    dq_batch: &[f64],
-    dq_sequence: Option<&[f64]>,
+    dq: &[f64],
     z: f64,
     buffer: &[f64],
     scale: f64,
     work: &mut RowGrad,
+    out: &mut [F],
 ) {
     // The weights' entries, gathered into ds at their experts only.
     let k = work.numerator.len();
     let experts = &saved.original_experts[first..first + k];
+    let mut sparse = 0.0;
     if let Some(g) = weights {
+        // an expert appears once among a token's choices, except as a filler beyond its eligible ones
+        for (j, seen) in work.first_time.iter_mut().enumerate() {
+            *seen = !experts[..j].contains(&experts[j]);
+        }
         for &x in experts {
             work.ds[x as usize] = 0.0;
         }
         weight_term(options, saved, first, g, buffer, scale, work);
-    }
-    let dense: f64 = match dq_sequence {
-        None => buffer.iter().zip(dq_batch).map(|(&b, &q)| b * q).sum(),
-        Some(seq) => buffer.iter().zip(dq_batch).zip(seq).map(|((&b, &q), &r)| b * (q + r)).sum(),
-    };
-    let sparse: f64 = if weights.is_some() {
-        let mut seen = 0.0;
-        for (j, &x) in experts.iter().enumerate() {
-            // an expert appears once among a token's choices, except as a filler beyond its eligible ones
-            if !experts[..j].contains(&x) {
-                seen += buffer[x as usize] * work.ds[x as usize];
-            }
-        }
-        seen
-    } else {
-        0.0
-    };
-    let c = (dense + sparse) * scale - z;
-    match dq_sequence {
-        None => {
-            for ((d, &b), &q) in work.dx.iter_mut().zip(buffer).zip(dq_batch) {
-                *d = b * scale * (q - c);
-            }
-        }
-        Some(seq) => {
-            for (((d, &b), &q), &r) in work.dx.iter_mut().zip(buffer).zip(dq_batch).zip(seq) {
-                *d = b * scale * (q + r - c);
-            }
+        for (&x, _) in experts.iter().zip(&work.first_time).filter(|(_, &f)| f) {
+            sparse += buffer[x as usize] * work.ds[x as usize];
         }
     }
+    let c = (dense::dot(simd, buffer, dq) + sparse) * scale - z;
+    dense::softmax_output(simd, buffer, scale, dq, c, &work.jitter, out);
     if weights.is_some() {
-        for (j, &x) in experts.iter().enumerate() {
-            if !experts[..j].contains(&x) {
-                let x = x as usize;
-                work.dx[x] += buffer[x] * scale * work.ds[x];
+        for (&x, _) in experts.iter().zip(&work.first_time).filter(|(_, &f)| f) {
+            let x = x as usize;
+            let d = buffer[x] * scale * (dq[x] - c) + buffer[x] * scale * work.ds[x];
+            out[x] = F::from_f64(d * work.jitter[x]);
+        }
+    }
+}
+
+/// `ds += (dq through q)`: `q = s` for softmax, `q = s / sum(s)` when
+/// `normalized` (sigmoid, gate probabilities; `sum(s) = scale / prob_scale`).
+fn distribution_term(normalized: bool, buffer: &[f64], scale: f64, prob_scale: f64, dq: &[f64], ds: &mut [f64]) {
+    if prob_scale == 0.0 {
+        return;
+    }
+    if normalized {
+        let sum = scale / prob_scale;
+        let dot: f64 = buffer.iter().zip(dq).map(|(&b, &q)| b * prob_scale * q).sum();
+        for (s, &q) in ds.iter_mut().zip(dq) {
+            *s += (q - dot) / sum;
+        }
+    } else {
+        for (s, &q) in ds.iter_mut().zip(dq) {
+            *s += q;
+        }
+    }
+}
+
+/// `d(aux) / d q_te` per token: the micro-batch part `lb_factor * n_e`, plus
+/// the token's sequence's part when the sequence loss is on (one combined row
+/// per sequence).
+struct BalanceRows {
+    batch: Vec<f64>,
+    /// Sequence length and the `[sequences * E]` combined rows.
+    sequence: Option<(usize, Vec<f64>)>,
+}
+
+impl BalanceRows {
+    fn new(options: &RouterConfig, call: &RouteCall, saved: &SavedRouting, lb_factor: f64, aux: f64, t: usize) -> Self {
+        let batch: Vec<f64> = saved.pre_drop_tokens_per_expert.iter().map(|&n| lb_factor * n as f64).collect();
+        let sequence = (aux != 0.0).then(|| SequenceConstants::new(options, call, saved, t)).flatten().map(|seq| {
+            let coeff = aux * options.seq_load_balance_loss_coeff;
+            let rows = seq
+                .counts
+                .iter()
+                .zip(&seq.factor)
+                .flat_map(|(c, &f)| c.iter().zip(&batch).map(move |(&n, &q)| q + coeff * f * n as f64));
+            (seq.length, rows.collect())
+        });
+        BalanceRows { batch, sequence }
+    }
+
+    /// The row of token `tok`.
+    #[inline]
+    fn row(&self, tok: usize) -> &[f64] {
+        match &self.sequence {
+            None => &self.batch,
+            Some((length, rows)) => {
+                let e = self.batch.len();
+                let s = tok / length;
+                &rows[s * e..(s + 1) * e]
             }
         }
     }
 }
 
-/// `ds += (dq through q)` with `dq = dq_batch (+ dq_sequence)`: `q = s` for softmax,
-/// `q = s / sum(s)` when `normalized` (sigmoid, gate probabilities; `sum(s) = scale / prob_scale`).
-fn distribution_term(
-    normalized: bool,
-    buffer: &[f64],
-    scale: f64,
-    prob_scale: f64,
-    dq_batch: &[f64],
-    dq_sequence: Option<&[f64]>,
-    ds: &mut [f64],
-) {
-    if prob_scale == 0.0 {
-        return;
-    }
-    let dq = |e: usize| dq_batch[e] + dq_sequence.map_or(0.0, |s| s[e]);
-    if normalized {
-        let sum = scale / prob_scale;
-        let dot: f64 = buffer.iter().enumerate().map(|(e, &b)| b * prob_scale * dq(e)).sum();
-        for (e, s) in ds.iter_mut().enumerate() {
-            *s += (dq(e) - dot) / sum;
+/// The dense loops of the softmax row, compiled for each instruction-set
+/// level as the row kernels are (`crate::math`); every level gives the same
+/// bits (the dot product sums fixed lanes in a fixed order, and no FMA).
+mod dense {
+    use crate::simd::{Simd, SimdLevel};
+    use crate::source::Logit;
+
+    const LANES: usize = 8;
+
+    /// `sum_e a_e b_e` over 8 fixed lanes, then the lanes in order, then the tail.
+    #[inline(always)]
+    fn dot_lanes(a: &[f64], b: &[f64]) -> f64 {
+        let n = a.len().min(b.len());
+        let (ac, at) = a[..n].as_chunks::<LANES>();
+        let (bc, bt) = b[..n].as_chunks::<LANES>();
+        let mut acc = [0.0f64; LANES];
+        for (x, y) in ac.iter().zip(bc) {
+            for l in 0..LANES {
+                acc[l] += x[l] * y[l];
+            }
         }
-    } else {
-        for (e, s) in ds.iter_mut().enumerate() {
-            *s += dq(e);
+        let tail: f64 = at.iter().zip(bt).map(|(&x, &y)| x * y).sum();
+        acc.iter().sum::<f64>() + tail
+    }
+
+    /// `out_e = s_e scale (dq_e - c) jitter_e`.
+    #[inline(always)]
+    fn output<F: Logit>(s: &[f64], scale: f64, dq: &[f64], c: f64, jitter: &[f64], out: &mut [F]) {
+        for (((o, &b), &q), &f) in out.iter_mut().zip(s).zip(dq).zip(jitter) {
+            *o = F::from_f64(b * scale * (q - c) * f);
+        }
+    }
+
+    /// The two loops compiled with `$feature` in module `$level`.
+    macro_rules! build {
+        ($level:ident $(, $feature:literal)?) => {
+            mod $level {
+                use super::*;
+
+                $(#[target_feature(enable = $feature)])?
+                pub(super) fn dot(a: &[f64], b: &[f64]) -> f64 {
+                    dot_lanes(a, b)
+                }
+
+                $(#[target_feature(enable = $feature)])?
+                pub(super) fn softmax_output<F: Logit>(
+                    s: &[f64],
+                    scale: f64,
+                    dq: &[f64],
+                    c: f64,
+                    jitter: &[f64],
+                    out: &mut [F],
+                ) {
+                    output(s, scale, dq, c, jitter, out)
+                }
+            }
+        };
+    }
+
+    build!(portable);
+    #[cfg(target_arch = "x86_64")]
+    build!(avx2, "avx2,fma");
+    #[cfg(target_arch = "x86_64")]
+    build!(avx512, "avx512f");
+
+    /// Call `$f` of the build for `$simd`'s level.
+    macro_rules! dispatch {
+        ($simd:expr, $f:ident($($arg:expr),*)) => {
+            match $simd.level() {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: a `Simd` level never exceeds what the CPU supports.
+                SimdLevel::Avx512 => unsafe { avx512::$f($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                SimdLevel::Avx2 => unsafe { avx2::$f($($arg),*) },
+                _ => portable::$f($($arg),*),
+            }
+        };
+    }
+
+    /// `sum_e a_e b_e` (fixed lanes).
+    #[inline]
+    pub(super) fn dot(simd: Simd, a: &[f64], b: &[f64]) -> f64 {
+        dispatch!(simd, dot(a, b))
+    }
+
+    /// `out_e = s_e scale (dq_e - c) jitter_e`, rounded to `F`.
+    #[inline]
+    pub(super) fn softmax_output<F: Logit>(
+        simd: Simd,
+        s: &[f64],
+        scale: f64,
+        dq: &[f64],
+        c: f64,
+        jitter: &[f64],
+        out: &mut [F],
+    ) {
+        dispatch!(simd, softmax_output(s, scale, dq, c, jitter, out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dense;
+    use crate::simd::Simd;
+
+    #[test]
+    fn dense_loops_give_the_same_bits_at_every_level() {
+        for e in [1usize, 7, 8, 13, 64, 67] {
+            let s: Vec<f64> = (0..e).map(|i| ((i * 37 % 11) as f64 * 0.173).exp() / 9.0).collect();
+            let dq: Vec<f64> = (0..e).map(|i| (i as f64 * 0.61).sin() * 1e-3).collect();
+            let jitter: Vec<f64> = (0..e).map(|i| 1.0 + (i % 3) as f64 * 0.01).collect();
+            let run = |simd: Simd| {
+                let dot = dense::dot(simd, &s, &dq);
+                let (mut o32, mut o64) = (vec![0f32; e], vec![0f64; e]);
+                dense::softmax_output(simd, &s, 0.5, &dq, dot, &jitter, &mut o32);
+                dense::softmax_output(simd, &s, 0.5, &dq, dot, &jitter, &mut o64);
+                (dot.to_bits(), o32.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), o64)
+            };
+            let want = run(Simd::all()[0]);
+            let plain: f64 = s.iter().zip(&dq).map(|(a, b)| a * b).sum();
+            assert!((f64::from_bits(want.0) - plain).abs() <= 1e-15 * plain.abs().max(1e-300) * e as f64);
+            for (i, &o) in want.2.iter().enumerate() {
+                let d = s[i] * 0.5 * (dq[i] - f64::from_bits(want.0)) * jitter[i];
+                assert_eq!(o, d, "e={e} i={i}");
+            }
+            for simd in Simd::all() {
+                let got = run(simd);
+                assert_eq!(got.0, want.0, "{simd:?} e={e}");
+                assert_eq!(got.1, want.1, "{simd:?} e={e}");
+                assert!(got.2.iter().zip(&want.2).all(|(a, b)| a.to_bits() == b.to_bits()), "{simd:?} e={e}");
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //! and the core's closed-form gradient, with the GIL released.
 
 use crate::arg;
-use moe_router_core::{self as core, Cotangents, LinearLogits, RouteCall, SavedRouting, SliceLogits};
+use moe_router_core::{self as core, Cotangents, LinearLogits, Logit, RouteCall, SavedRouting, SliceLogits};
 use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
@@ -14,15 +14,16 @@ use crate::threads;
 
 const FLOAT_ARRAY: &str = "a C-contiguous float32 or float64 NumPy array";
 
-/// The values of a real-valued array of `rows x width` (any leading shape
-/// whose last axis is `width`), converted to `T`; finite values only.
-fn cotangent<T: Element + Copy>(
-    x: &Bound<'_, PyAny>,
+/// A real-valued array of `rows x width` (any leading shape whose last axis
+/// is `width`) as a C-contiguous `T` array (borrowed when it already is one,
+/// converted by NumPy otherwise); finite values only.
+fn cotangent<'py, T: Element + Logit>(
+    x: &Bound<'py, PyAny>,
     name: &'static str,
     rows: usize,
     width: usize,
     dtype: &str,
-) -> PyResult<Vec<T>> {
+) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
     let array = as_numpy(x, name)?;
     let kind: String = array.getattr("dtype")?.getattr("kind")?.extract()?;
     if !matches!(kind.as_str(), "f" | "i" | "u") {
@@ -36,18 +37,18 @@ fn cotangent<T: Element + Copy>(
             format!("{shape:?}"),
         )));
     }
-    let finite: bool =
-        array.py().import("numpy")?.getattr("isfinite")?.call1((&array,))?.call_method0("all")?.extract()?;
-    if !finite {
+    let flat = array.py().import("numpy")?.getattr("ascontiguousarray")?.call1((&array, dtype))?;
+    let view = flat.cast::<PyArrayDyn<T>>()?.try_readonly().map_err(|e| unreadable(name, e))?;
+    let values = view.as_slice().map_err(|e| unreadable(name, e))?;
+    // Branch-free, so the check vectorizes.
+    if !values.iter().fold(true, |all, v| all & v.to_f64().is_finite()) {
         return Err(to_py(core::RouterError::NonFiniteParameter {
             argument: name,
             index: 0,
             value: "NaN or inf somewhere".into(),
         }));
     }
-    let flat = array.call_method1("astype", (dtype,))?.call_method0("ravel")?;
-    let view = flat.cast::<PyArrayDyn<T>>()?.readonly();
-    Ok(view.as_slice().map_err(|e| unreadable(name, e))?.to_vec())
+    Ok(view)
 }
 
 fn readonly<'py, T: Element>(a: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
@@ -62,8 +63,8 @@ struct Prepared<'py> {
     rerouted: PyReadonlyArrayDyn<'py, bool>,
     pre_drop: PyReadonlyArrayDyn<'py, i64>,
     mask: Option<PyReadonlyArrayDyn<'py, bool>>,
-    gw: Option<Vec<f64>>,
-    gp: Option<Vec<f32>>,
+    gw: Option<PyReadonlyArrayDyn<'py, f64>>,
+    gp: Option<PyReadonlyArrayDyn<'py, f32>>,
     balance: Option<Balance>,
 }
 
@@ -180,9 +181,19 @@ impl<'py> Prepared<'py> {
             ..RouteCall::default()
         };
         let cot = Cotangents {
-            expert_weights: self.gw.as_deref(),
+            expert_weights: self
+                .gw
+                .as_ref()
+                .map(|g| g.as_slice())
+                .transpose()
+                .map_err(|e| unreadable("grad_expert_weights", e))?,
             auxiliary_loss: grad_auxiliary_loss,
-            router_probs: self.gp.as_deref(),
+            router_probs: self
+                .gp
+                .as_ref()
+                .map(|g| g.as_slice())
+                .transpose()
+                .map_err(|e| unreadable("grad_router_probs", e))?,
         };
         Ok((saved, call, cot))
     }
@@ -215,6 +226,7 @@ pub fn aux_cotangent(value: Option<&Bound<'_, PyAny>>) -> PyResult<f64> {
 }
 
 /// See `RoutingDecision.backward`.
+#[allow(clippy::too_many_arguments)]
 pub fn decision_backward<'py>(
     d: &RoutingDecision,
     py: Python<'py>,
@@ -222,6 +234,7 @@ pub fn decision_backward<'py>(
     grad_auxiliary_loss: f64,
     grad_router_probs: Option<&Bound<'py, PyAny>>,
     balance: Option<Balance>,
+    out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     const NOT_LOGITS: &str = "invalid backward: this decision was not routed from logits; for hidden states use \
                               ExpertRouter.backward(decision)";
@@ -237,7 +250,7 @@ pub fn decision_backward<'py>(
         let view = readonly::<F>(logits, "logits")?;
         let data = view.as_slice().map_err(|e| unreadable("logits", e))?;
         let source = SliceLogits::new(data, t, e).map_err(to_py)?;
-        let out = crate::plan::output::<F>(py, None, &shape[..])?;
+        let out = crate::plan::output::<F>(py, out.filter(|o| !o.is_none()), &shape[..])?;
         {
             let mut guard = out.try_readwrite().map_err(|e| unreadable("out", e))?;
             let target = guard.as_slice_mut().map_err(|e| unreadable("out", e))?;

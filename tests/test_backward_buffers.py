@@ -1,0 +1,103 @@
+"""``RoutingDecision.backward``'s buffers: the ``out=`` gradient buffer, the accepted forms of the
+cotangents (borrowed or converted, same gradient), and the same bits at every SIMD level."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import moe_router as mr
+
+
+def routed(rng, dtype=np.float32, T=1500, E=24, k=3, **extra):
+    x = rng.normal(size=(T, E)).astype(dtype)
+    cfg = mr.RouterConfig(num_experts=E, top_k=k, capacity_factor=1.0, load_balance_loss_coeff=0.01,
+                          router_z_loss_coeff=0.001, **extra)
+    return x, mr.route_logits(x, cfg, training=True, **({"token_mask": np.arange(T) % 7 != 0}))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_out_is_written_in_place_and_returned(rng, dtype):
+    x, dec = routed(rng, dtype)
+    g = rng.normal(size=(x.shape[0], 3))
+    fresh = dec.backward(g, 0.5)
+    out = np.full(x.shape, np.nan, dtype)  # garbage everywhere, masked rows included
+    got = dec.backward(g, 0.5, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, fresh)
+    assert (out[::7] == 0).all()
+    np.testing.assert_array_equal(dec.backward(g, 0.5, out=None), fresh)
+
+
+def test_out_bad_input(rng):
+    x, dec = routed(rng)
+    g = rng.normal(size=(x.shape[0], 3))
+    read_only = np.zeros(x.shape, np.float32)
+    read_only.flags.writeable = False
+    for out, error in [
+        (np.zeros((x.shape[0], 23), np.float32), mr.InputError),
+        (np.zeros(x.shape, np.float64), TypeError),
+        (np.zeros((x.shape[1], x.shape[0]), np.float32).T, mr.InputError),
+        (read_only, mr.InputError),
+        (x, mr.InputError),  # the logits the backward reads
+        ([[0.0] * x.shape[1]] * x.shape[0], TypeError),
+    ]:
+        with pytest.raises(error, match="out"):
+            dec.backward(g, 1.0, out=out)
+
+
+def test_cotangents_in_any_real_form_give_the_same_gradient(rng):
+    x, dec = routed(rng)
+    g = rng.normal(size=(x.shape[0], 3))
+    want = dec.backward(g, 1.0)
+    for form in (np.asfortranarray(g), g.astype(np.float32).astype(np.float64), g[::-1][::-1]):
+        np.testing.assert_array_equal(dec.backward(form, 1.0), dec.backward(np.ascontiguousarray(form), 1.0))
+    np.testing.assert_array_equal(dec.backward(np.asfortranarray(g), 1.0), want)
+    ints = rng.integers(-3, 4, size=g.shape)
+    np.testing.assert_array_equal(dec.backward(ints, 1.0), dec.backward(ints.astype(np.float64), 1.0))
+    p = rng.normal(size=x.shape)
+    np.testing.assert_array_equal(dec.backward(None, 1.0, p), dec.backward(None, 1.0, p.astype(np.float32)))
+
+
+def test_cotangents_that_overflow_their_dtype_are_refused(rng):
+    x, dec = routed(rng)
+    p = np.zeros(x.shape)
+    p[3, 4] = 1e300  # finite in float64, inf as the float32 the probabilities are
+    with np.errstate(over="ignore"), pytest.raises(mr.InputError, match="grad_router_probs"):
+        dec.backward(None, 1.0, p)
+
+
+SIMD_RUN = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import moe_router as mr
+    rng = np.random.default_rng(5)
+    out = {}
+    for name, extra in [("softmax", {}), ("sequence", {"seq_load_balance_loss_coeff": 0.1}),
+                        ("jitter", {"jitter_eps": 0.1, "normalize_weights": True}),
+                        ("sigmoid", {"score_function": "sigmoid", "normalize_weights": True})]:
+        E = 67 if name == "softmax" else 32
+        x = rng.normal(size=(7, 100, E)).astype(np.float32)
+        cfg = mr.RouterConfig(num_experts=E, top_k=4, load_balance_loss_coeff=0.01, router_z_loss_coeff=0.001,
+                              **extra)
+        dec = mr.route_logits(x, cfg, training=True)
+        out[name] = dec.backward(rng.normal(size=(7, 100, 4)), 1.0)
+    np.savez(sys.argv[1], **out)
+""")
+
+
+def test_gradients_are_the_same_bits_at_every_simd_level(tmp_path):
+    got = {}
+    for level in ("avx512", "avx2", "off"):
+        path = tmp_path / f"{level}.npz"
+        env = dict(os.environ, MOE_ROUTER_SIMD=level)
+        subprocess.run([sys.executable, "-c", SIMD_RUN, str(path)], env=env, check=True)
+        got[level] = dict(np.load(path))
+    for level in ("avx2", "off"):
+        for name, grad in got["avx512"].items():
+            np.testing.assert_array_equal(got[level][name], grad, err_msg=f"{level} {name}")
