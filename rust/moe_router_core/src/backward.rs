@@ -448,6 +448,7 @@ impl BalanceRows {
 /// level as the row kernels are (`crate::math`); every level gives the same
 /// bits (the dot product sums fixed lanes in a fixed order, and no FMA).
 mod dense {
+    use crate::math::dispatch;
     use crate::simd::{Simd, SimdLevel};
     use crate::source::Logit;
 
@@ -508,21 +509,6 @@ mod dense {
     build!(avx2, "avx2,fma");
     #[cfg(target_arch = "x86_64")]
     build!(avx512, "avx512f");
-
-    /// Call `$f` of the build for `$simd`'s level.
-    macro_rules! dispatch {
-        ($simd:expr, $f:ident($($arg:expr),*)) => {
-            match $simd.level() {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: a `Simd` level never exceeds what the CPU supports.
-                SimdLevel::Avx512 => unsafe { avx512::$f($($arg),*) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above.
-                SimdLevel::Avx2 => unsafe { avx2::$f($($arg),*) },
-                _ => portable::$f($($arg),*),
-            }
-        };
-    }
 
     /// `sum_e a_e b_e` (fixed lanes).
     #[inline]

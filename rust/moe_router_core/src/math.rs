@@ -93,7 +93,9 @@ pub(crate) struct RowRead {
     pub lane_max: [f64; LANES],
 }
 
-/// Call `$f` of the build for `$simd`'s level.
+/// Call `$f` of the build for `$simd`'s level: the caller's scope has the
+/// modules `avx512`, `avx2` and `portable` (one build of the same kernels each)
+/// and `SimdLevel` in scope.
 macro_rules! dispatch {
     ($simd:expr, $f:ident($($arg:expr),*)) => {
         match $simd.level() {
@@ -107,6 +109,7 @@ macro_rules! dispatch {
         }
     };
 }
+pub(crate) use dispatch;
 
 /// Copy `raw` into `out` as float64 and summarize it.
 #[inline]
