@@ -141,7 +141,16 @@ def test_large_logits_do_not_overflow(case, scale, k) -> None:
     assert np.isfinite(dec.expert_weights).all() and np.isfinite(dec.load_balance_loss)
     assert dec.sinkhorn_iterations >= 1
     idx, w, _, iterations, _ = reference_route(z.astype(np.float64), min(k, e))
-    np.testing.assert_array_equal(dec.expert_indices, idx)
+    # Clipping makes equal logits, and experts whose balanced scores are equal in exact
+    # arithmetic differ only by summation order (BLAS here, fixed chunks in the core).
+    # Where the reference's choices are near-tied (1e-12 relative) either order is right;
+    # the chosen experts' balanced scores must still be the reference's best ones.
+    balanced, _, _ = reference_sinkhorn(z.astype(np.float64), None, 1e-4, 1000)
+    rows = np.arange(t)[:, None]
+    np.testing.assert_allclose(balanced[rows, dec.expert_indices], balanced[rows, idx], rtol=1e-12, atol=0)
+    differ = (dec.expert_indices != idx).any(axis=1)
+    near_tie = np.isclose(balanced[rows, idx][:, :, None], balanced[rows][:, None, :], rtol=1e-12, atol=0)
+    assert (near_tie.sum(axis=2) > 1).any(axis=1)[differ].all(), "a selection differs without a near-tie"
     assert dec.sinkhorn_iterations == iterations
 
 
