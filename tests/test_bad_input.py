@@ -479,3 +479,54 @@ def test_decimal_capacity_factor_is_exact():
     from decimal import Decimal
     cfg = mr.RouterConfig(num_experts=4, top_k=1, capacity_factor=Decimal("1.1"))
     assert cfg.capacity(200) == 55
+
+
+# --------------------------------------------------------------------------- found by a new user's probes
+
+
+def test_router_probs_cannot_be_made_writeable() -> None:
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    d = mr.route_logits(x, CFG, return_probs=True)
+    p = d.router_probs
+    with pytest.raises(ValueError):
+        p.flags.writeable = True
+    with pytest.raises(ValueError):
+        p[0, 0] = 0.5
+    assert np.array_equal(d.router_probs, p) and p[0].sum() == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("where", ["grad_expert_weights", "grad_auxiliary_loss"])
+def test_a_gradient_that_overflows_float32_is_refused_not_inf(where: str) -> None:
+    x = np.random.default_rng(1).normal(size=(64, 4)).astype(np.float32)
+    d = mr.route_logits(x, CFG, training=True)
+    g = np.ones((64, 2))
+    if where == "grad_expert_weights":
+        g[5, 0] = 1e300
+        exc = raised(d.backward, g, 1.0)
+    else:
+        exc = raised(d.backward, g, 1e300)
+    assert isinstance(exc, mr.InputError) and "overflow" in str(exc), exc
+    # The same cotangents on float64 logits are representable.
+    d64 = mr.route_logits(x.astype(np.float64), CFG, training=True)
+    assert np.isfinite(d64.backward(np.ones((64, 2)), 1e30)).all()
+
+
+@pytest.mark.parametrize("preset, name", [
+    ("megatron", "moe_token_drop_policy"), ("megatron", "drop_policy"), ("megatron", "moe_router_score_function"),
+    ("megatron", "moe_router_load_balancing_type"), ("deepspeed", "noisy_gate_policy"),
+    ("fairseq", "second_expert_policy"), ("deepseek_v3", "scoring_func"),
+])
+def test_a_preset_choice_of_the_wrong_type_is_a_type_error(preset: str, name: str) -> None:
+    exc = raised(mr.presets.preset, preset, 64, 2, **{name: 3})
+    assert isinstance(exc, mr.ConfigTypeError) and "must be a string" in str(exc), exc
+
+
+def test_load_balancer_refusals_name_their_argument() -> None:
+    lb = mr.LoadBalancer(8)
+    exc = raised(lb.update, "x")
+    assert isinstance(exc, mr.InputTypeError) and "decision" in str(exc) and "RoutingDecision" in str(exc), exc
+    st = lb.get_stats()
+    assert isinstance(raised(st.is_well_balanced, "x"), mr.InputTypeError)
+    exc = raised(st.is_well_balanced, -1.0)
+    assert isinstance(exc, mr.InputError) and "max_cv" in str(exc), exc
+    assert st.is_well_balanced() is False and st.is_well_balanced(0.5) is False  # nothing seen yet

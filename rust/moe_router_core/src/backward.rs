@@ -255,7 +255,24 @@ where
                 *o = S::Elem::from_f64(d * f);
             }
         }
-        Ok(())
+        finite_rows(block, e, start)
+    })
+}
+
+/// Refuse a gradient block that overflowed the output's dtype (finite
+/// cotangents can still overflow float32 through the products): a silent inf
+/// would corrupt the caller's optimizer step. Branch-free scan while the block
+/// is in cache; the position is looked up only on failure.
+fn finite_rows<F: Logit>(block: &[F], e: usize, start: usize) -> Result<()> {
+    if block.iter().fold(true, |all, v| all & v.to_f64().is_finite()) {
+        return Ok(());
+    }
+    let at = block.iter().position(|v| !v.to_f64().is_finite()).unwrap_or(0);
+    Err(RouterError::BadValue {
+        argument: "grad_expert_weights",
+        problem: "(with grad_auxiliary_loss and grad_router_probs) makes the gradient overflow the logits' dtype",
+        token: start + at / e.max(1),
+        hint: "scale the cotangents down, or route float64 logits",
     })
 }
 

@@ -161,6 +161,18 @@ impl Settings {
         }
     }
 
+    /// `only` for a setting spelt as a string: any other kind (None aside) is the
+    /// wrong type (a `ConfigTypeError`), as for `RouterConfig`'s own choices.
+    fn choice(&self, name: &str, value: &FieldValue, allowed: bool, why: &str) -> Result<()> {
+        if matches!(value, FieldValue::Text(_) | FieldValue::None) {
+            return self.only(name, value, allowed, why);
+        }
+        Err(RouterError::Preset {
+            message: format!("preset '{}': invalid {name}: got {value}; must be a string ({why})", self.preset),
+            wrong_type: true,
+        })
+    }
+
     /// Refuse a noise setting unless it is 0 (or None).
     fn no_noise(&self, name: &str, key: &str, why: &str) -> Result<()> {
         let value = self.get(key);
@@ -252,7 +264,7 @@ fn megatron(s: &Settings) -> Result<Translation> {
     let k = s.top_k;
     let score = s.get("score_function");
     let scores = ["softmax", "sigmoid", "sqrtsoftplus"];
-    s.only(
+    s.choice(
         "score_function",
         score,
         is_one_of(score, &scores),
@@ -287,7 +299,7 @@ fn megatron(s: &Settings) -> Result<Translation> {
         capacity = FieldValue::None; // Megatron-Core turns a negative factor into dropless routing
     }
     let drop = s.get("drop_policy");
-    s.only(
+    s.choice(
         "drop_policy",
         drop,
         is_one_of(drop, &["probs", "position"]),
@@ -301,7 +313,7 @@ fn megatron(s: &Settings) -> Result<Translation> {
         );
     }
     let balancing = s.get("load_balancing_type");
-    s.only(
+    s.choice(
         "moe_router_load_balancing_type",
         balancing,
         is_one_of(balancing, &["aux_loss", "seq_aux_loss", "sinkhorn", "none"]),
@@ -373,7 +385,7 @@ fn deepspeed(s: &Settings) -> Result<Translation> {
         given => given.clone(),
     };
     let gates = ["top1", "top2", "topk"];
-    s.only("gate", &gate, is_one_of(&gate, &gates), "DeepSpeed's gating functions are top1, top2, topk")?;
+    s.choice("gate", &gate, is_one_of(&gate, &gates), "DeepSpeed's gating functions are top1, top2, topk")?;
     let (routes, peer, default_policy) = match &gate {
         FieldValue::Text(g) if g == "top1" => ("1", Peer::DeepSpeedTop1, "position"),
         FieldValue::Text(g) if g == "top2" => ("2", Peer::DeepSpeedTop2, "rank"),
@@ -396,7 +408,7 @@ fn deepspeed(s: &Settings) -> Result<Translation> {
         ));
     }
     let noisy = s.get("noisy_gate_policy");
-    s.only(
+    s.choice(
         "noisy_gate_policy",
         noisy,
         matches!(noisy, FieldValue::None) || is_text(noisy, "None"),
@@ -464,9 +476,9 @@ fn qwen_moe(s: &Settings) -> Result<Translation> {
 
 fn deepseek_v3(s: &Settings) -> Result<Translation> {
     let scoring = s.get("scoring_func");
-    s.only("scoring_func", scoring, is_text(scoring, "sigmoid"), "DeepSeek-V3 routes on sigmoid scores")?;
+    s.choice("scoring_func", scoring, is_text(scoring, "sigmoid"), "DeepSeek-V3 routes on sigmoid scores")?;
     let method = s.get("topk_method");
-    s.only(
+    s.choice(
         "topk_method",
         method,
         is_text(method, "noaux_tc"),
@@ -574,7 +586,7 @@ fn fairseq(s: &Settings) -> Result<Translation> {
     }
     s.flag("use_fp32")?;
     let policy = s.get("second_expert_policy");
-    s.only(
+    s.choice(
         "second_expert_policy",
         policy,
         is_one_of(policy, &["all", "sampling", "random"]),

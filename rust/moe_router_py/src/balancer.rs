@@ -168,8 +168,17 @@ impl PyLoadBalancer {
             return Ok((counts, vec![e]));
         }
         match decision.getattr("pre_drop_tokens_per_expert") {
-            Ok(raw) => real_array(&raw, "load"),
-            Err(_) => real_array(decision, "load"),
+            Ok(raw) => real_array(&raw, "decision.pre_drop_tokens_per_expert"),
+            Err(_) => {
+                const ACCEPTED: &str = "a RoutingDecision, a GlobalBalanceAccumulator or a per-expert load array";
+                crate::plan::converted(decision, "decision", "iuf", "float64", ACCEPTED).map_err(|e| {
+                    if e.is_instance_of::<pyo3::exceptions::PyTypeError>(decision.py()) {
+                        crate::errors::wrong_type("decision", ACCEPTED, decision)
+                    } else {
+                        e
+                    }
+                })
+            }
         }
     }
 }
@@ -567,9 +576,16 @@ impl PyLoadBalancingStats {
     }
 
     /// True when at least one step was seen and ``load_cv() < max_cv`` (default 0.2).
-    #[pyo3(signature = (max_cv=core::WELL_BALANCED_CV), text_signature = "($self, max_cv=0.2)")]
-    fn is_well_balanced(&self, max_cv: f64) -> bool {
-        self.inner.is_well_balanced(max_cv)
+    #[pyo3(signature = (max_cv=None), text_signature = "($self, max_cv=0.2)")]
+    fn is_well_balanced(&self, max_cv: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+        let max_cv = max_cv.map_or(Ok(core::WELL_BALANCED_CV), |v| real(v, "max_cv", Family::Input))?;
+        if !(max_cv.is_finite() && max_cv >= 0.0) {
+            return Err(crate::errors::value_error(
+                Family::Input,
+                format!("invalid max_cv: got {max_cv}; must be a finite number >= 0"),
+            ));
+        }
+        Ok(self.inner.is_well_balanced(max_cv))
     }
 
     /// JSON-ready copy: arrays as lists, a float that is not finite as None

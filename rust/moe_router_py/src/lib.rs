@@ -46,7 +46,7 @@ use moe_router_core::{
 };
 use std::sync::atomic::AtomicBool;
 
-use numpy::{Element, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::PyRuntimeWarning;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -193,9 +193,9 @@ impl<'py> CallArgs<'py> {
     }
 
     /// Release the GIL, run `route` in the pool, and wrap its result. When
-    /// `return_probs`, the `[T, E]` probabilities go into a NumPy array allocated
-    /// here (NumPy maps large arrays with huge pages, which halves the cost of
-    /// first touching them).
+    /// `return_probs`, the core allocates the `[T, E]` probabilities with the
+    /// rest of the result (a NumPy array allocated here could be made writeable
+    /// again by its user; the decision's views of the core's buffer cannot).
     ///
     /// While the pool works, the calling thread checks for a pending signal every
     /// `threads::POLL` (taking the GIL for a moment): on Ctrl-C the core stops at
@@ -209,12 +209,6 @@ impl<'py> CallArgs<'py> {
     ) -> PyResult<RoutingDecision> {
         let cancel = AtomicBool::new(false);
         let call = self.call(&cancel)?;
-        let probs = self.return_probs.then(|| PyArray2::<f32>::zeros(py, [shape.0, shape.1], false));
-        let mut guard = probs.as_ref().map(|p| p.readwrite());
-        let out = match guard.as_mut() {
-            Some(g) => Some(g.as_slice_mut().map_err(|e| unreadable("router_probs", e))?),
-            None => None,
-        };
         let mut signal: Option<PyErr> = None;
         let pending = || match Python::attach(|py| py.check_signals()) {
             Ok(()) => false,
@@ -224,8 +218,7 @@ impl<'py> CallArgs<'py> {
             }
         };
         let routing =
-            py.detach(|| threads::install_interruptible(shape.0, shape.1, &cancel, || route(&call, out), pending));
-        drop(guard);
+            py.detach(|| threads::install_interruptible(shape.0, shape.1, &cancel, || route(&call, None), pending));
         // The handler's exception wins even if the routing finished: the signal was consumed.
         if let Some(err) = signal {
             return Err(err);
@@ -233,7 +226,7 @@ impl<'py> CallArgs<'py> {
         let routing = routing.map_err(to_py)?;
         let batch_shape = self.batch_shape.clone().unwrap_or_else(|| vec![routing.num_tokens]);
         let mask = self.token_mask.as_ref().map(|m| m.as_any().clone().unbind());
-        Ok(RoutingDecision::new(py, routing, &batch_shape, probs.map(|p| p.into_any().unbind()))?.with_token_mask(mask))
+        Ok(RoutingDecision::new(py, routing, &batch_shape, None)?.with_token_mask(mask))
     }
 }
 

@@ -103,7 +103,7 @@ pub(crate) fn as_numpy<'py>(x: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound
 
 /// An array-like whose dtype kind is one of `kinds`, as a C-contiguous copy
 /// of `dtype` values and its shape; `TypeError` naming `name` otherwise.
-fn converted<T: Element + Copy>(
+pub(crate) fn converted<T: Element + Copy>(
     x: &Bound<'_, PyAny>,
     name: &str,
     kinds: &str,
