@@ -530,3 +530,14 @@ def test_load_balancer_refusals_name_their_argument() -> None:
     exc = raised(st.is_well_balanced, -1.0)
     assert isinstance(exc, mr.InputError) and "max_cv" in str(exc), exc
     assert st.is_well_balanced() is False and st.is_well_balanced(0.5) is False  # nothing seen yet
+
+
+@pytest.mark.parametrize("preset, setting, value, field", [
+    ("deepseek_v3", "n_group", 7, "num_groups"), ("deepseek_v3", "topk_group", 9, "group_top_k"),
+    ("deepseek_v3", "routed_scaling_factor", float("nan"), "weight_scale"),
+    ("megatron", "moe_router_topk_scaling_factor", -1.0, "weight_scale"),
+])
+def test_a_preset_refusal_names_the_framework_setting_first(preset: str, setting: str, value, field: str) -> None:
+    exc = raised(mr.presets.preset, preset, 256, 8, **{setting: value})
+    assert isinstance(exc, mr.ConfigError) and not isinstance(exc, TypeError), exc
+    assert str(exc).startswith(f"preset '{preset}': {setting}=") and f"sets {field}: invalid {field}" in str(exc), exc

@@ -1015,7 +1015,34 @@ pub fn preset(
     }
     let peer = t.peer.map_or(FieldValue::None, |peer| text(&peer.to_string()));
     let fixed = [("num_experts", int(e)), ("top_k", int(k)), ("peer", peer)];
-    RouterConfig::from_fields(fixed.into_iter().chain(t.fields))
+    RouterConfig::from_fields(fixed.into_iter().chain(t.fields)).map_err(|err| {
+        // Name the framework's setting the refused field came from, as the user spelt it
+        // (or as the preset's default), before the field's own message.
+        let field = match &err {
+            RouterError::InvalidConfig { field, .. } | RouterError::WrongType { field, .. } => *field,
+            _ => return err,
+        };
+        let from_given = given
+            .iter()
+            .find(|(param, _)| param.fields.contains(&field))
+            .map(|(param, used)| format!("{used}={} sets {field}", settings.get(param.key)));
+        let from_default = || {
+            spec.params.iter().find(|param| param.fields.contains(&field)).map(|param| {
+                format!(
+                    "the default {}={} sets {field}",
+                    param.names.first().unwrap_or(&param.key),
+                    settings.get(param.key)
+                )
+            })
+        };
+        match from_given.or_else(from_default) {
+            Some(origin) => RouterError::Preset {
+                message: format!("preset '{p}': {origin}: {err}"),
+                wrong_type: matches!(err, RouterError::WrongType { .. }),
+            },
+            None => err,
+        }
+    })
 }
 
 #[cfg(test)]
