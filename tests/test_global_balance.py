@@ -374,3 +374,29 @@ def test_gloo_all_reduce_equals_one_process():
                          for r in range(2)], env)
     for r, (code, out) in enumerate(results):
         assert code == 0 and f"rank {r}/2: OK" in out, out
+
+
+def test_concurrent_use_from_threads_is_serialized_not_refused() -> None:
+    import threading
+
+    rng = np.random.default_rng(3)
+    e, k = 8, 2
+    scores = rng.random((4096, e))
+    acc = mr.GlobalBalanceAccumulator(e, k)
+    errors: list = []
+
+    def work() -> None:
+        try:
+            for _ in range(20):
+                acc.add_quantiles(scores, None)
+                acc.add_counts(np.ones(e, dtype=np.int64), np.full(e, 0.5), 4)
+        except Exception as exc:  # any refusal is the failure under test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert acc.num_tokens == 4 * 20 * 4 and int(acc.tokens_per_expert.sum()) == 4 * 20 * e

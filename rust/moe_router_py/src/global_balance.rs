@@ -210,21 +210,17 @@ impl PyGlobalBalance {
     /// ConfigError
     ///     ``top_k >= num_experts`` (there is no (k+1)-th expert).
     #[pyo3(signature = (scores, expert_bias=None))]
-    fn add_quantiles(
-        &mut self,
-        py: Python<'_>,
-        scores: &Bound<'_, PyAny>,
-        expert_bias: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<()> {
+    fn add_quantiles(&mut self, scores: &Bound<'_, PyAny>, expert_bias: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
         let e = self.inner.num_experts();
         let (values, shape) = real_array(scores, "scores")?;
         if shape.len() < 2 || shape.last() != Some(&e) {
             return Err(to_py(core::RouterError::shape("scores", format!("[T, {e}]"), format!("{shape:?}"))));
         }
         let bias = bias_or_zeros(expert_bias, e)?;
-        let inner = &mut self.inner;
         let tokens = values.len() / e;
-        py.detach(|| crate::threads::install(tokens, e, || inner.add_quantiles(&values, &bias))).map_err(to_py)
+        // With the GIL held: the state is borrowed mutably, and releasing the GIL would
+        // let another thread's call on this object fail PyO3's borrow check.
+        crate::threads::install(tokens, e, || self.inner.add_quantiles(&values, &bias)).map_err(to_py)
     }
 
     /// Add ``other``'s statistics to this accumulator's.
