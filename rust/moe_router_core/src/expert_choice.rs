@@ -132,7 +132,7 @@ pub(crate) fn route_expert_choice<S: LogitSource>(
     let mut scores = vec![-1f64; t * e];
     let layout = Blocked { tokens: t, experts: e, chunk };
     let mut prob_factor = vec![0f64; t];
-    let mut probs = vec![0f32; if call.return_probs { t * e } else { 0 }];
+    let mut probs = crate::huge_pages::zeroed_f32(if call.return_probs { t * e } else { 0 });
     let sums = score_tokens(source, options, call, chunk, &mut scores, &mut prob_factor, &mut probs)?;
     let active = sums.active as usize;
 

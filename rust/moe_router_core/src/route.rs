@@ -231,7 +231,7 @@ pub fn route_into<S: LogitSource>(
             out
         }
         _ => {
-            router_probs = vec![0f32; wanted];
+            router_probs = crate::huge_pages::zeroed_f32(wanted);
             &mut router_probs
         }
     };
