@@ -541,3 +541,19 @@ def test_a_preset_refusal_names_the_framework_setting_first(preset: str, setting
     exc = raised(mr.presets.preset, preset, 256, 8, **{setting: value})
     assert isinstance(exc, mr.ConfigError) and not isinstance(exc, TypeError), exc
     assert str(exc).startswith(f"preset '{preset}': {setting}=") and f"sets {field}: invalid {field}" in str(exc), exc
+
+
+def test_an_unknown_simd_level_is_warned_about_at_import() -> None:
+    import os
+    import subprocess
+    import sys
+
+    def run(value: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "MOE_ROUTER_SIMD": value}
+        code = "import moe_router as mr, numpy as np; print(mr.route_logits(np.eye(4), mr.RouterConfig(num_experts=4, top_k=1)).expert_indices.ravel().tolist())"
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+
+    bad = run("avx-2")
+    assert "RuntimeWarning" in bad.stderr and 'MOE_ROUTER_SIMD="avx-2" is not a level' in bad.stderr, bad.stderr
+    good = run("avx2")
+    assert "MOE_ROUTER_SIMD" not in good.stderr and good.stdout == bad.stdout == "[0, 1, 2, 3]\n"

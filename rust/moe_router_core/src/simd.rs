@@ -4,7 +4,8 @@
 //! `MOE_ROUTER_SIMD` asks for less: `avx512`, `avx2`, or `off` / `portable`
 //! (the scalar kernels, which LLVM still vectorizes for the baseline target).
 //! Asking for a level the CPU lacks gives the best available level below it, so
-//! no unsupported instruction is ever executed; an unknown value is ignored.
+//! no unsupported instruction is ever executed; an unknown value is ignored (the
+//! bindings warn about it at import).
 //! The variable is read once per process. Every level gives the same bits.
 
 use std::sync::OnceLock;
@@ -39,16 +40,20 @@ impl SimdLevel {
         SimdLevel::Portable
     }
 
+    /// The cap a value of `MOE_ROUTER_SIMD` spells (`None` for an unknown value).
+    pub fn parse(value: &str) -> Option<SimdLevel> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "avx512" => Some(SimdLevel::Avx512),
+            "avx2" => Some(SimdLevel::Avx2),
+            "off" | "portable" => Some(SimdLevel::Portable),
+            _ => None,
+        }
+    }
+
     /// The level for a value of `MOE_ROUTER_SIMD` (`None`: unset), given the
     /// best level the CPU supports.
     fn requested(value: Option<&str>, best: SimdLevel) -> SimdLevel {
-        let cap = match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-            Some("avx512") => SimdLevel::Avx512,
-            Some("avx2") => SimdLevel::Avx2,
-            Some("off") | Some("portable") => SimdLevel::Portable,
-            _ => SimdLevel::Avx512,
-        };
-        best.min(cap)
+        best.min(value.and_then(SimdLevel::parse).unwrap_or(SimdLevel::Avx512))
     }
 
     /// The spelling `MOE_ROUTER_SIMD` accepts for this level.

@@ -483,9 +483,25 @@ fn get_num_threads() -> usize {
     threads::num_threads()
 }
 
+/// A `MOE_ROUTER_SIMD` the core does not know is ignored (the best level runs):
+/// say so once, at import, rather than let a mistyped level go unnoticed.
+fn warn_unknown_simd_request(py: Python<'_>) -> PyResult<()> {
+    let Ok(value) = std::env::var("MOE_ROUTER_SIMD") else { return Ok(()) };
+    if value.trim().is_empty() || core::SimdLevel::parse(&value).is_some() {
+        return Ok(());
+    }
+    let message = std::ffi::CString::new(format!(
+        "MOE_ROUTER_SIMD={value:?} is not a level (avx512, avx2, off or portable); it is ignored and the best \
+         level the CPU supports runs"
+    ))
+    .unwrap_or_default();
+    PyErr::warn(py, &py.get_type::<pyo3::exceptions::PyRuntimeWarning>(), &message, 1)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
+    warn_unknown_simd_request(py)?;
     m.add_class::<PyRouterConfig>()?;
     m.add_class::<RoutingDecision>()?;
     m.add_class::<ExpertAssignment>()?;
