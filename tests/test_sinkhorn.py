@@ -149,7 +149,7 @@ def test_large_logits_do_not_overflow(case, scale, k) -> None:
     rows = np.arange(t)[:, None]
     np.testing.assert_allclose(balanced[rows, dec.expert_indices], balanced[rows, idx], rtol=1e-12, atol=0)
     differ = (dec.expert_indices != idx).any(axis=1)
-    near_tie = np.isclose(balanced[rows, idx][:, :, None], balanced[rows][:, None, :], rtol=1e-12, atol=0)
+    near_tie = np.isclose(balanced[rows, idx][:, :, None], balanced[:, None, :], rtol=1e-12, atol=0)  # [T, k, E]
     assert (near_tie.sum(axis=2) > 1).any(axis=1)[differ].all(), "a selection differs without a near-tie"
     assert dec.sinkhorn_iterations == iterations
 
