@@ -172,3 +172,44 @@ def test_against_megatron_topk_routing() -> None:
     np.testing.assert_array_equal(mine, routing_map.numpy())
     np.testing.assert_allclose(np.take_along_axis(probs.numpy(), dec.expert_indices, 1), dec.expert_weights,
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize(("precision", "bias"), [("float32", False), ("float32", True), ("float32_logits", False)])
+def test_float32_score_precision_scores_sqrtsoftplus(precision, bias) -> None:
+    # The peers' float32 arithmetic: s = float32(sqrt(softplus(z))), ranked by s (+ bias)
+    # in float32 for "float32" (by the logits otherwise, without bias), weights
+    # s / (sum of the chosen s + 1e-20); router_probs are s.
+    rng = np.random.default_rng(11)
+    t, e, k = 300, 16, 4
+    z = (rng.normal(size=(t, e)) * 3).astype(np.float32)
+    call = {"return_probs": True}
+    if bias:
+        call["expert_bias"] = rng.normal(scale=0.2, size=e).astype(np.float32)
+    cfg = mr.RouterConfig(num_experts=e, top_k=k, score_function="sqrtsoftplus", normalize_weights=True,
+                          capacity_factor=None, score_precision=precision)
+    dec = mr.route_logits(z, cfg, **call)
+    s = sqrt_softplus(z).astype(np.float32)
+    keys = s + call["expert_bias"] if bias else (s if precision == "float32" else z)
+    order = np.argsort(-keys, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(dec.expert_indices, order)
+    chosen = np.take_along_axis(s, order, 1)
+    want = chosen / (chosen.sum(axis=1, keepdims=True, dtype=np.float32) + np.float32(1e-20))
+    np.testing.assert_allclose(dec.expert_weights, want, rtol=2e-7)
+    np.testing.assert_array_equal(dec.router_probs, s)  # the scores themselves, as for sigmoid
+    # The float64 scores route the same and weigh within float32 rounding.
+    exact = mr.route_logits(z, cfg.replace(score_precision="float64"), **call)
+    np.testing.assert_array_equal(dec.expert_indices, exact.expert_indices)
+    np.testing.assert_allclose(dec.expert_weights, exact.expert_weights, rtol=1e-6)
+
+
+def test_megatron_preset_sqrtsoftplus_weights_are_not_a_softmax() -> None:
+    rng = np.random.default_rng(12)
+    z = (rng.normal(size=(256, 16)) * 2).astype(np.float32)
+    bias = rng.normal(scale=0.1, size=16).astype(np.float32)
+    cfg = presets.megatron(16, 4, moe_router_score_function="sqrtsoftplus", expert_bias=bias.tolist())
+    dec = mr.route_logits(z, cfg)
+    s = sqrt_softplus(z).astype(np.float32)
+    order = np.argsort(-(s + bias), axis=1, kind="stable")[:, :4]
+    np.testing.assert_array_equal(dec.expert_indices, order)
+    chosen = np.take_along_axis(s, order, 1)
+    np.testing.assert_allclose(dec.expert_weights, chosen / (chosen.sum(axis=1, keepdims=True) + 1e-20), rtol=2e-7)

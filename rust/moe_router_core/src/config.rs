@@ -69,6 +69,13 @@ spelled_enum!(ScoreFunction, "score_function", [
     "softmax" => Softmax, "sigmoid" => Sigmoid, "sqrtsoftplus" => SqrtSoftplus,
 ]);
 
+impl ScoreFunction {
+    /// Whether each score depends on its own logit only (sigmoid, sqrtsoftplus).
+    pub fn is_elementwise(self) -> bool {
+        matches!(self, ScoreFunction::Sigmoid | ScoreFunction::SqrtSoftplus)
+    }
+}
+
 /// Which routing algorithm assigns tokens to experts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RoutingAlgorithm {

@@ -17,7 +17,7 @@
 //! selection on the float32 keys are scalar.
 
 use crate::config::{RouterConfig, ScoreFunction, ScorePrecision};
-use crate::math::exp_shifted;
+use crate::math::{exp_shifted, sqrt_softplus};
 use crate::score::RowScores;
 use crate::simd::Simd;
 use crate::weights::Chosen;
@@ -55,16 +55,22 @@ pub(crate) fn score_row(
     scratch: &mut [f64],
     z_term: f64,
 ) -> RowScores {
-    if function == ScoreFunction::Sigmoid {
-        for (x, &z) in scratch.iter_mut().zip(logits) {
-            *x = f64::from(-(z as f32));
+    if function.is_elementwise() {
+        if function == ScoreFunction::Sigmoid {
+            for (x, &z) in scratch.iter_mut().zip(logits) {
+                *x = f64::from(-(z as f32));
+            }
+            exp_shifted(simd, scratch, 0.0, buffer);
+            for b in buffer.iter_mut() {
+                *b = f64::from(1.0 / (1.0 + *b as f32));
+            }
+        } else {
+            // torch's float32 `softplus(z).sqrt()`, rounded once from float64.
+            for (b, &z) in buffer.iter_mut().zip(logits) {
+                *b = f64::from(sqrt_softplus(f64::from(z as f32)) as f32);
+            }
         }
-        exp_shifted(simd, scratch, 0.0, buffer);
-        let mut sum = 0.0;
-        for b in buffer.iter_mut() {
-            *b = f64::from(1.0 / (1.0 + *b as f32));
-            sum += *b;
-        }
+        let sum = buffer.iter().fold(0.0, |a, &b| a + b);
         // The loss's distribution is normalized with the same epsilon (Megatron-Core's aux-loss scores).
         let prob_scale = 1.0 / (sum + f64::from(SIGMOID_DENOMINATOR_EPS));
         return RowScores { z_term, scale: 1.0, prob_scale };
@@ -101,7 +107,7 @@ pub(crate) fn biased(score: f64, bias: Option<f64>) -> f64 {
 ///
 /// - softmax ranked by logits: a float32 softmax over the chosen logits (Megatron-Core);
 /// - softmax ranked by scores: `p_j / sum_i p_i` (Hugging Face `routing_weights /= sum`);
-/// - sigmoid: `s_j / (sum_i s_i + 1e-20)` (Megatron-Core, Hugging Face DeepSeek-V3).
+/// - sigmoid and sqrtsoftplus: `s_j / (sum_i s_i + 1e-20)` (Megatron-Core, Hugging Face DeepSeek-V3).
 pub(crate) fn write_weights(options: &RouterConfig, chosen: &Chosen, weights: &mut [f32]) {
     let picked = || chosen.experts.iter().zip(chosen.routed).filter(|(_, &r)| r).map(|(&x, _)| x as usize);
     let scale = options.weight_scale as f32;
@@ -112,10 +118,7 @@ pub(crate) fn write_weights(options: &RouterConfig, chosen: &Chosen, weights: &m
     for x in picked() {
         sum += if softmax_of_logits { exp32(chosen.logits[x] as f32 - max) } else { chosen.buffer[x] as f32 };
     }
-    let denominator = match chosen.function {
-        ScoreFunction::Sigmoid => sum + SIGMOID_DENOMINATOR_EPS,
-        _ => sum,
-    };
+    let denominator = if chosen.function.is_elementwise() { sum + SIGMOID_DENOMINATOR_EPS } else { sum };
     for ((w, &x), &r) in weights.iter_mut().zip(chosen.experts).zip(chosen.routed) {
         let s = chosen.buffer[x as usize] as f32;
         *w = if !r {
@@ -145,6 +148,21 @@ pub(crate) fn renormalize_kept(options: &RouterConfig, w: &mut [f32], kept: &[bo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sqrtsoftplus_scores_are_the_rounded_element_wise_values() {
+        // torch: softplus(z).sqrt() in float32; softplus(0) = ln 2, softplus(-100) underflows
+        // to e^-100, still a float32 normal.
+        let z = [0.0, 3.5, -2.0, 40.0, -100.0];
+        let mut s = [0.0; 5];
+        let row = score_row(Simd::current(), ScoreFunction::SqrtSoftplus, &z, &mut s, &mut [0.0; 5], 7.0);
+        let want = z.map(|v| f64::from(sqrt_softplus(v) as f32));
+        assert_eq!(s, want);
+        assert_eq!(s[0], f64::from(std::f64::consts::LN_2.sqrt() as f32));
+        assert_eq!(row.z_term, 7.0);
+        let sum = want.iter().fold(0.0, |a, &b| a + b);
+        assert_eq!(row.prob_scale, 1.0 / (sum + f64::from(SIGMOID_DENOMINATOR_EPS)));
+    }
 
     #[test]
     fn softmax_underflows_and_sigmoid_saturates_as_torch_does() {

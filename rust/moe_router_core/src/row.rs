@@ -289,14 +289,14 @@ impl RowRouter {
 
     /// The row's scores: float64 (`score_row`), or the peers' float32 arithmetic
     /// in its place (`float32`), whose softmax also gives the z-loss term (from its
-    /// float32 max and sum); the sigmoid's z-loss term is the float64 one.
+    /// float32 max and sum); the element-wise scores' z-loss term is the float64 one.
     fn score(&mut self, ctx: &RowContext, max: f64) -> RowScores {
         let function = ctx.options.score_function;
         if !float32::applies(ctx.options) {
             return score_row(ctx.simd, function, &self.logits, max, &mut self.scores);
         }
-        // Softmax: the float32 pass gives the logsumexp too; sigmoid needs the float64 one.
-        let z_term = if function == ScoreFunction::Sigmoid {
+        // Softmax: the float32 pass gives the logsumexp too; the element-wise scores need the float64 one.
+        let z_term = if function.is_elementwise() {
             score_row(ctx.simd, function, &self.logits, max, &mut self.scores).z_term
         } else {
             f64::NAN // unused: the float32 softmax computes its own
