@@ -164,6 +164,12 @@ fn block<F: Logit>(ctx: &RowContext, start: usize, raw: &[F], out: BlockOut, tal
     }
 
     let BlockOut { experts, weights, routed, probs, top1 } = out;
+    // Token-major choices, one rank at a time (strided stores, not a gather per token).
+    for (j, c) in chosen.iter().enumerate().take(k) {
+        for (t, &x) in c.iter().enumerate() {
+            experts[t * k + j] = x;
+        }
+    }
     let mut weight_scratch = [0.0f64; BLOCK];
     for t in 0..BLOCK {
         let span = t * k..(t + 1) * k;
@@ -173,9 +179,6 @@ fn block<F: Logit>(ctx: &RowContext, start: usize, raw: &[F], out: BlockOut, tal
             routed: &mut routed[span],
             probs: if probs.is_empty() { &mut [] } else { &mut probs[t * BLOCK..(t + 1) * BLOCK] },
         };
-        for (x, c) in token_out.experts.iter_mut().zip(&chosen) {
-            *x = c[t];
-        }
         token_out.routed.fill(true); // every logit is finite
         let row = rows[t];
         for (p, &s) in token_out.probs.iter_mut().zip(&scores[t]) {
