@@ -11,10 +11,11 @@
 //! So the results are the same bits; only the work is shared.
 
 use crate::config::ScoreFunction;
-use crate::math::{exp_shifted, lane_sum};
+use crate::math::{dispatch, exp_shifted};
 use crate::route::Tally;
 use crate::row::{record_token, RowContext, TokenOut};
 use crate::score::RowScores;
+use crate::simd::SimdLevel;
 use crate::source::Logit;
 
 /// Tokens (and experts) per block.
@@ -51,8 +52,6 @@ pub(crate) struct BlockOut<'o> {
 /// Returns false, having written nothing, when a row needs the per-token path:
 /// a logit that is not finite (`-inf` experts, or a row to reject) or a
 /// z-loss term that overflows.
-// The lane loops index token-major arrays by expert (a transpose): ranges read clearer.
-#[allow(clippy::needless_range_loop)]
 pub(crate) fn route_block<F: Logit>(
     ctx: &RowContext,
     start: usize,
@@ -60,67 +59,117 @@ pub(crate) fn route_block<F: Logit>(
     out: BlockOut,
     tally: &mut Tally,
 ) -> bool {
+    dispatch!(ctx.simd, route_block(ctx, start, raw, out, tally))
+}
+
+/// The block body compiled with `$feature` in module `$level`: the lane loops
+/// are only vectorized as wide as the build allows, and they do not change
+/// any value (no contraction into FMA; the same selects and comparisons).
+macro_rules! build {
+    ($level:ident $(, $feature:literal)?) => {
+        mod $level {
+            use super::*;
+
+            $(#[target_feature(enable = $feature)])?
+            pub(super) fn route_block<F: Logit>(
+                ctx: &RowContext,
+                start: usize,
+                raw: &[F],
+                out: BlockOut,
+                tally: &mut Tally,
+            ) -> bool {
+                block(ctx, start, raw, out, tally)
+            }
+        }
+    };
+}
+
+build!(portable);
+#[cfg(target_arch = "x86_64")]
+build!(avx2, "avx2,fma");
+#[cfg(target_arch = "x86_64")]
+build!(avx512, "avx512f");
+
+// The lane loops index token-major arrays by expert (a transpose): ranges read clearer.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn block<F: Logit>(ctx: &RowContext, start: usize, raw: &[F], out: BlockOut, tally: &mut Tally) -> bool {
     debug_assert!(applies(ctx) && raw.len() == BLOCK * BLOCK);
     let k = ctx.options.top_k;
-    // z[t][e]: token t's logits.
+    // z[t][e]: token t's logits; zt[e][t] = z[t][e], the lanes of the vertical passes.
     let mut z = [[0.0f64; BLOCK]; BLOCK];
-    let mut finite = true;
-    for (row, values) in z.iter_mut().zip(raw.chunks_exact(BLOCK)) {
-        for (v, r) in row.iter_mut().zip(values) {
+    let mut zt = [[0.0f64; BLOCK]; BLOCK];
+    for (t, (row, values)) in z.iter_mut().zip(raw.chunks_exact(BLOCK)).enumerate() {
+        for (e, (v, r)) in row.iter_mut().zip(values).enumerate() {
             *v = r.to_f64();
-            finite &= v.is_finite();
+            zt[e][t] = *v;
         }
     }
-    if !finite {
+    let mut finite = [true; BLOCK];
+    for column in &zt {
+        for (f, v) in finite.iter_mut().zip(column) {
+            *f &= v.is_finite();
+        }
+    }
+    if finite.contains(&false) {
         return false;
     }
     // The largest logit, folded over the experts in order as the read pass does.
     let mut max = [f64::NEG_INFINITY; BLOCK];
-    for e in 0..BLOCK {
-        for t in 0..BLOCK {
-            let v = z[t][e];
-            max[t] = if v > max[t] { v } else { max[t] };
+    for column in &zt {
+        for (m, &v) in max.iter_mut().zip(column) {
+            *m = if v > *m { v } else { *m };
         }
     }
     let mut shifted = [[0.0f64; BLOCK]; BLOCK];
-    for t in 0..BLOCK {
-        for e in 0..BLOCK {
-            shifted[t][e] = z[t][e] - max[t];
+    for (s, column) in shifted.iter_mut().zip(&zt) {
+        for ((x, &v), &m) in s.iter_mut().zip(column).zip(&max) {
+            *x = v - m;
         }
     }
     // One call of the level's `exp` for the block (`x - 0.0` is `x`); its sum is not a row's.
-    let mut scores = [[0.0f64; BLOCK]; BLOCK];
-    exp_shifted(ctx.simd, shifted.as_flattened(), 0.0, scores.as_flattened_mut());
+    let mut st = [[0.0f64; BLOCK]; BLOCK];
+    exp_shifted(ctx.simd, shifted.as_flattened(), 0.0, st.as_flattened_mut());
+    // Each token's `lane_sum` of its scores, taken vertically in the same pairing.
+    let pair = |a: &[f64; BLOCK], b: &[f64; BLOCK]| -> [f64; BLOCK] { std::array::from_fn(|t| a[t] + b[t]) };
+    let sum =
+        pair(&pair(&pair(&st[0], &st[4]), &pair(&st[2], &st[6])), &pair(&pair(&st[1], &st[5]), &pair(&st[3], &st[7])));
     let mut rows = [RowScores { z_term: 0.0, scale: 0.0, prob_scale: 0.0 }; BLOCK];
-    for (row, (s, &m)) in rows.iter_mut().zip(scores.iter().zip(&max)) {
-        let sum = lane_sum(s);
-        let lse = m + sum.ln();
-        *row = RowScores { z_term: lse * lse, scale: 1.0 / sum, prob_scale: 1.0 / sum };
+    for (row, (&s, &m)) in rows.iter_mut().zip(sum.iter().zip(&max)) {
+        let lse = m + s.ln();
+        *row = RowScores { z_term: lse * lse, scale: 1.0 / s, prob_scale: 1.0 / s };
     }
     if rows.iter().any(|r| !r.z_term.is_finite()) {
         return false;
     }
-
-    // Top-k by insertion in the spec's order (key descending, then index
-    // ascending); a displaced entry moves down past ties of higher index.
-    let mut best = [[f64::NEG_INFINITY; BLOCK]; BLOCK];
-    let mut chosen = [[0.0f64; BLOCK]; BLOCK];
-    for e in 0..BLOCK {
-        let mut key: [f64; BLOCK] = std::array::from_fn(|t| z[t][e]);
-        let mut index = [e as f64; BLOCK];
-        for (b, c) in best.iter_mut().zip(chosen.iter_mut()).take(k) {
-            for t in 0..BLOCK {
-                let larger = key[t] > b[t] || (key[t] == b[t] && index[t] < c[t]);
-                let (kb, cb) = (b[t], c[t]);
-                b[t] = if larger { key[t] } else { kb };
-                c[t] = if larger { index[t] } else { cb };
-                key[t] = if larger { kb } else { key[t] };
-                index[t] = if larger { cb } else { index[t] };
-            }
+    let mut scores = [[0.0f64; BLOCK]; BLOCK];
+    for (e, column) in st.iter().enumerate() {
+        for (row, &v) in scores.iter_mut().zip(column) {
+            row[e] = v;
         }
     }
 
+    // chosen[j][t]: token t's (j+1)-th expert. `k` as a constant keeps the
+    // insertion's lanes in registers.
+    let mut chosen = [[0i32; BLOCK]; BLOCK];
+    match k {
+        1 => chosen[..1].copy_from_slice(&top_k_lanes::<1>(&zt)),
+        2 => chosen[..2].copy_from_slice(&top_k_lanes::<2>(&zt)),
+        3 => chosen[..3].copy_from_slice(&top_k_lanes::<3>(&zt)),
+        4 => chosen[..4].copy_from_slice(&top_k_lanes::<4>(&zt)),
+        5 => chosen[..5].copy_from_slice(&top_k_lanes::<5>(&zt)),
+        6 => chosen[..6].copy_from_slice(&top_k_lanes::<6>(&zt)),
+        7 => chosen[..7].copy_from_slice(&top_k_lanes::<7>(&zt)),
+        _ => chosen.copy_from_slice(&top_k_lanes::<BLOCK>(&zt)),
+    }
+
     let BlockOut { experts, weights, routed, probs, top1 } = out;
+    // Token-major choices, one rank at a time (strided stores, not a gather per token).
+    for (j, c) in chosen.iter().enumerate().take(k) {
+        for (t, &x) in c.iter().enumerate() {
+            experts[t * k + j] = x;
+        }
+    }
     let mut weight_scratch = [0.0f64; BLOCK];
     for t in 0..BLOCK {
         let span = t * k..(t + 1) * k;
@@ -130,9 +179,6 @@ pub(crate) fn route_block<F: Logit>(
             routed: &mut routed[span],
             probs: if probs.is_empty() { &mut [] } else { &mut probs[t * BLOCK..(t + 1) * BLOCK] },
         };
-        for (x, c) in token_out.experts.iter_mut().zip(&chosen) {
-            *x = c[t] as i32;
-        }
         token_out.routed.fill(true); // every logit is finite
         let row = rows[t];
         for (p, &s) in token_out.probs.iter_mut().zip(&scores[t]) {
@@ -148,6 +194,34 @@ pub(crate) fn route_block<F: Logit>(
         }
     }
     true
+}
+
+/// The top `K` experts of each lane's token, by insertion in the spec's order
+/// (key descending, then index ascending; a displaced entry moves down past
+/// ties of higher index): `zt[e][t]` is token t's key for expert e.
+#[inline(always)]
+fn top_k_lanes<const K: usize>(zt: &[[f64; BLOCK]; BLOCK]) -> [[i32; BLOCK]; K] {
+    #[inline(always)]
+    fn pick<V: Copy>(m: &[bool; BLOCK], x: &[V; BLOCK], y: &[V; BLOCK]) -> [V; BLOCK] {
+        std::array::from_fn(|t| if m[t] { x[t] } else { y[t] })
+    }
+    let mut best = [[f64::NEG_INFINITY; BLOCK]; K];
+    let mut chosen = [[0i32; BLOCK]; K];
+    for (e, column) in zt.iter().enumerate() {
+        let mut key = *column;
+        let mut index = [e as i32; BLOCK];
+        for (b, c) in best.iter_mut().zip(chosen.iter_mut()) {
+            // Whole-lane steps with `|` and `&` (no branch per lane), so each vectorizes.
+            let larger: [bool; BLOCK] =
+                std::array::from_fn(|t| (key[t] > b[t]) | ((key[t] == b[t]) & (index[t] < c[t])));
+            let (kb, cb) = (*b, *c);
+            *b = pick(&larger, &key, &kb);
+            *c = pick(&larger, &index, &cb);
+            key = pick(&larger, &kb, &key);
+            index = pick(&larger, &cb, &index);
+        }
+    }
+    chosen
 }
 
 #[cfg(test)]
