@@ -452,8 +452,13 @@ mod tests {
         let plan = DispatchPlan::new(&view(&r), PlanLayout { alignment: 4, pad_to_capacity: false }).unwrap();
         let portable = Writes { level: crate::SimdLevel::Portable, stream: false };
         for d in [1, 37, 64, 300] {
-            let value =
-                |i: usize| if i % 23 == 0 { special[i / 23 % special.len()] } else { (i as f32 * 0.61).sin() * 7.0 };
+            let value = |i: usize| {
+                if i.is_multiple_of(23) {
+                    special[i / 23 % special.len()]
+                } else {
+                    (i as f32 * 0.61).sin() * 7.0
+                }
+            };
             let hidden: Vec<P> = (0..300 * d).map(|i| of(value(i))).collect();
             let rows: Vec<P> = (0..plan.num_rows * d).map(|i| of(value(i * 3 + 1))).collect();
             let run = |w: Writes| {

@@ -308,12 +308,17 @@ mod tests {
     fn float16_kernels_match_half_bit_for_bit() {
         let special = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -0.0, 0.0, 65504.0, 65520.0, 6e-8, -3e-5, 1e-9];
         let x: Vec<f16> = (0..523)
-            .map(|i| {
-                f16::from_f32(if i % 9 == 0 { special[i / 9 % special.len()] } else { (i as f32 * 0.37).sin() * 300.0 })
+            .map(|i: usize| {
+                f16::from_f32(if i.is_multiple_of(9) {
+                    special[i / 9 % special.len()]
+                } else {
+                    (i as f32 * 0.37).sin() * 300.0
+                })
             })
             .collect();
-        let start: Vec<f32> =
-            (0..523).map(|i| if i % 13 == 0 { special[i % special.len()] } else { i as f32 * 1.5 }).collect();
+        let start: Vec<f32> = (0..523)
+            .map(|i: usize| if i.is_multiple_of(13) { special[i % special.len()] } else { i as f32 * 1.5 })
+            .collect();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for weight in [None, Some(0.3f32), Some(-2.5)] {
             let mut want = start.clone();
