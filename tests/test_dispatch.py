@@ -3,6 +3,10 @@ against plain loops over the decision written here."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -410,3 +414,52 @@ def test_an_empty_batch_goes_through_every_new_path():
     router = mr.ExpertRouter(cfg, 3, gate="linear")
     gh, gw, gb = router.backward(router.route_tokens(empty))
     assert gh.shape == (0, 3) and (gw == 0).all() and (gb == 0).all()
+
+
+MOVES_RUN = """
+import sys
+import numpy as np
+import moe_router as mr
+rng = np.random.default_rng(5)
+special = np.array([np.inf, -np.inf, np.nan, -0.0, 3e38, 65504.0, 1e-40])
+out = {}
+# D=1037 misaligns every row; at T=4096 the f32/f64 outputs pass the streaming threshold (16 MiB)
+for T, D in [(300, 37), (4096, 1037)]:
+    cfg = mr.RouterConfig(num_experts=8, top_k=2, capacity_factor=1.25)
+    plan = mr.route_logits(rng.normal(size=(T, 8)).astype(np.float32), cfg).dispatch_plan(alignment=4)
+    base = rng.normal(size=(T, D))
+    flat = base.reshape(-1)
+    flat[::23] = np.resize(special, flat[::23].size)
+    for dtype in ("float32", "float64", "float16"):
+        with np.errstate(over="ignore"):
+            hidden = base.astype(dtype)
+        for threads in (1, 2):
+            mr.set_num_threads(threads)
+            rows = plan.permute(hidden)
+            key = f"{T}_{dtype}_{threads}"
+            out[key + "_permute"] = rows
+            out[key + "_combine"] = plan.combine(rows)
+            out[key + "_sum"] = plan.combine(rows, weighted=False)
+            out[key + "_unpermute"] = plan.unpermute(rows)
+np.savez(sys.argv[1], **out)
+"""
+
+
+def test_moves_are_the_same_bits_at_every_simd_level_streaming_or_not(tmp_path):
+    got = {}
+    for level in ("avx512", "avx2", "off"):
+        path = tmp_path / f"{level}.npz"
+        subprocess.run([sys.executable, "-c", MOVES_RUN, str(path)], env=dict(os.environ, MOE_ROUTER_SIMD=level),
+                       check=True)
+        got[level] = dict(np.load(path))
+    uint = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+    for level in ("avx512", "avx2"):
+        for name, want in got["off"].items():
+            have = got[level][name]
+            assert have.dtype == want.dtype and have.shape == want.shape, name
+            np.testing.assert_array_equal(have.view(uint[want.itemsize]), want.view(uint[want.itemsize]),
+                                          err_msg=f"{level} {name}")
+    for name, two in got["avx512"].items():
+        if name.split("_")[2] == "2":
+            one = got["avx512"][name.replace("_2_", "_1_")]
+            np.testing.assert_array_equal(two.view(uint[two.itemsize]), one.view(uint[one.itemsize]), err_msg=name)

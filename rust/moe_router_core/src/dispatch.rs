@@ -11,12 +11,14 @@
 //!
 //! Every pass writes disjoint rows or tokens from one thread each, so results
 //! are the same at any thread count; `combine` adds a token's rows in rank
-//! order, never with atomics.
+//! order, never with atomics. Outputs larger than the caches are written with
+//! streaming stores (`row_moves`).
 
 use rayon::prelude::*;
 
 use crate::error::{filled, Result, RouterError};
 use crate::payload::Payload;
+use crate::row_moves::Writes;
 
 /// Rows handled by one task of the parallel passes (a few hundred KiB of data
 /// for typical widths: enough to amortize scheduling, small enough to balance).
@@ -294,7 +296,7 @@ impl DispatchPlan {
         if d == 0 {
             return Ok(());
         }
-        gather(out, d, hidden, &self.token_ids);
+        gather(Writes::for_output::<P>(out.len()), out, d, hidden, &self.token_ids);
         Ok(())
     }
 
@@ -308,6 +310,12 @@ impl DispatchPlan {
         if d == 0 {
             return Ok(());
         }
+        self.combine_into(Writes::for_output::<P>(out.len()), expert_out, d, weighted, out);
+        Ok(())
+    }
+
+    /// [`DispatchPlan::combine`] on checked arguments.
+    fn combine_into<P: Payload>(&self, w: Writes, expert_out: &[P], d: usize, weighted: bool, out: &mut [P]) {
         let k = self.top_k;
         out.par_chunks_mut(ROWS_PER_TASK * d).enumerate().for_each_init(
             || vec![P::Acc::default(); d],
@@ -319,16 +327,16 @@ impl DispatchPlan {
                         let Ok(r) = usize::try_from(r) else { continue };
                         let x = &expert_out[r * d..(r + 1) * d];
                         if weighted {
-                            P::add_scaled(acc, x, self.weights[r]);
+                            P::add_scaled(w.level, acc, x, self.weights[r]);
                         } else {
-                            P::add(acc, x);
+                            P::add(w.level, acc, x);
                         }
                     }
-                    P::store(y, acc);
+                    P::store(w.level, y, acc, w.stream);
                 }
+                w.fence();
             },
         );
-        Ok(())
     }
 
     /// Scatter without summing: `out[t, j]` (`[T, k, d]`) is the row of the
@@ -340,7 +348,7 @@ impl DispatchPlan {
         if d == 0 {
             return Ok(());
         }
-        gather(out, d, expert_out, &self.row_of);
+        gather(Writes::for_output::<P>(out.len()), out, d, expert_out, &self.row_of);
         Ok(())
     }
 }
@@ -364,19 +372,20 @@ pub fn gather_rows<P: Payload>(src: &[P], d: usize, index: &[i64], out: &mut [P]
             format!("index[{i}] = {}", index[i]),
         ));
     }
-    gather(out, d, src, index);
+    gather(Writes::for_output::<P>(out.len()), out, d, src, index);
     Ok(())
 }
 
 /// [`gather_rows`] on checked arguments.
-fn gather<P: Payload>(out: &mut [P], d: usize, src: &[P], index: &[i64]) {
+fn gather<P: Payload>(w: Writes, out: &mut [P], d: usize, src: &[P], index: &[i64]) {
     out.par_chunks_mut(ROWS_PER_TASK * d).enumerate().for_each(|(c, block)| {
         for (row, &from) in block.chunks_exact_mut(d).zip(&index[c * ROWS_PER_TASK..]) {
             match usize::try_from(from) {
-                Ok(from) => row.copy_from_slice(&src[from * d..(from + 1) * d]),
+                Ok(from) => P::copy(w.level, row, &src[from * d..(from + 1) * d], w.stream),
                 Err(_) => row.fill(P::ZERO),
             }
         }
+        w.fence();
     });
 }
 
@@ -433,6 +442,56 @@ mod tests {
                 assert_eq!(back[t * d + c], kept * hidden[t * d + c]);
             }
         }
+    }
+
+    /// Every move at every SIMD level, streaming or not, at 1 and 2 threads,
+    /// gives the bits of the portable single-threaded pass.
+    fn levels_agree<P: Payload>(of: impl Fn(f32) -> P, bits: impl Fn(&[P]) -> Vec<u64> + Sync) {
+        let special = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -0.0, 3e38, 65504.0, 1e-40];
+        let r = decision(300, 8, 2, Some(125));
+        let plan = DispatchPlan::new(&view(&r), PlanLayout { alignment: 4, pad_to_capacity: false }).unwrap();
+        let portable = Writes { level: crate::SimdLevel::Portable, stream: false };
+        for d in [1, 37, 64, 300] {
+            let value = |i: usize| {
+                if i.is_multiple_of(23) {
+                    special[i / 23 % special.len()]
+                } else {
+                    (i as f32 * 0.61).sin() * 7.0
+                }
+            };
+            let hidden: Vec<P> = (0..300 * d).map(|i| of(value(i))).collect();
+            let rows: Vec<P> = (0..plan.num_rows * d).map(|i| of(value(i * 3 + 1))).collect();
+            let run = |w: Writes| {
+                let mut permuted = vec![P::ZERO; plan.num_rows * d];
+                gather(w, &mut permuted, d, &hidden, &plan.token_ids);
+                let mut unpermuted = vec![P::ZERO; 300 * 2 * d];
+                gather(w, &mut unpermuted, d, &rows, &plan.row_of);
+                let mut sums = Vec::new();
+                for weighted in [true, false] {
+                    let mut y = vec![P::ZERO; 300 * d];
+                    plan.combine_into(w, &rows, d, weighted, &mut y);
+                    sums.push(bits(&y));
+                }
+                (bits(&permuted), bits(&unpermuted), sums)
+            };
+            let want = run(portable);
+            for simd in crate::simd::Simd::all() {
+                for stream in [false, true] {
+                    for threads in [1, 2] {
+                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                        let got = pool.install(|| run(Writes { level: simd.level(), stream }));
+                        assert!(got == want, "d={d} {:?} stream={stream} threads={threads}", simd.level());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_simd_level_and_streaming_give_the_same_bits() {
+        levels_agree(|v| v, |x: &[f32]| x.iter().map(|v| v.to_bits() as u64).collect());
+        levels_agree(f64::from, |x: &[f64]| x.iter().map(|v| v.to_bits()).collect());
+        levels_agree(half::f16::from_f32, |x: &[half::f16]| x.iter().map(|v| v.to_bits() as u64).collect());
     }
 
     #[test]

@@ -71,6 +71,7 @@ mod route;
 mod routing_stats;
 mod row;
 mod row_block;
+mod row_moves;
 mod score;
 mod simd;
 mod sinkhorn;
