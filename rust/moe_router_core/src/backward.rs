@@ -34,7 +34,7 @@ use rayon::prelude::*;
 
 use crate::config::{RouterConfig, RoutingAlgorithm, ScoreFunction};
 use crate::error::{Result, RouterError};
-use crate::math::sqrt_softplus_slope;
+use crate::math::{exp_shifted_dot, read_row, sqrt_softplus_slope};
 use crate::route::{chunk_tokens, RouteCall};
 use crate::row::{RowContext, RowRouter};
 use crate::simd::Simd;
@@ -172,30 +172,74 @@ where
     // d(aux)/d x_te from the z-loss: z_factor * lse_t * softmax(x_t)_e.
     let z_factor = aux * options.router_z_loss_coeff * 2.0 / active;
     let ctx = RowContext::new(options, call, source.argument());
+    // Element-wise scores (sigmoid, sqrtsoftplus) share every term but the slope.
+    let sigmoid = matches!(options.score_function, ScoreFunction::Sigmoid | ScoreFunction::SqrtSoftplus);
+    let probabilities = options.score_function == ScoreFunction::Probabilities;
+    let softmax = !sigmoid && !probabilities && grads.router_probs.is_none();
+    // Without noise the softmax row needs no router: see `Softmax::rescore`.
+    let fused = softmax && !ctx.has_noise();
+    // the z-loss term z_factor * lse (its logarithm only when the z-loss is on)
+    let z_term = |max: f64, scale: f64| if z_factor != 0.0 { z_factor * (max - scale.ln()) } else { 0.0 };
     let chunk = chunk_tokens(t, e);
-    let scratch = || (RowRouter::new(options), ChunkBuf::default(), RowGrad::new(e, k));
-    out.par_chunks_mut(chunk * e).enumerate().try_for_each_init(scratch, |(router, buf, work), (c, block)| {
+    let scratch = || (RowRouter::new(options), ChunkBuf::default(), RowGrad::new(e, k), Softmax::new(e));
+    out.par_chunks_mut(chunk * e).enumerate().try_for_each_init(scratch, |(router, buf, work, sm), (c, block)| {
         let start = c * chunk;
         let end = (start + chunk).min(t);
         let rows = source.chunk(start, end, buf).rows;
+        // Softmax rows check their own output; the others are scanned at the end.
+        let (mut finite, mut unchecked) = (true, false);
         for (i, dst) in block.chunks_exact_mut(e).enumerate() {
             let tok = start + i;
             if !ctx.is_active(tok) {
                 dst.fill(S::Elem::from_f64(0.0));
                 continue;
             }
-            let (row, max) = router.rescore(&ctx, tok, &rows[i * e..(i + 1) * e], &mut work.jitter)?;
-            let scores = router.scores();
-            // Element-wise scores (sigmoid, sqrtsoftplus) share every term but the slope.
-            let sigmoid = matches!(options.score_function, ScoreFunction::Sigmoid | ScoreFunction::SqrtSoftplus);
-            let probabilities = options.score_function == ScoreFunction::Probabilities;
-            if !sigmoid && !probabilities && grads.router_probs.is_none() {
-                let weights = grads.expert_weights.map(|g| &g[tok * k..(tok + 1) * k]);
-                // the z-loss term z_factor * lse (its logarithm only when the z-loss is on)
-                let z = if z_factor != 0.0 { z_factor * (max - row.scale.ln()) } else { 0.0 };
-                softmax_row(ctx.simd, options, saved, tok * k, weights, dq.row(tok), z, scores, row.scale, work, dst);
+            let raw = &rows[i * e..(i + 1) * e];
+            let weights = grads.expert_weights.map(|g| &g[tok * k..(tok + 1) * k]);
+            // A row that does not read as valid goes on to `rescore`, which reports it.
+            if let Some((max, dot, scale)) = fused.then(|| sm.rescore(ctx.simd, raw, dq.row(tok))).flatten() {
+                let (dq, z) = (dq.row(tok), z_term(max, scale));
+                finite &= softmax_row(
+                    ctx.simd,
+                    options,
+                    saved,
+                    tok * k,
+                    weights,
+                    dq,
+                    dot,
+                    z,
+                    &sm.scores,
+                    scale,
+                    false,
+                    work,
+                    dst,
+                );
                 continue;
             }
+            let (row, max) = router.rescore(&ctx, tok, raw, &mut work.jitter)?;
+            let scores = router.scores();
+            if softmax {
+                let (dq, z) = (dq.row(tok), z_term(max, row.scale));
+                let dot = dense::dot(ctx.simd, scores, dq);
+                let noisy = ctx.has_noise();
+                finite &= softmax_row(
+                    ctx.simd,
+                    options,
+                    saved,
+                    tok * k,
+                    weights,
+                    dq,
+                    dot,
+                    z,
+                    scores,
+                    row.scale,
+                    noisy,
+                    work,
+                    dst,
+                );
+                continue;
+            }
+            unchecked = true;
             // ds: the gradient with respect to the scores s_e = buffer[e] * scale.
             match grads.router_probs {
                 Some(gp) => {
@@ -255,6 +299,9 @@ where
                 *o = S::Elem::from_f64(d * f);
             }
         }
+        if finite && !unchecked {
+            return Ok(());
+        }
         finite_rows(block, e, start)
     })
 }
@@ -274,6 +321,34 @@ fn finite_rows<F: Logit>(block: &[F], e: usize, start: usize) -> Result<()> {
         token: start + at / e.max(1),
         hint: "scale the cotangents down, or route float64 logits",
     })
+}
+
+/// A softmax row scored without a `RowRouter` (no training noise): the
+/// logits read and validated, then `exp` fused with the dot product with the
+/// balance row, in the arithmetic of `RowRouter::rescore` and `dense::dot`
+/// (the same bits, one pass fewer).
+struct Softmax {
+    logits: Vec<f64>,
+    /// `exp(x - max)`: the scores times `sum`.
+    scores: Vec<f64>,
+}
+
+impl Softmax {
+    fn new(e: usize) -> Self {
+        Softmax { logits: vec![0.0; e], scores: vec![0.0; e] }
+    }
+
+    /// `(max, sum_e scores_e dq_e, 1 / sum_e scores_e)` of `raw`, or `None`
+    /// for a row with NaN, +inf or no finite logit.
+    #[inline]
+    fn rescore<F: Logit>(&mut self, simd: Simd, raw: &[F], dq: &[f64]) -> Option<(f64, f64, f64)> {
+        let read = read_row(simd, raw, &mut self.logits);
+        if read.bad || read.max == f64::NEG_INFINITY {
+            return None;
+        }
+        let (sum, dot) = exp_shifted_dot(simd, &self.logits, read.max, dq, &mut self.scores);
+        Some((read.max, dot, 1.0 / sum))
+    }
 }
 
 /// Per-thread buffers of the backward.
@@ -360,8 +435,10 @@ fn weight_term(
 /// The softmax row without a `router_probs` cotangent, written straight into
 /// `out`: with `ds = dq + (the weights' k sparse entries)` and `z` the z-loss
 /// factor times lse, `dx_e = s_e (ds_e - sum_f s_f ds_f + z)`, times the jitter
-/// factor. One dense pass for the dot product, one for the output, then the k
-/// weighted experts are written again with their sparse part.
+/// factor (`work.jitter` when `noisy`, else 1). `dot` is the dense part of the
+/// sum (`sum_f buffer_f dq_f`); one dense pass for the output, then the k
+/// weighted experts are written again with their sparse part. Returns whether
+/// every value written is finite.
 #[allow(clippy::too_many_arguments)]
 fn softmax_row<F: Logit>(
     simd: Simd,
@@ -370,12 +447,14 @@ fn softmax_row<F: Logit>(
     first: usize,
     weights: Option<&[f64]>,
     dq: &[f64],
+    dot: f64,
     z: f64,
     buffer: &[f64],
     scale: f64,
+    noisy: bool,
     work: &mut RowGrad,
     out: &mut [F],
-) {
+) -> bool {
     // The weights' entries, gathered into ds at their experts only.
     let k = work.numerator.len();
     let experts = &saved.original_experts[first..first + k];
@@ -393,15 +472,18 @@ fn softmax_row<F: Logit>(
             sparse += buffer[x as usize] * work.ds[x as usize];
         }
     }
-    let c = (dense::dot(simd, buffer, dq) + sparse) * scale - z;
-    dense::softmax_output(simd, buffer, scale, dq, c, &work.jitter, out);
+    let c = (dot + sparse) * scale - z;
+    let jitter = noisy.then_some(&work.jitter[..]);
+    let mut finite = dense::softmax_output(simd, buffer, scale, dq, c, jitter, out);
     if weights.is_some() {
         for (&x, _) in experts.iter().zip(&work.first_time).filter(|(_, &f)| f) {
             let x = x as usize;
             let d = buffer[x] * scale * (dq[x] - c) + buffer[x] * scale * work.ds[x];
-            out[x] = F::from_f64(d * work.jitter[x]);
+            out[x] = F::from_f64(d * jitter.map_or(1.0, |j| j[x]));
+            finite &= out[x].to_f64().is_finite();
         }
     }
+    finite
 }
 
 /// `ds += (dq through q)`: `q = s` for softmax, `q = s / sum(s)` when
@@ -465,34 +547,33 @@ impl BalanceRows {
 /// level as the row kernels are (`crate::math`); every level gives the same
 /// bits (the dot product sums fixed lanes in a fixed order, and no FMA).
 mod dense {
-    use crate::math::dispatch;
+    use crate::math::{dispatch, dot_lanes};
     use crate::simd::{Simd, SimdLevel};
     use crate::source::Logit;
 
-    const LANES: usize = 8;
-
-    /// `sum_e a_e b_e` over 8 fixed lanes, then the lanes in order, then the tail.
+    /// `out_e = s_e scale (dq_e - c) jitter_e` (`jitter_e = 1` without
+    /// jitter: the same bits, one load fewer); whether every `out_e` is finite
+    /// (branch-free, in the same pass).
     #[inline(always)]
-    fn dot_lanes(a: &[f64], b: &[f64]) -> f64 {
-        let n = a.len().min(b.len());
-        let (ac, at) = a[..n].as_chunks::<LANES>();
-        let (bc, bt) = b[..n].as_chunks::<LANES>();
-        let mut acc = [0.0f64; LANES];
-        for (x, y) in ac.iter().zip(bc) {
-            for l in 0..LANES {
-                acc[l] += x[l] * y[l];
+    fn output<F: Logit>(s: &[f64], scale: f64, dq: &[f64], c: f64, jitter: Option<&[f64]>, out: &mut [F]) -> bool {
+        let mut finite = true;
+        let mut put = |o: &mut F, v: f64| {
+            *o = F::from_f64(v);
+            finite &= o.to_f64().is_finite();
+        };
+        match jitter {
+            Some(jitter) => {
+                for (((o, &b), &q), &f) in out.iter_mut().zip(s).zip(dq).zip(jitter) {
+                    put(o, b * scale * (q - c) * f);
+                }
+            }
+            None => {
+                for ((o, &b), &q) in out.iter_mut().zip(s).zip(dq) {
+                    put(o, b * scale * (q - c));
+                }
             }
         }
-        let tail: f64 = at.iter().zip(bt).map(|(&x, &y)| x * y).sum();
-        acc.iter().sum::<f64>() + tail
-    }
-
-    /// `out_e = s_e scale (dq_e - c) jitter_e`.
-    #[inline(always)]
-    fn output<F: Logit>(s: &[f64], scale: f64, dq: &[f64], c: f64, jitter: &[f64], out: &mut [F]) {
-        for (((o, &b), &q), &f) in out.iter_mut().zip(s).zip(dq).zip(jitter) {
-            *o = F::from_f64(b * scale * (q - c) * f);
-        }
+        finite
     }
 
     /// The two loops compiled with `$feature` in module `$level`.
@@ -512,9 +593,9 @@ mod dense {
                     scale: f64,
                     dq: &[f64],
                     c: f64,
-                    jitter: &[f64],
+                    jitter: Option<&[f64]>,
                     out: &mut [F],
-                ) {
+                ) -> bool {
                     output(s, scale, dq, c, jitter, out)
                 }
             }
@@ -533,7 +614,7 @@ mod dense {
         dispatch!(simd, dot(a, b))
     }
 
-    /// `out_e = s_e scale (dq_e - c) jitter_e`, rounded to `F`.
+    /// `out_e = s_e scale (dq_e - c) jitter_e`, rounded to `F`; whether all are finite.
     #[inline]
     pub(super) fn softmax_output<F: Logit>(
         simd: Simd,
@@ -541,9 +622,9 @@ mod dense {
         scale: f64,
         dq: &[f64],
         c: f64,
-        jitter: &[f64],
+        jitter: Option<&[f64]>,
         out: &mut [F],
-    ) {
+    ) -> bool {
         dispatch!(simd, softmax_output(s, scale, dq, c, jitter, out))
     }
 }
@@ -562,8 +643,15 @@ mod tests {
             let run = |simd: Simd| {
                 let dot = dense::dot(simd, &s, &dq);
                 let (mut o32, mut o64) = (vec![0f32; e], vec![0f64; e]);
-                dense::softmax_output(simd, &s, 0.5, &dq, dot, &jitter, &mut o32);
-                dense::softmax_output(simd, &s, 0.5, &dq, dot, &jitter, &mut o64);
+                assert!(dense::softmax_output(simd, &s, 0.5, &dq, dot, Some(&jitter), &mut o32));
+                assert!(dense::softmax_output(simd, &s, 0.5, &dq, dot, Some(&jitter), &mut o64));
+                // without jitter: the bits of a jitter of ones
+                let (mut plain, mut ones) = (vec![0f32; e], vec![0f32; e]);
+                assert!(dense::softmax_output(simd, &s, 0.5, &dq, dot, None, &mut plain));
+                assert!(dense::softmax_output(simd, &s, 0.5, &dq, dot, Some(&vec![1.0; e]), &mut ones));
+                assert_eq!(plain, ones);
+                // an overflow of float32 is reported
+                assert!(!dense::softmax_output(simd, &s, 1e300, &dq, -1.0, None, &mut plain));
                 (dot.to_bits(), o32.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), o64)
             };
             let want = run(Simd::all()[0]);

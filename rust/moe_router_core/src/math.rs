@@ -278,6 +278,11 @@ mod portable {
     pub(crate) fn exp_shifted(z: &[f64], shift: f64, out: &mut [f64]) -> f64 {
         map_and_sum(z, out, |v| exp_f64(v - shift))
     }
+
+    pub(crate) fn exp_shifted_dot(z: &[f64], shift: f64, w: &[f64], out: &mut [f64]) -> (f64, f64) {
+        let sum = exp_shifted(z, shift, out);
+        (sum, dot_lanes(out, w))
+    }
 }
 
 /// The explicit 8-lane kernels, written once over `F8`; `$feature` is the
@@ -341,6 +346,34 @@ macro_rules! vector_kernels {
             let mut max = [0.0f64; LANES];
             acc.store(&mut max);
             finish_read(max, bad != 0, rtail, otail)
+        }
+
+        /// `exp_shifted` and `dot_lanes` of its output with `w`, in one pass:
+        /// the lanes and the order of both.
+        #[target_feature(enable = $feature)]
+        pub(crate) fn exp_shifted_dot(z: &[f64], shift: f64, w: &[f64], out: &mut [f64]) -> (f64, f64) {
+            let n = z.len().min(w.len()).min(out.len());
+            let (zc, ztail) = z[..n].as_chunks::<LANES>();
+            let (wc, wtail) = w[..n].as_chunks::<LANES>();
+            let (oc, otail) = out[..n].as_chunks_mut::<LANES>();
+            let s = F8::splat(shift);
+            let (mut acc, mut dot) = (F8::splat(0.0), F8::splat(0.0));
+            for ((zs, ws), os) in zc.iter().zip(wc).zip(oc.iter_mut()) {
+                let a = exp8(F8::load(zs).sub(s));
+                a.store(os);
+                acc = acc.add(a);
+                dot = dot.add(a.mul(F8::load(ws)));
+            }
+            let (mut lanes, mut dots) = ([0.0f64; LANES], [0.0f64; LANES]);
+            acc.store(&mut lanes);
+            dot.store(&mut dots);
+            let mut tail = 0.0;
+            for (&zv, ov) in ztail.iter().zip(otail.iter_mut()) {
+                let v = exp_f64(zv - shift);
+                *ov = v;
+                tail += v;
+            }
+            (lane_sum(&lanes) + tail, finish_dot(&dots, otail, wtail))
         }
     };
 }
@@ -518,6 +551,35 @@ mod avx512 {
     }
 }
 
+/// `out[e] = exp(z[e] - shift)`; returns the sum of `out` (as `exp_shifted`)
+/// and `dot_lanes(out, w)`, from one pass over the row.
+#[inline]
+pub(crate) fn exp_shifted_dot(simd: Simd, z: &[f64], shift: f64, w: &[f64], out: &mut [f64]) -> (f64, f64) {
+    dispatch!(simd, exp_shifted_dot(z, shift, w, out))
+}
+
+/// `sum_e a_e b_e` over the fixed lanes (products, then sums: no FMA, so
+/// every build rounds alike), the lanes in order, then the tail.
+#[inline(always)]
+pub(crate) fn dot_lanes(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    let (ac, at) = a[..n].as_chunks::<LANES>();
+    let (bc, bt) = b[..n].as_chunks::<LANES>();
+    let mut acc = [0.0f64; LANES];
+    for (x, y) in ac.iter().zip(bc) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    finish_dot(&acc, at, bt)
+}
+
+/// The lanes of a dot product in order, plus the products of the tails.
+#[inline(always)]
+fn finish_dot(acc: &[f64; LANES], a_tail: &[f64], b_tail: &[f64]) -> f64 {
+    acc.iter().sum::<f64>() + a_tail.iter().zip(b_tail).map(|(&x, &y)| x * y).sum::<f64>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,6 +623,24 @@ mod tests {
         let want = run(portable);
         for simd in Simd::all() {
             assert_eq!(run(simd), want, "{simd:?}");
+        }
+    }
+
+    #[test]
+    fn exp_with_dot_is_exp_then_dot_in_every_build() {
+        for n in [0usize, 3, 8, 21, 64, 67] {
+            let z: Vec<f64> =
+                (0..n).map(|i| (i as f64 * 0.91).cos() * 6.0 - if i % 5 == 1 { f64::INFINITY } else { 0.0 }).collect();
+            let w: Vec<f64> = (0..n).map(|i| (i as f64 * 0.37).sin() * 1e-3).collect();
+            let mut want = vec![0.0; n];
+            let sum = exp_shifted(Simd::all()[0], &z, 2.0, &mut want);
+            let dot = dot_lanes(&want, &w);
+            for simd in Simd::all() {
+                let mut got = vec![0.0; n];
+                let (s, d) = exp_shifted_dot(simd, &z, 2.0, &w, &mut got);
+                assert_eq!((s.to_bits(), d.to_bits()), (sum.to_bits(), dot.to_bits()), "{simd:?} n={n}");
+                assert_eq!(bits(&got), bits(&want), "{simd:?} n={n}");
+            }
         }
     }
 
