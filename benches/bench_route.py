@@ -47,7 +47,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 PEERS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "peers"
 sys.path.insert(0, str(PEERS_DIR))
+sys.path.insert(0, str(HERE))
 import bench as peerbench  # noqa: E402  (the peers harness: numpy_route, memory helpers)
+from bench_dispatch import simd_level  # noqa: E402  (this directory: the level MOE_ROUTER_SIMD leaves)
 
 numpy_route = peerbench.numpy_route
 
@@ -103,6 +105,15 @@ def worker(a) -> int:
         fn = lambda: mr.route_logits(logits, cfg)  # noqa: E731
     elif a.worker == "numpy-ref":
         fn = lambda: numpy_route(logits, a.k, CF)  # noqa: E731
+    elif a.worker == "time":
+        # route_logits timed at the level MOE_ROUTER_SIMD forces in this process
+        import moe_router as mr
+
+        mr.set_num_threads(a.threads)
+        cfg = mr.RouterConfig(num_experts=a.E, top_k=a.k, capacity_factor=CF)
+        t = time_calls(lambda: mr.route_logits(logits, cfg), a.budget_s, max_repeats(a.T))
+        print("RESULT " + json.dumps({"median_s": t["median_s"]}), flush=True)
+        return 0
     else:
         raise SystemExit(f"unknown worker {a.worker}")
     rss0 = peerbench._status_kb("VmRSS")
@@ -115,18 +126,28 @@ def worker(a) -> int:
     return 0
 
 
-def run_mem_worker(kind: str, T: int, E: int, k: int, threads: int) -> Optional[float]:
+def run_worker(kind: str, T: int, E: int, k: int, threads: int, simd: Optional[str] = None,
+               budget_s: float = 3.0) -> Optional[Dict[str, Any]]:
+    """Run ``--worker kind`` in a fresh process (``MOE_ROUTER_SIMD=simd`` if given); its RESULT dict."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
+    if simd is not None:
+        env["MOE_ROUTER_SIMD"] = simd
     p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", kind,
-                        "--T", str(T), "--E", str(E), "--k", str(k), "--threads", str(threads)],
-                       capture_output=True, text=True, env=env, timeout=600)
+                        "--T", str(T), "--E", str(E), "--k", str(k), "--threads", str(threads),
+                        "--budget-s", str(budget_s)],
+                       capture_output=True, text=True, env=env, timeout=900)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[7:])["extra_mb"]
-    print(f"memory worker {kind} T={T} E={E} k={k} failed: {p.stderr.strip()[-300:]}",
-          file=sys.stderr)
+            return json.loads(line[7:])
+    print(f"worker {kind} (SIMD {simd or 'default'}) T={T} E={E} k={k} failed: "
+          f"{p.stderr.strip()[-300:]}", file=sys.stderr)
     return None
+
+
+def run_mem_worker(kind: str, T: int, E: int, k: int, threads: int) -> Optional[float]:
+    res = run_worker(kind, T, E, k, threads)
+    return None if res is None else res["extra_mb"]
 
 
 # --------------------------------------------------------------------------
@@ -249,6 +270,9 @@ def main(argv=None) -> int:
     ap.add_argument("--peers-venv", default=str(DEFAULT_VENV),
                     help="virtualenv made by ../shared/peers/setup.sh")
     ap.add_argument("--no-peers", action="store_true", help="skip the torch peers")
+    ap.add_argument("--simd-levels", nargs="*", default=["avx2", "off"],
+                    help="MOE_ROUTER_SIMD levels also timed at T=262144, each in its own process "
+                         "(default: avx2 and the portable path; none with --quick)")
     ap.add_argument("--peers", nargs="*", default=TORCH_PEERS, help="torch peers to run")
     ap.add_argument("--budget-s", type=float, default=3.0,
                     help="timing budget per (router, shape); fewer repeats for slow calls")
@@ -326,6 +350,13 @@ def main(argv=None) -> int:
     for (T, E, k), r in R.items():
         r["mr_mb"] = run_mem_worker("moe_router", T, E, k, a.threads)
         r["np_mb"] = run_mem_worker("numpy-ref", T, E, k, a.threads)
+    levels = [] if a.quick else a.simd_levels
+    for (T, E, k), r in R.items():
+        if T == BIG_T:
+            for level in levels:
+                print(f"SIMD {level} worker T={T} E={E} k={k} ...", file=sys.stderr, flush=True)
+                res = run_worker("time", T, E, k, a.threads, simd=level, budget_s=budget)
+                r[f"mr_{level}"] = None if res is None else res["median_s"]
     fp1 = so_fingerprint()
     snap1 = cpu_snapshot()
 
@@ -371,6 +402,7 @@ def main(argv=None) -> int:
     if peers:
         L.append("Peers: " + ", ".join(f"{k} {v}" for k, v in peers.get("versions", {}).items())
                  + "  ")
+    L.append(f"SIMD level of the main columns: {simd_level()}.  ")
     L.append(f"Load average (1/5/15 min) at start: {load0}; at end: {loadavg()}.  ")
     L.append(f"Capacity factor {CF}; logits float32 N(0,1), seed {SEED}; {a.threads} threads "
              f"(moe_router.set_num_threads, torch.set_num_threads); median of up to "
@@ -426,6 +458,29 @@ def main(argv=None) -> int:
                 pr = P.get((T, E, k), {}).get(n)
                 cells.append(peerbench._fmt_t(pr) if pr is not None else "-")
             L.append(f"| {T} | {E} | {k} | " + " | ".join(cells) + " |")
+
+    if levels:
+        L.append(f"\n## T={BIG_T} per SIMD level (ms)\n")
+        L.append("The main table's column is the best level; each forced level "
+                 "(`MOE_ROUTER_SIMD`) is timed in its own process. `read GB/s` = the logits' bytes "
+                 "over the floor.\n")
+        L.append("| E | k | read GB/s | " + " | ".join(["best"] + levels) + " | "
+                 + " | ".join(f"fastest / mr {lv}" for lv in ["best"] + levels) + " | "
+                 + " | ".join(f"mcore / mr {lv}" for lv in ["best"] + levels) + " | "
+                 + " | ".join(f"mr {lv} / floor" for lv in ["best"] + levels) + " |")
+        L.append("|" + "---|" * (3 + 4 * (1 + len(levels))))
+        for (T, E, k), r in rows:
+            if T != BIG_T:
+                continue
+            times = [r["mr"]["median_s"]] + [r.get(f"mr_{lv}") for lv in levels]
+            fl, _ = floor_s(T, E, k)
+            ft, _ = fastest_torch(T, E, k)
+            mc = pmed(T, E, k, "mcore")
+            ratio = lambda num, t: fx(num / t) if num and t else "-"  # noqa: E731
+            L.append(f"| {E} | {k} | {T * E * 4 / fl / 1e9:.1f} | " + " | ".join(fms(t) for t in times)
+                     + " | " + " | ".join(ratio(ft, t) for t in times)
+                     + " | " + " | ".join(ratio(mc, t) for t in times)
+                     + " | " + " | ".join(fx(t / fl) if t else "-" for t in times) + " |")
 
     # -------------------------------------------------------- extra figures
     L.append("\n## T=64 end-to-end latency per Python call (us)\n")
