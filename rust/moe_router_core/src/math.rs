@@ -250,7 +250,14 @@ pub(crate) fn sqrt_softplus_row(z: &[f64], out: &mut [f64]) -> f64 {
 /// Sum of the lanes in a fixed order (pairwise), the same in every build.
 #[inline(always)]
 pub(crate) fn lane_sum(acc: &[f64; LANES]) -> f64 {
-    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+    lane_sum_by(acc, |a, b| a + b)
+}
+
+/// `lane_sum`'s pairing for any lane type (for example whole columns of
+/// tokens, summed vertically): the one place that fixes the order.
+#[inline(always)]
+pub(crate) fn lane_sum_by<V: Copy>(acc: &[V; LANES], add: impl Fn(V, V) -> V) -> V {
+    add(add(add(acc[0], acc[4]), add(acc[2], acc[6])), add(add(acc[1], acc[5]), add(acc[3], acc[7])))
 }
 
 mod portable {

@@ -11,7 +11,7 @@
 //! So the results are the same bits; only the work is shared.
 
 use crate::config::ScoreFunction;
-use crate::math::{dispatch, exp_shifted};
+use crate::math::{dispatch, exp_shifted, lane_sum_by};
 use crate::route::Tally;
 use crate::row::{record_token, RowContext, TokenOut};
 use crate::score::RowScores;
@@ -99,19 +99,15 @@ fn block<F: Logit>(ctx: &RowContext, start: usize, raw: &[F], out: BlockOut, tal
     // z[t][e]: token t's logits; zt[e][t] = z[t][e], the lanes of the vertical passes.
     let mut z = [[0.0f64; BLOCK]; BLOCK];
     let mut zt = [[0.0f64; BLOCK]; BLOCK];
+    let mut finite = true;
     for (t, (row, values)) in z.iter_mut().zip(raw.chunks_exact(BLOCK)).enumerate() {
         for (e, (v, r)) in row.iter_mut().zip(values).enumerate() {
             *v = r.to_f64();
             zt[e][t] = *v;
+            finite &= v.is_finite();
         }
     }
-    let mut finite = [true; BLOCK];
-    for column in &zt {
-        for (f, v) in finite.iter_mut().zip(column) {
-            *f &= v.is_finite();
-        }
-    }
-    if finite.contains(&false) {
+    if !finite {
         return false;
     }
     // The largest logit, folded over the experts in order as the read pass does.
@@ -130,10 +126,8 @@ fn block<F: Logit>(ctx: &RowContext, start: usize, raw: &[F], out: BlockOut, tal
     // One call of the level's `exp` for the block (`x - 0.0` is `x`); its sum is not a row's.
     let mut st = [[0.0f64; BLOCK]; BLOCK];
     exp_shifted(ctx.simd, shifted.as_flattened(), 0.0, st.as_flattened_mut());
-    // Each token's `lane_sum` of its scores, taken vertically in the same pairing.
-    let pair = |a: &[f64; BLOCK], b: &[f64; BLOCK]| -> [f64; BLOCK] { std::array::from_fn(|t| a[t] + b[t]) };
-    let sum =
-        pair(&pair(&pair(&st[0], &st[4]), &pair(&st[2], &st[6])), &pair(&pair(&st[1], &st[5]), &pair(&st[3], &st[7])));
+    // Each token's `lane_sum` of its scores, taken vertically (whole columns) in its pairing.
+    let sum = lane_sum_by(&st, |a, b| -> [f64; BLOCK] { std::array::from_fn(|t| a[t] + b[t]) });
     let mut rows = [RowScores { z_term: 0.0, scale: 0.0, prob_scale: 0.0 }; BLOCK];
     for (row, (&s, &m)) in rows.iter_mut().zip(sum.iter().zip(&max)) {
         let lse = m + s.ln();
