@@ -314,25 +314,23 @@ impl DispatchPlan {
         Ok(())
     }
 
-    /// [`DispatchPlan::combine`] on checked arguments.
+    /// [`DispatchPlan::combine`] on checked arguments: one fused kernel call
+    /// per token over its kept rows, in rank order.
     fn combine_into<P: Payload>(&self, w: Writes, expert_out: &[P], d: usize, weighted: bool, out: &mut [P]) {
         let k = self.top_k;
         out.par_chunks_mut(ROWS_PER_TASK * d).enumerate().for_each_init(
-            || vec![P::Acc::default(); d],
-            |acc, (c, block)| {
+            || (Vec::with_capacity(k), Vec::with_capacity(k)),
+            |(rows, weights), (c, block)| {
                 for (i, y) in block.chunks_exact_mut(d).enumerate() {
                     let t = c * ROWS_PER_TASK + i;
-                    acc.fill(P::Acc::default());
+                    rows.clear();
+                    weights.clear();
                     for &r in &self.row_of[t * k..(t + 1) * k] {
                         let Ok(r) = usize::try_from(r) else { continue };
-                        let x = &expert_out[r * d..(r + 1) * d];
-                        if weighted {
-                            P::add_scaled(w.level, acc, x, self.weights[r]);
-                        } else {
-                            P::add(w.level, acc, x);
-                        }
+                        rows.push(&expert_out[r * d..(r + 1) * d]);
+                        weights.push(self.weights[r]);
                     }
-                    P::store(w.level, y, acc, w.stream);
+                    P::combine(w.level, y, rows, weighted.then_some(&weights[..]), w.stream);
                 }
                 w.fence();
             },

@@ -40,6 +40,7 @@ mod balanced;
 mod balanced_auction;
 mod balanced_exact;
 mod capacity;
+mod combine_kernel;
 mod config;
 mod decimal;
 mod dispatch;

@@ -1,6 +1,6 @@
 //! Row kernels of the dispatch moves, per SIMD level (`crate::simd`): copying
-//! a row with non-temporal (streaming) stores, and widening, accumulating and
-//! narrowing float16 rows for `combine`.
+//! a row with non-temporal (streaming) stores, and the level checks the
+//! kernels' `unsafe` dispatch relies on (also `combine_kernel`'s).
 //!
 //! An output larger than the last-level cache is written with streaming
 //! stores, as glibc's `memcpy` does for large copies: a store through the cache
@@ -8,13 +8,7 @@
 //! the bytes. A pass that streams ends each parallel task with a store fence,
 //! so the task's rows are visible to the thread that joins it.
 //!
-//! Every level writes the same bits: the copies are copies, and the float16
-//! kernels convert with the F16C/AVX-512 instructions `half` itself uses (IEEE
-//! round to nearest even), multiply and add as separate operations exactly as
-//! the scalar code does, and add a token's rows in the same order.
-
-use half::f16;
-use half::slice::HalfFloatSliceExt;
+//! Every level writes the same bits: the copies are copies.
 
 use crate::simd::{simd_level, SimdLevel};
 
@@ -22,9 +16,6 @@ use crate::simd::{simd_level, SimdLevel};
 /// (half the 32 MiB L3 of the 2-core guests measured: beyond it an output is
 /// evicted before it is read again).
 pub(crate) const STREAM_BYTES: usize = 16 << 20;
-
-/// float16 elements converted per step (a stack buffer of float32 or float16).
-const F16_BLOCK: usize = 256;
 
 /// How a pass writes its output: the SIMD level, and whether it streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,13 +45,13 @@ impl Writes {
 
 /// The best level at most `level` that this CPU runs: the proof the `unsafe`
 /// dispatch below relies on (a caller may ask for any level).
-fn supported(level: SimdLevel) -> SimdLevel {
+pub(crate) fn supported(level: SimdLevel) -> SimdLevel {
     level.min(SimdLevel::best_available())
 }
 
 /// Whether the CPU converts float16 in hardware at `level` (F16C for AVX2;
 /// AVX-512F has its own conversions).
-fn f16_level(level: SimdLevel) -> SimdLevel {
+pub(crate) fn f16_level(level: SimdLevel) -> SimdLevel {
     match supported(level) {
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 if !std::arch::is_x86_feature_detected!("f16c") => SimdLevel::Portable,
@@ -88,53 +79,8 @@ pub(crate) fn copy<T: Copy>(level: SimdLevel, dst: &mut [T], src: &[T], stream: 
     }
 }
 
-/// `acc += weight * x` (or `acc += x` without a weight), elementwise, `x`
-/// widened to float32.
-pub(crate) fn f16_accumulate(level: SimdLevel, acc: &mut [f32], x: &[f16], weight: Option<f32>) {
-    let n = acc.len().min(x.len());
-    let (acc, x) = (&mut acc[..n], &x[..n]);
-    let done = match f16_level(level) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX-512F is supported.
-        SimdLevel::Avx512 => unsafe { x86::accumulate_avx512(acc, x, weight) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2 and F16C are supported.
-        SimdLevel::Avx2 => unsafe { x86::accumulate_avx2(acc, x, weight) },
-        _ => 0,
-    };
-    let mut wide = [0f32; F16_BLOCK];
-    for (acc, x) in acc[done..].chunks_mut(F16_BLOCK).zip(x[done..].chunks(F16_BLOCK)) {
-        let wide = &mut wide[..x.len()];
-        x.convert_to_f32_slice(wide);
-        match weight {
-            Some(w) => acc.iter_mut().zip(wide.iter()).for_each(|(a, &v)| *a += w * v),
-            None => acc.iter_mut().zip(wide.iter()).for_each(|(a, &v)| *a += v),
-        }
-    }
-}
-
-/// `out = acc` narrowed to float16 (round to nearest even), streamed when `stream`.
-pub(crate) fn f16_narrow(level: SimdLevel, out: &mut [f16], acc: &[f32], stream: bool) {
-    let mut narrow = [f16::ZERO; F16_BLOCK];
-    for (out, acc) in out.chunks_mut(F16_BLOCK).zip(acc.chunks(F16_BLOCK)) {
-        let narrow = &mut narrow[..acc.len()];
-        let done = match f16_level(level) {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX-512F is supported.
-            SimdLevel::Avx512 => unsafe { x86::narrow_avx512(narrow, acc) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX2 and F16C are supported.
-            SimdLevel::Avx2 => unsafe { x86::narrow_avx2(narrow, acc) },
-            _ => 0,
-        };
-        narrow[done..].convert_from_f32_slice(&acc[done..]);
-        copy(level, out, narrow, stream);
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use half::f16;
     use std::arch::x86_64::*;
 
     /// Copy `n` bytes from `s` to `d` with streaming stores of `$width` bytes
@@ -192,92 +138,6 @@ mod x86 {
 
     stream_copy!(stream_avx2, "avx2", 32, block32);
     stream_copy!(stream_avx512, "avx512f", 64, block64);
-
-    /// The float16 kernels of one level: `$lanes` lanes per step; returns the
-    /// elements done (a multiple of `$lanes`; the caller does the rest).
-    macro_rules! f16_kernels {
-        ($accumulate:ident, $narrow:ident, $feature:literal, $lanes:literal, $half:ty, $wide:ty,
-         $load_half:ident, $store_half:ident, $to_f32:ident, $to_f16:ident, $nearest:expr,
-         $load:ident, $store:ident, $set1:ident, $add:ident, $mul:ident) => {
-            /// `acc += weight * x` (or `+= x`), `$lanes` elements per step.
-            #[target_feature(enable = $feature)]
-            pub(super) fn $accumulate(acc: &mut [f32], x: &[f16], weight: Option<f32>) -> usize {
-                let n = acc.len().min(x.len()) / $lanes * $lanes;
-                let (a, p) = (acc.as_mut_ptr(), x.as_ptr().cast::<$half>());
-                match weight {
-                    Some(w) => {
-                        let w = $set1(w);
-                        for i in (0..n).step_by($lanes) {
-                            // SAFETY: `i + $lanes <= n`, within both slices; unaligned loads and stores.
-                            unsafe {
-                                let v = $to_f32($load_half(p.add(i / $lanes)));
-                                $store(a.add(i), $add($load(a.add(i)), $mul(w, v)));
-                            }
-                        }
-                    }
-                    None => {
-                        for i in (0..n).step_by($lanes) {
-                            // SAFETY: as above.
-                            unsafe { $store(a.add(i), $add($load(a.add(i)), $to_f32($load_half(p.add(i / $lanes))))) };
-                        }
-                    }
-                }
-                n
-            }
-
-            /// `out = acc` narrowed (IEEE round to nearest even, as `f16::from_f32`),
-            /// `$lanes` elements per step.
-            #[target_feature(enable = $feature)]
-            pub(super) fn $narrow(out: &mut [f16], acc: &[f32]) -> usize {
-                let n = out.len().min(acc.len()) / $lanes * $lanes;
-                for i in (0..n).step_by($lanes) {
-                    // SAFETY: `i + $lanes <= n`, within both slices; unaligned loads and stores.
-                    unsafe {
-                        let v: $wide = $load(acc.as_ptr().add(i));
-                        $store_half(out.as_mut_ptr().cast::<$half>().add(i / $lanes), $to_f16::<{ $nearest }>(v));
-                    }
-                }
-                n
-            }
-        };
-    }
-
-    f16_kernels!(
-        accumulate_avx2,
-        narrow_avx2,
-        "avx2,fma,f16c",
-        8,
-        __m128i,
-        __m256,
-        _mm_loadu_si128,
-        _mm_storeu_si128,
-        _mm256_cvtph_ps,
-        _mm256_cvtps_ph,
-        _MM_FROUND_TO_NEAREST_INT,
-        _mm256_loadu_ps,
-        _mm256_storeu_ps,
-        _mm256_set1_ps,
-        _mm256_add_ps,
-        _mm256_mul_ps
-    );
-    f16_kernels!(
-        accumulate_avx512,
-        narrow_avx512,
-        "avx512f",
-        16,
-        __m256i,
-        __m512,
-        _mm256_loadu_si256,
-        _mm256_storeu_si256,
-        _mm512_cvtph_ps,
-        _mm512_cvtps_ph,
-        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-        _mm512_loadu_ps,
-        _mm512_storeu_ps,
-        _mm512_set1_ps,
-        _mm512_add_ps,
-        _mm512_mul_ps
-    );
 }
 
 #[cfg(test)]
@@ -299,41 +159,6 @@ mod tests {
                     Writes { level, stream: true }.fence();
                     assert_eq!(&dst[start..start + len], &src[3..3 + len], "{level:?} {start} {len}");
                     assert!(dst[..start].iter().chain(&dst[start + len..]).all(|&b| b == 0));
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn float16_kernels_match_half_bit_for_bit() {
-        let special = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -0.0, 0.0, 65504.0, 65520.0, 6e-8, -3e-5, 1e-9];
-        let x: Vec<f16> = (0..523)
-            .map(|i: usize| {
-                f16::from_f32(if i.is_multiple_of(9) {
-                    special[i / 9 % special.len()]
-                } else {
-                    (i as f32 * 0.37).sin() * 300.0
-                })
-            })
-            .collect();
-        let start: Vec<f32> = (0..523)
-            .map(|i: usize| if i.is_multiple_of(13) { special[i % special.len()] } else { i as f32 * 1.5 })
-            .collect();
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        for weight in [None, Some(0.3f32), Some(-2.5)] {
-            let mut want = start.clone();
-            f16_accumulate(SimdLevel::Portable, &mut want, &x, weight);
-            let mut want16 = vec![f16::ZERO; 523];
-            f16_narrow(SimdLevel::Portable, &mut want16, &want, false);
-            for level in levels() {
-                let mut got = start.clone();
-                f16_accumulate(level, &mut got, &x, weight);
-                assert_eq!(bits(&got), bits(&want), "{level:?} {weight:?}");
-                for stream in [false, true] {
-                    let mut got16 = vec![f16::ONE; 523];
-                    f16_narrow(level, &mut got16, &got, stream);
-                    let b16 = |v: &[f16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(b16(&got16), b16(&want16), "{level:?} {weight:?} {stream}");
                 }
             }
         }
