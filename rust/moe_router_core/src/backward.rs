@@ -186,6 +186,7 @@ where
         let start = c * chunk;
         let end = (start + chunk).min(t);
         let rows = source.chunk(start, end, buf).rows;
+        let chosen = |tok: usize| &saved.original_experts[tok * k..(tok + 1) * k];
         // Softmax rows check their own output; the others are scanned at the end.
         let (mut finite, mut unchecked) = (true, false);
         for (i, dst) in block.chunks_exact_mut(e).enumerate() {
@@ -197,7 +198,9 @@ where
             let raw = &rows[i * e..(i + 1) * e];
             let weights = grads.expert_weights.map(|g| &g[tok * k..(tok + 1) * k]);
             // A row that does not read as valid goes on to `rescore`, which reports it.
-            if let Some((max, dot, scale)) = fused.then(|| sm.rescore(ctx.simd, raw, dq.row(tok))).flatten() {
+            if let Some((max, dot, scale)) =
+                fused.then(|| sm.rescore(ctx.simd, raw, chosen(tok), dq.row(tok))).flatten()
+            {
                 let (dq, z) = (dq.row(tok), z_term(max, scale));
                 finite &= softmax_row(
                     ctx.simd,
@@ -327,27 +330,53 @@ fn finite_rows<F: Logit>(block: &[F], e: usize, start: usize) -> Result<()> {
 /// logits read and validated, then `exp` fused with the dot product with the
 /// balance row, in the arithmetic of `RowRouter::rescore` and `dense::dot`
 /// (the same bits, one pass fewer).
+///
+/// The row's maximum is usually known before the row is read: it is the
+/// logit of the token's first choice (always, for a plain top-k of the
+/// logits). Taking it as the shift, `exp` reads the raw row once; the
+/// same pass returns the row's true maximum and validity, and a row where the
+/// guess was wrong (bias, groups, changed logits) is scored again in two
+/// passes. The result is the same bits either way: the shift is the row's
+/// maximum in both.
 struct Softmax {
     logits: Vec<f64>,
     /// `exp(x - max)`: the scores times `sum`.
     scores: Vec<f64>,
+    /// Rows scored from a guessed maximum, and how many guesses were wrong:
+    /// guessing stops where it mostly fails (a cost choice only).
+    guesses: usize,
+    misses: usize,
 }
 
 impl Softmax {
     fn new(e: usize) -> Self {
-        Softmax { logits: vec![0.0; e], scores: vec![0.0; e] }
+        Softmax { logits: vec![0.0; e], scores: vec![0.0; e], guesses: 0, misses: 0 }
     }
 
     /// `(max, sum_e scores_e dq_e, 1 / sum_e scores_e)` of `raw`, or `None`
-    /// for a row with NaN, +inf or no finite logit.
+    /// for a row with NaN, +inf or no finite logit. `chosen` are the token's
+    /// experts, best first.
     #[inline]
-    fn rescore<F: Logit>(&mut self, simd: Simd, raw: &[F], dq: &[f64]) -> Option<(f64, f64, f64)> {
+    fn rescore<F: Logit>(&mut self, simd: Simd, raw: &[F], chosen: &[i32], dq: &[f64]) -> Option<(f64, f64, f64)> {
+        if self.misses * 8 <= self.guesses + 8 {
+            let guess =
+                chosen.first().and_then(|&x| raw.get(usize::try_from(x).ok()?)).map_or(f64::NAN, |v| v.to_f64());
+            // a zero maximum is left to the two passes, which fix its sign
+            if guess.is_finite() && guess != 0.0 {
+                self.guesses += 1;
+                let r = exp_shifted_dot(simd, raw, guess, dq, &mut self.scores);
+                if !r.bad && r.max <= guess {
+                    return Some((guess, r.dot, 1.0 / r.sum));
+                }
+                self.misses += 1;
+            }
+        }
         let read = read_row(simd, raw, &mut self.logits);
         if read.bad || read.max == f64::NEG_INFINITY {
             return None;
         }
-        let (sum, dot) = exp_shifted_dot(simd, &self.logits, read.max, dq, &mut self.scores);
-        Some((read.max, dot, 1.0 / sum))
+        let r = exp_shifted_dot(simd, &self.logits, read.max, dq, &mut self.scores);
+        Some((read.max, r.dot, 1.0 / r.sum))
     }
 }
 
@@ -631,8 +660,42 @@ mod dense {
 
 #[cfg(test)]
 mod tests {
-    use super::dense;
+    use super::{dense, Softmax};
     use crate::simd::Simd;
+
+    #[test]
+    fn a_guessed_maximum_gives_the_bits_of_the_two_passes() {
+        for e in [1usize, 7, 8, 67, 256] {
+            let raw: Vec<f32> = (0..e).map(|i| ((i * 7919 % 61) as f32 - 30.0) * 0.37).collect();
+            let top = (0..e).fold(0, |b, i| if raw[i] > raw[b] { i } else { b }) as i32;
+            let dq: Vec<f64> = (0..e).map(|i| (i as f64 * 0.3).cos() * 1e-2).collect();
+            for simd in Simd::all() {
+                let mut sm = Softmax::new(e);
+                // no choice to guess from: the two passes
+                let want = sm.rescore(simd, &raw, &[], &dq).expect("valid row");
+                let scores = sm.scores.clone();
+                // right guess, wrong guess (a smaller logit), out-of-range choice
+                let low = (0..e as i32).find(|&i| raw[i as usize] < raw[top as usize]).unwrap_or(top);
+                for chosen in [vec![top], vec![low, top], vec![-1], vec![e as i32]] {
+                    let got = sm.rescore(simd, &raw, &chosen, &dq).expect("valid row");
+                    assert_eq!(
+                        (got.0.to_bits(), got.1.to_bits(), got.2.to_bits()),
+                        (want.0.to_bits(), want.1.to_bits(), want.2.to_bits()),
+                        "{simd:?} e={e} {chosen:?}"
+                    );
+                    assert!(sm.scores.iter().zip(&scores).all(|(a, b)| a.to_bits() == b.to_bits()));
+                }
+                // NaN or +inf anywhere is refused, guessed or not
+                for bad in [f32::NAN, f32::INFINITY] {
+                    let mut r = raw.clone();
+                    r[e / 2] = bad;
+                    let first = if e / 2 == top as usize { 0 } else { top };
+                    assert!(sm.rescore(simd, &r, &[first], &dq).is_none(), "{simd:?} e={e}");
+                    assert!(sm.rescore(simd, &r, &[], &dq).is_none(), "{simd:?} e={e}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn dense_loops_give_the_same_bits_at_every_level() {

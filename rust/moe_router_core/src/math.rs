@@ -286,9 +286,23 @@ mod portable {
         map_and_sum(z, out, |v| exp_f64(v - shift))
     }
 
-    pub(crate) fn exp_shifted_dot(z: &[f64], shift: f64, w: &[f64], out: &mut [f64]) -> (f64, f64) {
-        let sum = exp_shifted(z, shift, out);
-        (sum, dot_lanes(out, w))
+    pub(crate) fn exp_shifted_dot<F: Logit>(z: &[F], shift: f64, w: &[f64], out: &mut [f64]) -> ExpDot {
+        let n = z.len().min(out.len());
+        let (zc, ztail) = z[..n].as_chunks::<LANES>();
+        let (oc, otail) = out[..n].as_chunks_mut::<LANES>();
+        let (mut acc, mut max, mut bad) = ([0.0f64; LANES], f64::NEG_INFINITY, false);
+        for (zs, os) in zc.iter().zip(oc.iter_mut()) {
+            for l in 0..LANES {
+                let v = zs[l].to_f64();
+                bad |= v.is_nan() | (v == f64::INFINITY);
+                max = if v > max { v } else { max };
+                let a = exp_f64(v - shift);
+                os[l] = a;
+                acc[l] += a;
+            }
+        }
+        let tail = exp_dot_tail(ztail, shift, otail, &mut max, &mut bad);
+        ExpDot { sum: lane_sum(&acc) + tail, dot: dot_lanes(&out[..n], w), max, bad }
     }
 }
 
@@ -355,32 +369,34 @@ macro_rules! vector_kernels {
             finish_read(max, bad != 0, rtail, otail)
         }
 
-        /// `exp_shifted` and `dot_lanes` of its output with `w`, in one pass:
-        /// the lanes and the order of both.
+        /// `exp_shifted` and `dot_lanes` of its output with `w`, in one pass
+        /// that also reads (widens) and summarizes `z`: the lanes and the order of both.
         #[target_feature(enable = $feature)]
-        pub(crate) fn exp_shifted_dot(z: &[f64], shift: f64, w: &[f64], out: &mut [f64]) -> (f64, f64) {
+        pub(crate) fn exp_shifted_dot<F: Logit>(z: &[F], shift: f64, w: &[f64], out: &mut [f64]) -> ExpDot {
             let n = z.len().min(w.len()).min(out.len());
             let (zc, ztail) = z[..n].as_chunks::<LANES>();
             let (wc, wtail) = w[..n].as_chunks::<LANES>();
             let (oc, otail) = out[..n].as_chunks_mut::<LANES>();
-            let s = F8::splat(shift);
-            let (mut acc, mut dot) = (F8::splat(0.0), F8::splat(0.0));
+            let (s, inf) = (F8::splat(shift), F8::splat(f64::INFINITY));
+            let (mut acc, mut dot, mut top) = (F8::splat(0.0), F8::splat(0.0), F8::splat(f64::NEG_INFINITY));
+            let mut bad = 0u32;
             for ((zs, ws), os) in zc.iter().zip(wc).zip(oc.iter_mut()) {
-                let a = exp8(F8::load(zs).sub(s));
+                let v = F8::load(&widen(zs));
+                bad |= v.nan_or_equal_bits(inf);
+                top = top.max(v);
+                let a = exp8(v.sub(s));
                 a.store(os);
                 acc = acc.add(a);
                 dot = dot.add(a.mul(F8::load(ws)));
             }
-            let (mut lanes, mut dots) = ([0.0f64; LANES], [0.0f64; LANES]);
+            let (mut lanes, mut dots, mut tops) = ([0.0f64; LANES], [0.0f64; LANES], [0.0f64; LANES]);
             acc.store(&mut lanes);
             dot.store(&mut dots);
-            let mut tail = 0.0;
-            for (&zv, ov) in ztail.iter().zip(otail.iter_mut()) {
-                let v = exp_f64(zv - shift);
-                *ov = v;
-                tail += v;
-            }
-            (lane_sum(&lanes) + tail, finish_dot(&dots, otail, wtail))
+            top.store(&mut tops);
+            let mut max = tops.iter().copied().fold(f64::NEG_INFINITY, |a, v| if v > a { v } else { a });
+            let mut bad = bad != 0;
+            let tail = exp_dot_tail(ztail, shift, otail, &mut max, &mut bad);
+            ExpDot { sum: lane_sum(&lanes) + tail, dot: finish_dot(&dots, otail, wtail), max, bad }
         }
     };
 }
@@ -558,11 +574,42 @@ mod avx512 {
     }
 }
 
-/// `out[e] = exp(z[e] - shift)`; returns the sum of `out` (as `exp_shifted`)
-/// and `dot_lanes(out, w)`, from one pass over the row.
+/// What `exp_shifted_dot` computes besides `out`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct ExpDot {
+    /// `sum_e out_e` (as `exp_shifted` sums).
+    pub sum: f64,
+    /// `dot_lanes(out, w)`.
+    pub dot: f64,
+    /// The largest `z_e` (`-inf` for an empty row; NaN is not counted).
+    pub max: f64,
+    /// Whether any `z_e` is NaN or +inf.
+    pub bad: bool,
+}
+
+/// `out[e] = exp(z[e] - shift)` with `z` widened to float64, and the row's
+/// sum, dot product with `w`, maximum and validity, from one pass over the
+/// row: a caller that knows the maximum beforehand reads the row once, and
+/// checks `max` and `bad` to see whether it knew right.
 #[inline]
-pub(crate) fn exp_shifted_dot(simd: Simd, z: &[f64], shift: f64, w: &[f64], out: &mut [f64]) -> (f64, f64) {
+pub(crate) fn exp_shifted_dot<F: Logit>(simd: Simd, z: &[F], shift: f64, w: &[f64], out: &mut [f64]) -> ExpDot {
     dispatch!(simd, exp_shifted_dot(z, shift, w, out))
+}
+
+/// The tail of `exp_shifted_dot` (fewer than `LANES` values): their `exp`
+/// into `out`, summed in order; folds them into `max` and `bad`.
+#[inline(always)]
+fn exp_dot_tail<F: Logit>(z: &[F], shift: f64, out: &mut [f64], max: &mut f64, bad: &mut bool) -> f64 {
+    let mut tail = 0.0;
+    for (&zv, ov) in z.iter().zip(out.iter_mut()) {
+        let v = zv.to_f64();
+        *bad |= v.is_nan() | (v == f64::INFINITY);
+        *max = if v > *max { v } else { *max };
+        let a = exp_f64(v - shift);
+        *ov = a;
+        tail += a;
+    }
+    tail
 }
 
 /// `sum_e a_e b_e` over the fixed lanes (products, then sums: no FMA, so
@@ -642,11 +689,34 @@ mod tests {
             let mut want = vec![0.0; n];
             let sum = exp_shifted(Simd::all()[0], &z, 2.0, &mut want);
             let dot = dot_lanes(&want, &w);
+            let finite = z.iter().copied().filter(|v| v.is_finite());
+            let max = finite.fold(f64::NEG_INFINITY, f64::max);
+            let z32: Vec<f32> = z.iter().map(|&v| v as f32).collect();
+            let mut want32 = vec![0.0; n];
+            let sum32 =
+                exp_shifted(Simd::all()[0], &z32.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(), 2.0, &mut want32);
+            let dot32 = dot_lanes(&want32, &w);
             for simd in Simd::all() {
                 let mut got = vec![0.0; n];
-                let (s, d) = exp_shifted_dot(simd, &z, 2.0, &w, &mut got);
-                assert_eq!((s.to_bits(), d.to_bits()), (sum.to_bits(), dot.to_bits()), "{simd:?} n={n}");
+                let r = exp_shifted_dot(simd, &z, 2.0, &w, &mut got);
+                assert_eq!((r.sum.to_bits(), r.dot.to_bits()), (sum.to_bits(), dot.to_bits()), "{simd:?} n={n}");
                 assert_eq!(bits(&got), bits(&want), "{simd:?} n={n}");
+                assert_eq!((r.max, r.bad), (max, false), "{simd:?} n={n}");
+                // float32 input: the bits of its float64 widening
+                let r = exp_shifted_dot(simd, &z32, 2.0, &w, &mut got);
+                assert_eq!((r.sum.to_bits(), r.dot.to_bits()), (sum32.to_bits(), dot32.to_bits()), "{simd:?} n={n}");
+                assert_eq!(bits(&got), bits(&want32), "{simd:?} n={n}");
+                // NaN and +inf anywhere (in the lanes or the tail) are reported
+                for at in [0, n / 2, n.saturating_sub(1)].into_iter().filter(|&i| i < n) {
+                    for bad in [f32::NAN, f32::INFINITY] {
+                        let mut zb = z32.clone();
+                        zb[at] = bad;
+                        assert!(exp_shifted_dot(simd, &zb, 2.0, &w, &mut got).bad, "{simd:?} n={n} at={at}");
+                    }
+                    let mut zb = z32.clone();
+                    zb[at] = 1e30;
+                    assert_eq!(exp_shifted_dot(simd, &zb, 2.0, &w, &mut got).max, 1e30f32 as f64);
+                }
             }
         }
     }
