@@ -21,7 +21,7 @@ pub(crate) const SELECT_MIN_K: usize = 64;
 /// Up to this k the branch-free scalar insertion (`select_fixed`) is used at
 /// every level: its list fits in a few registers, and with the lower bound it
 /// sees about k candidates, where `select8_avx2`'s lane shuffles of the full
-/// 8-entry list cost more (measured at E = 64, k = 2: 30% less selection time).
+/// 8-entry list cost more. `select_small` covers k = 1..=4.
 #[cfg(target_arch = "x86_64")]
 const SCALAR_MAX_K: usize = 4;
 
@@ -61,7 +61,15 @@ pub(crate) fn select_top_k(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a `Simd` level never exceeds what the CPU supports; both imply AVX2.
         SimdLevel::Avx2 | SimdLevel::Avx512 if k > SCALAR_MAX_K && k <= 8 => unsafe {
-            select8_avx2(simd, keys, lower_bound, experts, best)
+            select8_avx2(keys, lower_bound, experts, best)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        SimdLevel::Avx2 if k <= SCALAR_MAX_K => unsafe { select_small_avx2(simd, keys, lower_bound, experts, best) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above; this level implies AVX-512F.
+        SimdLevel::Avx512 if k <= SCALAR_MAX_K => unsafe {
+            select_small_avx512(simd, keys, lower_bound, experts, best)
         },
         _ => fixed!(1 2 3 4 5 6 7 8),
     };
@@ -83,7 +91,7 @@ pub(crate) fn select_top_k(
 }
 
 /// Call `f(e)` for every `e` with `keys[e] >= bound`, in increasing order.
-#[inline]
+#[inline(always)]
 fn for_each_candidate(simd: Simd, keys: &[f64], bound: f64, mut f: impl FnMut(usize)) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -126,6 +134,7 @@ unsafe fn candidate_mask(simd: Simd, keys: &[f64], bound: f64) -> u64 {
 /// `candidate_mask_avx2` with 8 keys per compare, straight into a mask register.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[inline]
 fn candidate_mask_avx512(keys: &[f64], bound: f64) -> u64 {
     use std::arch::x86_64::*;
     debug_assert!(keys.len() <= 64);
@@ -148,6 +157,7 @@ fn candidate_mask_avx512(keys: &[f64], bound: f64) -> u64 {
 /// Bit i set when `keys[i] >= bound`, for up to 64 keys.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[inline]
 fn candidate_mask_avx2(keys: &[f64], bound: f64) -> u64 {
     use std::arch::x86_64::*;
     debug_assert!(keys.len() <= 64);
@@ -305,7 +315,7 @@ pub(crate) fn push_descending(v: f64, list: &mut [f64]) {
 /// later loses). Returns the number of finite keys taken among the first k.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn select8_avx2(simd: Simd, keys: &[f64], lower_bound: f64, experts: &mut [i32], best_out: &mut [f64]) -> usize {
+fn select8_avx2(keys: &[f64], lower_bound: f64, experts: &mut [i32], best_out: &mut [f64]) -> usize {
     use std::arch::x86_64::*;
     let k = experts.len();
     let ninf = _mm256_set1_pd(f64::NEG_INFINITY);
@@ -313,8 +323,8 @@ fn select8_avx2(simd: Simd, keys: &[f64], lower_bound: f64, experts: &mut [i32],
     let (mut i0, mut i1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
     let lane0 = _mm256_castsi256_pd(_mm256_set_epi64x(0, 0, 0, -1));
     for (w, chunk) in keys.chunks(64).enumerate() {
-        // SAFETY: this function's AVX2 is the caller's `simd` level or less.
-        let mut mask = unsafe { candidate_mask(simd, chunk, lower_bound) };
+        // The AVX2 mask, inlined here (an AVX-512 one could not be, and its call costs more than it saves).
+        let mut mask = candidate_mask_avx2(chunk, lower_bound);
         while mask != 0 {
             let e = w * 64 + mask.trailing_zeros() as usize;
             mask &= mask - 1;
@@ -356,11 +366,39 @@ fn select8_avx2(simd: Simd, keys: &[f64], lower_bound: f64, experts: &mut [i32],
     filled
 }
 
+/// `select_fixed` for k <= `SCALAR_MAX_K` (k = 1..=4), inlined into the
+/// level's own function below so that the candidate mask is inlined too.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn select_small(simd: Simd, keys: &[f64], lower_bound: f64, experts: &mut [i32], best: &mut [f64]) -> usize {
+    debug_assert!(experts.len() <= SCALAR_MAX_K);
+    match experts.len() {
+        1 => select_fixed::<1>(simd, keys, lower_bound, experts, best),
+        2 => select_fixed::<2>(simd, keys, lower_bound, experts, best),
+        3 => select_fixed::<3>(simd, keys, lower_bound, experts, best),
+        _ => select_fixed::<4>(simd, keys, lower_bound, experts, best),
+    }
+}
+
+/// `select_small` with AVX2 candidate masks (`simd` is the AVX2 level).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn select_small_avx2(simd: Simd, keys: &[f64], lower_bound: f64, experts: &mut [i32], best: &mut [f64]) -> usize {
+    select_small(simd, keys, lower_bound, experts, best)
+}
+
+/// `select_small` with AVX-512 candidate masks (`simd` is the AVX-512 level).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn select_small_avx512(simd: Simd, keys: &[f64], lower_bound: f64, experts: &mut [i32], best: &mut [f64]) -> usize {
+    select_small(simd, keys, lower_bound, experts, best)
+}
+
 /// Top-k for a k known at compile time: each candidate is inserted without
 /// branches (every position selects "keep", "shift down" or "take the new key"
 /// from the old list), so unpredictable comparisons near the threshold cost no
 /// mispredictions. Returns the number of finite keys taken.
-#[inline]
+#[inline(always)]
 fn select_fixed<const K: usize>(
     simd: Simd,
     keys: &[f64],
