@@ -19,11 +19,13 @@ const BLOCK: usize = 8;
 pub(crate) const SELECT_MIN_K: usize = 64;
 
 /// Up to this k the branch-free scalar insertion (`select_fixed`) is used at
-/// every level: its list fits in a few registers, and with the lower bound it
+/// every level: its list fits in two registers, and with the lower bound it
 /// sees about k candidates, where `select8_avx2`'s lane shuffles of the full
-/// 8-entry list cost more. `select_small` covers k = 1..=4.
+/// 8-entry list cost more. Measured per token at E = 64: k = 1 26 against 42 ns,
+/// k = 2 38 against 43 ns, but k = 3 51 against 44 ns and k = 4 73 against 55 ns.
+/// `select_small` covers k = 1..=2.
 #[cfg(target_arch = "x86_64")]
-const SCALAR_MAX_K: usize = 4;
+const SCALAR_MAX_K: usize = 2;
 
 /// Select the k best experts of `keys` into `experts` (by rank) and mark in
 /// `routed` which choices are real (eligible). `best` is scratch of length k;
@@ -366,7 +368,7 @@ fn select8_avx2(keys: &[f64], lower_bound: f64, experts: &mut [i32], best_out: &
     filled
 }
 
-/// `select_fixed` for k <= `SCALAR_MAX_K` (k = 1..=4), inlined into the
+/// `select_fixed` for k <= `SCALAR_MAX_K` (k = 1 or 2), inlined into the
 /// level's own function below so that the candidate mask is inlined too.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -374,9 +376,7 @@ fn select_small(simd: Simd, keys: &[f64], lower_bound: f64, experts: &mut [i32],
     debug_assert!(experts.len() <= SCALAR_MAX_K);
     match experts.len() {
         1 => select_fixed::<1>(simd, keys, lower_bound, experts, best),
-        2 => select_fixed::<2>(simd, keys, lower_bound, experts, best),
-        3 => select_fixed::<3>(simd, keys, lower_bound, experts, best),
-        _ => select_fixed::<4>(simd, keys, lower_bound, experts, best),
+        _ => select_fixed::<2>(simd, keys, lower_bound, experts, best),
     }
 }
 
