@@ -315,8 +315,16 @@ impl RowRouter {
         let options = ctx.options;
         let bias = ctx.call.expert_bias;
         let on_scores32 = float32::ranks_scores(options);
-        if bias.is_none() && options.groups().is_none() && !on_scores32 {
-            return true;
+        if bias.is_none() && options.groups().is_none() {
+            if !on_scores32 {
+                return true;
+            }
+            // Float32 scores alone: the keys are the scores, in a loop LLVM vectorizes.
+            let e = options.num_experts;
+            for ((key, &z), &s) in self.keys[..e].iter_mut().zip(&self.logits[..e]).zip(&self.scores[..e]) {
+                *key = if z > f64::NEG_INFINITY { s * scale } else { f64::NEG_INFINITY };
+            }
+            return false;
         }
         for i in 0..options.num_experts {
             let z = self.logits[i];
