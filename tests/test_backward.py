@@ -141,7 +141,9 @@ def test_softmax_row_agrees_with_the_general_path_over_many_chunks(rng, extra):
     g_w = rng.normal(size=(B, S, k))
     fast = dec.backward(g_w, 0.7)
     general = dec.backward(g_w, 0.7, np.zeros((B, S, E), np.float32))
-    np.testing.assert_allclose(fast, general, rtol=1e-5, atol=1e-12)
+    # float32 rows are scored in float32 on the fast path and in float64 on the general one:
+    # entries that cancel to near 0 differ by float32 rounding of the whole row's scale
+    np.testing.assert_allclose(fast, general, rtol=1e-5, atol=1e-6 * np.abs(general).max())
     assert np.abs(fast).max() > 0 and (fast[~mask] == 0).all()
 
 

@@ -6,9 +6,11 @@
 //! selection (top-k, groups, bias, capacity, drops, reroutes) is piecewise
 //! constant, so it is taken as made; the counts `f_e` of the balance losses
 //! are constants (a stop-gradient, as in Megatron-Core, DeepSpeed and Hugging
-//! Face). Each row is scored again from the caller's logits exactly as the
-//! routing pass scored it (same float64 arithmetic, same noise draws); nothing
-//! `[T, E]` is kept between the passes.
+//! Face). Each row is scored again from the caller's logits as the routing
+//! pass scored it (same float64 arithmetic, same noise draws), except that a
+//! float32 softmax row without noise takes its `exp` in float32 arithmetic
+//! (`crate::exp32`, within 2 ulp of float32, as the peers' float32 autograd);
+//! nothing `[T, E]` is kept between the passes.
 //!
 //! Per active token, with scores `s` (softmax over the eligible experts, or
 //! sigmoid), choice j of expert `x_j`, kept factor `m_j` (1, or
@@ -34,6 +36,7 @@ use rayon::prelude::*;
 
 use crate::config::{RouterConfig, RoutingAlgorithm, ScoreFunction};
 use crate::error::{Result, RouterError};
+use crate::exp32::exp32_shifted_dot;
 use crate::math::{exp_shifted_dot, read_row, sqrt_softplus_slope};
 use crate::route::{chunk_tokens, RouteCall};
 use crate::row::{RowContext, RowRouter};
@@ -329,7 +332,8 @@ fn finite_rows<F: Logit>(block: &[F], e: usize, start: usize) -> Result<()> {
 /// A softmax row scored without a `RowRouter` (no training noise): the
 /// logits read and validated, then `exp` fused with the dot product with the
 /// balance row, in the arithmetic of `RowRouter::rescore` and `dense::dot`
-/// (the same bits, one pass fewer).
+/// (the same bits, one pass fewer) for float64 rows, and in float32
+/// arithmetic for float32 rows (`rescore_f32`).
 ///
 /// The row's maximum is usually known before the row is read: it is the
 /// logit of the token's first choice (always, for a plain top-k of the
@@ -358,7 +362,10 @@ impl Softmax {
     /// experts, best first.
     #[inline]
     fn rescore<F: Logit>(&mut self, simd: Simd, raw: &[F], chosen: &[i32], dq: &[f64]) -> Option<(f64, f64, f64)> {
-        if self.misses * 8 <= self.guesses + 8 {
+        if let Some(raw) = F::as_f32(raw) {
+            return self.rescore_f32(simd, raw, chosen, dq);
+        }
+        if self.guessing() {
             let guess =
                 chosen.first().and_then(|&x| raw.get(usize::try_from(x).ok()?)).map_or(f64::NAN, |v| v.to_f64());
             // a zero maximum is left to the two passes, which fix its sign
@@ -377,6 +384,47 @@ impl Softmax {
         }
         let r = exp_shifted_dot(simd, &self.logits, read.max, dq, &mut self.scores);
         Some((read.max, r.dot, 1.0 / r.sum))
+    }
+
+    /// `rescore` of a float32 row, in float32 arithmetic (`crate::exp32`).
+    /// A wrong guess costs one more pass: the first one found the maximum.
+    fn rescore_f32(&mut self, simd: Simd, raw: &[f32], chosen: &[i32], dq: &[f64]) -> Option<(f64, f64, f64)> {
+        let mut shift = None;
+        if self.guessing() {
+            let guess = chosen.first().and_then(|&x| raw.get(usize::try_from(x).ok()?)).copied();
+            // a zero maximum is left to the read pass, as in `rescore`
+            if let Some(guess) = guess.filter(|g| g.is_finite() && *g != 0.0) {
+                self.guesses += 1;
+                let r = exp32_shifted_dot(simd, raw, guess, dq, &mut self.scores);
+                if r.bad {
+                    return None;
+                }
+                if r.max <= f64::from(guess) {
+                    return Some((f64::from(guess), r.dot, 1.0 / r.sum));
+                }
+                self.misses += 1;
+                shift = Some(r.max);
+            }
+        }
+        let max = match shift {
+            Some(max) => max,
+            None => {
+                let read = read_row(simd, raw, &mut self.logits);
+                if read.bad || read.max == f64::NEG_INFINITY {
+                    return None;
+                }
+                read.max
+            }
+        };
+        // the maximum of float32 values is one
+        let r = exp32_shifted_dot(simd, raw, max as f32, dq, &mut self.scores);
+        Some((max, r.dot, 1.0 / r.sum))
+    }
+
+    /// Whether to guess the maximum: guessing stops where it mostly fails (a cost choice only).
+    #[inline]
+    fn guessing(&self) -> bool {
+        self.misses * 8 <= self.guesses + 8
     }
 }
 

@@ -47,6 +47,7 @@ mod dispatch;
 mod eplb;
 mod error;
 mod exchange;
+mod exp32;
 mod expert_choice;
 mod float32;
 mod gate;

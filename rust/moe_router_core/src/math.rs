@@ -630,7 +630,7 @@ pub(crate) fn dot_lanes(a: &[f64], b: &[f64]) -> f64 {
 
 /// The lanes of a dot product in order, plus the products of the tails.
 #[inline(always)]
-fn finish_dot(acc: &[f64; LANES], a_tail: &[f64], b_tail: &[f64]) -> f64 {
+pub(crate) fn finish_dot(acc: &[f64; LANES], a_tail: &[f64], b_tail: &[f64]) -> f64 {
     acc.iter().sum::<f64>() + a_tail.iter().zip(b_tail).map(|(&x, &y)| x * y).sum::<f64>()
 }
 
