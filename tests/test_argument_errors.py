@@ -227,6 +227,10 @@ def _router(**kwargs: Any) -> mr.ExpertRouter:
     return mr.ExpertRouter(CFG, 4, gate="linear", **kwargs)
 
 
+DEC = mr.route_logits(X, CFG)
+PLAN = DEC.dispatch_plan()
+ROWS = PLAN.permute(np.zeros((4, 3), np.float32))
+
 #: Flags of the per-call APIs and the constructors: (name, call with the value, family).
 FLAGS: List[Tuple[str, Callable[[Any], Any], type]] = [
     ("training", lambda v: mr.route_logits(X, CFG, training=v), mr.InputError),
@@ -241,6 +245,10 @@ FLAGS: List[Tuple[str, Callable[[Any], Any], type]] = [
     ("enabled", lambda v: mr.LoadBalancer(4, enabled=v), mr.ConfigError),
     ("norm_topk_prob", lambda v: mr.preset("qwen_moe", 8, 2, norm_topk_prob=v), mr.ConfigError),
     ("drop_tokens", lambda v: mr.preset("deepspeed", 8, 2, drop_tokens=v), mr.ConfigError),
+    ("pad_to_capacity", lambda v: DEC.dispatch_plan(pad_to_capacity=v), mr.ConfigError),
+    ("weighted", lambda v: PLAN.combine(ROWS, weighted=v), mr.InputError),
+    ("pad_sorted_ids", lambda v: mr.moe_align_block_size(DEC.expert_indices, 4, 8, pad_sorted_ids=v),
+     mr.ConfigError),
 ]
 
 
@@ -253,9 +261,19 @@ def test_flags_must_be_bools(name: str, call: Callable[[Any], Any], family: type
 
 
 def test_none_is_not_a_flag() -> None:
-    for name, call, family in FLAGS[:7] + FLAGS[8:]:
+    # An explicit None is the wrong type, not the default (which applies when the flag is left out).
+    for name, call, family in FLAGS:
         assert_wrong_type(lambda: call(None), family, name)
-    assert CFG.capacity(10, training=None) == CFG.capacity(10)  # None: the default (training)
+        assert f"invalid {name}: got None" in str(refusal(lambda: call(None)))
+
+
+def test_a_flag_left_out_takes_its_default() -> None:
+    cfg = CFG.replace(capacity_factor=2.0, eval_capacity_factor=1.0)
+    assert cfg.capacity(10) == cfg.capacity(10, training=True) == 5 and cfg.capacity(10, training=False) == 3
+    assert DEC.dispatch_plan().pad_to_capacity is False
+    np.testing.assert_array_equal(PLAN.combine(ROWS), PLAN.combine(ROWS, weighted=True))
+    np.testing.assert_array_equal(mr.moe_align_block_size(DEC.expert_indices, 4, 8)[0],
+                                  mr.moe_align_block_size(DEC.expert_indices, 4, 8, pad_sorted_ids=False)[0])
 
 
 def test_balancer_enabled_setter() -> None:

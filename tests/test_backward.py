@@ -226,6 +226,30 @@ def test_backward_bad_input(rng):
             call()
 
 
+def test_a_non_finite_cotangent_is_named_by_its_position(rng):
+    x = rng.normal(size=(12, 4))
+    dec = mr.route_logits(x.reshape(3, 4, 4), mr.RouterConfig(num_experts=4, top_k=2))
+    g = np.zeros((12, 2))
+    g[7, 1], g[9, 0] = np.nan, np.inf  # the first in C order is reported
+    with pytest.raises(mr.InputError) as info:
+        dec.backward(g)
+    assert str(info.value) == ("grad_expert_weights[7, 1] is nan; every entry must be finite "
+                               "(the first non-finite entry: token 7, column 1)")
+    # In the caller's batch shape, with the flattened token as the logits errors name it.
+    with pytest.raises(mr.InputError, match=r"grad_expert_weights\[2, 1, 0\] is -inf; .*token 9, column 0\)"):
+        dec.backward(np.where(np.arange(24).reshape(3, 4, 2) == 18, -np.inf, 0.0))
+    p = np.zeros((12, 4), np.float32)
+    p[11, 3] = np.inf
+    with pytest.raises(mr.InputError, match=r"^grad_router_probs\[11, 3\] is inf; .*token 11, column 3\)$"):
+        dec.backward(None, 1.0, p)
+    p = np.zeros((12, 4))
+    p[5, 2] = -1e300  # finite as given, -inf in the float32 the probabilities are read in
+    with np.errstate(over="ignore"), pytest.raises(mr.InputError) as info:
+        dec.backward(None, 1.0, p)
+    assert str(info.value).startswith("grad_router_probs[5, 2] is -1e+300; it overflows float32")
+    assert "token 5, column 2" in str(info.value)
+
+
 @settings(max_examples=40, deadline=None)
 @given(T=st.integers(1, 10), E=st.integers(2, 7), k=st.integers(1, 3), seed=st.integers(0, 2**31),
        sf=st.sampled_from(["softmax", "sigmoid"]), nw=st.booleans(), rn=st.booleans(),

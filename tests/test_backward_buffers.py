@@ -39,16 +39,24 @@ def test_out_bad_input(rng):
     g = rng.normal(size=(x.shape[0], 3))
     read_only = np.zeros(x.shape, np.float32)
     read_only.flags.writeable = False
-    for out, error in [
-        (np.zeros((x.shape[0], 23), np.float32), mr.InputError),
-        (np.zeros(x.shape, np.float64), TypeError),
-        (np.zeros((x.shape[1], x.shape[0]), np.float32).T, mr.InputError),
-        (read_only, mr.InputError),
-        (x, mr.InputError),  # the logits the backward reads
-        ([[0.0] * x.shape[1]] * x.shape[0], TypeError),
+    for out, error, message in [
+        (np.zeros((x.shape[0], 23), np.float32), mr.InputError, r"^out has shape"),
+        (np.zeros(x.shape, np.float64), mr.InputTypeError,
+         r"^out must be a C-contiguous float32 NumPy array \(the dtype of logits\), got ndarray of dtype float64$"),
+        (np.zeros((x.shape[1], x.shape[0]), np.float32).T, mr.InputError, r"^out .*C-contiguous"),
+        (read_only, mr.InputError, r"^out is read-only \(not writeable"),
+        (x, mr.InputError, r"^out overlaps logits, an input of this call"),  # the logits the backward reads
+        (x[:, :], mr.InputError, r"^out overlaps logits"),  # a view of them
+        ([[0.0] * x.shape[1]] * x.shape[0], mr.InputTypeError, r"^out must be"),
     ]:
-        with pytest.raises(error, match="out"):
+        with pytest.raises(error, match=message):
             dec.backward(g, 1.0, out=out)
+    p = np.zeros(x.shape, np.float32)
+    with pytest.raises(mr.InputError, match=r"^out overlaps grad_router_probs, an input of this call"):
+        dec.backward(None, 1.0, p, out=p)
+    x64, dec64 = routed(rng, np.float64)
+    with pytest.raises(mr.InputTypeError, match=r"float64 NumPy array \(the dtype of logits\), got .* float32$"):
+        dec64.backward(g, 1.0, out=np.zeros(x64.shape, np.float32))
 
 
 def test_cotangents_in_any_real_form_give_the_same_gradient(rng):

@@ -198,8 +198,57 @@ def test_bad_input_is_refused_naming_the_argument(rng):
             call()
     ro = np.zeros((plan.num_rows, 6), np.float32)
     ro.setflags(write=False)
-    with pytest.raises(mr.InputError, match="out"):
+    with pytest.raises(mr.InputError, match=r"^out is read-only \(not writeable"):
         plan.permute(hidden, out=ro)
+    ro = np.zeros((40, 6), np.float32)
+    ro.setflags(write=False)
+    with pytest.raises(mr.InputError, match=r"^out is read-only"):
+        plan.combine(rows, out=ro)
+
+
+def test_out_of_another_dtype_is_named_in_numpys_terms(rng):
+    plan = decide(rng, T=40, E=4, k=2, cf=1.0).dispatch_plan()
+    for dtype, other in [(np.float32, np.float64), (np.float64, np.float32), (np.float16, np.float32)]:
+        hidden = rng.normal(size=(40, 6)).astype(dtype)
+        rows = plan.permute(hidden)
+        want, got = np.dtype(dtype).name, np.dtype(other).name
+        for call, input_name in [
+            (lambda: plan.permute(hidden, out=np.zeros(rows.shape, other)), "hidden"),
+            (lambda: plan.combine(rows, out=np.zeros(hidden.shape, other)), "expert_out"),
+            (lambda: plan.unpermute(rows, out=np.zeros((40, 2, 6), other)), "expert_out"),
+        ]:
+            with pytest.raises(mr.InputTypeError) as info:
+                call()
+            assert str(info.value) == (f"out must be a C-contiguous {want} NumPy array (the dtype of {input_name}), "
+                                       f"got ndarray of dtype {got}")
+
+
+def test_out_that_overlaps_the_input_is_refused_naming_both(rng):
+    # Top-1, dropless, no padding: N == T, so out=hidden has the right shape and dtype.
+    dec = decide(rng, T=40, E=4, k=1, cf=None)
+    plan = dec.dispatch_plan()
+    hidden = rng.normal(size=(40, 6)).astype(np.float32)
+    rows = plan.permute(hidden)
+    for call, input_name in [
+        (lambda: plan.permute(hidden, out=hidden), "hidden"),
+        (lambda: plan.permute(hidden, out=hidden[:, :]), "hidden"),
+        (lambda: plan.combine(rows, out=rows), "expert_out"),
+        (lambda: plan.unpermute(rows, out=rows.reshape(40, 1, 6)), "expert_out"),
+    ]:
+        with pytest.raises(mr.InputError) as info:
+            call()
+        assert str(info.value).startswith(f"out overlaps {input_name}, an input of this call"), str(info.value)
+    np.testing.assert_array_equal(plan.permute(hidden), rows)  # the refused calls wrote nothing
+
+
+def test_weighted_must_be_a_bool(rng):
+    plan = decide(rng, T=40, E=4, k=2, cf=1.0).dispatch_plan()
+    rows = plan.permute(rng.normal(size=(40, 6)).astype(np.float32))
+    for value, shown in [(None, "None (NoneType)"), (1, "1 (int)"), ("yes", "'yes' (str)")]:
+        with pytest.raises(mr.InputTypeError) as info:
+            plan.combine(rows, weighted=value)
+        assert str(info.value) == f"invalid weighted: got {shown}; must be True or False (a bool)"
+    np.testing.assert_array_equal(plan.combine(rows), plan.combine(rows, weighted=True))
 
 
 def test_a_decision_cannot_be_tampered_with(rng):

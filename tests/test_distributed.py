@@ -140,6 +140,15 @@ def test_single_rank_exchange_with_a_local_backend(rng):
         distributed.expert_parallel_forward(h, dec, lambda e, r: r[:, :2], mr.ExpertPlacement(8, 1), Local())
     with pytest.raises(mr.ConfigError, match="2 ranks"):
         distributed.expert_parallel_forward(h, dec, lambda e, r: r, mr.ExpertPlacement(8, 2), Local())
+    ex = distributed.ExpertParallelExchange(dec, mr.ExpertPlacement(8, 1), Local(), 6)
+    for value in (None, 1, "yes"):
+        with pytest.raises(mr.InputTypeError, match=r"^invalid return_stats: got"):
+            distributed.expert_parallel_forward(h, dec, lambda e, r: r, mr.ExpertPlacement(8, 1), Local(),
+                                                return_stats=value)
+        with pytest.raises(mr.InputTypeError, match=r"^invalid weighted: got"):
+            ex.combine(ex.dispatch(h), weighted=value)
+        with pytest.raises(mr.InputTypeError, match=r"^invalid weighted: got"):
+            ex.combine_backward(h, weighted=value)
 
 
 def mpiexec():

@@ -192,6 +192,29 @@ def test_conflicting_names_are_refused():
     assert mr.preset("megatron", 8, 2, pre_softmax=True, normalize_weights=False).normalize_weights is False
 
 
+def test_every_top_k_refusal_names_the_preset():
+    out_of_range = "invalid top_k: got 8; must satisfy 1 <= top_k <= num_experts = 4"
+    for name in mr.PRESETS:
+        for call, origin in [(lambda: mr.preset(name, 4, 8), ""), (lambda: mr.preset(name, 4, top_k=8), ""),
+                             (lambda: mr.preset(name, 4, num_experts_per_token=8),
+                              "num_experts_per_token=8 sets top_k: ")]:
+            with pytest.raises(mr.ConfigError) as info:
+                call()
+            message = str(info.value)
+            assert message.startswith(f"preset '{name}': ") and ("top_k = 8" in message or "got 8" in message), message
+            if name not in ("switch", "fairseq", "base"):  # their own k rules refuse 8 first
+                assert message == f"preset '{name}': {origin}{out_of_range}", message
+        with pytest.raises(mr.ConfigError, match=rf"^preset '{name}': invalid top_k: got 0; must be an integer"):
+            mr.preset(name, 4, 0)
+        with pytest.raises(mr.ConfigTypeError, match=rf"^preset '{name}': invalid top_k: got 2.0 \(float\)"):
+            mr.preset(name, 4, 2.0)
+    with pytest.raises(mr.ConfigError, match=r"^preset 'mixtral': num_experts_per_tok=8 sets top_k: invalid top_k"):
+        mr.preset("mixtral", 4, num_experts_per_tok=8)
+    # a field given under our own name is the preset's refusal too
+    with pytest.raises(mr.ConfigError, match=r"^preset 'mixtral': invalid capacity_factor: got -1.0"):
+        mr.preset("mixtral", 4, 2, capacity_factor=-1.0)
+
+
 def test_unknown_names_are_refused_with_the_accepted_list():
     with pytest.raises(TypeError) as info:
         mr.preset("megatron", 8, 2, moe_router_pre_sofmax=True)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from . import _inputs
 from ._core import ConfigError, ExpertPlacement, InputError, gather_rows
 from .decision import RoutingDecision
 
@@ -200,6 +201,7 @@ class ExpertParallelExchange:
 
     def combine(self, expert_out: Any, weighted: bool = True) -> np.ndarray:
         """The experts' outputs ``[M_r, D]`` -> this rank's tokens ``batch_shape + [D]`` (weighted sum)."""
+        weighted = _inputs.flag(weighted, "weighted")  # before the exchange, not after it
         y = self._rows(expert_out, "expert_out", int(self.expert_offsets[-1]))
         return self.plan.combine(gather_rows(self._back(y), self.send.send_position), weighted=weighted)
 
@@ -210,6 +212,7 @@ class ExpertParallelExchange:
 
     def combine_backward(self, grad_out: Any, weighted: bool = True) -> np.ndarray:
         """Backward of :meth:`combine` (weights held constant): gradient of the tokens -> of the expert rows."""
+        weighted = _inputs.flag(weighted, "weighted")
         g = self.plan.permute(np.ascontiguousarray(grad_out, dtype=self.dtype))
         if weighted:
             g *= self.plan.weights[:, None].astype(self.dtype)
@@ -251,6 +254,7 @@ def expert_parallel_forward(hidden_local: Any, decision_local: RoutingDecision,
     InputError
         An expert returns the wrong shape or dtype.
     """
+    return_stats = _inputs.flag(return_stats, "return_stats")
     h = np.asarray(hidden_local)
     d = int(h.shape[-1]) if h.ndim >= 1 else 0
     ex = ExpertParallelExchange(decision_local, placement, backend, d, h.dtype)

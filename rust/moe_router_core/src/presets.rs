@@ -933,7 +933,7 @@ fn pop_aliases(
 /// different values are refused. Errors: [`RouterError::Preset`] naming the
 /// preset and the parameter (an unknown preset or setting, a value of the wrong
 /// type, a setting that cannot be reproduced), or the configuration's own error
-/// for a field out of range.
+/// for a field out of range, after the preset's name and the setting it came from.
 pub fn preset(
     name: &FieldValue,
     num_experts: &FieldValue,
@@ -951,12 +951,14 @@ pub fn preset(
         }
     }
     let mut top_k = top_k.clone();
+    let mut top_k_name = None;
     let topk_names: Vec<&str> = spec.topk_names.iter().copied().chain([TOP_K_ALIAS]).collect();
     if let Some((used, value)) = pop_aliases(p, "top_k", &topk_names, &mut overrides)? {
         if !matches!(top_k, FieldValue::None) && !same(&value, &top_k) {
             return Err(refuse(p, format!("{used}={value} disagrees with top_k={top_k}")));
         }
         top_k = value;
+        top_k_name = Some(used);
     }
     let k = match top_k {
         FieldValue::None => spec.default_top_k,
@@ -1025,7 +1027,8 @@ pub fn preset(
         let from_given = given
             .iter()
             .find(|(param, _)| param.fields.contains(&field))
-            .map(|(param, used)| format!("{used}={} sets {field}", settings.get(param.key)));
+            .map(|(param, used)| format!("{used}={} sets {field}", settings.get(param.key)))
+            .or_else(|| top_k_name.as_ref().filter(|_| field == "top_k").map(|used| format!("{used}={k} sets top_k")));
         let from_default = || {
             spec.params.iter().find(|param| param.fields.contains(&field)).map(|param| {
                 format!(
@@ -1040,7 +1043,8 @@ pub fn preset(
                 message: format!("preset '{p}': {origin}: {err}"),
                 wrong_type: matches!(err, RouterError::WrongType { .. }),
             },
-            None => err,
+            // A field given under our name, or E and k themselves: still the preset's refusal.
+            None => prefixed(p, err),
         }
     })
 }
@@ -1125,9 +1129,13 @@ mod tests {
             preset(&FieldValue::Int(3), &FieldValue::Int(8), &FieldValue::None, vec![]),
             Err(RouterError::WrongType { .. })
         ));
-        // the configuration's own checks, unprefixed
+        // the configuration's own checks, with the preset named as for the preset's own
         let m = message(make("mixtral", 8, Some(9), &[]));
-        assert!(m.starts_with("invalid top_k: got 9"), "{m}");
+        assert!(m.starts_with("preset 'mixtral': invalid top_k: got 9; must satisfy 1 <= top_k <= num_experts"), "{m}");
+        let m = message(make("mixtral", 8, None, &[("num_experts_per_tok", FieldValue::Int(9))]));
+        assert!(m.starts_with("preset 'mixtral': num_experts_per_tok=9 sets top_k: invalid top_k: got 9"), "{m}");
+        let m = message(make("mixtral", 8, Some(2), &[("capacity_factor", float(-1.0))]));
+        assert!(m.starts_with("preset 'mixtral': invalid capacity_factor: got -1.0"), "{m}");
     }
 
     #[test]

@@ -107,6 +107,12 @@ impl<'py> Given<'py> {
     pub fn or<T>(&self, default: T, read: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<T>) -> PyResult<T> {
         self.0.as_ref().map_or(Ok(default), read)
     }
+
+    /// The given value as a flag, `default` when left out: every optional flag is
+    /// read here, so an explicit None (or 1, "yes") is the wrong type, not the default.
+    pub fn flag(&self, name: &str, default: bool, family: Family) -> PyResult<bool> {
+        self.or(default, |v| flag(v, name, family))
+    }
 }
 
 /// The Python face of these rules, for the package's Python code (presets,

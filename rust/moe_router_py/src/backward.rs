@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 
 use crate::arrays;
 use crate::decision::{BackwardInputs, RoutingDecision, SavedSource};
-use crate::errors::{config_error, to_py, unreadable, wrong_type};
+use crate::errors::{config_error, to_py, unborrowable, unreadable, wrong_type};
 use crate::plan::as_numpy;
 use crate::threads;
 
@@ -38,22 +38,59 @@ fn cotangent<'py, T: Element + Logit>(
         )));
     }
     let flat = array.py().import("numpy")?.getattr("ascontiguousarray")?.call1((&array, dtype))?;
-    let view = flat.cast::<PyArrayDyn<T>>()?.try_readonly().map_err(|e| unreadable(name, e))?;
+    let view = flat.cast::<PyArrayDyn<T>>()?.try_readonly().map_err(|e| unborrowable(name, e))?;
     let values = view.as_slice().map_err(|e| unreadable(name, e))?;
-    // Branch-free, so the check vectorizes.
+    // Branch-free, so the check vectorizes; the position is looked up only on failure.
     if !values.iter().fold(true, |all, v| all & v.to_f64().is_finite()) {
-        return Err(to_py(core::RouterError::NonFiniteParameter {
-            argument: name,
-            index: 0,
-            value: "NaN or inf somewhere".into(),
-        }));
+        let at = values.iter().position(|v| !v.to_f64().is_finite()).unwrap_or(0);
+        return Err(not_finite(&array, name, &shape, width, at, dtype));
     }
     Ok(view)
 }
 
+/// The error for cotangent `name` (`array`, as given, of `shape`) whose first
+/// non-finite value, once in `dtype`, is at flat position `at`: its index in
+/// the given shape, the token row and column, and the value as given (a finite
+/// value there overflowed `dtype`).
+fn not_finite(
+    array: &Bound<'_, PyAny>,
+    name: &'static str,
+    shape: &[usize],
+    width: usize,
+    at: usize,
+    dtype: &str,
+) -> PyErr {
+    let mut index = Vec::with_capacity(shape.len());
+    let mut rest = at;
+    for &n in shape.iter().rev() {
+        index.push(rest % n.max(1));
+        rest /= n.max(1);
+    }
+    index.reverse();
+    let index: Vec<String> = index.iter().map(|i| i.to_string()).collect();
+    // The value as given (a Python float or int), printed by Python.
+    let given = array.call_method1("reshape", (-1,)).and_then(|flat| flat.get_item(at)?.call_method0("item"));
+    let shown = given.as_ref().ok().and_then(|v| v.repr().ok()).map_or("not finite".into(), |r| r.to_string());
+    let overflowed = given.and_then(|v| v.extract::<f64>()).is_ok_and(f64::is_finite);
+    let allowed = if overflowed {
+        format!("it overflows {dtype}, the dtype {name} is read in; every entry must be finite in {dtype}")
+    } else {
+        "every entry must be finite".to_string()
+    };
+    let (token, column) = (at / width.max(1), at % width.max(1));
+    to_py(core::RouterError::InvalidEntry {
+        argument: name,
+        index: format!("[{}]", index.join(", ")),
+        value: shown,
+        allowed: format!("{allowed} (the first non-finite entry: token {token}, column {column})"),
+    })
+}
+
 fn readonly<'py, T: Element>(a: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
-    let typed = a.cast::<PyArrayDyn<T>>().map_err(|_| wrong_type(name, std::any::type_name::<T>(), a))?;
-    typed.try_readonly().map_err(|e| unreadable(name, e))
+    let typed = a
+        .cast::<PyArrayDyn<T>>()
+        .map_err(|_| wrong_type(name, &format!("a {} NumPy array", crate::errors::dtype_name::<T>(a.py())), a))?;
+    typed.try_readonly().map_err(|e| unborrowable(name, e))
 }
 
 /// The decision's saved arrays, borrowed, and the cotangents, checked.
@@ -250,10 +287,16 @@ pub fn decision_backward<'py>(
         let view = readonly::<F>(logits, "logits")?;
         let data = view.as_slice().map_err(|e| unreadable("logits", e))?;
         let source = SliceLogits::new(data, t, e).map_err(to_py)?;
-        let out = crate::plan::output::<F>(py, out.filter(|o| !o.is_none()), &shape[..])?;
+        let out = crate::plan::output::<F>(py, out.filter(|o| !o.is_none()), &shape[..], "logits")?;
         {
-            let mut guard = out.try_readwrite().map_err(|e| unreadable("out", e))?;
-            let target = guard.as_slice_mut().map_err(|e| unreadable("out", e))?;
+            let read = [
+                Some(("logits", view.as_any())),
+                prepared.gw.as_ref().map(|g| ("grad_expert_weights", g.as_any())),
+                prepared.gp.as_ref().map(|g| ("grad_router_probs", g.as_any())),
+            ];
+            let read: Vec<_> = read.into_iter().flatten().collect();
+            let mut guard = crate::plan::write_target(&out, &read)?;
+            let target = guard.as_slice_mut().map_err(|_| unreadable("out", "it must be C-contiguous"))?;
             py.detach(|| threads::install(t, e, || core::backward_logits(&source, &inputs.config, &call, &saved, &cot, target)))
                 .map_err(to_py)?;
         }

@@ -212,7 +212,7 @@ impl PyLoadBalancer {
             warmup_steps: warmup_steps.or(d.warmup_steps, |v| integer(v, "warmup_steps", 0, most, Family::Config))?,
             bias_update_rate: Given(bias_update_rate.filter(|r| !r.is_none()).cloned())
                 .or(d.bias_update_rate, setting("bias_update_rate"))?,
-            enabled: enabled.or(d.enabled, |v| flag(v, "enabled", Family::Config))?,
+            enabled: enabled.flag("enabled", d.enabled, Family::Config)?,
             ..d
         };
         let balancer = core::LoadBalancer::new(settings).map_err(to_py)?;

@@ -213,10 +213,10 @@ impl PyRouterConfig {
     ///     ``num_tokens`` is an integer outside ``[0, 2**64 - 1]``.
     /// ConfigTypeError
     ///     ``num_tokens`` is not an int, or ``training`` not a bool.
-    #[pyo3(signature = (num_tokens, training=None))]
-    fn capacity(&self, num_tokens: &Bound<'_, PyAny>, training: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
+    #[pyo3(signature = (num_tokens, training=args::Given(None)), text_signature = "($self, num_tokens, training=True)")]
+    fn capacity(&self, num_tokens: &Bound<'_, PyAny>, training: args::Given<'_>) -> PyResult<Option<usize>> {
         let tokens = args::count(num_tokens, "num_tokens", 0, Family::Config)?;
-        let training = training.map(|t| args::flag(t, "training", Family::Config)).transpose()?.unwrap_or(true);
+        let training = training.flag("training", true, Family::Config)?;
         Ok(self.inner.capacity_for(tokens, training))
     }
 

@@ -616,9 +616,11 @@ impl RoutingDecision {
     ///     The decision did not come from logits (use ``ExpertRouter.backward``),
     ///     or came from the hierarchical gate's probabilities.
     /// InputError
-    ///     A gradient array of the wrong shape, or NaN in it; ``tokens_per_expert``
+    ///     A gradient array of the wrong shape, or NaN or inf in it (the message gives
+    ///     the index of the first, its token and column); ``tokens_per_expert``
     ///     not [E] or negative, or given without ``num_tokens`` (or the reverse);
-    ///     ``out`` of the wrong shape, not C-contiguous, read-only or one of the inputs.
+    ///     ``out`` of the wrong shape, not C-contiguous, read-only or overlapping an
+    ///     input (the message names it).
     /// TypeError
     ///     A gradient that is not a real array; ``out`` not an array of the logits' dtype.
     #[pyo3(signature = (grad_expert_weights=None, grad_auxiliary_loss=None, grad_router_probs=None, tokens_per_expert=None, num_tokens=None, *, out=None))]
@@ -671,18 +673,18 @@ impl RoutingDecision {
     /// ------
     /// ConfigError
     ///     ``alignment < 1``, or ``pad_to_capacity`` on a dropless decision.
-    #[pyo3(signature = (alignment=None, pad_to_capacity=None))]
+    #[pyo3(
+        signature = (alignment=None, pad_to_capacity=crate::args::Given(None)),
+        text_signature = "($self, alignment=None, pad_to_capacity=False)"
+    )]
     fn dispatch_plan(
         slf: Bound<'_, Self>,
         alignment: Option<&Bound<'_, PyAny>>,
-        pad_to_capacity: Option<&Bound<'_, PyAny>>,
+        pad_to_capacity: crate::args::Given<'_>,
     ) -> PyResult<PyDispatchPlan> {
         let alignment =
             alignment.map(|a| crate::args::count(a, "alignment", 1, Family::Config)).transpose()?.unwrap_or(1);
-        let pad_to_capacity = pad_to_capacity
-            .map(|p| crate::args::flag(p, "pad_to_capacity", Family::Config))
-            .transpose()?
-            .unwrap_or(false);
+        let pad_to_capacity = pad_to_capacity.flag("pad_to_capacity", false, Family::Config)?;
         PyDispatchPlan::build(slf.py(), slf, PlanLayout { alignment, pad_to_capacity })
     }
 

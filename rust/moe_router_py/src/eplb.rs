@@ -5,7 +5,7 @@ use moe_router_core::{self as core, ArrayArg, PlacementRequest};
 use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use crate::errors::{to_py, unreadable, wrong_type};
+use crate::errors::{to_py, unborrowable, unreadable, wrong_type};
 use crate::exchange::{Advice, PyExpertPlacement};
 use crate::plan::as_numpy;
 
@@ -21,7 +21,7 @@ pub fn with_load<R>(expert_load: &Bound<'_, PyAny>, f: impl FnOnce(ArrayArg<'_, 
     }
     let numpy = array.py().import("numpy")?;
     let typed = numpy.call_method1("ascontiguousarray", (array, "float64"))?;
-    let view = typed.cast::<PyArrayDyn<f64>>()?.readonly();
+    let view = typed.cast::<PyArrayDyn<f64>>()?.try_readonly().map_err(|e| unborrowable("expert_load", e))?;
     let data = view.as_slice().map_err(|e| unreadable("expert_load", e))?;
     Ok(f(ArrayArg { name: "expert_load", data, shape: view.shape() }))
 }

@@ -8,6 +8,7 @@
 //! function, that `except ConfigError` / `except InputError` also catch.
 
 use moe_router_core::RouterError as CoreError;
+use numpy::{BorrowError, Element};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyKeyboardInterrupt, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -143,9 +144,55 @@ pub fn bad_scalar(family: Family, argument: &str, allowed: &str, got: &Bound<'_,
     value_error(family, format!("invalid {argument}: got {shown}; {allowed}"))
 }
 
-/// `argument` cannot be read as it is (not C-contiguous, or borrowed mutably elsewhere).
+/// `argument` cannot be read as it is (not C-contiguous, say).
 pub fn unreadable(argument: &str, why: impl std::fmt::Display) -> PyErr {
     InputError::new_err(format!("{argument} cannot be read: {why}"))
+}
+
+/// NumPy's name of the dtype of `T` ("float32", "float16", "int64"), for messages:
+/// the caller knows NumPy's names, not Rust's.
+pub fn dtype_name<T: Element>(py: Python<'_>) -> String {
+    numpy::dtype::<T>(py).to_string()
+}
+
+/// Input `argument` could not be borrowed for reading. Within one call the
+/// inputs are borrowed before `out`, so the writer holding it is another call
+/// (its `out=`), running in another thread while the GIL is released.
+pub fn unborrowable(argument: &str, err: BorrowError) -> PyErr {
+    match err {
+        BorrowError::AlreadyBorrowed => InputError::new_err(format!(
+            "{argument} cannot be read: another call running now writes it (as its out=); pass an array no \
+             running call writes"
+        )),
+        other => unreadable(argument, other),
+    }
+}
+
+/// `out` could not be borrowed for writing: read-only, or sharing memory with
+/// one of `inputs` (name, array), the arrays the call reads, already borrowed.
+pub fn unwritable_out(out: &Bound<'_, PyAny>, err: BorrowError, inputs: &[(&str, &Bound<'_, PyAny>)]) -> PyErr {
+    if matches!(err, BorrowError::NotWriteable) {
+        return InputError::new_err(
+            "out is read-only (not writeable: its flags.writeable is False); pass a writeable array, e.g. \
+             np.empty_like(...)",
+        );
+    }
+    // The borrow only says that some borrowed array overlaps `out`; NumPy's bounds
+    // test (the same approximation) names which input it is.
+    let shares = |a: &Bound<'_, PyAny>| {
+        let numpy = out.py().import("numpy")?;
+        numpy.getattr("may_share_memory")?.call1((out, a))?.is_truthy()
+    };
+    match inputs.iter().find(|(_, a)| shares(a).unwrap_or(false)) {
+        Some((name, _)) => InputError::new_err(format!(
+            "out overlaps {name}, an input of this call: the output would overwrite {name} while it is read; \
+             pass an out that shares no memory with {name}"
+        )),
+        None => InputError::new_err(
+            "out cannot be written: another call running now uses it (as an input or its out=); pass an array \
+             no running call uses",
+        ),
+    }
 }
 
 /// A configuration error the core does not know about (a binding-level argument).

@@ -485,7 +485,7 @@ fn gather_typed<'py, P: Payload + Element>(
         return Err(to_py(core::RouterError::shape("src", "[rows, D]", format!("{shape:?}"))));
     }
     let d = shape[1];
-    let target = output::<P>(py, out, &[index.len(), d])?;
+    let target = output::<P>(py, out, &[index.len(), d], "src")?;
     run_move(py, &input, &target, "src", |x, y| core::gather_rows(x, d, index, y))?;
     Ok(target)
 }

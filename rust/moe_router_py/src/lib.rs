@@ -55,7 +55,7 @@ use pyo3::types::{PyDict, PyTuple};
 use crate::args::{count, flag, integer};
 use crate::config::PyRouterConfig;
 use crate::decision::{BackwardInputs, ExpertAssignment, RoutingDecision, SavedSource};
-use crate::errors::{to_py, unreadable, wrong_type, Family};
+use crate::errors::{dtype_name, to_py, unborrowable, unreadable, wrong_type, Family};
 use crate::replay::{RecordedRoute, RecordedRoutes};
 
 const FLOAT_ARRAY: &str = "a C-contiguous float32 or float64 NumPy array";
@@ -63,10 +63,10 @@ const FLOAT_ARRAY: &str = "a C-contiguous float32 or float64 NumPy array";
 /// A read-only view of `array` as `T`, refused with a `TypeError` naming `argument` otherwise.
 fn borrow<'py, T: Element>(array: &Bound<'py, PyAny>, argument: &str) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
     let typed = array.cast::<PyArrayDyn<T>>().map_err(|_| {
-        let dtype = std::any::type_name::<T>();
+        let dtype = dtype_name::<T>(array.py());
         wrong_type(argument, &format!("a C-contiguous {dtype} NumPy array (the hidden states' dtype)"), array)
     })?;
-    typed.try_readonly().map_err(|e| unreadable(argument, e))
+    typed.try_readonly().map_err(|e| unborrowable(argument, e))
 }
 
 /// The borrowed array as the core's `ArrayArg` (C-contiguous, else an `InputError`).

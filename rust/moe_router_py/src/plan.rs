@@ -6,13 +6,16 @@ use std::sync::OnceLock;
 
 use half::f16;
 use moe_router_core::{self as core, Assignments, DispatchPlan, Payload, PlanLayout};
-use numpy::{Element, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{
+    Element, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
+use crate::args::Given;
 use crate::arrays;
 use crate::decision::RoutingDecision;
-use crate::errors::{to_py, unreadable, wrong_type};
+use crate::errors::{dtype_name, to_py, unborrowable, unreadable, unwritable_out, wrong_type};
 use crate::threads;
 
 pub(crate) const PAYLOAD_ARRAY: &str = "a C-contiguous float32, float64 or float16 array";
@@ -117,7 +120,7 @@ pub(crate) fn converted<T: Element + Copy>(
     }
     let numpy = array.py().import("numpy")?;
     let copy = numpy.getattr("ascontiguousarray")?.call1((&array, dtype))?;
-    let view = copy.cast::<PyArrayDyn<T>>()?.readonly();
+    let view = copy.cast::<PyArrayDyn<T>>()?.try_readonly().map_err(|e| unborrowable(name, e))?;
     Ok((view.as_slice().map_err(|e| unreadable(name, e))?.to_vec(), view.shape().to_vec()))
 }
 
@@ -136,7 +139,7 @@ pub(crate) fn real_array(x: &Bound<'_, PyAny>, name: &str) -> PyResult<(Vec<f64>
 /// The read-only, C-contiguous data of `array` as `P`.
 pub(crate) fn payload<'py, P: Element>(array: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArrayDyn<'py, P>> {
     let typed = array.cast::<PyArrayDyn<P>>().map_err(|_| wrong_type(name, PAYLOAD_ARRAY, array))?;
-    let view = typed.try_readonly().map_err(|e| unreadable(name, e))?;
+    let view = typed.try_readonly().map_err(|e| unborrowable(name, e))?;
     if !view.is_c_contiguous() {
         return Err(unreadable(name, "it must be C-contiguous (pass np.ascontiguousarray(...))"));
     }
@@ -165,11 +168,13 @@ fn static_name(name: &str) -> &'static str {
     }
 }
 
-/// `out` if given (same dtype, C-contiguous, writeable, `shape`), else a new zero array of `shape`.
+/// `out` if given (the dtype of input `dtype_of`, C-contiguous, `shape`), else a new zero
+/// array of `shape`. Whether it can be written is [`write_target`]'s check.
 pub(crate) fn output<'py, P: Element>(
     py: Python<'py>,
     out: Option<&Bound<'py, PyAny>>,
     shape: &[usize],
+    dtype_of: &str,
 ) -> PyResult<Bound<'py, PyArrayDyn<P>>> {
     match out {
         // numpy.zeros raises MemoryError when the output cannot be had (rust-numpy's zeros would panic).
@@ -179,9 +184,10 @@ pub(crate) fn output<'py, P: Element>(
             Ok(array.cast_into::<PyArrayDyn<P>>()?)
         }
         Some(o) => {
-            let typed = o
-                .cast::<PyArrayDyn<P>>()
-                .map_err(|_| wrong_type("out", &format!("a C-contiguous {} array", std::any::type_name::<P>()), o))?;
+            let typed = o.cast::<PyArrayDyn<P>>().map_err(|_| {
+                let dtype = dtype_name::<P>(py);
+                wrong_type("out", &format!("a C-contiguous {dtype} NumPy array (the dtype of {dtype_of})"), o)
+            })?;
             if typed.shape() != shape {
                 return Err(to_py(core::RouterError::Shape {
                     argument: "out",
@@ -197,6 +203,15 @@ pub(crate) fn output<'py, P: Element>(
     }
 }
 
+/// `out` borrowed for writing, after the call's `inputs` (name, array) are borrowed
+/// for reading: an `InputError` naming `out` when it is read-only or overlaps one of them.
+pub(crate) fn write_target<'py, P: Element>(
+    out: &Bound<'py, PyArrayDyn<P>>,
+    inputs: &[(&str, &Bound<'py, PyAny>)],
+) -> PyResult<PyReadwriteArrayDyn<'py, P>> {
+    out.try_readwrite().map_err(|e| unwritable_out(out.as_any(), e, inputs))
+}
+
 /// Run a move with the GIL released: `f(input, output)` on the borrowed slices.
 pub(crate) fn run_move<'py, P: Payload + Element>(
     py: Python<'py>,
@@ -206,8 +221,8 @@ pub(crate) fn run_move<'py, P: Payload + Element>(
     f: impl FnOnce(&[P], &mut [P]) -> core::Result<()> + Send,
 ) -> PyResult<()> {
     let data = input.as_slice().map_err(|e| unreadable(input_name, e))?;
-    let mut guard = out.try_readwrite().map_err(|e| unreadable("out", e))?;
-    let target = guard.as_slice_mut().map_err(|e| unreadable("out", e))?;
+    let mut guard = write_target(out, &[(input_name, input.as_any())])?;
+    let target = guard.as_slice_mut().map_err(|_| unreadable("out", "it must be C-contiguous"))?;
     let rows = target.len().max(data.len());
     py.detach(|| threads::install_rows(rows, || f(data, target))).map_err(to_py)
 }
@@ -265,7 +280,7 @@ impl PyDispatchPlan {
             None => format!("[{t}, D]"),
         };
         let d = width(input.shape(), t, self.lead(), "hidden", &what)?;
-        let target = output::<P>(py, out, &[self.plan.num_rows, d])?;
+        let target = output::<P>(py, out, &[self.plan.num_rows, d], "hidden")?;
         run_move(py, &input, &target, "hidden", |x, y| self.plan.permute(x, d, y))?;
         Ok(target)
     }
@@ -284,7 +299,7 @@ impl PyDispatchPlan {
         let input = payload::<P>(expert_out, "expert_out")?;
         let d = width(input.shape(), n, None, "expert_out", &format!("[{n}, D] (num_rows, D)"))?;
         let extra: &[usize] = if scatter == Scatter::PerChoice { &[self.plan.top_k] } else { &[] };
-        let target = output::<P>(py, out, &self.token_shape(d, extra))?;
+        let target = output::<P>(py, out, &self.token_shape(d, extra), "expert_out")?;
         run_move(py, &input, &target, "expert_out", |x, y| match scatter {
             Scatter::PerChoice => self.plan.unpermute(x, d, y),
             Scatter::Sum { weighted } => self.plan.combine(x, d, weighted, y),
@@ -397,7 +412,7 @@ impl PyDispatchPlan {
     /// TypeError
     ///     ``hidden`` (or ``out``) has another dtype.
     /// InputError
-    ///     Wrong shape, not C-contiguous, or ``out`` is not writeable.
+    ///     Wrong shape, not C-contiguous, or ``out`` is read-only or overlaps ``hidden``.
     #[pyo3(signature = (hidden, out=None))]
     fn permute<'py>(
         &self,
@@ -433,18 +448,18 @@ impl PyDispatchPlan {
     /// ------
     /// TypeError, InputError
     ///     As :meth:`permute`, for ``expert_out`` with the wrong dtype, N or layout.
-    #[pyo3(signature = (expert_out, weighted=None, out=None))]
+    #[pyo3(
+        signature = (expert_out, weighted=Given(None), out=None),
+        text_signature = "($self, expert_out, weighted=True, out=None)"
+    )]
     fn combine<'py>(
         &self,
         py: Python<'py>,
         expert_out: &Bound<'py, PyAny>,
-        weighted: Option<&Bound<'py, PyAny>>,
+        weighted: Given<'py>,
         out: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let weighted = weighted
-            .map(|w| crate::args::flag(w, "weighted", crate::errors::Family::Input))
-            .transpose()?
-            .unwrap_or(true);
+        let weighted = weighted.flag("weighted", true, crate::errors::Family::Input)?;
         let x = as_numpy(expert_out, "expert_out")?;
         with_dtype!(&x, "expert_out", PAYLOAD_ARRAY, [f32, f64, f16], P => Ok(self.scatter_typed::<P>(py, &x, Scatter::Sum { weighted }, out)?.into_any()))
     }
@@ -629,20 +644,22 @@ impl PyDispatchPlan {
 ///     ``expert_indices`` is not 2-D, or holds an id outside ``[0, E)`` (the
 ///     message names the token), or the padded length exceeds int32.
 #[pyfunction]
-#[pyo3(signature = (expert_indices, block_size, num_experts, pad_sorted_ids=None))]
+#[pyo3(
+    signature = (expert_indices, block_size, num_experts, pad_sorted_ids=Given(None)),
+    text_signature = "(expert_indices, block_size, num_experts, pad_sorted_ids=False)"
+)]
 pub fn moe_align_block_size<'py>(
     py: Python<'py>,
     expert_indices: &Bound<'py, PyAny>,
     block_size: &Bound<'py, PyAny>,
     num_experts: &Bound<'py, PyAny>,
-    pad_sorted_ids: Option<&Bound<'py, PyAny>>,
+    pad_sorted_ids: Given<'py>,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    use crate::args::{count, flag};
+    use crate::args::count;
     use crate::errors::Family;
     let block_size = count(block_size, "block_size", 1, Family::Config)?;
     let num_experts = count(num_experts, "num_experts", 1, Family::Config)?;
-    let pad_sorted_ids =
-        pad_sorted_ids.map(|p| flag(p, "pad_sorted_ids", Family::Config)).transpose()?.unwrap_or(false);
+    let pad_sorted_ids = pad_sorted_ids.flag("pad_sorted_ids", false, Family::Config)?;
     let (flat, shape) = int_array(expert_indices, "expert_indices")?;
     if shape.len() != 2 {
         return Err(to_py(core::RouterError::shape("expert_indices", "[T, k]", format!("{shape:?}"))));

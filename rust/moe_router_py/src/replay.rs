@@ -408,7 +408,7 @@ impl RecordedRoutes {
 fn bool_vector(x: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<bool>> {
     let array = crate::plan::as_numpy(x, name)?;
     let typed = array.cast::<PyArrayDyn<bool>>().map_err(|_| wrong_type(name, "a bool array", &array))?;
-    let view = typed.readonly();
+    let view = typed.try_readonly().map_err(|e| crate::errors::unborrowable(name, e))?;
     if view.ndim() != 1 {
         return Err(value_error(Family::Input, format!("{name}: shape {:?}; expected [T]", view.shape())));
     }
