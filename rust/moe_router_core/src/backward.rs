@@ -37,7 +37,7 @@ use rayon::prelude::*;
 use crate::config::{RouterConfig, RoutingAlgorithm, ScoreFunction};
 use crate::error::{Result, RouterError};
 use crate::exp32::exp32_shifted_dot;
-use crate::math::{exp_shifted_dot, read_row, sqrt_softplus_slope};
+use crate::math::{exp_shifted_dot, ln_one, read_row, sqrt_softplus_slope};
 use crate::route::{chunk_tokens, RouteCall};
 use crate::row::{RowContext, RowRouter};
 use crate::simd::Simd;
@@ -182,7 +182,7 @@ where
     // Without noise the softmax row needs no router: see `Softmax::rescore`.
     let fused = softmax && !ctx.has_noise();
     // the z-loss term z_factor * lse (its logarithm only when the z-loss is on)
-    let z_term = |max: f64, scale: f64| if z_factor != 0.0 { z_factor * (max - scale.ln()) } else { 0.0 };
+    let z_term = |max: f64, scale: f64| if z_factor != 0.0 { z_factor * (max - ln_one(ctx.simd, scale)) } else { 0.0 };
     let chunk = chunk_tokens(t, e);
     let scratch = || (RowRouter::new(options), ChunkBuf::default(), RowGrad::new(e, k), Softmax::new(e));
     out.par_chunks_mut(chunk * e).enumerate().try_for_each_init(scratch, |(router, buf, work, sm), (c, block)| {
@@ -294,7 +294,7 @@ where
                     }
                 } else {
                     // softmax: the scores are the probabilities and scale = 1 / sum(exp(x - max)).
-                    let lse = max - row.scale.ln();
+                    let lse = max - ln_one(ctx.simd, row.scale);
                     let f = z_factor * lse * row.scale;
                     for (d, &b) in dx.iter_mut().zip(scores) {
                         *d += f * b;

@@ -17,7 +17,7 @@
 //! selection on the float32 keys are scalar.
 
 use crate::config::{RouterConfig, ScoreFunction, ScorePrecision};
-use crate::math::{exp_shifted, sqrt_softplus};
+use crate::math::{exp_shifted, ln_one, sqrt_softplus};
 use crate::score::RowScores;
 use crate::simd::Simd;
 use crate::weights::Chosen;
@@ -90,7 +90,7 @@ pub(crate) fn score_row(
     for b in buffer.iter_mut() {
         *b = f64::from(*b as f32 * reciprocal);
     }
-    let lse = f64::from(max) + f64::from(sum).ln();
+    let lse = f64::from(max) + ln_one(simd, f64::from(sum));
     RowScores { z_term: lse * lse, scale: 1.0, prob_scale: 1.0 }
 }
 

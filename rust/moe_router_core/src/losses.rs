@@ -56,6 +56,24 @@ impl LossSums {
         self.active += 1;
     }
 
+    /// `add_token` for consecutive tokens, in their order (`scores[t]`, `rows[t]`), with the
+    /// sums inlined into the caller's build: the same operations (`acc += a * x`, unfused).
+    #[inline(always)]
+    pub fn add_tokens_inline<const E: usize>(&mut self, scores: &[[f64; E]], rows: &[RowScores]) {
+        for (s, row) in scores.iter().zip(rows) {
+            if row.prob_scale > 0.0 {
+                // As an array when the sums have E entries (they do): a fixed-length loop.
+                match self.prob_sum.first_chunk_mut::<E>() {
+                    Some(acc) => acc.iter_mut().zip(s).for_each(|(a, &v)| *a += row.prob_scale * v),
+                    None => self.prob_sum.iter_mut().zip(s).for_each(|(a, &v)| *a += row.prob_scale * v),
+                }
+            }
+            self.z_sum += row.z_term;
+            self.z_sum_scaled += row.z_term * Z_SCALE;
+            self.active += 1;
+        }
+    }
+
     /// `P_e`: the mean over active tokens of each expert's share (0 when none is active).
     pub fn prob_mean(&self) -> Vec<f64> {
         self.prob_sum.iter().map(|&p| if self.active == 0 { 0.0 } else { p / self.active as f64 }).collect()

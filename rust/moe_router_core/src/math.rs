@@ -80,6 +80,108 @@ const INV_FACT: [f64; 12] = [
     1.0 / 39_916_800.0,
 ];
 
+/// `ln x` in float64 for positive normal finite `x` (the callers' sums of
+/// exponentials, at least 1), within about 1 ulp; a branch hands every other
+/// input to the standard library.
+///
+/// `x = 2^k m` with `m` in `[sqrt(1/2), sqrt(2))` from the bits (integer
+/// operations only, so the 8-lane kernels do the same on AVX2), then with
+/// `f = m - 1` (exact), `s = f / (2 + f)`: `ln m = 2 atanh(s) = f - (f^2/2 -
+/// s (f^2/2 + R(s^2)))`, `R(z) = 2z/3 + 2z^2/5 + ... + 2z^10/21`, the atanh
+/// series by Estrin's scheme (`|s| <= 0.1716`, truncation below `2^-60`
+/// relative); then `k ln2` in two parts. One definition for the scalar and the
+/// lane builds (`ln_parts`), so a token's logsumexp has the same bits whichever
+/// kernel routed it.
+#[inline(always)]
+pub(crate) fn ln_f64(x: f64) -> f64 {
+    if !(f64::MIN_POSITIVE..=f64::MAX).contains(&x) {
+        return x.ln();
+    }
+    let (m, k) = split_log2(x);
+    ln_parts(m, k, |c| c, |a, b| a + b, |a, b| a - b, |a, b| a * b, |a, b| a / b, f64::mul_add)
+}
+
+/// `(m, k)` with `x = 2^k m`, `m` in `[sqrt(1/2), sqrt(2))`, `k` as float64,
+/// for positive normal `x`: the bits of `x - bits(sqrt(1/2))` split into an
+/// exponent (shifted by 1024 to stay non-negative) and a mantissa offset.
+#[inline(always)]
+fn split_log2(x: f64) -> (f64, f64) {
+    let t = x.to_bits().wrapping_sub(SQRT_HALF_BITS).wrapping_add(1024 << 52);
+    let m = f64::from_bits((t & MANTISSA_BITS) + SQRT_HALF_BITS);
+    // `t >> 52` < 2048 placed in the mantissa of 2^52, then 2^52 and the 1024 taken off (both exact).
+    let k = (f64::from_bits(TWO52.to_bits() | (t >> 52)) - TWO52) - 1024.0;
+    (m, k)
+}
+
+/// `ln(2^k m)` from `split_log2`'s parts, for any lane type (see `ln_f64`):
+/// `c` makes a constant, `fma(a, b, c) = a * b + c` with one rounding.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn ln_parts<V: Copy>(
+    m: V,
+    k: V,
+    c: impl Fn(f64) -> V,
+    add: impl Fn(V, V) -> V,
+    sub: impl Fn(V, V) -> V,
+    mul: impl Fn(V, V) -> V,
+    div: impl Fn(V, V) -> V,
+    fma: impl Fn(V, V, V) -> V,
+) -> V {
+    let f = sub(m, c(1.0));
+    let s = div(f, add(c(2.0), f));
+    let z = mul(s, s);
+    let (z2, z4) = (mul(z, z), mul(mul(z, z), mul(z, z)));
+    let z8 = mul(z4, z4);
+    let q = |i: usize| fma(c(ATANH_SERIES[i + 1]), z, c(ATANH_SERIES[i]));
+    let h0 = fma(q(2), z2, q(0));
+    let h4 = fma(q(6), z2, q(4));
+    let r = mul(z, fma(q(8), z8, fma(h4, z4, h0)));
+    let hfsq = mul(c(0.5), mul(f, f));
+    let lo = fma(k, c(LN2_LO), mul(s, add(hfsq, r)));
+    // k * LN2_HI is exact (LN2_HI has 32 significant bits, |k| < 1100).
+    fma(k, c(LN2_HI), sub(f, sub(hfsq, lo)))
+}
+
+const SQRT_HALF_BITS: u64 = 0x3fe6_a09e_667f_3bcd; // the float64 nearest sqrt(1/2)
+const MANTISSA_BITS: u64 = (1 << 52) - 1;
+const TWO52: f64 = 4_503_599_627_370_496.0; // 2^52
+/// `2/3, 2/5, ..., 2/21`: `2 atanh(s) = 2s + s R(s^2)`, `R(z) = sum_i ATANH_SERIES[i] z^(i+1)`.
+const ATANH_SERIES: [f64; 10] = [
+    2.0 / 3.0,
+    2.0 / 5.0,
+    2.0 / 7.0,
+    2.0 / 9.0,
+    2.0 / 11.0,
+    2.0 / 13.0,
+    2.0 / 15.0,
+    2.0 / 17.0,
+    2.0 / 19.0,
+    2.0 / 21.0,
+];
+
+/// `ln_f64` compiled for the level, whose FMA is an instruction (the baseline
+/// build's `mul_add` is a call into the C library): the same bits.
+#[inline]
+pub(crate) fn ln_one(simd: Simd, x: f64) -> f64 {
+    dispatch!(simd, ln_one(x))
+}
+
+/// `ln_f64` of 8 values at once (the same bits as 8 calls).
+#[inline]
+pub(crate) fn ln_lanes(simd: Simd, x: &[f64; LANES]) -> [f64; LANES] {
+    dispatch!(simd, ln_lanes(x))
+}
+
+/// The lanes `ln_lanes` computed outside `ln_f64`'s domain get its answer.
+#[inline(always)]
+fn ln_fix_domain(x: &[f64; LANES], out: &mut [f64; LANES]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        if !(f64::MIN_POSITIVE..=f64::MAX).contains(&v) {
+            *o = v.ln();
+        }
+    }
+}
+
 /// What a read pass learns about a row.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct RowRead {
@@ -286,6 +388,14 @@ mod portable {
         map_and_sum(z, out, |v| exp_f64(v - shift))
     }
 
+    pub(crate) fn ln_lanes(x: &[f64; LANES]) -> [f64; LANES] {
+        x.map(ln_f64)
+    }
+
+    pub(crate) fn ln_one(x: f64) -> f64 {
+        ln_f64(x)
+    }
+
     pub(crate) fn exp_shifted_dot<F: Logit>(z: &[F], shift: f64, w: &[f64], out: &mut [f64]) -> ExpDot {
         let n = z.len().min(out.len());
         let (zc, ztail) = z[..n].as_chunks::<LANES>();
@@ -323,6 +433,32 @@ macro_rules! vector_kernels {
             let r = n.neg_mul_add(F8::splat(LN2_LO), r);
             let p = exp_polynomial(r, |i| F8::splat(INV_FACT[i]), |a, b| a.mul(b), |a, b, c| a.mul_add(b, c));
             p.scale_by_exponent_of(t)
+        }
+
+        /// `ln_one`: `ln_f64` with the level's FMA instruction.
+        #[target_feature(enable = $feature)]
+        pub(crate) fn ln_one(x: f64) -> f64 {
+            ln_f64(x)
+        }
+
+        /// `ln_lanes`: `ln_f64`'s operations on 8 lanes.
+        #[target_feature(enable = $feature)]
+        pub(crate) fn ln_lanes(x: &[f64; LANES]) -> [f64; LANES] {
+            let (m, k) = F8::load(x).split_log2();
+            let v = ln_parts(
+                m,
+                k,
+                |c| F8::splat(c),
+                |a, b| a.add(b),
+                |a, b| a.sub(b),
+                |a, b| a.mul(b),
+                |a, b| a.div(b),
+                |a, b, c| a.mul_add(b, c),
+            );
+            let mut out = [0.0f64; LANES];
+            v.store(&mut out);
+            ln_fix_domain(x, &mut out);
+            out
         }
 
         /// `exp_shifted`: lane l of the accumulator is lane l of the portable sum.
@@ -461,6 +597,7 @@ mod avx2 {
             add(b) => _mm256_add_pd;
             sub(b) => _mm256_sub_pd;
             mul(b) => _mm256_mul_pd;
+            div(b) => _mm256_div_pd;
             min(b) => _mm256_min_pd;
             max(b) => _mm256_max_pd;
             mul_add(b, c) => _mm256_fmadd_pd;
@@ -476,12 +613,31 @@ mod avx2 {
             };
             half(self.0, b.0) | (half(self.1, b.1) << 4)
         }
+        /// `split_log2` on each lane.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        fn split_log2(self) -> (F8, F8) {
+            let (a, b) = (split_log2_4(self.0), split_log2_4(self.1));
+            (F8(a.0, b.0), F8(a.1, b.1))
+        }
         /// `self * 2^n`, n held in the low bits of `t` by the 1.5 * 2^52 trick.
         #[inline]
         #[target_feature(enable = "avx2,fma")]
         fn scale_by_exponent_of(self, t: F8) -> F8 {
             halves!(scale4(self, t))
         }
+    }
+
+    /// `split_log2` on one half, with the same integer operations.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn split_log2_4(x: __m256d) -> (__m256d, __m256d) {
+        let c = _mm256_set1_epi64x(SQRT_HALF_BITS as i64);
+        let t = _mm256_add_epi64(_mm256_sub_epi64(_mm256_castpd_si256(x), c), _mm256_set1_epi64x(1024 << 52));
+        let m = _mm256_add_epi64(_mm256_and_si256(t, _mm256_set1_epi64x(MANTISSA_BITS as i64)), c);
+        let kb = _mm256_or_si256(_mm256_srli_epi64::<52>(t), _mm256_set1_epi64x(TWO52.to_bits() as i64));
+        let k = _mm256_sub_pd(_mm256_sub_pd(_mm256_castsi256_pd(kb), _mm256_set1_pd(TWO52)), _mm256_set1_pd(1024.0));
+        (_mm256_castsi256_pd(m), k)
     }
 
     /// `scale_by_exponent_of` on one half, as `exp_f64` does it.
@@ -543,6 +699,7 @@ mod avx512 {
             add(b) => _mm512_add_pd;
             sub(b) => _mm512_sub_pd;
             mul(b) => _mm512_mul_pd;
+            div(b) => _mm512_div_pd;
             min(b) => _mm512_min_pd;
             max(b) => _mm512_max_pd;
             mul_add(b, c) => _mm512_fmadd_pd;
@@ -555,6 +712,18 @@ mod avx512 {
             u32::from(
                 _mm512_cmp_pd_mask::<_CMP_UNORD_Q>(self.0, self.0) | _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(self.0, b.0),
             )
+        }
+        /// `split_log2` on each lane, with the same integer operations.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn split_log2(self) -> (F8, F8) {
+            let c = _mm512_set1_epi64(SQRT_HALF_BITS as i64);
+            let t = _mm512_add_epi64(_mm512_sub_epi64(_mm512_castpd_si512(self.0), c), _mm512_set1_epi64(1024 << 52));
+            let m = _mm512_add_epi64(_mm512_and_si512(t, _mm512_set1_epi64(MANTISSA_BITS as i64)), c);
+            let kb = _mm512_or_si512(_mm512_srli_epi64::<52>(t), _mm512_set1_epi64(TWO52.to_bits() as i64));
+            let k =
+                _mm512_sub_pd(_mm512_sub_pd(_mm512_castsi512_pd(kb), _mm512_set1_pd(TWO52)), _mm512_set1_pd(1024.0));
+            (F8(_mm512_castsi512_pd(m)), F8(k))
         }
         /// `self * 2^n`, n held in the low bits of `t` by the 1.5 * 2^52 trick.
         #[inline]
@@ -637,6 +806,84 @@ pub(crate) fn finish_dot(acc: &[f64; LANES], a_tail: &[f64], b_tail: &[f64]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Distance in float64 steps between two finite values of the same sign.
+    fn ulps(a: f64, b: f64) -> u64 {
+        a.to_bits().abs_diff(b.to_bits())
+    }
+
+    /// Positive normal values: log-uniform over the whole range, dense in [1, 512]
+    /// (the sums of exponentials the router takes logarithms of), and the
+    /// reduction's edges (powers of two, either side of sqrt(2) and sqrt(1/2)).
+    fn ln_inputs() -> Vec<f64> {
+        let mut xs = Vec::new();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for _ in 0..200_000 {
+            xs.push((next() * 1416.0 - 708.0).exp());
+            xs.push(1.0 + 511.0 * next());
+            xs.push(1.0 + 1e-6 * next());
+        }
+        for e in -1022..1024 {
+            let p = 2f64.powi(e);
+            for v in [p, p * std::f64::consts::SQRT_2, p * std::f64::consts::FRAC_1_SQRT_2] {
+                for d in -3i64..=3 {
+                    xs.push(f64::from_bits((v.to_bits() as i64 + d) as u64));
+                }
+            }
+        }
+        xs.extend([f64::MIN_POSITIVE, f64::MAX, 1.0, 2.0, 8.0, 64.0, 256.0]);
+        xs.retain(|v| (f64::MIN_POSITIVE..=f64::MAX).contains(v));
+        xs
+    }
+
+    #[test]
+    fn ln_is_within_one_ulp_of_libm_and_exact_at_one() {
+        let mut worst = 0u64;
+        for x in ln_inputs() {
+            let (got, want) = (ln_f64(x), x.ln());
+            if want == 0.0 {
+                assert_eq!(got, 0.0, "ln({x})");
+                continue;
+            }
+            let d = ulps(got, want);
+            assert!(d <= 1, "ln({x:e}) = {got:e}, libm {want:e}: {d} ulp");
+            worst = worst.max(d);
+        }
+        assert_eq!(ln_f64(1.0).to_bits(), 0.0f64.to_bits());
+        assert!((ln_f64(2.0) - std::f64::consts::LN_2).abs() <= f64::EPSILON);
+        // Outside the domain: the standard library's answers.
+        for x in [0.0, -0.0, -1.0, 1e-310, f64::INFINITY, f64::NEG_INFINITY] {
+            assert_eq!(ln_f64(x).to_bits(), x.ln().to_bits(), "{x}");
+        }
+        assert!(ln_f64(f64::NAN).is_nan());
+        assert!(worst <= 1);
+    }
+
+    #[test]
+    fn ln_lanes_and_ln_one_give_the_scalar_bits_in_every_build() {
+        let mut xs = ln_inputs();
+        xs.extend([0.0, -2.0, 1e-310, f64::INFINITY, f64::NAN, 1.0]);
+        while !xs.len().is_multiple_of(LANES) {
+            xs.push(3.0);
+        }
+        for simd in Simd::all() {
+            for chunk in xs.as_chunks::<LANES>().0 {
+                let got = ln_lanes(simd, chunk);
+                for (g, &x) in got.iter().zip(chunk) {
+                    let want = ln_f64(x);
+                    let one = ln_one(simd, x);
+                    let same = |v: f64| v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan());
+                    assert!(same(*g) && same(one), "{simd:?} ln({x:e}): lanes {g:e}, one {one:e}, scalar {want:e}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn exp_matches_libm() {

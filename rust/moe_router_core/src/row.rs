@@ -6,7 +6,7 @@ use crate::error::{Result, RouterError};
 use crate::float32;
 use crate::groups::limit_to_best_groups;
 use crate::losses::SequenceLoss;
-use crate::math::{read_row, RowRead, LANES};
+use crate::math::{ln_f64, read_row, RowRead, LANES};
 use crate::rng::{self, Stream};
 use crate::route::{RouteCall, Tally};
 use crate::row_block;
@@ -98,12 +98,13 @@ pub(crate) struct TokenOut<'o> {
 }
 
 /// Pass 1's per-token bookkeeping once `out` holds the token's choices: its
-/// weights, its routed and first-choice counts and its loss sums in `tally`.
-/// `logits` and `scores` are the row as scored (`row` reads them); returns the
-/// score of the first choice (0 if it has none), for batch-prioritized routing.
+/// weights and its routed and first-choice counts in `tally` (the caller adds
+/// its loss sums, `LossSums::add_token`, in token order). `logits` and `scores`
+/// are the row as scored (`row` reads them); returns the score of the first
+/// choice (0 if it has none), for batch-prioritized routing.
 #[allow(clippy::too_many_arguments)]
-#[inline]
-pub(crate) fn record_token(
+#[inline(always)]
+pub(crate) fn record_choices(
     ctx: &RowContext,
     token: usize,
     logits: &[f64],
@@ -134,7 +135,6 @@ pub(crate) fn record_token(
             tally.counts[if per_rank { j * e } else { 0 } + x as usize] += 1;
         }
     }
-    tally.losses.add_token(ctx.simd, scores, row);
     if out.routed[0] {
         tally.first_choice[out.experts[0] as usize] += 1;
         (scores[out.experts[0] as usize] * row.scale) as f32
@@ -242,7 +242,8 @@ impl RowRouter {
             select_top_k(simd, keys, out.experts, out.routed, &mut self.best, bound, &mut self.candidates);
         }
         self.last_top1 =
-            record_token(ctx, token, &self.logits, &self.scores, row, &mut out, &mut self.weight_scratch, tally);
+            record_choices(ctx, token, &self.logits, &self.scores, row, &mut out, &mut self.weight_scratch, tally);
+        tally.losses.add_token(simd, &self.scores, row);
         if !tally.plain.is_empty() {
             // The plain top-k: the same scores and order, without bias and groups.
             let (experts, routed): (&[i32], &[bool]) = if keys_are_logits {
@@ -488,6 +489,6 @@ impl RowRouter {
         for o in out.iter_mut() {
             *o /= sum;
         }
-        max + sum.ln()
+        max + ln_f64(sum)
     }
 }

@@ -7,13 +7,14 @@
 //! per-token path (`RowRouter::route_token`): the `exp` kernel of the call's
 //! SIMD level, the read pass's fold for the maximum, `lane_sum` for the sum of
 //! the scores, insertion by key with ties to the lower index for the top-k
-//! (the spec's order), and the same per-token bookkeeping (`record_token`).
+//! (the spec's order), and the same per-token bookkeeping (`record_choices`
+//! per token, then the loss sums of the eight in token order).
 //! So the results are the same bits; only the work is shared.
 
 use crate::config::ScoreFunction;
-use crate::math::{dispatch, exp_shifted, lane_sum_by};
+use crate::math::{dispatch, exp_shifted, lane_sum_by, ln_lanes};
 use crate::route::Tally;
-use crate::row::{record_token, RowContext, TokenOut};
+use crate::row::{record_choices, RowContext, TokenOut};
 use crate::score::RowScores;
 use crate::simd::SimdLevel;
 use crate::source::Logit;
@@ -129,8 +130,10 @@ fn block<F: Logit>(ctx: &RowContext, start: usize, raw: &[F], out: BlockOut, tal
     // Each token's `lane_sum` of its scores, taken vertically (whole columns) in its pairing.
     let sum = lane_sum_by(&st, |a, b| -> [f64; BLOCK] { std::array::from_fn(|t| a[t] + b[t]) });
     let mut rows = [RowScores { z_term: 0.0, scale: 0.0, prob_scale: 0.0 }; BLOCK];
-    for (row, (&s, &m)) in rows.iter_mut().zip(sum.iter().zip(&max)) {
-        let lse = m + s.ln();
+    // The eight tokens' logarithms in one call: `ln_f64`'s bits, as the per-token path takes them.
+    let ln_sum = ln_lanes(ctx.simd, &sum);
+    for (row, ((&s, &m), &ln_s)) in rows.iter_mut().zip(sum.iter().zip(&max).zip(&ln_sum)) {
+        let lse = m + ln_s;
         *row = RowScores { z_term: lse * lse, scale: 1.0 / s, prob_scale: 1.0 / s };
     }
     if rows.iter().any(|r| !r.z_term.is_finite()) {
@@ -179,7 +182,7 @@ fn block<F: Logit>(ctx: &RowContext, start: usize, raw: &[F], out: BlockOut, tal
             *p = (s * row.scale) as f32;
         }
         let first =
-            record_token(ctx, start + t, &z[t], &scores[t], row, &mut token_out, &mut weight_scratch[..k], tally);
+            record_choices(ctx, start + t, &z[t], &scores[t], row, &mut token_out, &mut weight_scratch[..k], tally);
         if let Some(slot) = top1.get_mut(t) {
             *slot = first;
         }
@@ -187,6 +190,7 @@ fn block<F: Logit>(ctx: &RowContext, start: usize, raw: &[F], out: BlockOut, tal
             tally.count_plain(token_out.experts, token_out.routed);
         }
     }
+    tally.losses.add_tokens_inline(&scores, &rows);
     true
 }
 

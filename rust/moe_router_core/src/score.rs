@@ -8,7 +8,7 @@
 //! normalization costs no extra pass over the row.
 
 use crate::config::ScoreFunction;
-use crate::math::{exp_f64, exp_shifted, log_sqrt_softplus, sigmoid_row, sqrt_softplus_row};
+use crate::math::{exp_f64, exp_shifted, ln_one, log_sqrt_softplus, sigmoid_row, sqrt_softplus_row};
 use crate::simd::Simd;
 
 /// A sigmoid row whose scores sum to less than this is held relative to its
@@ -51,7 +51,7 @@ pub(crate) fn score_row(
     }
     // exp(-inf - m) = 0: ineligible experts fall out of every sum.
     let exp_sum = exp_shifted(simd, logits, max_logit, buffer);
-    let lse = max_logit + exp_sum.ln();
+    let lse = max_logit + ln_one(simd, exp_sum);
     match function {
         ScoreFunction::Sigmoid | ScoreFunction::SqrtSoftplus => {
             let mut sum = if function == ScoreFunction::Sigmoid {
