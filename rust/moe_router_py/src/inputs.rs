@@ -207,13 +207,13 @@ pub fn as_array<'py>(x: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py, P
 /// The values of an integer array, in C order.
 type Values<'a> = Box<dyn Iterator<Item = i128> + 'a>;
 
-/// Run `f` on the values of the integer array `a` in C order (as `i128`).
-fn with_ints<R>(a: &Bound<'_, PyUntypedArray>, f: impl FnOnce(Values<'_>) -> R) -> PyResult<R> {
+/// Run `f` on the values of the integer array `a` (the argument `name`) in C order (as `i128`).
+fn with_ints<R>(a: &Bound<'_, PyUntypedArray>, name: &str, f: impl FnOnce(Values<'_>) -> R) -> PyResult<R> {
     macro_rules! each {
         ($($t:ty),+) => {
             $(
                 if let Ok(typed) = a.cast::<PyArrayDyn<$t>>() {
-                    let view = typed.try_readonly().map_err(|e| unreadable("array", e))?;
+                    let view = typed.try_readonly().map_err(|e| unreadable(name, e))?;
                     return Ok(f(Box::new(view.as_array().iter().map(|&v| v as i128))));
                 }
             )+
@@ -224,11 +224,11 @@ fn with_ints<R>(a: &Bound<'_, PyUntypedArray>, f: impl FnOnce(Values<'_>) -> R) 
     let wide = if a.dtype().kind() == b'u' { numpy::dtype::<u64>(a.py()) } else { numpy::dtype::<i64>(a.py()) };
     let native = astype(a, wide)?;
     if let Ok(typed) = native.cast::<PyArrayDyn<i64>>() {
-        let view = typed.try_readonly().map_err(|e| unreadable("array", e))?;
+        let view = typed.try_readonly().map_err(|e| unreadable(name, e))?;
         return Ok(f(Box::new(view.as_array().iter().map(|&v| v as i128))));
     }
     let typed = native.cast::<PyArrayDyn<u64>>()?;
-    let view = typed.try_readonly().map_err(|e| unreadable("array", e))?;
+    let view = typed.try_readonly().map_err(|e| unreadable(name, e))?;
     Ok(f(Box::new(view.as_array().iter().map(|&v| v as i128))))
 }
 
@@ -240,7 +240,7 @@ fn exact_integers(
     name: &str,
     place: impl Fn(usize) -> String,
 ) -> PyResult<()> {
-    match with_ints(ints, |values| values.enumerate().find(|&(_, v)| !float.holds(v)))? {
+    match with_ints(ints, name, |values| values.enumerate().find(|&(_, v)| !float.holds(v)))? {
         None => Ok(()),
         Some((at, value)) => {
             let bits = if float == Float::F32 { 24 } else { 53 };
@@ -362,7 +362,9 @@ pub fn token_mask<'py>(mask: &Bound<'py, PyAny>, batch_shape: &[usize]) -> PyRes
     let descr = m.dtype();
     if !descr.is_equiv_to(&boolean) {
         let integral = descr.kind() == b'i' || descr.kind() == b'u';
-        if !integral || (m.len() > 0 && !with_ints(&m, |values| values.into_iter().all(|v| v == 0 || v == 1))?) {
+        if !integral
+            || (m.len() > 0 && !with_ints(&m, "token_mask", |values| values.into_iter().all(|v| v == 0 || v == 1))?)
+        {
             let values = if integral { " with values other than 0 and 1" } else { "" };
             return Err(input_type(format!(
                 "token_mask must be a bool array, or integers 0/1 (True = route the token), got dtype {descr}{values}"

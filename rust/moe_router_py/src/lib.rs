@@ -58,13 +58,21 @@ use crate::decision::{BackwardInputs, ExpertAssignment, RoutingDecision, SavedSo
 use crate::errors::{dtype_name, to_py, unborrowable, unreadable, wrong_type, Family};
 use crate::replay::{RecordedRoute, RecordedRoutes};
 
+/// The gate's weights and bias take the hidden states' dtype.
+const HIDDEN_DTYPE: &str = "the hidden states' dtype";
 const FLOAT_ARRAY: &str = "a C-contiguous float32 or float64 NumPy array";
 
-/// A read-only view of `array` as `T`, refused with a `TypeError` naming `argument` otherwise.
-fn borrow<'py, T: Element>(array: &Bound<'py, PyAny>, argument: &str) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+/// A read-only view of `array` as `T`, refused with a `TypeError` naming `argument` otherwise;
+/// `dtype_from` says where the expected dtype comes from, when another argument sets it.
+fn borrow<'py, T: Element>(
+    array: &Bound<'py, PyAny>,
+    argument: &str,
+    dtype_from: Option<&str>,
+) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
     let typed = array.cast::<PyArrayDyn<T>>().map_err(|_| {
         let dtype = dtype_name::<T>(array.py());
-        wrong_type(argument, &format!("a C-contiguous {dtype} NumPy array (the hidden states' dtype)"), array)
+        let from = dtype_from.map(|f| format!(" ({f})")).unwrap_or_default();
+        wrong_type(argument, &format!("a C-contiguous {dtype} NumPy array{from}"), array)
     })?;
     typed.try_readonly().map_err(|e| unborrowable(argument, e))
 }
@@ -125,7 +133,7 @@ impl<'py> CallArgs<'py> {
                 "token_mask" => args.mask_arg = Some(value),
                 "expert_bias" => {
                     let bias = inputs::expert_bias(&value, num_experts)?.into_any();
-                    args.expert_bias = Some(borrow::<f64>(&bias, "expert_bias")?);
+                    args.expert_bias = Some(borrow::<f64>(&bias, "expert_bias", None)?);
                 }
                 "replay" => {
                     let expected = "a moe_router.RecordedRoute (one layer; index a RecordedRoutes by layer)";
@@ -152,7 +160,7 @@ impl<'py> CallArgs<'py> {
     ) -> PyResult<Bound<'py, PyAny>> {
         let rows = inputs::rows_and_mask(x, name, width, width_name, self.mask_arg.as_ref(), dtype, kinds)?;
         if let Some(mask) = rows.mask {
-            self.token_mask = Some(borrow::<bool>(mask.as_any(), "token_mask")?);
+            self.token_mask = Some(borrow::<bool>(mask.as_any(), "token_mask", None)?);
         }
         if self.sequence_length.is_none() && rows.batch_shape.len() == 2 {
             self.sequence_length = Some(rows.batch_shape[1]);
@@ -160,7 +168,7 @@ impl<'py> CallArgs<'py> {
         self.batch_shape.get_or_insert(rows.batch_shape);
         if let (Some(r), None) = (&self.replay, &self.token_mask) {
             if r.get().has_padding() {
-                self.token_mask = Some(borrow::<bool>(r.get().token_mask_array(r.py()), "replay")?);
+                self.token_mask = Some(borrow::<bool>(r.get().token_mask_array(r.py()), "replay", None)?);
             }
         }
         Ok(rows.array.into_any())
@@ -251,7 +259,7 @@ fn route_logits<'py>(
     let mut args = CallArgs::from_kwargs(call, e)?;
     let logits = args.read_rows(logits, "logits", e, "num_experts", None, inputs::Kinds::Real)?;
     with_dtype!(&logits, "logits", FLOAT_ARRAY, [f32, f64], T => {
-        let view = borrow::<T>(&logits, "logits")?;
+        let view = borrow::<T>(&logits, "logits", None)?;
         let x = arg(&view, "logits")?;
         let [t, e] = two_d(&x)?;
         let source = SliceLogits::new(x.data, t, e).map_err(to_py)?;
@@ -294,8 +302,8 @@ fn route_hidden<'py>(
     };
     let (weight, bias) = (weights[0].as_ref().unwrap_or(weight), weights[1].as_ref());
     with_dtype!(&hidden, "hidden", FLOAT_ARRAY, [f32, f64], T => {
-        let (h, w) = (borrow::<T>(&hidden, "hidden")?, borrow::<T>(weight, "weight")?);
-        let b = bias.map(|b| borrow::<T>(b, "bias")).transpose()?;
+        let (h, w) = (borrow::<T>(&hidden, "hidden", None)?, borrow::<T>(weight, "weight", Some(HIDDEN_DTYPE))?);
+        let b = bias.map(|b| borrow::<T>(b, "bias", Some(HIDDEN_DTYPE))).transpose()?;
         let b = b.as_ref().map(|b| arg(b, "bias")).transpose()?;
         let source = LinearLogits::from_arrays(arg(&h, "hidden")?, arg(&w, "weight")?, b).map_err(to_py)?;
         let shape = (source.num_tokens(), source.num_experts());
@@ -376,9 +384,9 @@ pub(crate) fn with_gate<'py, T: GemmScalar + Element + Logit, R>(
     group_top_k: Option<usize>,
     f: impl FnOnce(&HierarchicalGate<'_, T>) -> PyResult<R>,
 ) -> PyResult<R> {
-    let h = borrow::<T>(hidden, "hidden")?;
-    let gw = borrow::<T>(group_weight, "group_weight")?;
-    let ew = borrow::<T>(expert_weight, "expert_weight")?;
+    let h = borrow::<T>(hidden, "hidden", None)?;
+    let gw = borrow::<T>(group_weight, "group_weight", Some(HIDDEN_DTYPE))?;
+    let ew = borrow::<T>(expert_weight, "expert_weight", Some(HIDDEN_DTYPE))?;
     let (h, gw, ew) = (arg(&h, "hidden")?, arg(&gw, "group_weight")?, arg(&ew, "expert_weight")?);
     f(&HierarchicalGate::from_arrays(h, gw, ew, num_experts, group_top_k).map_err(to_py)?)
 }
@@ -412,7 +420,7 @@ fn gate_forward<'py>(
     let hidden = hidden.into_any();
     let (group_weight, expert_weight) = gate_weights(&hidden, group_weight, expert_weight, casts)?;
     with_dtype!(&hidden, "hidden", FLOAT_ARRAY, [f32, f64], T => {
-        let view = borrow::<T>(&hidden, "hidden")?;
+        let view = borrow::<T>(&hidden, "hidden", None)?;
         let rows = arg(&view, "hidden")?.data.chunks(width.max(1));
         if let Some(t) = rows.into_iter().position(|row| row.iter().any(|v| !v.is_finite())) {
             return Err(errors::value_error(

@@ -93,11 +93,11 @@ fn plain_counts(
     top_k: usize,
     token_mask: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Vec<i64>> {
-    let mask = token_mask.map(|m| borrow::<bool>(m, "token_mask")).transpose()?;
+    let mask = token_mask.map(|m| borrow::<bool>(m, "token_mask", None)).transpose()?;
     let mask = mask.as_ref().map(|m| m.as_slice().map_err(|_| unreadable("token_mask", "it must be C-contiguous")));
     let mask = mask.transpose()?;
     with_dtype!(logits, "logits", FLOAT_ARRAY, [f32, f64], T => {
-        let view = borrow::<T>(logits, "logits")?;
+        let view = borrow::<T>(logits, "logits", None)?;
         let x = arg(&view, "logits")?;
         x.check_shape(&[None, Some(num_experts)], &format!("[T, {num_experts}]")).map_err(to_py)?;
         let t = view.shape()[0];
