@@ -5,6 +5,17 @@ Run in the peers' virtualenv (torch, Megatron-Core, DeepSpeed, transformers; see
 
     /work/peers-venv/bin/python tests/data/saturation/make_vectors.py
 
+torch's float32 ``exp`` and ``sigmoid`` round differently at each of its CPU
+capabilities (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, DEFAULT),
+so the arrays are torch's at the capability they were made at, recorded in
+``MANIFEST.json`` (``peer_outputs.stored_at``). For the others the manifest keeps a
+digest of what the peers compute there (``peer_outputs.sha256``), so that
+``tests/test_saturation_vectors.py`` checks the peers exactly on every machine.
+Record the digests without rewriting the arrays, once per capability the machine has::
+
+    ATEN_CPU_CAPABILITY=avx2 /work/peers-venv/bin/python tests/data/saturation/make_vectors.py --digests
+    ATEN_CPU_CAPABILITY=default /work/peers-venv/bin/python tests/data/saturation/make_vectors.py --digests
+
 It writes one ``.npz`` per case beside this file, in the format of
 ``../shared/peers/vectors`` (``../shared/peers/README.md``): ``logits``, a JSON
 ``config`` with the variants, and ``<variant id>/<field>`` arrays. The variant
@@ -22,19 +33,23 @@ above 88.7.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[2].parent / "shared" / "peers"
-sys.path.insert(0, str(SHARED))
+MANIFEST = HERE / "MANIFEST.json"
 
-import reference  # noqa: E402  (the peers' harness, beside the repository)
+# By its path, under its own name (the tests have a module "reference" of their own).
+_spec = importlib.util.spec_from_file_location("peers_reference", SHARED / "reference.py")
+reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reference)
 
 T, E = 128, 8
 
@@ -142,13 +157,68 @@ def run_case(name: str, seed: int, variants: Dict[str, Dict]) -> Dict:
             "variants_ok": ok}
 
 
+def peer_results(logits: np.ndarray, config: Dict) -> Dict[str, Tuple[Dict[str, np.ndarray], Dict]]:
+    """Each ``ok`` variant of a stored file's ``config``, run again: variant id -> (arrays, meta)."""
+    results = {}
+    for vid, v in sorted(config["variants"].items()):
+        if v["status"] == "ok":
+            results[vid] = getattr(reference, v["function"].split(".", 1)[1])(logits, **v["params"])
+    return results
+
+
+def results_digest(results: Dict[str, Tuple[Dict[str, np.ndarray], Any]]) -> str:
+    """sha256 over every variant's meta and arrays (name, dtype, shape, bytes), in sorted order."""
+    h = hashlib.sha256()
+    for vid in sorted(results):
+        arrays, meta = results[vid]
+        h.update(f"{vid}\0{json.dumps(meta, sort_keys=True)}\0".encode())
+        for field in sorted(arrays):
+            a = np.ascontiguousarray(arrays[field])
+            h.update(f"{field}\0{a.dtype.str}\0{a.shape}\0".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def stored(name: str) -> Tuple[np.ndarray, Dict, Dict[str, np.ndarray]]:
+    """A stored file's logits, config and arrays (``<variant id>/<field>``)."""
+    with np.load(HERE / name) as z:
+        arrays = {key: z[key] for key in z.files}
+    config = json.loads(str(arrays.pop("config")))
+    return arrays.pop("logits"), config, arrays
+
+
+def capability() -> str:
+    """torch's CPU capability (``ATEN_CPU_CAPABILITY`` lowers it)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def record_digests() -> None:
+    """Add this capability's digests to the manifest, leaving the arrays alone."""
+    manifest = json.loads(MANIFEST.read_text())
+    cap = capability()
+    outputs = manifest.setdefault("peer_outputs", {"stored_at": None, "sha256": {}})
+    digests = outputs["sha256"].setdefault(cap, {})
+    for name in sorted(manifest["files"]):
+        logits, config, _ = stored(name)
+        digests[name] = results_digest(peer_results(logits, config))
+    MANIFEST.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    print(json.dumps({cap: digests}, indent=1))
+
+
 def main() -> int:
     import torch
 
     torch.set_num_threads(1)
+    if sys.argv[1:] == ["--digests"]:
+        record_digests()
+        return 0
     variants = grid()
-    manifest = {"files": {f"{name}.npz": run_case(name, 100 + i, variants) for i, name in enumerate(CASES)}}
-    (HERE / "MANIFEST.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    files = {f"{name}.npz": run_case(name, 100 + i, variants) for i, name in enumerate(CASES)}
+    digests = {name: results_digest(peer_results(*stored(name)[:2])) for name in sorted(files)}
+    manifest = {"files": files, "peer_outputs": {"stored_at": capability(), "sha256": {capability(): digests}}}
+    MANIFEST.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     print(json.dumps(manifest, indent=1))
     return 0
 
