@@ -126,6 +126,7 @@ impl<'a> Recorded<'a> {
 /// With `renormalize_after_drop`, or a reroute by a factor above 1, a token
 /// whose weights (or rerouted weights) float32 holds with less than full
 /// precision is recorded in `tiny`.
+#[inline]
 pub(crate) fn write_weights(
     options: &RouterConfig,
     token: usize,
