@@ -157,6 +157,11 @@ def main(argv=None, scenario=None):
     except Exception as err:  # report, then fail this rank
         print(f"rank {backend.rank}: FAILED: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
+    if a.backend == "gloo":
+        # An orderly teardown: without it gloo's threads may still run at interpreter exit and
+        # the process aborts ("terminate called without an active exception") after its OK.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
