@@ -135,12 +135,15 @@ pub(crate) fn write_weights(
     logs: &mut [f64],
     tiny: &mut TinyWeights,
 ) {
+    // The sum and the largest of the routed buffer values, which only normalization reads.
     let (mut sum, mut top) = (0.0f64, 0.0f64);
-    for (&x, &r) in chosen.experts.iter().zip(chosen.routed) {
-        if r {
-            let s = chosen.buffer[x as usize];
-            sum += s;
-            top = top.max(s);
+    if options.normalize_weights {
+        for (&x, &r) in chosen.experts.iter().zip(chosen.routed) {
+            if r {
+                let s = chosen.buffer[x as usize];
+                sum += s;
+                top = top.max(s);
+            }
         }
     }
     if options.normalize_weights && top < PLAIN_QUOTIENT_FLOOR {
