@@ -20,7 +20,7 @@
 use crate::array_arg::ArrayArg;
 use crate::error::{Result, RouterError};
 use crate::linear::GemmScalar;
-use crate::math::{exp_f64, ln_f64};
+use crate::math::exp_f64;
 use crate::route::CHUNK_TOKENS;
 use crate::simd::Simd;
 use crate::source::{ChunkBuf, ChunkRows, LogitSource};
@@ -262,7 +262,7 @@ pub(crate) fn softmax_into<F: GemmScalar>(logits: &[F], out: &mut [f64]) -> f64 
     for o in out.iter_mut() {
         *o /= sum;
     }
-    max + ln_f64(sum)
+    max + sum.ln()
 }
 
 /// The `chosen.len()` best groups by score (ties to the lower index).

@@ -51,6 +51,12 @@ impl LossSums {
         if row.prob_scale > 0.0 {
             add_scaled(simd, &mut self.prob_sum, row.prob_scale, scores);
         }
+        self.count_token(row);
+    }
+
+    /// A token's z-loss term and count (after its score distribution).
+    #[inline(always)]
+    fn count_token(&mut self, row: RowScores) {
         self.z_sum += row.z_term;
         self.z_sum_scaled += row.z_term * Z_SCALE;
         self.active += 1;
@@ -62,15 +68,14 @@ impl LossSums {
     pub fn add_tokens_inline<const E: usize>(&mut self, scores: &[[f64; E]], rows: &[RowScores]) {
         for (s, row) in scores.iter().zip(rows) {
             if row.prob_scale > 0.0 {
+                let add = |acc: &mut [f64]| acc.iter_mut().zip(s).for_each(|(a, &v)| *a += row.prob_scale * v);
                 // As an array when the sums have E entries (they do): a fixed-length loop.
                 match self.prob_sum.first_chunk_mut::<E>() {
-                    Some(acc) => acc.iter_mut().zip(s).for_each(|(a, &v)| *a += row.prob_scale * v),
-                    None => self.prob_sum.iter_mut().zip(s).for_each(|(a, &v)| *a += row.prob_scale * v),
+                    Some(acc) => add(acc),
+                    None => add(&mut self.prob_sum),
                 }
             }
-            self.z_sum += row.z_term;
-            self.z_sum_scaled += row.z_term * Z_SCALE;
-            self.active += 1;
+            self.count_token(*row);
         }
     }
 

@@ -80,9 +80,9 @@ const INV_FACT: [f64; 12] = [
     1.0 / 39_916_800.0,
 ];
 
-/// `ln x` in float64 for positive normal finite `x` (the callers' sums of
-/// exponentials, at least 1), within about 1 ulp; a branch hands every other
-/// input to the standard library.
+/// `ln x` in float64 for positive normal finite `x` (the routers' sums of
+/// exponentials and their reciprocals), within 1 ulp of the C library's `log`;
+/// a branch hands every other input to the standard library.
 ///
 /// `x = 2^k m` with `m` in `[sqrt(1/2), sqrt(2))` from the bits (integer
 /// operations only, so the 8-lane kernels do the same on AVX2), then with
@@ -130,7 +130,8 @@ fn ln_parts<V: Copy>(
     let f = sub(m, c(1.0));
     let s = div(f, add(c(2.0), f));
     let z = mul(s, s);
-    let (z2, z4) = (mul(z, z), mul(mul(z, z), mul(z, z)));
+    let z2 = mul(z, z);
+    let z4 = mul(z2, z2);
     let z8 = mul(z4, z4);
     let q = |i: usize| fma(c(ATANH_SERIES[i + 1]), z, c(ATANH_SERIES[i]));
     let h0 = fma(q(2), z2, q(0));

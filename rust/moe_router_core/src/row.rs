@@ -6,7 +6,7 @@ use crate::error::{Result, RouterError};
 use crate::float32;
 use crate::groups::limit_to_best_groups;
 use crate::losses::SequenceLoss;
-use crate::math::{ln_f64, read_row, RowRead, LANES};
+use crate::math::{read_row, RowRead, LANES};
 use crate::rng::{self, Stream};
 use crate::route::{RouteCall, Tally};
 use crate::row_block;
@@ -489,6 +489,6 @@ impl RowRouter {
         for o in out.iter_mut() {
             *o /= sum;
         }
-        max + ln_f64(sum)
+        max + sum.ln()
     }
 }
