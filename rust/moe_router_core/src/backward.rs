@@ -37,11 +37,15 @@ use rayon::prelude::*;
 use crate::config::{RouterConfig, RoutingAlgorithm, ScoreFunction};
 use crate::error::{Result, RouterError};
 use crate::exp32::exp32_shifted_dot;
-use crate::math::{exp_shifted_dot, ln_one, read_row, sqrt_softplus_slope};
+use crate::math::{exp_shifted_dot, ln_lanes, ln_one, read_row, sqrt_softplus_slope, LANES};
 use crate::route::{chunk_tokens, RouteCall};
 use crate::row::{RowContext, RowRouter};
 use crate::simd::Simd;
 use crate::source::{ChunkBuf, Logit, LogitSource};
+
+/// Softmax rows of at most this many experts are scored in groups of `LANES`
+/// (8 rows of float64 scores, 4 KiB, stay in L1 until their gradient is written).
+const GROUPED_MAX_EXPERTS: usize = 64;
 
 /// What the forward call decided, as the backward reads it (`[T, k]` row-major).
 #[derive(Debug, Clone, Copy)]
@@ -192,8 +196,28 @@ where
         let chosen = |tok: usize| &saved.original_experts[tok * k..(tok + 1) * k];
         // Softmax rows check their own output; the others are scanned at the end.
         let (mut finite, mut unchecked) = (true, false);
+        // Narrow fused rows are scored LANES at a time, so that their z-loss terms take one
+        // vector `ln`; wider rows would not stay in L1 until they are used, so they go one by one.
+        let group_rows = if e <= GROUPED_MAX_EXPERTS { LANES } else { 1 };
+        let mut scored = [None; LANES];
+        let mut lse_ln = [0.0; LANES];
         for (i, dst) in block.chunks_exact_mut(e).enumerate() {
             let tok = start + i;
+            let slot = i % group_rows;
+            if fused && slot == 0 {
+                let group = (end - tok).min(group_rows);
+                for (g, s) in scored.iter_mut().take(group_rows).enumerate() {
+                    let t = tok + g;
+                    *s = (g < group && ctx.is_active(t))
+                        .then(|| sm.rescore(ctx.simd, &rows[(i + g) * e..(i + g + 1) * e], chosen(t), dq.row(t), g))
+                        .flatten();
+                }
+                if z_factor != 0.0 && group_rows == LANES {
+                    lse_ln = ln_lanes(ctx.simd, &scored.map(|s| s.map_or(1.0, |(_, _, scale)| scale)));
+                } else if let (true, Some((_, _, scale))) = (z_factor != 0.0, scored[0]) {
+                    lse_ln[0] = ln_one(ctx.simd, scale);
+                }
+            }
             if !ctx.is_active(tok) {
                 dst.fill(S::Elem::from_f64(0.0));
                 continue;
@@ -201,10 +225,8 @@ where
             let raw = &rows[i * e..(i + 1) * e];
             let weights = grads.expert_weights.map(|g| &g[tok * k..(tok + 1) * k]);
             // A row that does not read as valid goes on to `rescore`, which reports it.
-            if let Some((max, dot, scale)) =
-                fused.then(|| sm.rescore(ctx.simd, raw, chosen(tok), dq.row(tok))).flatten()
-            {
-                let (dq, z) = (dq.row(tok), z_term(max, scale));
+            if let Some((max, dot, scale)) = scored[slot].take() {
+                let (dq, z) = (dq.row(tok), if z_factor != 0.0 { z_factor * (max - lse_ln[slot]) } else { 0.0 });
                 finite &= softmax_row(
                     ctx.simd,
                     options,
@@ -214,7 +236,7 @@ where
                     dq,
                     dot,
                     z,
-                    &sm.scores,
+                    sm.row(slot),
                     scale,
                     false,
                     work,
@@ -344,8 +366,9 @@ fn finite_rows<F: Logit>(block: &[F], e: usize, start: usize) -> Result<()> {
 /// maximum in both.
 struct Softmax {
     logits: Vec<f64>,
-    /// `exp(x - max)`: the scores times `sum`.
+    /// `LANES` rows of `exp(x - max)` (the scores times `sum`), one per slot.
     scores: Vec<f64>,
+    experts: usize,
     /// Rows scored from a guessed maximum, and how many guesses were wrong:
     /// guessing stops where it mostly fails (a cost choice only).
     guesses: usize,
@@ -354,24 +377,39 @@ struct Softmax {
 
 impl Softmax {
     fn new(e: usize) -> Self {
-        Softmax { logits: vec![0.0; e], scores: vec![0.0; e], guesses: 0, misses: 0 }
+        Softmax { logits: vec![0.0; e], scores: vec![0.0; LANES * e], experts: e, guesses: 0, misses: 0 }
+    }
+
+    /// The scores `rescore` wrote into `slot`.
+    fn row(&self, slot: usize) -> &[f64] {
+        &self.scores[slot * self.experts..(slot + 1) * self.experts]
     }
 
     /// `(max, sum_e scores_e dq_e, 1 / sum_e scores_e)` of `raw`, or `None`
     /// for a row with NaN, +inf or no finite logit. `chosen` are the token's
     /// experts, best first.
     #[inline]
-    fn rescore<F: Logit>(&mut self, simd: Simd, raw: &[F], chosen: &[i32], dq: &[f64]) -> Option<(f64, f64, f64)> {
+    fn rescore<F: Logit>(
+        &mut self,
+        simd: Simd,
+        raw: &[F],
+        chosen: &[i32],
+        dq: &[f64],
+        slot: usize,
+    ) -> Option<(f64, f64, f64)> {
         if let Some(raw) = F::as_f32(raw) {
-            return self.rescore_f32(simd, raw, chosen, dq);
+            return self.rescore_f32(simd, raw, chosen, dq, slot);
         }
-        if self.guessing() {
+        let guessing = self.guessing();
+        let e = self.experts;
+        let scores = &mut self.scores[slot * e..(slot + 1) * e];
+        if guessing {
             let guess =
                 chosen.first().and_then(|&x| raw.get(usize::try_from(x).ok()?)).map_or(f64::NAN, |v| v.to_f64());
             // a zero maximum is left to the two passes, which fix its sign
             if guess.is_finite() && guess != 0.0 {
                 self.guesses += 1;
-                let r = exp_shifted_dot(simd, raw, guess, dq, &mut self.scores);
+                let r = exp_shifted_dot(simd, raw, guess, dq, scores);
                 if !r.bad && r.max <= guess {
                     return Some((guess, r.dot, 1.0 / r.sum));
                 }
@@ -382,20 +420,30 @@ impl Softmax {
         if read.bad || read.max == f64::NEG_INFINITY {
             return None;
         }
-        let r = exp_shifted_dot(simd, &self.logits, read.max, dq, &mut self.scores);
+        let r = exp_shifted_dot(simd, &self.logits, read.max, dq, scores);
         Some((read.max, r.dot, 1.0 / r.sum))
     }
 
     /// `rescore` of a float32 row, in float32 arithmetic (`crate::exp32`).
     /// A wrong guess costs one more pass: the first one found the maximum.
-    fn rescore_f32(&mut self, simd: Simd, raw: &[f32], chosen: &[i32], dq: &[f64]) -> Option<(f64, f64, f64)> {
+    fn rescore_f32(
+        &mut self,
+        simd: Simd,
+        raw: &[f32],
+        chosen: &[i32],
+        dq: &[f64],
+        slot: usize,
+    ) -> Option<(f64, f64, f64)> {
+        let guessing = self.guessing();
+        let e = self.experts;
+        let scores = &mut self.scores[slot * e..(slot + 1) * e];
         let mut shift = None;
-        if self.guessing() {
+        if guessing {
             let guess = chosen.first().and_then(|&x| raw.get(usize::try_from(x).ok()?)).copied();
             // a zero maximum is left to the read pass, as in `rescore`
             if let Some(guess) = guess.filter(|g| g.is_finite() && *g != 0.0) {
                 self.guesses += 1;
-                let r = exp32_shifted_dot(simd, raw, guess, dq, &mut self.scores);
+                let r = exp32_shifted_dot(simd, raw, guess, dq, scores);
                 if r.bad {
                     return None;
                 }
@@ -417,7 +465,7 @@ impl Softmax {
             }
         };
         // the maximum of float32 values is one
-        let r = exp32_shifted_dot(simd, raw, max as f32, dq, &mut self.scores);
+        let r = exp32_shifted_dot(simd, raw, max as f32, dq, scores);
         Some((max, r.dot, 1.0 / r.sum))
     }
 
@@ -709,6 +757,7 @@ mod dense {
 #[cfg(test)]
 mod tests {
     use super::{dense, Softmax};
+    use crate::math::LANES;
     use crate::simd::Simd;
 
     #[test]
@@ -720,26 +769,35 @@ mod tests {
             for simd in Simd::all() {
                 let mut sm = Softmax::new(e);
                 // no choice to guess from: the two passes
-                let want = sm.rescore(simd, &raw, &[], &dq).expect("valid row");
-                let scores = sm.scores.clone();
+                let want = sm.rescore(simd, &raw, &[], &dq, 0).expect("valid row");
+                let scores = sm.row(0).to_vec();
                 // right guess, wrong guess (a smaller logit), out-of-range choice
                 let low = (0..e as i32).find(|&i| raw[i as usize] < raw[top as usize]).unwrap_or(top);
                 for chosen in [vec![top], vec![low, top], vec![-1], vec![e as i32]] {
-                    let got = sm.rescore(simd, &raw, &chosen, &dq).expect("valid row");
+                    let got = sm.rescore(simd, &raw, &chosen, &dq, 0).expect("valid row");
                     assert_eq!(
                         (got.0.to_bits(), got.1.to_bits(), got.2.to_bits()),
                         (want.0.to_bits(), want.1.to_bits(), want.2.to_bits()),
                         "{simd:?} e={e} {chosen:?}"
                     );
-                    assert!(sm.scores.iter().zip(&scores).all(|(a, b)| a.to_bits() == b.to_bits()));
+                    assert!(sm.row(0).iter().zip(&scores).all(|(a, b)| a.to_bits() == b.to_bits()));
                 }
+                // every slot holds its own row, and writing one leaves the others alone
+                let other: Vec<f32> = raw.iter().map(|v| v * 0.5).collect();
+                let at_zero = sm.rescore(simd, &other, &[], &dq, 0).expect("valid row");
+                let zero_row = sm.row(0).to_vec();
+                let last = sm.rescore(simd, &raw, &[top], &dq, LANES - 1).expect("valid row");
+                assert_eq!((last.0.to_bits(), last.2.to_bits()), (want.0.to_bits(), want.2.to_bits()));
+                assert!(sm.row(LANES - 1).iter().zip(&scores).all(|(a, b)| a.to_bits() == b.to_bits()));
+                assert!(sm.row(0).iter().zip(&zero_row).all(|(a, b)| a.to_bits() == b.to_bits()));
+                assert!(at_zero.2 != want.2 || e == 1);
                 // NaN or +inf anywhere is refused, guessed or not
                 for bad in [f32::NAN, f32::INFINITY] {
                     let mut r = raw.clone();
                     r[e / 2] = bad;
                     let first = if e / 2 == top as usize { 0 } else { top };
-                    assert!(sm.rescore(simd, &r, &[first], &dq).is_none(), "{simd:?} e={e}");
-                    assert!(sm.rescore(simd, &r, &[], &dq).is_none(), "{simd:?} e={e}");
+                    assert!(sm.rescore(simd, &r, &[first], &dq, 0).is_none(), "{simd:?} e={e}");
+                    assert!(sm.rescore(simd, &r, &[], &dq, 0).is_none(), "{simd:?} e={e}");
                 }
             }
         }
