@@ -71,22 +71,55 @@ fn min32(a: f32, b: f32) -> f32 {
     }
 }
 
-/// One value, in the operations the vector builds perform lane by lane.
-#[inline(always)]
+/// One value, in the operations the vector builds perform lane by lane (the
+/// tests' reference).
+#[cfg(test)]
 fn exp32(v: f32, m: f32) -> f64 {
+    exp32_with(v, m, f32::mul_add)
+}
+
+/// `exp32` with `fma(a, b, c) = a * b + c` rounded once: the FMA instruction
+/// (`f32::mul_add` in a build with FMA) or, in the portable build, where
+/// `mul_add` is a C library call, [`fma32_soft`] (the same bits).
+#[inline(always)]
+fn exp32_with(v: f32, m: f32, fma: impl Fn(f32, f32, f32) -> f32 + Copy) -> f64 {
     let d = v - m;
     // TwoSum of v + (-m): d + err = v - m exactly.
     let bb = d - v;
     let err = (v - (d - bb)) + (-m - bb);
     let err = min32(max32(err, -ERR_CAP), ERR_CAP);
     let dc = min32(max32(d, LO), HI);
-    let t = dc.mul_add(LOG2E, SHIFT);
+    let t = fma(dc, LOG2E, SHIFT);
     let n = t - SHIFT;
-    let r = (-n).mul_add(LN2_HI, dc);
-    let r = (-n).mul_add(LN2_LO, r) + err;
-    let p = polynomial(r, |i| INV_FACT[i], |a, b| a * b, f32::mul_add);
+    let r = fma(-n, LN2_HI, dc);
+    let r = fma(-n, LN2_LO, r) + err;
+    let p = polynomial(r, |i| INV_FACT[i], |a, b| a * b, fma);
     let p = if d >= LO { p } else { 0.0 };
     f64::from(p) * pow2(t.to_bits() as i32 - SHIFT.to_bits() as i32)
+}
+
+/// `a * b + c` rounded once to float32, from float64 operations: the product
+/// of two float32 values is exact in float64; the sum is rounded to odd (its
+/// TwoSum error decides the last bit), and rounding a round-to-odd value of
+/// at least 2 more bits to float32 is correctly rounded (Boldo and Melquiond,
+/// "Emulation of FMA and correctly rounded sums: proved algorithms using
+/// rounding to odd", IEEE Trans. Computers 57(4), 2008). So the bits are the
+/// FMA instruction's, at a few float64 operations instead of a call.
+#[inline(always)]
+fn fma32_soft(a: f32, b: f32, c: f32) -> f32 {
+    let p = f64::from(a) * f64::from(b);
+    let c = f64::from(c);
+    let s = p + c;
+    let bb = s - p;
+    let err = (p - (s - bb)) + (c - bb);
+    let bits = s.to_bits();
+    // inexact and even: the other neighbour of the exact sum (one ulp towards it) is the odd one
+    let odd = if err != 0.0 && err.is_finite() && bits & 1 == 0 {
+        f64::from_bits(if (err > 0.0) == (s > 0.0) { bits + 1 } else { bits - 1 })
+    } else {
+        s
+    };
+    odd as f32
 }
 
 /// The degree-7 Taylor polynomial of `e^r` by Estrin's scheme (3 dependent
@@ -111,12 +144,25 @@ fn pow2(n: i32) -> f64 {
 /// The tail (fewer than `LANES` values), summed in order; folds into `max` and `bad`.
 #[inline(always)]
 fn tail(z: &[f32], m: f32, out: &mut [f64], max: &mut f64, bad: &mut bool) -> f64 {
+    tail_with(z, m, out, max, bad, f32::mul_add)
+}
+
+/// `tail` with the given `fma` (see [`exp32_with`]).
+#[inline(always)]
+fn tail_with(
+    z: &[f32],
+    m: f32,
+    out: &mut [f64],
+    max: &mut f64,
+    bad: &mut bool,
+    fma: impl Fn(f32, f32, f32) -> f32 + Copy,
+) -> f64 {
     let mut sum = 0.0;
     for (&v, o) in z.iter().zip(out.iter_mut()) {
         *bad |= v.is_nan() | (v == f32::INFINITY);
         let v64 = f64::from(v);
         *max = if v64 > *max { v64 } else { *max };
-        *o = exp32(v, m);
+        *o = exp32_with(v, m, fma);
         sum += *o;
     }
     sum
@@ -143,13 +189,13 @@ mod portable {
                 let v = zs[l];
                 bad |= v.is_nan() | (v == f32::INFINITY);
                 tops[l] = max32(v, tops[l]);
-                os[l] = exp32(v, m);
+                os[l] = exp32_with(v, m, fma32_soft);
                 acc[l] += os[l];
                 dot[l] += os[l] * ws[l];
             }
         }
         let mut max = fold_max(&tops);
-        let sum = lane_sum(&acc) + tail(ztail, m, otail, &mut max, &mut bad);
+        let sum = lane_sum(&acc) + tail_with(ztail, m, otail, &mut max, &mut bad, fma32_soft);
         ExpDot { sum, dot: finish_dot(&dot, otail, wtail), max: max + 0.0, bad }
     }
 }
@@ -383,6 +429,68 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    #[test]
+    fn the_float64_fma_gives_the_bits_of_a_single_rounding() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let special = [0.0, -0.0, 1.0, f32::MIN_POSITIVE, 1e-45, f32::MAX, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
+        let mut checked = 0;
+        for i in 0..2_000_000u32 {
+            let bits = next();
+            let (a, b) = (f32::from_bits(bits as u32), f32::from_bits((bits >> 32) as u32));
+            let c = match i % 4 {
+                // any value, any exponent
+                0 => f32::from_bits(next() as u32),
+                // near cancellation: c within a few ulp of -a*b, where one rounding matters most
+                1 => -(a * b) * (1.0 + (next() % 64) as f32 * f32::EPSILON / 8.0),
+                // the exact sum halfway-ish between floats: c a little above a*b's ulp
+                2 => (a * b) * f32::EPSILON * ((next() % 16) as f32 / 8.0 - 1.0),
+                _ => special[(next() % special.len() as u64) as usize],
+            };
+            let (a, b) = if i % 5 == 0 { (a, special[i as usize % special.len()]) } else { (a, b) };
+            let (want, got) = (a.mul_add(b, c), fma32_soft(a, b, c));
+            if want.is_nan() {
+                assert!(got.is_nan(), "a={a:e} b={b:e} c={c:e}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "a={a:e} b={b:e} c={c:e}: {got:e} vs {want:e}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 1_000_000);
+        let mut double_rounded = 0;
+        // double rounding: a * a halfway between two float32 values (u odd), c far below
+        // float64's last bit of it, so that rounding the float64 sum to nearest would land
+        // on the tie and round it to even whichever side c is on
+        for u in (1..2048u32).step_by(2) {
+            for (k, sign) in [(60, 1.0), (60, -1.0), (75, 1.0), (75, -1.0), (120, 1.0), (120, -1.0)] {
+                for scale in [1.0f32, 2.0f32.powi(-40), 2.0f32.powi(40)] {
+                    let a = (1.0 + u as f32 * 2f32.powi(-12)) * scale;
+                    let c = sign * 2f32.powi(-k) * scale * scale;
+                    let (want, got) = (a.mul_add(a, c), fma32_soft(a, a, c));
+                    assert_eq!(got.to_bits(), want.to_bits(), "a={a:e} c={c:e}: {got:e} vs {want:e}");
+                    let rounded_twice = (f64::from(a) * f64::from(a) + f64::from(c)) as f32;
+                    double_rounded += usize::from(rounded_twice.to_bits() != want.to_bits());
+                }
+            }
+        }
+        // the family does reach the cases a plain float64 sum gets wrong
+        assert!(double_rounded > 1000, "{double_rounded}");
+        // the exp's own arguments
+        for seed in 0..20 {
+            let z = row(300, seed);
+            for &v in &z {
+                for (a, b, c) in [(v, LOG2E, SHIFT), (v * 1e-3, INV_FACT[7], INV_FACT[6]), (-v, LN2_HI, v)] {
+                    assert_eq!(fma32_soft(a, b, c).to_bits(), a.mul_add(b, c).to_bits(), "{a:e} {b:e} {c:e}");
+                }
+            }
+        }
     }
 
     #[test]
