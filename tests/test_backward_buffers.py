@@ -34,6 +34,34 @@ def test_out_is_written_in_place_and_returned(rng, dtype):
     np.testing.assert_array_equal(dec.backward(g, 0.5, out=None), fresh)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_large_fresh_gradient_reuses_a_dropped_one_and_never_shows_its_contents(rng, dtype):
+    # [16384, 64] float32 is 4 MiB, the size from which fresh gradients come from recycled memory
+    x, dec = routed(rng, dtype, T=16384, E=64, k=2)
+    g = rng.normal(size=(x.shape[0], 2))
+    want = dec.backward(g, 0.5, out=np.zeros(x.shape, dtype))
+    first = dec.backward(g, 0.5)
+    np.testing.assert_array_equal(first, want)
+    assert first.flags.c_contiguous and first.flags.writeable and first.dtype == dtype
+    address = first.__array_interface__["data"][0]
+    first[:] = np.nan  # what the caller leaves in it must not leak into the next gradient
+    del first
+    second = dec.backward(g, 0.5)
+    assert second.__array_interface__["data"][0] == address  # the dropped one's memory
+    np.testing.assert_array_equal(second, want)
+    assert (second[::7] == 0).all()  # masked rows written, not left over
+    # a gradient still alive is never handed out again
+    third = dec.backward(g, 0.5)
+    assert not np.shares_memory(second, third)
+    np.testing.assert_array_equal(third, want)
+    # views keep the memory alive after the array's own name is gone
+    view = third[5:9]
+    del third
+    fourth = dec.backward(g, 0.25)
+    assert not np.shares_memory(view, fourth)
+    np.testing.assert_array_equal(view, want[5:9])
+
+
 def test_out_bad_input(rng):
     x, dec = routed(rng)
     g = rng.normal(size=(x.shape[0], 3))

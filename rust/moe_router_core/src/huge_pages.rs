@@ -14,8 +14,29 @@ pub(crate) fn zeroed_f32(n: usize) -> Vec<f32> {
     buffer
 }
 
+/// `n` zero words, allocated lazily by the OS as [`zeroed_f32`], or `None` when
+/// the allocator refuses (the caller reports it; nothing aborts).
+pub fn try_zeroed_u64(n: usize) -> Option<Vec<u64>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u64>(n).ok()?;
+    // SAFETY: the layout has a non-zero size; a non-null result points at `n`
+    // zeroed, aligned u64 values owned by the returned Vec, whose capacity and
+    // length are the layout's, as `Vec::from_raw_parts` requires.
+    let buffer = unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout).cast::<u64>();
+        if ptr.is_null() {
+            return None;
+        }
+        Vec::from_raw_parts(ptr, n, n)
+    };
+    advise_huge_pages(&buffer);
+    Some(buffer)
+}
+
 #[cfg(target_os = "linux")]
-fn advise_huge_pages(buffer: &[f32]) {
+fn advise_huge_pages<T>(buffer: &[T]) {
     const PAGE: usize = 4096;
     const HUGE_PAGE: usize = 2 << 20;
     let bytes = std::mem::size_of_val(buffer);
@@ -35,11 +56,11 @@ fn advise_huge_pages(buffer: &[f32]) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn advise_huge_pages(_buffer: &[f32]) {}
+fn advise_huge_pages<T>(_buffer: &[T]) {}
 
 #[cfg(test)]
 mod tests {
-    use super::zeroed_f32;
+    use super::{try_zeroed_u64, zeroed_f32};
 
     #[test]
     fn zeroed_buffers_are_zero_and_sized() {
@@ -47,6 +68,10 @@ mod tests {
             let b = zeroed_f32(n);
             assert_eq!(b.len(), n);
             assert!(b.iter().all(|&x| x == 0.0));
+            let w = try_zeroed_u64(n).expect("small allocation");
+            assert_eq!(w.len(), n);
+            assert!(w.iter().all(|&x| x == 0));
         }
+        assert!(try_zeroed_u64(usize::MAX / 4).is_none());
     }
 }

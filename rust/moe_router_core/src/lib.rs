@@ -54,7 +54,7 @@ mod gate;
 mod gate_backward;
 mod global_balance;
 mod groups;
-mod huge_pages;
+pub mod huge_pages;
 mod layouts;
 mod linear;
 mod linear_backward;

@@ -34,6 +34,7 @@ mod guarded;
 mod inputs;
 mod peer_loss;
 mod plan;
+mod pool;
 mod presets;
 mod replay;
 mod report;
