@@ -186,9 +186,13 @@ where
     // Without noise the softmax row needs no router: see `Softmax::rescore`.
     let fused = softmax && !ctx.has_noise();
     // the z-loss term z_factor * lse (its logarithm only when the z-loss is on)
-    let z_term = |max: f64, scale: f64| if z_factor != 0.0 { z_factor * (max - ln_one(ctx.simd, scale)) } else { 0.0 };
+    let z_of = |max: f64, ln_scale: f64| if z_factor != 0.0 { z_factor * (max - ln_scale) } else { 0.0 };
+    let z_term = |max: f64, scale: f64| if z_factor != 0.0 { z_of(max, ln_one(ctx.simd, scale)) } else { 0.0 };
     let chunk = chunk_tokens(t, e);
-    let scratch = || (RowRouter::new(options), ChunkBuf::default(), RowGrad::new(e, k), Softmax::new(e));
+    // Narrow fused rows are scored LANES at a time, so that their z-loss terms take one
+    // vector `ln`; wider rows would not stay in L1 until they are used, so they go one by one.
+    let group_rows = if e <= GROUPED_MAX_EXPERTS { LANES } else { 1 };
+    let scratch = || (RowRouter::new(options), ChunkBuf::default(), RowGrad::new(e, k), Softmax::new(e, group_rows));
     out.par_chunks_mut(chunk * e).enumerate().try_for_each_init(scratch, |(router, buf, work, sm), (c, block)| {
         let start = c * chunk;
         let end = (start + chunk).min(t);
@@ -196,9 +200,6 @@ where
         let chosen = |tok: usize| &saved.original_experts[tok * k..(tok + 1) * k];
         // Softmax rows check their own output; the others are scanned at the end.
         let (mut finite, mut unchecked) = (true, false);
-        // Narrow fused rows are scored LANES at a time, so that their z-loss terms take one
-        // vector `ln`; wider rows would not stay in L1 until they are used, so they go one by one.
-        let group_rows = if e <= GROUPED_MAX_EXPERTS { LANES } else { 1 };
         let mut scored = [None; LANES];
         let mut lse_ln = [0.0; LANES];
         for (i, dst) in block.chunks_exact_mut(e).enumerate() {
@@ -212,10 +213,12 @@ where
                         .then(|| sm.rescore(ctx.simd, &rows[(i + g) * e..(i + g + 1) * e], chosen(t), dq.row(t), g))
                         .flatten();
                 }
-                if z_factor != 0.0 && group_rows == LANES {
-                    lse_ln = ln_lanes(ctx.simd, &scored.map(|s| s.map_or(1.0, |(_, _, scale)| scale)));
-                } else if let (true, Some((_, _, scale))) = (z_factor != 0.0, scored[0]) {
-                    lse_ln[0] = ln_one(ctx.simd, scale);
+                if z_factor != 0.0 {
+                    if group_rows == LANES {
+                        lse_ln = ln_lanes(ctx.simd, &scored.map(|s| s.map_or(1.0, |(_, _, scale)| scale)));
+                    } else if let Some((_, _, scale)) = scored[0] {
+                        lse_ln[0] = ln_one(ctx.simd, scale);
+                    }
                 }
             }
             if !ctx.is_active(tok) {
@@ -226,7 +229,7 @@ where
             let weights = grads.expert_weights.map(|g| &g[tok * k..(tok + 1) * k]);
             // A row that does not read as valid goes on to `rescore`, which reports it.
             if let Some((max, dot, scale)) = scored[slot].take() {
-                let (dq, z) = (dq.row(tok), if z_factor != 0.0 { z_factor * (max - lse_ln[slot]) } else { 0.0 });
+                let (dq, z) = (dq.row(tok), z_of(max, lse_ln[slot]));
                 finite &= softmax_row(
                     ctx.simd,
                     options,
@@ -366,7 +369,7 @@ fn finite_rows<F: Logit>(block: &[F], e: usize, start: usize) -> Result<()> {
 /// maximum in both.
 struct Softmax {
     logits: Vec<f64>,
-    /// `LANES` rows of `exp(x - max)` (the scores times `sum`), one per slot.
+    /// Rows of `exp(x - max)` (the scores times `sum`), one per slot.
     scores: Vec<f64>,
     experts: usize,
     /// Rows scored from a guessed maximum, and how many guesses were wrong:
@@ -376,8 +379,8 @@ struct Softmax {
 }
 
 impl Softmax {
-    fn new(e: usize) -> Self {
-        Softmax { logits: vec![0.0; e], scores: vec![0.0; LANES * e], experts: e, guesses: 0, misses: 0 }
+    fn new(e: usize, slots: usize) -> Self {
+        Softmax { logits: vec![0.0; e], scores: vec![0.0; slots * e], experts: e, guesses: 0, misses: 0 }
     }
 
     /// The scores `rescore` wrote into `slot`.
@@ -767,7 +770,7 @@ mod tests {
             let top = (0..e).fold(0, |b, i| if raw[i] > raw[b] { i } else { b }) as i32;
             let dq: Vec<f64> = (0..e).map(|i| (i as f64 * 0.3).cos() * 1e-2).collect();
             for simd in Simd::all() {
-                let mut sm = Softmax::new(e);
+                let mut sm = Softmax::new(e, LANES);
                 // no choice to guess from: the two passes
                 let want = sm.rescore(simd, &raw, &[], &dq, 0).expect("valid row");
                 let scores = sm.row(0).to_vec();

@@ -177,12 +177,7 @@ pub(crate) fn output<'py, P: Element>(
     dtype_of: &str,
 ) -> PyResult<Bound<'py, PyArrayDyn<P>>> {
     match out {
-        // numpy.zeros raises MemoryError when the output cannot be had (rust-numpy's zeros would panic).
-        None => {
-            let dtype = numpy::dtype::<P>(py);
-            let array = py.import("numpy")?.getattr("zeros")?.call1((shape.to_vec(), dtype))?;
-            Ok(array.cast_into::<PyArrayDyn<P>>()?)
-        }
+        None => zeros(py, shape),
         Some(o) => {
             let typed = o.cast::<PyArrayDyn<P>>().map_err(|_| {
                 let dtype = dtype_name::<P>(py);
@@ -201,6 +196,14 @@ pub(crate) fn output<'py, P: Element>(
             Ok(typed.clone())
         }
     }
+}
+
+/// A new zero array of `shape`: `numpy.zeros`, which raises MemoryError when the
+/// memory cannot be had (rust-numpy's `zeros` would panic).
+pub(crate) fn zeros<'py, P: Element>(py: Python<'py>, shape: &[usize]) -> PyResult<Bound<'py, PyArrayDyn<P>>> {
+    let dtype = numpy::dtype::<P>(py);
+    let array = py.import("numpy")?.getattr("zeros")?.call1((shape.to_vec(), dtype))?;
+    Ok(array.cast_into::<PyArrayDyn<P>>()?)
 }
 
 /// `out` borrowed for writing, after the call's `inputs` (name, array) are borrowed

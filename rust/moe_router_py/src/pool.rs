@@ -28,14 +28,14 @@ static FREE: Mutex<Vec<Vec<u64>>> = Mutex::new(Vec::new());
 
 /// The owner of a pooled output's memory (the NumPy array's base object):
 /// dropping it gives the memory back to the free list.
-#[pyclass(module = "moe_router._core", name = "_PooledBuffer", frozen)]
+#[pyclass(module = "moe_router._core", name = "_PooledBuffer")]
 struct PooledBuffer {
-    words: Mutex<Vec<u64>>,
+    words: Vec<u64>,
 }
 
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
-        let words = std::mem::take(self.words.get_mut().unwrap_or_else(|e| e.into_inner()));
+        let words = std::mem::take(&mut self.words);
         let Ok(mut free) = FREE.lock() else { return };
         free.push(words);
         // the oldest go first when the list is over either bound
@@ -53,7 +53,7 @@ pub(crate) fn written_output<'py, P: Element>(py: Python<'py>, shape: &[usize]) 
     let elements = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
     let bytes = elements.and_then(|n| n.checked_mul(std::mem::size_of::<P>()));
     let Some(bytes) = bytes.filter(|&b| b >= MIN_BYTES && std::mem::align_of::<P>() <= 8) else {
-        return crate::plan::output::<P>(py, None, shape, "");
+        return crate::plan::zeros::<P>(py, shape);
     };
     let words = bytes.div_ceil(8);
     let reused = FREE.lock().ok().and_then(|mut free| {
@@ -66,7 +66,7 @@ pub(crate) fn written_output<'py, P: Element>(py: Python<'py>, shape: &[usize]) 
             .ok_or_else(|| PyMemoryError::new_err(format!("cannot allocate an output of {bytes} bytes")))?,
     };
     let data = buffer.as_ptr().cast::<P>();
-    let owner = Bound::new(py, PooledBuffer { words: Mutex::new(buffer) })?;
+    let owner = Bound::new(py, PooledBuffer { words: buffer })?;
     // SAFETY: `data` points at `bytes` >= shape's product * size_of::<P>() bytes,
     // aligned for P (align <= 8, the u64 buffer's), owned by `owner`, which the
     // array holds as its base and which never moves or resizes the buffer; every
