@@ -64,6 +64,11 @@ const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76); // ln 2 - LN2_HI
 const SHIFT: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52
 const EXP_LO: f64 = -746.0; // e^-746 rounds to 0
 const EXP_HI: f64 = 709.0; // e^709 is the largest with both factors finite
+/// From here up (`n >= -1020`) `p * 2^n` is normal, so one exponent-built
+/// factor gives the two factors' bits (both products are exact).
+const EXP_NORMAL_LO: f64 = -707.0;
+/// `2^n = from_bits((bits(t) + EXP_BIAS_FROM_SHIFT) << 52)` for `n` in `[-1022, 1023]`.
+const EXP_BIAS_FROM_SHIFT: i64 = 1023 - SHIFT.to_bits() as i64;
 /// 1/0!, 1/1!, ..., 1/11!: the Taylor coefficients of e^r.
 const INV_FACT: [f64; 12] = [
     1.0,
@@ -433,7 +438,11 @@ macro_rules! vector_kernels {
             let r = n.neg_mul_add(F8::splat(LN2_HI), xc);
             let r = n.neg_mul_add(F8::splat(LN2_LO), r);
             let p = exp_polynomial(r, |i| F8::splat(INV_FACT[i]), |a, b| a.mul(b), |a, b, c| a.mul_add(b, c));
-            p.scale_by_exponent_of(t)
+            if xc.any_below(F8::splat(EXP_NORMAL_LO)) {
+                p.scale_by_exponent_of(t)
+            } else {
+                p.scale_normal(t)
+            }
         }
 
         /// `ln_one`: `ln_f64` with the level's FMA instruction.
@@ -627,6 +636,28 @@ mod avx2 {
         fn scale_by_exponent_of(self, t: F8) -> F8 {
             halves!(scale4(self, t))
         }
+        /// `scale_by_exponent_of` for `n >= -1020`, with one factor.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        fn scale_normal(self, t: F8) -> F8 {
+            halves!(scale4_normal(self, t))
+        }
+        /// Whether any lane is below `b`'s.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        fn any_below(self, b: F8) -> bool {
+            let below =
+                _mm256_or_pd(_mm256_cmp_pd::<_CMP_LT_OQ>(self.0, b.0), _mm256_cmp_pd::<_CMP_LT_OQ>(self.1, b.1));
+            _mm256_movemask_pd(below) != 0
+        }
+    }
+
+    /// `scale_normal` on one half.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn scale4_normal(p: __m256d, t: __m256d) -> __m256d {
+        let biased = _mm256_add_epi64(_mm256_castpd_si256(t), _mm256_set1_epi64x(EXP_BIAS_FROM_SHIFT));
+        _mm256_mul_pd(p, _mm256_castsi256_pd(_mm256_slli_epi64::<52>(biased)))
     }
 
     /// `split_log2` on one half, with the same integer operations.
@@ -740,6 +771,19 @@ mod avx512 {
             let s1 = _mm512_castsi512_pd(_mm512_slli_epi64::<52>(_mm512_add_epi64(n1, bias)));
             let s2 = _mm512_castsi512_pd(_mm512_slli_epi64::<52>(_mm512_add_epi64(n2, bias)));
             F8(_mm512_mul_pd(_mm512_mul_pd(self.0, s1), s2))
+        }
+        /// `scale_by_exponent_of` for `n >= -1020`, with one factor.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn scale_normal(self, t: F8) -> F8 {
+            let biased = _mm512_add_epi64(_mm512_castpd_si512(t.0), _mm512_set1_epi64(EXP_BIAS_FROM_SHIFT));
+            F8(_mm512_mul_pd(self.0, _mm512_castsi512_pd(_mm512_slli_epi64::<52>(biased))))
+        }
+        /// Whether any lane is below `b`'s.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn any_below(self, b: F8) -> bool {
+            _mm512_cmp_pd_mask::<_CMP_LT_OQ>(self.0, b.0) != 0
         }
     }
 }
@@ -925,6 +969,24 @@ mod tests {
         let want = run(portable);
         for simd in Simd::all() {
             assert_eq!(run(simd), want, "{simd:?}");
+        }
+    }
+
+    #[test]
+    fn exp_gives_the_scalar_bits_on_both_sides_of_the_subnormal_edge() {
+        // Vectors wholly above the edge take one scale factor, vectors with a
+        // lane below it take two; the offsets put the edge inside vectors too.
+        let mut z: Vec<f64> = (0..4000).map(|i| -722.0 + i as f64 * 0.00731).collect();
+        z.extend((0..3000).map(|i| 686.0 + i as f64 * 0.0077)); // up to 2^1023
+        z.extend([EXP_NORMAL_LO, EXP_NORMAL_LO.next_down(), EXP_NORMAL_LO.next_up(), -745.5, f64::NEG_INFINITY]);
+        for offset in 0..LANES {
+            let z = &z[offset..];
+            let want: Vec<u64> = z.iter().map(|&v| exp_f64(v).to_bits()).collect();
+            for simd in Simd::all() {
+                let mut got = vec![0.0; z.len()];
+                exp_shifted(simd, z, 0.0, &mut got);
+                assert_eq!(bits(&got), want, "{simd:?} offset {offset}");
+            }
         }
     }
 
