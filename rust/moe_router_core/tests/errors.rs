@@ -107,6 +107,26 @@ fn logits_whose_z_loss_term_overflows_name_the_token() {
 }
 
 #[test]
+fn the_first_bad_token_is_named_whichever_check_finds_it() {
+    // An overflowing z-loss term and a NaN logit, in either order, in the same
+    // group of 8 tokens, across groups and across chunks of the thread split.
+    let (e, t) = (16, 70_000);
+    for (a, b) in [(3usize, 6usize), (5, 9), (20_000, 65_000)] {
+        for (z_at, nan_at) in [(a, b), (b, a)] {
+            let first = z_at.min(nan_at);
+            let mut data = vec![0.5f64; t * e];
+            data[z_at * e + 1] = 1.5e154;
+            data[nan_at * e + 4] = f64::NAN;
+            let view = ArrayView2::from_shape((t, e), &data).expect("shape");
+            let err = route_logits(view, &RouterConfig::new(e, 2), &RouteCall::default()).expect_err("refused");
+            assert_eq!(bad_value_token(&err), first, "z-loss overflow at {z_at}, NaN at {nan_at}: {err}");
+            let z_loss = err.to_string().contains("z-loss");
+            assert_eq!(z_loss, z_at == first, "{err}");
+        }
+    }
+}
+
+#[test]
 fn some_neg_inf_is_fine() {
     let mut x = logits(10, 4);
     x[[0, 0]] = f32::NEG_INFINITY;
