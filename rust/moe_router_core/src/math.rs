@@ -427,7 +427,8 @@ mod portable {
 #[cfg(target_arch = "x86_64")]
 macro_rules! vector_kernels {
     ($feature:literal) => {
-        /// `exp_f64` on 8 lanes: the same operations in the same order.
+        /// `exp_f64` on 8 lanes: the same operations in the same order, except that
+        /// `2^n` is one factor where every lane's result is normal (the same exact product).
         #[inline]
         #[target_feature(enable = $feature)]
         fn exp8(x: F8) -> F8 {
