@@ -55,6 +55,7 @@ mod gate_backward;
 mod global_balance;
 mod groups;
 pub mod huge_pages;
+mod lane_topk;
 mod layouts;
 mod linear;
 mod linear_backward;

@@ -14,7 +14,7 @@ use crate::score::{score_row, RowScores};
 use crate::simd::Simd;
 use crate::source::Logit;
 use crate::topk::{block_lower_bound, second_largest, select_top_k, sort8_descending};
-use crate::weights::{write_weights, Chosen};
+use crate::weights::{write_weights, Chosen, TinyWeights};
 
 const LOGIT_HINT: &str = "router logits must be finite or -inf (-inf marks an expert as not eligible)";
 const HIDDEN_HINT: &str = "check the hidden states and the router weight for NaN, inf or values so large \
@@ -115,7 +115,6 @@ pub(crate) fn record_choices(
     tally: &mut Tally,
 ) -> f32 {
     let options = ctx.options;
-    let e = options.num_experts;
     let chosen = Chosen {
         function: options.score_function,
         logits,
@@ -124,11 +123,8 @@ pub(crate) fn record_choices(
         experts: out.experts,
         routed: out.routed,
     };
-    if float32::applies(options) {
-        float32::write_weights(options, &chosen, out.weights);
-    } else {
-        write_weights(options, token, &chosen, out.weights, weight_scratch, &mut tally.tiny_weights);
-    }
+    record_weights(options, token, &chosen, out.weights, weight_scratch, &mut tally.tiny_weights);
+    let e = options.num_experts;
     let per_rank = tally.counts.len() > e;
     for (j, (&x, &r)) in out.experts.iter().zip(out.routed.iter()).enumerate() {
         if r {
@@ -140,6 +136,24 @@ pub(crate) fn record_choices(
         (scores[out.experts[0] as usize] * row.scale) as f32
     } else {
         0.0
+    }
+}
+
+/// The weights of a token's `chosen` experts into `weights` (`record_choices`
+/// without the counts), recording imprecise ones in `tiny`.
+#[inline(always)]
+pub(crate) fn record_weights(
+    options: &RouterConfig,
+    token: usize,
+    chosen: &Chosen,
+    weights: &mut [f32],
+    weight_scratch: &mut [f64],
+    tiny: &mut TinyWeights,
+) {
+    if float32::applies(options) {
+        float32::write_weights(options, chosen, weights);
+    } else {
+        write_weights(options, token, chosen, weights, weight_scratch, tiny);
     }
 }
 

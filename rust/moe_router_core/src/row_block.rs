@@ -7,17 +7,22 @@
 //! per-token path (`RowRouter::route_token`): the `exp` kernel of the call's
 //! SIMD level, the read pass's fold for the maximum, `lane_sum` for the sum of
 //! the scores, insertion by key with ties to the lower index for the top-k
-//! (the spec's order), and the same per-token bookkeeping (`record_choices`
-//! per token, then the loss sums of the eight in token order).
-//! So the results are the same bits; only the work is shared.
+//! (the spec's order, `crate::lane_topk`), `write_weights`'s quotient and
+//! `record_choices`'s counts across the lanes (its per-token path where a
+//! token needs logarithms or records imprecise weights), then the loss sums
+//! of the eight in token order. So the results are the same bits; only the
+//! work is shared.
 
+use crate::config::RouterConfig;
 use crate::config::ScoreFunction;
+use crate::lane_topk::{top_k_lanes, LaneRank};
 use crate::math::{dispatch, exp_shifted, lane_sum_by, ln_lanes};
 use crate::route::Tally;
-use crate::row::{record_choices, RowContext, TokenOut};
+use crate::row::{record_weights, RowContext};
 use crate::score::RowScores;
 use crate::simd::SimdLevel;
 use crate::source::Logit;
+use crate::weights::{plain_factor, records_tiny_weights, Chosen};
 
 /// Tokens (and experts) per block.
 pub(crate) const BLOCK: usize = 8;
@@ -97,14 +102,13 @@ build!(avx512, "avx512f");
 fn block<F: Logit>(ctx: &RowContext, start: usize, raw: &[F], out: BlockOut, tally: &mut Tally) -> bool {
     debug_assert!(applies(ctx) && raw.len() == BLOCK * BLOCK);
     let k = ctx.options.top_k;
-    // z[t][e]: token t's logits; zt[e][t] = z[t][e], the lanes of the vertical passes.
-    let mut z = [[0.0f64; BLOCK]; BLOCK];
+    // zt[e][t]: token t's logit of expert e, the lanes of the vertical passes.
     let mut zt = [[0.0f64; BLOCK]; BLOCK];
     let mut finite = true;
-    for (t, (row, values)) in z.iter_mut().zip(raw.chunks_exact(BLOCK)).enumerate() {
-        for (e, (v, r)) in row.iter_mut().zip(values).enumerate() {
-            *v = r.to_f64();
-            zt[e][t] = *v;
+    for (t, values) in raw.chunks_exact(BLOCK).enumerate() {
+        for (column, r) in zt.iter_mut().zip(values) {
+            let v = r.to_f64();
+            column[t] = v;
             finite &= v.is_finite();
         }
     }
@@ -146,80 +150,144 @@ fn block<F: Logit>(ctx: &RowContext, start: usize, raw: &[F], out: BlockOut, tal
         }
     }
 
-    // chosen[j][t]: token t's (j+1)-th expert. `k` as a constant keeps the
-    // insertion's lanes in registers.
-    let mut chosen = [[0i32; BLOCK]; BLOCK];
+    let scored = Scored { raw, zt: &zt, st: &st, scores: &scores, rows: &rows };
+    // `k` as a constant keeps the insertion's lanes in registers and the stores' stride fixed.
     match k {
-        1 => chosen[..1].copy_from_slice(&top_k_lanes::<1>(&zt)),
-        2 => chosen[..2].copy_from_slice(&top_k_lanes::<2>(&zt)),
-        3 => chosen[..3].copy_from_slice(&top_k_lanes::<3>(&zt)),
-        4 => chosen[..4].copy_from_slice(&top_k_lanes::<4>(&zt)),
-        5 => chosen[..5].copy_from_slice(&top_k_lanes::<5>(&zt)),
-        6 => chosen[..6].copy_from_slice(&top_k_lanes::<6>(&zt)),
-        7 => chosen[..7].copy_from_slice(&top_k_lanes::<7>(&zt)),
-        _ => chosen.copy_from_slice(&top_k_lanes::<BLOCK>(&zt)),
-    }
-
-    let BlockOut { experts, weights, routed, probs, top1 } = out;
-    // Token-major choices, one rank at a time (strided stores, not a gather per token).
-    for (j, c) in chosen.iter().enumerate().take(k) {
-        for (t, &x) in c.iter().enumerate() {
-            experts[t * k + j] = x;
-        }
-    }
-    let mut weight_scratch = [0.0f64; BLOCK];
-    for t in 0..BLOCK {
-        let span = t * k..(t + 1) * k;
-        let mut token_out = TokenOut {
-            experts: &mut experts[span.clone()],
-            weights: &mut weights[span.clone()],
-            routed: &mut routed[span],
-            probs: if probs.is_empty() { &mut [] } else { &mut probs[t * BLOCK..(t + 1) * BLOCK] },
-        };
-        token_out.routed.fill(true); // every logit is finite
-        let row = rows[t];
-        for (p, &s) in token_out.probs.iter_mut().zip(&scores[t]) {
-            *p = (s * row.scale) as f32;
-        }
-        let first =
-            record_choices(ctx, start + t, &z[t], &scores[t], row, &mut token_out, &mut weight_scratch[..k], tally);
-        if let Some(slot) = top1.get_mut(t) {
-            *slot = first;
-        }
-        if !tally.plain.is_empty() {
-            tally.count_plain(token_out.experts, token_out.routed);
-        }
+        1 => emit::<1, F>(ctx, start, &scored, out, tally),
+        2 => emit::<2, F>(ctx, start, &scored, out, tally),
+        3 => emit::<3, F>(ctx, start, &scored, out, tally),
+        4 => emit::<4, F>(ctx, start, &scored, out, tally),
+        5 => emit::<5, F>(ctx, start, &scored, out, tally),
+        6 => emit::<6, F>(ctx, start, &scored, out, tally),
+        7 => emit::<7, F>(ctx, start, &scored, out, tally),
+        _ => emit::<BLOCK, F>(ctx, start, &scored, out, tally),
     }
     tally.losses.add_tokens_inline(&scores, &rows);
     true
 }
 
-/// The top `K` experts of each lane's token, by insertion in the spec's order
-/// (key descending, then index ascending; a displaced entry moves down past
-/// ties of higher index): `zt[e][t]` is token t's key for expert e.
+/// A block as scored: the raw logits (`[8, 8]` row-major), the logits and the
+/// buffer values across lanes (`[expert][token]`), the buffer values by token,
+/// and each token's scale and z-loss term.
+struct Scored<'a, F> {
+    raw: &'a [F],
+    zt: &'a [[f64; BLOCK]; BLOCK],
+    st: &'a [[f64; BLOCK]; BLOCK],
+    scores: &'a [[f64; BLOCK]; BLOCK],
+    rows: &'a [RowScores; BLOCK],
+}
+
+/// Select each token's top `K` and write the block's choices, weights,
+/// routed flags, scores and counts.
 #[inline(always)]
-fn top_k_lanes<const K: usize>(zt: &[[f64; BLOCK]; BLOCK]) -> [[i32; BLOCK]; K] {
-    #[inline(always)]
-    fn pick<V: Copy>(m: &[bool; BLOCK], x: &[V; BLOCK], y: &[V; BLOCK]) -> [V; BLOCK] {
-        std::array::from_fn(|t| if m[t] { x[t] } else { y[t] })
+fn emit<const K: usize, F: Logit>(ctx: &RowContext, start: usize, b: &Scored<F>, out: BlockOut, tally: &mut Tally) {
+    let ranks = top_k_lanes::<K>(ctx.simd, b.zt, b.st);
+    let chosen: [[i32; BLOCK]; K] = std::array::from_fn(|j| ranks[j].expert.map(|x| x as i32));
+    let BlockOut { experts, weights, routed, probs, top1 } = out;
+    for (t, x) in experts.as_chunks_mut::<K>().0.iter_mut().enumerate() {
+        *x = std::array::from_fn(|j| chosen[j][t]);
     }
-    let mut best = [[f64::NEG_INFINITY; BLOCK]; K];
-    let mut chosen = [[0i32; BLOCK]; K];
-    for (e, column) in zt.iter().enumerate() {
-        let mut key = *column;
-        let mut index = [e as i32; BLOCK];
-        for (b, c) in best.iter_mut().zip(chosen.iter_mut()) {
-            // Whole-lane steps with `|` and `&` (no branch per lane), so each vectorizes.
-            let larger: [bool; BLOCK] =
-                std::array::from_fn(|t| (key[t] > b[t]) | ((key[t] == b[t]) & (index[t] < c[t])));
-            let (kb, cb) = (*b, *c);
-            *b = pick(&larger, &key, &kb);
-            *c = pick(&larger, &index, &cb);
-            key = pick(&larger, &kb, &key);
-            index = pick(&larger, &cb, &index);
+    routed.fill(true); // every logit is finite
+    if !probs.is_empty() {
+        for (p, (s, row)) in probs.chunks_exact_mut(BLOCK).zip(b.scores.iter().zip(b.rows)) {
+            for (p, &s) in p.iter_mut().zip(s) {
+                *p = (s * row.scale) as f32;
+            }
         }
     }
-    chosen
+    if !write_weights_lanes::<K>(ctx.options, &ranks, b.rows, weights) {
+        // The per-token weights (logarithms for tiny scores, recorded imprecise weights).
+        let mut weight_scratch = [0.0f64; K];
+        for (t, values) in b.raw.chunks_exact(BLOCK).enumerate() {
+            let z: [f64; BLOCK] = std::array::from_fn(|e| values[e].to_f64());
+            let span = t * K..(t + 1) * K;
+            let chosen = Chosen {
+                function: ctx.options.score_function,
+                logits: &z,
+                buffer: &b.scores[t],
+                scale: b.rows[t].scale,
+                experts: &experts[span.clone()],
+                routed: &routed[span.clone()],
+            };
+            let options = ctx.options;
+            record_weights(
+                options,
+                start + t,
+                &chosen,
+                &mut weights[span],
+                &mut weight_scratch,
+                &mut tally.tiny_weights,
+            );
+        }
+    }
+    record_counts::<K>(ctx.options.num_experts, &chosen, tally);
+    for (slot, (&s, row)) in top1.iter_mut().zip(ranks[0].value.iter().zip(b.rows)) {
+        *slot = (s * row.scale) as f32;
+    }
+    if !tally.plain.is_empty() {
+        for x in &chosen {
+            for &x in x {
+                tally.plain[x as usize] += 1;
+            }
+        }
+    }
+}
+
+/// The eight tokens' weights, rank by rank (`weights` is `[8, k]`), as
+/// `write_weights` computes them, when no token needs its per-token path: no
+/// step that reads recorded tiny weights, and each token's largest chosen score
+/// normal enough for the plain quotient. Returns false, having written
+/// nothing, otherwise. Every chosen expert is routed (the logits are finite).
+#[inline(always)]
+fn write_weights_lanes<const K: usize>(
+    options: &RouterConfig,
+    ranks: &[LaneRank; K],
+    rows: &[RowScores; BLOCK],
+    weights: &mut [f32],
+) -> bool {
+    if records_tiny_weights(options) {
+        return false;
+    }
+    // The routed buffer values' sum and largest, in rank order as `write_weights` folds them.
+    let (mut sum, mut top) = ([0.0f64; BLOCK], [0.0f64; BLOCK]);
+    for r in ranks {
+        for t in 0..BLOCK {
+            sum[t] += r.value[t];
+            top[t] = top[t].max(r.value[t]);
+        }
+    }
+    let mut factor = [0.0f64; BLOCK];
+    for t in 0..BLOCK {
+        match plain_factor(options, sum[t], top[t], rows[t].scale) {
+            Some(f) => factor[t] = f,
+            None => return false,
+        }
+    }
+    let lanes: [[f32; BLOCK]; K] =
+        std::array::from_fn(|j| std::array::from_fn(|t| (ranks[j].value[t] * factor[t]) as f32));
+    for (t, w) in weights.as_chunks_mut::<K>().0.iter_mut().enumerate() {
+        *w = std::array::from_fn(|j| lanes[j][t]);
+    }
+    true
+}
+
+/// The routed counts (per expert, or per rank and expert) and first-choice
+/// counts of eight tokens whose every choice is routed, as `record_choices`
+/// adds them. Experts are below 8, so `x % BLOCK` is `x` (and no bounds check).
+#[inline(always)]
+fn record_counts<const K: usize>(num_experts: usize, chosen: &[[i32; BLOCK]; K], tally: &mut Tally) {
+    fn histogram(counts: &mut [u32], experts: &[i32; BLOCK]) {
+        if let Some(counts) = counts.first_chunk_mut::<BLOCK>() {
+            for &x in experts {
+                counts[x as usize % BLOCK] += 1;
+            }
+        }
+    }
+    let per_rank = tally.counts.len() > num_experts;
+    for (j, x) in chosen.iter().enumerate() {
+        histogram(&mut tally.counts[if per_rank { j * num_experts } else { 0 }..], x);
+    }
+    histogram(&mut tally.first_choice, &chosen[0]);
 }
 
 #[cfg(test)]
@@ -227,7 +295,7 @@ mod tests {
     use super::*;
     use crate::config::{DropPolicy, RouterConfig};
     use crate::route::{route_logits, RouteCall};
-    use crate::row::RowRouter;
+    use crate::row::{RowRouter, TokenOut};
     use crate::simd::Simd;
     use ndarray::ArrayView2;
 

@@ -120,6 +120,30 @@ impl<'a> Recorded<'a> {
     }
 }
 
+/// Whether pass 1 records the tokens whose weights float32 holds imprecisely
+/// (`TinyWeights`): only a later step that scales weights up reads them.
+pub(crate) fn records_tiny_weights(options: &RouterConfig) -> bool {
+    options.renormalize_after_drop || (options.overflow == Overflow::Reroute && options.reroute_weight_scale > 1.0)
+}
+
+/// The factor of the plain quotient (`weight = buffer value * factor`) when
+/// normalization over the chosen experts works from the scores themselves:
+/// their largest buffer value `top` is at least `PLAIN_QUOTIENT_FLOOR`, or
+/// there is no normalization. `sum` is the routed buffer values' sum in rank
+/// order, `scale` the row's. `None` where the logarithms are needed.
+#[inline(always)]
+pub(crate) fn plain_factor(options: &RouterConfig, sum: f64, top: f64, scale: f64) -> Option<f64> {
+    if !options.normalize_weights {
+        Some(options.weight_scale * scale)
+    } else if top < PLAIN_QUOTIENT_FLOOR {
+        None
+    } else if sum > 0.0 {
+        Some(options.weight_scale / sum)
+    } else {
+        Some(0.0)
+    }
+}
+
 /// Pass 1: the weights of one token's choices into `weights` (0 where not
 /// routed): the scores, divided by their sum with `normalize_weights` (0 when
 /// no choice is routed), times `weight_scale`. `logs` is scratch of length k.
@@ -146,29 +170,25 @@ pub(crate) fn write_weights(
             }
         }
     }
-    if options.normalize_weights && top < PLAIN_QUOTIENT_FLOOR {
-        chosen.log_weights(logs);
-        normalize_log_weights(logs, options.weight_scale);
-    } else {
-        // The sum of the buffer values (scores / scale): normalization cancels
-        // `scale`, so tiny scores are never divided by a subnormal sum.
-        let factor = if !options.normalize_weights {
-            options.weight_scale * chosen.scale
-        } else if sum > 0.0 {
-            options.weight_scale / sum
-        } else {
-            0.0
-        };
-        for ((l, &x), &r) in logs.iter_mut().zip(chosen.experts).zip(chosen.routed) {
-            *l = if r { chosen.buffer[x as usize] * factor } else { 0.0 };
+    // The sum of the buffer values (scores / scale): normalization cancels
+    // `scale`, so tiny scores are never divided by a subnormal sum.
+    match plain_factor(options, sum, top, chosen.scale) {
+        None => {
+            chosen.log_weights(logs);
+            normalize_log_weights(logs, options.weight_scale);
+        }
+        Some(factor) => {
+            for ((l, &x), &r) in logs.iter_mut().zip(chosen.experts).zip(chosen.routed) {
+                *l = if r { chosen.buffer[x as usize] * factor } else { 0.0 };
+            }
         }
     }
     for (w, &v) in weights.iter_mut().zip(logs.iter()) {
         *w = v as f32;
     }
-    let rws = options.reroute_weight_scale;
-    let reroute = options.overflow == Overflow::Reroute;
-    if options.renormalize_after_drop || (reroute && rws > 1.0) {
+    if records_tiny_weights(options) {
+        let rws = options.reroute_weight_scale;
+        let reroute = options.overflow == Overflow::Reroute;
         // A rerouted weight is scaled by `reroute_weight_scale` first; 0 stays exact.
         let low = if reroute && rws > 0.0 { rws.min(1.0) } else { 1.0 };
         let imprecise = logs.iter().zip(chosen.routed).any(|(&v, &r)| r && v * low < F32_NORMAL);
