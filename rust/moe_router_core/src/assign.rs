@@ -67,22 +67,37 @@ pub(crate) fn assign_in_token_order(a: Assignments, capacity: usize, counts: &[V
         .zip(offsets.into_par_iter())
         .with_min_len(light_pass_min_chunks(a.chunk))
         .for_each(|(((experts, kept), slots), mut next)| {
-            for i in 0..experts.len() {
-                if !kept[i] {
-                    slots[i] = -1;
-                    continue;
+            let places = experts.iter().zip(kept.iter_mut()).zip(slots.iter_mut());
+            if rank_major {
+                // Rank j of every token counts in `next[j * E..]`.
+                for (i, ((&x, kept), slot)) in places.enumerate() {
+                    take_slot(&mut next[(i % k) * e..], x, capacity, kept, slot);
                 }
-                let counter = if rank_major { (i % k) * e } else { 0 } + experts[i] as usize;
-                let pos = next[counter];
-                next[counter] += 1;
-                if (pos as usize) < capacity {
-                    slots[i] = pos as i32;
-                } else {
-                    kept[i] = false;
-                    slots[i] = -1;
+            } else {
+                for ((&x, kept), slot) in places {
+                    take_slot(&mut next, x, capacity, kept, slot);
                 }
             }
         });
+}
+
+/// The next slot of expert `x` (counter `next[x]`) for a routed assignment,
+/// which stays kept if the slot is below `capacity`; -1 (and not kept) otherwise.
+#[inline(always)]
+fn take_slot(next: &mut [u32], x: i32, capacity: usize, kept: &mut bool, slot: &mut i32) {
+    if !*kept {
+        *slot = -1;
+        return;
+    }
+    let counter = &mut next[x as usize];
+    let pos = *counter;
+    *counter += 1;
+    if (pos as usize) < capacity {
+        *slot = pos as i32;
+    } else {
+        *kept = false;
+        *slot = -1;
+    }
 }
 
 /// For rank-major order: rank j of expert e starts after every earlier rank's

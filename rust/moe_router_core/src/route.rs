@@ -523,6 +523,9 @@ fn finish_tokens(options: &RouterConfig, call: &RouteCall, finish: Finish, weigh
         .enumerate()
         .with_min_len(assign::light_pass_min_chunks(chunk))
         .map(|(c, (w, kp))| {
+            if !renormalize {
+                return zero_dropped(call, c * chunk, k, w, kp);
+            }
             let (mut kept_total, mut dropped_tokens) = (0usize, 0usize);
             let no_record = TinyWeights::default();
             let mut recorded = Recorded::new(tiny.get(c).unwrap_or(&no_record));
@@ -553,6 +556,26 @@ fn finish_tokens(options: &RouterConfig, call: &RouteCall, finish: Finish, weigh
             (kept_total, dropped_tokens)
         })
         .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+/// Pass 3 without renormalization for the tokens from `first` on: zero the
+/// weights `w` of assignments not kept (`kp`); returns the kept assignments
+/// and the active tokens with none kept. Whole-slice loops (they vectorize);
+/// the tokens are visited one by one only where something was dropped.
+fn zero_dropped(call: &RouteCall, first: usize, k: usize, w: &mut [f32], kp: &[bool]) -> (usize, usize) {
+    let kept_total = kp.iter().map(|&keep| usize::from(keep)).sum::<usize>();
+    if kept_total == kp.len() {
+        return (kept_total, 0);
+    }
+    for (x, &keep) in w.iter_mut().zip(kp) {
+        *x = if keep { *x } else { 0.0 };
+    }
+    let dropped_tokens = kp
+        .chunks(k)
+        .enumerate()
+        .filter(|&(i, token)| !token.contains(&true) && call.token_mask.is_none_or(|m| m[first + i]))
+        .count();
+    (kept_total, dropped_tokens)
 }
 
 /// Validate the per-call arguments against the source and options.
