@@ -10,6 +10,7 @@
 //! - sequence-level balance loss (DeepSeek-V3, Liu et al. 2024, eqs. 17-20): the
 //!   load-balance loss of each sequence on its own, averaged over sequences.
 
+use crate::block_lanes::add_scaled_lanes;
 use crate::math::add_scaled;
 use crate::score::RowScores;
 use crate::simd::Simd;
@@ -62,20 +63,16 @@ impl LossSums {
         self.active += 1;
     }
 
-    /// `add_token` for consecutive tokens, in their order (`scores[t]`, `rows[t]`), with the
-    /// sums inlined into the caller's build: the same operations (`acc += a * x`, unfused).
+    /// `add_token` for the eight tokens of an E = 8 block, in their order: their
+    /// scores `st` are expert-major (a token per lane), every `prob_scale` positive.
     #[inline(always)]
-    pub fn add_tokens_inline<const E: usize>(&mut self, scores: &[[f64; E]], rows: &[RowScores]) {
-        for (s, row) in scores.iter().zip(rows) {
-            if row.prob_scale > 0.0 {
-                let add = |acc: &mut [f64]| acc.iter_mut().zip(s).for_each(|(a, &v)| *a += row.prob_scale * v);
-                // As an array when the sums have E entries (they do): a fixed-length loop.
-                match self.prob_sum.first_chunk_mut::<E>() {
-                    Some(acc) => add(acc),
-                    None => add(&mut self.prob_sum),
-                }
-            }
-            self.count_token(*row);
+    pub fn add_block(&mut self, simd: Simd, st: &[[f64; 8]; 8], rows: &[RowScores; 8]) {
+        debug_assert!(rows.iter().all(|r| r.prob_scale > 0.0));
+        if let Some(acc) = self.prob_sum.first_chunk_mut::<8>() {
+            add_scaled_lanes(simd, acc, &rows.map(|r| r.prob_scale), st);
+        }
+        for &row in rows {
+            self.count_token(row);
         }
     }
 

@@ -7,15 +7,15 @@
 //! per-token path (`RowRouter::route_token`): the `exp` kernel of the call's
 //! SIMD level, the read pass's fold for the maximum, `lane_sum` for the sum of
 //! the scores, insertion by key with ties to the lower index for the top-k
-//! (the spec's order, `crate::lane_topk`), `write_weights`'s quotient and
+//! (the spec's order, `crate::block_lanes`), `write_weights`'s quotient and
 //! `record_choices`'s counts across the lanes (its per-token path where a
 //! token needs logarithms or records imprecise weights), then the loss sums
 //! of the eight in token order. So the results are the same bits; only the
 //! work is shared.
 
+use crate::block_lanes::{shift_by_lane_max, top_k_lanes, LaneRank};
 use crate::config::RouterConfig;
 use crate::config::ScoreFunction;
-use crate::lane_topk::{top_k_lanes, LaneRank};
 use crate::math::{dispatch, exp_shifted, lane_sum_by, ln_lanes};
 use crate::route::Tally;
 use crate::row::{record_weights, RowContext};
@@ -116,18 +116,7 @@ fn block<F: Logit>(ctx: &RowContext, start: usize, raw: &[F], out: BlockOut, tal
         return false;
     }
     // The largest logit, folded over the experts in order as the read pass does.
-    let mut max = [f64::NEG_INFINITY; BLOCK];
-    for column in &zt {
-        for (m, &v) in max.iter_mut().zip(column) {
-            *m = if v > *m { v } else { *m };
-        }
-    }
-    let mut shifted = [[0.0f64; BLOCK]; BLOCK];
-    for (s, column) in shifted.iter_mut().zip(&zt) {
-        for ((x, &v), &m) in s.iter_mut().zip(column).zip(&max) {
-            *x = v - m;
-        }
-    }
+    let (max, shifted) = shift_by_lane_max(ctx.simd, &zt);
     // One call of the level's `exp` for the block (`x - 0.0` is `x`); its sum is not a row's.
     let mut st = [[0.0f64; BLOCK]; BLOCK];
     exp_shifted(ctx.simd, shifted.as_flattened(), 0.0, st.as_flattened_mut());
@@ -143,14 +132,7 @@ fn block<F: Logit>(ctx: &RowContext, start: usize, raw: &[F], out: BlockOut, tal
     if rows.iter().any(|r| !r.z_term.is_finite()) {
         return false;
     }
-    let mut scores = [[0.0f64; BLOCK]; BLOCK];
-    for (e, column) in st.iter().enumerate() {
-        for (row, &v) in scores.iter_mut().zip(column) {
-            row[e] = v;
-        }
-    }
-
-    let scored = Scored { raw, zt: &zt, st: &st, scores: &scores, rows: &rows };
+    let scored = Scored { raw, zt: &zt, st: &st, rows: &rows };
     // `k` as a constant keeps the insertion's lanes in registers and the stores' stride fixed.
     match k {
         1 => emit::<1, F>(ctx, start, &scored, out, tally),
@@ -162,18 +144,18 @@ fn block<F: Logit>(ctx: &RowContext, start: usize, raw: &[F], out: BlockOut, tal
         7 => emit::<7, F>(ctx, start, &scored, out, tally),
         _ => emit::<BLOCK, F>(ctx, start, &scored, out, tally),
     }
-    tally.losses.add_tokens_inline(&scores, &rows);
+    // The scale of each is 1 / sum with sum in [1, 8]: positive.
+    tally.losses.add_block(ctx.simd, &st, &rows);
     true
 }
 
 /// A block as scored: the raw logits (`[8, 8]` row-major), the logits and the
-/// buffer values across lanes (`[expert][token]`), the buffer values by token,
-/// and each token's scale and z-loss term.
+/// buffer values across lanes (`[expert][token]`), and each token's scale and
+/// z-loss term.
 struct Scored<'a, F> {
     raw: &'a [F],
     zt: &'a [[f64; BLOCK]; BLOCK],
     st: &'a [[f64; BLOCK]; BLOCK],
-    scores: &'a [[f64; BLOCK]; BLOCK],
     rows: &'a [RowScores; BLOCK],
 }
 
@@ -182,14 +164,14 @@ struct Scored<'a, F> {
 #[inline(always)]
 fn emit<const K: usize, F: Logit>(ctx: &RowContext, start: usize, b: &Scored<F>, out: BlockOut, tally: &mut Tally) {
     let ranks = top_k_lanes::<K>(ctx.simd, b.zt, b.st);
-    let chosen: [[i32; BLOCK]; K] = std::array::from_fn(|j| ranks[j].expert.map(|x| x as i32));
+    let chosen: [[i32; BLOCK]; K] = ranks.map(|r| r.expert);
     let BlockOut { experts, weights, routed, probs, top1 } = out;
     for (t, x) in experts.as_chunks_mut::<K>().0.iter_mut().enumerate() {
         *x = std::array::from_fn(|j| chosen[j][t]);
     }
     routed.fill(true); // every logit is finite
     if !probs.is_empty() {
-        for (p, (s, row)) in probs.chunks_exact_mut(BLOCK).zip(b.scores.iter().zip(b.rows)) {
+        for (p, (s, row)) in probs.chunks_exact_mut(BLOCK).zip(by_token(b.st).iter().zip(b.rows)) {
             for (p, &s) in p.iter_mut().zip(s) {
                 *p = (s * row.scale) as f32;
             }
@@ -198,13 +180,14 @@ fn emit<const K: usize, F: Logit>(ctx: &RowContext, start: usize, b: &Scored<F>,
     if !write_weights_lanes::<K>(ctx.options, &ranks, b.rows, weights) {
         // The per-token weights (logarithms for tiny scores, recorded imprecise weights).
         let mut weight_scratch = [0.0f64; K];
+        let scores = by_token(b.st);
         for (t, values) in b.raw.chunks_exact(BLOCK).enumerate() {
             let z: [f64; BLOCK] = std::array::from_fn(|e| values[e].to_f64());
             let span = t * K..(t + 1) * K;
             let chosen = Chosen {
                 function: ctx.options.score_function,
                 logits: &z,
-                buffer: &b.scores[t],
+                buffer: &scores[t],
                 scale: b.rows[t].scale,
                 experts: &experts[span.clone()],
                 routed: &routed[span.clone()],
@@ -231,6 +214,11 @@ fn emit<const K: usize, F: Logit>(ctx: &RowContext, start: usize, b: &Scored<F>,
             }
         }
     }
+}
+
+/// Token-major buffer values (`[token][expert]`) from expert-major ones.
+fn by_token(st: &[[f64; BLOCK]; BLOCK]) -> [[f64; BLOCK]; BLOCK] {
+    std::array::from_fn(|t| std::array::from_fn(|e| st[e][t]))
 }
 
 /// The eight tokens' weights, rank by rank (`weights` is `[8, k]`), as
