@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 import pytest
-from hypothesis import Phase, given, settings
+from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
 
 import moe_router as mr
@@ -125,7 +125,10 @@ def test_balance_after_convergence(case) -> None:
     z = make_logits(seed, t, e, spread)
     balanced, iterations, converged = reference_sinkhorn(z, None, tol, 5000)
     dec = mr.route_logits(z, config(e, 1, sinkhorn_tolerance=tol, sinkhorn_max_iterations=5000), training=True)
-    assert (dec.sinkhorn_iterations, dec.sinkhorn_converged) == (iterations, True)
+    assert (dec.sinkhorn_iterations, dec.sinkhorn_converged) == (iterations, converged)
+    # A few skewed inputs (8 tokens of 2 experts at spread 6, seed 1720) do not reach the
+    # tolerance in 5000 iterations, in the reference either; the balance below needs it.
+    assume(converged)
     # Columns sum to (1/E) S_e / (S_e + 1e-8) (S_e the column's scaled mass, as low as
     # about 1e-3 for wide skewed rows); rows to 1/T up to the last change of d1.
     np.testing.assert_allclose(balanced.sum(0) * e, 1.0, atol=1e-4)
