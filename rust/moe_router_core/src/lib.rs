@@ -50,6 +50,7 @@ mod error;
 mod exchange;
 mod exp32;
 mod expert_choice;
+mod filled;
 mod float32;
 mod gate;
 mod gate_backward;

@@ -25,6 +25,7 @@ use crate::capacity::capacity_limit;
 use crate::config::{DropPolicy, Overflow, Peer, RouterConfig, RoutingAlgorithm};
 use crate::error::{Result, RouterError};
 use crate::expert_choice;
+use crate::filled::{copied, filled};
 use crate::float32;
 use crate::losses::{self, LossSums, SequenceLoss, SequencePart};
 use crate::peer_loss;
@@ -214,10 +215,10 @@ pub fn route_into<S: LogitSource>(
     let reroute = options.overflow == Overflow::Reroute;
 
     let n = t * k;
-    let mut expert_indices = vec![0i32; n];
-    let mut expert_weights = vec![0f32; n];
-    let mut kept = vec![false; n];
-    let mut expert_slots = vec![-1i32; n];
+    let mut expert_indices = filled(n, 0i32);
+    let mut expert_weights = filled(n, 0f32);
+    let mut kept = filled(n, false);
+    let mut expert_slots = filled(n, -1i32);
     let prioritized = matches!(policy, DropPolicy::Bpr | DropPolicy::BprRank);
     let mut top1 = vec![0f32; if prioritized || reroute { t } else { 0 }];
     // Zeroed (lazily, page by page, by the allocator); pass 1 writes every active row.
@@ -273,7 +274,7 @@ pub fn route_into<S: LogitSource>(
         tallies.into_iter().map(|t| (t.counts, t.tiny_weights)).unzip();
     let reroute_now = reroute && limit.is_some();
     // Pass 1's routed flags, before capacity: what the backward differentiates.
-    let routed = kept.clone();
+    let routed = copied(&kept);
     {
         let a = Assignments {
             chunk,
