@@ -7,7 +7,9 @@
 //! kernel offers them (`transparent_hugepage` set to `madvise` or `always`);
 //! elsewhere the advice is ignored and nothing changes.
 
-/// `n` zeros, allocated lazily by the OS (nothing is touched here).
+/// `n` zeros from the allocator: fresh zero pages, touched only by their first
+/// write, above glibc's mmap threshold (at least 128 KiB, growing up to 32 MiB
+/// as large buffers are freed); below it `calloc` clears heap memory here.
 pub(crate) fn zeroed_f32(n: usize) -> Vec<f32> {
     let buffer = vec![0f32; n];
     advise_huge_pages(&buffer);

@@ -170,8 +170,12 @@ fn emit<const K: usize, F: Logit>(ctx: &RowContext, start: usize, b: &Scored<F>,
         *x = std::array::from_fn(|j| chosen[j][t]);
     }
     routed.fill(true); // every logit is finite
+                       // Token-major scores, made once if the probs or the per-token weights need them.
+    let mut scores = None;
     if !probs.is_empty() {
-        for (p, (s, row)) in probs.chunks_exact_mut(BLOCK).zip(by_token(b.st).iter().zip(b.rows)) {
+        for (p, (s, row)) in
+            probs.chunks_exact_mut(BLOCK).zip(scores.get_or_insert_with(|| by_token(b.st)).iter().zip(b.rows))
+        {
             for (p, &s) in p.iter_mut().zip(s) {
                 *p = (s * row.scale) as f32;
             }
@@ -180,7 +184,7 @@ fn emit<const K: usize, F: Logit>(ctx: &RowContext, start: usize, b: &Scored<F>,
     if !write_weights_lanes::<K>(ctx.options, &ranks, b.rows, weights) {
         // The per-token weights (logarithms for tiny scores, recorded imprecise weights).
         let mut weight_scratch = [0.0f64; K];
-        let scores = by_token(b.st);
+        let scores = scores.get_or_insert_with(|| by_token(b.st));
         for (t, values) in b.raw.chunks_exact(BLOCK).enumerate() {
             let z: [f64; BLOCK] = std::array::from_fn(|e| values[e].to_f64());
             let span = t * K..(t + 1) * K;
