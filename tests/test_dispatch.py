@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_router as mr
+from moe_router._core import gather_rows  # the exchange's row gather (moe_router.distributed)
 from conftest import REAL_L5, needs_real_router
 
 POLICIES = ("probs", "position", "rank")
@@ -150,6 +151,43 @@ def test_batch_shape_and_out_arrays(rng):
     plan.permute(hidden, out=buf)
     np.testing.assert_array_equal(buf, rows)
     assert plan.unpermute(rows).shape == (4, 16, 2, 5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_large_fresh_moves_reuse_dropped_outputs_and_never_show_their_contents(rng, dtype):
+    # outputs of 4 MiB or more come from recycled memory; drops, padding and masked tokens
+    # are the elements a kernel could leave unwritten
+    T, D = 6000, 512
+    dec = decide(rng, T=T, E=16, k=2, cf=0.5, mask=True)
+    plan = dec.dispatch_plan(alignment=16)
+    assert plan.padding_rows > 0 and not np.asarray(dec.kept).all()
+    hidden = rng.normal(size=(T, D)).astype(dtype)
+    expert_out = rng.normal(size=(plan.num_rows, D)).astype(dtype)
+    moves = {
+        "permute": (lambda: plan.permute(hidden), (plan.num_rows, D)),
+        "combine": (lambda: plan.combine(expert_out), (T, D)),
+        "unpermute": (lambda: plan.unpermute(expert_out), (T, 2, D)),
+        "gather_rows": (lambda: gather_rows(hidden, plan.token_ids), (plan.num_rows, D)),
+    }
+    for name, (move, shape) in moves.items():
+        want = np.zeros(shape, dtype)
+        if name == "gather_rows":
+            gather_rows(hidden, plan.token_ids, out=want)
+        else:
+            getattr(plan, name)(hidden if name == "permute" else expert_out, out=want)
+        assert want.nbytes >= 4 << 20, name
+        first = move()
+        np.testing.assert_array_equal(first, want, err_msg=name)
+        assert first.flags.c_contiguous and first.flags.writeable and first.dtype == dtype
+        address = first.__array_interface__["data"][0]
+        first[:] = np.nan  # what the caller leaves in it must not reach the next output
+        del first
+        second = move()
+        assert second.__array_interface__["data"][0] == address, name  # the dropped one's memory
+        np.testing.assert_array_equal(second, want, err_msg=name)
+        third = move()  # one still alive is never handed out again
+        assert not np.shares_memory(second, third)
+        np.testing.assert_array_equal(third, want, err_msg=name)
 
 
 def test_results_do_not_depend_on_the_thread_count(rng, restore_threads):

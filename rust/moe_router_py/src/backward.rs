@@ -288,10 +288,7 @@ pub fn decision_backward<'py>(
         let data = view.as_slice().map_err(|e| unreadable("logits", e))?;
         let source = SliceLogits::new(data, t, e).map_err(to_py)?;
         // the backward writes every element, so a fresh output may be recycled memory
-        let out = match out.filter(|o| !o.is_none()) {
-            Some(given) => crate::plan::output::<F>(py, Some(given), &shape[..], "logits")?,
-            None => crate::pool::written_output::<F>(py, &shape[..])?,
-        };
+        let out = crate::plan::output::<F>(py, out.filter(|o| !o.is_none()), &shape[..], "logits")?;
         {
             let read = [
                 Some(("logits", view.as_any())),

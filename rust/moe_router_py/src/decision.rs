@@ -611,7 +611,7 @@ impl RoutingDecision {
     ///     Zero rows for masked tokens; float64 arithmetic throughout. ``out`` when given.
     ///     Without ``out``, an output of 4 MiB or more reuses the memory of a dropped
     ///     earlier one of the same size where one is held (a training loop's previous
-    ///     gradient: no page faults, as with ``out``); at most 2 such freed buffers,
+    ///     gradient: no page faults, as with ``out``); at most 4 such freed buffers,
     ///     512 MiB in all, stay held by the package.
     ///
     /// Raises

@@ -168,8 +168,11 @@ fn static_name(name: &str) -> &'static str {
     }
 }
 
-/// `out` if given (the dtype of input `dtype_of`, C-contiguous, `shape`), else a new zero
-/// array of `shape`. Whether it can be written is [`write_target`]'s check.
+/// `out` if given (the dtype of input `dtype_of`, C-contiguous, `shape`), else a new
+/// array of `shape` from [`crate::pool::written_output`]: every caller's kernel
+/// writes each element of its output (zeros included), so a large one may be the
+/// recycled memory of a dropped output. Whether `out` can be written is
+/// [`write_target`]'s check.
 pub(crate) fn output<'py, P: Element>(
     py: Python<'py>,
     out: Option<&Bound<'py, PyAny>>,
@@ -177,7 +180,7 @@ pub(crate) fn output<'py, P: Element>(
     dtype_of: &str,
 ) -> PyResult<Bound<'py, PyArrayDyn<P>>> {
     match out {
-        None => zeros(py, shape),
+        None => crate::pool::written_output(py, shape),
         Some(o) => {
             let typed = o.cast::<PyArrayDyn<P>>().map_err(|_| {
                 let dtype = dtype_name::<P>(py);
@@ -403,6 +406,11 @@ impl PyDispatchPlan {
     ///     array interface; bfloat16 is widened to float32).
     /// out : numpy.ndarray, optional
     ///     ``[num_rows, D]`` of ``hidden``'s dtype, C-contiguous, to write into.
+    ///     Without it, an output of 4 MiB or more reuses the memory of a dropped
+    ///     one of the same size where the package holds one (the previous step's:
+    ///     no page faults, as with ``out``); the same for :meth:`combine`,
+    ///     :meth:`unpermute`, :func:`gather_rows` and ``RoutingDecision.backward``,
+    ///     at most 4 freed buffers, 512 MiB in all, held.
     ///
     /// Returns
     /// -------

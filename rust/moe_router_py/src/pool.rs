@@ -19,8 +19,9 @@ use pyo3::prelude::*;
 
 /// Outputs smaller than this are ordinary NumPy arrays (their page faults are few).
 const MIN_BYTES: usize = 4 << 20;
-/// Freed buffers kept for reuse.
-const MAX_FREE: usize = 2;
+/// Freed buffers kept for reuse (a MoE layer's step drops a permute, a combine
+/// and a gradient output, of three sizes).
+const MAX_FREE: usize = 4;
 /// Bytes of freed buffers kept for reuse.
 const MAX_FREE_BYTES: usize = 512 << 20;
 
@@ -57,7 +58,8 @@ pub(crate) fn written_output<'py, P: Element>(py: Python<'py>, shape: &[usize]) 
     };
     let words = bytes.div_ceil(8);
     let reused = FREE.lock().ok().and_then(|mut free| {
-        let at = free.iter().position(|w| w.len() == words)?;
+        // the latest freed first: its pages are the likeliest to be in cache
+        let at = free.iter().rposition(|w| w.len() == words)?;
         Some(free.remove(at))
     });
     let buffer = match reused {
