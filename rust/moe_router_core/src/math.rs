@@ -499,6 +499,9 @@ macro_rules! vector_kernels {
         /// `read_row`: the same lanes as the portable version.
         #[target_feature(enable = $feature)]
         pub(crate) fn read_row<F: Logit>(raw: &[F], out: &mut [f64]) -> RowRead {
+            if let Some(raw) = F::as_f32(raw) {
+                return super::avx2::read_row_f32(raw, out);
+            }
             let n = raw.len().min(out.len());
             let (rc, rtail) = raw[..n].as_chunks::<LANES>();
             let (oc, otail) = out[..n].as_chunks_mut::<LANES>();
@@ -651,6 +654,35 @@ mod avx2 {
                 _mm256_or_pd(_mm256_cmp_pd::<_CMP_LT_OQ>(self.0, b.0), _mm256_cmp_pd::<_CMP_LT_OQ>(self.1, b.1));
             _mm256_movemask_pd(below) != 0
         }
+    }
+
+    /// `read_row` of a float32 row, its checks and lane maxima taken in float32
+    /// (eight lanes per register; widening is exact and monotone and keeps NaN
+    /// and infinities, so they are the float64 answers), each value widened once.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn read_row_f32(raw: &[f32], out: &mut [f64]) -> RowRead {
+        let n = raw.len().min(out.len());
+        let (rc, rtail) = raw[..n].as_chunks::<LANES>();
+        let (oc, otail) = out[..n].as_chunks_mut::<LANES>();
+        let inf = _mm256_set1_ps(f32::INFINITY);
+        let mut top = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut bad = _mm256_setzero_ps();
+        for (r, o) in rc.iter().zip(oc.iter_mut()) {
+            // SAFETY: `r` and `o` hold 8 values each.
+            let v = unsafe { _mm256_loadu_ps(r.as_ptr()) };
+            unsafe {
+                _mm256_storeu_pd(o.as_mut_ptr(), _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+                _mm256_storeu_pd(o.as_mut_ptr().add(4), _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)));
+            }
+            let nan_or_inf = _mm256_or_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v), _mm256_cmp_ps::<_CMP_EQ_OQ>(v, inf));
+            bad = _mm256_or_ps(bad, nan_or_inf);
+            top = _mm256_max_ps(top, v);
+        }
+        let mut tops = [0.0f32; LANES];
+        // SAFETY: `tops` holds 8 values.
+        unsafe { _mm256_storeu_ps(tops.as_mut_ptr(), top) };
+        finish_read(tops.map(f64::from), _mm256_movemask_ps(bad) != 0, rtail, otail)
     }
 
     /// `scale_normal` on one half.
@@ -909,6 +941,57 @@ mod tests {
         }
         assert!(ln_f64(f64::NAN).is_nan());
         assert!(worst <= 1);
+    }
+
+    #[test]
+    fn read_row_gives_the_definitions_answers_for_float32_and_float64_rows_in_every_build() {
+        let specials = [0.0f32, -0.0, f32::NEG_INFINITY, f32::INFINITY, f32::NAN, f32::MAX, -f32::MAX, 1e-45];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for trial in 0..4000 {
+            let n = trial % 71;
+            let row: Vec<f32> = (0..n)
+                .map(|_| {
+                    let r = next();
+                    if r % 9 == 0 {
+                        specials[(r >> 8) as usize % specials.len()]
+                    } else {
+                        ((r >> 11) % 4001) as f32 / 64.0 - 30.0
+                    }
+                })
+                .collect();
+            let wide: Vec<f64> = row.iter().map(|&v| f64::from(v)).collect();
+            let bad = wide.iter().any(|v| v.is_nan() || *v == f64::INFINITY);
+            let mut lane_max = [f64::NEG_INFINITY; LANES];
+            for (e, &v) in wide.iter().enumerate() {
+                if v > lane_max[e % LANES] {
+                    lane_max[e % LANES] = v;
+                }
+            }
+            let max = lane_max.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            for simd in Simd::all() {
+                let mut out32 = vec![7.0; n];
+                let mut out64 = vec![7.0; n];
+                for (read, out) in
+                    [(read_row(simd, &row, &mut out32), &out32), (read_row(simd, &wide, &mut out64), &out64)]
+                {
+                    for (g, w) in out.iter().zip(&wide) {
+                        assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "{simd:?} {row:?}");
+                    }
+                    assert_eq!(read.bad, bad, "{simd:?} {row:?}");
+                    if !bad {
+                        // as numbers: the sign of a zero maximum is not part of the answer
+                        assert!(read.max == max, "{simd:?} {row:?}: {} against {max}", read.max);
+                        assert!(read.lane_max.iter().zip(&lane_max).all(|(a, b)| a == b), "{simd:?} {row:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -282,6 +282,7 @@ impl RowRouter {
     /// A lower bound of the k-th largest logit of the row in `self.logits`.
     /// Without noise the read pass's lane maxima are elements of the row: the
     /// k-th largest of them bounds the k-th largest logit from below.
+    #[inline(always)]
     fn logit_bound(&mut self, ctx: &RowContext, read: &RowRead) -> f64 {
         let options = ctx.options;
         let k = options.top_k;
@@ -305,6 +306,7 @@ impl RowRouter {
     /// The row's scores: float64 (`score_row`), or the peers' float32 arithmetic
     /// in its place (`float32`), whose softmax also gives the z-loss term (from its
     /// float32 max and sum); the element-wise scores' z-loss term is the float64 one.
+    #[inline(always)]
     fn score(&mut self, ctx: &RowContext, max: f64) -> RowScores {
         let function = ctx.options.score_function;
         if !float32::applies(ctx.options) {
@@ -326,6 +328,7 @@ impl RowRouter {
     /// groups at `-inf`, in `self.keys` (returns false). `scale` reads the scores.
     /// With `score_precision = "float32"` the keys are the float32 scores plus bias
     /// (added in float32), so saturated scores tie as the peers' do.
+    #[inline(always)]
     fn compute_keys(&mut self, ctx: &RowContext, scale: f64) -> bool {
         let options = ctx.options;
         let bias = ctx.call.expert_bias;
@@ -388,28 +391,46 @@ impl RowRouter {
     }
 
     /// Copy the row into float64, rejecting NaN, +inf and rows with no finite logit.
-    /// Returns what the read pass learned about the row.
+    /// Returns what the read pass learned about the row. Inlined into each
+    /// caller (a token's fixed cost), its rare paths out of line.
+    #[inline(always)]
     fn read_row<F: Logit>(&mut self, ctx: &RowContext, token: usize, raw: &[F]) -> Result<RowRead> {
         let mut read = read_row(ctx.simd, raw, &mut self.logits);
         if ctx.options.score_function == ScoreFunction::Probabilities && !read.bad {
-            // Probabilities: 0 means "not eligible"; negative values are refused.
-            if self.logits.iter().any(|&p| p < 0.0) {
-                return Err(RouterError::BadValue {
-                    argument: ctx.argument,
-                    problem: "contains a negative probability",
-                    token,
-                    hint: "gate probabilities must be >= 0",
-                });
-            }
-            for p in self.logits.iter_mut() {
-                if *p == 0.0 {
-                    *p = f64::NEG_INFINITY;
-                }
-            }
-            read.max = self.logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            read.lane_max = [f64::NEG_INFINITY; LANES];
+            self.probabilities_as_logits(ctx, token, &mut read)?;
         }
-        let (max, bad) = (read.max, read.bad);
+        if read.bad || read.max == f64::NEG_INFINITY {
+            return Err(self.unroutable_row(ctx, token, read.bad));
+        }
+        Ok(read)
+    }
+
+    /// Probabilities: 0 means "not eligible" (-inf from here on); negative values are refused.
+    #[inline(never)]
+    fn probabilities_as_logits(&mut self, ctx: &RowContext, token: usize, read: &mut RowRead) -> Result<()> {
+        if self.logits.iter().any(|&p| p < 0.0) {
+            return Err(RouterError::BadValue {
+                argument: ctx.argument,
+                problem: "contains a negative probability",
+                token,
+                hint: "gate probabilities must be >= 0",
+            });
+        }
+        for p in self.logits.iter_mut() {
+            if *p == 0.0 {
+                *p = f64::NEG_INFINITY;
+            }
+        }
+        read.max = self.logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        read.lane_max = [f64::NEG_INFINITY; LANES];
+        Ok(())
+    }
+
+    /// The error for a row read into `self.logits` that holds NaN or +inf
+    /// (`bad`), or no eligible expert.
+    #[cold]
+    #[inline(never)]
+    fn unroutable_row(&self, ctx: &RowContext, token: usize, bad: bool) -> RouterError {
         // The hidden-state path reports the logits it computed, not the hidden states.
         let from_hidden = ctx.argument == "hidden";
         if bad {
@@ -420,21 +441,18 @@ impl RowRouter {
                 (true, true) => ("gives a NaN router logit (hidden @ weight + bias)", HIDDEN_HINT),
                 (true, false) => ("gives a +inf router logit (hidden @ weight + bias)", HIDDEN_HINT),
             };
-            return Err(RouterError::BadValue { argument: ctx.argument, problem, token, hint });
+            return RouterError::BadValue { argument: ctx.argument, problem, token, hint };
         }
-        if max == f64::NEG_INFINITY {
-            return Err(RouterError::BadValue {
-                argument: ctx.argument,
-                problem: if from_hidden {
-                    "gives every expert a -inf router logit (hidden @ weight + bias)"
-                } else {
-                    "has no eligible expert (every logit is -inf)"
-                },
-                token,
-                hint: if from_hidden { HIDDEN_HINT } else { "mask such tokens out with token_mask instead" },
-            });
+        RouterError::BadValue {
+            argument: ctx.argument,
+            problem: if from_hidden {
+                "gives every expert a -inf router logit (hidden @ weight + bias)"
+            } else {
+                "has no eligible expert (every logit is -inf)"
+            },
+            token,
+            hint: if from_hidden { HIDDEN_HINT } else { "mask such tokens out with token_mask instead" },
         }
-        Ok(read)
     }
 
     /// Training noise: multiplicative jitter U(1-eps, 1+eps) (Switch Transformer)

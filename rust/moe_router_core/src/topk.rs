@@ -252,13 +252,16 @@ pub(crate) fn block_lower_bound(keys: &[f64], k: usize, scratch: &mut [f64]) -> 
     scratch[k - 1]
 }
 
-/// The second largest value (the largest if it occurs twice), branch-free.
-#[inline]
+/// The second largest value (the largest if it occurs twice), branch-free,
+/// of values without NaN (compare-and-select compiles to one `minsd`/`maxsd`
+/// each, where `f64::max` adds the NaN handling).
+#[inline(always)]
 pub(crate) fn second_largest(values: &[f64]) -> f64 {
     let (mut first, mut second) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
     for &v in values {
-        second = second.max(first.min(v));
-        first = first.max(v);
+        let lower = if v < first { v } else { first };
+        second = if lower > second { lower } else { second };
+        first = if v > first { v } else { first };
     }
     second
 }
