@@ -499,8 +499,8 @@ macro_rules! vector_kernels {
         /// `read_row`: the same lanes as the portable version.
         #[target_feature(enable = $feature)]
         pub(crate) fn read_row<F: Logit>(raw: &[F], out: &mut [f64]) -> RowRead {
-            if let Some(raw) = F::as_f32(raw) {
-                return super::avx2::read_row_f32(raw, out);
+            if let Some(read) = read_row_narrow(raw, out) {
+                return read;
             }
             let n = raw.len().min(out.len());
             let (rc, rtail) = raw[..n].as_chunks::<LANES>();
@@ -656,12 +656,20 @@ mod avx2 {
         }
     }
 
+    /// `read_row` of a float32 row here; `None` for float64 rows.
+    #[inline(always)]
+    fn read_row_narrow<F: Logit>(raw: &[F], out: &mut [f64]) -> Option<RowRead> {
+        // SAFETY: this module's kernels run only where the CPU has AVX2 and FMA.
+        F::as_f32(raw).map(|raw| unsafe { read_row_f32(raw, out) })
+    }
+
     /// `read_row` of a float32 row, its checks and lane maxima taken in float32
-    /// (eight lanes per register; widening is exact and monotone and keeps NaN
-    /// and infinities, so they are the float64 answers), each value widened once.
+    /// (eight lanes per register, where the float64 loop needs two; widening is
+    /// exact and monotone and keeps NaN and infinities, so they are the float64
+    /// answers), each value widened once.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn read_row_f32(raw: &[f32], out: &mut [f64]) -> RowRead {
+    fn read_row_f32(raw: &[f32], out: &mut [f64]) -> RowRead {
         let n = raw.len().min(out.len());
         let (rc, rtail) = raw[..n].as_chunks::<LANES>();
         let (oc, otail) = out[..n].as_chunks_mut::<LANES>();
@@ -671,6 +679,7 @@ mod avx2 {
         for (r, o) in rc.iter().zip(oc.iter_mut()) {
             // SAFETY: `r` and `o` hold 8 values each.
             let v = unsafe { _mm256_loadu_ps(r.as_ptr()) };
+            // SAFETY: as above.
             unsafe {
                 _mm256_storeu_pd(o.as_mut_ptr(), _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
                 _mm256_storeu_pd(o.as_mut_ptr().add(4), _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)));
@@ -730,6 +739,13 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     pub(crate) use super::avx2::{add_scaled, sigmoid_row};
+
+    /// No separate float32 read: one 512-bit register already holds a chunk's
+    /// eight values widened, with its NaN/+inf checks in mask registers.
+    #[inline(always)]
+    fn read_row_narrow<F: Logit>(_: &[F], _: &mut [f64]) -> Option<RowRead> {
+        None
+    }
     vector_kernels!("avx512f");
 
     #[derive(Clone, Copy)]
