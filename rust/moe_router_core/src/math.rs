@@ -911,13 +911,8 @@ mod tests {
     /// reduction's edges (powers of two, either side of sqrt(2) and sqrt(1/2)).
     fn ln_inputs() -> Vec<f64> {
         let mut xs = Vec::new();
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut bits = crate::rng::xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut next = move || (bits() >> 11) as f64 / (1u64 << 53) as f64;
         for _ in 0..200_000 {
             xs.push((next() * 1416.0 - 708.0).exp());
             xs.push(1.0 + 511.0 * next());
@@ -962,19 +957,13 @@ mod tests {
     #[test]
     fn read_row_gives_the_definitions_answers_for_float32_and_float64_rows_in_every_build() {
         let specials = [0.0f32, -0.0, f32::NEG_INFINITY, f32::INFINITY, f32::NAN, f32::MAX, -f32::MAX, 1e-45];
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::rng::xorshift(0x2545_f491_4f6c_dd1d);
         for trial in 0..4000 {
             let n = trial % 71;
             let row: Vec<f32> = (0..n)
                 .map(|_| {
                     let r = next();
-                    if r % 9 == 0 {
+                    if r.is_multiple_of(9) {
                         specials[(r >> 8) as usize % specials.len()]
                     } else {
                         ((r >> 11) % 4001) as f32 / 64.0 - 30.0

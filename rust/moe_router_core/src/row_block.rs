@@ -170,7 +170,8 @@ fn emit<const K: usize, F: Logit>(ctx: &RowContext, start: usize, b: &Scored<F>,
         *x = std::array::from_fn(|j| chosen[j][t]);
     }
     routed.fill(true); // every logit is finite
-                       // Token-major scores, made once if the probs or the per-token weights need them.
+
+    // Token-major scores, made once if the probs or the per-token weights need them.
     let mut scores = None;
     if !probs.is_empty() {
         for (p, (s, row)) in

@@ -545,15 +545,13 @@ mod tests {
 
     #[test]
     fn prefiltered_selection_equals_plain_insertion() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = crate::rng::xorshift(0x2545_f491_4f6c_dd1d);
         for trial in 0..2000 {
             let e = 1 + trial % 70;
             let k = 1 + trial % e.min(9);
             let keys: Vec<f64> = (0..e)
                 .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
+                    let state = next();
                     match state % 10 {
                         0 => f64::NEG_INFINITY,
                         1..=3 => (state % 4) as f64, // many ties
