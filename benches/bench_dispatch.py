@@ -34,7 +34,10 @@ Each time is the median of several calls (at least 3, more within ``--budget-s``
 warm-up call. Calls whose times are compared are timed interleaved, round robin, so the load
 of a shared machine drifts over them alike: routing and plan building; ``permute``/``combine``
 with ``out=`` and the two copy floors; the two allocating calls; NumPy's two; in the torch
-worker, ``index_select(out=)`` and ``copy_``, and the four allocating torch / Megatron calls. Cases whose buffers (hidden, the ``[N, D]`` rows, the ``[T, D]``
+worker, ``index_select(out=)`` and ``copy_``, and the four allocating torch / Megatron calls.
+The calls with ``out=`` and the copy floors each start from evicted caches (``--evict-mib``):
+in a round robin, whichever call ran before leaves some arrays in the L3 and not others
+(a 4096-token float16 case fits in it), which decided the ratio at T=4096 by up to 1.5x. Cases whose buffers (hidden, the ``[N, D]`` rows, the ``[T, D]``
 output) exceed ``--max-gb`` or whose estimated peak exceeds ``--max-peak-gb`` are skipped
 and listed. Prints a markdown table with the ratios and the targets as MET / NOT MET;
 ``--out PATH`` writes the same text to a file. ``--quick`` runs a small subset.
@@ -102,11 +105,25 @@ def buffers_bytes(T: int, D: int, k: int, dtype: str) -> Tuple[int, int]:
     return s * D * (2 * T + N), s * D * (2 * T + 2 * N)
 
 
+class CacheEvictor:
+    """Writes a buffer larger than the last-level cache, so the next call finds none of
+    its arrays there (the 2-core guests measured have a 32 MiB L3)."""
+
+    def __init__(self, mib: int):
+        self.buffer = np.zeros(mib << 17)  # float64: 2**17 per MiB
+        self.value = 0.0
+
+    def __call__(self) -> None:
+        self.value += 1.0
+        self.buffer.fill(self.value)
+
+
 def time_group(fns: Dict[str, Callable[[], Any]], budget_s: float, max_n: int = 51,
-               min_n: int = 3) -> Dict[str, float]:
+               min_n: int = 3, before: Optional[Callable[[], None]] = None) -> Dict[str, float]:
     """Median seconds per call of each of ``fns``, timed interleaved (round robin) so that
     the machine's load drifts over all of them alike: one warm-up call each, then up to
-    ``max_n`` rounds (at least ``min_n``) within about ``budget_s`` per function."""
+    ``max_n`` rounds (at least ``min_n``) within about ``budget_s`` per function.
+    ``before``, when given, runs (untimed) before every timed call."""
     first = 0.0
     for fn in fns.values():
         t0 = time.perf_counter()
@@ -117,6 +134,8 @@ def time_group(fns: Dict[str, Callable[[], Any]], budget_s: float, max_n: int = 
     ts: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(n):
         for name, fn in fns.items():
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             r = fn()
             ts[name].append(time.perf_counter() - t0)
@@ -403,6 +422,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-mem", action="store_true", help="skip the extra-memory workers")
     ap.add_argument("--budget-s", type=float, default=2.0,
                     help="timing budget per call and case (at least 3 timed calls)")
+    ap.add_argument("--evict-mib", type=int, default=96,
+                    help="before each timed call against the copy floors, write a buffer of this "
+                         "many MiB (above the last-level cache) so every call starts cold; 0: off")
     ap.add_argument("--max-gb", type=float, default=6.0,
                     help="skip cases whose hidden + [N, D] + [T, D] buffers exceed this (GB)")
     ap.add_argument("--max-peak-gb", type=float, default=7.5,
@@ -431,6 +453,7 @@ def main(argv=None) -> int:
     mr.set_num_threads(a.threads)
     tmp = Path(tempfile.mkdtemp(prefix="moe_router_dispatch_"))
 
+    evict = CacheEvictor(a.evict_mib) if a.evict_mib > 0 else None
     snap0 = cpu_snapshot()
     PL: Dict[Tuple[int, int, int], Dict[str, Any]] = {}
     MV: Dict[Tuple[int, int, str, int, int], Dict[str, Any]] = {}
@@ -482,7 +505,7 @@ def main(argv=None) -> int:
                         "floor_perm_s": lambda: np.copyto(scratch, rows),
                         "comb_out_s": lambda: plan.combine(rows, out=tokens),
                         "floor_comb_s": lambda: np.copyto(scratch[:m], rows[:m]),
-                    }, budget))
+                    }, budget, before=evict))
                     del scratch
                     r.update(time_group({"perm_s": lambda: plan.permute(hidden),
                                          "comb_s": lambda: plan.combine(rows)}, budget))
@@ -538,6 +561,8 @@ def main(argv=None) -> int:
              f"Decisions: route_logits, capacity factor {CF}, float32 N(0,1) logits (seed {SEED}); "
              f"median of 3 to 51 calls (within about {budget:g} s per call and case) after one warm-up call; "
              "compared calls are timed interleaved (see the script's docstring).  ")
+    L.append("Caches: " + (f"each `mr out=` and `floor` call starts after writing a {a.evict_mib} MiB buffer "
+                           "(the caches evicted).  " if evict is not None else "not evicted between calls.  "))
     L.append(f"CPU used by other processes (average cores, /proc/stat minus this run's own CPU): "
              f"{other_cores(snap0, snap1):.2f} while moe_router / NumPy were timed, "
              f"{other_cores(snap1, snap2):.2f} during the memory workers, "
