@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use crate::error::{filled, Result, RouterError};
 use crate::payload::Payload;
-use crate::row_moves::Writes;
+use crate::row_moves::{prefetch, Writes, PREFETCH_AHEAD};
 
 /// Rows handled by one task of the parallel passes (a few hundred KiB of data
 /// for typical widths: enough to amortize scheduling, small enough to balance).
@@ -377,7 +377,11 @@ pub fn gather_rows<P: Payload>(src: &[P], d: usize, index: &[i64], out: &mut [P]
 /// [`gather_rows`] on checked arguments.
 fn gather<P: Payload>(w: Writes, out: &mut [P], d: usize, src: &[P], index: &[i64]) {
     out.par_chunks_mut(ROWS_PER_TASK * d).enumerate().for_each(|(c, block)| {
-        for (row, &from) in block.chunks_exact_mut(d).zip(&index[c * ROWS_PER_TASK..]) {
+        let index = &index[c * ROWS_PER_TASK..c * ROWS_PER_TASK + block.len() / d];
+        for (i, (row, &from)) in block.chunks_exact_mut(d).zip(index).enumerate() {
+            if let Some(ahead) = index.get(i + PREFETCH_AHEAD).and_then(|&r| usize::try_from(r).ok()) {
+                prefetch(&src[ahead * d..(ahead + 1) * d]);
+            }
             match usize::try_from(from) {
                 Ok(from) => P::copy(w.level, row, &src[from * d..(from + 1) * d], w.stream),
                 Err(_) => row.fill(P::ZERO),
