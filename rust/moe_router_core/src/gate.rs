@@ -268,7 +268,7 @@ pub(crate) fn softmax_into<F: GemmScalar>(logits: &[F], out: &mut [f64]) -> f64 
 /// The `chosen.len()` best groups by score (ties to the lower index).
 pub(crate) fn best_groups(simd: Simd, scores: &[f64], chosen: &mut [u32], best: &mut [f64]) {
     let (mut experts, mut routed) = (vec![0i32; chosen.len()], vec![false; chosen.len()]);
-    select_top_k(simd, scores, &mut experts, &mut routed, best, f64::NEG_INFINITY, &mut Vec::new());
+    select_top_k(simd, scores, None, &mut experts, &mut routed, best, f64::NEG_INFINITY, &mut Vec::new());
     for (c, &g) in chosen.iter_mut().zip(&experts) {
         *c = g as u32;
     }

@@ -80,7 +80,7 @@ mod tests {
         let mut r = vec![false; k];
         let mut b = vec![0.0; k];
         let bound = block_lower_bound(keys, k, &mut b);
-        select_top_k(Simd::current(), keys, &mut ex, &mut r, &mut b, bound, &mut Vec::new());
+        select_top_k(Simd::current(), keys, None, &mut ex, &mut r, &mut b, bound, &mut Vec::new());
         ex
     }
 

@@ -36,6 +36,19 @@ pub(crate) fn z_term_overflow(ctx: &RowContext, token: usize) -> RouterError {
     }
 }
 
+/// The float32 row of which `RowRouter::logits` is the exact widening, for the
+/// top-k's candidate test (`topk::select_top_k`'s `narrow`): none under
+/// training noise, which changes the logits, or for probability rows, whose
+/// zeros become `-inf`.
+#[inline(always)]
+fn narrow_logits<'r, F: Logit>(ctx: &RowContext, raw: &'r [F]) -> Option<&'r [f32]> {
+    if ctx.noise || ctx.options.score_function == ScoreFunction::Probabilities {
+        None
+    } else {
+        F::as_f32(raw)
+    }
+}
+
 /// What every token of one call shares.
 pub(crate) struct RowContext<'a> {
     pub options: &'a RouterConfig,
@@ -252,8 +265,9 @@ impl RowRouter {
             } else {
                 block_lower_bound(&self.keys, options.top_k, &mut self.best)
             };
-            let keys: &[f64] = if keys_are_logits { &self.logits } else { &self.keys };
-            select_top_k(simd, keys, out.experts, out.routed, &mut self.best, bound, &mut self.candidates);
+            let (keys, narrow): (&[f64], _) =
+                if keys_are_logits { (&self.logits, narrow_logits(ctx, raw)) } else { (&self.keys, None) };
+            select_top_k(simd, keys, narrow, out.experts, out.routed, &mut self.best, bound, &mut self.candidates);
         }
         self.last_top1 =
             record_choices(ctx, token, &self.logits, &self.scores, row, &mut out, &mut self.weight_scratch, tally);
@@ -265,7 +279,8 @@ impl RowRouter {
             } else {
                 let bound = self.logit_bound(ctx, &read);
                 let (px, pr) = (&mut self.plain_experts, &mut self.plain_routed);
-                select_top_k(simd, &self.logits, px, pr, &mut self.best, bound, &mut self.candidates);
+                let narrow = narrow_logits(ctx, raw);
+                select_top_k(simd, &self.logits, narrow, px, pr, &mut self.best, bound, &mut self.candidates);
                 (px, pr)
             };
             tally.count_plain(experts, routed);

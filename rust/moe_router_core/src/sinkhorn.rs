@@ -268,7 +268,7 @@ fn balanced_selection<S: LogitSource>(
                 for ((key, &v), &w) in keys.iter_mut().zip(row).zip(&balance.d1) {
                     *key = if v.is_sign_negative() { f64::NEG_INFINITY } else { w * v * d0 };
                 }
-                select_top_k(simd, keys, out, routed, best, f64::NEG_INFINITY, candidates);
+                select_top_k(simd, keys, None, out, routed, best, f64::NEG_INFINITY, candidates);
             }
         },
     );

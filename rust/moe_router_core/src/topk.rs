@@ -34,10 +34,13 @@ const SCALAR_MAX_K: usize = 2;
 /// `lower_bound` must be at most the k-th largest key (`-inf` when unknown):
 /// only keys at or above it are candidates, found by a vectorizable pass, so
 /// the insertion step sees a few keys instead of all E. The result is the same
-/// as inserting every key.
+/// as inserting every key. `narrow`, when given, is the float32 row whose
+/// widened values `keys` are (see [`Narrow`]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn select_top_k(
     simd: Simd,
     keys: &[f64],
+    narrow: Option<&[f32]>,
     experts: &mut [i32],
     routed: &mut [bool],
     best: &mut [f64],
@@ -46,14 +49,15 @@ pub(crate) fn select_top_k(
 ) {
     let k = experts.len();
     best.fill(f64::NEG_INFINITY);
+    let bound = Bound::new(simd, keys, narrow, lower_bound);
     macro_rules! fixed {
         ($($n:literal)*) => {
             match k {
-                $($n => select_fixed::<$n>(simd, keys, lower_bound, experts, best),)*
+                $($n => select_fixed::<$n>(simd, keys, bound, experts, best),)*
                 _ if k > SELECT_MIN_K => select_by_partition(simd, keys, lower_bound, experts, best, candidates),
                 _ => {
                     let mut filled = 0usize;
-                    for_each_candidate(simd, keys, lower_bound, |e| insert(keys[e], e, experts, best, &mut filled));
+                    for_each_candidate(simd, keys, bound, |e| insert(keys[e], e, experts, best, &mut filled));
                     filled
                 }
             }
@@ -63,16 +67,14 @@ pub(crate) fn select_top_k(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a `Simd` level never exceeds what the CPU supports; both imply AVX2.
         SimdLevel::Avx2 | SimdLevel::Avx512 if k > SCALAR_MAX_K && k <= 8 => unsafe {
-            select8_avx2(keys, lower_bound, experts, best)
+            select8_avx2(keys, bound, experts, best)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        SimdLevel::Avx2 if k <= SCALAR_MAX_K => unsafe { select_small_avx2(simd, keys, lower_bound, experts, best) },
+        SimdLevel::Avx2 if k <= SCALAR_MAX_K => unsafe { select_small_avx2(simd, keys, bound, experts, best) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above; this level implies AVX-512F.
-        SimdLevel::Avx512 if k <= SCALAR_MAX_K => unsafe {
-            select_small_avx512(simd, keys, lower_bound, experts, best)
-        },
+        SimdLevel::Avx512 if k <= SCALAR_MAX_K => unsafe { select_small_avx512(simd, keys, bound, experts, best) },
         _ => fixed!(1 2 3 4 5 6 7 8),
     };
     routed[..filled].fill(true);
@@ -92,15 +94,55 @@ pub(crate) fn select_top_k(
     }
 }
 
+/// The lower bound of a selection, and the float32 row to compare it with:
+/// `keys` are the exact widening of `narrow`, so with `narrow_value` the
+/// bound rounded to float32, `narrow[e] >= narrow_value` holds exactly when
+/// `keys[e] >= value` if the rounding went up, and for a superset of those
+/// keys if it went down (a lower bound that is lower still: the same
+/// selection). The routers' bounds are row elements, which round exactly.
+/// A 256-bit compare then tests 8 keys instead of 4. Used at the AVX2 level
+/// only, where the float32 row is read too; at AVX-512 one compare already
+/// tests 8 float64 keys.
+#[derive(Clone, Copy)]
+struct Bound<'a> {
+    value: f64,
+    narrow: Option<(&'a [f32], f32)>,
+}
+
+impl<'a> Bound<'a> {
+    #[inline(always)]
+    fn new(simd: Simd, keys: &[f64], narrow: Option<&'a [f32]>, value: f64) -> Self {
+        let narrow_value = value as f32;
+        let narrow = narrow.filter(|n| simd.level() == SimdLevel::Avx2 && n.len() == keys.len());
+        Bound { value, narrow: narrow.map(|n| (n, narrow_value)) }
+    }
+
+    /// Bit i set when `keys[offset + i] >= self.value`, for the (up to 64) keys of `chunk`.
+    ///
+    /// # Safety
+    /// `simd` is at least AVX2 (a `Simd` level never exceeds what the CPU supports).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn mask(self, simd: Simd, chunk: &[f64], offset: usize) -> u64 {
+        // SAFETY: the caller guarantees AVX2; AVX-512 only when `simd` says so.
+        unsafe {
+            match self.narrow {
+                Some((row, b)) => candidate_mask_avx2_f32(&row[offset..offset + chunk.len()], b),
+                None => candidate_mask(simd, chunk, self.value),
+            }
+        }
+    }
+}
+
 /// Call `f(e)` for every `e` with `keys[e] >= bound`, in increasing order.
 #[inline(always)]
-fn for_each_candidate(simd: Simd, keys: &[f64], bound: f64, mut f: impl FnMut(usize)) {
+fn for_each_candidate(simd: Simd, keys: &[f64], bound: Bound<'_>, mut f: impl FnMut(usize)) {
     #[cfg(target_arch = "x86_64")]
     {
         if simd.level() >= SimdLevel::Avx2 {
             for (w, chunk) in keys.chunks(64).enumerate() {
                 // SAFETY: a `Simd` level never exceeds what the CPU supports.
-                let mut mask = unsafe { candidate_mask(simd, chunk, bound) };
+                let mut mask = unsafe { bound.mask(simd, chunk, w * 64) };
                 while mask != 0 {
                     f(w * 64 + mask.trailing_zeros() as usize);
                     mask &= mask - 1;
@@ -110,7 +152,7 @@ fn for_each_candidate(simd: Simd, keys: &[f64], bound: f64, mut f: impl FnMut(us
         }
     }
     for (e, &key) in keys.iter().enumerate() {
-        if key >= bound {
+        if key >= bound.value {
             f(e);
         }
     }
@@ -179,6 +221,29 @@ fn candidate_mask_avx2(keys: &[f64], bound: f64) -> u64 {
     mask
 }
 
+/// [`candidate_mask_avx2`] on float32 values: 8 per compare.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn candidate_mask_avx2_f32(values: &[f32], bound: f32) -> u64 {
+    use std::arch::x86_64::*;
+    debug_assert!(values.len() <= 64);
+    let b = _mm256_set1_ps(bound);
+    let full = values.len() / 8 * 8;
+    let mut mask = 0u64;
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + 8 <= values.len().
+        let v = unsafe { _mm256_loadu_ps(values.as_ptr().add(i)) };
+        mask |= u64::from(_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(v, b)) as u8) << i;
+        i += 8;
+    }
+    for (j, &v) in values[full..].iter().enumerate() {
+        mask |= u64::from(v >= bound) << (full + j);
+    }
+    mask
+}
+
 /// The order of the spec on (key, expert) pairs: key descending, then index
 /// ascending. Keys are compared as numbers (`-0.0 == 0.0`, a tie), as the
 /// insertion paths compare them; they hold no NaN.
@@ -218,7 +283,7 @@ fn select_by_partition(
         bound = bound.max(candidates[k - 1].0);
     }
     candidates.clear();
-    for_each_candidate(simd, keys, bound, |e| {
+    for_each_candidate(simd, keys, Bound { value: bound, narrow: None }, |e| {
         if keys[e] > f64::NEG_INFINITY {
             candidates.push((keys[e], e as u32));
         }
@@ -320,7 +385,7 @@ pub(crate) fn push_descending(v: f64, list: &mut [f64]) {
 /// later loses). Returns the number of finite keys taken among the first k.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn select8_avx2(keys: &[f64], lower_bound: f64, experts: &mut [i32], best_out: &mut [f64]) -> usize {
+fn select8_avx2(keys: &[f64], bound: Bound<'_>, experts: &mut [i32], best_out: &mut [f64]) -> usize {
     use std::arch::x86_64::*;
     let k = experts.len();
     let ninf = _mm256_set1_pd(f64::NEG_INFINITY);
@@ -329,7 +394,10 @@ fn select8_avx2(keys: &[f64], lower_bound: f64, experts: &mut [i32], best_out: &
     let lane0 = _mm256_castsi256_pd(_mm256_set_epi64x(0, 0, 0, -1));
     for (w, chunk) in keys.chunks(64).enumerate() {
         // The AVX2 mask, inlined here (an AVX-512 one could not be, and its call costs more than it saves).
-        let mut mask = candidate_mask_avx2(chunk, lower_bound);
+        let mut mask = match bound.narrow {
+            Some((row, b)) => candidate_mask_avx2_f32(&row[w * 64..w * 64 + chunk.len()], b),
+            None => candidate_mask_avx2(chunk, bound.value),
+        };
         while mask != 0 {
             let e = w * 64 + mask.trailing_zeros() as usize;
             mask &= mask - 1;
@@ -375,26 +443,26 @@ fn select8_avx2(keys: &[f64], lower_bound: f64, experts: &mut [i32], best_out: &
 /// level's own function below so that the candidate mask is inlined too.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn select_small(simd: Simd, keys: &[f64], lower_bound: f64, experts: &mut [i32], best: &mut [f64]) -> usize {
+fn select_small(simd: Simd, keys: &[f64], bound: Bound<'_>, experts: &mut [i32], best: &mut [f64]) -> usize {
     debug_assert!(experts.len() <= SCALAR_MAX_K);
     match experts.len() {
-        1 => select_fixed::<1>(simd, keys, lower_bound, experts, best),
-        _ => select_fixed::<2>(simd, keys, lower_bound, experts, best),
+        1 => select_fixed::<1>(simd, keys, bound, experts, best),
+        _ => select_fixed::<2>(simd, keys, bound, experts, best),
     }
 }
 
 /// `select_small` with AVX2 candidate masks (`simd` is the AVX2 level).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn select_small_avx2(simd: Simd, keys: &[f64], lower_bound: f64, experts: &mut [i32], best: &mut [f64]) -> usize {
-    select_small(simd, keys, lower_bound, experts, best)
+fn select_small_avx2(simd: Simd, keys: &[f64], bound: Bound<'_>, experts: &mut [i32], best: &mut [f64]) -> usize {
+    select_small(simd, keys, bound, experts, best)
 }
 
 /// `select_small` with AVX-512 candidate masks (`simd` is the AVX-512 level).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn select_small_avx512(simd: Simd, keys: &[f64], lower_bound: f64, experts: &mut [i32], best: &mut [f64]) -> usize {
-    select_small(simd, keys, lower_bound, experts, best)
+fn select_small_avx512(simd: Simd, keys: &[f64], bound: Bound<'_>, experts: &mut [i32], best: &mut [f64]) -> usize {
+    select_small(simd, keys, bound, experts, best)
 }
 
 /// Top-k for a k known at compile time: each candidate is inserted without
@@ -405,13 +473,13 @@ fn select_small_avx512(simd: Simd, keys: &[f64], lower_bound: f64, experts: &mut
 fn select_fixed<const K: usize>(
     simd: Simd,
     keys: &[f64],
-    lower_bound: f64,
+    bound: Bound<'_>,
     experts: &mut [i32],
     best_out: &mut [f64],
 ) -> usize {
     let mut best = [f64::NEG_INFINITY; K];
     let mut idx = [0i32; K];
-    for_each_candidate(simd, keys, lower_bound, |e| {
+    for_each_candidate(simd, keys, bound, |e| {
         let key = keys[e];
         let old_best = best;
         let old_idx = idx;
@@ -469,7 +537,7 @@ mod tests {
         let mut r = vec![false; k];
         let mut b = vec![0.0; k];
         let bound = block_lower_bound(keys, k, &mut b);
-        select_top_k(simd, keys, &mut ex, &mut r, &mut b, bound, &mut Vec::new());
+        select_top_k(simd, keys, None, &mut ex, &mut r, &mut b, bound, &mut Vec::new());
         (ex, r)
     }
 
@@ -532,6 +600,73 @@ mod tests {
                 for simd in Simd::all().into_iter().filter(|s| s.level() >= SimdLevel::Avx2) {
                     // SAFETY: `Simd::all` lists only levels the CPU supports.
                     assert_eq!(unsafe { candidate_mask(simd, &keys, bound) }, want, "{simd:?} len {len}");
+                }
+            }
+        }
+    }
+
+    /// Float32 rows with ties, signed zeros, -inf and neighbours one float32 ulp apart.
+    fn float32_row(next: &mut impl FnMut() -> u64, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|_| match next() % 8 {
+                0 => f32::NEG_INFINITY,
+                1 => -0.0,
+                2 => 0.0,
+                3 => f32::from_bits(0x3f80_0000 + (next() % 3) as u32), // 1.0 and its next two
+                4 | 5 => (next() % 5) as f32 - 2.0,
+                _ => (next() % 100_000) as f32 / 777.0 - 60.0,
+            })
+            .collect()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn float32_candidate_masks_agree_with_the_float64_comparison() {
+        if !Simd::all().iter().any(|s| s.level() >= SimdLevel::Avx2) {
+            return;
+        }
+        let mut next = crate::rng::xorshift(0x5eed_f32f_32f3_2f32u64);
+        for len in 0..=64 {
+            let row = float32_row(&mut next, len);
+            let bounds = row.iter().copied().chain([f32::NEG_INFINITY, 0.0, -0.0, 1.0, f32::from_bits(0x3f80_0001)]);
+            for bound in bounds {
+                let want = row
+                    .iter()
+                    .enumerate()
+                    .fold(0u64, |m, (i, &v)| m | u64::from(f64::from(v) >= f64::from(bound)) << i);
+                // SAFETY: the CPU has AVX2 (checked above).
+                assert_eq!(unsafe { candidate_mask_avx2_f32(&row, bound) }, want, "len {len} bound {bound}");
+            }
+        }
+    }
+
+    #[test]
+    fn selection_on_the_float32_row_equals_the_float64_one() {
+        let mut next = crate::rng::xorshift(0x0123_4567_f32f_0f32u64);
+        for trial in 0..3000 {
+            let e = 1 + (next() % 300) as usize;
+            let k = 1 + (next() as usize) % e.min(9);
+            let row = float32_row(&mut next, e);
+            let keys: Vec<f64> = row.iter().map(|&v| f64::from(v)).collect();
+            let (mut b, mut c) = (vec![0.0; k], Vec::new());
+            let exact = block_lower_bound(&keys, k, &mut b);
+            // A row element (what the routers pass), -inf, and bounds that round to float32 up and down.
+            // (all at most the k-th largest key, as `select_top_k` requires)
+            let off = exact.abs() * 1e-12 + 1e-300;
+            let (rounds_up, rounds_down) = if exact.is_finite() {
+                (exact - off, f64::from((exact as f32).next_down()) + off)
+            } else {
+                (exact, exact)
+            };
+            for bound in [exact, f64::NEG_INFINITY, rounds_up, rounds_down] {
+                for simd in Simd::all() {
+                    let run = |narrow: Option<&[f32]>, c: &mut Vec<(f64, u32)>| {
+                        let (mut ex, mut r, mut best) = (vec![0i32; k], vec![false; k], vec![0.0; k]);
+                        select_top_k(simd, &keys, narrow, &mut ex, &mut r, &mut best, bound, c);
+                        (ex, r, best)
+                    };
+                    let want = run(None, &mut c);
+                    assert_eq!(run(Some(&row), &mut c), want, "{simd:?} trial {trial} e {e} k {k} bound {bound}");
                 }
             }
         }
