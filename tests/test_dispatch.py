@@ -190,6 +190,25 @@ def test_large_fresh_moves_reuse_dropped_outputs_and_never_show_their_contents(r
         np.testing.assert_array_equal(third, want, err_msg=name)
 
 
+@pytest.mark.skipif(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") < 4 * (700 << 20),
+                    reason="the package holds freed outputs up to a quarter of the memory")
+def test_a_dropped_output_beyond_512_mib_is_reused():
+    # a MoE step at D = 4096 drops permute outputs of gigabytes; one above the
+    # former 512 MiB bound must come back instead of faulting in fresh pages
+    D = 1024
+    rows = (520 << 20) // (4 * D)
+    src = np.arange(2 * D, dtype=np.float32).reshape(2, D)
+    index = (np.arange(rows) % 2).astype(np.int64)
+    first = gather_rows(src, index)
+    address = first.__array_interface__["data"][0]
+    first[:] = np.nan
+    del first
+    second = gather_rows(src, index)
+    assert second.__array_interface__["data"][0] == address
+    np.testing.assert_array_equal(second[::4097], src[index[::4097]])
+    assert not np.isnan(second).any()
+
+
 def test_results_do_not_depend_on_the_thread_count(rng, restore_threads):
     dec = decide(rng, T=20000, E=16, k=4, cf=1.0)
     hidden = rng.normal(size=(20000, 33)).astype(np.float32)

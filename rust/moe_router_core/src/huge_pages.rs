@@ -6,6 +6,12 @@
 //! NumPy does for its own large arrays, takes 512 times fewer faults where the
 //! kernel offers them (`transparent_hugepage` set to `madvise` or `always`);
 //! elsewhere the advice is ignored and nothing changes.
+//!
+//! A buffer held for reuse (the bindings' pool of freed outputs) is advised
+//! `MADV_FREE`: the kernel may take its pages back when memory runs short,
+//! without writing them anywhere, and until then a write reuses them without
+//! a fault. Its contents are then undefined (old data or zeros), which its
+//! users never read: they write every element first.
 
 /// `n` zeros from the allocator: fresh zero pages, touched only by their first
 /// write, above glibc's mmap threshold (at least 128 KiB, growing up to 32 MiB
@@ -37,22 +43,55 @@ pub fn try_zeroed_u64(n: usize) -> Option<Vec<u64>> {
     Some(buffer)
 }
 
+/// Let the OS reclaim `buffer`'s whole pages lazily (`MADV_FREE`; see the
+/// module docs): from here on its contents are old data or zeros, until
+/// written. Elsewhere than Linux nothing happens.
+pub fn release_lazily(buffer: &mut [u64]) {
+    #[cfg(target_os = "linux")]
+    if let Some((start, len)) = whole_pages(buffer) {
+        // SAFETY: the range lies inside `buffer`, which the caller lends mutably;
+        // MADV_FREE only lets the kernel replace those pages by zero pages. An
+        // error (a kernel without MADV_FREE) leaves the memory as it was.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, len, libc::MADV_FREE);
+        }
+    }
+}
+
+/// The machine's physical memory in bytes (`None` where the OS does not say).
+pub fn physical_memory() -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sysconf reads system constants and has no preconditions.
+        let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+        if pages > 0 && size > 0 {
+            return (pages as usize).checked_mul(size as usize);
+        }
+    }
+    None
+}
+
+/// The page-aligned `(start, length)` inside `buffer`, if any.
+#[cfg(target_os = "linux")]
+fn whole_pages<T>(buffer: &[T]) -> Option<(usize, usize)> {
+    const PAGE: usize = 4096;
+    let start = (buffer.as_ptr() as usize).next_multiple_of(PAGE);
+    let end = (buffer.as_ptr() as usize + std::mem::size_of_val(buffer)) / PAGE * PAGE;
+    (end > start).then(|| (start, end - start))
+}
+
 #[cfg(target_os = "linux")]
 fn advise_huge_pages<T>(buffer: &[T]) {
-    const PAGE: usize = 4096;
     const HUGE_PAGE: usize = 2 << 20;
-    let bytes = std::mem::size_of_val(buffer);
-    if bytes < HUGE_PAGE {
+    if std::mem::size_of_val(buffer) < HUGE_PAGE {
         return;
     }
-    let start = (buffer.as_ptr() as usize).next_multiple_of(PAGE);
-    let end = (buffer.as_ptr() as usize + bytes) / PAGE * PAGE;
-    if end > start {
+    if let Some((start, len)) = whole_pages(buffer) {
         // SAFETY: the range lies inside `buffer`'s allocation and is page-aligned;
         // MADV_HUGEPAGE only changes how later faults are served, never the contents.
         // The result is advisory: a kernel without THP returns an error, ignored.
         unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
         }
     }
 }
@@ -62,7 +101,7 @@ fn advise_huge_pages<T>(_buffer: &[T]) {}
 
 #[cfg(test)]
 mod tests {
-    use super::{try_zeroed_u64, zeroed_f32};
+    use super::{physical_memory, release_lazily, try_zeroed_u64, zeroed_f32};
 
     #[test]
     fn zeroed_buffers_are_zero_and_sized() {
@@ -75,5 +114,20 @@ mod tests {
             assert!(w.iter().all(|&x| x == 0));
         }
         assert!(try_zeroed_u64(usize::MAX / 4).is_none());
+    }
+
+    #[test]
+    fn a_lazily_released_buffer_takes_writes_again() {
+        let n = (8 << 20) / 8 + 5;
+        let mut w = try_zeroed_u64(n).expect("an 8 MiB allocation");
+        w.fill(u64::MAX);
+        release_lazily(&mut w);
+        // Old data or zeros, page by page, until written; then what was written.
+        assert!(w.iter().all(|&x| x == 0 || x == u64::MAX));
+        for (i, x) in w.iter_mut().enumerate() {
+            *x = i as u64;
+        }
+        assert!(w.iter().enumerate().all(|(i, &x)| x == i as u64));
+        assert!(physical_memory().is_none_or(|b| b >= 1 << 20));
     }
 }

@@ -612,7 +612,8 @@ impl RoutingDecision {
     ///     Without ``out``, an output of 4 MiB or more reuses the memory of a dropped
     ///     earlier one of the same size where one is held (a training loop's previous
     ///     gradient: no page faults, as with ``out``); at most 4 such freed buffers,
-    ///     512 MiB in all, stay held by the package.
+    ///     a quarter of the physical memory in all, stay held by the package, and
+    ///     the OS may take their pages back when memory runs short (``MADV_FREE``).
     ///
     /// Raises
     /// ------

@@ -410,7 +410,8 @@ impl PyDispatchPlan {
     ///     one of the same size where the package holds one (the previous step's:
     ///     no page faults, as with ``out``); the same for :meth:`combine`,
     ///     :meth:`unpermute`, :func:`gather_rows` and ``RoutingDecision.backward``,
-    ///     at most 4 freed buffers, 512 MiB in all, held.
+    ///     at most 4 freed buffers, a quarter of the physical memory in all, held,
+    ///     which the OS may take back when memory runs short (``MADV_FREE``).
     ///
     /// Returns
     /// -------

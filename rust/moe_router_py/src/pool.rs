@@ -7,8 +7,12 @@
 //! the memory of a dropped output goes back to a small free list, and the
 //! next output of the same size reuses it. Only outputs whose every element
 //! is written before they are returned come from here: the old contents are
-//! never seen. At most [`MAX_FREE`] buffers of at most [`MAX_FREE_BYTES`] in
-//! all stay held once their arrays are gone.
+//! never seen. At most [`MAX_FREE`] buffers, of at most a quarter of the
+//! machine's memory in all ([`max_free_bytes`]), stay held once their arrays
+//! are gone, and the kernel may take their pages back whenever memory runs
+//! short (`huge_pages::release_lazily`): holding them costs memory only while
+//! nothing else needs it. (An output of that size was alive just before; a
+//! MoE layer's step at D = 4096 drops permute and combine outputs of 1-2 GB.)
 
 use std::sync::Mutex;
 
@@ -22,8 +26,14 @@ const MIN_BYTES: usize = 4 << 20;
 /// Freed buffers kept for reuse (a MoE layer's step drops a permute, a combine
 /// and a gradient output, of three sizes).
 const MAX_FREE: usize = 4;
-/// Bytes of freed buffers kept for reuse.
-const MAX_FREE_BYTES: usize = 512 << 20;
+/// Bytes of freed buffers kept for reuse where the OS does not give its memory size.
+const FALLBACK_MAX_FREE_BYTES: usize = 512 << 20;
+
+/// Bytes of freed buffers kept for reuse: a quarter of the physical memory.
+fn max_free_bytes() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| moe_router_core::huge_pages::physical_memory().map_or(FALLBACK_MAX_FREE_BYTES, |b| b / 4))
+}
 
 static FREE: Mutex<Vec<Vec<u64>>> = Mutex::new(Vec::new());
 
@@ -36,11 +46,15 @@ struct PooledBuffer {
 
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
-        let words = std::mem::take(&mut self.words);
+        let mut words = std::mem::take(&mut self.words);
+        if words.len() * 8 > max_free_bytes() {
+            return;
+        }
+        moe_router_core::huge_pages::release_lazily(&mut words);
         let Ok(mut free) = FREE.lock() else { return };
         free.push(words);
         // the oldest go first when the list is over either bound
-        while free.len() > MAX_FREE || free.iter().map(|w| w.len() * 8).sum::<usize>() > MAX_FREE_BYTES {
+        while free.len() > MAX_FREE || free.iter().map(|w| w.len() * 8).sum::<usize>() > max_free_bytes() {
             free.remove(0);
         }
     }
