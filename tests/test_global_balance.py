@@ -292,7 +292,7 @@ def test_megatron_switch_loss_with_global_counts(rng):
         logits = torch.tensor(x, requires_grad=True)
         loss = moe_utils.switch_load_balancing_loss_func(torch.softmax(logits, -1), averaged, T, k, E, 1.0) / M
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
         np.testing.assert_allclose(d.backward(tokens_per_expert=n, num_tokens=N), logits.grad.numpy(),
                                    rtol=1e-10, atol=1e-17)
     assert acc.load_balance_loss() == pytest.approx(total, rel=1e-12)
