@@ -209,6 +209,19 @@ def test_a_dropped_output_beyond_512_mib_is_reused():
     assert not np.isnan(second).any()
 
 
+def test_release_memory_gives_the_held_buffers_back(rng):
+    src = rng.normal(size=(3, 1024)).astype(np.float32)
+    index = np.arange(3000, dtype=np.int64) % 3  # a 12 MB output: recycled when dropped
+    first = gather_rows(src, index)
+    nbytes = first.nbytes
+    del first
+    assert mr.release_memory() >= nbytes
+    assert mr.release_memory() == 0
+    kept = gather_rows(src, index)
+    assert mr.release_memory() == 0  # a live output is not held
+    np.testing.assert_array_equal(kept, src[index])
+
+
 def test_results_do_not_depend_on_the_thread_count(rng, restore_threads):
     dec = decide(rng, T=20000, E=16, k=4, cf=1.0)
     hidden = rng.normal(size=(20000, 33)).astype(np.float32)

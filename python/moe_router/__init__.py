@@ -54,11 +54,12 @@ __all__ = [
     "peer_load_balance_loss",
     "plan_placement",
     "preset",
+    "release_memory",
     "route_logits",
     "set_num_threads",
 ]
 
-from ._core import get_num_threads, set_num_threads
+from ._core import get_num_threads, release_memory, set_num_threads
 
 try:
     from importlib.metadata import version as _version

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 from typing_extensions import disjoint_base
 
-__all__ = ["AllToAllPlan", "CHUNK_TOKENS", "ConfigError", "ConfigTypeError", "DEFAULT_RELATIVE_BIAS_RATE", "DispatchPlan", "ExpertAssignment", "ExpertPlacement", "GlobalBalanceAccumulator", "InputError", "InputTypeError", "LoadBalancer", "LoadBalancingStats", "MAX_THREADS", "PEERS", "PRESETS", "ReceivePlan", "RecordedRoute", "RecordedRoutes", "RouterConfig", "RouterError", "RoutingDecision", "RoutingStats", "cast_arrays", "check_choice", "check_flag", "check_instance", "check_integer", "check_real", "default_bias_update_rate", "float_dtype", "gate_forward", "gate_layout", "gather_rows", "get_num_threads", "hierarchical_gate", "is_int", "is_real", "moe_align_block_size", "peer_load_balance_loss", "plan_placement", "preset_accepted_names", "preset_config", "read_rows", "read_weight", "route_gate", "route_hidden", "route_logits", "router_backward", "set_num_threads", "sign_bias_update", "wrong_type_error"]
+__all__ = ["AllToAllPlan", "CHUNK_TOKENS", "ConfigError", "ConfigTypeError", "DEFAULT_RELATIVE_BIAS_RATE", "DispatchPlan", "ExpertAssignment", "ExpertPlacement", "GlobalBalanceAccumulator", "InputError", "InputTypeError", "LoadBalancer", "LoadBalancingStats", "MAX_THREADS", "PEERS", "PRESETS", "ReceivePlan", "RecordedRoute", "RecordedRoutes", "RouterConfig", "RouterError", "RoutingDecision", "RoutingStats", "cast_arrays", "check_choice", "check_flag", "check_instance", "check_integer", "check_real", "default_bias_update_rate", "float_dtype", "gate_forward", "gate_layout", "gather_rows", "get_num_threads", "hierarchical_gate", "is_int", "is_real", "moe_align_block_size", "peer_load_balance_loss", "plan_placement", "preset_accepted_names", "preset_config", "read_rows", "read_weight", "release_memory", "route_gate", "route_hidden", "route_logits", "router_backward", "set_num_threads", "sign_bias_update", "wrong_type_error"]
 
 CHUNK_TOKENS: int
 MAX_THREADS: int
@@ -454,6 +454,7 @@ def peer_load_balance_loss(
     token_mask: Optional[npt.NDArray[np.bool_]] = None,
 ) -> float: ...
 def gate_layout(num_experts: int) -> Tuple[int, int]: ...
+def release_memory() -> int: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 

@@ -532,6 +532,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(gate_layout, m)?,
         wrap_pyfunction!(backward::router_backward, m)?,
         wrap_pyfunction!(plan::moe_align_block_size, m)?,
+        wrap_pyfunction!(pool::release_memory, m)?,
         wrap_pyfunction!(global_balance::sign_bias_update, m)?,
         wrap_pyfunction!(balancer::default_bias_update_rate, m)?,
         wrap_pyfunction!(set_num_threads, m)?,
