@@ -35,7 +35,7 @@ const SCALAR_MAX_K: usize = 2;
 /// only keys at or above it are candidates, found by a vectorizable pass, so
 /// the insertion step sees a few keys instead of all E. The result is the same
 /// as inserting every key. `narrow`, when given, is the float32 row whose
-/// widened values `keys` are (see [`Narrow`]).
+/// widened values `keys` are (see [`Bound`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn select_top_k(
     simd: Simd,
@@ -192,10 +192,7 @@ fn candidate_mask_avx512(keys: &[f64], bound: f64) -> u64 {
         mask |= u64::from(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(v, b)) << i;
         i += 8;
     }
-    for (j, &key) in keys[full..].iter().enumerate() {
-        mask |= u64::from(key >= bound) << (full + j);
-    }
-    mask
+    mask | tail_mask(&keys[full..], bound, full)
 }
 
 /// Bit i set when `keys[i] >= bound`, for up to 64 keys.
@@ -215,10 +212,14 @@ fn candidate_mask_avx2(keys: &[f64], bound: f64) -> u64 {
         mask |= (_mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(v, b)) as u64) << i;
         i += 4;
     }
-    for (j, &key) in keys[full..].iter().enumerate() {
-        mask |= u64::from(key >= bound) << (full + j);
-    }
-    mask
+    mask | tail_mask(&keys[full..], bound, full)
+}
+
+/// The candidate bits of the values a mask's vector loop leaves, from bit `first`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn tail_mask<T: PartialOrd + Copy>(rest: &[T], bound: T, first: usize) -> u64 {
+    rest.iter().enumerate().fold(0, |m, (j, &v)| m | u64::from(v >= bound) << (first + j))
 }
 
 /// [`candidate_mask_avx2`] on float32 values: 8 per compare.
@@ -238,10 +239,7 @@ fn candidate_mask_avx2_f32(values: &[f32], bound: f32) -> u64 {
         mask |= u64::from(_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(v, b)) as u8) << i;
         i += 8;
     }
-    for (j, &v) in values[full..].iter().enumerate() {
-        mask |= u64::from(v >= bound) << (full + j);
-    }
-    mask
+    mask | tail_mask(&values[full..], bound, full)
 }
 
 /// The order of the spec on (key, expert) pairs: key descending, then index
