@@ -77,7 +77,8 @@ impl Drop for PooledBuffer {
 ///
 /// Raises
 /// ------
-/// Nothing.
+/// TypeError
+///     Given any argument (it takes none).
 #[pyfunction]
 pub(crate) fn release_memory() -> usize {
     let Ok(mut free) = FREE.lock() else { return 0 };
