@@ -185,156 +185,200 @@ where
     let softmax = !sigmoid && !probabilities && grads.router_probs.is_none();
     // Without noise the softmax row needs no router: see `Softmax::rescore`.
     let fused = softmax && !ctx.has_noise();
-    // the z-loss term z_factor * lse (its logarithm only when the z-loss is on)
-    let z_of = |max: f64, ln_scale: f64| if z_factor != 0.0 { z_factor * (max - ln_scale) } else { 0.0 };
-    let z_term = |max: f64, scale: f64| if z_factor != 0.0 { z_of(max, ln_one(ctx.simd, scale)) } else { 0.0 };
     let chunk = chunk_tokens(t, e);
     // Narrow fused rows are scored LANES at a time, so that their z-loss terms take one
     // vector `ln`; wider rows would not stay in L1 until they are used, so they go one by one.
     let group_rows = if e <= GROUPED_MAX_EXPERTS { LANES } else { 1 };
     let scratch = || (RowRouter::new(options), ChunkBuf::default(), RowGrad::new(e, k), Softmax::new(e, group_rows));
+    let call_terms =
+        CallTerms { options, saved, grads, dq: &dq, has_dq, z_factor, ctx: &ctx, softmax, sigmoid, probabilities };
     out.par_chunks_mut(chunk * e).enumerate().try_for_each_init(scratch, |(router, buf, work, sm), (c, block)| {
         let start = c * chunk;
         let end = (start + chunk).min(t);
         let rows = source.chunk(start, end, buf).rows;
         let chosen = |tok: usize| &saved.original_experts[tok * k..(tok + 1) * k];
         // Softmax rows check their own output; the others are scanned at the end.
-        let (mut finite, mut unchecked) = (true, false);
-        let mut scored = [None; LANES];
-        let mut lse_ln = [0.0; LANES];
-        for (i, dst) in block.chunks_exact_mut(e).enumerate() {
+        let mut checks = Checks { finite: true, unchecked: false };
+        let mut row = |i: usize, work: &mut RowGrad, dst: &mut [S::Elem]| -> Result<RowCheck> {
             let tok = start + i;
-            let slot = i % group_rows;
-            if fused && slot == 0 {
-                let group = (end - tok).min(group_rows);
-                for (g, s) in scored.iter_mut().take(group_rows).enumerate() {
-                    let t = tok + g;
-                    *s = (g < group && ctx.is_active(t))
-                        .then(|| sm.rescore(ctx.simd, &rows[(i + g) * e..(i + g + 1) * e], chosen(t), dq.row(t), g))
-                        .flatten();
+            if !ctx.is_active(tok) {
+                dst.fill(S::Elem::from_f64(0.0));
+                return Ok(RowCheck::Finite(true));
+            }
+            call_terms.row(router, work, tok, &rows[i * e..(i + 1) * e], dst)
+        };
+        if !fused {
+            for (i, dst) in block.chunks_exact_mut(e).enumerate() {
+                checks.note(row(i, work, dst)?);
+            }
+        } else {
+            let mut scored = [None; LANES];
+            let mut lse_ln = [0.0; LANES];
+            for (first, group) in block.chunks_mut(group_rows * e).enumerate().map(|(g, b)| (g * group_rows, b)) {
+                let rows_in_group = group.len() / e;
+                for (g, s) in scored.iter_mut().take(rows_in_group).enumerate() {
+                    let tok = start + first + g;
+                    *s = if ctx.is_active(tok) {
+                        sm.rescore(ctx.simd, &rows[(first + g) * e..(first + g + 1) * e], chosen(tok), dq.row(tok), g)
+                    } else {
+                        None
+                    };
                 }
                 if z_factor != 0.0 {
                     if group_rows == LANES {
-                        lse_ln = ln_lanes(ctx.simd, &scored.map(|s| s.map_or(1.0, |(_, _, scale)| scale)));
+                        let scales = std::array::from_fn(|g| match scored[g] {
+                            Some((_, _, scale)) if g < rows_in_group => scale,
+                            _ => 1.0,
+                        });
+                        lse_ln = ln_lanes(ctx.simd, &scales);
                     } else if let Some((_, _, scale)) = scored[0] {
                         lse_ln[0] = ln_one(ctx.simd, scale);
                     }
                 }
-            }
-            if !ctx.is_active(tok) {
-                dst.fill(S::Elem::from_f64(0.0));
-                continue;
-            }
-            let raw = &rows[i * e..(i + 1) * e];
-            let weights = grads.expert_weights.map(|g| &g[tok * k..(tok + 1) * k]);
-            // A row that does not read as valid goes on to `rescore`, which reports it.
-            if let Some((max, dot, scale)) = scored[slot].take() {
-                let (dq, z) = (dq.row(tok), z_of(max, lse_ln[slot]));
-                finite &= softmax_row(
-                    ctx.simd,
-                    options,
-                    saved,
-                    tok * k,
-                    weights,
-                    dq,
-                    dot,
-                    z,
-                    sm.row(slot),
-                    scale,
-                    false,
-                    work,
-                    dst,
-                );
-                continue;
-            }
-            let (row, max) = router.rescore(&ctx, tok, raw, &mut work.jitter)?;
-            let scores = router.scores();
-            if softmax {
-                let (dq, z) = (dq.row(tok), z_term(max, row.scale));
-                let dot = dense::dot(ctx.simd, scores, dq);
-                let noisy = ctx.has_noise();
-                finite &= softmax_row(
-                    ctx.simd,
-                    options,
-                    saved,
-                    tok * k,
-                    weights,
-                    dq,
-                    dot,
-                    z,
-                    scores,
-                    row.scale,
-                    noisy,
-                    work,
-                    dst,
-                );
-                continue;
-            }
-            unchecked = true;
-            // ds: the gradient with respect to the scores s_e = buffer[e] * scale.
-            match grads.router_probs {
-                Some(gp) => {
-                    for (d, &g) in work.ds.iter_mut().zip(&gp[tok * e..(tok + 1) * e]) {
-                        *d = f64::from(g);
+                for (g, dst) in group.chunks_exact_mut(e).enumerate() {
+                    let tok = start + first + g;
+                    // A row that does not read as valid goes the general way, which reports it.
+                    match scored[g].take() {
+                        Some((max, dot, scale)) => {
+                            let weights = grads.expert_weights.map(|w| &w[tok * k..(tok + 1) * k]);
+                            let z = if z_factor != 0.0 { z_factor * (max - lse_ln[g]) } else { 0.0 };
+                            let terms =
+                                SoftmaxTerms { dq: dq.row(tok), dot, z, buffer: sm.row(g), scale, noisy: false };
+                            checks.finite &= softmax_row(ctx.simd, options, saved, tok * k, weights, &terms, work, dst);
+                        }
+                        None => checks.note(row(first + g, work, dst)?),
                     }
                 }
-                None => work.ds.fill(0.0),
-            }
-            if let Some(g) = grads.expert_weights {
-                weight_term(options, saved, tok * k, &g[tok * k..(tok + 1) * k], scores, row.scale, work);
-            }
-            if has_dq {
-                let normalized = sigmoid || probabilities;
-                distribution_term(normalized, scores, row.scale, row.prob_scale, dq.row(tok), &mut work.ds);
-            }
-            if probabilities {
-                // The gate's backward takes it from here (its z-loss is its own).
-                for (o, &d) in dst.iter_mut().zip(&work.ds) {
-                    *o = S::Elem::from_f64(d);
-                }
-                continue;
-            }
-            // Through the score function to the logits the router used.
-            let (ds, dx) = (&work.ds, &mut work.dx);
-            if options.score_function == ScoreFunction::SqrtSoftplus {
-                for ((d, &x), &g) in dx.iter_mut().zip(router.logits()).zip(ds) {
-                    *d = g * sqrt_softplus_slope(x);
-                }
-            } else if sigmoid {
-                for ((d, &b), &g) in dx.iter_mut().zip(scores).zip(ds) {
-                    let s = b * row.scale;
-                    *d = g * s * (1.0 - s);
-                }
-            } else {
-                let dot: f64 = scores.iter().zip(ds).map(|(&b, &g)| b * g).sum::<f64>() * row.scale;
-                for ((d, &b), &g) in dx.iter_mut().zip(scores).zip(ds) {
-                    *d = b * row.scale * (g - dot);
-                }
-            }
-            if z_factor != 0.0 {
-                if sigmoid {
-                    let lse = router.softmax_into(&mut work.softmax);
-                    for (d, &p) in dx.iter_mut().zip(&work.softmax) {
-                        *d += z_factor * lse * p;
-                    }
-                } else {
-                    // softmax: the scores are the probabilities and scale = 1 / sum(exp(x - max)).
-                    let lse = max - ln_one(ctx.simd, row.scale);
-                    let f = z_factor * lse * row.scale;
-                    for (d, &b) in dx.iter_mut().zip(scores) {
-                        *d += f * b;
-                    }
-                }
-            }
-            for ((o, &d), &f) in dst.iter_mut().zip(dx.iter()).zip(&work.jitter) {
-                *o = S::Elem::from_f64(d * f);
             }
         }
-        if finite && !unchecked {
+        if checks.finite && !checks.unchecked {
             return Ok(());
         }
         finite_rows(block, e, start)
     })
+}
+
+/// How a row's output was checked: by the softmax row itself, or not yet.
+enum RowCheck {
+    Finite(bool),
+    Unchecked,
+}
+
+/// A block's rows so far: whether all checked ones are finite, and whether some are unchecked.
+struct Checks {
+    finite: bool,
+    unchecked: bool,
+}
+
+impl Checks {
+    fn note(&mut self, check: RowCheck) {
+        match check {
+            RowCheck::Finite(f) => self.finite &= f,
+            RowCheck::Unchecked => self.unchecked = true,
+        }
+    }
+}
+
+/// What every row of one backward call shares.
+struct CallTerms<'a> {
+    options: &'a RouterConfig,
+    saved: &'a SavedRouting<'a>,
+    grads: &'a Cotangents<'a>,
+    dq: &'a BalanceRows,
+    has_dq: bool,
+    z_factor: f64,
+    ctx: &'a RowContext<'a>,
+    softmax: bool,
+    sigmoid: bool,
+    probabilities: bool,
+}
+
+impl CallTerms<'_> {
+    /// The gradient row of active token `tok` from its logits `raw`, scored
+    /// again by `router` as the routing pass scored it (any score function,
+    /// noise and `router_probs` cotangent).
+    fn row<F: Logit>(
+        &self,
+        router: &mut RowRouter,
+        work: &mut RowGrad,
+        tok: usize,
+        raw: &[F],
+        dst: &mut [F],
+    ) -> Result<RowCheck> {
+        let (options, saved, grads, ctx) = (self.options, self.saved, self.grads, self.ctx);
+        let (e, k) = (options.num_experts, options.top_k);
+        let z_factor = self.z_factor;
+        let (row, max) = router.rescore(ctx, tok, raw, &mut work.jitter)?;
+        let scores = router.scores();
+        let weights = grads.expert_weights.map(|g| &g[tok * k..(tok + 1) * k]);
+        if self.softmax {
+            let dq = self.dq.row(tok);
+            let z = if z_factor != 0.0 { z_factor * (max - ln_one(ctx.simd, row.scale)) } else { 0.0 };
+            let dot = dense::dot(ctx.simd, scores, dq);
+            let terms = SoftmaxTerms { dq, dot, z, buffer: scores, scale: row.scale, noisy: ctx.has_noise() };
+            return Ok(RowCheck::Finite(softmax_row(ctx.simd, options, saved, tok * k, weights, &terms, work, dst)));
+        }
+        // ds: the gradient with respect to the scores s_e = buffer[e] * scale.
+        match grads.router_probs {
+            Some(gp) => {
+                for (d, &g) in work.ds.iter_mut().zip(&gp[tok * e..(tok + 1) * e]) {
+                    *d = f64::from(g);
+                }
+            }
+            None => work.ds.fill(0.0),
+        }
+        if let Some(g) = weights {
+            let experts = &saved.original_experts[tok * k..(tok + 1) * k];
+            weight_terms(options, saved, tok * k, g, scores, row.scale, at_experts(&mut work.ds, experts));
+        }
+        if self.has_dq {
+            let normalized = self.sigmoid || self.probabilities;
+            distribution_term(normalized, scores, row.scale, row.prob_scale, self.dq.row(tok), &mut work.ds);
+        }
+        if self.probabilities {
+            // The gate's backward takes it from here (its z-loss is its own).
+            for (o, &d) in dst.iter_mut().zip(&work.ds) {
+                *o = F::from_f64(d);
+            }
+            return Ok(RowCheck::Unchecked);
+        }
+        // Through the score function to the logits the router used.
+        let (ds, dx) = (&work.ds, &mut work.dx);
+        if options.score_function == ScoreFunction::SqrtSoftplus {
+            for ((d, &x), &g) in dx.iter_mut().zip(router.logits()).zip(ds) {
+                *d = g * sqrt_softplus_slope(x);
+            }
+        } else if self.sigmoid {
+            for ((d, &b), &g) in dx.iter_mut().zip(scores).zip(ds) {
+                let s = b * row.scale;
+                *d = g * s * (1.0 - s);
+            }
+        } else {
+            let dot: f64 = scores.iter().zip(ds).map(|(&b, &g)| b * g).sum::<f64>() * row.scale;
+            for ((d, &b), &g) in dx.iter_mut().zip(scores).zip(ds) {
+                *d = b * row.scale * (g - dot);
+            }
+        }
+        if z_factor != 0.0 {
+            if self.sigmoid {
+                let lse = router.softmax_into(&mut work.softmax);
+                for (d, &p) in dx.iter_mut().zip(&work.softmax) {
+                    *d += z_factor * lse * p;
+                }
+            } else {
+                // softmax: the scores are the probabilities and scale = 1 / sum(exp(x - max)).
+                let lse = max - ln_one(ctx.simd, row.scale);
+                let f = z_factor * lse * row.scale;
+                for (d, &b) in dx.iter_mut().zip(scores) {
+                    *d += f * b;
+                }
+            }
+        }
+        for ((o, &d), &f) in dst.iter_mut().zip(dx.iter()).zip(&work.jitter) {
+            *o = F::from_f64(d * f);
+        }
+        Ok(RowCheck::Unchecked)
+    }
 }
 
 /// Refuse a gradient block that overflowed the output's dtype (finite
@@ -485,9 +529,6 @@ struct RowGrad {
     dx: Vec<f64>,
     softmax: Vec<f64>,
     jitter: Vec<f64>,
-    /// `[k]` numerator and denominator factors of the weights.
-    numerator: Vec<f64>,
-    denominator: Vec<f64>,
     /// `[k]`: whether choice j is the first with its expert.
     first_time: Vec<bool>,
 }
@@ -499,74 +540,135 @@ impl RowGrad {
             dx: vec![0.0; e],
             softmax: vec![0.0; e],
             jitter: vec![1.0; e],
-            numerator: vec![0.0; k],
-            denominator: vec![0.0; k],
             first_time: vec![false; k],
         }
     }
 }
 
-/// `ds += d(sum_j g_j w_j)/ds` for the token whose choices start at `first` (see the module docs).
-fn weight_term(
+/// Choice `j`'s factors in the weights: the numerator's (1, or
+/// `reroute_weight_scale` for a moved assignment, 0 when dropped) and the
+/// denominator's (the same with `renormalize_after_drop`, else whether it was
+/// routed).
+#[inline(always)]
+fn choice_factors(options: &RouterConfig, saved: &SavedRouting, j: usize) -> (f64, f64) {
+    let moved = !saved.rerouted.is_empty() && saved.rerouted[j];
+    let numerator = match (saved.kept[j], moved) {
+        (false, _) => 0.0,
+        (true, true) => options.reroute_weight_scale,
+        (true, false) => 1.0,
+    };
+    let denominator = if options.renormalize_after_drop {
+        numerator
+    } else if saved.routed[j] {
+        1.0
+    } else {
+        0.0
+    };
+    (numerator, denominator)
+}
+
+/// The terms of `d(sum_j g_j w_j)/ds` for the token whose choices start at
+/// `first` (see the module docs), given to `apply(j, added, subtracted)` for
+/// every choice j in order: `ws g_j m_j / B` to add and `d_j ws W / B^2` to
+/// subtract at the score of expert `x_j` (`W = sum_i g_i m_i s_{x_i}`), each
+/// `None` where its factor is 0 (without normalization `B = 1` and nothing is
+/// subtracted; with `B <= 0` there is no term).
+#[inline(always)]
+fn weight_terms(
     options: &RouterConfig,
     saved: &SavedRouting,
     first: usize,
     g: &[f64],
     buffer: &[f64],
     scale: f64,
-    work: &mut RowGrad,
+    mut apply: impl FnMut(usize, Option<f64>, Option<f64>),
 ) {
     let ws = options.weight_scale;
     let k = g.len();
     let experts = &saved.original_experts[first..first + k];
-    for j in 0..k {
-        let moved = !saved.rerouted.is_empty() && saved.rerouted[first + j];
-        work.numerator[j] = match (saved.kept[first + j], moved) {
-            (false, _) => 0.0,
-            (true, true) => options.reroute_weight_scale,
-            (true, false) => 1.0,
-        };
-        work.denominator[j] = if options.renormalize_after_drop {
-            work.numerator[j]
-        } else if saved.routed[first + j] {
-            1.0
-        } else {
-            0.0
-        };
-    }
-    let (n, d, ds) = (&work.numerator, &work.denominator, &mut work.ds);
+    let factors = |j: usize| choice_factors(options, saved, first + j);
     if !options.renormalize_after_drop && !options.normalize_weights {
-        for j in 0..k {
-            if n[j] != 0.0 {
-                ds[experts[j] as usize] += ws * g[j] * n[j];
-            }
+        for (j, &gj) in g.iter().enumerate() {
+            let (n, _) = factors(j);
+            apply(j, (n != 0.0).then_some(ws * gj * n), None);
         }
         return;
     }
     let score = |j: usize| buffer[experts[j] as usize] * scale;
-    let b: f64 = (0..k).filter(|&j| d[j] != 0.0).map(|j| d[j] * score(j)).sum();
+    let b: f64 = (0..k).map(|j| (j, factors(j).1)).filter(|&(_, d)| d != 0.0).map(|(j, d)| d * score(j)).sum();
     if b <= 0.0 {
+        (0..k).for_each(|j| apply(j, None, None));
         return;
     }
-    let weighted: f64 = (0..k).filter(|&j| n[j] != 0.0).map(|j| g[j] * n[j] * score(j)).sum();
-    for j in 0..k {
+    let weighted: f64 =
+        (0..k).map(|j| (j, factors(j).0)).filter(|&(_, n)| n != 0.0).map(|(j, n)| g[j] * n * score(j)).sum();
+    for (j, &gj) in g.iter().enumerate() {
+        let (n, d) = factors(j);
+        apply(j, (n != 0.0).then(|| ws * gj * n / b), (d != 0.0).then(|| d * ws * weighted / (b * b)));
+    }
+}
+
+/// `ds += d(sum_j g_j w_j)/ds`: `weight_terms` gathered at each choice's
+/// expert of the `[E]` row `ds`.
+fn at_experts<'a>(ds: &'a mut [f64], experts: &'a [i32]) -> impl FnMut(usize, Option<f64>, Option<f64>) + 'a {
+    move |j, added, subtracted| {
         let x = experts[j] as usize;
-        if n[j] != 0.0 {
-            ds[x] += ws * g[j] * n[j] / b;
+        if let Some(a) = added {
+            ds[x] += a;
         }
-        if d[j] != 0.0 {
-            ds[x] -= d[j] * ws * weighted / (b * b);
+        if let Some(s) = subtracted {
+            ds[x] -= s;
         }
     }
+}
+
+/// The most choices a token's weight terms take on the stack.
+const DISTINCT_MAX_CHOICES: usize = 16;
+
+/// `weight_terms` of a token whose experts are distinct: each choice's entry
+/// of `ds` into `ds[j]`, from 0 with the operations of `at_experts` (the same
+/// bits), without the `[E]` row.
+fn at_choices(ds: &mut [f64]) -> impl FnMut(usize, Option<f64>, Option<f64>) + '_ {
+    move |j, added, subtracted| {
+        let mut v = 0.0;
+        if let Some(a) = added {
+            v += a;
+        }
+        if let Some(s) = subtracted {
+            v -= s;
+        }
+        ds[j] = v;
+    }
+}
+
+/// Whether no expert appears twice among a token's choices (an expert repeats
+/// only as a filler beyond its eligible ones).
+#[inline]
+fn distinct(experts: &[i32]) -> bool {
+    (1..experts.len()).all(|j| experts[..j].iter().all(|&x| x != experts[j]))
+}
+
+/// The dense inputs of one softmax row's gradient.
+struct SoftmaxTerms<'a> {
+    /// `[E]` d(aux)/d q of the token.
+    dq: &'a [f64],
+    /// `sum_f buffer_f dq_f`.
+    dot: f64,
+    /// The z-loss factor times lse (0 without the z-loss).
+    z: f64,
+    /// `[E]` `exp(x - max)`: the scores times `1 / scale`.
+    buffer: &'a [f64],
+    scale: f64,
+    /// Whether to multiply by `work.jitter`.
+    noisy: bool,
 }
 
 /// The softmax row without a `router_probs` cotangent, written straight into
 /// `out`: with `ds = dq + (the weights' k sparse entries)` and `z` the z-loss
 /// factor times lse, `dx_e = s_e (ds_e - sum_f s_f ds_f + z)`, times the jitter
-/// factor (`work.jitter` when `noisy`, else 1). `dot` is the dense part of the
-/// sum (`sum_f buffer_f dq_f`); one dense pass for the output, then the k
-/// weighted experts are written again with their sparse part. Returns whether
-/// every value written is finite.
+/// factor (`work.jitter` when `noisy`, else 1). One dense pass for the
+/// output, then the k weighted experts are written again with their sparse
+/// part. Returns whether every value written is finite.
 #[allow(clippy::too_many_arguments)]
 fn softmax_row<F: Logit>(
     simd: Simd,
@@ -574,44 +676,72 @@ fn softmax_row<F: Logit>(
     saved: &SavedRouting,
     first: usize,
     weights: Option<&[f64]>,
-    dq: &[f64],
-    dot: f64,
-    z: f64,
-    buffer: &[f64],
-    scale: f64,
-    noisy: bool,
+    terms: &SoftmaxTerms,
     work: &mut RowGrad,
     out: &mut [F],
 ) -> bool {
-    // The weights' entries, gathered into ds at their experts only.
-    let k = work.numerator.len();
+    let (buffer, scale, dq) = (terms.buffer, terms.scale, terms.dq);
+    let k = work.first_time.len();
     let experts = &saved.original_experts[first..first + k];
-    let mut sparse = 0.0;
-    if let Some(g) = weights {
-        // an expert appears once among a token's choices, except as a filler beyond its eligible ones
-        for (j, seen) in work.first_time.iter_mut().enumerate() {
-            *seen = !experts[..j].contains(&experts[j]);
+    let Some(g) = weights else {
+        let jitter = terms.noisy.then_some(&work.jitter[..]);
+        // `+ 0.0`: the empty sparse sum, so that a dot of -0.0 gives the bits of the general case
+        let c = (terms.dot + 0.0) * scale - terms.z;
+        return dense::softmax_output(simd, buffer, scale, dq, c, jitter, out);
+    };
+    // The common case: each choice is its own entry of ds, kept on the stack.
+    if k <= DISTINCT_MAX_CHOICES && distinct(experts) {
+        let mut sparse_ds = [0.0; DISTINCT_MAX_CHOICES];
+        let sparse_ds = &mut sparse_ds[..k];
+        let jitter = terms.noisy.then_some(&work.jitter[..]);
+        weight_terms(options, saved, first, g, buffer, scale, at_choices(sparse_ds));
+        let mut sparse = 0.0;
+        for (&x, &d) in experts.iter().zip(sparse_ds.iter()) {
+            sparse += buffer[x as usize] * d;
         }
-        for &x in experts {
-            work.ds[x as usize] = 0.0;
+        let c = (terms.dot + sparse) * scale - terms.z;
+        let mut finite = dense::softmax_output(simd, buffer, scale, dq, c, jitter, out);
+        for (&x, &d) in experts.iter().zip(sparse_ds.iter()) {
+            finite &= sparse_output(terms, c, d, jitter, x as usize, out);
         }
-        weight_term(options, saved, first, g, buffer, scale, work);
-        for (&x, _) in experts.iter().zip(&work.first_time).filter(|(_, &f)| f) {
-            sparse += buffer[x as usize] * work.ds[x as usize];
-        }
+        return finite;
     }
-    let c = (dot + sparse) * scale - z;
-    let jitter = noisy.then_some(&work.jitter[..]);
+    // The weights' entries, gathered into ds at their experts only.
+    for (j, seen) in work.first_time.iter_mut().enumerate() {
+        *seen = !experts[..j].contains(&experts[j]);
+    }
+    for &x in experts {
+        work.ds[x as usize] = 0.0;
+    }
+    weight_terms(options, saved, first, g, buffer, scale, at_experts(&mut work.ds, experts));
+    let mut sparse = 0.0;
+    for (&x, _) in experts.iter().zip(&work.first_time).filter(|(_, &f)| f) {
+        sparse += buffer[x as usize] * work.ds[x as usize];
+    }
+    let c = (terms.dot + sparse) * scale - terms.z;
+    let jitter = terms.noisy.then_some(&work.jitter[..]);
     let mut finite = dense::softmax_output(simd, buffer, scale, dq, c, jitter, out);
-    if weights.is_some() {
-        for (&x, _) in experts.iter().zip(&work.first_time).filter(|(_, &f)| f) {
-            let x = x as usize;
-            let d = buffer[x] * scale * (dq[x] - c) + buffer[x] * scale * work.ds[x];
-            out[x] = F::from_f64(d * jitter.map_or(1.0, |j| j[x]));
-            finite &= out[x].to_f64().is_finite();
-        }
+    for (&x, _) in experts.iter().zip(&work.first_time).filter(|(_, &f)| f) {
+        let x = x as usize;
+        finite &= sparse_output(terms, c, work.ds[x], jitter, x, out);
     }
     finite
+}
+
+/// `out[x]` again with its sparse part `ds_x`; whether it is finite.
+#[inline(always)]
+fn sparse_output<F: Logit>(
+    terms: &SoftmaxTerms,
+    c: f64,
+    ds_x: f64,
+    jitter: Option<&[f64]>,
+    x: usize,
+    out: &mut [F],
+) -> bool {
+    let (buffer, scale, dq) = (terms.buffer, terms.scale, terms.dq);
+    let d = buffer[x] * scale * (dq[x] - c) + buffer[x] * scale * ds_x;
+    out[x] = F::from_f64(d * jitter.map_or(1.0, |j| j[x]));
+    out[x].to_f64().is_finite()
 }
 
 /// `ds += (dq through q)`: `q = s` for softmax, `q = s / sum(s)` when
@@ -759,9 +889,60 @@ mod dense {
 
 #[cfg(test)]
 mod tests {
-    use super::{dense, Softmax};
+    use super::{at_choices, at_experts, dense, distinct, weight_terms, RowGrad, SavedRouting, Softmax};
+    use crate::config::RouterConfig;
     use crate::math::LANES;
     use crate::simd::Simd;
+
+    #[test]
+    fn the_stack_weight_term_gives_the_bits_of_the_row_one() {
+        let e = 12;
+        let buffer: Vec<f64> = (0..e).map(|i| ((i * 5 % 7) as f64 * 0.31).exp()).collect();
+        for k in [1usize, 2, 3, 8] {
+            let experts: Vec<i32> = (0..k).map(|j| ((j * 5 + 3) % e) as i32).collect();
+            assert!(distinct(&experts));
+            let g: Vec<f64> = (0..k).map(|j| (j as f64 * 1.7).sin() - 0.25).collect();
+            // every pattern of kept / routed / moved over the choices, each option on and off
+            for pattern in 0..(1usize << k).min(64) {
+                let kept: Vec<bool> = (0..k).map(|j| pattern >> j & 1 == 1).collect();
+                let routed: Vec<bool> = (0..k).map(|j| kept[j] || j % 2 == 0).collect();
+                let moved: Vec<bool> = (0..k).map(|j| kept[j] && j == 1).collect();
+                for (normalize, renormalize, rerouting) in [
+                    (false, false, false),
+                    (true, false, false),
+                    (false, true, false),
+                    (true, true, true),
+                    (false, false, true),
+                ] {
+                    let mut options = RouterConfig::new(e, k);
+                    options.normalize_weights = normalize;
+                    options.renormalize_after_drop = renormalize;
+                    options.weight_scale = 2.5;
+                    options.reroute_weight_scale = 0.5;
+                    let saved = SavedRouting {
+                        expert_indices: &experts,
+                        original_experts: &experts,
+                        routed: &routed,
+                        kept: &kept,
+                        rerouted: if rerouting { &moved } else { &[] },
+                        pre_drop_tokens_per_expert: &[],
+                        active_tokens: 1,
+                        balance_tokens: 1,
+                    };
+                    let mut work = RowGrad::new(e, k);
+                    work.ds.fill(0.0);
+                    weight_terms(&options, &saved, 0, &g, &buffer, 0.125, at_experts(&mut work.ds, &experts));
+                    let mut ds = vec![f64::NAN; k];
+                    weight_terms(&options, &saved, 0, &g, &buffer, 0.125, at_choices(&mut ds));
+                    for (j, &x) in experts.iter().enumerate() {
+                        assert_eq!(ds[j].to_bits(), work.ds[x as usize].to_bits(), "k={k} {pattern:b} j={j}");
+                    }
+                }
+            }
+        }
+        assert!(!distinct(&[3, 1, 3]));
+        assert!(distinct(&[]));
+    }
 
     #[test]
     fn a_guessed_maximum_gives_the_bits_of_the_two_passes() {
