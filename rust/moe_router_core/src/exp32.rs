@@ -39,6 +39,10 @@ const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 /// `1.5 * 2^23`: adding it rounds to an integer held in the low mantissa bits.
 const SHIFT: f32 = 12_582_912.0;
+/// The least power of two `k` at which `p * 2^k` (`p >= 0.7`) is a normal
+/// float32 (`2^-126` is the least normal).
+#[cfg(target_arch = "x86_64")]
+const MIN_NORMAL_POWER: i32 = -125;
 /// `1/0!, ..., 1/7!`.
 const INV_FACT: [f32; 8] = [1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0];
 
@@ -260,6 +264,9 @@ mod avx2 {
             (_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd());
         let mut top = _mm256_set1_ps(f32::NEG_INFINITY);
         let mut bad = 0;
+        // `p` is in [0.7, 1.5) (or 0 below `LO`, where `k` is below this too), so
+        // `p * 2^k` is a normal float32 for `k >= MIN_NORMAL_POWER`.
+        let (min_normal, all) = (_mm256_set1_epi32(MIN_NORMAL_POWER), _mm256_set1_epi32(-1));
         for ((zs, ws), os) in zc.iter().zip(wc).zip(oc.iter_mut()) {
             // SAFETY: `zs`, `ws` and `os` hold 8 values each.
             let (v, w0, w1) = unsafe {
@@ -268,8 +275,17 @@ mod avx2 {
             bad |= bad8(v);
             top = _mm256_max_ps(v, top);
             let (p, k) = exp8(v, mv, neg_m);
-            let lo = scale4(_mm256_castps256_ps128(p), _mm256_castsi256_si128(k));
-            let hi = scale4(_mm256_extractf128_ps::<1>(p), _mm256_extracti128_si256::<1>(k));
+            let (lo, hi) = if _mm256_testz_si256(_mm256_cmpgt_epi32(min_normal, k), all) != 0 {
+                // Every `p * 2^k` is a normal float32: the product is exact in
+                // float32 too (an exponent add), and widening it is exact.
+                let scaled = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32::<23>(k)));
+                (_mm256_cvtps_pd(_mm256_castps256_ps128(scaled)), _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(scaled)))
+            } else {
+                (
+                    scale4(_mm256_castps256_ps128(p), _mm256_castsi256_si128(k)),
+                    scale4(_mm256_extractf128_ps::<1>(p), _mm256_extracti128_si256::<1>(k)),
+                )
+            };
             // SAFETY: as above.
             unsafe {
                 _mm256_storeu_pd(os.as_mut_ptr(), lo);
@@ -541,6 +557,29 @@ mod tests {
                     );
                     assert!(out.iter().zip(&want_out).all(|(a, b)| a.to_bits() == b.to_bits()), "{simd:?} e={e}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn gaps_where_float32_results_turn_subnormal_give_the_portable_bits() {
+        // z - m from -84 to -90 (results from normal float32 to subnormal, 2^-125
+        // near -86.6), whole vectors on each side of the boundary and mixed ones
+        let m = 1.25f32;
+        let z: Vec<f32> = (0..4096).map(|i| m - 84.0 - i as f32 * (6.0 / 4096.0)).collect();
+        let w: Vec<f64> = (0..z.len()).map(|i| 1.0 + (i % 5) as f64).collect();
+        for shuffle in [false, true] {
+            let z: Vec<f32> = if shuffle { (0..z.len()).map(|i| z[(i * 1031) % z.len()]).collect() } else { z.clone() };
+            let mut want = vec![0.0; z.len()];
+            let r0 = exp32_shifted_dot(Simd::all()[0], &z, m, &w, &mut want);
+            for (v, o) in z.iter().zip(&want) {
+                assert_eq!(o.to_bits(), exp32(*v, m).to_bits(), "v={v}");
+            }
+            for simd in Simd::all() {
+                let mut out = vec![f64::NAN; z.len()];
+                let r = exp32_shifted_dot(simd, &z, m, &w, &mut out);
+                assert_eq!((r.sum.to_bits(), r.dot.to_bits()), (r0.sum.to_bits(), r0.dot.to_bits()), "{simd:?}");
+                assert!(out.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{simd:?} {shuffle}");
             }
         }
     }
