@@ -9,8 +9,10 @@
 //! error, from a TwoSum, is added back after the Cody-Waite reduction, so the
 //! result does not lose accuracy for large gaps; `e^r`, `|r| <= ln2 / 2`, is
 //! the degree-7 Taylor polynomial (truncation below `2^-27`) by Estrin's
-//! scheme in float32 with FMA; the power of two is applied in float64, which is
-//! exact and has no float32 subnormals. Arguments below `LO` give exactly 0
+//! scheme in float32 with FMA; the power of two is applied exactly: in
+//! float64, which has no float32 subnormals, or, where all 8 results of an
+//! AVX2 step are normal float32 values, by an exponent add in float32 (the
+//! same value, widened exactly). Arguments below `LO` give exactly 0
 //! (`e^-104` is below half of float32's smallest subnormal, so a float32
 //! `exp` rounds it to 0 too; `-inf` logits give 0).
 //!
