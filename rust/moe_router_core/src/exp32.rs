@@ -255,6 +255,38 @@ mod avx2 {
         _mm256_mul_pd(_mm256_cvtps_pd(p), _mm256_castsi256_pd(e))
     }
 
+    /// Whether every lane of `k` is at least `min_normal` (`MIN_NORMAL_POWER`):
+    /// then every `p * 2^k` is a normal float32 (`p` is in [0.7, 1.5), or 0
+    /// below `LO`, where `k` is below this too).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn all_normal(k: __m256i, min_normal: __m256i) -> bool {
+        _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(min_normal, k))) == 0
+    }
+
+    /// `p * 2^k` as float64 (4 + 4 lanes) where all are normal float32 values:
+    /// the product is exact in float32 too (an exponent add), and widening it is exact.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn widen_normal(p: __m256, k: __m256i) -> (__m256d, __m256d) {
+        let scaled = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32::<23>(k)));
+        (_mm256_cvtps_pd(_mm256_castps256_ps128(scaled)), _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(scaled)))
+    }
+
+    /// `p * 2^k` as float64 (4 + 4 lanes), any `k`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn widen(p: __m256, k: __m256i, min_normal: __m256i) -> (__m256d, __m256d) {
+        if all_normal(k, min_normal) {
+            widen_normal(p, k)
+        } else {
+            (
+                scale4(_mm256_castps256_ps128(p), _mm256_castsi256_si128(k)),
+                scale4(_mm256_extractf128_ps::<1>(p), _mm256_extracti128_si256::<1>(k)),
+            )
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(crate) fn exp32_shifted_dot(z: &[f32], m: f32, w: &[f64], out: &mut [f64]) -> ExpDot {
         let n = z.len().min(w.len()).min(out.len());
@@ -266,29 +298,11 @@ mod avx2 {
             (_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd());
         let mut top = _mm256_set1_ps(f32::NEG_INFINITY);
         let mut bad = 0;
-        // `p` is in [0.7, 1.5) (or 0 below `LO`, where `k` is below this too), so
-        // `p * 2^k` is a normal float32 for `k >= MIN_NORMAL_POWER`.
-        let (min_normal, all) = (_mm256_set1_epi32(MIN_NORMAL_POWER), _mm256_set1_epi32(-1));
-        for ((zs, ws), os) in zc.iter().zip(wc).zip(oc.iter_mut()) {
-            // SAFETY: `zs`, `ws` and `os` hold 8 values each.
-            let (v, w0, w1) = unsafe {
-                (_mm256_loadu_ps(zs.as_ptr()), _mm256_loadu_pd(ws.as_ptr()), _mm256_loadu_pd(ws.as_ptr().add(4)))
-            };
-            bad |= bad8(v);
-            top = _mm256_max_ps(v, top);
-            let (p, k) = exp8(v, mv, neg_m);
-            let (lo, hi) = if _mm256_testz_si256(_mm256_cmpgt_epi32(min_normal, k), all) != 0 {
-                // Every `p * 2^k` is a normal float32: the product is exact in
-                // float32 too (an exponent add), and widening it is exact.
-                let scaled = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32::<23>(k)));
-                (_mm256_cvtps_pd(_mm256_castps256_ps128(scaled)), _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(scaled)))
-            } else {
-                (
-                    scale4(_mm256_castps256_ps128(p), _mm256_castsi256_si128(k)),
-                    scale4(_mm256_extractf128_ps::<1>(p), _mm256_extracti128_si256::<1>(k)),
-                )
-            };
-            // SAFETY: as above.
+        let min_normal = _mm256_set1_epi32(MIN_NORMAL_POWER);
+        // One step: 8 values into `os`, the sums, the dot products.
+        let mut add = |(lo, hi): (__m256d, __m256d), ws: &[f64; LANES], os: &mut [f64; LANES]| {
+            // SAFETY: `ws` and `os` hold 8 values each.
+            let (w0, w1) = unsafe { (_mm256_loadu_pd(ws.as_ptr()), _mm256_loadu_pd(ws.as_ptr().add(4))) };
             unsafe {
                 _mm256_storeu_pd(os.as_mut_ptr(), lo);
                 _mm256_storeu_pd(os.as_mut_ptr().add(4), hi);
@@ -297,6 +311,34 @@ mod avx2 {
             acc1 = _mm256_add_pd(acc1, hi);
             dot0 = _mm256_add_pd(dot0, _mm256_mul_pd(lo, w0));
             dot1 = _mm256_add_pd(dot1, _mm256_mul_pd(hi, w1));
+        };
+        // Two steps per iteration share the constants' registers; the order of
+        // the sums is that of one step at a time.
+        let (zp, zs1) = zc.as_chunks::<2>();
+        let (wp, ws1) = wc.as_chunks::<2>();
+        let (op, os1) = oc.as_chunks_mut::<2>();
+        for ((zs, ws), os) in zp.iter().zip(wp).zip(op.iter_mut()) {
+            // SAFETY: `zs` holds 2 x 8 values.
+            let (va, vb) = unsafe { (_mm256_loadu_ps(zs[0].as_ptr()), _mm256_loadu_ps(zs[1].as_ptr())) };
+            bad |= bad8(va) | bad8(vb);
+            top = _mm256_max_ps(vb, _mm256_max_ps(va, top));
+            let (pa, ka) = exp8(va, mv, neg_m);
+            let (pb, kb) = exp8(vb, mv, neg_m);
+            if all_normal(_mm256_min_epi32(ka, kb), min_normal) {
+                add(widen_normal(pa, ka), &ws[0], &mut os[0]);
+                add(widen_normal(pb, kb), &ws[1], &mut os[1]);
+            } else {
+                add(widen(pa, ka, min_normal), &ws[0], &mut os[0]);
+                add(widen(pb, kb, min_normal), &ws[1], &mut os[1]);
+            }
+        }
+        for ((zs, ws), os) in zs1.iter().zip(ws1).zip(os1.iter_mut()) {
+            // SAFETY: `zs` holds 8 values.
+            let v = unsafe { _mm256_loadu_ps(zs.as_ptr()) };
+            bad |= bad8(v);
+            top = _mm256_max_ps(v, top);
+            let (p, k) = exp8(v, mv, neg_m);
+            add(widen(p, k, min_normal), ws, os);
         }
         let lanes = |a: __m256d, b: __m256d| {
             let mut v = [0.0f64; LANES];
