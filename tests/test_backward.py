@@ -157,6 +157,24 @@ def test_float32_logits_give_float32_gradients(rng):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_cotangent_of_any_real_dtype_gives_the_bits_of_its_float64_values(rng, dtype):
+    # float32 cotangents are read in place, the others converted: both are the same float64 values
+    x = rng.normal(size=(300, 16)).astype(dtype)
+    cfg = mr.RouterConfig(num_experts=16, top_k=3, capacity_factor=0.9, normalize_weights=True,
+                          router_z_loss_coeff=1e-3)
+    dec = mr.route_logits(x, cfg, training=True)
+    g32 = rng.normal(size=(300, 3)).astype(np.float32)
+    want = dec.backward(g32.astype(np.float64))
+    for g in [g32, g32.astype(np.float16).astype(np.float32), g32[:, ::-1].copy()[:, ::-1], g32.reshape(1, 300, 3)]:
+        assert dec.backward(g).tobytes() == dec.backward(g.astype(np.float64)).tobytes()
+    assert dec.backward(g32).tobytes() == want.tobytes()
+    half = g32.astype(np.float16)
+    assert dec.backward(half).tobytes() == dec.backward(half.astype(np.float64)).tobytes()
+    ints = np.arange(900, dtype=np.int32).reshape(300, 3) % 5 - 2
+    assert dec.backward(ints).tobytes() == dec.backward(ints.astype(np.float64)).tobytes()
+
+
 def test_sequence_loss_groups_and_bias(rng):
     B, S, E, k = 3, 5, 8, 2
     x = rng.normal(size=(B, S, E))

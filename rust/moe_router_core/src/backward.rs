@@ -71,11 +71,50 @@ pub struct SavedRouting<'a> {
     pub balance_tokens: usize,
 }
 
+/// A `[T, k]` row-major gradient of the combine weights, float32 (as the
+/// weights are) or float64; read as float64 (exactly) either way.
+#[derive(Debug, Clone, Copy)]
+pub enum WeightGrads<'a> {
+    /// float32 values.
+    F32(&'a [f32]),
+    /// float64 values.
+    F64(&'a [f64]),
+}
+
+impl WeightGrads<'_> {
+    /// The number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            WeightGrads::F32(g) => g.len(),
+            WeightGrads::F64(g) => g.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Token `tok`'s `k` values as float64: a view, or widened into `buf`.
+    #[inline]
+    fn row<'b>(&'b self, tok: usize, k: usize, buf: &'b mut [f64]) -> &'b [f64] {
+        match self {
+            WeightGrads::F64(g) => &g[tok * k..(tok + 1) * k],
+            WeightGrads::F32(g) => {
+                for (b, &v) in buf.iter_mut().zip(&g[tok * k..(tok + 1) * k]) {
+                    *b = f64::from(v);
+                }
+                &buf[..k]
+            }
+        }
+    }
+}
+
 /// The cotangents of the decision's outputs.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cotangents<'a> {
     /// `[T, k]` gradient of the combine weights, if any.
-    pub expert_weights: Option<&'a [f64]>,
+    pub expert_weights: Option<WeightGrads<'a>>,
     /// Gradient of `auxiliary_loss`.
     pub auxiliary_loss: f64,
     /// `[T, E]` gradient of `router_probs`, if any.
@@ -189,73 +228,86 @@ where
     // Narrow fused rows are scored LANES at a time, so that their z-loss terms take one
     // vector `ln`; wider rows would not stay in L1 until they are used, so they go one by one.
     let group_rows = if e <= GROUPED_MAX_EXPERTS { LANES } else { 1 };
-    let scratch = || (RowRouter::new(options), ChunkBuf::default(), RowGrad::new(e, k), Softmax::new(e, group_rows));
+    // the fifth: a token's weight cotangents widened to float64
+    let scratch = || {
+        (RowRouter::new(options), ChunkBuf::default(), RowGrad::new(e, k), Softmax::new(e, group_rows), vec![0.0; k])
+    };
     let call_terms =
         CallTerms { options, saved, grads, dq: &dq, has_dq, z_factor, ctx: &ctx, softmax, sigmoid, probabilities };
-    out.par_chunks_mut(chunk * e).enumerate().try_for_each_init(scratch, |(router, buf, work, sm), (c, block)| {
-        let start = c * chunk;
-        let end = (start + chunk).min(t);
-        let rows = source.chunk(start, end, buf).rows;
-        let chosen = |tok: usize| &saved.original_experts[tok * k..(tok + 1) * k];
-        // Softmax rows check their own output; the others are scanned at the end.
-        let mut checks = Checks { finite: true, unchecked: false };
-        let mut row = |i: usize, work: &mut RowGrad, dst: &mut [S::Elem]| -> Result<RowCheck> {
-            let tok = start + i;
-            if !ctx.is_active(tok) {
-                dst.fill(S::Elem::from_f64(0.0));
-                return Ok(RowCheck::Finite(true));
-            }
-            call_terms.row(router, work, tok, &rows[i * e..(i + 1) * e], dst)
-        };
-        if !fused {
-            for (i, dst) in block.chunks_exact_mut(e).enumerate() {
-                checks.note(row(i, work, dst)?);
-            }
-        } else {
-            let mut scored = [None; LANES];
-            let mut lse_ln = [0.0; LANES];
-            for (first, group) in block.chunks_mut(group_rows * e).enumerate().map(|(g, b)| (g * group_rows, b)) {
-                let rows_in_group = group.len() / e;
-                for (g, s) in scored.iter_mut().take(rows_in_group).enumerate() {
-                    let tok = start + first + g;
-                    *s = if ctx.is_active(tok) {
-                        sm.rescore(ctx.simd, &rows[(first + g) * e..(first + g + 1) * e], chosen(tok), dq.row(tok), g)
-                    } else {
-                        None
-                    };
+    out.par_chunks_mut(chunk * e).enumerate().try_for_each_init(
+        scratch,
+        |(router, buf, work, sm, g_row), (c, block)| {
+            let start = c * chunk;
+            let end = (start + chunk).min(t);
+            let rows = source.chunk(start, end, buf).rows;
+            let chosen = |tok: usize| &saved.original_experts[tok * k..(tok + 1) * k];
+            // Softmax rows check their own output; the others are scanned at the end.
+            let mut checks = Checks { finite: true, unchecked: false };
+            let mut row = |i: usize, work: &mut RowGrad, g_row: &mut [f64], dst: &mut [S::Elem]| -> Result<RowCheck> {
+                let tok = start + i;
+                if !ctx.is_active(tok) {
+                    dst.fill(S::Elem::from_f64(0.0));
+                    return Ok(RowCheck::Finite(true));
                 }
-                if z_factor != 0.0 {
-                    if group_rows == LANES {
-                        let scales = std::array::from_fn(|g| match scored[g] {
-                            Some((_, _, scale)) if g < rows_in_group => scale,
-                            _ => 1.0,
-                        });
-                        lse_ln = ln_lanes(ctx.simd, &scales);
-                    } else if let Some((_, _, scale)) = scored[0] {
-                        lse_ln[0] = ln_one(ctx.simd, scale);
+                call_terms.row(router, work, g_row, tok, &rows[i * e..(i + 1) * e], dst)
+            };
+            if !fused {
+                for (i, dst) in block.chunks_exact_mut(e).enumerate() {
+                    checks.note(row(i, work, g_row, dst)?);
+                }
+            } else {
+                let mut scored = [None; LANES];
+                let mut lse_ln = [0.0; LANES];
+                for (first, group) in block.chunks_mut(group_rows * e).enumerate().map(|(g, b)| (g * group_rows, b)) {
+                    let rows_in_group = group.len() / e;
+                    for (g, s) in scored.iter_mut().take(rows_in_group).enumerate() {
+                        let tok = start + first + g;
+                        *s = if ctx.is_active(tok) {
+                            sm.rescore(
+                                ctx.simd,
+                                &rows[(first + g) * e..(first + g + 1) * e],
+                                chosen(tok),
+                                dq.row(tok),
+                                g,
+                            )
+                        } else {
+                            None
+                        };
                     }
-                }
-                for (g, dst) in group.chunks_exact_mut(e).enumerate() {
-                    let tok = start + first + g;
-                    // A row that does not read as valid goes the general way, which reports it.
-                    match scored[g].take() {
-                        Some((max, dot, scale)) => {
-                            let weights = grads.expert_weights.map(|w| &w[tok * k..(tok + 1) * k]);
-                            let z = if z_factor != 0.0 { z_factor * (max - lse_ln[g]) } else { 0.0 };
-                            let terms =
-                                SoftmaxTerms { dq: dq.row(tok), dot, z, buffer: sm.row(g), scale, noisy: false };
-                            checks.finite &= softmax_row(ctx.simd, options, saved, tok * k, weights, &terms, work, dst);
+                    if z_factor != 0.0 {
+                        if group_rows == LANES {
+                            let scales = std::array::from_fn(|g| match scored[g] {
+                                Some((_, _, scale)) if g < rows_in_group => scale,
+                                _ => 1.0,
+                            });
+                            lse_ln = ln_lanes(ctx.simd, &scales);
+                        } else if let Some((_, _, scale)) = scored[0] {
+                            lse_ln[0] = ln_one(ctx.simd, scale);
                         }
-                        None => checks.note(row(first + g, work, dst)?),
+                    }
+                    for (g, dst) in group.chunks_exact_mut(e).enumerate() {
+                        let tok = start + first + g;
+                        // A row that does not read as valid goes the general way, which reports it.
+                        match scored[g].take() {
+                            Some((max, dot, scale)) => {
+                                let weights = grads.expert_weights.as_ref().map(|w| w.row(tok, k, g_row));
+                                let z = if z_factor != 0.0 { z_factor * (max - lse_ln[g]) } else { 0.0 };
+                                let terms =
+                                    SoftmaxTerms { dq: dq.row(tok), dot, z, buffer: sm.row(g), scale, noisy: false };
+                                checks.finite &=
+                                    softmax_row(ctx.simd, options, saved, tok * k, weights, &terms, work, dst);
+                            }
+                            None => checks.note(row(first + g, work, g_row, dst)?),
+                        }
                     }
                 }
             }
-        }
-        if checks.finite && !checks.unchecked {
-            return Ok(());
-        }
-        finite_rows(block, e, start)
-    })
+            if checks.finite && !checks.unchecked {
+                return Ok(());
+            }
+            finite_rows(block, e, start)
+        },
+    )
 }
 
 /// How a row's output was checked: by the softmax row itself, or not yet.
@@ -301,6 +353,7 @@ impl CallTerms<'_> {
         &self,
         router: &mut RowRouter,
         work: &mut RowGrad,
+        g_row: &mut [f64],
         tok: usize,
         raw: &[F],
         dst: &mut [F],
@@ -310,7 +363,7 @@ impl CallTerms<'_> {
         let z_factor = self.z_factor;
         let (row, max) = router.rescore(ctx, tok, raw, &mut work.jitter)?;
         let scores = router.scores();
-        let weights = grads.expert_weights.map(|g| &g[tok * k..(tok + 1) * k]);
+        let weights = grads.expert_weights.as_ref().map(|g| g.row(tok, k, g_row));
         if self.softmax {
             let dq = self.dq.row(tok);
             let z = if z_factor != 0.0 { z_factor * (max - ln_one(ctx.simd, row.scale)) } else { 0.0 };

@@ -85,7 +85,7 @@ mod topk;
 mod weights;
 
 pub use array_arg::ArrayArg;
-pub use backward::{backward_logits, Cotangents, SavedRouting};
+pub use backward::{backward_logits, Cotangents, SavedRouting, WeightGrads};
 pub use capacity::{capacity_limit, expert_capacity};
 pub use config::{
     integer_range, BalancedSolver, CapacityFactor, CapacityRounding, DropPolicy, FieldValue, GroupLimit, GroupScore,

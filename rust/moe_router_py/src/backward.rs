@@ -2,7 +2,9 @@
 //! and the core's closed-form gradient, with the GIL released.
 
 use crate::arg;
-use moe_router_core::{self as core, Cotangents, LinearLogits, Logit, RouteCall, SavedRouting, SliceLogits};
+use moe_router_core::{
+    self as core, Cotangents, LinearLogits, Logit, RouteCall, SavedRouting, SliceLogits, WeightGrads,
+};
 use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
@@ -100,9 +102,43 @@ struct Prepared<'py> {
     rerouted: PyReadonlyArrayDyn<'py, bool>,
     pre_drop: PyReadonlyArrayDyn<'py, i64>,
     mask: Option<PyReadonlyArrayDyn<'py, bool>>,
-    gw: Option<PyReadonlyArrayDyn<'py, f64>>,
+    gw: Option<WeightCotangent<'py>>,
     gp: Option<PyReadonlyArrayDyn<'py, f32>>,
     balance: Option<Balance>,
+}
+
+/// `grad_expert_weights` as given: float32 (the weights' dtype) read in place,
+/// any other real dtype as float64.
+enum WeightCotangent<'py> {
+    F32(PyReadonlyArrayDyn<'py, f32>),
+    F64(PyReadonlyArrayDyn<'py, f64>),
+}
+
+impl<'py> WeightCotangent<'py> {
+    fn new(g: &Bound<'py, PyAny>, rows: usize, k: usize) -> PyResult<Self> {
+        let name = "grad_expert_weights";
+        let dtype: String = as_numpy(g, name)?.getattr("dtype")?.getattr("name")?.extract()?;
+        Ok(if dtype == "float32" {
+            WeightCotangent::F32(cotangent::<f32>(g, name, rows, k, "float32")?)
+        } else {
+            WeightCotangent::F64(cotangent::<f64>(g, name, rows, k, "float64")?)
+        })
+    }
+
+    fn view(&self) -> PyResult<WeightGrads<'_>> {
+        let unread = |e| unreadable("grad_expert_weights", e);
+        Ok(match self {
+            WeightCotangent::F32(g) => WeightGrads::F32(g.as_slice().map_err(unread)?),
+            WeightCotangent::F64(g) => WeightGrads::F64(g.as_slice().map_err(unread)?),
+        })
+    }
+
+    fn as_any(&self) -> &Bound<'py, PyAny> {
+        match self {
+            WeightCotangent::F32(g) => g.as_any(),
+            WeightCotangent::F64(g) => g.as_any(),
+        }
+    }
 }
 
 /// Counts that replace the decision's own in the balance-loss gradient: a
@@ -172,7 +208,7 @@ impl<'py> Prepared<'py> {
         let (t, k, e) = (d.total_tokens(), d.top_k(), d.num_experts());
         let (experts, kept, rerouted) = d.choice_arrays(py);
         Ok(Prepared {
-            gw: grad_expert_weights.map(|g| cotangent::<f64>(g, "grad_expert_weights", t, k, "float64")).transpose()?,
+            gw: grad_expert_weights.map(|g| WeightCotangent::new(g, t, k)).transpose()?,
             gp: grad_router_probs.map(|g| cotangent::<f32>(g, "grad_router_probs", t, e, "float32")).transpose()?,
             experts: readonly::<i32>(&experts, "expert_indices")?,
             kept: readonly::<bool>(&kept, "kept")?,
@@ -218,12 +254,7 @@ impl<'py> Prepared<'py> {
             ..RouteCall::default()
         };
         let cot = Cotangents {
-            expert_weights: self
-                .gw
-                .as_ref()
-                .map(|g| g.as_slice())
-                .transpose()
-                .map_err(|e| unreadable("grad_expert_weights", e))?,
+            expert_weights: self.gw.as_ref().map(|g| g.view()).transpose()?,
             auxiliary_loss: grad_auxiliary_loss,
             router_probs: self
                 .gp
