@@ -98,7 +98,10 @@ def _route_bwd(config: RouterConfig, training: bool, step: int, logits: Any, cot
 
     def host(x: np.ndarray, gw: np.ndarray, ga: np.ndarray) -> np.ndarray:
         dec = _decide(x, config, training, step)
-        return np.asarray(dec.backward(np.asarray(gw, np.float64), float(ga)), dtype=x.dtype).reshape(x.shape)
+        gw = np.asarray(gw)
+        # float32 is read in place; the others (bfloat16 included) go as float64
+        gw = gw if gw.dtype == np.float32 else gw.astype(np.float64)
+        return np.asarray(dec.backward(gw, float(ga)), dtype=x.dtype).reshape(x.shape)
 
     grad = jax.pure_callback(host, jax.ShapeDtypeStruct(logits.shape, logits.dtype), logits, g_weights, g_aux)
     return (grad,)

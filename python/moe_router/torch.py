@@ -35,6 +35,13 @@ def _numpy(x: torch.Tensor) -> np.ndarray:
     return x.cpu().numpy()
 
 
+def _weight_cotangent(grad: torch.Tensor) -> np.ndarray:
+    """A weights' cotangent as NumPy for ``RoutingDecision.backward``: float32 as it
+    is (read in place), any other dtype (bfloat16 has no NumPy dtype) as float64."""
+    grad = grad.detach()
+    return (grad if grad.dtype == torch.float32 else grad.double()).cpu().numpy()
+
+
 class _Route(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, config: RouterConfig, training: bool, call: Dict[str, Any],
@@ -53,7 +60,7 @@ class _Route(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, _: Any, grad_weights: Optional[torch.Tensor],
                  grad_aux: Optional[torch.Tensor]) -> Tuple[Any, ...]:
-        gw = None if grad_weights is None else grad_weights.detach().double().cpu().numpy()
+        gw = None if grad_weights is None else _weight_cotangent(grad_weights)
         ga = 0.0 if grad_aux is None else float(grad_aux)
         grad = ctx.decision.backward(gw, ga)
         return torch.from_numpy(grad).to(ctx.dtype).reshape(ctx.shape), None, None, None, None
@@ -143,7 +150,7 @@ def _route_backward_op(logits: torch.Tensor, grad_weights: torch.Tensor, grad_au
     # Routing is deterministic in (logits, config, training, step, mask, bias): routing
     # again gives the forward's decision, so no Python object crosses the graph.
     dec = _route_call(logits, config, training, step, token_mask, expert_bias)
-    grad = dec.backward(grad_weights.detach().double().cpu().numpy(), float(grad_aux))
+    grad = dec.backward(_weight_cotangent(grad_weights), float(grad_aux))
     return torch.from_numpy(grad).to(logits.dtype).reshape(logits.shape)
 
 

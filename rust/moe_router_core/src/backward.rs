@@ -228,7 +228,8 @@ where
     // Narrow fused rows are scored LANES at a time, so that their z-loss terms take one
     // vector `ln`; wider rows would not stay in L1 until they are used, so they go one by one.
     let group_rows = if e <= GROUPED_MAX_EXPERTS { LANES } else { 1 };
-    // the fifth: a token's weight cotangents widened to float64
+    // per thread: the row router, the chunk's rows, the row gradient's buffers, the
+    // fused softmax rows, and a token's weight cotangents widened to float64
     let scratch = || {
         (RowRouter::new(options), ChunkBuf::default(), RowGrad::new(e, k), Softmax::new(e, group_rows), vec![0.0; k])
     };
@@ -258,14 +259,16 @@ where
             } else {
                 let mut scored = [None; LANES];
                 let mut lse_ln = [0.0; LANES];
-                for (first, group) in block.chunks_mut(group_rows * e).enumerate().map(|(g, b)| (g * group_rows, b)) {
+                for (group_start, group) in
+                    block.chunks_mut(group_rows * e).enumerate().map(|(g, b)| (g * group_rows, b))
+                {
                     let rows_in_group = group.len() / e;
                     for (g, s) in scored.iter_mut().take(rows_in_group).enumerate() {
-                        let tok = start + first + g;
+                        let tok = start + group_start + g;
                         *s = if ctx.is_active(tok) {
                             sm.rescore(
                                 ctx.simd,
-                                &rows[(first + g) * e..(first + g + 1) * e],
+                                &rows[(group_start + g) * e..(group_start + g + 1) * e],
                                 chosen(tok),
                                 dq.row(tok),
                                 g,
@@ -286,7 +289,7 @@ where
                         }
                     }
                     for (g, dst) in group.chunks_exact_mut(e).enumerate() {
-                        let tok = start + first + g;
+                        let tok = start + group_start + g;
                         // A row that does not read as valid goes the general way, which reports it.
                         match scored[g].take() {
                             Some((max, dot, scale)) => {
@@ -297,7 +300,7 @@ where
                                 checks.finite &=
                                     softmax_row(ctx.simd, options, saved, tok * k, weights, &terms, work, dst);
                             }
-                            None => checks.note(row(first + g, work, g_row, dst)?),
+                            None => checks.note(row(group_start + g, work, g_row, dst)?),
                         }
                     }
                 }
@@ -711,6 +714,7 @@ struct SoftmaxTerms<'a> {
     z: f64,
     /// `[E]` `exp(x - max)`: the scores times `1 / scale`.
     buffer: &'a [f64],
+    /// `1 / sum_e buffer_e`.
     scale: f64,
     /// Whether to multiply by `work.jitter`.
     noisy: bool,

@@ -10,18 +10,19 @@
 //! result does not lose accuracy for large gaps; `e^r`, `|r| <= ln2 / 2`, is
 //! the degree-7 Taylor polynomial (truncation below `2^-27`) by Estrin's
 //! scheme in float32 with FMA; the power of two is applied exactly: in
-//! float64, which has no float32 subnormals, or, where all 8 results of an
-//! AVX2 step are normal float32 values, by an exponent add in float32 (the
-//! same value, widened exactly). Arguments below `LO` give exactly 0
+//! float64, which has no float32 subnormals, or, where every power of an AVX2
+//! step is at least `MIN_NORMAL_POWER` (so all 8 results are normal float32
+//! values), by an exponent add in float32 (the same value, widened exactly). Arguments below `LO` give exactly 0
 //! (`e^-104` is below half of float32's smallest subnormal, so a float32
 //! `exp` rounds it to 0 too; `-inf` logits give 0).
 //!
 //! The values are float64 and are summed, and multiplied with the float64 row,
 //! over the lanes of `math::exp_shifted_dot` (lane `e % 8`, pairwise lane
 //! sum, then the tail): every build (portable, AVX2 + FMA, AVX-512F) gives the
-//! same bits, because the per-value operations are the same IEEE operations
-//! in the same order and FMA is used exactly where the portable code uses
-//! `mul_add`.
+//! same bits, because each value is the same exact result (the same IEEE
+//! operations in the same order, FMA exactly where the portable code uses
+//! `mul_add`, and the power of two applied exactly either way) and the sums
+//! take them in the same order.
 
 use crate::math::{dispatch, finish_dot, lane_sum, ExpDot, LANES};
 use crate::simd::{Simd, SimdLevel};
@@ -257,7 +258,7 @@ mod avx2 {
 
     /// Whether every lane of `k` is at least `min_normal` (`MIN_NORMAL_POWER`):
     /// then every `p * 2^k` is a normal float32 (`p` is in [0.7, 1.5), or 0
-    /// below `LO`, where `k` is below this too).
+    /// where the argument is below `LO` or NaN, and there `k` is -150).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn all_normal(k: __m256i, min_normal: __m256i) -> bool {
@@ -303,6 +304,7 @@ mod avx2 {
         let mut add = |(lo, hi): (__m256d, __m256d), ws: &[f64; LANES], os: &mut [f64; LANES]| {
             // SAFETY: `ws` and `os` hold 8 values each.
             let (w0, w1) = unsafe { (_mm256_loadu_pd(ws.as_ptr()), _mm256_loadu_pd(ws.as_ptr().add(4))) };
+            // SAFETY: as above.
             unsafe {
                 _mm256_storeu_pd(os.as_mut_ptr(), lo);
                 _mm256_storeu_pd(os.as_mut_ptr().add(4), hi);
@@ -314,9 +316,9 @@ mod avx2 {
         };
         // Two steps per iteration share the constants' registers; the order of
         // the sums is that of one step at a time.
-        let (zp, zs1) = zc.as_chunks::<2>();
-        let (wp, ws1) = wc.as_chunks::<2>();
-        let (op, os1) = oc.as_chunks_mut::<2>();
+        let (zp, zrest) = zc.as_chunks::<2>();
+        let (wp, wrest) = wc.as_chunks::<2>();
+        let (op, orest) = oc.as_chunks_mut::<2>();
         for ((zs, ws), os) in zp.iter().zip(wp).zip(op.iter_mut()) {
             // SAFETY: `zs` holds 2 x 8 values.
             let (va, vb) = unsafe { (_mm256_loadu_ps(zs[0].as_ptr()), _mm256_loadu_ps(zs[1].as_ptr())) };
@@ -332,7 +334,7 @@ mod avx2 {
                 add(widen(pb, kb, min_normal), &ws[1], &mut os[1]);
             }
         }
-        for ((zs, ws), os) in zs1.iter().zip(ws1).zip(os1.iter_mut()) {
+        for ((zs, ws), os) in zrest.iter().zip(wrest).zip(orest.iter_mut()) {
             // SAFETY: `zs` holds 8 values.
             let v = unsafe { _mm256_loadu_ps(zs.as_ptr()) };
             bad |= bad8(v);

@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 
 use crate::arrays;
 use crate::decision::{BackwardInputs, RoutingDecision, SavedSource};
-use crate::errors::{config_error, to_py, unborrowable, unreadable, wrong_type};
+use crate::errors::{config_error, out_not_contiguous, to_py, unborrowable, unreadable, wrong_type};
 use crate::plan::as_numpy;
 use crate::threads;
 
@@ -102,41 +102,43 @@ struct Prepared<'py> {
     rerouted: PyReadonlyArrayDyn<'py, bool>,
     pre_drop: PyReadonlyArrayDyn<'py, i64>,
     mask: Option<PyReadonlyArrayDyn<'py, bool>>,
-    gw: Option<WeightCotangent<'py>>,
+    gw: Option<WeightGradsInput<'py>>,
     gp: Option<PyReadonlyArrayDyn<'py, f32>>,
     balance: Option<Balance>,
 }
 
 /// `grad_expert_weights` as given: float32 (the weights' dtype) read in place,
 /// any other real dtype as float64.
-enum WeightCotangent<'py> {
+enum WeightGradsInput<'py> {
     F32(PyReadonlyArrayDyn<'py, f32>),
     F64(PyReadonlyArrayDyn<'py, f64>),
 }
 
-impl<'py> WeightCotangent<'py> {
+impl<'py> WeightGradsInput<'py> {
     fn new(g: &Bound<'py, PyAny>, rows: usize, k: usize) -> PyResult<Self> {
         let name = "grad_expert_weights";
-        let dtype: String = as_numpy(g, name)?.getattr("dtype")?.getattr("name")?.extract()?;
+        // converted once: a list or a tensor becomes an array here
+        let array = as_numpy(g, name)?;
+        let dtype: String = array.getattr("dtype")?.getattr("name")?.extract()?;
         Ok(if dtype == "float32" {
-            WeightCotangent::F32(cotangent::<f32>(g, name, rows, k, "float32")?)
+            WeightGradsInput::F32(cotangent::<f32>(&array, name, rows, k, "float32")?)
         } else {
-            WeightCotangent::F64(cotangent::<f64>(g, name, rows, k, "float64")?)
+            WeightGradsInput::F64(cotangent::<f64>(&array, name, rows, k, "float64")?)
         })
     }
 
     fn view(&self) -> PyResult<WeightGrads<'_>> {
         let unread = |e| unreadable("grad_expert_weights", e);
         Ok(match self {
-            WeightCotangent::F32(g) => WeightGrads::F32(g.as_slice().map_err(unread)?),
-            WeightCotangent::F64(g) => WeightGrads::F64(g.as_slice().map_err(unread)?),
+            WeightGradsInput::F32(g) => WeightGrads::F32(g.as_slice().map_err(unread)?),
+            WeightGradsInput::F64(g) => WeightGrads::F64(g.as_slice().map_err(unread)?),
         })
     }
 
     fn as_any(&self) -> &Bound<'py, PyAny> {
         match self {
-            WeightCotangent::F32(g) => g.as_any(),
-            WeightCotangent::F64(g) => g.as_any(),
+            WeightGradsInput::F32(g) => g.as_any(),
+            WeightGradsInput::F64(g) => g.as_any(),
         }
     }
 }
@@ -208,7 +210,7 @@ impl<'py> Prepared<'py> {
         let (t, k, e) = (d.total_tokens(), d.top_k(), d.num_experts());
         let (experts, kept, rerouted) = d.choice_arrays(py);
         Ok(Prepared {
-            gw: grad_expert_weights.map(|g| WeightCotangent::new(g, t, k)).transpose()?,
+            gw: grad_expert_weights.map(|g| WeightGradsInput::new(g, t, k)).transpose()?,
             gp: grad_router_probs.map(|g| cotangent::<f32>(g, "grad_router_probs", t, e, "float32")).transpose()?,
             experts: readonly::<i32>(&experts, "expert_indices")?,
             kept: readonly::<bool>(&kept, "kept")?,
@@ -328,7 +330,7 @@ pub fn decision_backward<'py>(
             ];
             let read: Vec<_> = read.into_iter().flatten().collect();
             let mut guard = crate::plan::write_target(&out, &read)?;
-            let target = guard.as_slice_mut().map_err(|_| unreadable("out", "it must be C-contiguous"))?;
+            let target = guard.as_slice_mut().map_err(|_| out_not_contiguous())?;
             py.detach(|| threads::install(t, e, || core::backward_logits(&source, &inputs.config, &call, &saved, &cot, target)))
                 .map_err(to_py)?;
         }

@@ -586,8 +586,8 @@ impl RoutingDecision {
     /// Parameters
     /// ----------
     /// grad_expert_weights : array of float, shape [T, k] or batch_shape + [k], optional
-    ///     float32 is read in place; other real dtypes are converted to float64
-    ///     (the same values, so the same gradient).
+    ///     float32 values are used as they are; other real dtypes are converted
+    ///     to float64 first.
     /// grad_auxiliary_loss : float, default 1.0 (None means 1.0)
     /// grad_router_probs : array of float, shape [T, E] or batch_shape + [E], optional
     /// tokens_per_expert : array of int, shape [E], optional

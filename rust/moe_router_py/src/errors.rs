@@ -149,6 +149,11 @@ pub fn unreadable(argument: &str, why: impl std::fmt::Display) -> PyErr {
     InputError::new_err(format!("{argument} cannot be read: {why}"))
 }
 
+/// An `out=` array that is not C-contiguous: results are written in place, row-major.
+pub fn out_not_contiguous() -> PyErr {
+    InputError::new_err("out must be C-contiguous: results are written into it in place, row-major (got a strided or Fortran-ordered array)")
+}
+
 /// NumPy's name of the dtype of `T` ("float32", "float16", "int64"), for messages:
 /// the caller knows NumPy's names, not Rust's.
 pub fn dtype_name<T: Element>(py: Python<'_>) -> String {

@@ -15,7 +15,7 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 use crate::args::Given;
 use crate::arrays;
 use crate::decision::RoutingDecision;
-use crate::errors::{dtype_name, to_py, unborrowable, unreadable, unwritable_out, wrong_type};
+use crate::errors::{dtype_name, out_not_contiguous, to_py, unborrowable, unreadable, unwritable_out, wrong_type};
 use crate::threads;
 
 pub(crate) const PAYLOAD_ARRAY: &str = "a C-contiguous float32, float64 or float16 array";
@@ -194,7 +194,7 @@ pub(crate) fn output<'py, P: Element>(
                 }));
             }
             if !typed.is_c_contiguous() {
-                return Err(unreadable("out", "it must be C-contiguous"));
+                return Err(out_not_contiguous());
             }
             Ok(typed.clone())
         }
@@ -228,7 +228,7 @@ pub(crate) fn run_move<'py, P: Payload + Element>(
 ) -> PyResult<()> {
     let data = input.as_slice().map_err(|e| unreadable(input_name, e))?;
     let mut guard = write_target(out, &[(input_name, input.as_any())])?;
-    let target = guard.as_slice_mut().map_err(|_| unreadable("out", "it must be C-contiguous"))?;
+    let target = guard.as_slice_mut().map_err(|_| out_not_contiguous())?;
     let rows = target.len().max(data.len());
     py.detach(|| threads::install_rows(rows, || f(data, target))).map_err(to_py)
 }
