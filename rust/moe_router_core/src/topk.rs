@@ -181,18 +181,11 @@ unsafe fn candidate_mask(simd: Simd, keys: &[f64], bound: f64) -> u64 {
 #[inline]
 fn candidate_mask_avx512(keys: &[f64], bound: f64) -> u64 {
     use std::arch::x86_64::*;
-    debug_assert!(keys.len() <= 64);
     let b = _mm512_set1_pd(bound);
-    let full = keys.len() / 8 * 8;
-    let mut mask = 0u64;
-    let mut i = 0;
-    while i < full {
-        // SAFETY: i + 8 <= keys.len().
-        let v = unsafe { _mm512_loadu_pd(keys.as_ptr().add(i)) };
-        mask |= u64::from(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(v, b)) << i;
-        i += 8;
-    }
-    mask | tail_mask(&keys[full..], bound, full)
+    // SAFETY: the chunk holds 8 values.
+    lanes_mask::<_, 8>(keys, bound, |c| {
+        u64::from(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(unsafe { _mm512_loadu_pd(c.as_ptr()) }, b))
+    })
 }
 
 /// Bit i set when `keys[i] >= bound`, for up to 64 keys.
@@ -201,25 +194,11 @@ fn candidate_mask_avx512(keys: &[f64], bound: f64) -> u64 {
 #[inline]
 fn candidate_mask_avx2(keys: &[f64], bound: f64) -> u64 {
     use std::arch::x86_64::*;
-    debug_assert!(keys.len() <= 64);
     let b = _mm256_set1_pd(bound);
-    let full = keys.len() / 4 * 4;
-    let mut mask = 0u64;
-    let mut i = 0;
-    while i < full {
-        // SAFETY: i + 4 <= keys.len().
-        let v = unsafe { _mm256_loadu_pd(keys.as_ptr().add(i)) };
-        mask |= (_mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(v, b)) as u64) << i;
-        i += 4;
-    }
-    mask | tail_mask(&keys[full..], bound, full)
-}
-
-/// The candidate bits of the values a mask's vector loop leaves, from bit `first`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn tail_mask<T: PartialOrd + Copy>(rest: &[T], bound: T, first: usize) -> u64 {
-    rest.iter().enumerate().fold(0, |m, (j, &v)| m | u64::from(v >= bound) << (first + j))
+    // SAFETY: the chunk holds 4 values.
+    lanes_mask::<_, 4>(keys, bound, |c| {
+        _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(unsafe { _mm256_loadu_pd(c.as_ptr()) }, b)) as u64
+    })
 }
 
 /// [`candidate_mask_avx2`] on float32 values: 8 per compare.
@@ -228,18 +207,23 @@ fn tail_mask<T: PartialOrd + Copy>(rest: &[T], bound: T, first: usize) -> u64 {
 #[inline]
 fn candidate_mask_avx2_f32(values: &[f32], bound: f32) -> u64 {
     use std::arch::x86_64::*;
-    debug_assert!(values.len() <= 64);
     let b = _mm256_set1_ps(bound);
-    let full = values.len() / 8 * 8;
-    let mut mask = 0u64;
-    let mut i = 0;
-    while i < full {
-        // SAFETY: i + 8 <= values.len().
-        let v = unsafe { _mm256_loadu_ps(values.as_ptr().add(i)) };
-        mask |= u64::from(_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(v, b)) as u8) << i;
-        i += 8;
-    }
-    mask | tail_mask(&values[full..], bound, full)
+    // SAFETY: the chunk holds 8 values.
+    lanes_mask::<_, 8>(values, bound, |c| {
+        u64::from(_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(unsafe { _mm256_loadu_ps(c.as_ptr()) }, b)) as u8)
+    })
+}
+
+/// The candidate mask of up to 64 `keys` from `W` at a time: `lanes(chunk)`
+/// gives the chunk's bits (bit j for `chunk[j] >= bound`); the rest are compared one by one.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lanes_mask<T: PartialOrd + Copy, const W: usize>(keys: &[T], bound: T, lanes: impl Fn(&[T; W]) -> u64) -> u64 {
+    debug_assert!(keys.len() <= 64);
+    let (chunks, rest) = keys.as_chunks::<W>();
+    let mask = chunks.iter().enumerate().fold(0u64, |m, (c, chunk)| m | lanes(chunk) << (c * W));
+    let first = chunks.len() * W;
+    rest.iter().enumerate().fold(mask, |m, (j, &v)| m | u64::from(v >= bound) << (first + j))
 }
 
 /// The order of the spec on (key, expert) pairs: key descending, then index
