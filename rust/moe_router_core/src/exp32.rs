@@ -10,9 +10,10 @@
 //! result does not lose accuracy for large gaps; `e^r`, `|r| <= ln2 / 2`, is
 //! the degree-7 Taylor polynomial (truncation below `2^-27`) by Estrin's
 //! scheme in float32 with FMA; the power of two is applied exactly: in
-//! float64, which has no float32 subnormals, or, where every power of an AVX2
-//! step is at least `MIN_NORMAL_POWER` (so all 8 results are normal float32
-//! values), by an exponent add in float32 (the same value, widened exactly). Arguments below `LO` give exactly 0
+//! float64, which has no float32 subnormals, or, where every power of a SIMD
+//! step (8 lanes for AVX2, 16 for AVX-512) is at least `MIN_NORMAL_POWER` (so
+//! all its results are normal float32 values), by an exponent add in float32
+//! (the same value, widened exactly). Arguments below `LO` give exactly 0
 //! (`e^-104` is below half of float32's smallest subnormal, so a float32
 //! `exp` rounds it to 0 too; `-inf` logits give 0).
 //!
@@ -400,6 +401,17 @@ mod avx512 {
         _mm512_mul_pd(_mm512_cvtps_pd(p), _mm512_castsi512_pd(e))
     }
 
+    /// `p * 2^k` as float64 (8 + 8 lanes) where every lane of `k` is at least
+    /// `min_normal`: an exponent add in float32 (exact: all results are normal
+    /// float32 values), widened exactly.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn widen_normal16(p: __m512, k: __m512i) -> (__m512d, __m512d) {
+        let scaled = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32::<23>(k)));
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(scaled)));
+        (_mm512_cvtps_pd(_mm512_castps512_ps256(scaled)), _mm512_cvtps_pd(hi))
+    }
+
     #[target_feature(enable = "avx512f")]
     pub(crate) fn exp32_shifted_dot(z: &[f32], m: f32, w: &[f64], out: &mut [f64]) -> ExpDot {
         let n = z.len().min(w.len()).min(out.len());
@@ -410,8 +422,8 @@ mod avx512 {
         let (mut acc, mut dot) = (_mm512_setzero_pd(), _mm512_setzero_pd());
         let mut top = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut bad = 0u32;
-        let mut put = |p: __m256, k: __m256i, ws: &[f64; LANES], os: &mut [f64; LANES]| {
-            let v = scale8(p, k);
+        let min_normal = _mm512_set1_epi32(MIN_NORMAL_POWER);
+        let mut put = |v: __m512d, ws: &[f64; LANES], os: &mut [f64; LANES]| {
             // SAFETY: `ws` and `os` hold 8 values.
             unsafe {
                 _mm512_storeu_pd(os.as_mut_ptr(), v);
@@ -432,12 +444,17 @@ mod avx512 {
             // per lane of 8, the two chunks in order, as `max(v, top)` twice
             top = _mm512_max_ps(v, top);
             let (p, k) = exp16(v, m16, neg_m16);
-            let (p_lo, p_hi) =
-                (_mm512_castps512_ps256(p), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(p))));
-            let (k_lo, k_hi) = (_mm512_castsi512_si256(k), _mm512_extracti64x4_epi64::<1>(k));
+            let (lo, hi) = if _mm512_cmplt_epi32_mask(k, min_normal) == 0 {
+                widen_normal16(p, k)
+            } else {
+                let (p_lo, p_hi) =
+                    (_mm512_castps512_ps256(p), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(p))));
+                let (k_lo, k_hi) = (_mm512_castsi512_si256(k), _mm512_extracti64x4_epi64::<1>(k));
+                (scale8(p_lo, k_lo), scale8(p_hi, k_hi))
+            };
             let [o0, o1] = os;
-            put(p_lo, k_lo, &ws[0], o0);
-            put(p_hi, k_hi, &ws[1], o1);
+            put(lo, &ws[0], o0);
+            put(hi, &ws[1], o1);
         }
         // an odd chunk: the 8-lane part
         let mut top8 = _mm256_set1_ps(f32::NEG_INFINITY);
@@ -447,7 +464,7 @@ mod avx512 {
             bad |= bad8(v) as u32;
             top8 = _mm256_max_ps(v, top8);
             let (p, k) = exp8(v, _mm512_castps512_ps256(m16), _mm512_castps512_ps256(neg_m16));
-            put(p, k, ws, os);
+            put(scale8(p, k), ws, os);
         }
         let mut tops = [0.0f32; 2 * LANES];
         let mut odd = [0.0f32; LANES];
