@@ -9,6 +9,7 @@ cannot pass without running them.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -133,6 +134,19 @@ def restore_threads():
         yield mr.set_num_threads
     finally:
         mr.set_num_threads(0)
+
+
+@pytest.fixture
+def no_gc():
+    """For tests that check which freed output the package hands out next: a garbage
+    collection in the middle could drop some other output of the same size (a cycle
+    left by an earlier test, torch's included) and change which buffer comes back."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ def test_out_is_written_in_place_and_returned(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_a_large_fresh_gradient_reuses_a_dropped_one_and_never_shows_its_contents(rng, dtype):
+def test_a_large_fresh_gradient_reuses_a_dropped_one_and_never_shows_its_contents(rng, dtype, no_gc):
     # [16384, 64] float32 is 4 MiB, the size from which fresh gradients come from recycled memory
     x, dec = routed(rng, dtype, T=16384, E=64, k=2)
     g = rng.normal(size=(x.shape[0], 2))

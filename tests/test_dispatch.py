@@ -154,7 +154,7 @@ def test_batch_shape_and_out_arrays(rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_large_fresh_moves_reuse_dropped_outputs_and_never_show_their_contents(rng, dtype):
+def test_large_fresh_moves_reuse_dropped_outputs_and_never_show_their_contents(rng, dtype, no_gc):
     # outputs of 4 MiB or more come from recycled memory; drops, padding and masked tokens
     # are the elements a kernel could leave unwritten
     T, D = 6000, 512
@@ -192,7 +192,7 @@ def test_large_fresh_moves_reuse_dropped_outputs_and_never_show_their_contents(r
 
 @pytest.mark.skipif(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") < 4 * (700 << 20),
                     reason="the package holds freed outputs up to a quarter of the memory")
-def test_a_dropped_output_beyond_512_mib_is_reused():
+def test_a_dropped_output_beyond_512_mib_is_reused(no_gc):
     # a MoE step at D = 4096 drops permute outputs of gigabytes; one above the
     # former 512 MiB bound must come back instead of faulting in fresh pages
     D = 1024
@@ -209,7 +209,7 @@ def test_a_dropped_output_beyond_512_mib_is_reused():
     assert not np.isnan(second).any()
 
 
-def test_release_memory_gives_the_held_buffers_back(rng):
+def test_release_memory_gives_the_held_buffers_back(rng, no_gc):
     src = rng.normal(size=(3, 1024)).astype(np.float32)
     index = np.arange(3000, dtype=np.int64) % 3  # a 12 MB output: recycled when dropped
     first = gather_rows(src, index)
