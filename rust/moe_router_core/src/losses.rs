@@ -11,7 +11,7 @@
 //!   load-balance loss of each sequence on its own, averaged over sequences.
 
 use crate::block_lanes::add_scaled_lanes;
-use crate::math::add_scaled;
+use crate::math::{add_scaled, ln_lanes, LANES};
 use crate::score::RowScores;
 use crate::simd::Simd;
 
@@ -31,6 +31,21 @@ pub(crate) struct LossSums {
     pub seq_loss_sum: f64,
     /// Sequences (with at least one active token) ending in this chunk.
     pub sequences: u64,
+    /// Tokens whose z-loss term waits for its logarithm, taken for eight at
+    /// once (one vector `ln` in place of eight scalar ones, the same bits).
+    pending: PendingLse,
+}
+
+/// Up to `LANES` tokens' `(max, sum)` with `lse = max + ln(sum)`, in token order.
+#[derive(Debug, Clone, PartialEq)]
+struct PendingLse {
+    max: [f64; LANES],
+    sum: [f64; LANES],
+    len: usize,
+}
+
+impl PendingLse {
+    const EMPTY: PendingLse = PendingLse { max: [0.0; LANES], sum: [1.0; LANES], len: 0 };
 }
 
 impl LossSums {
@@ -43,6 +58,7 @@ impl LossSums {
             active: 0,
             seq_loss_sum: 0.0,
             sequences: 0,
+            pending: PendingLse::EMPTY,
         }
     }
 
@@ -52,12 +68,58 @@ impl LossSums {
         if row.prob_scale > 0.0 {
             add_scaled(simd, &mut self.prob_sum, row.prob_scale, scores);
         }
-        self.count_token(row);
+        self.count_token(simd, row);
     }
 
-    /// A token's z-loss term and count (after its score distribution).
+    /// [`LossSums::add_token`] for a token whose z-loss term is
+    /// `(max + ln(sum))^2`, its `ln` taken later with seven others (by
+    /// [`LossSums::finish`] at the latest; `row.z_term` is ignored). The caller
+    /// guarantees the term is finite (`|max|` well below `sqrt(f64::MAX)`,
+    /// `1 <= sum <= E`).
+    #[inline]
+    pub fn add_token_pending_lse(&mut self, simd: Simd, scores: &[f64], row: RowScores, max: f64, sum: f64) {
+        if row.prob_scale > 0.0 {
+            add_scaled(simd, &mut self.prob_sum, row.prob_scale, scores);
+        }
+        let p = &mut self.pending;
+        p.max[p.len] = max;
+        p.sum[p.len] = sum;
+        p.len += 1;
+        self.active += 1;
+        if p.len == LANES {
+            self.flush_lse(simd);
+        }
+    }
+
+    /// Add the pending z-loss terms, in their order. Call once a chunk's
+    /// tokens are all added, before the sums are read or merged.
+    #[inline]
+    pub fn finish(&mut self, simd: Simd) {
+        if self.pending.len > 0 {
+            self.flush_lse(simd);
+        }
+    }
+
+    #[inline]
+    fn flush_lse(&mut self, simd: Simd) {
+        let p = &mut self.pending;
+        let ln = ln_lanes(simd, &p.sum);
+        for (&m, &l) in p.max.iter().zip(&ln).take(p.len) {
+            let lse = m + l;
+            let z_term = lse * lse;
+            self.z_sum += z_term;
+            self.z_sum_scaled += z_term * Z_SCALE;
+        }
+        // Unused lanes hold 1 (`ln` 0; any finite positive value would do) and
+        // the emptied buffer compares equal to a new one.
+        *p = PendingLse::EMPTY;
+    }
+
+    /// A token's z-loss term and count (after its score distribution), after
+    /// the pending terms of the tokens before it.
     #[inline(always)]
-    fn count_token(&mut self, row: RowScores) {
+    fn count_token(&mut self, simd: Simd, row: RowScores) {
+        self.finish(simd);
         self.z_sum += row.z_term;
         self.z_sum_scaled += row.z_term * Z_SCALE;
         self.active += 1;
@@ -72,7 +134,7 @@ impl LossSums {
             add_scaled_lanes(simd, acc, &rows.map(|r| r.prob_scale), st);
         }
         for &row in rows {
-            self.count_token(row);
+            self.count_token(simd, row);
         }
     }
 
@@ -83,6 +145,7 @@ impl LossSums {
 
     /// Add `other` (the next chunk) to these sums.
     pub fn merge(&mut self, other: &LossSums) {
+        debug_assert!(self.pending.len == 0 && other.pending.len == 0, "merge of unfinished sums");
         for (a, b) in self.prob_sum.iter_mut().zip(&other.prob_sum) {
             *a += b;
         }
@@ -259,6 +322,34 @@ pub(crate) fn merge_sequence_parts<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::math::ln_one;
+
+    #[test]
+    fn pending_logarithms_give_the_bits_of_immediate_ones_in_token_order() {
+        // 29 tokens, some with an immediate term between pending ones, a
+        // partial vector at the end: the sums must equal adding every term at once.
+        for simd in Simd::all() {
+            let (mut pending, mut immediate) = (LossSums::new(2), LossSums::new(2));
+            let scores = [0.25, 0.75];
+            for t in 0..29u32 {
+                let max = f64::from(t) * 0.37 - 4.0;
+                let sum = 1.0 + f64::from(t % 5) * 0.61;
+                let lse = max + ln_one(simd, sum);
+                let row = RowScores { z_term: lse * lse, scale: 1.0, prob_scale: 1.0 };
+                immediate.add_token(simd, &scores, row);
+                if t % 7 == 3 {
+                    pending.add_token(simd, &scores, row);
+                } else {
+                    let unused = RowScores { z_term: f64::NAN, ..row };
+                    pending.add_token_pending_lse(simd, &scores, unused, max, sum);
+                }
+            }
+            pending.finish(simd);
+            assert_eq!(pending.z_sum.to_bits(), immediate.z_sum.to_bits(), "{simd:?}");
+            assert_eq!(pending.z_sum_scaled.to_bits(), immediate.z_sum_scaled.to_bits(), "{simd:?}");
+            assert_eq!(pending, immediate, "{simd:?}");
+        }
+    }
 
     #[test]
     fn balanced_routing_gives_one_for_any_k() {

@@ -474,6 +474,7 @@ fn score_and_select<S: LogitSource>(
                 }
             }
         }
+        tally.losses.finish(ctx.simd);
         if let Some(mut seq) = seq {
             seq.finish_chunk(end);
             tally.sequence_parts = seq.parts;

@@ -6,11 +6,11 @@ use crate::error::{Result, RouterError};
 use crate::float32;
 use crate::groups::limit_to_best_groups;
 use crate::losses::SequenceLoss;
-use crate::math::{read_row, RowRead, LANES};
+use crate::math::{ln_one, read_row, RowRead, LANES};
 use crate::rng::{self, Stream};
 use crate::route::{RouteCall, Tally};
 use crate::row_block;
-use crate::score::{score_row, RowScores};
+use crate::score::{score_row, score_row_before_ln, RowScores};
 use crate::simd::Simd;
 use crate::source::Logit;
 use crate::topk::{block_lower_bound, second_largest, select_top_k, sort8_descending};
@@ -35,6 +35,12 @@ pub(crate) fn z_term_overflow(ctx: &RowContext, token: usize) -> RouterError {
                rescale the logits",
     }
 }
+
+/// Below this `|max logit|` a row's z-loss term is finite (`lse <= max + ln E`
+/// and `lse^2` stays far below `f64::MAX`), so its logarithm may wait to be
+/// taken with other rows' (`LossSums::add_token_pending_lse`); larger maxima
+/// take it at once, where the overflow is reported for its token.
+const PENDING_LSE_MAX: f64 = 1e150;
 
 /// The float32 row of which `RowRouter::logits` is the exact widening, for the
 /// top-k's candidate test (`topk::select_top_k`'s `narrow`): none under
@@ -244,9 +250,18 @@ impl RowRouter {
                        larger logits",
             });
         }
-        let mut row = self.score(ctx, max);
+        let (mut row, exp_sum) = self.score(ctx, max);
+        // Where the z-loss term is surely finite, its `ln` waits for seven more tokens'.
+        let mut pending_lse = None;
         if let Some(z) = z_squared {
             row.z_term = z;
+        } else if let Some(sum) = exp_sum {
+            if max.abs() < PENDING_LSE_MAX {
+                pending_lse = Some(sum);
+            } else {
+                let lse = max + ln_one(simd, sum);
+                row.z_term = lse * lse;
+            }
         }
         if !row.z_term.is_finite() {
             return Err(z_term_overflow(ctx, token));
@@ -271,7 +286,10 @@ impl RowRouter {
         }
         self.last_top1 =
             record_choices(ctx, token, &self.logits, &self.scores, row, &mut out, &mut self.weight_scratch, tally);
-        tally.losses.add_token(simd, &self.scores, row);
+        match pending_lse {
+            Some(sum) => tally.losses.add_token_pending_lse(simd, &self.scores, row, max, sum),
+            None => tally.losses.add_token(simd, &self.scores, row),
+        }
         if !tally.plain.is_empty() {
             // The plain top-k: the same scores and order, without bias and groups.
             let (experts, routed): (&[i32], &[bool]) = if keys_are_logits {
@@ -321,11 +339,13 @@ impl RowRouter {
     /// The row's scores: float64 (`score_row`), or the peers' float32 arithmetic
     /// in its place (`float32`), whose softmax also gives the z-loss term (from its
     /// float32 max and sum); the element-wise scores' z-loss term is the float64 one.
+    /// The float64 scores leave the z-loss term's logarithm to the caller: the
+    /// second value is the sum whose `ln` it needs (`score_row_before_ln`).
     #[inline(always)]
-    fn score(&mut self, ctx: &RowContext, max: f64) -> RowScores {
+    fn score(&mut self, ctx: &RowContext, max: f64) -> (RowScores, Option<f64>) {
         let function = ctx.options.score_function;
         if !float32::applies(ctx.options) {
-            return score_row(ctx.simd, function, &self.logits, max, &mut self.scores);
+            return score_row_before_ln(ctx.simd, function, &self.logits, max, &mut self.scores);
         }
         // Softmax: the float32 pass gives the logsumexp too; the element-wise scores need the float64 one.
         let z_term = if function.is_elementwise() {
@@ -334,7 +354,7 @@ impl RowRouter {
             f64::NAN // unused: the float32 softmax computes its own
         };
         // `keys` is scratch until the selection fills it.
-        float32::score_row(ctx.simd, function, &self.logits, &mut self.scores, &mut self.keys, z_term)
+        (float32::score_row(ctx.simd, function, &self.logits, &mut self.scores, &mut self.keys, z_term), None)
     }
 
     /// Selection keys: the logits when there is no bias and no group limit (the
@@ -397,7 +417,7 @@ impl RowRouter {
         if ctx.noise {
             max = self.add_noise(ctx.options, ctx.call.step, token);
         }
-        let row = self.score(ctx, max);
+        let (row, _) = self.score(ctx, max);
         let keys_are_logits = self.compute_keys(ctx, row.scale);
         let keys = if keys_are_logits { &self.logits } else { &self.keys };
         for (o, &key) in out.iter_mut().zip(keys) {

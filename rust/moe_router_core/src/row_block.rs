@@ -384,6 +384,7 @@ mod tests {
                 router.route_token(&ctx, 3 + t, row, None, out, &mut single.tally, None).expect("a valid row");
                 single.top1[t] = router.last_top1;
             }
+            single.tally.losses.finish(simd);
             assert!(block.same(&single), "{simd:?}: block and per-token routing differ");
             assert!(accepted != Some(false));
             accepted = Some(true);

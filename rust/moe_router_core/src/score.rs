@@ -40,6 +40,25 @@ pub(crate) fn score_row(
     max_logit: f64,
     buffer: &mut [f64],
 ) -> RowScores {
+    let (mut row, exp_sum) = score_row_before_ln(simd, function, logits, max_logit, buffer);
+    if let Some(sum) = exp_sum {
+        let lse = max_logit + ln_one(simd, sum);
+        row.z_term = lse * lse;
+    }
+    row
+}
+
+/// [`score_row`] without the logarithm of the z-loss term: `z_term` is 0 and
+/// the second value is `sum_e exp(z_e - max_logit)` (at least 1), whose
+/// `max_logit + ln(sum)` is the logsumexp; `None` for `Probabilities`, whose
+/// `z_term` 0 is final.
+pub(crate) fn score_row_before_ln(
+    simd: Simd,
+    function: ScoreFunction,
+    logits: &[f64],
+    max_logit: f64,
+    buffer: &mut [f64],
+) -> (RowScores, Option<f64>) {
     debug_assert_eq!(logits.len(), buffer.len());
     if function == ScoreFunction::Probabilities {
         let mut sum = 0.0;
@@ -47,12 +66,11 @@ pub(crate) fn score_row(
             *b = if p > 0.0 { p } else { 0.0 };
             sum += *b;
         }
-        return RowScores { z_term: 0.0, scale: 1.0, prob_scale: if sum > 0.0 { 1.0 / sum } else { 0.0 } };
+        return (RowScores { z_term: 0.0, scale: 1.0, prob_scale: if sum > 0.0 { 1.0 / sum } else { 0.0 } }, None);
     }
     // exp(-inf - m) = 0: ineligible experts fall out of every sum.
     let exp_sum = exp_shifted(simd, logits, max_logit, buffer);
-    let lse = max_logit + ln_one(simd, exp_sum);
-    match function {
+    let scores = match function {
         ScoreFunction::Sigmoid | ScoreFunction::SqrtSoftplus => {
             let mut sum = if function == ScoreFunction::Sigmoid {
                 sigmoid_row(simd, logits, buffer)
@@ -74,10 +92,11 @@ pub(crate) fn score_row(
                 }
                 scale = exp_f64(top);
             }
-            RowScores { z_term: lse * lse, scale, prob_scale: if sum > 0.0 { 1.0 / sum } else { 0.0 } }
+            RowScores { z_term: 0.0, scale, prob_scale: if sum > 0.0 { 1.0 / sum } else { 0.0 } }
         }
-        _ => RowScores { z_term: lse * lse, scale: 1.0 / exp_sum, prob_scale: 1.0 / exp_sum },
-    }
+        _ => RowScores { z_term: 0.0, scale: 1.0 / exp_sum, prob_scale: 1.0 / exp_sum },
+    };
+    (scores, Some(exp_sum))
 }
 
 /// The logarithm of an eligible expert's score, up to a constant of the row
